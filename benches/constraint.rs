@@ -1,0 +1,2 @@
+// Placeholder replaced by the constraint bench.
+fn main() {}

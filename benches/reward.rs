@@ -1,0 +1,2 @@
+// Placeholder replaced by the reward bench.
+fn main() {}

@@ -1,0 +1,2 @@
+// Placeholder replaced by the rq bench.
+fn main() {}

@@ -1,0 +1,41 @@
+"""The ``gr2`` command line: one subcommand per pipeline stage, plus ``run`` for all of them.
+
+Each stage module exposes ``add_arguments(parser)`` and ``main(args) -> int``; they are imported
+only when their subcommand is used, so ``gr2 --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from gr2.errors import Gr2Error
+
+# subcommand -> (module, one-line help)
+STAGES: dict[str, tuple[str, str]] = {
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gr2", description="Generative reasoning reranker (GR2).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in STAGES.items():
+        stage_parser = sub.add_parser(name, help=help_text, description=help_text)
+        stage_parser.set_defaults(_module=module_name)
+        importlib.import_module(module_name).add_arguments(stage_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.main(args) or 0)
+    except Gr2Error as e:
+        print(f"gr2 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

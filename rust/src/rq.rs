@@ -1,0 +1,1 @@
+//! Placeholder module, replaced by the rq work.
