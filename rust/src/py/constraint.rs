@@ -13,6 +13,10 @@ fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
     a: &'a numpy::PyReadonlyArray<'_, T, D>,
     name: &str,
 ) -> Result<&'a [T], Gr2Error> {
+    // `as_slice` also accepts Fortran order, whose memory order would be misread here.
+    if !a.is_c_contiguous() {
+        return Err(Gr2Error::invalid(format!("{name} must be a C-contiguous array (np.ascontiguousarray)")));
+    }
     a.as_slice().map_err(|_| Gr2Error::invalid(format!("{name} must be a C-contiguous array")))
 }
 
@@ -292,6 +296,9 @@ impl PyConstraintBatch {
                 out.shape()
             ))
             .into());
+        }
+        if !out.is_c_contiguous() {
+            return Err(Gr2Error::invalid("out must be a C-contiguous int32 array").into());
         }
         let slice = out
             .as_slice_mut()
