@@ -20,7 +20,13 @@ from gr2.errors import InvalidInputError
 def _cache_kwarg(module: Any) -> str:
     """transformers 5 names the KV cache argument ``cache``; 4.x named it ``past_key_values``."""
     params = inspect.signature(module.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    import transformers  # a wrapper taking **kwargs: follow the installed transformers' convention
+
+    return "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
 
 
 def _cache_of(output: Any) -> Any:
