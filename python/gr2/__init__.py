@@ -19,6 +19,7 @@ from gr2.errors import (
 )
 from gr2.rq import encode_npy
 from gr2.tokens import SidTokens, add_sid_tokens, sid_to_text
+from gr2._gr2 import ConstraintBatch, SidTrie, TokenMap
 
 __all__ = [
     "__version__",
@@ -36,4 +37,25 @@ __all__ = [
     "SidTokens",
     "add_sid_tokens",
     "sid_to_text",
+    "ConstraintBatch",
+    "SidTrie",
+    "TokenMap",
+    "RerankLogitsProcessor",
+    "RerankResult",
+    "constrained_decode",
 ]
+
+
+_LAZY = {  # heavy (torch, transformers): imported on first use, so `import gr2` stays fast
+    "constrained_decode": "gr2.decoding",
+    "RerankResult": "gr2.decoding",
+    "RerankLogitsProcessor": "gr2.decoding",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gr2' has no attribute {name!r}")
