@@ -17,6 +17,7 @@ from gr2.errors import (
     UnknownItemError,
     UnknownSidError,
 )
+from gr2.rewards import RewardBatch, verify_rewards
 from gr2.tokens import SidTokens, add_sid_tokens, sid_to_text
 
 __all__ = [
@@ -33,4 +34,6 @@ __all__ = [
     "SidTokens",
     "add_sid_tokens",
     "sid_to_text",
+    "RewardBatch",
+    "verify_rewards",
 ]
