@@ -18,6 +18,7 @@ from gr2.errors import (
     UnknownSidError,
 )
 from gr2.rq import encode_npy
+from gr2.rewards import RewardBatch, verify_rewards
 from gr2.tokens import SidTokens, add_sid_tokens, sid_to_text
 from gr2._gr2 import ConstraintBatch, SidTrie, TokenMap
 
@@ -43,6 +44,8 @@ __all__ = [
     "RerankLogitsProcessor",
     "RerankResult",
     "constrained_decode",
+    "RewardBatch",
+    "verify_rewards",
 ]
 
 

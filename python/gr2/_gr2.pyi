@@ -119,3 +119,42 @@ class ConstraintBatch:
     def phases(self) -> npt.NDArray[np.uint8]: ...  # 0 free, 1 constrained, 2 in SID, 3 done
     def emitted(self, row: int) -> npt.NDArray[np.uint64]: ...
     def reasoning_tokens(self, row: int) -> int: ...
+# --- reward verification (rust/src/py/reward.rs; wrapped by gr2.rewards.verify_rewards) ---
+
+INVALID_REASON_NAMES: list[str]
+NO_ITEM: int
+
+def _verify_rewards_text(
+    texts: list[str],
+    trailers: list[str],
+    items: npt.NDArray[np.uint64],
+    sids: npt.NDArray[np.uint16],
+    targets: npt.NDArray[np.uint64],
+    catalog: npt.NDArray[np.uint16] | None,
+    relevance: npt.NDArray[np.float32] | None,
+    alpha: float,
+    conditional: bool,
+    invalid_reward: float,
+    metric_ks: list[int],
+    graded_k: int,
+    kind: str,
+) -> dict[str, np.ndarray]: ...
+def _verify_rewards_tokens(
+    ids: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    tag_ids: list[int],
+    code_ids: npt.NDArray[np.int64],
+    whitespace_ids: list[int],
+    trailer_ids: list[int],
+    items: npt.NDArray[np.uint64],
+    sids: npt.NDArray[np.uint16],
+    targets: npt.NDArray[np.uint64],
+    catalog: npt.NDArray[np.uint16] | None,
+    relevance: npt.NDArray[np.float32] | None,
+    alpha: float,
+    conditional: bool,
+    invalid_reward: float,
+    metric_ks: list[int],
+    graded_k: int,
+    kind: str,
+) -> dict[str, np.ndarray]: ...
