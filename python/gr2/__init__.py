@@ -5,7 +5,7 @@ teacher traces, DAPO reinforcement learning on verifiable ranking rewards, and c
 decoding that guarantees the output is a permutation of the candidates given.
 """
 
-from gr2._gr2 import __version__
+from gr2._gr2 import RQCodebooks, __version__
 from gr2.errors import (
     ConfigError,
     ConstraintError,
@@ -17,6 +17,8 @@ from gr2.errors import (
     UnknownItemError,
     UnknownSidError,
 )
+from gr2.rq import encode_npy
+from gr2.rewards import RewardBatch, verify_rewards
 from gr2.tokens import SidTokens, add_sid_tokens, sid_to_text
 from gr2._gr2 import ConstraintBatch, SidTrie, TokenMap
 
@@ -31,6 +33,8 @@ __all__ = [
     "InvalidInputError",
     "UnknownItemError",
     "UnknownSidError",
+    "RQCodebooks",
+    "encode_npy",
     "SidTokens",
     "add_sid_tokens",
     "sid_to_text",
@@ -40,6 +44,8 @@ __all__ = [
     "RerankLogitsProcessor",
     "RerankResult",
     "constrained_decode",
+    "RewardBatch",
+    "verify_rewards",
 ]
 
 
