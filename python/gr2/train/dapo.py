@@ -726,44 +726,65 @@ def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig()) -> dic
 def run_ablation(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig()) -> dict[str, Any]:
     """Train twice from the same start model (conditional / unconditional format reward) with
     periodic greedy evaluation on candidates/valid; write rl_ablation/{ablation.json, ablation.png}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     run_dir = Path(run_dir)
-    root = run_dir / "rl_ablation"
     world = init_world()
+
+    def make(cfg: DapoConfig, out_dir: Path) -> tuple[DapoTrainer, RlData | None]:
+        trainer, eval_data, _ = build_trainer(run_dir, cfg, out_dir, world)
+        return trainer, eval_data
+
+    return ablation(make, config, run_dir / "rl_ablation", world)
+
+
+def ablation(make: Callable[[DapoConfig, Path], tuple[DapoTrainer, RlData | None]], config: DapoConfig, root: Path,
+             world: World = World()) -> dict[str, Any]:
+    """The ablation loop given a trainer factory (``make(config, out_dir)``); both arms start from
+    what ``make`` loads, with the same seed, prompts and evaluation set."""
     eval_every = config.eval_every or max(1, config.steps // 5)
     curves: dict[str, list[dict[str, float]]] = {}
     for name, conditional in (("conditional", True), ("unconditional", False)):
         cfg = dataclasses.replace(config, conditional=conditional, eval_every=eval_every)
         out_dir = root / name
-        trainer, eval_data, _ = build_trainer(run_dir, cfg, out_dir, world)
+        trainer, eval_data = make(cfg, out_dir)
+        if eval_data is None:
+            raise DataError("the ablation needs an evaluation set (candidates/valid)")
         train(trainer, out_dir, eval_data, resume=True)
         rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         curves[name] = [r for r in rows if "eval_recall@1" in r]
-    result = {"eval_every": eval_every, "curves": curves, "final": {n: c[-1] if c else {} for n, c in curves.items()}}
+    final = {n: c[-1] if c else {} for n, c in curves.items()}
+    copy = {n: f.get("eval_copy_rate", float("nan")) for n, f in final.items()}
+    verdict = ("hack visible: higher order-copy rate under the unconditional reward"
+               if copy["unconditional"] > copy["conditional"] else
+               "hack not visible at this scale: the unconditional reward did not raise the order-copy rate")
+    result = {"eval_every": eval_every, "steps": config.steps, "curves": curves, "final": final, "verdict": verdict}
     if world.rank == 0:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-        for ax, key, title in zip(axes, ("eval_copy_rate", "eval_recall@1", "eval_ndcg@5"),
-                                  ("order-copy rate", "R@1", "NDCG@5")):
-            for name, rows in curves.items():
-                ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", label=name)
-            if key != "eval_copy_rate" and curves["conditional"]:
-                pre = curves["conditional"][0][key.replace("eval_", "eval_pre_")]
-                ax.axhline(pre, color="grey", linestyle=":", label="pre-rank")
-            ax.set_title(title)
-            ax.set_xlabel("step")
-            ax.legend()
-        fig.tight_layout()
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / ".ablation.png.tmp"
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, root / "ablation.png")
-        plt.close(fig)
+        _plot_ablation(curves, root / "ablation.png")
         atomic_write_json(root / "ablation.json", result)
     return result
+
+
+def _plot_ablation(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, title in zip(axes, ("eval_copy_rate", "eval_recall@1", "eval_ndcg@5"), ("order-copy rate", "R@1", "NDCG@5")):
+        for name, rows in curves.items():
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", label=name)
+        if key != "eval_copy_rate" and curves.get("conditional"):
+            ax.axhline(curves["conditional"][0][key.replace("eval_", "eval_pre_")], color="grey", linestyle=":",
+                       label="pre-rank")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------
