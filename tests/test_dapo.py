@@ -299,3 +299,20 @@ def test_rl_stage_end_to_end_from_the_cli(setup, tmp_path, monkeypatch):
     bad = tmp_path / "bad.toml"
     bad.write_text("[rl]\ngroup_size = 1\n")
     assert cli_main(["rl", "--run-dir", str(run), "--config", str(bad)]) == 2  # ConfigError -> exit 2
+
+
+def test_lora_update_trains_adapters_only(setup):
+    from gr2.train.dapo import DapoTrainer
+
+    model, tokenizer, sid_tokens, data, sids = fresh(setup)
+    config = fx.small_config(lora=common.LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0, train_embeddings=False))
+    tr = DapoTrainer(model, tokenizer, data, config, sid_tokens=sid_tokens, candidate_sids=sids,
+                     rollout_fn=fx.scripted_rollouts(sids, sid_tokens))
+    frozen = {n: p.detach().clone() for n, p in tr.model.named_parameters() if not p.requires_grad}
+    lora = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in n for n in lora)
+    stats = tr.step()
+    assert stats["kept_groups"] > 0 and "loss" in stats
+    params = dict(tr.model.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in frozen.items())
+    assert any(not torch.equal(params[n], v) for n, v in lora.items())
