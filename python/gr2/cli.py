@@ -14,6 +14,7 @@ from gr2.errors import Gr2Error
 
 # subcommand -> (module, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
+    "rl": ("gr2.train.dapo", "DAPO reinforcement learning with verifiable rerank rewards (--ablation: conditional vs unconditional)"),
 }
 
 
