@@ -4,8 +4,8 @@
 Until the native SidIndex lands, ``ReferenceSidIndex`` (a plain-Python index with the same API) is
 patched in as ``gr2.SidIndex``. SIDs here are hand-made and semantic: level a = first genre,
 level b = release decade, level c = running number inside (a, b), so every item is unique.
-Candidates: the target plus the 9 most popular other items the user has not seen, in popularity
-order (a popularity upstream, so the target is always present).
+Candidates: the target plus the 9 most popular other items the user has not seen, ordered by
+popularity plus per-user noise (a noisy popularity upstream; the target is always present).
 """
 
 from __future__ import annotations
@@ -135,11 +135,14 @@ def make_run_dir(run_dir: Path, n_users: int | None = 60, k: int = 10) -> Path:
             history, target = seq[:-cut], seq[-cut]
             seen_items = set(history) | {target}
             others = [int(i) for i in by_pop if int(i) not in seen_items][: k - 1]
-            cand = sorted(others + [target], key=lambda i: (-popularity[i], i))
+            # a noisy upstream: popularity plus per-user noise, so the target lands anywhere
+            noise = np.random.default_rng([u, cut]).normal(0, 0.5 * popularity.max() + 1, size=k)
+            score = {i: popularity[i] + e for i, e in zip(others + [target], noise)}
+            cand = sorted(score, key=lambda i: -score[i])
             rows["user_idx"].append(u)
             rows["history"].append(history[-50:])
             rows["candidates"].append(cand)
-            rows["scores"].append([float(popularity[i]) for i in cand])
+            rows["scores"].append([float(score[i]) for i in cand])
             rows["target"].append(target)
         datasets.Dataset.from_dict(rows).save_to_disk(str(run_dir / "candidates" / split))
     mark_done(run_dir / "candidates", f"cand-{n_users}", {"k": k})
