@@ -156,7 +156,7 @@ def tiny_midtrain_config(**overrides):
 
     base = dict(steps=6, batch_size=4, lr=5e-3, warmup_steps=1, max_history=5, max_length=256,
                 demo=DemoModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=1,
-                                     num_heads=2, max_position_embeddings=1024),
+                                     num_heads=2, max_position_embeddings=2048),
                 eval_users=4, eval_beams=4, eval_ks=[1, 4], eval_batch_size=4, checkpoint_every=2, log_every=1)
     base.update(overrides)
     return MidtrainConfig(**base)

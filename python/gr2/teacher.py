@@ -50,6 +50,11 @@ from gr2.train import common
 
 STAGE = "traces"
 HEURISTIC_LABEL = "heuristic teacher"
+SYSTEM_PROMPT = (
+    "You are an expert movie recommender. You see a user's watch history (oldest first) and {k} candidate "
+    f"films. Reason step by step inside {THINK_OPEN}{THINK_CLOSE}, citing films by their semantic ID, then list "
+    f"ALL candidates' semantic IDs, best first, inside {ANSWER_OPEN}{ANSWER_CLOSE}."
+)
 PRIMING = (
     "Domain knowledge: viewers tend to continue with films close to what they watched most recently; "
     "genre tastes are stable (a drama fan keeps watching dramas, a sci-fi fan moves between sci-fi and "
@@ -131,10 +136,7 @@ def rerank_messages(catalog: common.Catalog, example: Example, *, priming: bool,
             return build_messages(catalog, example.history, example.candidates, priming=priming)
         except TypeError:
             pass  # an incompatible signature: fall back to the prompt below
-    system = ("You are an expert movie recommender. You see a user's watch history (oldest first) and "
-              f"{len(example.candidates)} candidate films. Reason step by step inside {THINK_OPEN}{THINK_CLOSE}, "
-              "citing films by their semantic ID, then list ALL candidates' semantic IDs, best first, inside "
-              f"{ANSWER_OPEN}{ANSWER_CLOSE}.")
+    system = SYSTEM_PROMPT.format(k=len(example.candidates))
     if priming:
         system += "\n" + PRIMING
     user = "History:\n" + "\n".join(item_line(catalog, i) for i in example.history)
