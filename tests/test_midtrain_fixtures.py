@@ -48,11 +48,14 @@ class ReferenceSidIndex:
         lookup = {tuple(map(int, c)): int(i) for i, c in zip(self._items, self._codes)}
         return np.array([lookup[tuple(map(int, s))] for s in sids], dtype=np.uint64)
 
+    def _by_sid(self):
+        return np.lexsort(self._codes.T[::-1])  # rows sorted by SID, level a most significant
+
     def item_ids(self):
-        return self._items.copy()
+        return self._items[self._by_sid()]
 
     def codes(self):
-        return self._codes.copy()
+        return self._codes[self._by_sid()]
 
     def save(self, path):
         with open(path, "wb") as f:
