@@ -15,6 +15,9 @@ from gr2.errors import Gr2Error
 # subcommand -> (module, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
     "rl": ("gr2.train.dapo", "DAPO reinforcement learning with verifiable rerank rewards (--ablation: conditional vs unconditional)"),
+    "midtrain": ("gr2.train.midtrain", "stage 1: mid-train the LLM on the catalog's semantic IDs"),
+    "traces": ("gr2.teacher", "teacher reasoning traces (targeted or rejection sampling)"),
+    "sft": ("gr2.train.sft", "stage 2: reasoning SFT on the kept teacher traces"),
 }
 
 
