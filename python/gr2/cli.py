@@ -14,6 +14,8 @@ from gr2.errors import Gr2Error
 
 # subcommand -> (module, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
+    "data": ("gr2.data.stage", "load a dataset, k-core it, order it chronologically (RUN_DIR/data)"),
+    "sid": ("gr2.sid.stage", "embed item text, train the RQ-VAE, build the unique SID index (RUN_DIR/sid)"),
 }
 
 

@@ -50,7 +50,7 @@ class RQVAEConfig:
     latent_dim: int = 32
     hidden_dims: list[int] = field(default_factory=lambda: [256, 128])
     ema: bool = True
-    ema_decay: float = 0.99
+    ema_decay: float = 0.95
     kmeans_init: bool = True
     kmeans_iters: int = 25
     dead_code_reset: bool = False
@@ -62,11 +62,12 @@ class RQVAEConfig:
     contrastive_temperature: float = 0.1
     commitment_beta: float = 0.25
     random_last_level: bool = True
-    epochs: int = 200
+    epochs: int = 100
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
+    standardize_inputs: bool = True  # see RQVAE's docstring; off only to show the collapse it prevents
 
     def __post_init__(self) -> None:
         if self.levels < 1:
@@ -295,7 +296,7 @@ def train_rqvae(
     raw = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
     n = raw.shape[0]
     model = RQVAE(raw.shape[1], config)
-    with torch.no_grad():
+    if config.standardize_inputs:
         model.input_mean.copy_(raw.mean(0))
         model.input_scale.copy_((raw - raw.mean(0)).pow(2).sum(1).mean().sqrt().clamp(min=1e-8) / math.sqrt(raw.shape[1]))
     x = model.standardise(raw)
