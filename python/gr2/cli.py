@@ -14,6 +14,8 @@ from gr2.errors import Gr2Error
 
 # subcommand -> (module, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
+    "candidates": ("gr2.candidates", "fit the upstream ranker (SASRec/popularity/item-kNN) and write top-K candidate lists"),
+    "eval": ("gr2.eval.stage", "score rerankings and baselines with bootstrap CIs; write eval/report.{md,json} and plots"),
 }
 
 
