@@ -33,8 +33,8 @@ from gr2.tokens import ANSWER_CLOSE, ANSWER_OPEN, SID_BEGIN, SID_END, TAGS, THIN
 SYSTEM_PROMPT = (
     "You are an expert recommender system. You study what a user has watched or bought, infer "
     "their tastes and what they are likely to want next, and rerank candidate items accordingly. "
-    "Items are identified by semantic IDs (SIDs): <|sid_begin|>, one token per level, <|sid_end|>; "
-    "items with similar SIDs are similar."
+    "Items are identified by semantic IDs (SIDs), short sequences of special tokens; items whose "
+    "SIDs share a prefix are similar."
 )
 
 

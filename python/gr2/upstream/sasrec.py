@@ -39,14 +39,14 @@ class SASRecConfig:
     hidden: int = 64
     blocks: int = 2
     heads: int = 1
-    max_len: int = 200
+    max_len: int = 50  # most recent items the model reads (ml-100k median train length is ~63)
     dropout: float = 0.3
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     batch_size: int = 128
-    max_epochs: int = 200
+    max_epochs: int = 60
     eval_every: int = 2  # epochs between validation passes
-    patience: int = 5  # validation passes without improvement before stopping
+    patience: int = 3  # validation passes without improvement before stopping
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
 
