@@ -12,7 +12,6 @@ stays O(n_items * neighbors) rather than O(n_items^2).
 from __future__ import annotations
 
 from dataclasses import dataclass
-import warnings
 from typing import Sequence
 
 import numpy as np
@@ -21,12 +20,10 @@ import torch
 from gr2.errors import InvalidInputError
 from gr2.upstream import check_items
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-
 
 @dataclass
 class ItemKNNRanker:
-    similarity: torch.Tensor  # sparse CSR (n_items, n_items): row h -> neighbours j
+    similarity: torch.Tensor  # sparse COO (n_items, n_items): row h -> neighbours j
     n_items: int
     recency_decay: float = 0.9
     name: str = "itemknn"
@@ -60,7 +57,7 @@ class ItemKNNRanker:
             (len(train), n_items),
             check_invariants=True,
         ).coalesce()
-        item_user = user_item.t().coalesce().to_sparse_csr()
+        item_user = user_item.t().coalesce()
         norms = torch.sqrt(torch.bincount(torch.from_numpy(cols_all), minlength=n_items).float())
         keep = min(neighbors, n_items - 1) if n_items > 1 else 0
         nbr_rows, nbr_cols, nbr_vals = [], [], []
@@ -73,7 +70,9 @@ class ItemKNNRanker:
             sim[torch.arange(stop - start), torch.arange(start, stop)] = 0.0  # no self-similarity
             if keep == 0:
                 continue
-            vals, idx = torch.topk(sim, keep, dim=1)
+            # stable sort, so ties at the cut go to the lower item index (deterministic)
+            vals, idx = torch.sort(sim, dim=1, descending=True, stable=True)
+            vals, idx = vals[:, :keep], idx[:, :keep]
             positive = vals > 0
             r = torch.arange(start, stop)[:, None].expand_as(idx)
             nbr_rows.append(r[positive])
@@ -85,7 +84,7 @@ class ItemKNNRanker:
         else:
             indices, values = torch.zeros((2, 0), dtype=torch.int64), torch.zeros(0)
         similarity = torch.sparse_coo_tensor(indices, values, (n_items, n_items), check_invariants=True).coalesce()
-        return cls(similarity=similarity.t().coalesce().to_sparse_csr(), n_items=n_items, recency_decay=recency_decay)
+        return cls(similarity=similarity.t().coalesce(), n_items=n_items, recency_decay=recency_decay)
 
     def history_weights(self, histories: Sequence[np.ndarray]) -> torch.Tensor:
         """Dense (n_items, B) matrix of recency-weighted history indicators."""

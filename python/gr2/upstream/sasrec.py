@@ -18,6 +18,7 @@ thread count.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -48,7 +49,10 @@ class SASRecConfig:
     eval_every: int = 2  # epochs between validation passes
     patience: int = 3  # validation passes without improvement before stopping
     seed: int = 0
-    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    # torch intra-op threads while training/scoring (restored afterwards); 0 keeps torch's setting.
+    # 1 by default: the model is small, and on a busy 2-core machine spinning worker threads made
+    # an epoch several times slower than one thread (measured).
+    threads: int = 1
 
     def __post_init__(self) -> None:
         positive = ("hidden", "blocks", "heads", "max_len", "batch_size", "max_epochs", "eval_every", "patience")
@@ -122,6 +126,18 @@ class SASRec(nn.Module):
         return hidden @ self.item_emb.weight[1:].t()
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch intra-op threads (0: unchanged), then restore the setting."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def left_pad(sequences: Sequence[np.ndarray], max_len: int) -> torch.Tensor:
     """Token ids (B, max_len): the last ``max_len`` items of each sequence, shifted by +1, left-padded."""
     out = np.zeros((len(sequences), max_len), dtype=np.int64)
@@ -149,7 +165,7 @@ class SASRecRanker:
             check_items("history", np.asarray(h), self.n_items)
         self.model.eval()
         out = np.empty((len(histories), self.n_items), dtype=np.float32)
-        with torch.no_grad():
+        with torch.no_grad(), torch_threads(self.model.config.threads):
             for start in range(0, len(histories), batch_size):
                 tokens = left_pad(histories[start : start + batch_size], self.model.config.max_len)
                 hidden = self.model(tokens)[:, -1]
@@ -188,8 +204,11 @@ def train_sasrec(
     usable = [s for s in train if len(s) >= 2]  # a sequence of one item has no next-item label
     if not usable:
         raise InvalidInputError("no training sequence has 2 or more items")
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    with torch_threads(config.threads):
+        return _train(usable, n_items, config, valid, epochs, desc, progress)
+
+
+def _train(usable, n_items, config, valid, epochs, desc, progress) -> SASRecRanker:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = SASRec(n_items, config)
