@@ -20,6 +20,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "sft": ("gr2.train.sft", "stage 2: reasoning SFT on the kept teacher traces"),
     "data": ("gr2.data.stage", "load a dataset, k-core it, order it chronologically (RUN_DIR/data)"),
     "sid": ("gr2.sid.stage", "embed item text, train the RQ-VAE, build the unique SID index (RUN_DIR/sid)"),
+    "candidates": ("gr2.candidates", "fit the upstream ranker (SASRec/popularity/item-kNN) and write top-K candidate lists"),
+    "eval": ("gr2.eval.stage", "score rerankings and baselines with bootstrap CIs; write eval/report.{md,json} and plots"),
 }
 
 
