@@ -5,7 +5,7 @@ teacher traces, DAPO reinforcement learning on verifiable ranking rewards, and c
 decoding that guarantees the output is a permutation of the candidates given.
 """
 
-from gr2._gr2 import __version__
+from gr2._gr2 import SidIndex, __version__
 from gr2.errors import (
     ConfigError,
     ConstraintError,
@@ -30,6 +30,7 @@ __all__ = [
     "InvalidInputError",
     "UnknownItemError",
     "UnknownSidError",
+    "SidIndex",
     "SidTokens",
     "add_sid_tokens",
     "sid_to_text",
