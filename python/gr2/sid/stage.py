@@ -274,6 +274,7 @@ def run_ablation(run_dir: str | Path, config: SidConfig | None = None, progress:
                 "seed": seed,
                 "uniqueness_before_repair": uniqueness(codes),
                 "uniqueness_argmin": uniqueness(argmin_codes),
+                "uniqueness_prefix": uniqueness(codes[:, :-1]) if rq.levels > 1 else None,
                 "reconstruction_relative": _recon(model, embeddings, codebooks, codes)["relative"],
                 "reconstruction_relative_argmin": _recon(model, embeddings, codebooks, argmin_codes)["relative"],
                 "utilisation": utilisation(codes, rq.codebook_size),
@@ -281,8 +282,8 @@ def run_ablation(run_dir: str | Path, config: SidConfig | None = None, progress:
                 "train_s": round(train_s, 1),
             })
         row = {"name": name, "overrides": overrides, "seeds": per_seed}
-        for metric in ("uniqueness_before_repair", "reconstruction_relative", "reconstruction_relative_argmin"):
-            values = np.array([s[metric] for s in per_seed])
+        for metric in ("uniqueness_before_repair", "uniqueness_prefix", "reconstruction_relative", "reconstruction_relative_argmin"):
+            values = np.array([s[metric] if s[metric] is not None else np.nan for s in per_seed], dtype=float)
             row[metric] = float(values.mean())
             row[metric + "_std"] = float(values.std())
         rows.append(row)
@@ -311,16 +312,18 @@ def ablation_markdown(result: dict[str, Any]) -> str:
         "",
         "Uniqueness = share of items whose SID no other item has, before index repair. Reconstruction "
         "= decoder MSE on the assigned codes relative to the embeddings' variance (1.0 = no better "
-        "than the mean); argmin = all levels by nearest codeword.",
+        "than the mean); argmin = all levels by nearest codeword. Rows marked RLL share the trained "
+        "model of the row without it (the random last level changes assignment only).",
         "",
-        "| variant | uniqueness before repair | recon (assigned) | recon (argmin) | largest collision group |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | uniqueness before repair | first L-1 levels unique | recon (assigned) | recon (argmin) | largest collision group |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         groups = [int(k) for s in row["seeds"] for k in s["collision_groups"]]
         std = f" ± {row['uniqueness_before_repair_std']:.2%}" if len(row["seeds"]) > 1 else ""
         lines.append(
-            f"| {row['name']} | {row['uniqueness_before_repair']:.2%}{std} | {row['reconstruction_relative']:.3f} "
+            f"| {row['name']} | {row['uniqueness_before_repair']:.2%}{std} | {row['uniqueness_prefix']:.2%} "
+            f"| {row['reconstruction_relative']:.3f} "
             f"| {row['reconstruction_relative_argmin']:.3f} | {max(groups) if groups else 1} |"
         )
     lines += [
