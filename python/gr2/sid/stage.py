@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,19 +127,6 @@ def _save_codebooks(path: Path, model, config: RQVAEConfig, assign_seed: int) ->
     rundir.atomic_write_bytes(path, safetensors_save(tensors, metadata=metadata))
 
 
-def _save_index(path: Path, index) -> None:
-    """index.save into a temporary sibling, then one rename (readers never see half a file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        index.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _duplicate_text_items(texts: list[str]) -> int:
     _, counts = np.unique(np.asarray(texts, dtype=object).astype(str), return_counts=True)
     return int(counts[counts > 1].sum())
@@ -176,7 +161,7 @@ def run_sid(run_dir: str | Path, config: SidConfig | None = None, force: bool = 
     item_ids = np.arange(len(texts), dtype=np.uint64)
     index = gr2.SidIndex.build(item_ids, codes, codebook_size=rq.codebook_size)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    _save_index(stage_dir / "index.gr2sid", index)
+    index.save(str(stage_dir / "index.gr2sid"))  # atomic (temporary file, fsync, rename)
     _save_codebooks(stage_dir / "codebooks.safetensors", model, rq, config.assign_seed)
     timings["index_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
@@ -353,6 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codebook-size", type=int, help="codes per level K (default 256)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--embed-model", help="sentence encoder folder (default: offline all-MiniLM-L6-v2)")
+    parser.add_argument("--cache-dir", help="embedding cache (default RUN_DIR/../.cache/embeddings)")
     parser.add_argument("--ablation", action="store_true", help="write sid/ablation.{json,md} instead of the index")
     parser.add_argument("--force", action="store_true", help="rerun even when cached")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -363,7 +349,8 @@ def main(args: argparse.Namespace) -> int:
     rq_overrides = {"levels": args.levels, "codebook_size": args.codebook_size, "epochs": args.epochs}
     rq = from_dict(RQVAEConfig, {**dataclasses.asdict(config.rqvae),
                                  **{k: v for k, v in rq_overrides.items() if v is not None}}, where="sid.rqvae")
-    config = dataclasses.replace(config, rqvae=rq, embed_model=args.embed_model or config.embed_model)
+    config = dataclasses.replace(config, rqvae=rq, embed_model=args.embed_model or config.embed_model,
+                                 cache_dir=args.cache_dir or config.cache_dir)
     if args.ablation:
         result = run_ablation(args.run_dir, config, progress=not args.quiet)
         print(ablation_markdown(result))
