@@ -67,7 +67,9 @@ def small_config(tiny_encoder, **rq):
 def test_sid_stage_outputs(ml100k_slice, tiny_encoder):
     run_dir = ml100k_slice
     n_items = len(load_items(run_dir))
-    summary = run_sid(run_dir, small_config(tiny_encoder), progress=False)
+    threads = torch.get_num_threads()
+    summary = run_sid(run_dir, SidConfig(**{**vars(small_config(tiny_encoder)), "threads": threads + 1}), progress=False)
+    assert torch.get_num_threads() == threads  # the stage restores the caller's thread setting
     assert summary["items"] == n_items and summary["uniqueness_after_repair"] == 1.0
 
     report = json.loads((run_dir / "sid" / "report.json").read_text())
@@ -155,3 +157,12 @@ def test_sid_config_errors(tmp_path):
     path.write_text("[sid]\nembed_modle = 'x'\n")
     with pytest.raises(ConfigError, match="unknown key"):
         config_from_file(str(path))
+
+
+def test_example_config_file_is_valid_and_matches_defaults():
+    from gr2.data.stage import config_from_file as data_config
+    from gr2.sid.stage import config_from_file as sid_config
+
+    path = str(Path(__file__).parents[1] / "configs" / "ml100k_sid.toml")
+    assert sid_config(path) == SidConfig()
+    assert data_config(path) == DataConfig()

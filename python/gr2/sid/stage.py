@@ -23,6 +23,7 @@ remain, so every item ends with a unique SID; both figures are reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
@@ -132,6 +133,18 @@ def _duplicate_text_items(texts: list[str]) -> int:
     return int(counts[counts > 1].sum())
 
 
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    """Run with ``threads`` torch CPU threads (0 = unchanged) and restore the caller's setting."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_sid(run_dir: str | Path, config: SidConfig | None = None, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run the sid stage into ``<run_dir>/sid``; skipped when data and config are unchanged."""
     config = config or SidConfig()
@@ -139,8 +152,12 @@ def run_sid(run_dir: str | Path, config: SidConfig | None = None, force: bool = 
     key = rundir.stage_key(config, _data_key(data_dir), config.embed_model or default_model_path())
     if not force and rundir.is_current(stage_dir, key):
         return rundir.read_stage(stage_dir)["summary"]
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    with _torch_threads(config.threads):
+        return _run_sid(run_dir, config, key, progress)
+
+
+def _run_sid(run_dir: str | Path, config: SidConfig, key: str, progress: bool) -> dict[str, Any]:
+    stage_dir = _stage_dirs(run_dir)[1]
     rq = config.rqvae
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -238,8 +255,11 @@ def run_ablation(run_dir: str | Path, config: SidConfig | None = None, progress:
     """Uniqueness before repair (and reconstruction error) per technique; ablation.json/.md."""
     config = config or SidConfig()
     _data_key(_stage_dirs(run_dir)[0])
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    with _torch_threads(config.threads):
+        return _run_ablation(run_dir, config, progress)
+
+
+def _run_ablation(run_dir: str | Path, config: SidConfig, progress: bool) -> dict[str, Any]:
     embeddings, texts = item_embeddings(run_dir, config, progress)
     sequences = train_sequences(load_sequences(run_dir))
     trained: dict[str, tuple] = {}  # training config (sans random_last_level) -> model
