@@ -63,18 +63,20 @@ def encode_texts(
         model = AutoModel.from_pretrained(model_path).eval()
     except OSError as e:
         raise Gr2IOError(f"cannot load the sentence encoder from {model_path!r}: {e}") from e
-    out = []
+    # batches of similar length waste less compute on padding; rows are put back in input order
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     batches = range(0, len(texts), batch_size)
     with torch.no_grad():
         for start in tqdm(batches, desc="embed items", unit="batch", disable=not progress):
+            rows = order[start : start + batch_size]
             batch = tokenizer(
-                texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length,
-                return_tensors="pt",
+                [texts[i] for i in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
             )
             hidden = model(**batch).last_hidden_state
             pooled = torch.nn.functional.normalize(_mean_pool(hidden, batch["attention_mask"]), dim=-1)
-            out.append(pooled.float().numpy())
-    return np.concatenate(out, axis=0).astype(np.float32)
+            out[rows] = pooled.float().numpy()
+    return out
 
 
 def embed_texts(

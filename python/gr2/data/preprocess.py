@@ -178,6 +178,14 @@ def preprocess(
             + ", ".join(f"{i} ({t!r})" for i, t in zip(placeholders["item_id"], placeholders["title"]))
         )
 
+    shared_text = meta["text"].duplicated(keep=False)
+    if shared_text.any():
+        notes.append(
+            f"{int(shared_text.sum())} items share their exact text with another item (e.g. one movie listed "
+            "under two ids); their embeddings are identical, so only the random last level or the SID "
+            "index repair can tell them apart"
+        )
+
     users = pd.Series(inter["user_id"].unique())
     users = users.iloc[_natural_order(users)].reset_index(drop=True)
     inter = inter.assign(item_idx=inter["item_id"].map(item_index).astype(np.int64))

@@ -259,7 +259,7 @@ def initialise_codebooks(model: RQVAE, x: torch.Tensor, generator: torch.Generat
 @torch.no_grad()
 def reset_dead_codes(model: RQVAE, x: torch.Tensor, generator: torch.Generator) -> int:
     """Move codewords no item uses onto random items' residuals; returns how many were moved."""
-    _, _, codes, residuals, _ = model.quantizer(model.encoder(x))
+    _, codes, residuals, _ = model.quantizer(model.encoder(x))
     moved = 0
     for level in range(model.config.levels):
         used = torch.bincount(codes[:, level], minlength=model.config.codebook_size) > 0

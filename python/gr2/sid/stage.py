@@ -23,10 +23,9 @@ remain, so every item ends with a unique SID; both figures are reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,22 +128,21 @@ def _save_codebooks(path: Path, model, config: RQVAEConfig, assign_seed: int) ->
     rundir.atomic_write_bytes(path, safetensors_save(tensors, metadata=metadata))
 
 
-def _save_index(path: Path, index) -> None:
-    """index.save into a temporary sibling, then one rename (readers never see half a file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        index.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _duplicate_text_items(texts: list[str]) -> int:
     _, counts = np.unique(np.asarray(texts, dtype=object).astype(str), return_counts=True)
     return int(counts[counts > 1].sum())
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    """Run with ``threads`` torch CPU threads (0 = unchanged) and restore the caller's setting."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_sid(run_dir: str | Path, config: SidConfig | None = None, force: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -154,8 +152,12 @@ def run_sid(run_dir: str | Path, config: SidConfig | None = None, force: bool = 
     key = rundir.stage_key(config, _data_key(data_dir), config.embed_model or default_model_path())
     if not force and rundir.is_current(stage_dir, key):
         return rundir.read_stage(stage_dir)["summary"]
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    with _torch_threads(config.threads):
+        return _run_sid(run_dir, config, key, progress)
+
+
+def _run_sid(run_dir: str | Path, config: SidConfig, key: str, progress: bool) -> dict[str, Any]:
+    stage_dir = _stage_dirs(run_dir)[1]
     rq = config.rqvae
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -176,7 +178,7 @@ def run_sid(run_dir: str | Path, config: SidConfig | None = None, force: bool = 
     item_ids = np.arange(len(texts), dtype=np.uint64)
     index = gr2.SidIndex.build(item_ids, codes, codebook_size=rq.codebook_size)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    _save_index(stage_dir / "index.gr2sid", index)
+    index.save(str(stage_dir / "index.gr2sid"))  # atomic (temporary file, fsync, rename)
     _save_codebooks(stage_dir / "codebooks.safetensors", model, rq, config.assign_seed)
     timings["index_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
@@ -253,8 +255,11 @@ def run_ablation(run_dir: str | Path, config: SidConfig | None = None, progress:
     """Uniqueness before repair (and reconstruction error) per technique; ablation.json/.md."""
     config = config or SidConfig()
     _data_key(_stage_dirs(run_dir)[0])
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    with _torch_threads(config.threads):
+        return _run_ablation(run_dir, config, progress)
+
+
+def _run_ablation(run_dir: str | Path, config: SidConfig, progress: bool) -> dict[str, Any]:
     embeddings, texts = item_embeddings(run_dir, config, progress)
     sequences = train_sequences(load_sequences(run_dir))
     trained: dict[str, tuple] = {}  # training config (sans random_last_level) -> model
@@ -274,6 +279,7 @@ def run_ablation(run_dir: str | Path, config: SidConfig | None = None, progress:
                 "seed": seed,
                 "uniqueness_before_repair": uniqueness(codes),
                 "uniqueness_argmin": uniqueness(argmin_codes),
+                "uniqueness_prefix": uniqueness(codes[:, :-1]) if rq.levels > 1 else None,
                 "reconstruction_relative": _recon(model, embeddings, codebooks, codes)["relative"],
                 "reconstruction_relative_argmin": _recon(model, embeddings, codebooks, argmin_codes)["relative"],
                 "utilisation": utilisation(codes, rq.codebook_size),
@@ -281,8 +287,8 @@ def run_ablation(run_dir: str | Path, config: SidConfig | None = None, progress:
                 "train_s": round(train_s, 1),
             })
         row = {"name": name, "overrides": overrides, "seeds": per_seed}
-        for metric in ("uniqueness_before_repair", "reconstruction_relative", "reconstruction_relative_argmin"):
-            values = np.array([s[metric] for s in per_seed])
+        for metric in ("uniqueness_before_repair", "uniqueness_prefix", "reconstruction_relative", "reconstruction_relative_argmin"):
+            values = np.array([s[metric] if s[metric] is not None else np.nan for s in per_seed], dtype=float)
             row[metric] = float(values.mean())
             row[metric + "_std"] = float(values.std())
         rows.append(row)
@@ -311,16 +317,18 @@ def ablation_markdown(result: dict[str, Any]) -> str:
         "",
         "Uniqueness = share of items whose SID no other item has, before index repair. Reconstruction "
         "= decoder MSE on the assigned codes relative to the embeddings' variance (1.0 = no better "
-        "than the mean); argmin = all levels by nearest codeword.",
+        "than the mean); argmin = all levels by nearest codeword. Rows marked RLL share the trained "
+        "model of the row without it (the random last level changes assignment only).",
         "",
-        "| variant | uniqueness before repair | recon (assigned) | recon (argmin) | largest collision group |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | uniqueness before repair | first L-1 levels unique | recon (assigned) | recon (argmin) | largest collision group |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         groups = [int(k) for s in row["seeds"] for k in s["collision_groups"]]
         std = f" ± {row['uniqueness_before_repair_std']:.2%}" if len(row["seeds"]) > 1 else ""
         lines.append(
-            f"| {row['name']} | {row['uniqueness_before_repair']:.2%}{std} | {row['reconstruction_relative']:.3f} "
+            f"| {row['name']} | {row['uniqueness_before_repair']:.2%}{std} | {row['uniqueness_prefix']:.2%} "
+            f"| {row['reconstruction_relative']:.3f} "
             f"| {row['reconstruction_relative_argmin']:.3f} | {max(groups) if groups else 1} |"
         )
     lines += [
@@ -350,6 +358,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codebook-size", type=int, help="codes per level K (default 256)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--embed-model", help="sentence encoder folder (default: offline all-MiniLM-L6-v2)")
+    parser.add_argument("--cache-dir", help="embedding cache (default RUN_DIR/../.cache/embeddings)")
     parser.add_argument("--ablation", action="store_true", help="write sid/ablation.{json,md} instead of the index")
     parser.add_argument("--force", action="store_true", help="rerun even when cached")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -360,7 +369,8 @@ def main(args: argparse.Namespace) -> int:
     rq_overrides = {"levels": args.levels, "codebook_size": args.codebook_size, "epochs": args.epochs}
     rq = from_dict(RQVAEConfig, {**dataclasses.asdict(config.rqvae),
                                  **{k: v for k, v in rq_overrides.items() if v is not None}}, where="sid.rqvae")
-    config = dataclasses.replace(config, rqvae=rq, embed_model=args.embed_model or config.embed_model)
+    config = dataclasses.replace(config, rqvae=rq, embed_model=args.embed_model or config.embed_model,
+                                 cache_dir=args.cache_dir or config.cache_dir)
     if args.ablation:
         result = run_ablation(args.run_dir, config, progress=not args.quiet)
         print(ablation_markdown(result))
