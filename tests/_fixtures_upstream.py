@@ -95,7 +95,7 @@ def synthetic_tables(n_users: int = 60, n_items: int = 40, seed: int = 0) -> tup
     }
     seqs = []
     for _ in range(n_users):
-        length = int(rng.integers(6, 15))
+        length = min(int(rng.integers(6, 15)), n_items)  # distinct items only
         start = int(rng.integers(0, n_items))
         seq, seen = [], set()
         cur = start
