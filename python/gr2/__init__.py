@@ -5,7 +5,7 @@ teacher traces, DAPO reinforcement learning on verifiable ranking rewards, and c
 decoding that guarantees the output is a permutation of the candidates given.
 """
 
-from gr2._gr2 import __version__
+from gr2._gr2 import RQCodebooks, SidIndex, __version__
 from gr2.errors import (
     ConfigError,
     ConstraintError,
@@ -17,7 +17,10 @@ from gr2.errors import (
     UnknownItemError,
     UnknownSidError,
 )
+from gr2.rq import encode_npy
+from gr2.rewards import RewardBatch, verify_rewards
 from gr2.tokens import SidTokens, add_sid_tokens, sid_to_text
+from gr2._gr2 import ConstraintBatch, SidTrie, TokenMap
 
 __all__ = [
     "__version__",
@@ -30,7 +33,33 @@ __all__ = [
     "InvalidInputError",
     "UnknownItemError",
     "UnknownSidError",
+    "RQCodebooks",
+    "SidIndex",
+    "encode_npy",
     "SidTokens",
     "add_sid_tokens",
     "sid_to_text",
+    "ConstraintBatch",
+    "SidTrie",
+    "TokenMap",
+    "RerankLogitsProcessor",
+    "RerankResult",
+    "constrained_decode",
+    "RewardBatch",
+    "verify_rewards",
 ]
+
+
+_LAZY = {  # heavy (torch, transformers): imported on first use, so `import gr2` stays fast
+    "constrained_decode": "gr2.decoding",
+    "RerankResult": "gr2.decoding",
+    "RerankLogitsProcessor": "gr2.decoding",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gr2' has no attribute {name!r}")

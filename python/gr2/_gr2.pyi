@@ -1,3 +1,161 @@
 """Type stubs of the native module gr2._gr2 (rust/src/py)."""
 
+import numpy as np
+import numpy.typing as npt
+
 __version__: str
+
+# --- RQ encoding (rust/src/rq, rust/src/py/rq.rs) -------------------------------------------------
+
+class RQCodebooks:
+    """Residual-quantization codebooks: ``levels`` (L) levels of ``codebook_size`` (K) codes of
+    dimension ``dim`` (D).
+
+    ``codebooks`` must be a float32 numpy array of shape (L, K, D) with 1 <= K <= 65536 and finite
+    values. It is always copied (the encoder keeps its own packed layout), so any memory layout
+    is accepted. Instances are immutable, picklable and safe to share between threads.
+
+    Encoding is greedy residual assignment: at each level the code with the smallest squared L2
+    distance to the residual, ties to the lowest index. Distances are computed in float32 as
+    ``||c||^2 - 2 r.c`` (``||r||^2`` is constant per row); codes whose exact distances differ by
+    less than about 1e-6 x (||r||^2 + ||c||^2) may be ordered differently than exact arithmetic
+    would. Raises :class:`gr2.InvalidInputError` on a wrong dtype, shape or non-finite value.
+    """
+
+    def __init__(self, codebooks: npt.NDArray[np.float32]) -> None: ...
+    @property
+    def levels(self) -> int:
+        """Number of levels L."""
+    @property
+    def codebook_size(self) -> int:
+        """Codes per level K."""
+    @property
+    def dim(self) -> int:
+        """Embedding dimension D."""
+    @property
+    def codebooks(self) -> npt.NDArray[np.float32]:
+        """A float32 (L, K, D) copy of the codebooks."""
+    def encode(self, x: npt.NDArray[np.float32], beam: int = 1) -> npt.NDArray[np.uint16]:
+        """Encodes float32 (n, D) rows into uint16 (n, L) codes.
+
+        ``beam == 1`` is greedy. ``beam = B > 1`` (at most 1024) keeps the B partial paths with the
+        smallest squared error after each level and returns the best final one, or the greedy
+        codes when those are at least as good (so beam search is never worse than greedy).
+        C-contiguous input is read in place; other layouts are copied once. The GIL is released
+        while encoding. Raises InvalidInputError for a non-float32 dtype, a shape other than
+        (n, D), NaN/inf values (the message names the row and column), beam < 1 or > 1024, or
+        values so large that squared distances overflow float32.
+        """
+    def decode(self, codes: npt.NDArray[np.uint16]) -> npt.NDArray[np.float32]:
+        """Decodes uint16 (n, L) codes into float32 (n, D): the sum of the chosen codes in level
+        order. Raises InvalidInputError for a non-uint16 dtype, a shape other than (n, L) or a
+        code >= K (the message names the row and level)."""
+    def __reduce__(self) -> tuple[type[RQCodebooks], tuple[npt.NDArray[np.float32]]]: ...
+# --- constrained decoding (rust/src/py/constraint.rs; helper `decode`) -----------------------
+
+class TokenMap:
+    """Token ids of the SID vocabulary and the format tags, for logits of width ``vocab_size``."""
+    def __init__(
+        self,
+        code_ids: npt.NDArray[np.int64],  # (L, max_codes), -1 padding
+        *,
+        sid_begin: int,
+        sid_end: int,
+        think_open: int,
+        think_close: int,
+        answer_open: int,
+        answer_close: int,
+        eos: int,
+        vocab_size: int,
+        reasoning_vocab: int | None = None,
+        forbidden_in_reasoning: list[int] | None = None,
+    ) -> None: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def words(self) -> int: ...  # ceil(vocab_size / 32)
+    @property
+    def levels(self) -> int: ...
+    @property
+    def eos(self) -> int: ...
+    def reasoning_forbidden(self) -> npt.NDArray[np.int64]: ...
+
+class SidTrie:
+    """Prefix tree over a catalog's SIDs (catalog-mode decoding)."""
+    def __init__(self, token_map: TokenMap, item_ids: npt.NDArray[np.uint64], codes: npt.NDArray[np.uint16]) -> None: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, item: int) -> bool: ...
+
+class ConstraintBatch:
+    """Many per-request decoding automata; batched mask fill with the GIL released."""
+    def __init__(self, token_map: TokenMap) -> None: ...
+    def __len__(self) -> int: ...
+    def add_rerank(
+        self,
+        candidates: npt.NDArray[np.uint64],  # (B, K)
+        codes: npt.NDArray[np.uint16],  # (B, K, L)
+        *,
+        reasoning: str = "think",  # "think" | "in_think" | "disabled"
+        max_reasoning_tokens: int = 128,
+        repeat: int = 1,
+    ) -> int: ...
+    def add_catalog(
+        self,
+        trie: SidTrie,
+        *,
+        rows: int | None = None,
+        n_items: int = 1,
+        exclude: list[npt.NDArray[np.uint64]] | None = None,
+        reasoning: str = "disabled",
+        max_reasoning_tokens: int = 0,
+        answer_tags: bool = False,
+    ) -> int: ...
+    def select(self, rows: list[int]) -> ConstraintBatch: ...
+    def advance(self, rows: npt.NDArray[np.int64], tokens: npt.NDArray[np.int64]) -> None: ...
+    def fill_bitmask(self, out: npt.NDArray[np.int32], rows: npt.NDArray[np.int64] | None = None) -> None: ...
+    def allowed(
+        self, rows: npt.NDArray[np.int64] | None = None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32], npt.NDArray[np.bool_]]: ...
+    def allowed_ids(self, row: int) -> npt.NDArray[np.int64]: ...
+    def phases(self) -> npt.NDArray[np.uint8]: ...  # 0 free, 1 constrained, 2 in SID, 3 done
+    def emitted(self, row: int) -> npt.NDArray[np.uint64]: ...
+    def reasoning_tokens(self, row: int) -> int: ...
+# --- reward verification (rust/src/py/reward.rs; wrapped by gr2.rewards.verify_rewards) ---
+
+INVALID_REASON_NAMES: list[str]
+NO_ITEM: int
+
+def _verify_rewards_text(
+    texts: list[str],
+    trailers: list[str],
+    items: npt.NDArray[np.uint64],
+    sids: npt.NDArray[np.uint16],
+    targets: npt.NDArray[np.uint64],
+    catalog: npt.NDArray[np.uint16] | None,
+    relevance: npt.NDArray[np.float32] | None,
+    alpha: float,
+    conditional: bool,
+    invalid_reward: float,
+    metric_ks: list[int],
+    graded_k: int,
+    kind: str,
+) -> dict[str, np.ndarray]: ...
+def _verify_rewards_tokens(
+    ids: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    tag_ids: list[int],
+    code_ids: npt.NDArray[np.int64],
+    whitespace_ids: list[int],
+    trailer_ids: list[int],
+    items: npt.NDArray[np.uint64],
+    sids: npt.NDArray[np.uint16],
+    targets: npt.NDArray[np.uint64],
+    catalog: npt.NDArray[np.uint16] | None,
+    relevance: npt.NDArray[np.float32] | None,
+    alpha: float,
+    conditional: bool,
+    invalid_reward: float,
+    metric_ks: list[int],
+    graded_k: int,
+    kind: str,
+) -> dict[str, np.ndarray]: ...

@@ -1,1 +1,825 @@
-//! Placeholder module, replaced by the reward work.
+//! Batched reward verification for rerank completions (DESIGN.md §1, "Rewards").
+//!
+//! One call verifies a whole batch: parse each completion, check that its answer is a permutation
+//! of the row's K candidates, and compute the verifiable rewards and per-row metrics. Rows are
+//! independent and processed in parallel with rayon.
+//!
+//! # Accepted completion format (how strict we are)
+//!
+//! ```text
+//! [ws] [<think> ANY </think>] [ws] <answer> ( [ws] SID )* [ws] </answer> ( ws | TRAILER )*
+//! SID := <|sid_begin|> [ws] <s_a_N> [ws] <s_b_N> ... [ws] <|sid_end|>      (exactly L codes)
+//! ```
+//! * `ws` is ASCII space, tab, newline or carriage return (nothing else: a no-break space is text).
+//! * The think block is optional. Its body may contain anything (SIDs, unicode, `<` signs) except
+//!   the tags `<think>`, `<answer>`, `</answer>`; those make the completion malformed (nested or
+//!   out-of-order tags), and so does a missing `</think>`.
+//! * Only whitespace may sit between `</think>` and `<answer>`, and before the first tag.
+//! * Inside `<answer>` only SIDs and whitespace are allowed. Code tokens are `<s_X_N>` with level
+//!   letter X matching the position in the SID (`a` first) and N a decimal number without leading
+//!   zeros that fits u16; anything else (a tag inside a SID, `<s_b_..>` in first position, 007,
+//!   99999999999, a SID with L-1 or L+1 codes) is malformed.
+//! * After `</answer>`: whitespace and the configured trailer strings only (end-of-sequence texts
+//!   such as `<|im_end|>`; none by default), repeated any number of times. A missing `</answer>`
+//!   (truncated output) or any other trailing text is malformed.
+//!
+//! Token-id completions follow the same grammar over token ids: the tag and code ids come from a
+//! [`TokenMap`]; ids listed as whitespace are skipped where `ws` is allowed, trailer ids are
+//! accepted after `</answer>`, and every other id is "text" (allowed only inside `<think>`).
+//!
+//! # Validation order
+//! Malformed beats everything. Then the SIDs are checked in output order and the first problem
+//! wins: a SID that is no candidate of the row (`NotCandidate` if a catalog is given and holds it,
+//! else `UnknownSid`), then a repeated candidate (`Repeat`); finally a count other than K
+//! (`WrongCount`, which with distinct candidates can only be "too few").
+
+use memchr::memchr;
+use rayon::prelude::*;
+
+use crate::error::{Gr2Error, Result};
+
+/// Item id written into `ranking` for rows whose output is not a valid permutation.
+pub const NO_ITEM: u64 = u64::MAX;
+
+/// Why a completion is not a valid permutation of its candidates (`Ok` when it is).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InvalidReason {
+    Ok = 0,
+    Malformed = 1,
+    WrongCount = 2,
+    Repeat = 3,
+    NotCandidate = 4,
+    UnknownSid = 5,
+}
+
+impl InvalidReason {
+    pub const NAMES: [&'static str; 6] = ["ok", "malformed", "wrong_count", "repeat", "not_candidate", "unknown_sid"];
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+}
+
+/// Which reward goes into `reward` for valid rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RewardKind {
+    /// R_rank (+ alpha * R_fmt, conditionally or not): the single-target reward of the paper.
+    Rank,
+    /// Graded NDCG@graded_k over the relevance array (technical-report variant).
+    GradedNdcg,
+    /// Per-list AUC over the relevance array (technical-report variant).
+    Auc,
+}
+
+#[derive(Clone, Debug)]
+pub struct RewardConfig {
+    pub alpha: f64,
+    /// Conditional format reward (the fix): alpha only when R_rank > 0 or both ranks are 1.
+    pub conditional: bool,
+    /// Reward of an output that is not a valid permutation.
+    pub invalid_reward: f64,
+    /// Cut-offs of the per-row Recall@k / NDCG@k metrics.
+    pub metric_ks: Vec<usize>,
+    /// Cut-off of the graded NDCG; 0 means K.
+    pub graded_k: usize,
+    pub kind: RewardKind,
+}
+
+impl Default for RewardConfig {
+    fn default() -> Self {
+        RewardConfig {
+            alpha: 0.2,
+            conditional: true,
+            invalid_reward: -1.0,
+            metric_ks: vec![1, 3, 5],
+            graded_k: 0,
+            kind: RewardKind::Rank,
+        }
+    }
+}
+
+impl RewardConfig {
+    fn validate(&self) -> Result<()> {
+        if !self.alpha.is_finite() {
+            return Err(Gr2Error::invalid(format!("alpha must be finite, got {}", self.alpha)));
+        }
+        if !self.invalid_reward.is_finite() {
+            return Err(Gr2Error::invalid(format!("invalid_reward must be finite, got {}", self.invalid_reward)));
+        }
+        if self.metric_ks.is_empty() || self.metric_ks.contains(&0) {
+            return Err(Gr2Error::invalid(format!("metric_ks must be non-empty cut-offs >= 1, got {:?}", self.metric_ks)));
+        }
+        Ok(())
+    }
+}
+
+/// One batch of rerank requests: B rows of K candidates with their L-level SIDs.
+pub struct Candidates<'a> {
+    pub rows: usize,
+    pub k: usize,
+    pub levels: usize,
+    /// Candidate item ids in upstream order, (B, K) row-major.
+    pub items: &'a [u64],
+    /// Their SIDs, (B, K, L) row-major.
+    pub sids: &'a [u16],
+    /// Target item per row, (B,).
+    pub targets: &'a [u64],
+    /// Optional graded relevance aligned with `items`, (B, K), finite and >= 0.
+    pub relevance: Option<&'a [f32]>,
+}
+
+impl Candidates<'_> {
+    fn validate(&self) -> Result<()> {
+        let (b, k, l) = (self.rows, self.k, self.levels);
+        if k == 0 {
+            return Err(Gr2Error::invalid("candidates must have K >= 1 columns"));
+        }
+        if l == 0 || l > 26 {
+            return Err(Gr2Error::invalid(format!("SIDs must have 1..=26 levels, got {l}")));
+        }
+        if self.items.len() != b * k {
+            return Err(Gr2Error::invalid(format!("candidates hold {} ids, expected B*K = {}", self.items.len(), b * k)));
+        }
+        if self.sids.len() != b * k * l {
+            return Err(Gr2Error::invalid(format!(
+                "candidate SIDs hold {} codes, expected B*K*L = {b}*{k}*{l}",
+                self.sids.len()
+            )));
+        }
+        if self.targets.len() != b {
+            return Err(Gr2Error::invalid(format!("targets has {} entries, expected B = {b}", self.targets.len())));
+        }
+        if let Some(rel) = self.relevance {
+            if rel.len() != b * k {
+                return Err(Gr2Error::invalid(format!("relevance has {} entries, expected B*K = {}", rel.len(), b * k)));
+            }
+            if let Some(pos) = rel.iter().position(|r| !r.is_finite() || *r < 0.0) {
+                return Err(Gr2Error::invalid(format!(
+                    "relevance must be finite and >= 0; row {} column {} is {}",
+                    pos / k,
+                    pos % k,
+                    rel[pos]
+                )));
+            }
+        }
+        for row in 0..b {
+            let items = &self.items[row * k..(row + 1) * k];
+            for i in 0..k {
+                for j in 0..i {
+                    if items[i] == items[j] {
+                        return Err(Gr2Error::invalid(format!(
+                            "row {row}: candidate item {} appears twice (columns {j} and {i})",
+                            items[i]
+                        )));
+                    }
+                    if self.sid(row, i) == self.sid(row, j) {
+                        return Err(Gr2Error::invalid(format!(
+                            "row {row}: candidates {} and {} share the SID {:?}",
+                            items[j],
+                            items[i],
+                            self.sid(row, i)
+                        )));
+                    }
+                }
+            }
+            if !items.contains(&self.targets[row]) {
+                return Err(Gr2Error::UnknownItem(format!(
+                    "row {row}: target item {} is not among its {k} candidates; filter such rows out \
+                     before computing rewards (the rank reward needs the target's pre-rank)",
+                    self.targets[row]
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn sid(&self, row: usize, col: usize) -> &[u16] {
+        let l = self.levels;
+        let start = (row * self.k + col) * l;
+        &self.sids[start..start + l]
+    }
+}
+
+/// The SIDs of the whole catalog, sorted ascending (as `SidIndex.codes()` returns them); used to
+/// tell "a catalog item that is not a candidate" from "a SID of no item".
+pub struct Catalog<'a> {
+    levels: usize,
+    codes: &'a [u16],
+}
+
+impl<'a> Catalog<'a> {
+    pub fn new(codes: &'a [u16], levels: usize) -> Result<Self> {
+        if levels == 0 || codes.len() % levels != 0 {
+            return Err(Gr2Error::invalid(format!("catalog codes ({} values) are not rows of {levels} levels", codes.len())));
+        }
+        let rows = codes.len() / levels;
+        for i in 1..rows {
+            if codes[(i - 1) * levels..i * levels] >= codes[i * levels..(i + 1) * levels] {
+                return Err(Gr2Error::invalid(format!(
+                    "catalog SIDs must be sorted ascending and unique (as SidIndex.codes() returns them); rows {} and {i} are not",
+                    i - 1
+                )));
+            }
+        }
+        Ok(Catalog { levels, codes })
+    }
+
+    pub fn contains(&self, sid: &[u16]) -> bool {
+        let l = self.levels;
+        let (mut lo, mut hi) = (0usize, self.codes.len() / l);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            match self.codes[mid * l..(mid + 1) * l].cmp(sid) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return true,
+            }
+        }
+        false
+    }
+}
+
+/// Token ids of the output format inside one tokenizer (see `gr2.tokens.SidTokens`).
+pub struct TokenMap {
+    /// token id -> symbol code (see `SYM_*`); ids beyond the table are text.
+    table: Vec<u32>,
+}
+
+const SYM_TEXT: u32 = 0;
+const SYM_THINK_OPEN: u32 = 1;
+const SYM_THINK_CLOSE: u32 = 2;
+const SYM_ANSWER_OPEN: u32 = 3;
+const SYM_ANSWER_CLOSE: u32 = 4;
+const SYM_SID_BEGIN: u32 = 5;
+const SYM_SID_END: u32 = 6;
+const SYM_WS: u32 = 7;
+const SYM_TRAILER: u32 = 8;
+const SYM_CODE_FLAG: u32 = 1 << 31;
+
+/// Largest token id a [`TokenMap`] accepts (keeps the lookup table bounded).
+pub const MAX_TOKEN_ID: i64 = 1 << 26;
+
+/// The six tag ids in the order think_open, think_close, answer_open, answer_close, sid_begin, sid_end.
+pub struct TagIds(pub [i64; 6]);
+
+impl TokenMap {
+    /// `code_ids` is (levels, max_codes) row-major, -1 where a level has fewer codes.
+    pub fn new(tags: &TagIds, code_ids: &[i64], levels: usize, whitespace_ids: &[i64], trailer_ids: &[i64]) -> Result<Self> {
+        if levels == 0 || levels > 26 || code_ids.len() % levels != 0 {
+            return Err(Gr2Error::invalid(format!(
+                "code_ids ({} values) is not a (levels, codes) table with 1..=26 levels (levels = {levels})",
+                code_ids.len()
+            )));
+        }
+        let width = code_ids.len() / levels;
+        if width > u16::MAX as usize + 1 {
+            return Err(Gr2Error::invalid(format!("at most 65536 codes per level, got {width}")));
+        }
+        let all = tags.0.iter().chain(code_ids.iter()).chain(whitespace_ids).chain(trailer_ids);
+        let mut max_id = 0i64;
+        for &id in all.clone() {
+            if id < -1 || id >= MAX_TOKEN_ID {
+                return Err(Gr2Error::invalid(format!("token id {id} outside 0..{MAX_TOKEN_ID}")));
+            }
+            max_id = max_id.max(id);
+        }
+        if let Some(bad) = tags.0.iter().find(|&&id| id < 0) {
+            return Err(Gr2Error::invalid(format!("tag token ids must be >= 0, got {bad}")));
+        }
+        let mut table = vec![SYM_TEXT; max_id as usize + 1];
+        let mut claim = |id: i64, sym: u32, what: &str| -> Result<()> {
+            let slot = &mut table[id as usize];
+            if *slot != SYM_TEXT && *slot != sym {
+                return Err(Gr2Error::invalid(format!("token id {id} ({what}) is also used for another role")));
+            }
+            *slot = sym;
+            Ok(())
+        };
+        let tag_syms = [SYM_THINK_OPEN, SYM_THINK_CLOSE, SYM_ANSWER_OPEN, SYM_ANSWER_CLOSE, SYM_SID_BEGIN, SYM_SID_END];
+        for (&id, &sym) in tags.0.iter().zip(&tag_syms) {
+            claim(id, sym, "a tag")?;
+        }
+        for level in 0..levels {
+            for code in 0..width {
+                let id = code_ids[level * width + code];
+                if id >= 0 {
+                    claim(id, SYM_CODE_FLAG | ((level as u32) << 16) | code as u32, "a SID code")?;
+                }
+            }
+        }
+        for &id in whitespace_ids.iter().filter(|&&id| id >= 0) {
+            claim(id, SYM_WS, "whitespace")?;
+        }
+        for &id in trailer_ids.iter().filter(|&&id| id >= 0) {
+            claim(id, SYM_TRAILER, "a trailer")?;
+        }
+        Ok(TokenMap { table })
+    }
+
+    #[inline]
+    fn symbol(&self, id: i64) -> u32 {
+        if id < 0 || id as usize >= self.table.len() {
+            SYM_TEXT
+        } else {
+            self.table[id as usize]
+        }
+    }
+}
+
+/// A structural symbol of the completion grammar (whitespace already skipped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sym {
+    End,
+    ThinkOpen,
+    AnswerOpen,
+    AnswerClose,
+    SidBegin,
+    SidEnd,
+    Code(u8, u16),
+    Trailer,
+    /// Anything else (text, a malformed code token, a stray `</think>`).
+    Other,
+}
+
+trait Lexer {
+    /// Called right after `<think>`: skip to just past the matching `</think>`. Err on a nested
+    /// `<think>`, an `<answer>`/`</answer>` inside, or the end of input.
+    fn skip_think(&mut self) -> std::result::Result<(), ()>;
+    /// Next symbol after skipping whitespace; trailers are recognised only when `after_answer`.
+    fn next_sym(&mut self, after_answer: bool) -> Sym;
+}
+
+/// Parse one completion into `out` (flat L codes per SID). Err(()) = malformed.
+fn parse<X: Lexer>(lx: &mut X, levels: usize, out: &mut Vec<u16>) -> std::result::Result<(), ()> {
+    let mut sym = lx.next_sym(false);
+    if sym == Sym::ThinkOpen {
+        lx.skip_think()?;
+        sym = lx.next_sym(false);
+    }
+    if sym != Sym::AnswerOpen {
+        return Err(());
+    }
+    loop {
+        match lx.next_sym(false) {
+            Sym::AnswerClose => break,
+            Sym::SidBegin => {
+                for level in 0..levels {
+                    match lx.next_sym(false) {
+                        Sym::Code(l, code) if l as usize == level => out.push(code),
+                        _ => return Err(()),
+                    }
+                }
+                if lx.next_sym(false) != Sym::SidEnd {
+                    return Err(());
+                }
+            }
+            _ => return Err(()),
+        }
+    }
+    loop {
+        match lx.next_sym(true) {
+            Sym::End => return Ok(()),
+            Sym::Trailer => continue,
+            _ => return Err(()),
+        }
+    }
+}
+
+struct TextLexer<'a> {
+    s: &'a [u8],
+    pos: usize,
+    trailers: &'a [String],
+}
+
+/// `s[pos..]` starts with `lit`. A byte loop: the literals are short and a libc memcmp call per
+/// tag check cost more than the comparison itself.
+#[inline(always)]
+fn has_at(s: &[u8], pos: usize, lit: &[u8]) -> bool {
+    s.len() >= pos + lit.len() && s[pos..pos + lit.len()].iter().zip(lit).all(|(a, b)| a == b)
+}
+
+#[inline(always)]
+fn same_sid(a: &[u16], b: &[u16]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
+}
+
+#[inline]
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+impl TextLexer<'_> {
+    #[inline]
+    fn eat(&mut self, lit: &[u8]) -> bool {
+        if has_at(self.s, self.pos, lit) {
+            self.pos += lit.len();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// At `<s_`: parse `<s_X_N>`; on failure return Other (the completion is malformed anyway).
+    #[inline]
+    fn code_token(&mut self) -> Sym {
+        let s = &self.s[self.pos..];
+        // s starts with "<s_"
+        if s.len() < 7 || !s[3].is_ascii_lowercase() || s[4] != b'_' {
+            return Sym::Other;
+        }
+        let level = s[3] - b'a';
+        // up to 5 digits, no leading zero, then '>'
+        let mut value = 0u32;
+        let mut i = 5;
+        while i < s.len() && i < 11 && s[i].is_ascii_digit() {
+            value = value * 10 + (s[i] - b'0') as u32;
+            i += 1;
+        }
+        let digits = i - 5;
+        if digits == 0 || digits > 5 || (digits > 1 && s[5] == b'0') || i >= s.len() || s[i] != b'>' || value > u16::MAX as u32 {
+            return Sym::Other;
+        }
+        self.pos += i + 1;
+        Sym::Code(level, value as u16)
+    }
+}
+
+impl Lexer for TextLexer<'_> {
+    fn skip_think(&mut self) -> std::result::Result<(), ()> {
+        loop {
+            let at = memchr(b'<', &self.s[self.pos..]).ok_or(())?;
+            self.pos += at;
+            let (s, p) = (self.s, self.pos);
+            if has_at(s, p, b"</think>") {
+                self.pos += 8;
+                return Ok(());
+            }
+            if has_at(s, p, b"<think>") || has_at(s, p, b"<answer>") || has_at(s, p, b"</answer>") {
+                return Err(());
+            }
+            self.pos += 1;
+        }
+    }
+
+    fn next_sym(&mut self, after_answer: bool) -> Sym {
+        while self.pos < self.s.len() && is_ws(self.s[self.pos]) {
+            self.pos += 1;
+        }
+        if self.pos >= self.s.len() {
+            return Sym::End;
+        }
+        if after_answer {
+            for t in self.trailers {
+                if self.eat(t.as_bytes()) {
+                    return Sym::Trailer;
+                }
+            }
+        }
+        if self.s[self.pos] != b'<' {
+            return Sym::Other;
+        }
+        match self.s.get(self.pos + 1) {
+            Some(b's') if has_at(self.s, self.pos, b"<s_") => self.code_token(),
+            Some(b'|') if self.eat(b"<|sid_begin|>") => Sym::SidBegin,
+            Some(b'|') if self.eat(b"<|sid_end|>") => Sym::SidEnd,
+            Some(b'a') if self.eat(b"<answer>") => Sym::AnswerOpen,
+            Some(b'/') if self.eat(b"</answer>") => Sym::AnswerClose,
+            Some(b't') if self.eat(b"<think>") => Sym::ThinkOpen,
+            _ => Sym::Other,
+        }
+    }
+}
+
+struct TokenLexer<'a> {
+    ids: &'a [i64],
+    pos: usize,
+    map: &'a TokenMap,
+}
+
+impl Lexer for TokenLexer<'_> {
+    fn skip_think(&mut self) -> std::result::Result<(), ()> {
+        while self.pos < self.ids.len() {
+            let sym = self.map.symbol(self.ids[self.pos]);
+            self.pos += 1;
+            match sym {
+                SYM_THINK_CLOSE => return Ok(()),
+                SYM_THINK_OPEN | SYM_ANSWER_OPEN | SYM_ANSWER_CLOSE => return Err(()),
+                _ => {}
+            }
+        }
+        Err(())
+    }
+
+    fn next_sym(&mut self, after_answer: bool) -> Sym {
+        loop {
+            let Some(&id) = self.ids.get(self.pos) else { return Sym::End };
+            self.pos += 1;
+            let sym = self.map.symbol(id);
+            if sym & SYM_CODE_FLAG != 0 {
+                return Sym::Code(((sym >> 16) & 0x7fff) as u8, (sym & 0xffff) as u16);
+            }
+            return match sym {
+                SYM_WS => continue,
+                SYM_THINK_OPEN => Sym::ThinkOpen,
+                SYM_ANSWER_OPEN => Sym::AnswerOpen,
+                SYM_ANSWER_CLOSE => Sym::AnswerClose,
+                SYM_SID_BEGIN => Sym::SidBegin,
+                SYM_SID_END => Sym::SidEnd,
+                SYM_TRAILER if after_answer => Sym::Trailer,
+                _ => Sym::Other,
+            };
+        }
+    }
+}
+
+/// The completions of one batch, as text or as token ids.
+pub enum Completions<'a, S: AsRef<str> + Sync> {
+    Text { texts: &'a [S], trailers: &'a [String] },
+    /// Flat token ids with B+1 offsets: row b is ids[offsets[b]..offsets[b+1]].
+    Tokens { ids: &'a [i64], offsets: &'a [usize], map: &'a TokenMap },
+}
+
+impl<S: AsRef<str> + Sync> Completions<'_, S> {
+    fn len(&self) -> usize {
+        match self {
+            Completions::Text { texts, .. } => texts.len(),
+            Completions::Tokens { offsets, .. } => offsets.len().saturating_sub(1),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        match self {
+            Completions::Text { trailers, .. } => {
+                if trailers.iter().any(|t| t.is_empty()) {
+                    return Err(Gr2Error::invalid("trailer strings must be non-empty"));
+                }
+            }
+            Completions::Tokens { ids, offsets, .. } => {
+                if offsets.is_empty() || offsets[0] != 0 || *offsets.last().unwrap() != ids.len() {
+                    return Err(Gr2Error::invalid("token offsets must start at 0 and end at the number of ids"));
+                }
+                if offsets.windows(2).any(|w| w[0] > w[1]) {
+                    return Err(Gr2Error::invalid("token offsets must be non-decreasing"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn parse_row(&self, row: usize, levels: usize, out: &mut Vec<u16>) -> std::result::Result<(), ()> {
+        match self {
+            Completions::Text { texts, trailers } => {
+                let mut lx = TextLexer { s: texts[row].as_ref().as_bytes(), pos: 0, trailers };
+                parse(&mut lx, levels, out)
+            }
+            Completions::Tokens { ids, offsets, map } => {
+                let mut lx = TokenLexer { ids: &ids[offsets[row]..offsets[row + 1]], pos: 0, map };
+                parse(&mut lx, levels, out)
+            }
+        }
+    }
+}
+
+/// Per-row results, one Vec per field (struct of arrays, as numpy wants them).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RewardOutput {
+    pub reward: Vec<f64>,
+    pub valid: Vec<bool>,
+    pub invalid_reason: Vec<u8>,
+    /// 1-based position of the target in the upstream order.
+    pub rank_pre: Vec<u32>,
+    /// 1-based position of the target in the output; 0 for invalid rows.
+    pub rank_re: Vec<u32>,
+    pub r_rank: Vec<f64>,
+    pub r_fmt: Vec<f64>,
+    pub copied_order: Vec<bool>,
+    /// 1-based upstream position of the item the output ranks first; 0 for invalid rows.
+    pub top1_input_pos: Vec<u32>,
+    /// Number of SIDs parsed from the answer (0 for malformed rows).
+    pub n_sids: Vec<u32>,
+    /// Output order as item ids, (B, K); NO_ITEM in every slot of invalid rows.
+    pub ranking: Vec<u64>,
+    /// Recall@k and NDCG@k (single target) per row, (B, len(metric_ks)); 0 for invalid rows.
+    pub recall: Vec<f64>,
+    pub ndcg: Vec<f64>,
+    /// Graded NDCG@graded_k and AUC (only with relevance; empty otherwise); 0 for invalid rows
+    /// and for rows that copy a non-optimal input order.
+    pub graded_ndcg: Vec<f64>,
+    pub auc: Vec<f64>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct RowResult {
+    reward: f64,
+    reason: u8,
+    rank_pre: u32,
+    rank_re: u32,
+    r_rank: f64,
+    r_fmt: f64,
+    copied: bool,
+    top1: u32,
+    n_sids: u32,
+    graded_ndcg: f64,
+    auc: f64,
+}
+
+/// Graded NDCG@cut of `order` (candidate columns) under `rel` (linear gain rel / log2(pos + 1)).
+fn graded_ndcg(order: &[u32], rel: &[f32], cut: usize, sorted_scratch: &mut Vec<f64>) -> f64 {
+    let dcg: f64 = order.iter().take(cut).enumerate().map(|(i, &c)| rel[c as usize] as f64 / ((i + 2) as f64).log2()).sum();
+    sorted_scratch.clear();
+    sorted_scratch.extend(rel.iter().map(|&r| r as f64));
+    sorted_scratch.sort_by(|a, b| b.partial_cmp(a).unwrap());
+    let idcg: f64 = sorted_scratch.iter().take(cut).enumerate().map(|(i, &r)| r / ((i + 2) as f64).log2()).sum();
+    if idcg > 0.0 {
+        dcg / idcg
+    } else {
+        0.0
+    }
+}
+
+/// Share of pairs (i, j) with rel_i > rel_j that `order` puts i before j; 0 when no such pair.
+fn pair_auc(order: &[u32], rel: &[f32]) -> f64 {
+    let (mut good, mut pairs) = (0u64, 0u64);
+    for (a, &ca) in order.iter().enumerate() {
+        for &cb in &order[a + 1..] {
+            let (ra, rb) = (rel[ca as usize], rel[cb as usize]);
+            if ra != rb {
+                pairs += 1;
+                good += (ra > rb) as u64;
+            }
+        }
+    }
+    if pairs == 0 {
+        0.0
+    } else {
+        good as f64 / pairs as f64
+    }
+}
+
+struct Scratch {
+    codes: Vec<u16>,
+    order: Vec<u32>,
+    seen: Vec<bool>,
+    floats: Vec<f64>,
+}
+
+/// Verify a batch of completions and compute rewards and metrics (see the module docs).
+pub fn verify<S: AsRef<str> + Sync>(
+    completions: &Completions<'_, S>,
+    cands: &Candidates<'_>,
+    catalog: Option<&Catalog<'_>>,
+    cfg: &RewardConfig,
+) -> Result<RewardOutput> {
+    cfg.validate()?;
+    cands.validate()?;
+    completions.validate()?;
+    let (b, k, levels) = (cands.rows, cands.k, cands.levels);
+    if completions.len() != b {
+        return Err(Gr2Error::invalid(format!("{} completions for {b} candidate rows", completions.len())));
+    }
+    if let Some(cat) = catalog {
+        if cat.levels != levels {
+            return Err(Gr2Error::invalid(format!("catalog SIDs have {} levels, candidate SIDs {levels}", cat.levels)));
+        }
+    }
+    if cfg.kind != RewardKind::Rank && cands.relevance.is_none() {
+        return Err(Gr2Error::invalid("graded rewards (ndcg, auc) need a relevance array"));
+    }
+    let nk = cfg.metric_ks.len();
+    let graded_k = if cfg.graded_k == 0 { k } else { cfg.graded_k };
+
+    let mut rows = vec![RowResult::default(); b];
+    let mut ranking = vec![NO_ITEM; b * k];
+    let mut recall = vec![0.0f64; b * nk];
+    let mut ndcg = vec![0.0f64; b * nk];
+    let new_scratch = || Scratch { codes: Vec::new(), order: Vec::with_capacity(k), seen: vec![false; k], floats: Vec::new() };
+
+    rows.par_iter_mut()
+        .zip(ranking.par_chunks_mut(k))
+        .zip(recall.par_chunks_mut(nk))
+        .zip(ndcg.par_chunks_mut(nk))
+        .enumerate()
+        .with_min_len(64)
+        .for_each_init(new_scratch, |scratch, (row, (((res, rank_out), recall_out), ndcg_out))| {
+            verify_row(completions, cands, catalog, cfg, graded_k, row, scratch, res, rank_out, recall_out, ndcg_out);
+        });
+
+    let mut out = RewardOutput {
+        ranking,
+        recall,
+        ndcg,
+        ..Default::default()
+    };
+    out.reward = rows.iter().map(|r| r.reward).collect();
+    out.valid = rows.iter().map(|r| r.reason == 0).collect();
+    out.invalid_reason = rows.iter().map(|r| r.reason).collect();
+    out.rank_pre = rows.iter().map(|r| r.rank_pre).collect();
+    out.rank_re = rows.iter().map(|r| r.rank_re).collect();
+    out.r_rank = rows.iter().map(|r| r.r_rank).collect();
+    out.r_fmt = rows.iter().map(|r| r.r_fmt).collect();
+    out.copied_order = rows.iter().map(|r| r.copied).collect();
+    out.top1_input_pos = rows.iter().map(|r| r.top1).collect();
+    out.n_sids = rows.iter().map(|r| r.n_sids).collect();
+    if cands.relevance.is_some() {
+        out.graded_ndcg = rows.iter().map(|r| r.graded_ndcg).collect();
+        out.auc = rows.iter().map(|r| r.auc).collect();
+    }
+    Ok(out)
+}
+
+/// Map the parsed SIDs onto candidate columns; the first problem in output order wins.
+fn validate_sids(cands: &Candidates<'_>, catalog: Option<&Catalog<'_>>, row: usize, scratch: &mut Scratch) -> InvalidReason {
+    let (k, levels) = (cands.k, cands.levels);
+    scratch.order.clear();
+    scratch.seen.iter_mut().for_each(|s| *s = false);
+    for sid in scratch.codes.chunks_exact(levels) {
+        let Some(col) = (0..k).find(|&c| same_sid(cands.sid(row, c), sid)) else {
+            return match catalog {
+                Some(cat) if cat.contains(sid) => InvalidReason::NotCandidate,
+                _ => InvalidReason::UnknownSid,
+            };
+        };
+        if scratch.seen[col] {
+            return InvalidReason::Repeat;
+        }
+        scratch.seen[col] = true;
+        scratch.order.push(col as u32);
+    }
+    if scratch.order.len() != k {
+        return InvalidReason::WrongCount;
+    }
+    InvalidReason::Ok
+}
+
+#[allow(clippy::too_many_arguments)]
+fn verify_row<S: AsRef<str> + Sync>(
+    completions: &Completions<'_, S>,
+    cands: &Candidates<'_>,
+    catalog: Option<&Catalog<'_>>,
+    cfg: &RewardConfig,
+    graded_k: usize,
+    row: usize,
+    scratch: &mut Scratch,
+    res: &mut RowResult,
+    rank_out: &mut [u64],
+    recall_out: &mut [f64],
+    ndcg_out: &mut [f64],
+) {
+    let (k, levels) = (cands.k, cands.levels);
+    let items = &cands.items[row * k..(row + 1) * k];
+    let target_col = items.iter().position(|&it| it == cands.targets[row]).expect("validated: target is a candidate");
+    res.rank_pre = target_col as u32 + 1;
+
+    scratch.codes.clear();
+    let reason = match completions.parse_row(row, levels, &mut scratch.codes) {
+        Err(()) => InvalidReason::Malformed,
+        Ok(()) => {
+            res.n_sids = (scratch.codes.len() / levels) as u32;
+            validate_sids(cands, catalog, row, scratch)
+        }
+    };
+    res.reason = reason as u8;
+    if reason != InvalidReason::Ok {
+        res.reward = cfg.invalid_reward;
+        return;
+    }
+
+    let order = &scratch.order;
+    for (slot, &col) in rank_out.iter_mut().zip(order) {
+        *slot = items[col as usize];
+    }
+    let rank_re = order.iter().position(|&c| c as usize == target_col).unwrap() + 1;
+    res.rank_re = rank_re as u32;
+    res.top1 = order[0] + 1;
+    res.copied = order.iter().enumerate().all(|(i, &c)| c as usize == i);
+    res.r_fmt = 1.0;
+    res.r_rank = (res.rank_pre as f64 - rank_re as f64) / k as f64;
+    let earns_format = !cfg.conditional || res.r_rank > 0.0 || (res.rank_pre == 1 && rank_re == 1);
+    let rank_reward = if earns_format { res.r_rank + cfg.alpha * res.r_fmt } else { res.r_rank };
+
+    for (i, &cut) in cfg.metric_ks.iter().enumerate() {
+        if rank_re <= cut {
+            recall_out[i] = 1.0;
+            ndcg_out[i] = 1.0 / ((rank_re + 1) as f64).log2();
+        }
+    }
+
+    if let Some(rel_all) = cands.relevance {
+        let rel = &rel_all[row * k..(row + 1) * k];
+        let input_optimal = rel.windows(2).all(|w| w[0] >= w[1]);
+        if !(res.copied && !input_optimal) {
+            res.graded_ndcg = graded_ndcg(order, rel, graded_k, &mut scratch.floats);
+            res.auc = pair_auc(order, rel);
+        }
+    }
+    res.reward = match cfg.kind {
+        RewardKind::Rank => rank_reward,
+        RewardKind::GradedNdcg => res.graded_ndcg,
+        RewardKind::Auc => res.auc,
+    };
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,6 +1,169 @@
-//! Placeholder bindings, replaced by the reward work.
-use pyo3::prelude::*;
+//! Bindings of the batched reward verifier (`crate::reward`). The Python wrapper
+//! `gr2.rewards.verify_rewards` prepares contiguous arrays and calls one of the two functions here;
+//! the result is a dict of numpy arrays.
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+use numpy::{IntoPyArray, PyArrayMethods, PyUntypedArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3};
+use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedStr;
+use pyo3::types::PyDict;
+
+use crate::error::Gr2Error;
+use crate::reward::{self, Candidates, Catalog, Completions, InvalidReason, RewardConfig, RewardKind, TagIds, TokenMap};
+
+fn contiguous<'a, T>(what: &str, slice: std::result::Result<&'a [T], numpy::AsSliceError>) -> PyResult<&'a [T]> {
+    slice.map_err(|_| Gr2Error::invalid(format!("{what} must be a C-contiguous array")).into())
+}
+
+fn config(alpha: f64, conditional: bool, invalid_reward: f64, metric_ks: Vec<usize>, graded_k: usize, kind: &str) -> PyResult<RewardConfig> {
+    let kind = match kind {
+        "rank" => RewardKind::Rank,
+        "ndcg" => RewardKind::GradedNdcg,
+        "auc" => RewardKind::Auc,
+        other => return Err(Gr2Error::invalid(format!("reward kind must be 'rank', 'ndcg' or 'auc', got {other:?}")).into()),
+    };
+    Ok(RewardConfig { alpha, conditional, invalid_reward, metric_ks, graded_k, kind })
+}
+
+/// Views of the candidate-side arrays, borrowed for the duration of one call.
+struct Inputs<'py> {
+    items: PyReadonlyArray2<'py, u64>,
+    sids: PyReadonlyArray3<'py, u16>,
+    targets: PyReadonlyArray1<'py, u64>,
+    catalog: Option<PyReadonlyArray2<'py, u16>>,
+    relevance: Option<PyReadonlyArray2<'py, f32>>,
+}
+
+impl Inputs<'_> {
+    fn run<S: AsRef<str> + Sync>(&self, py: Python<'_>, completions: &Completions<'_, S>, cfg: &RewardConfig) -> PyResult<reward::RewardOutput> {
+        let (b, k) = (self.items.shape()[0], self.items.shape()[1]);
+        let sid_shape = self.sids.shape();
+        if sid_shape[0] != b || sid_shape[1] != k {
+            return Err(Gr2Error::invalid(format!("candidate SIDs have shape {sid_shape:?}, expected ({b}, {k}, L)")).into());
+        }
+        let cands = Candidates {
+            rows: b,
+            k,
+            levels: sid_shape[2],
+            items: contiguous("candidates", self.items.as_slice())?,
+            sids: contiguous("candidate SIDs", self.sids.as_slice())?,
+            targets: contiguous("targets", self.targets.as_slice())?,
+            relevance: match &self.relevance {
+                Some(r) => {
+                    if r.shape() != [b, k] {
+                        return Err(Gr2Error::invalid(format!("relevance has shape {:?}, expected ({b}, {k})", r.shape())).into());
+                    }
+                    Some(contiguous("relevance", r.as_slice())?)
+                }
+                None => None,
+            },
+        };
+        let catalog = match &self.catalog {
+            Some(c) => Some(Catalog::new(contiguous("catalog codes", c.as_slice())?, c.shape()[1])?),
+            None => None,
+        };
+        let out = py.detach(|| reward::verify(completions, &cands, catalog.as_ref(), cfg))?;
+        Ok(out)
+    }
+}
+
+fn to_dict<'py>(py: Python<'py>, out: reward::RewardOutput, b: usize, k: usize, nk: usize) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("reward", out.reward.into_pyarray(py))?;
+    d.set_item("valid", out.valid.into_pyarray(py))?;
+    d.set_item("invalid_reason", out.invalid_reason.into_pyarray(py))?;
+    d.set_item("rank_pre", out.rank_pre.into_pyarray(py))?;
+    d.set_item("rank_re", out.rank_re.into_pyarray(py))?;
+    d.set_item("r_rank", out.r_rank.into_pyarray(py))?;
+    d.set_item("r_fmt", out.r_fmt.into_pyarray(py))?;
+    d.set_item("copied_order", out.copied_order.into_pyarray(py))?;
+    d.set_item("top1_input_pos", out.top1_input_pos.into_pyarray(py))?;
+    d.set_item("n_sids", out.n_sids.into_pyarray(py))?;
+    d.set_item("ranking", out.ranking.into_pyarray(py).reshape([b, k])?)?;
+    d.set_item("recall", out.recall.into_pyarray(py).reshape([b, nk])?)?;
+    d.set_item("ndcg", out.ndcg.into_pyarray(py).reshape([b, nk])?)?;
+    if !out.auc.is_empty() || b == 0 {
+        d.set_item("graded_ndcg", out.graded_ndcg.into_pyarray(py))?;
+        d.set_item("auc", out.auc.into_pyarray(py))?;
+    }
+    Ok(d)
+}
+
+/// Verify text completions. See `gr2.rewards.verify_rewards` for the meaning of each argument.
+#[pyfunction]
+#[pyo3(signature = (texts, trailers, items, sids, targets, catalog, relevance, alpha, conditional, invalid_reward, metric_ks, graded_k, kind))]
+#[allow(clippy::too_many_arguments)]
+fn _verify_rewards_text<'py>(
+    py: Python<'py>,
+    texts: Vec<PyBackedStr>,
+    trailers: Vec<String>,
+    items: PyReadonlyArray2<'py, u64>,
+    sids: PyReadonlyArray3<'py, u16>,
+    targets: PyReadonlyArray1<'py, u64>,
+    catalog: Option<PyReadonlyArray2<'py, u16>>,
+    relevance: Option<PyReadonlyArray2<'py, f32>>,
+    alpha: f64,
+    conditional: bool,
+    invalid_reward: f64,
+    metric_ks: Vec<usize>,
+    graded_k: usize,
+    kind: &str,
+) -> PyResult<Bound<'py, PyDict>> {
+    let (b, k, nk) = (items.shape()[0], items.shape()[1], metric_ks.len());
+    let cfg = config(alpha, conditional, invalid_reward, metric_ks, graded_k, kind)?;
+    let inputs = Inputs { items, sids, targets, catalog, relevance };
+    let completions = Completions::Text { texts: &texts, trailers: &trailers };
+    let out = inputs.run(py, &completions, &cfg)?;
+    to_dict(py, out, b, k, nk)
+}
+
+/// Verify token-id completions given flat ids and B+1 offsets.
+#[pyfunction]
+#[pyo3(signature = (ids, offsets, tag_ids, code_ids, whitespace_ids, trailer_ids, items, sids, targets, catalog, relevance, alpha, conditional, invalid_reward, metric_ks, graded_k, kind))]
+#[allow(clippy::too_many_arguments)]
+fn _verify_rewards_tokens<'py>(
+    py: Python<'py>,
+    ids: PyReadonlyArray1<'py, i64>,
+    offsets: PyReadonlyArray1<'py, i64>,
+    tag_ids: [i64; 6],
+    code_ids: PyReadonlyArray2<'py, i64>,
+    whitespace_ids: Vec<i64>,
+    trailer_ids: Vec<i64>,
+    items: PyReadonlyArray2<'py, u64>,
+    sids: PyReadonlyArray3<'py, u16>,
+    targets: PyReadonlyArray1<'py, u64>,
+    catalog: Option<PyReadonlyArray2<'py, u16>>,
+    relevance: Option<PyReadonlyArray2<'py, f32>>,
+    alpha: f64,
+    conditional: bool,
+    invalid_reward: f64,
+    metric_ks: Vec<usize>,
+    graded_k: usize,
+    kind: &str,
+) -> PyResult<Bound<'py, PyDict>> {
+    let (b, k, nk) = (items.shape()[0], items.shape()[1], metric_ks.len());
+    let cfg = config(alpha, conditional, invalid_reward, metric_ks, graded_k, kind)?;
+    let map = TokenMap::new(
+        &TagIds(tag_ids),
+        contiguous("code_ids", code_ids.as_slice())?,
+        code_ids.shape()[0],
+        &whitespace_ids,
+        &trailer_ids,
+    )?;
+    let offsets_raw = contiguous("offsets", offsets.as_slice())?;
+    if let Some(bad) = offsets_raw.iter().find(|&&o| o < 0) {
+        return Err(Gr2Error::invalid(format!("token offsets must be >= 0, got {bad}")).into());
+    }
+    let offsets: Vec<usize> = offsets_raw.iter().map(|&o| o as usize).collect();
+    let inputs = Inputs { items, sids, targets, catalog, relevance };
+    let completions: Completions<'_, &str> = Completions::Tokens { ids: contiguous("token ids", ids.as_slice())?, offsets: &offsets, map: &map };
+    let out = inputs.run(py, &completions, &cfg)?;
+    to_dict(py, out, b, k, nk)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(_verify_rewards_text, m)?)?;
+    m.add_function(wrap_pyfunction!(_verify_rewards_tokens, m)?)?;
+    m.add("INVALID_REASON_NAMES", InvalidReason::NAMES.to_vec())?;
+    m.add("NO_ITEM", reward::NO_ITEM)?;
     Ok(())
 }

@@ -1,0 +1,24 @@
+"""Constrained decoding: rerank outputs that are always a permutation of the candidates.
+
+- :func:`constrained_decode` — gr2's own decoding loop (greedy, sampling, beam search) over any
+  transformers causal LM, with a sparse output layer inside SID spans.
+- :class:`RerankLogitsProcessor` — the same constraint for users of ``model.generate``.
+- :mod:`gr2.decoding.vllm` — a vLLM logits processor (optional; imported lazily, needs vllm).
+
+The automaton itself is native (``gr2._gr2.ConstraintBatch``; Rust, rayon, GIL released).
+"""
+
+from __future__ import annotations
+
+from gr2.decoding._setup import build_token_map, lookup_sid_tokens
+from gr2.decoding.decode import RerankResult, constrained_decode
+from gr2.decoding.processors import RerankLogitsProcessor, apply_allowed
+
+__all__ = [
+    "RerankResult",
+    "RerankLogitsProcessor",
+    "apply_allowed",
+    "build_token_map",
+    "constrained_decode",
+    "lookup_sid_tokens",
+]

@@ -1,0 +1,384 @@
+"""``gr2.constrained_decode``: rerank decoding that can only emit a permutation of the candidates.
+
+Each prompt gets a native automaton (``gr2._gr2.ConstraintBatch``) over its candidates' SIDs. Every
+step asks it, for all live rows at once, which tokens are allowed: free-reasoning rows are scored
+over the whole vocabulary (minus forbidden tags), every other row over a short list of allowed
+ids — inside a SID span by gathering only those rows of the output embedding. The chosen tokens
+are fed back to the automaton, which refuses anything it did not allow, so an invalid output is
+impossible rather than unlikely.
+
+Log-probabilities are those of the *constrained* distribution at temperature 1: the model's
+softmax renormalised over the allowed tokens. A forced token (a tag) has log-probability 0, and an
+item's log-probability is the sum over its SID span.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from gr2 import _gr2
+from gr2.decoding._model import StepModel
+from gr2.decoding._setup import (
+    as_candidates,
+    build_token_map,
+    candidate_codes,
+    eos_id,
+    prompt_texts,
+    resolve_sid_tokens,
+)
+from gr2.errors import ConstraintError, InvalidInputError
+from gr2.tokens import SidTokens
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class RerankResult:
+    """One decoded completion.
+
+    ``items`` are the reranked candidate ids (uint64, K), ``completion_ids`` the generated token ids
+    up to and including ``</answer>`` (EOS excluded), ``text`` their decoding, ``reasoning`` the text
+    between ``<think>`` and ``</think>``, ``item_logprobs`` the constrained log-probability of each
+    item's SID span (float64, K), ``logprob`` the sum over the whole completion. ``valid`` is always
+    True: the automaton makes any other output impossible.
+    """
+
+    items: np.ndarray
+    text: str
+    reasoning: str
+    item_logprobs: np.ndarray
+    completion_ids: list[int]
+    prompt_index: int
+    logprob: float
+    valid: bool = True
+    reasoning_ids: list[int] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class _Settings:
+    do_sample: bool
+    temperature: float
+    top_p: float
+    num_beams: int
+    num_return_sequences: int
+    generator: torch.Generator | None
+
+
+def _check_settings(do_sample, temperature, top_p, num_beams, num_return_sequences, seed) -> _Settings:
+    if not (isinstance(num_beams, int) and num_beams >= 1):
+        raise InvalidInputError(f"num_beams must be an int >= 1, got {num_beams!r}")
+    if not (isinstance(num_return_sequences, int) and num_return_sequences >= 1):
+        raise InvalidInputError(f"num_return_sequences must be an int >= 1, got {num_return_sequences!r}")
+    if do_sample and num_beams > 1:
+        raise InvalidInputError("beam search with sampling is not supported; use num_beams=1 or do_sample=False")
+    if not do_sample and num_beams == 1 and num_return_sequences > 1:
+        raise InvalidInputError("greedy decoding returns one sequence; use do_sample=True or num_beams >= num_return_sequences")
+    if num_beams > 1 and num_return_sequences > num_beams:
+        raise InvalidInputError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams})")
+    if not (temperature > 0 and np.isfinite(temperature)):
+        raise InvalidInputError(f"temperature must be a positive finite number, got {temperature}")
+    if not (0 < top_p <= 1):
+        raise InvalidInputError(f"top_p must be in (0, 1], got {top_p}")
+    generator = None
+    if do_sample:
+        generator = torch.Generator()
+        generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+    return _Settings(do_sample, float(temperature), float(top_p), num_beams, num_return_sequences, generator)
+
+
+def _reasoning_mode(reasoning: Any) -> str:
+    if reasoning is True:
+        return "think"
+    if reasoning is False or reasoning is None:
+        return "disabled"
+    if reasoning in ("think", "in_think", "disabled"):
+        return reasoning
+    raise InvalidInputError(f"reasoning must be True, False, 'think', 'in_think' or 'disabled', got {reasoning!r}")
+
+
+class _Scorer:
+    """Turns one step's model output into log-probabilities over each row's allowed tokens."""
+
+    def __init__(self, step_model: StepModel, forbidden: np.ndarray):
+        self.sm = step_model
+        self.forbidden = torch.as_tensor(forbidden, dtype=torch.long, device=step_model.device)
+
+    def groups(self, out: torch.Tensor, allowed: tuple[np.ndarray, np.ndarray, np.ndarray]):
+        """Yield (positions, ids or None, logprobs). ``ids`` is (n, A) for sparse rows (padded with
+        -inf log-probs); None for free rows, whose logprobs span the whole vocabulary."""
+        offsets, ids, free = allowed
+        free_pos = np.nonzero(free)[0]
+        sparse_pos = np.nonzero(~free)[0]
+        if free_pos.size:
+            idx = torch.as_tensor(free_pos, device=out.device)
+            logits = self.sm.full_logits(out.index_select(0, idx))
+            logits[:, self.forbidden] = NEG_INF
+            yield free_pos, None, torch.log_softmax(logits, dim=-1)
+        if sparse_pos.size:
+            counts = (offsets[1:] - offsets[:-1])[sparse_pos]
+            width = int(counts.max())
+            padded = np.zeros((sparse_pos.size, width), dtype=np.int64)
+            valid = np.arange(width)[None, :] < counts[:, None]
+            starts = offsets[:-1][sparse_pos]
+            padded[valid] = ids[(starts[:, None] + np.arange(width)[None, :])[valid]]
+            id_t = torch.as_tensor(padded, device=out.device)
+            idx = torch.as_tensor(sparse_pos, device=out.device)
+            logits = self.sm.sparse_logits(out.index_select(0, idx), id_t)
+            logits = logits.masked_fill(~torch.as_tensor(valid, device=out.device), NEG_INF)
+            yield sparse_pos, id_t, torch.log_softmax(logits, dim=-1)
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+    # Drop a token when the mass before it already reaches top_p (the first token always stays).
+    drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, NEG_INF)
+
+
+def _choose(scorer: _Scorer, out: torch.Tensor, allowed, settings: _Settings, n_rows: int):
+    """One token per row (greedy or sampled) and its constrained log-probability."""
+    tokens = torch.empty(n_rows, dtype=torch.long)
+    logprobs = torch.empty(n_rows, dtype=torch.float64)
+    for pos, ids, lp in scorer.groups(out, allowed):
+        if settings.do_sample:
+            scaled = _top_p_filter(lp / settings.temperature, settings.top_p)
+            probs = torch.softmax(scaled, dim=-1).cpu()
+            choice = torch.multinomial(probs, 1, generator=settings.generator).view(-1).to(lp.device)
+        else:
+            choice = lp.argmax(dim=-1)
+        chosen_lp = lp.gather(1, choice.view(-1, 1)).view(-1)
+        tok = choice if ids is None else ids.gather(1, choice.view(-1, 1)).view(-1)
+        pos_t = torch.as_tensor(pos)
+        tokens[pos_t] = tok.cpu()
+        logprobs[pos_t] = chosen_lp.double().cpu()
+    return tokens, logprobs
+
+
+def _max_steps(k: int, levels: int, budget: int) -> int:
+    return budget + 3 + 1 + k * (levels + 2) + 2 + 1
+
+
+@torch.inference_mode()
+def constrained_decode(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    candidates: Any,
+    index: Any = None,
+    sid_tokens: SidTokens | None = None,
+    max_reasoning_tokens: int = 128,
+    reasoning: bool | str = True,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    num_beams: int = 1,
+    num_return_sequences: int = 1,
+    seed: int | None = None,
+    *,
+    eos_token_id: int | None = None,
+) -> list[RerankResult]:
+    """Rerank ``candidates`` (B, K) for ``prompts`` (B) with a causal LM; every result is a valid
+    permutation of its row's candidates.
+
+    ``reasoning``: True opens with ``<think>`` and allows up to ``max_reasoning_tokens`` of free text
+    before ``</think>`` is forced; ``'in_think'`` when the prompt already ends with ``<think>``; False
+    starts at ``<answer>``. Greedy by default; ``do_sample`` (temperature, top_p, ``seed``) or
+    ``num_beams > 1`` (beam search on the constrained log-probabilities). Returns
+    ``num_return_sequences`` results per prompt, prompt by prompt. Duplicate candidates in a row
+    raise InvalidInputError; an item the index lacks raises UnknownItemError.
+    """
+    settings = _check_settings(do_sample, temperature, top_p, num_beams, num_return_sequences, seed)
+    if not (isinstance(max_reasoning_tokens, (int, np.integer)) and max_reasoning_tokens >= 0):
+        raise InvalidInputError(f"max_reasoning_tokens must be an int >= 0, got {max_reasoning_tokens!r}")
+    mode = _reasoning_mode(reasoning)
+    texts = prompt_texts(tokenizer, prompts)
+    cands = as_candidates(candidates)
+    if cands.shape[0] != len(texts):
+        raise InvalidInputError(f"{len(texts)} prompts but {cands.shape[0]} candidate rows")
+    tokens = resolve_sid_tokens(tokenizer, index, sid_tokens)
+    codes = candidate_codes(index, cands, tokens.levels)
+    eos = eos_id(tokenizer, eos_token_id)
+
+    step_model = StepModel(model)
+    token_map = build_token_map(tokens, eos=eos, vocab_size=step_model.vocab_size, tokenizer=tokenizer)
+    scorer = _Scorer(step_model, token_map.reasoning_forbidden())
+    input_ids, attention_mask = _encode(tokenizer, texts, step_model.device, eos)
+    max_steps = _max_steps(cands.shape[1], tokens.levels, int(max_reasoning_tokens))
+
+    was_training = model.training
+    model.eval()
+    try:
+        if settings.num_beams > 1:
+            rows = _beam_search(step_model, scorer, token_map, cands, codes, mode, int(max_reasoning_tokens),
+                                input_ids, attention_mask, settings, max_steps, eos)
+        else:
+            rows = _sample_or_greedy(step_model, scorer, token_map, cands, codes, mode, int(max_reasoning_tokens),
+                                     input_ids, attention_mask, settings, max_steps)
+    finally:
+        model.train(was_training)
+    return [_result(tokenizer, tokens, eos, *row) for row in rows]
+
+
+def _encode(tokenizer: Any, texts: list[str], device: torch.device, eos: int):
+    """Left-padded ids and attention mask (prompts are already templated: no special tokens added)."""
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if any(len(e) == 0 for e in encoded):
+        raise InvalidInputError("a prompt tokenises to zero tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        ids[i, width - len(e):] = torch.as_tensor(e)
+        mask[i, width - len(e):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _sample_or_greedy(sm, scorer, token_map, cands, codes, mode, budget, input_ids, attention_mask, settings, max_steps):
+    nrs = settings.num_return_sequences
+    batch = _gr2.ConstraintBatch(token_map)
+    batch.add_rerank(cands, codes, reasoning=mode, max_reasoning_tokens=budget, repeat=nrs)
+    n_rows = len(batch)
+    prompt_of_row = np.repeat(np.arange(cands.shape[0]), nrs)
+    out = sm.prefill(input_ids, attention_mask)
+    if nrs > 1:
+        expand = torch.as_tensor(prompt_of_row)
+        sm.select_rows(expand)
+        out = out.index_select(0, expand.to(out.device))
+    history: list[list[int]] = [[] for _ in range(n_rows)]
+    logprobs: list[list[float]] = [[] for _ in range(n_rows)]
+    active = np.arange(n_rows)
+    for _ in range(max_steps):
+        allowed = batch.allowed(active.astype(np.int64))
+        tok, lp = _choose(scorer, out, allowed, settings, active.size)
+        batch.advance(active.astype(np.int64), tok.numpy())
+        for j, row in enumerate(active):
+            history[row].append(int(tok[j]))
+            logprobs[row].append(float(lp[j]))
+        live = batch.phases()[active] != 3
+        if not live.any():
+            break
+        if not live.all():
+            keep = np.nonzero(live)[0]
+            sm.select_rows(torch.as_tensor(keep))
+            active, tok = active[keep], tok[torch.as_tensor(keep)]
+        out = sm.step(tok.to(sm.device))
+    else:
+        raise ConstraintError(f"decoding did not finish within {max_steps} steps; this is a gr2 bug")
+    return [(int(prompt_of_row[r]), batch.emitted(r), history[r], logprobs[r]) for r in range(n_rows)]
+
+
+def _beam_search(sm, scorer, token_map, cands, codes, mode, budget, input_ids, attention_mask, settings, max_steps, eos):
+    """Beam search on the sum of constrained log-probabilities. Finished beams keep their score and
+    compete with live ones; the search ends when every kept beam has finished."""
+    b, nb = cands.shape[0], settings.num_beams
+    batch = _gr2.ConstraintBatch(token_map)
+    batch.add_rerank(cands, codes, reasoning=mode, max_reasoning_tokens=budget, repeat=nb)
+    out = sm.prefill(input_ids, attention_mask)
+    expand = torch.as_tensor(np.repeat(np.arange(b), nb))
+    sm.select_rows(expand)
+    out = out.index_select(0, expand.to(out.device))
+    n_rows = b * nb
+    scores = torch.full((b, nb), NEG_INF, dtype=torch.float64)
+    scores[:, 0] = 0.0  # identical beams at the start: only the first one is live
+    history: list[list[int]] = [[] for _ in range(n_rows)]
+    logprobs: list[list[float]] = [[] for _ in range(n_rows)]
+    for _ in range(max_steps):
+        done = torch.as_tensor(batch.phases() == 3)
+        if bool(done.all()):
+            break
+        # Candidate (beam, token, score) triples: up to nb per beam.
+        cand_token = torch.full((n_rows, nb), eos, dtype=torch.long)
+        cand_lp = torch.full((n_rows, nb), NEG_INF, dtype=torch.float64)
+        live_rows = np.nonzero(~done.numpy())[0]
+        allowed = batch.allowed(live_rows.astype(np.int64))
+        live_out = out.index_select(0, torch.as_tensor(live_rows, device=out.device))
+        for pos, ids, lp in scorer.groups(live_out, allowed):
+            width = min(nb, lp.shape[1])
+            top_lp, top_idx = lp.topk(width, dim=-1)
+            tok = top_idx if ids is None else ids.gather(1, top_idx)
+            rows_t = torch.as_tensor(live_rows[pos])
+            cand_lp[rows_t, :width] = top_lp.double().cpu()
+            cand_token[rows_t, :width] = tok.cpu()
+        # A finished beam carries itself over once, unchanged.
+        cand_token[done, 0] = eos
+        cand_lp[done, 0] = 0.0
+        cand_score = scores.view(-1, 1) + cand_lp
+        best, flat_idx = cand_score.view(b, nb * nb).topk(nb, dim=-1)
+        src_beam = flat_idx // nb
+        src_row = (torch.arange(b).view(-1, 1) * nb + src_beam).view(-1)
+        new_token = cand_token.view(b, nb * nb).gather(1, flat_idx).view(-1)
+        new_lp = cand_lp.view(b, nb * nb).gather(1, flat_idx).view(-1)
+        # Dead candidates (-inf: fewer valid continuations than beams) copy the prompt's best beam.
+        dead = ~torch.isfinite(best.view(-1))
+        if bool(dead.any()):
+            first_row = (torch.arange(b) * nb).repeat_interleave(nb)
+            src_row = torch.where(dead, src_row[first_row], src_row)
+            new_token = torch.where(dead, new_token[first_row], new_token)
+            new_lp = torch.where(dead, new_lp[first_row], new_lp)
+        src_done = done[src_row]
+        batch = batch.select(src_row.tolist())
+        batch.advance(np.arange(n_rows, dtype=np.int64), new_token.numpy())
+        history = [list(history[s]) for s in src_row.tolist()]
+        logprobs = [list(logprobs[s]) for s in src_row.tolist()]
+        for r in range(n_rows):
+            if not bool(src_done[r]):
+                history[r].append(int(new_token[r]))
+                logprobs[r].append(float(new_lp[r]))
+        scores = best
+        sm.select_rows(src_row)
+        if bool(torch.as_tensor(batch.phases() == 3).all()):
+            break
+        out = sm.step(new_token.to(sm.device))
+    else:
+        raise ConstraintError(f"beam search did not finish within {max_steps} steps; this is a gr2 bug")
+    results = []
+    for p in range(b):
+        order = torch.argsort(scores[p], descending=True, stable=True)
+        for beam in order[: settings.num_return_sequences].tolist():
+            r = p * nb + beam
+            results.append((p, batch.emitted(r), history[r], logprobs[r]))
+    return results
+
+
+def _result(tokenizer, tokens: SidTokens, eos: int, prompt_index, items, history, logprobs) -> RerankResult:
+    if history and history[-1] == eos:
+        history, logprobs = history[:-1], logprobs[:-1]
+    item_lps, reasoning_ids = [], []
+    span: float | None = None
+    in_think = tokens.think_close in history and tokens.think_open not in history[:1]
+    for tok, lp in zip(history, logprobs):
+        if tok == tokens.think_open:
+            in_think = True
+            continue
+        if tok == tokens.think_close:
+            in_think = False
+            continue
+        if in_think:
+            reasoning_ids.append(tok)
+            continue
+        if tok == tokens.sid_begin:
+            span = 0.0
+        if span is not None:
+            span += lp
+        if tok == tokens.sid_end and span is not None:
+            item_lps.append(span)
+            span = None
+    return RerankResult(
+        items=np.asarray(items, dtype=np.uint64),
+        text=tokenizer.decode(history, skip_special_tokens=False),
+        reasoning=tokenizer.decode(reasoning_ids, skip_special_tokens=False),
+        item_logprobs=np.asarray(item_lps, dtype=np.float64),
+        completion_ids=list(history),
+        prompt_index=int(prompt_index),
+        logprob=float(sum(logprobs)),
+        reasoning_ids=reasoning_ids,
+    )

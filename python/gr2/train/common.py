@@ -1,0 +1,548 @@
+"""Plumbing shared by the training recipes (midtrain, sft, dapo).
+
+* seeding, device and dtype choice (bf16 on CUDA, fp32 on CPU);
+* AdamW + warmup/cosine schedule; optional LoRA via peft;
+* checkpoints that resume EXACTLY: model weights (safetensors), optimizer, scheduler, every RNG
+  state and the step counter, written atomically;
+* a JSONL + tensorboard logger;
+* :class:`WeightedExample` and :func:`collate`: token ids with a per-token loss weight, so a
+  recipe says which tokens count (assistant-only masking, reasoning vs answer weights) and
+  :func:`weighted_nll` computes the loss.
+
+Data order for exact resume: recipes draw the order of epoch ``e`` from ``epoch_order(n, seed, e)``
+(a pure function of seed and epoch), so the batch at step ``s`` is the same in a resumed run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from gr2.errors import ConfigError, CorruptFileError, InvalidInputError
+from gr2.rundir import atomic_dir, atomic_write_json, atomic_write_text
+
+CHECKPOINT_WEIGHTS = "model.safetensors"
+CHECKPOINT_STATE = "trainer_state.pt"
+CHECKPOINT_META = "checkpoint.json"
+
+
+# --------------------------------------------------------------------------------------------
+# seeding and devices
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def choose_device(preference: str = "auto") -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; or an explicit torch device string."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(preference)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {preference!r}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available")
+    return device
+
+
+def choose_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
+    """``"auto"`` -> bfloat16 on CUDA (when supported), float32 on CPU (bf16 matmuls are slow there)."""
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if preference == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if preference not in table:
+        raise ConfigError(f"unknown dtype {preference!r}; use one of auto, {', '.join(sorted(table))}")
+    return table[preference]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled example order of ``epoch``: a pure function, so resumed runs see the same batches."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+# --------------------------------------------------------------------------------------------
+# optimisation
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
+                   betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on biases, norms and embeddings."""
+    if lr <= 0:
+        raise ConfigError(f"learning rate must be > 0, got {lr}")
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "embed" in name or "norm" in name else decay).append(param)
+    if not decay and not no_decay:
+        raise ConfigError("model has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
+                   kind: str = "cosine", min_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then ``cosine`` decay to ``min_ratio`` of the peak, or ``constant``."""
+    if total_steps <= 0:
+        raise ConfigError(f"total_steps must be > 0, got {total_steps}")
+    if kind not in ("cosine", "constant"):
+        raise ConfigError(f"unknown schedule {kind!r}; use cosine or constant")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters (peft). The SID token rows are new, so they must train too: by default the
+    embedding and output matrices are trained in full (``modules_to_save``)."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+    train_embeddings: bool = True
+
+
+def wrap_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
+    """Wrap ``model`` with LoRA adapters when ``settings.enabled``; otherwise return it unchanged."""
+    if not settings.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    modules_to_save = ["embed_tokens", "lm_head"] if settings.train_embeddings else None
+    # tied input/output embeddings stay tied (one trainable copy) instead of silently diverging
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.target_modules), modules_to_save=modules_to_save,
+                        ensure_weight_tying=tied and settings.train_embeddings, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain transformers model (LoRA merged in) for saving as an HF folder."""
+    if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, step: int, extra: dict[str, Any] | None = None) -> Path:
+    """Write a resumable checkpoint folder atomically: trainable weights, optimizer, scheduler, RNG, step."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    # Only trainable tensors: a LoRA checkpoint stays small and frozen weights come from the base.
+    tensors = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    # tied weights (embeddings == lm_head) appear once under named_parameters, so no duplicates here
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+             "rng": _rng_state()}
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / CHECKPOINT_WEIGHTS))
+        torch.save(state, tmp / CHECKPOINT_STATE)
+        atomic_write_json(tmp / CHECKPOINT_META, {"step": int(step), "extra": extra or {}})
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote into ``model``/``optimizer``/``scheduler`` and the
+    RNGs; returns ``{"step": ..., "extra": ...}``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta_path = path / CHECKPOINT_META
+    if not meta_path.exists():
+        raise CorruptFileError(f"{path} is not a checkpoint (no {CHECKPOINT_META})")
+    try:
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(path / CHECKPOINT_WEIGHTS))
+        state = torch.load(path / CHECKPOINT_STATE, weights_only=False)
+    except (OSError, ValueError, SafetensorError, RuntimeError) as e:
+        raise CorruptFileError(f"checkpoint {path} is unreadable: {e}") from e
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise CorruptFileError(f"checkpoint {path} holds tensors the model lacks: {unknown[:3]}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise CorruptFileError(f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
+                                       f"model expects {tuple(params[name].shape)}")
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return meta
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest ``step-NNNNNNNN`` checkpoint folder in ``directory``, or None."""
+    directory = Path(directory)
+    if not directory.exists():
+        return None
+    done = sorted(p for p in directory.glob("step-*") if (p / CHECKPOINT_META).exists())
+    return done[-1] if done else None
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    import shutil
+
+    folders = sorted(Path(directory).glob("step-*"))
+    for old in folders[:-keep] if keep > 0 else folders:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# logging
+
+
+class MetricLogger:
+    """Append metrics to ``metrics.jsonl`` (one JSON object per line) and to tensorboard.
+
+    On resume, pass ``resume_step``: lines logged after that step by the killed run are dropped so
+    the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, directory: str | os.PathLike, resume_step: int | None = None, tensorboard: bool = True):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / "metrics.jsonl"
+        if resume_step is None:
+            atomic_write_text(self.path, "")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.directory / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self._writer = None
+
+    def log(self, step: int, **metrics: float | int | str) -> None:
+        record = {"step": int(step), **{k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v)
+                                         for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+    def __enter__(self) -> "MetricLogger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# examples, batches, loss
+
+
+@dataclass
+class WeightedExample:
+    """Token ids and one loss weight per token: ``weights[t]`` scales the NLL of predicting
+    ``input_ids[t]`` from the tokens before it (0 = context only, e.g. the prompt)."""
+
+    input_ids: list[int]
+    weights: list[float]
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) != len(self.weights):
+            raise InvalidInputError(f"{len(self.input_ids)} token ids but {len(self.weights)} weights")
+        if not self.input_ids:
+            raise InvalidInputError("empty training example")
+
+
+def build_example(segments: Iterable[tuple[Sequence[int], float]]) -> WeightedExample:
+    """Concatenate ``(token_ids, weight)`` segments into one example."""
+    ids: list[int] = []
+    weights: list[float] = []
+    for token_ids, weight in segments:
+        ids.extend(int(t) for t in token_ids)
+        weights.extend([float(weight)] * len(token_ids))
+    return WeightedExample(ids, weights)
+
+
+def chat_example(tokenizer: Any, messages: list[dict[str, str]],
+                 completion_segments: Sequence[tuple[str, float]], max_length: int | None = None) -> WeightedExample:
+    """An assistant-only example: the chat-templated prompt (weight 0) then the assistant's reply,
+    given as ``(text, weight)`` segments, then the end-of-turn token(s) with the last weight.
+
+    Raises InvalidInputError when the example exceeds ``max_length`` (never truncates silently).
+    """
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    segments: list[tuple[list[int], float]] = [(tokenizer(prompt, add_special_tokens=False)["input_ids"], 0.0)]
+    for text, weight in completion_segments:
+        segments.append((tokenizer(text, add_special_tokens=False)["input_ids"], weight))
+    segments.append((end_of_turn_ids(tokenizer), completion_segments[-1][1] if completion_segments else 1.0))
+    example = build_example(segments)
+    if max_length is not None and len(example.input_ids) > max_length:
+        raise InvalidInputError(f"example has {len(example.input_ids)} tokens, more than max_length={max_length}; "
+                                f"raise max_length or shorten the prompt (history/candidates)")
+    return example
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Tokens that close an assistant turn: ``<|im_end|>`` for ChatML tokenizers, else eos."""
+    vocab = tokenizer.get_vocab()
+    if "<|im_end|>" in vocab:
+        return [vocab["<|im_end|>"]]
+    if tokenizer.eos_token_id is None:
+        raise InvalidInputError("tokenizer has neither <|im_end|> nor an eos token")
+    return [int(tokenizer.eos_token_id)]
+
+
+def pack_examples(examples: Sequence[WeightedExample], max_length: int, separator_id: int) -> list[WeightedExample]:
+    """Greedy packing: concatenate consecutive examples (joined by ``separator_id`` with weight 0)
+    into rows of at most ``max_length`` tokens. Attention crosses example boundaries inside a row
+    (the common "naive packing"); it saves padding when examples are short. No example is split."""
+    rows: list[WeightedExample] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    for ex in examples:
+        if len(ex.input_ids) > max_length:
+            raise InvalidInputError(f"example of {len(ex.input_ids)} tokens exceeds max_length={max_length}")
+        extra = len(ex.input_ids) + (1 if ids else 0)
+        if ids and len(ids) + extra > max_length:
+            rows.append(WeightedExample(ids, weights))
+            ids, weights = [], []
+        if ids:
+            ids.append(separator_id)
+            weights.append(0.0)
+        ids.extend(ex.input_ids)
+        weights.extend(ex.weights)
+    if ids:
+        rows.append(WeightedExample(ids, weights))
+    return rows
+
+
+def collate(examples: Sequence[WeightedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: ``input_ids``, ``attention_mask`` (long) and ``loss_weights`` (float32)."""
+    if not examples:
+        raise InvalidInputError("empty batch")
+    width = max(len(ex.input_ids) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    weights = torch.zeros((len(examples), width), dtype=torch.float32)
+    for row, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
+        attention[row, :n] = 1
+        weights[row, :n] = torch.tensor(ex.weights, dtype=torch.float32)
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_weights": weights}
+
+
+def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token NLL (B, T) of each token given its prefix; position 0 (no prefix) is 0."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()
+    targets = batch["input_ids"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                            reduction="none").view(targets.shape)
+    return torch.nn.functional.pad(nll, (1, 0))
+
+
+def weighted_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Loss = sum_t w_t * NLL_t / (number of tokens with w_t > 0). Returns (loss, counted tokens).
+
+    Normalising by the count of supervised tokens (not by the weight sum) keeps the weights'
+    meaning: with lambda_r = 0.5, a reasoning token counts half as much as an answer token.
+    """
+    weights = batch["loss_weights"]
+    counted = int((weights > 0).sum())
+    if counted == 0:
+        raise InvalidInputError("batch has no supervised tokens (all loss weights are 0)")
+    nll = token_nll(model, batch)
+    return (nll * weights).sum() / counted, counted
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# run-directory inputs shared by the recipes and the teacher
+
+
+@dataclass
+class Catalog:
+    """The items of a run with their SIDs, indexed by dense ``item_idx`` (0..n-1)."""
+
+    titles: list[str]
+    categories: list[list[str]]
+    years: np.ndarray  # int64 (n,), -1 unknown
+    codes: np.ndarray  # uint16 (n, L): SID of item i in row i
+    level_sizes: tuple[int, ...]
+    index: Any  # the gr2.SidIndex it came from
+
+    def __len__(self) -> int:
+        return len(self.titles)
+
+    def item_text(self, item: int) -> str:
+        """``Title (year) | genre, genre`` -- the text SID rows are initialised from and captioned to."""
+        year = f" ({int(self.years[item])})" if self.years[item] >= 0 else ""
+        genres = ", ".join(self.categories[item]) or "unknown genre"
+        return f"{self.titles[item]}{year} | {genres}"
+
+    def sid_text(self, item: int) -> str:
+        from gr2.tokens import sid_to_text
+
+        return sid_to_text(self.codes[item])
+
+    def item_of_sid(self) -> dict[tuple[int, ...], int]:
+        return {tuple(int(c) for c in row): i for i, row in enumerate(self.codes)}
+
+
+def load_catalog(run_dir: str | os.PathLike) -> Catalog:
+    """Read ``data/items`` and ``sid/index.gr2sid`` of a run into a :class:`Catalog`."""
+    import datasets
+
+    import gr2
+    from gr2.errors import DataError, UnknownItemError
+
+    run_dir = Path(run_dir)
+    items_path, index_path = run_dir / "data" / "items", run_dir / "sid" / "index.gr2sid"
+    for path, stage in ((items_path, "data"), (index_path, "sid")):
+        if not path.exists():
+            raise DataError(f"{path} is missing; run the `{stage}` stage first")
+    items = datasets.load_from_disk(str(items_path))
+    missing = {"item_idx", "title", "categories", "year"} - set(items.column_names)
+    if missing:
+        raise DataError(f"{items_path} lacks column(s) {sorted(missing)}")
+    idx = np.asarray(items["item_idx"], dtype=np.int64)
+    if not np.array_equal(np.sort(idx), np.arange(len(idx))):
+        raise DataError(f"{items_path}: item_idx must be dense 0..n-1")
+    order = np.argsort(idx)
+    titles = [items["title"][i] for i in order]
+    categories = [list(items["categories"][i]) for i in order]
+    years = np.asarray(items["year"], dtype=np.int64)[order]
+    index = gr2.SidIndex.load(str(index_path))
+    if len(index) != len(titles):
+        raise DataError(f"SID index holds {len(index)} items, data/items {len(titles)}; rerun the sid stage")
+    try:
+        codes = np.asarray(index.sids(np.arange(len(titles), dtype=np.uint64)), dtype=np.uint16)
+    except KeyError as e:
+        raise UnknownItemError(f"SID index lacks an item of data/items: {e}") from e
+    return Catalog(titles, categories, years, codes, tuple(int(s) for s in index.level_sizes), index)
+
+
+def load_sequences(run_dir: str | os.PathLike) -> list[list[int]]:
+    """Chronological item lists of ``data/sequences`` (one per user, ordered by user_idx)."""
+    import datasets
+
+    from gr2.errors import DataError
+
+    path = Path(run_dir) / "data" / "sequences"
+    if not path.exists():
+        raise DataError(f"{path} is missing; run the `data` stage first")
+    seqs = datasets.load_from_disk(str(path))
+    order = np.argsort(np.asarray(seqs["user_idx"]))
+    items = seqs["items"]
+    return [list(map(int, items[i])) for i in order]
+
+
+def input_key(run_dir: str | os.PathLike, stage: str) -> str:
+    """The cache key of a finished upstream stage (its ``stage.json``); DataError when unfinished."""
+    from gr2.errors import DataError
+    from gr2.rundir import read_stage
+
+    record = read_stage(Path(run_dir) / stage)
+    if record is None:
+        raise DataError(f"stage `{stage}` has not finished in {run_dir}; run it first")
+    return str(record["key"])
+
+
+def add_common_arguments(parser: Any) -> None:
+    """CLI flags every training stage takes."""
+    parser.add_argument("--run-dir", required=True, help="run directory (runs/NAME)")
+    parser.add_argument("--config", help="TOML file; the stage reads its own table from it")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config field (value parsed as TOML), repeatable")
+    parser.add_argument("--force", action="store_true", help="rerun even when the stage is current")
+
+
+def config_from_args(cls: type, args: Any, table: str) -> Any:
+    """Build config ``cls`` from ``--config`` (table ``[table]``) and ``--set`` overrides."""
+    import tomllib
+
+    from gr2.config import from_dict, load_toml
+
+    data: dict[str, Any] = {}
+    if args.config:
+        data = dict(load_toml(args.config).get(table, {}))
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value  # a bare string
+        target = data
+        *parents, leaf = key.strip().split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = parsed
+    return from_dict(cls, data, where=table)

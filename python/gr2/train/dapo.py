@@ -1,0 +1,820 @@
+"""Stage 3, DAPO reinforcement learning with verifiable rerank rewards (DESIGN.md §1).
+
+Reads ``sft/model`` (or ``midtrain/model``), ``sid/index.gr2sid``, ``data/items`` and
+``candidates/train`` (+ ``candidates/valid`` for the periodic evaluation); writes ``rl/model``,
+``rl/checkpoints/step-*``, ``rl/metrics.jsonl`` (+ tensorboard) and ``rl/stage.json``.
+
+One training step, top to bottom:
+
+1. **Rollouts.** Take the next prompts (a fixed shuffled order per epoch, so resume is exact) and
+   sample G completions each (``rollout_fn``; default :func:`constrained_rollouts`, i.e.
+   ``gr2.constrained_decode`` with sampling, seeded by (seed, step, prompt), so the rollouts of a
+   prompt do not depend on which process or batch draws them).
+2. **Rewards.** :func:`gr2.verify_rewards` on the completion token ids: R_rank + conditional (or
+   unconditional) format reward, invalid outputs -1; plus the optional soft overlong penalty.
+3. **Dynamic sampling.** Drop groups whose *outcome* (``outcome``: R_rank by default, not the
+   shaped total) is the same for all G completions -- they carry no signal -- and draw further
+   prompts until ``prompts_per_step`` groups are kept or ``max_generation_rounds`` rounds ran.
+4. **Advantages.** A = (R - mean_G) / (std_G + std_eps) per group (population std).
+5. **Update.** Clipped-ratio objective with clip-higher (eps_low 0.2, eps_high 0.28), summed over
+   completion tokens and divided by the total number of completion tokens of the mini-batch
+   (token-level normalisation, across micro-batches and processes); optional k3 KL to the start
+   model (off by default); ``updates_per_batch`` optimizer steps per rollout batch, each with
+   ``grad_accum`` micro-batches.
+
+Multi-process (``torchrun``): prompts of a round are split across ranks; keep decisions are
+gathered so every rank sees the same global kept count; each rank backpropagates its own groups
+and the gradients are summed with ``all_reduce`` (gloo on CPU, nccl on GPU). We reduce gradients
+by hand instead of wrapping the model in ``DistributedDataParallel`` because after dynamic
+sampling ranks hold different numbers of groups (DDP requires the same number of backward calls);
+the loss is normalised by the global token count, so the sum equals the single-process gradient.
+
+Policy log-probabilities are the model's full-vocabulary ones; constrained decoding samples from
+the masked distribution, so the first-update ratio is exactly 1 only because both sides use the
+same (unmasked) model -- the usual practice for constrained RL rollouts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from gr2.config import from_dict, load_toml
+from gr2.errors import ConfigError, DataError, InvalidInputError
+from gr2.rewards import RewardBatch, verify_rewards
+from gr2.rundir import atomic_write_json, is_current, mark_done, read_stage, stage_key
+from gr2.train import common
+
+OUTCOMES = ("r_rank", "hit@1", "rank_re")
+
+
+@dataclass
+class DapoConfig:
+    """Configuration of the ``rl`` stage (TOML table ``[rl]``)."""
+
+    base: str = "auto"  # start model: "sft", "midtrain", "auto" (sft if present) or a model folder
+    k: int = 0  # expected candidates per request; 0 = take it from the data (mismatch -> ConfigError)
+    group_size: int = 4  # G rollouts per prompt
+    prompts_per_step: int = 4  # groups per rollout batch (after dynamic sampling)
+    steps: int = 20  # rollout batches
+    max_generation_rounds: int = 3  # cap on dynamic-sampling refills per step
+    dynamic_sampling: bool = True
+    outcome: str = "r_rank"  # what must vary within a group to keep it: r_rank | hit@1 | rank_re
+    # rewards (DESIGN.md §1)
+    alpha: float = 0.2
+    conditional: bool = True
+    invalid_reward: float = -1.0
+    overlong_max: int = 0  # L_max in completion tokens; 0 disables the soft overlong penalty
+    overlong_cache: int = 0  # L_cache: the penalty ramps from 0 at L_max - L_cache to -1 at L_max
+    # objective
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    std_eps: float = 1e-6
+    kl_coef: float = 0.0  # > 0 adds a k3 KL penalty to the start model (needs a frozen copy)
+    updates_per_batch: int = 1  # optimizer steps per rollout batch (mini-batches)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    lora: common.LoraSettings = field(default_factory=common.LoraSettings)
+    # rollouts
+    constrained: bool = True  # constrained_decode (always valid) or plain sampling with generate()
+    reasoning: bool = True
+    max_reasoning_tokens: int = 64
+    max_new_tokens: int = 256  # unconstrained sampling only
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_prompt_tokens: int = 2048
+    max_train_prompts: int = 0  # 0 = all of candidates/train
+    # evaluation on candidates/valid (greedy) for R@1 / NDCG@5 against step
+    eval_every: int = 0
+    eval_prompts: int = 64
+    # plumbing
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    save_every: int = 10
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ConfigError(f"rl.group_size must be >= 2 (advantages compare rollouts within a group), got {self.group_size}")
+        if not 0 < self.eps_low < 1:
+            raise ConfigError(f"rl.eps_low must be in (0, 1), got {self.eps_low}")
+        if self.eps_high < self.eps_low:
+            raise ConfigError(f"rl.eps_high ({self.eps_high}) must be >= rl.eps_low ({self.eps_low}) (clip-higher)")
+        if self.outcome not in OUTCOMES:
+            raise ConfigError(f"rl.outcome must be one of {OUTCOMES}, got {self.outcome!r}")
+        for name in ("prompts_per_step", "steps", "max_generation_rounds", "updates_per_batch", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
+        if self.updates_per_batch > self.prompts_per_step:
+            raise ConfigError("rl.updates_per_batch cannot exceed rl.prompts_per_step (each mini-batch needs a group)")
+        if self.k < 0 or self.std_eps <= 0 or self.kl_coef < 0 or self.max_reasoning_tokens < 0:
+            raise ConfigError("rl.k, rl.kl_coef, rl.max_reasoning_tokens must be >= 0 and rl.std_eps > 0")
+        if self.overlong_max < 0 or not 0 <= self.overlong_cache <= self.overlong_max:
+            raise ConfigError(f"need 0 <= rl.overlong_cache <= rl.overlong_max, got {self.overlong_cache}, {self.overlong_max}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("rl.temperature must be > 0 and rl.top_p in (0, 1]")
+
+
+# --------------------------------------------------------------------------------------------
+# the pieces of one step, on plain tensors (unit-tested without a model)
+
+
+def overlong_penalty(lengths: np.ndarray, l_max: int, l_cache: int) -> np.ndarray:
+    """DAPO's soft overlong penalty: 0 up to L_max - L_cache, linear to -1 at L_max, -1 beyond."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    if l_max <= 0:
+        return np.zeros_like(lengths)
+    start = l_max - l_cache
+    if l_cache == 0:
+        return np.where(lengths > l_max, -1.0, 0.0)
+    return np.clip((start - lengths) / l_cache, -1.0, 0.0)
+
+
+def group_advantages(rewards: np.ndarray, std_eps: float = 1e-6) -> np.ndarray:
+    """(R - mean_G) / (std_G + eps) for rewards shaped (groups, G); population std."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    mean = rewards.mean(axis=1, keepdims=True)
+    std = rewards.std(axis=1, keepdims=True)
+    return (rewards - mean) / (std + std_eps)
+
+
+def informative_groups(outcomes: np.ndarray) -> np.ndarray:
+    """Dynamic sampling's keep mask: a group is kept unless all G outcomes are equal."""
+    outcomes = np.asarray(outcomes, dtype=np.float64)
+    return ~np.all(outcomes == outcomes[:, :1], axis=1)
+
+
+def outcome_of(rb: RewardBatch, kind: str) -> np.ndarray:
+    if kind == "r_rank":
+        return rb.r_rank.astype(np.float64)
+    if kind == "hit@1":
+        return (rb.rank_re == 1).astype(np.float64)
+    return rb.rank_re.astype(np.float64)
+
+
+@dataclass
+class Rollout:
+    """One sampled completion of one prompt, with its reward and (after grouping) advantage."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]  # the generated tokens the loss is computed on (EOS included)
+    reward: float = 0.0
+    advantage: float = 0.0
+
+
+def pack_rollouts(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+completion ids, attention mask, the completion-token mask over the
+    *predicted* positions (T-1 wide, aligned with :func:`token_logprobs`), and advantages."""
+    if not rollouts:
+        raise InvalidInputError("no rollouts to pack")
+    width = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
+    n = len(rollouts)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    completion = torch.zeros((n, width - 1), dtype=torch.float32)
+    for i, r in enumerate(rollouts):
+        p, c = len(r.prompt_ids), len(r.completion_ids)
+        if c == 0:
+            raise InvalidInputError(f"rollout {i} has an empty completion")
+        ids[i, : p + c] = torch.tensor(r.prompt_ids + r.completion_ids, dtype=torch.long)
+        attention[i, : p + c] = 1
+        completion[i, p - 1 : p + c - 1] = 1.0  # position t predicts token t+1
+    advantages = torch.tensor([r.advantage for r in rollouts], dtype=torch.float32)
+    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion, "advantages": advantages}
+
+
+def token_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log p(x_{t+1} | x_{<=t}) for every position, (N, T-1), in float32."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    targets = batch["input_ids"][:, 1:]
+    return -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view(targets.shape)
+
+
+def dapo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    total_tokens: float,
+    eps_low: float,
+    eps_high: float,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped-ratio token loss summed over ``mask`` and divided by ``total_tokens`` (the completion
+    tokens of the whole mini-batch, across micro-batches and processes). Returns (loss, stats sums)."""
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    if ref_logp is not None and kl_coef > 0:
+        log_ratio_ref = ref_logp - logp
+        per_token = per_token + kl_coef * (torch.exp(log_ratio_ref) - log_ratio_ref - 1.0)
+    loss = (per_token * mask).sum() / total_tokens
+    with torch.no_grad():
+        was_clipped = ((clipped < unclipped) & (mask > 0)).float().sum()
+    return loss, {"clipped_tokens": float(was_clipped), "tokens": float(mask.sum())}
+
+
+# --------------------------------------------------------------------------------------------
+# processes
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def all_sum(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def sum_gradients(self, model: torch.nn.Module) -> None:
+        if not self.distributed:
+            return
+        for p in model.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+
+
+def init_world() -> World:
+    """Join the torchrun process group when launched with torchrun (gloo on CPU, nccl on GPU)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return World(torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+
+# --------------------------------------------------------------------------------------------
+# the update
+
+
+def dapo_update(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rollouts: Sequence[Rollout],
+    config: DapoConfig,
+    pad_id: int,
+    world: World = World(),
+    ref_model: torch.nn.Module | None = None,
+    device: torch.device = torch.device("cpu"),
+) -> dict[str, float]:
+    """One rollout batch -> ``updates_per_batch`` optimizer steps. ``rollouts`` are THIS rank's
+    rollouts (with advantages); every rank must call this the same number of times."""
+    model.train()
+    micro = [list(rollouts[i::config.updates_per_batch]) for i in range(config.updates_per_batch)]
+    # old log-probs: the policy that generated the batch, before any update of this batch
+    old: list[list[torch.Tensor]] = []
+    refs: list[list[torch.Tensor | None]] = []
+    chunks = [[mb[j::config.grad_accum] for j in range(config.grad_accum)] for mb in micro]
+    with torch.no_grad():
+        for mb_chunks in chunks:
+            old.append([token_logprobs(model, common.to_device(pack_rollouts(c, pad_id), device)) if c else None
+                        for c in mb_chunks])
+            refs.append([token_logprobs(ref_model, common.to_device(pack_rollouts(c, pad_id), device))
+                         if c and ref_model is not None and config.kl_coef > 0 else None for c in mb_chunks])
+    stats = {"loss": 0.0, "clipped_tokens": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+    for u, mb_chunks in enumerate(chunks):
+        local_tokens = sum(sum(len(r.completion_ids) for r in c) for c in mb_chunks)
+        total_tokens = world.all_sum(float(local_tokens))
+        if total_tokens == 0:
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        for j, chunk in enumerate(mb_chunks):
+            if not chunk:
+                continue
+            batch = common.to_device(pack_rollouts(chunk, pad_id), device)
+            logp = token_logprobs(model, batch)
+            loss, s = dapo_loss(logp, old[u][j], batch["advantages"], batch["completion_mask"], total_tokens,
+                                config.eps_low, config.eps_high, refs[u][j], config.kl_coef)
+            loss.backward()
+            stats["loss"] += float(loss.detach())
+            stats["clipped_tokens"] += s["clipped_tokens"]
+            stats["tokens"] += s["tokens"]
+        world.sum_gradients(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:  # ranks without a chunk in this mini-batch still join the step
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        stats["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    stats["loss"] = world.all_sum(stats["loss"]) / config.updates_per_batch
+    clipped, tokens = world.all_sum(stats["clipped_tokens"]), world.all_sum(stats["tokens"])
+    return {"loss": stats["loss"], "clip_fraction": clipped / max(tokens, 1.0), "completion_tokens": tokens,
+            "grad_norm": stats["grad_norm"] / config.updates_per_batch}
+
+
+# --------------------------------------------------------------------------------------------
+# rollouts (the seam: any function with this signature can replace constrained decoding)
+
+#: rollout_fn(model, tokenizer, prompt_text, candidates (K,) uint64, n, seed, config, ctx)
+#:   -> list of n completion token-id lists (EOS included when the model stopped)
+RolloutFn = Callable[[Any, Any, str, np.ndarray, int, int, DapoConfig, dict], list[list[int]]]
+
+
+def constrained_rollouts(model, tokenizer, prompt_text, candidates, n, seed, config, ctx) -> list[list[int]]:
+    """G sampled completions through ``gr2.constrained_decode`` (always valid permutations)."""
+    try:
+        from gr2 import constrained_decode
+    except ImportError as e:  # pragma: no cover - present once the decoding work is merged
+        raise ConfigError("rl.constrained = true needs gr2.constrained_decode (decoding module)") from e
+    results = constrained_decode(
+        model, tokenizer, [prompt_text], np.asarray(candidates, dtype=np.uint64)[None, :], index=ctx["index"],
+        sid_tokens=ctx["sid_tokens"], max_reasoning_tokens=config.max_reasoning_tokens, reasoning=config.reasoning,
+        do_sample=True, temperature=config.temperature, top_p=config.top_p, num_return_sequences=n, seed=seed,
+    )
+    return [list(r.completion_ids) + [ctx["eos_id"]] for r in results]
+
+
+def sampled_rollouts(model, tokenizer, prompt_text, candidates, n, seed, config, ctx) -> list[list[int]]:
+    """G completions by plain sampling (``generate``): outputs may be invalid, so the format reward
+    matters -- the setting in which the paper observed the order-copy hack."""
+    ids = torch.tensor([tokenizer(prompt_text, add_special_tokens=False)["input_ids"]], device=ctx["device"])
+    torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=config.temperature,
+                                 top_p=config.top_p, max_new_tokens=config.max_new_tokens, num_return_sequences=n,
+                                 pad_token_id=ctx["pad_id"], eos_token_id=ctx["eos_id"])
+    finally:
+        model.train(was_training)
+    completions = []
+    for row in out[:, ids.shape[1]:].tolist():
+        if ctx["eos_id"] in row:
+            row = row[: row.index(ctx["eos_id"]) + 1]
+        completions.append(row)
+    return completions
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class RlData:
+    """Prompts (templated text and token ids), candidates in upstream order, targets."""
+
+    prompt_texts: list[str]
+    prompt_ids: list[list[int]]
+    candidates: np.ndarray  # uint64 (n, K)
+    targets: np.ndarray  # uint64 (n,)
+    dropped_no_target: int = 0
+
+
+def load_rl_data(run_dir: Path, split: str, tokenizer: Any, index: Any, config: DapoConfig, limit: int = 0) -> RlData:
+    """Build prompts for ``candidates/<split>`` rows whose target is among the candidates (the
+    others cannot be rewarded; they are counted in ``dropped_no_target``)."""
+    from datasets import load_from_disk
+
+    from gr2.prompts import ItemCatalog, build_messages
+
+    path = run_dir / "candidates" / split
+    if not path.exists():
+        raise DataError(f"{path} is missing; run the `candidates` stage first")
+    table = load_from_disk(str(path))
+    catalog = ItemCatalog.from_run_dir(run_dir)
+    cands = [np.asarray(c, dtype=np.int64) for c in table["candidates"]]
+    k = len(cands[0]) if cands else 0
+    if any(len(c) != k for c in cands):
+        raise DataError(f"{path}: rows have different candidate counts")
+    if config.k and k != config.k:
+        raise ConfigError(f"rl.k = {config.k} but {path} has K = {k} candidates per row")
+    targets = np.asarray(table["target"], dtype=np.int64)
+    keep = [i for i in range(len(cands)) if targets[i] in cands[i]]
+    dropped = len(cands) - len(keep)
+    if limit:
+        keep = keep[:limit]
+    if not keep:
+        raise DataError(f"{path}: no row has its target among the candidates")
+    histories = table["history"]
+    texts, ids = [], []
+    for i in tqdm(keep, desc=f"rl prompts ({split})", leave=False):
+        prompt = build_messages(histories[i], cands[i], catalog, index, tokenizer=tokenizer,
+                                max_tokens=config.max_prompt_tokens)
+        text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
+        texts.append(text)
+        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return RlData(texts, ids, np.stack([cands[i] for i in keep]).astype(np.uint64), targets[keep].astype(np.uint64), dropped)
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+
+
+@dataclass
+class RolloutBatch:
+    rollouts: list[Rollout]  # this rank's kept rollouts (G per kept group)
+    stats: dict[str, float]
+    cursor: int  # prompts consumed so far (global)
+
+
+class DapoTrainer:
+    """Holds model, optimizer and data; :meth:`step` runs one rollout batch and its updates."""
+
+    def __init__(self, model, tokenizer, data: RlData, config: DapoConfig, *, index=None, sid_tokens=None,
+                 rollout_fn: RolloutFn | None = None, world: World = World(), out_dir: Path | None = None,
+                 ref_model=None, device: torch.device | None = None, candidate_sids: np.ndarray | None = None):
+        self.config, self.data, self.world = config, data, world
+        if config.k and data.candidates.shape[1] != config.k:
+            raise ConfigError(f"rl.k = {config.k} but the data has K = {data.candidates.shape[1]}")
+        self.device = device or common.choose_device(config.device)
+        self.tokenizer = tokenizer
+        self.model = common.wrap_lora(model, config.lora).to(self.device)
+        self.ref_model = ref_model
+        self.optimizer = common.make_optimizer(self.model, config.lr, config.weight_decay)
+        updates = config.steps * config.updates_per_batch
+        self.scheduler = common.make_scheduler(self.optimizer, updates, config.warmup_steps, kind="constant")
+        self.rollout_fn = rollout_fn or (constrained_rollouts if config.constrained else sampled_rollouts)
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        if index is None and candidate_sids is None:
+            raise ConfigError("the DAPO trainer needs a SidIndex (index=) or the candidates' SIDs (candidate_sids=)")
+        self.ctx = {"index": index, "sid_tokens": sid_tokens, "eos_id": int(eos), "pad_id": int(pad), "device": self.device,
+                    "candidate_sids": candidate_sids}
+        self.index, self.sid_tokens = index, sid_tokens
+        self.step_count = 0
+        self.cursor = 0  # prompts drawn so far, over all epochs
+        self.out_dir = out_dir
+
+    # -- data order: a pure function of (seed, position), so resume needs only the cursor
+    def _prompt_at(self, position: int) -> int:
+        n = len(self.data.targets)
+        epoch, offset = divmod(position, n)
+        return int(common.epoch_order(n, self.config.seed, epoch)[offset])
+
+    def _rewards(self, completions: list[list[int]], rows: list[int]) -> RewardBatch:
+        kwargs = dict(sid_tokens=self.sid_tokens, alpha=self.config.alpha, conditional=self.config.conditional,
+                      invalid_reward=self.config.invalid_reward, trailer_ids=sorted({self.ctx["eos_id"], self.ctx["pad_id"]}))
+        cands, targets = self.data.candidates[rows], self.data.targets[rows]
+        if self.index is not None:
+            return verify_rewards(completions, cands, targets, self.index, **kwargs)
+        return verify_rewards(completions, cands, targets, candidate_sids=self.ctx["candidate_sids"][rows], **kwargs)
+
+    def collect(self) -> RolloutBatch:
+        """Rollouts for one step with dynamic sampling (refill rounds up to the cap)."""
+        cfg, world = self.config, self.world
+        g = cfg.group_size
+        kept: list[Rollout] = []
+        kept_groups = 0
+        seen_groups = 0
+        parts: list[RewardBatch] = []
+        lengths: list[int] = []
+        for round_ in range(cfg.max_generation_rounds):
+            need = cfg.prompts_per_step - kept_groups
+            positions = list(range(self.cursor, self.cursor + need))
+            self.cursor += need
+            mine = positions[world.rank::world.size]
+            local: list[tuple[int, list[Rollout], bool]] = []
+            for pos in mine:
+                row = self._prompt_at(pos)
+                seed = hash_seed(cfg.seed, self.step_count, pos)
+                completions = self.rollout_fn(self.model, self.tokenizer, self.data.prompt_texts[row],
+                                              self.data.candidates[row], g, seed, cfg, self.ctx)
+                if len(completions) != g:
+                    raise InvalidInputError(f"rollout function returned {len(completions)} completions, expected {g}")
+                completions = [c if c else [self.ctx["eos_id"]] for c in completions]
+                rb = self._rewards(completions, [row] * g)
+                rewards = rb.reward + overlong_penalty(np.array([len(c) for c in completions]), cfg.overlong_max,
+                                                       cfg.overlong_cache)
+                keep = bool(informative_groups(outcome_of(rb, cfg.outcome)[None, :])[0]) or not cfg.dynamic_sampling
+                adv = group_advantages(rewards[None, :], cfg.std_eps)[0]
+                group = [Rollout(self.data.prompt_ids[row], c, float(r), float(a)) for c, r, a in zip(completions, rewards, adv)]
+                local.append((pos, group, keep))
+                parts.append(rb)
+                lengths.extend(len(c) for c in completions)
+            # every rank learns which groups were kept, in global prompt order
+            decisions = sorted(d for rank_decisions in world.all_gather([(p, k) for p, _, k in local]) for d in rank_decisions)
+            seen_groups += len(decisions)
+            allowed = {p for p, k in decisions if k}
+            allowed = set(sorted(allowed)[: cfg.prompts_per_step - kept_groups])
+            kept_groups += len(allowed)
+            kept.extend(r for p, group, _ in local if p in allowed for r in group)
+            if kept_groups >= cfg.prompts_per_step:
+                break
+        stats = _rollout_stats(parts, lengths, world)
+        stats.update(kept_groups=kept_groups, generated_groups=seen_groups, kept_share=kept_groups / max(seen_groups, 1),
+                     generation_rounds=round_ + 1)
+        return RolloutBatch(kept, stats, self.cursor)
+
+    def step(self) -> dict[str, float]:
+        t0 = time.time()
+        batch = self.collect()
+        stats = dict(batch.stats)
+        if batch.stats["kept_groups"] > 0:
+            # ranks may hold zero kept rollouts; dapo_update still joins the collective calls
+            stats.update(dapo_update(self.model, self.optimizer, self.scheduler, batch.rollouts, self.config,
+                                     self.ctx["pad_id"], self.world, self.ref_model, self.device))
+        else:
+            stats["skipped_update"] = 1.0
+        self.step_count += 1
+        stats["lr"] = self.scheduler.get_last_lr()[0]
+        stats["seconds"] = time.time() - t0
+        return stats
+
+    # -- checkpoints: weights + optimizer + scheduler + RNG + step + data cursor
+    def save(self, path: Path) -> None:
+        if self.world.rank == 0:
+            common.save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.step_count,
+                                   extra={"cursor": self.cursor})
+        if self.world.distributed:
+            torch.distributed.barrier()
+
+    def load(self, path: Path) -> None:
+        meta = common.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self.step_count = int(meta["step"])
+        self.cursor = int(meta["extra"]["cursor"])
+
+
+def hash_seed(*parts: int) -> int:
+    """A 31-bit seed from integers (stable across processes, unlike Python's hash)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _rollout_stats(parts: list[RewardBatch], lengths: list[int], world: World) -> dict[str, float]:
+    sums = {"reward": 0.0, "r_rank": 0.0, "r_fmt": 0.0, "valid": 0.0, "copied": 0.0, "length": float(sum(lengths)), "n": 0.0}
+    for rb in parts:
+        sums["reward"] += float(rb.reward.sum())
+        sums["r_rank"] += float(rb.r_rank.sum())
+        sums["r_fmt"] += float(rb.r_fmt.sum())
+        sums["valid"] += float(rb.valid.sum())
+        sums["copied"] += float(rb.copied_order.sum())
+        sums["n"] += len(rb)
+    totals = {k: world.all_sum(v) for k, v in sums.items()}
+    n = max(totals["n"], 1.0)
+    return {"reward_mean": totals["reward"] / n, "r_rank_mean": totals["r_rank"] / n, "r_fmt_mean": totals["r_fmt"] / n,
+            "valid_rate": totals["valid"] / n, "copy_rate": totals["copied"] / n, "completion_length": totals["length"] / n}
+
+
+def evaluate(trainer: DapoTrainer, data: RlData) -> dict[str, float]:
+    """Greedy reranking of ``data`` (one completion per prompt): R@1, NDCG@5, copy and validity rates."""
+    cfg = trainer.config
+    completions = []
+    for row in range(len(data.targets)):
+        if cfg.constrained:
+            from gr2 import constrained_decode
+
+            r = constrained_decode(trainer.model, trainer.tokenizer, [data.prompt_texts[row]], data.candidates[row][None, :],
+                                   index=trainer.index, sid_tokens=trainer.sid_tokens, reasoning=cfg.reasoning,
+                                   max_reasoning_tokens=cfg.max_reasoning_tokens)[0]
+            completions.append(list(r.completion_ids) + [trainer.ctx["eos_id"]])
+        else:
+            greedy = dataclasses.replace(cfg, temperature=1e-4)
+            completions.append(sampled_rollouts(trainer.model, trainer.tokenizer, data.prompt_texts[row],
+                                                data.candidates[row], 1, 0, greedy, trainer.ctx)[0])
+    rb = verify_rewards(completions, data.candidates, data.targets, trainer.index, sid_tokens=trainer.sid_tokens,
+                        alpha=cfg.alpha, conditional=cfg.conditional,
+                        trailer_ids=sorted({trainer.ctx["eos_id"], trainer.ctx["pad_id"]}), metric_ks=(1, 5))
+    s = rb.summary()
+    return {"eval_recall@1": s["recall@1"], "eval_ndcg@5": s["ndcg@5"], "eval_copy_rate": s["copy_rate"],
+            "eval_valid_rate": s["valid_rate"], "eval_pre_recall@1": s["pre_recall@1"], "eval_pre_ndcg@5": s["pre_ndcg@5"]}
+
+
+def train(trainer: DapoTrainer, out_dir: Path, eval_data: RlData | None = None, resume: bool = True) -> dict[str, Any]:
+    """The loop: resume from the newest checkpoint, step, log, evaluate, checkpoint."""
+    cfg = trainer.config
+    ckpt_dir = out_dir / "checkpoints"
+    latest = common.latest_checkpoint(ckpt_dir) if resume else None
+    if latest is not None:
+        trainer.load(latest)
+    logger = common.MetricLogger(out_dir, resume_step=trainer.step_count if latest else None,
+                                 tensorboard=cfg.tensorboard) if trainer.world.rank == 0 else None
+    last: dict[str, float] = {}
+    try:
+        if eval_data is not None and cfg.eval_every and trainer.step_count == 0 and logger:
+            logger.log(0, **evaluate(trainer, eval_data))
+        bar = tqdm(range(trainer.step_count, cfg.steps), desc="rl (dapo)", disable=trainer.world.rank != 0)
+        for _ in bar:
+            last = trainer.step()
+            step = trainer.step_count
+            if eval_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and trainer.world.rank == 0:
+                last.update(evaluate(trainer, eval_data))
+            if logger:
+                logger.log(step, **last)
+            bar.set_postfix(reward=f"{last.get('reward_mean', 0):.3f}", kept=f"{last.get('kept_share', 0):.2f}")
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                trainer.save(ckpt_dir / common.checkpoint_name(step))
+                if trainer.world.rank == 0:
+                    common.prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+    finally:
+        if logger:
+            logger.close()
+    return last
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+
+
+def _start_model_dir(run_dir: Path, base: str) -> tuple[Path, str]:
+    if base in ("sft", "midtrain"):
+        path = run_dir / base / "model"
+        if not path.exists():
+            raise DataError(f"{path} is missing; run the `{base}` stage first")
+        return path, base
+    if base == "auto":
+        for stage in ("sft", "midtrain"):
+            if (run_dir / stage / "model").exists():
+                return run_dir / stage / "model", stage
+        raise DataError(f"neither {run_dir}/sft/model nor {run_dir}/midtrain/model exists; run sft (or midtrain) first")
+    path = Path(base)
+    if not path.exists():
+        raise ConfigError(f"rl.base {base!r} is neither sft, midtrain, auto nor an existing model folder")
+    return path, ""
+
+
+def _stage_input_key(run_dir: Path, stage: str) -> str:
+    record = read_stage(run_dir / stage)
+    return record["key"] if record else "missing"
+
+
+def build_trainer(run_dir: Path, config: DapoConfig, out_dir: Path, world: World) -> tuple[DapoTrainer, RlData | None, dict]:
+    """Load start model, index and data for the stage (shared by run_rl and the ablation)."""
+    from gr2 import SidIndex
+    from gr2.models import load_pretrained, sid_tokens_of
+
+    common.seed_everything(config.seed)
+    model_dir, base_stage = _start_model_dir(run_dir, config.base)
+    device = common.choose_device(config.device)
+    dtype = common.choose_dtype(device, config.dtype)
+    model, tokenizer = load_pretrained(model_dir, dtype=dtype)
+    index = SidIndex.load(run_dir / "sid" / "index.gr2sid")
+    sid_tokens = sid_tokens_of(tokenizer, index.level_sizes)
+    data = load_rl_data(run_dir, "train", tokenizer, index, config, config.max_train_prompts)
+    eval_data = None
+    if config.eval_every:
+        eval_data = load_rl_data(run_dir, "valid", tokenizer, index, config, config.eval_prompts)
+    ref_model = None
+    if config.kl_coef > 0:
+        ref_model, _ = load_pretrained(model_dir, dtype=dtype)
+        ref_model.to(device).eval().requires_grad_(False)
+    trainer = DapoTrainer(model, tokenizer, data, config, index=index, sid_tokens=sid_tokens, world=world,
+                          out_dir=out_dir, ref_model=ref_model, device=device)
+    info = {"start_model": str(model_dir), "base_stage": base_stage, "train_prompts": len(data.targets),
+            "dropped_no_target": data.dropped_no_target, "k": int(data.candidates.shape[1])}
+    return trainer, eval_data, info
+
+
+def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig()) -> dict[str, Any]:
+    """The ``rl`` stage: DAPO from sft/model (or midtrain/model) on candidates/train -> rl/model."""
+    from gr2.models import save_pretrained_atomic
+
+    run_dir = Path(run_dir)
+    out_dir = run_dir / "rl"
+    model_dir, base_stage = _start_model_dir(run_dir, config.base)
+    inputs = [_stage_input_key(run_dir, s) for s in ("sid", "candidates")]
+    inputs.append(_stage_input_key(run_dir, base_stage) if base_stage else str(model_dir))
+    key = stage_key(config, *inputs)
+    if is_current(out_dir, key):
+        return read_stage(out_dir)["summary"]
+    world = init_world()
+    trainer, eval_data, info = build_trainer(run_dir, config, out_dir, world)
+    last = train(trainer, out_dir, eval_data)
+    summary = {**info, "steps": trainer.step_count, "world_size": world.size,
+               **{k: v for k, v in last.items() if isinstance(v, (int, float))}}
+    if world.rank == 0:
+        save_pretrained_atomic(trainer.model, trainer.tokenizer, out_dir / "model")
+        atomic_write_json(out_dir / "summary.json", summary)
+        mark_done(out_dir, key, summary)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# the reward ablation: conditional vs unconditional format reward from the same start model
+
+
+def run_ablation(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig()) -> dict[str, Any]:
+    """Train twice from the same start model (conditional / unconditional format reward) with
+    periodic greedy evaluation on candidates/valid; write rl_ablation/{ablation.json, ablation.png}."""
+    run_dir = Path(run_dir)
+    world = init_world()
+
+    def make(cfg: DapoConfig, out_dir: Path) -> tuple[DapoTrainer, RlData | None]:
+        trainer, eval_data, _ = build_trainer(run_dir, cfg, out_dir, world)
+        return trainer, eval_data
+
+    return ablation(make, config, run_dir / "rl_ablation", world)
+
+
+def ablation(make: Callable[[DapoConfig, Path], tuple[DapoTrainer, RlData | None]], config: DapoConfig, root: Path,
+             world: World = World()) -> dict[str, Any]:
+    """The ablation loop given a trainer factory (``make(config, out_dir)``); both arms start from
+    what ``make`` loads, with the same seed, prompts and evaluation set."""
+    eval_every = config.eval_every or max(1, config.steps // 5)
+    curves: dict[str, list[dict[str, float]]] = {}
+    for name, conditional in (("conditional", True), ("unconditional", False)):
+        cfg = dataclasses.replace(config, conditional=conditional, eval_every=eval_every)
+        out_dir = root / name
+        trainer, eval_data = make(cfg, out_dir)
+        if eval_data is None:
+            raise DataError("the ablation needs an evaluation set (candidates/valid)")
+        train(trainer, out_dir, eval_data, resume=True)
+        rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        curves[name] = [r for r in rows if "eval_recall@1" in r]
+    final = {n: c[-1] if c else {} for n, c in curves.items()}
+    copy = {n: f.get("eval_copy_rate", float("nan")) for n, f in final.items()}
+    verdict = ("hack visible: higher order-copy rate under the unconditional reward"
+               if copy["unconditional"] > copy["conditional"] else
+               "hack not visible at this scale: the unconditional reward did not raise the order-copy rate")
+    result = {"eval_every": eval_every, "steps": config.steps, "curves": curves, "final": final, "verdict": verdict}
+    if world.rank == 0:
+        _plot_ablation(curves, root / "ablation.png")
+        atomic_write_json(root / "ablation.json", result)
+    return result
+
+
+def _plot_ablation(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, title in zip(axes, ("eval_copy_rate", "eval_recall@1", "eval_ndcg@5"), ("order-copy rate", "R@1", "NDCG@5")):
+        for name, rows in curves.items():
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", label=name)
+        if key != "eval_copy_rate" and curves.get("conditional"):
+            ax.axhline(curves["conditional"][0][key.replace("eval_", "eval_pre_")], color="grey", linestyle=":",
+                       label="pre-rank")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", required=True, help="the run directory (runs/NAME)")
+    parser.add_argument("--config", help="TOML file with an [rl] table")
+    parser.add_argument("--steps", type=int, help="override rl.steps")
+    parser.add_argument("--unconditional", action="store_true", help="unconditional format reward (the hack)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="conditional vs unconditional reward from the same start model; writes rl_ablation/")
+
+
+def config_from_args(args: argparse.Namespace) -> DapoConfig:
+    table = load_toml(args.config).get("rl", {}) if args.config else {}
+    config = from_dict(DapoConfig, table, where="rl")
+    if args.steps is not None:
+        config = dataclasses.replace(config, steps=args.steps)
+    if args.unconditional:
+        config = dataclasses.replace(config, conditional=False)
+    return config
+
+
+def main(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.ablation:
+        result = run_ablation(args.run_dir, config)
+        print(json.dumps(result["final"], indent=2))
+    else:
+        print(json.dumps(run_rl(args.run_dir, config), indent=2))
+    return 0

@@ -1,0 +1,159 @@
+//! Unit and property tests of the reward verifier. The full reference comparison lives in
+//! tests/test_rewards.py (Python reference); here we check the properties that need no reference:
+//! valid permutations score per the formulas, text and token ids agree, truncation is always
+//! malformed, and arbitrary bytes never panic.
+
+use super::*;
+use proptest::prelude::*;
+
+type TokenRows<'a> = Completions<'a, &'a str>;
+
+const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyz";
+
+fn sid_text(sid: &[u16]) -> String {
+    let mut s = String::from("<|sid_begin|>");
+    for (level, code) in sid.iter().enumerate() {
+        s.push_str(&format!("<s_{}_{}>", LETTERS[level] as char, code));
+    }
+    s.push_str("<|sid_end|>");
+    s
+}
+
+/// Tags 1..=6, code (level, code) -> 100 + level * 16 + code, whitespace 7, trailer 8.
+fn token_map(levels: usize) -> TokenMap {
+    let code_ids: Vec<i64> = (0..levels * 16).map(|i| 100 + i as i64).collect();
+    TokenMap::new(&TagIds([1, 2, 3, 4, 5, 6]), &code_ids, levels, &[7], &[8]).unwrap()
+}
+
+fn sid_ids(sid: &[u16]) -> Vec<i64> {
+    let mut ids = vec![5];
+    ids.extend(sid.iter().enumerate().map(|(level, &c)| 100 + (level * 16) as i64 + c as i64));
+    ids.push(6);
+    ids
+}
+
+struct Batch {
+    k: usize,
+    levels: usize,
+    items: Vec<u64>,
+    sids: Vec<u16>,
+    targets: Vec<u64>,
+}
+
+impl Batch {
+    fn cands(&self) -> Candidates<'_> {
+        Candidates {
+            rows: self.targets.len(),
+            k: self.k,
+            levels: self.levels,
+            items: &self.items,
+            sids: &self.sids,
+            targets: &self.targets,
+            relevance: None,
+        }
+    }
+    fn sid(&self, row: usize, col: usize) -> &[u16] {
+        let start = (row * self.k + col) * self.levels;
+        &self.sids[start..start + self.levels]
+    }
+}
+
+/// One row of K candidates whose SIDs are (col, col+1, ...) mod 16 across levels: all distinct.
+fn batch(k: usize, levels: usize, target_col: usize) -> Batch {
+    let sids = (0..k).flat_map(|c| (0..levels).map(move |l| ((c + l * 3) % 16) as u16)).collect::<Vec<_>>();
+    Batch { k, levels, items: (0..k as u64).map(|c| 1000 + c).collect(), sids, targets: vec![1000 + target_col as u64] }
+}
+
+fn run_text(texts: &[String], b: &Batch, cfg: &RewardConfig) -> RewardOutput {
+    let trailers = vec!["<|im_end|>".to_string()];
+    verify(&Completions::Text { texts, trailers: &trailers }, &b.cands(), None, cfg).unwrap()
+}
+
+#[test]
+fn copy_of_input_order_gets_no_format_reward_unless_target_first() {
+    let b = batch(5, 2, 2);
+    let text = format!("<answer>{}</answer>", (0..5).map(|c| sid_text(b.sid(0, c))).collect::<String>());
+    let cond = run_text(&[text.clone()], &b, &RewardConfig::default());
+    assert!(cond.valid[0] && cond.copied_order[0]);
+    assert_eq!(cond.reward[0], 0.0);
+    let uncond = run_text(&[text], &b, &RewardConfig { conditional: false, ..Default::default() });
+    assert_eq!(uncond.reward[0], 0.2);
+}
+
+#[test]
+fn errors_for_bad_inputs() {
+    let b = batch(3, 2, 0);
+    let mut bad = b.cands();
+    bad.targets = &[5];
+    let texts: Vec<String> = vec!["".into()];
+    let trailers = vec![];
+    let c = Completions::Text { texts: &texts, trailers: &trailers };
+    assert!(matches!(verify(&c, &bad, None, &RewardConfig::default()), Err(Gr2Error::UnknownItem(_))));
+    let cfg = RewardConfig { metric_ks: vec![], ..Default::default() };
+    assert!(matches!(verify(&c, &b.cands(), None, &cfg), Err(Gr2Error::InvalidInput(_))));
+    assert!(Catalog::new(&[2, 1], 1).is_err());
+    assert!(TokenMap::new(&TagIds([1, 1, 3, 4, 5, 6]), &[10], 1, &[], &[]).is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn permutations_score_per_formula(k in 1usize..8, levels in 1usize..4, seed in any::<u64>(), target in 0usize..8, conditional in any::<bool>()) {
+        let target = target % k;
+        let b = batch(k, levels, target);
+        let mut perm: Vec<usize> = (0..k).collect();
+        let mut s = seed;
+        for i in (1..k).rev() {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            perm.swap(i, (s >> 33) as usize % (i + 1));
+        }
+        let text = format!("<think>why</think> <answer>{}</answer>\n<|im_end|>", perm.iter().map(|&c| sid_text(b.sid(0, c))).collect::<Vec<_>>().join("\n"));
+        let cfg = RewardConfig { conditional, ..Default::default() };
+        let out = run_text(&[text.clone()], &b, &cfg);
+        prop_assert!(out.valid[0]);
+        let rank_re = perm.iter().position(|&c| c == target).unwrap() + 1;
+        let r_rank = ((target + 1) as f64 - rank_re as f64) / k as f64;
+        prop_assert_eq!(out.rank_re[0] as usize, rank_re);
+        prop_assert_eq!(out.r_rank[0], r_rank);
+        let earns = !conditional || r_rank > 0.0 || (target == 0 && rank_re == 1);
+        prop_assert_eq!(out.reward[0], if earns { r_rank + 0.2 } else { r_rank });
+        prop_assert_eq!(out.copied_order[0], perm.iter().enumerate().all(|(i, &c)| i == c));
+        // token ids of the same completion give the same result
+        let mut ids = vec![1, 42, 2, 7, 3];
+        for &c in &perm { ids.extend(sid_ids(b.sid(0, c))); ids.push(7); }
+        ids.extend([4, 8]);
+        let map = token_map(levels);
+        let offsets = [0, ids.len()];
+        let tok = verify(&TokenRows::Tokens { ids: &ids, offsets: &offsets, map: &map }, &b.cands(), None, &cfg).unwrap();
+        prop_assert_eq!(&tok, &out);
+        // every strict prefix of "...</answer>" is a truncated, malformed output
+        let end = text.find("</answer>").unwrap() + "</answer>".len();
+        let cut = (seed as usize) % end;
+        let truncated = run_text(&[text[..cut].to_string()], &b, &cfg);
+        prop_assert_eq!(truncated.invalid_reason[0], InvalidReason::Malformed as u8);
+        prop_assert_eq!(truncated.reward[0], -1.0);
+    }
+
+    #[test]
+    fn arbitrary_text_never_panics(s in ".{0,200}", fragments in proptest::collection::vec(prop_oneof![
+        Just("<think>"), Just("</think>"), Just("<answer>"), Just("</answer>"), Just("<|sid_begin|>"),
+        Just("<|sid_end|>"), Just("<s_a_0>"), Just("<s_b_3>"), Just("<s_a_65536>"), Just("<s_"), Just(" "), Just("é")], 0..40)) {
+        let b = batch(3, 2, 1);
+        let texts = vec![s, fragments.concat()];
+        let two = Batch { targets: vec![1001, 1001], items: b.items.repeat(2), sids: b.sids.repeat(2), ..b };
+        let out = run_text(&texts, &two, &RewardConfig::default());
+        for row in 0..2 {
+            prop_assert_eq!(out.valid[row], out.invalid_reason[row] == 0);
+        }
+    }
+
+    #[test]
+    fn arbitrary_token_ids_never_panic(ids in proptest::collection::vec(-3i64..140, 0..60)) {
+        let b = batch(3, 2, 1);
+        let map = token_map(2);
+        let offsets = [0, ids.len()];
+        let out = verify(&TokenRows::Tokens { ids: &ids, offsets: &offsets, map: &map }, &b.cands(), None, &RewardConfig::default()).unwrap();
+        prop_assert_eq!(out.valid[0], out.invalid_reason[0] == 0);
+    }
+}

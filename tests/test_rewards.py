@@ -1,0 +1,361 @@
+"""gr2.verify_rewards against the pure-Python reference (tests/_reward_reference.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import gr2
+from gr2.rewards import NO_ITEM, InvalidReason, rank_metrics
+from gr2.tokens import SidTokens, sid_to_text
+
+import _reward_reference as ref
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+class ArrayIndex:
+    """Duck-typed stand-in for gr2.SidIndex over explicit arrays (sids / codes only)."""
+
+    def __init__(self, item_ids, codes):
+        order = np.lexsort(np.asarray(codes).T[::-1])
+        self._items = np.asarray(item_ids, dtype=np.uint64)[order]
+        self._codes = np.asarray(codes, dtype=np.uint16)[order]
+        self._row = {int(i): r for r, i in enumerate(self._items)}
+
+    def sids(self, item_ids):
+        return self._codes[[self._row[int(i)] for i in item_ids]].reshape(len(item_ids), -1)
+
+    def codes(self):
+        return self._codes
+
+
+def answer(sids, sep=""):
+    return "<answer>" + sep.join(sid_to_text(s) for s in sids) + "</answer>"
+
+
+def check_against_reference(batch, rows, *, relevance=False):
+    for b, r in enumerate(rows):
+        got = {
+            "reward": batch.reward[b], "valid": bool(batch.valid[b]), "reason": ref.REASONS[batch.invalid_reason[b]],
+            "rank_pre": int(batch.rank_pre[b]), "rank_re": int(batch.rank_re[b]), "r_rank": batch.r_rank[b],
+            "r_fmt": batch.r_fmt[b], "copied_order": bool(batch.copied_order[b]),
+            "top1_input_pos": int(batch.top1_input_pos[b]), "n_sids": int(batch.n_sids[b]),
+            "ranking": [int(x) for x in batch.ranking[b]],
+        }
+        for key, value in got.items():
+            assert value == r[key], (b, key, value, r[key])
+        np.testing.assert_allclose(batch.recall[b], r["recall"], rtol=0, atol=0)
+        np.testing.assert_allclose(batch.ndcg[b], r["ndcg"], rtol=1e-15)
+        if relevance:
+            assert math.isclose(batch.graded_ndcg[b], r["graded_ndcg"], rel_tol=1e-12, abs_tol=1e-12)
+            assert batch.auc[b] == r["auc"]
+
+
+K, L = 4, 3
+ITEMS = np.array([[10, 11, 12, 13], [20, 21, 22, 23]], dtype=np.uint64)
+SIDS = np.array([[[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]], [[2, 0, 0], [2, 0, 1], [2, 1, 0], [2, 1, 1]]], dtype=np.uint16)
+INDEX = ArrayIndex(np.concatenate([ITEMS.ravel(), [99]]), np.concatenate([SIDS.reshape(-1, L), [[3, 3, 3]]]))
+
+
+def verify(texts, targets=(12, 20), **kw):
+    kw.setdefault("index", INDEX)
+    return gr2.verify_rewards(texts, ITEMS, np.array(targets, dtype=np.uint64), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# worked examples of DESIGN.md §1
+
+
+def test_rewards_follow_design_formulas():
+    # row 0: target 12 at pre-rank 3 moved to 1 -> r_rank = 2/4, format reward earned
+    # row 1: target 20 at pre-rank 1 kept at 1 (copy of the input order) -> 0 + alpha (both ranks 1)
+    texts = [
+        "<think>12 fits best</think>" + answer(SIDS[0][[2, 0, 1, 3]]),
+        "<think>keep</think>\n" + answer(SIDS[1], sep=" ") + "<|im_end|>",
+    ]
+    rb = verify(texts)
+    assert rb.valid.tolist() == [True, True]
+    assert rb.rank_pre.tolist() == [3, 1] and rb.rank_re.tolist() == [1, 1]
+    assert rb.r_rank.tolist() == [0.5, 0.0]
+    assert rb.reward.tolist() == pytest.approx([0.5 + 0.2, 0.2])
+    assert rb.copied_order.tolist() == [False, True]
+    assert rb.top1_input_pos.tolist() == [3, 1]
+    assert rb.ranking.tolist() == [[12, 10, 11, 13], [20, 21, 22, 23]]
+    assert rb.recall[:, 0].tolist() == [1.0, 1.0]
+
+
+def test_conditional_format_reward_withholds_alpha_from_copying():
+    # target at pre-rank 2; copying the input keeps it at 2: r_rank = 0
+    texts = [answer(SIDS[0]), answer(SIDS[1][[1, 0, 2, 3]])]
+    cond = verify(texts, targets=(11, 21))
+    uncond = verify(texts, targets=(11, 21), conditional=False)
+    assert cond.reward.tolist() == [0.0, pytest.approx(0.25 + 0.2)]
+    assert uncond.reward.tolist() == [pytest.approx(0.2), pytest.approx(0.45)]
+    # a worse ranking: negative r_rank, no format reward under the conditional form
+    worse = verify([answer(SIDS[0][[0, 2, 3, 1]]), answer(SIDS[1])], targets=(11, 20))
+    assert worse.r_rank[0] == -0.5 and worse.reward[0] == -0.5
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        (answer(SIDS[0][:3]), InvalidReason.WRONG_COUNT),
+        (answer(SIDS[0][[0, 1, 1, 3]]), InvalidReason.REPEAT),
+        (answer([SIDS[0][0], SIDS[0][1], SIDS[1][0], SIDS[0][3]]), InvalidReason.NOT_CANDIDATE),
+        (answer([SIDS[0][0], SIDS[0][1], [3, 3, 3], SIDS[0][3]]), InvalidReason.NOT_CANDIDATE),
+        (answer([SIDS[0][0], SIDS[0][1], [7, 7, 7], SIDS[0][3]]), InvalidReason.UNKNOWN_SID),
+        (answer(SIDS[0])[:-1], InvalidReason.MALFORMED),  # truncated
+        ("<think>no answer</think>", InvalidReason.MALFORMED),
+        ("<think><think></think></think>" + answer(SIDS[0]), InvalidReason.MALFORMED),
+        ("<think>" + answer(SIDS[0]) + "</think>" + answer(SIDS[0]), InvalidReason.MALFORMED),
+        (answer(SIDS[0]) + " thanks!", InvalidReason.MALFORMED),
+        ("Sure! " + answer(SIDS[0]), InvalidReason.MALFORMED),
+        (answer(SIDS[0]).replace("<s_b_0>", "<s_b_00>", 1), InvalidReason.MALFORMED),
+        (answer(SIDS[0]).replace("<s_b_0>", "<s_b_99999999999999999999>", 1), InvalidReason.MALFORMED),
+        (answer(SIDS[0]).replace("<s_b_0>", "<answer><s_b_0>", 1), InvalidReason.MALFORMED),
+        (answer(SIDS[0]).replace("<s_b_0>", "<s_c_0>", 1), InvalidReason.MALFORMED),
+        (answer(SIDS[0]).replace("<|sid_end|>", "<s_d_0><|sid_end|>", 1), InvalidReason.MALFORMED),
+        (answer(SIDS[0]).replace("<s_a_0>", "<s_a_\u0661>", 1), InvalidReason.MALFORMED),  # arabic digit
+        ("<answer>\u00a0" + answer(SIDS[0])[8:], InvalidReason.MALFORMED),  # no-break space is text
+    ],
+)
+def test_invalid_reasons(text, reason):
+    rb = verify([text, answer(SIDS[1])])
+    assert rb.invalid_reason[0] == reason, rb.reason_names
+    assert not rb.valid[0] and rb.reward[0] == -1.0 and rb.rank_re[0] == 0
+    assert rb.ranking[0].tolist() == [NO_ITEM] * K
+    assert rb.valid[1]
+
+
+def test_without_index_every_foreign_sid_is_unknown():
+    text = answer([SIDS[0][0], SIDS[0][1], SIDS[1][0], SIDS[0][3]])
+    rb = verify([text, answer(SIDS[1])], index=None, candidate_sids=SIDS)
+    assert rb.invalid_reason[0] == InvalidReason.UNKNOWN_SID
+
+
+def test_whitespace_inside_sid_and_invalid_reward_configurable():
+    text = "\n <think>\tx</think>\r\n<answer>\n" + "".join(
+        "<|sid_begin|> " + " ".join(f"<s_{'abc'[i]}_{c}>" for i, c in enumerate(s)) + "\n<|sid_end|>" for s in SIDS[0]
+    ) + " </answer>\n<|im_end|><|endoftext|>\n"
+    rb = verify([text, "garbage"], invalid_reward=-3.5)
+    assert rb.valid.tolist() == [True, False] and rb.reward[1] == -3.5
+    rb = verify([answer(SIDS[0]) + "<|im_end|>", answer(SIDS[1])], trailers=())
+    assert rb.invalid_reason.tolist() == [InvalidReason.MALFORMED, 0]
+
+
+def test_graded_rewards_zero_copying_a_non_optimal_order():
+    rel = np.array([[0, 2, 1, 0], [3, 2, 1, 0]], dtype=np.float32)
+    texts = [answer(SIDS[0]), answer(SIDS[1])]  # both copy the input order
+    rb = verify(texts, targets=(11, 20), relevance=rel, reward_kind="ndcg")
+    assert rb.graded_ndcg[0] == 0.0 and rb.auc[0] == 0.0 and rb.reward[0] == 0.0  # non-optimal input copied
+    assert rb.graded_ndcg[1] == pytest.approx(1.0) and rb.auc[1] == 1.0  # the input was already optimal
+    best = verify([answer(SIDS[0][[1, 2, 0, 3]]), answer(SIDS[1])], targets=(11, 20), relevance=rel, reward_kind="auc")
+    assert best.auc[0] == 1.0 and best.reward[0] == 1.0 and best.graded_ndcg[0] == pytest.approx(1.0)
+
+
+def test_summary_and_rank_metrics():
+    rb = verify([answer(SIDS[0][[2, 0, 1, 3]]), "x"])
+    s = rb.summary()
+    assert s["valid_rate"] == 0.5 and s["invalid_malformed"] == 0.5 and s["recall@1"] == 0.5
+    assert s["pre_recall@3"] == 1.0
+    hit, ndcg = rank_metrics(np.array([1, 3, 0]), (1, 5))
+    assert hit.tolist() == [[1, 1], [0, 1], [0, 0]]
+    assert ndcg[1, 1] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(targets=(14, 20)), "not among"),
+        (dict(metric_ks=(0,)), "metric_ks"),
+        (dict(alpha=float("nan")), "alpha"),
+        (dict(reward_kind="ndcg"), "relevance"),
+        (dict(reward_kind="bogus"), "kind"),
+        (dict(relevance=np.full((2, K), -1.0)), "relevance"),
+        (dict(index=None), "index"),
+    ],
+)
+def test_bad_inputs_raise_typed_errors(kwargs, match):
+    with pytest.raises(gr2.Gr2Error, match=match):
+        verify([answer(SIDS[0]), answer(SIDS[1])], **kwargs)
+
+
+def test_bad_shapes_and_duplicates():
+    with pytest.raises(gr2.InvalidInputError, match="completions"):
+        verify([answer(SIDS[0])])
+    with pytest.raises(gr2.InvalidInputError, match="twice"):
+        gr2.verify_rewards(["x"], [[1, 1]], [1], candidate_sids=np.array([[[0], [1]]]))
+    with pytest.raises(gr2.InvalidInputError, match="share the SID"):
+        gr2.verify_rewards(["x"], [[1, 2]], [1], candidate_sids=np.array([[[0], [0]]]))
+    with pytest.raises(gr2.InvalidInputError, match="negative"):
+        gr2.verify_rewards(["x"], [[-1, 2]], [2], candidate_sids=np.array([[[0], [1]]]))
+    with pytest.raises(gr2.InvalidInputError, match="mix"):
+        verify([answer(SIDS[0]), [1, 2]])
+    with pytest.raises(gr2.InvalidInputError, match="sid_tokens"):
+        verify([[1], [2]])
+    empty = gr2.verify_rewards([], np.zeros((0, 3), np.uint64), np.zeros(0, np.uint64), candidate_sids=np.zeros((0, 3, 2)))
+    assert len(empty) == 0 and empty.ranking.shape == (0, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# property tests against the reference: random and adversarial completions
+
+FRAGMENTS = [
+    "<think>", "</think>", "<answer>", "</answer>", "<|sid_begin|>", "<|sid_end|>", "<s_a_0>", "<s_b_1>",
+    "<s_a_65536>", "<s_c_00>", "<s_a_", "<s_", "<", ">", " ", "\n", "\t", "\u00a0", "é", "日本", "🙂", "\u0661",
+    "x", "0", "<|im_end|>", "</s>", "<think", "</answer", "<|sid_begin", "<s_a_99999999999999999999>",
+]
+
+
+@st.composite
+def batches(draw):
+    k = draw(st.integers(1, 5))
+    levels = draw(st.integers(1, 3))
+    b = draw(st.integers(1, 6))
+    # small code alphabet so foreign SIDs often collide with candidates of other rows / the catalog
+    all_sids = draw(st.lists(st.tuples(*[st.integers(0, 2)] * levels), min_size=k, max_size=18, unique=True))
+    rows_items, rows_sids, targets, texts = [], [], [], []
+    catalog_sids = all_sids[: max(k, len(all_sids) - 2)]  # the last SIDs (if any) belong to no item
+    for row in range(b):
+        cols = draw(st.permutations(list(range(len(catalog_sids)))))[:k]
+        rows_sids.append([catalog_sids[c] for c in cols])
+        rows_items.append([100 + c for c in cols])
+        targets.append(rows_items[-1][draw(st.integers(0, k - 1))])
+        texts.append(draw(completion(rows_sids[-1], all_sids, levels)))
+    relevance = draw(st.lists(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=k, max_size=k), min_size=b, max_size=b))
+    return k, levels, rows_items, rows_sids, targets, texts, catalog_sids, relevance
+
+
+@st.composite
+def completion(draw, cand_sids, all_sids, levels):
+    kind = draw(st.sampled_from(["perm", "perm", "perm", "sids", "fragments", "text"]))
+    if kind == "text":
+        return draw(st.text(max_size=60))
+    if kind == "fragments":
+        return "".join(draw(st.lists(st.sampled_from(FRAGMENTS), max_size=30)))
+    if kind == "perm":
+        sids = draw(st.permutations(cand_sids))
+    else:
+        sids = draw(st.lists(st.sampled_from(all_sids), max_size=len(cand_sids) + 2))
+    ws = st.sampled_from(["", "", " ", "\n", " \t\r\n"])
+    parts = [draw(ws)]
+    if draw(st.booleans()):
+        think_bits = st.sampled_from(["a", " ", "<", ">", "é", "<s_a_1>", "<|sid_end|>", "</thin"])
+        parts.append("<think>" + "".join(draw(st.lists(think_bits, max_size=20))) + "</think>")
+    parts.append(draw(ws) + "<answer>")
+    for sid in sids:
+        parts.append(draw(ws) + "<|sid_begin|>" + "".join(draw(ws) + f"<s_{'abc'[i]}_{c}>" for i, c in enumerate(sid)) + draw(ws) + "<|sid_end|>")
+    parts.append(draw(ws) + "</answer>" + draw(st.sampled_from(["", "\n", "<|im_end|>", " </s>\n", "!"])))
+    text = "".join(parts)
+    mutation = draw(st.sampled_from(["none", "none", "truncate", "insert", "delete"]))
+    if text and mutation != "none":
+        at = draw(st.integers(0, len(text)))
+        if mutation == "truncate":
+            text = text[:at]
+        elif mutation == "insert":
+            text = text[:at] + draw(st.sampled_from(FRAGMENTS)) + text[at:]
+        else:
+            text = text[:at] + text[at + 1 :]
+    return text
+
+
+@given(batches(), st.booleans(), st.sampled_from(["rank", "ndcg", "auc"]), st.booleans())
+def test_matches_reference_on_random_and_adversarial_text(batch, conditional, kind, with_catalog):
+    k, levels, items, sids, targets, texts, catalog, relevance = batch
+    trailers = ["<|im_end|>", "</s>"]
+    kw = dict(alpha=0.3, conditional=conditional, invalid_reward=-0.7, metric_ks=(1, 2, 5), kind=kind)
+    index = ArrayIndex([100 + c for c in range(len(catalog))], catalog) if with_catalog else None
+    rb = gr2.verify_rewards(
+        texts, np.array(items), np.array(targets), index, candidate_sids=np.array(sids), relevance=np.array(relevance),
+        trailers=trailers, reward_kind=kind, alpha=0.3, conditional=conditional, invalid_reward=-0.7, metric_ks=(1, 2, 5),
+    )
+    rows = ref.verify_texts(texts, items, sids, targets, trailers=trailers, catalog=catalog if with_catalog else None,
+                            relevance=relevance, **kw)
+    check_against_reference(rb, rows, relevance=True)
+
+
+def test_very_long_and_huge_outputs():
+    long_think = "<think>" + ("é<s_a_1> <" * 100_000) + "</think>"
+    texts = [long_think + answer(SIDS[0]), answer(SIDS[1]) * 1000]
+    rb = verify(texts, targets=(10, 20))
+    assert rb.valid.tolist() == [True, False] and rb.invalid_reason[1] == InvalidReason.MALFORMED
+    many = answer(list(SIDS[0]) * 5000)  # a huge answer of repeats
+    rb = verify([many, "<answer>" + "<|sid_begin|><s_a_" + "9" * 10_000 + ">"], targets=(10, 20))
+    assert rb.invalid_reason.tolist() == [InvalidReason.REPEAT, InvalidReason.MALFORMED]
+    assert rb.n_sids[0] == 20_000
+
+
+# ---------------------------------------------------------------------------------------------
+# token-id completions
+
+TAGS = dict(think_open=1, think_close=2, answer_open=3, answer_close=4, sid_begin=5, sid_end=6)
+WS_ID, EOS_ID, TEXT_IDS = 7, 8, [9, 10, 11]
+
+
+def sid_tokens(levels, width):
+    code_ids = 100 + np.arange(levels * width, dtype=np.int64).reshape(levels, width)
+    return SidTokens(code_ids=code_ids, level_sizes=(width,) * levels, **TAGS)
+
+
+@st.composite
+def token_batches(draw):
+    k, levels, items, sids, targets, texts, catalog, relevance = draw(batches())
+    st_map = sid_tokens(levels, 3)
+    seqs = []
+    for row in range(len(items)):
+        ids = []
+        if draw(st.booleans()):
+            ids += [TAGS["think_open"]] + draw(st.lists(st.sampled_from(TEXT_IDS + [WS_ID, 5, 6, 100]), max_size=6)) + [TAGS["think_close"]]
+        ids.append(TAGS["answer_open"])
+        for sid in draw(st.permutations(sids[row])) if draw(st.booleans()) else draw(st.lists(st.sampled_from(catalog), max_size=k + 1)):
+            ids += st_map.sid_token_ids(sid)
+            if draw(st.booleans()):
+                ids.append(WS_ID)
+        ids.append(TAGS["answer_close"])
+        ids += draw(st.lists(st.sampled_from([EOS_ID, WS_ID]), max_size=3))
+        mutation = draw(st.sampled_from(["none", "none", "truncate", "insert"]))
+        at = draw(st.integers(0, len(ids)))
+        if mutation == "truncate":
+            ids = ids[:at]
+        elif mutation == "insert":
+            ids.insert(at, draw(st.sampled_from([1, 2, 3, 4, 5, 6, 8, 9, 100, 10**6, -5])))
+        seqs.append(ids)
+    return levels, items, sids, targets, seqs, catalog, st_map
+
+
+@given(token_batches())
+def test_token_ids_match_reference(batch):
+    levels, items, sids, targets, seqs, catalog, st_map = batch
+    index = ArrayIndex([100 + c for c in range(len(catalog))], catalog)
+    rb = gr2.verify_rewards(seqs, np.array(items), np.array(targets), index, candidate_sids=np.array(sids),
+                            sid_tokens=st_map, whitespace_ids=[WS_ID], trailer_ids=[EOS_ID])
+    code_of = st_map.code_of_token()
+    cat = {tuple(s) for s in catalog}
+    rows = [
+        ref.verify_row(ref.parse_tokens(seq, levels, TAGS, code_of, {WS_ID}, {EOS_ID}), items[b],
+                       [tuple(s) for s in sids[b]], targets[b], catalog=cat)
+        for b, seq in enumerate(seqs)
+    ]
+    check_against_reference(rb, rows)
+
+
+def test_token_ids_agree_with_text():
+    st_map = sid_tokens(L, 3)
+    perm = SIDS[0][[3, 1, 0, 2]]
+    ids = [TAGS["think_open"], 9, 10, TAGS["think_close"], TAGS["answer_open"]]
+    for s in perm:
+        ids += st_map.sid_token_ids(s)
+    ids += [TAGS["answer_close"], EOS_ID]
+    as_ids = verify([np.array(ids), ids[:-2]], sid_tokens=st_map, trailer_ids=[EOS_ID], targets=(13, 20))
+    as_text = verify(["<think>ab</think>" + answer(perm) + "</s>", "x"], targets=(13, 20))
+    assert as_ids.valid.tolist() == [True, False]
+    assert as_ids.reward[0] == as_text.reward[0] and as_ids.ranking[0].tolist() == as_text.ranking[0].tolist()
+    with pytest.raises(gr2.InvalidInputError, match="levels"):
+        verify([ids, ids], sid_tokens=sid_tokens(2, 3))
+    with pytest.raises(gr2.InvalidInputError, match="another role"):
+        verify([ids, ids], sid_tokens=st_map, trailer_ids=[TAGS["answer_open"]])
