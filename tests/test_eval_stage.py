@@ -51,7 +51,10 @@ def test_eval_stage_with_a_method(run_dir, capsys):
         assert (run_dir / "eval" / name).stat().st_size > 0
     assert (run_dir / "eval" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     md = (run_dir / "eval" / "report.md").read_text()
-    assert "| sft |" in md and "recall@1" in md
+    assert "| sft |" in md and "recall@1" in md and "Paired difference" in md
+    assert "vs" not in methods["upstream"] and methods["sft"]["vs"]["baseline"] == "upstream"
+    delta = methods["sft"]["vs"]["ndcg@5"]["value"]
+    assert delta == pytest.approx(methods["sft"]["ndcg@5"]["value"] - methods["upstream"]["ndcg@5"]["value"])
 
 
 def test_eval_errors(run_dir, tmp_path):

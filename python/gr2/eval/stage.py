@@ -168,7 +168,10 @@ def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) ->
         take = np.array([position[int(r)] for r in shared])
         rankings[name] = (m["rankings"][take], m["valid"][take].astype(bool))
     results = {
-        name: evaluate_rankings(r, v, c, t, n_boot=config.n_boot, seed=config.seed, invalid=config.invalid)
+        name: evaluate_rankings(
+            r, v, c, t, n_boot=config.n_boot, seed=config.seed, invalid=config.invalid,
+            baseline=None if name == "upstream" else rankings["upstream"],
+        )
         for name, (r, v) in rankings.items()
     }
     cand_report = json.loads((cand_dir / "report.json").read_text())
