@@ -153,7 +153,9 @@ def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) ->
         recency_decay=config.itemknn.recency_decay,
     )
     c, t = candidates[shared], targets[shared]
-    histories = [np.asarray(lists[int(i)]["history"], dtype=np.int64) for i in shared]
+    # the stored (capped) histories: item-kNN weighs recent items most, so the cap barely matters
+    history_column = lists["history"]
+    histories = [np.asarray(history_column[int(i)], dtype=np.int64) for i in shared]
     all_valid = np.ones(len(shared), dtype=bool)
     rankings = {
         "upstream": (upstream_order(c), all_valid),
