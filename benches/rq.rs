@@ -13,13 +13,21 @@ const K: usize = 256;
 
 fn gaussian_like(rng: &mut StdRng, len: usize, scale: f32) -> Vec<f32> {
     // Sum of uniforms: cheap, roughly normal, enough for a timing workload.
-    (0..len).map(|_| (0..4).map(|_| rng.gen_range(-1.0f32..1.0)).sum::<f32>() * scale).collect()
+    (0..len)
+        .map(|_| (0..4).map(|_| rng.gen_range(-1.0f32..1.0)).sum::<f32>() * scale)
+        .collect()
 }
 
 fn bench_encode(c: &mut Criterion) {
     let mut rng = StdRng::seed_from_u64(0);
-    let codebooks: Vec<f32> = (0..L).flat_map(|level| gaussian_like(&mut rng, K * D, 0.5f32.powi(level as i32))).collect();
-    let sizes: &[usize] = if std::env::var_os("GR2_BENCH_QUICK").is_some() { &[100_000] } else { &[100_000, 1_000_000] };
+    let codebooks: Vec<f32> = (0..L)
+        .flat_map(|level| gaussian_like(&mut rng, K * D, 0.5f32.powi(level as i32)))
+        .collect();
+    let sizes: &[usize] = if std::env::var_os("GR2_BENCH_QUICK").is_some() {
+        &[100_000]
+    } else {
+        &[100_000, 1_000_000]
+    };
     let mut group = c.benchmark_group("rq_encode_d32_l4_k256");
     group.sample_size(10);
     for &n in sizes {
@@ -29,16 +37,21 @@ fn bench_encode(c: &mut Criterion) {
             if !kernel.is_supported() {
                 continue;
             }
-            let cb = RqCodebooks::with_kernel(codebooks.clone(), L, K, D, kernel).expect("valid codebooks");
-            group.bench_with_input(BenchmarkId::new(format!("greedy_{kernel:?}"), n), &x, |b, x| {
-                b.iter(|| cb.encode(x, 1).expect("encode"))
-            });
+            let cb = RqCodebooks::with_kernel(codebooks.clone(), L, K, D, kernel)
+                .expect("valid codebooks");
+            group.bench_with_input(
+                BenchmarkId::new(format!("greedy_{kernel:?}"), n),
+                &x,
+                |b, x| b.iter(|| cb.encode(x, 1).expect("encode")),
+            );
         }
         if n == sizes[0] {
             let cb = RqCodebooks::new(codebooks.clone(), L, K, D).expect("valid codebooks");
             let x_small = &x[..10_000 * D];
             group.throughput(Throughput::Elements(10_000));
-            group.bench_function(BenchmarkId::new("beam4", 10_000), |b| b.iter(|| cb.encode(x_small, 4).expect("encode")));
+            group.bench_function(BenchmarkId::new("beam4", 10_000), |b| {
+                b.iter(|| cb.encode(x_small, 4).expect("encode"))
+            });
         }
     }
     group.finish();

@@ -5,7 +5,7 @@ teacher traces, DAPO reinforcement learning on verifiable ranking rewards, and c
 decoding that guarantees the output is a permutation of the candidates given.
 """
 
-from gr2._gr2 import RQCodebooks, __version__
+from gr2._gr2 import RQCodebooks, SidIndex, __version__
 from gr2.errors import (
     ConfigError,
     ConstraintError,
@@ -34,6 +34,7 @@ __all__ = [
     "UnknownItemError",
     "UnknownSidError",
     "RQCodebooks",
+    "SidIndex",
     "encode_npy",
     "SidTokens",
     "add_sid_tokens",

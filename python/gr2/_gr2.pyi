@@ -1,10 +1,11 @@
 """Type stubs of the native module gr2._gr2 (rust/src/py)."""
 
+import numpy as np
+import numpy.typing as npt
+
 __version__: str
 
 # --- RQ encoding (rust/src/rq, rust/src/py/rq.rs) -------------------------------------------------
-import numpy as np
-import numpy.typing as npt
 
 class RQCodebooks:
     """Residual-quantization codebooks: ``levels`` (L) levels of ``codebook_size`` (K) codes of

@@ -120,3 +120,7 @@ def is_current(stage_dir: str | os.PathLike, key: str) -> bool:
 def mark_done(stage_dir: str | os.PathLike, key: str, summary: dict[str, Any]) -> None:
     """Record that the stage finished with ``key``; written last, so a killed stage reruns."""
     atomic_write_json(Path(stage_dir) / STAGE_FILE, {"key": key, "summary": summary})
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())

@@ -739,26 +739,33 @@ pub fn fill_bitmask(states: &[DecodeState], rows: &[usize], out: &mut [u32], wor
         )));
     }
     check_rows(states.len(), rows)?;
-    out.par_chunks_mut(words.max(1))
-        .zip(rows.par_iter())
-        .with_min_len(4)
-        .try_for_each(|(row, &r)| {
-            states[r].fill_row(row).map_err(|e| match e {
-                Gr2Error::Constraint(m) => Gr2Error::Constraint(format!("row {r}: {m}")),
-                other => other,
-            })
+    let fill = |(row, &r): (&mut [u32], &usize)| {
+        states[r].fill_row(row).map_err(|e| match e {
+            Gr2Error::Constraint(m) => Gr2Error::Constraint(format!("row {r}: {m}")),
+            other => other,
         })
+    };
+    if rows.len() < PARALLEL_MIN_ROWS {
+        out.chunks_mut(words.max(1)).zip(rows.iter()).try_for_each(fill)
+    } else {
+        out.par_chunks_mut(words.max(1)).zip(rows.par_iter()).with_min_len(16).try_for_each(fill)
+    }
 }
+
+/// Below this many rows a call stays on the calling thread: handing work to the rayon pool costs
+/// more than filling a few rows, and on a busy machine the wake-up latency dominates.
+pub const PARALLEL_MIN_ROWS: usize = 64;
 
 /// Allowed ids of each requested row as CSR (offsets of len rows+1, ids). Free-reasoning rows are
 /// listed as empty with `free[i] = true` (their allowed set is the reasoning vocabulary).
 pub fn allowed_lists(states: &[DecodeState], rows: &[usize]) -> Result<(Vec<i64>, Vec<i32>, Vec<bool>)> {
     check_rows(states.len(), rows)?;
-    let lists: Vec<Result<Vec<u32>>> = rows
-        .par_iter()
-        .with_min_len(8)
-        .map(|&r| if states[r].is_free() { Ok(Vec::new()) } else { states[r].allowed() })
-        .collect();
+    let list_of = |&r: &usize| if states[r].is_free() { Ok(Vec::new()) } else { states[r].allowed() };
+    let lists: Vec<Result<Vec<u32>>> = if rows.len() < PARALLEL_MIN_ROWS {
+        rows.iter().map(list_of).collect()
+    } else {
+        rows.par_iter().with_min_len(16).map(list_of).collect()
+    };
     let mut offsets = Vec::with_capacity(rows.len() + 1);
     let mut ids = Vec::new();
     let mut free = Vec::with_capacity(rows.len());

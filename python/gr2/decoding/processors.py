@@ -48,7 +48,7 @@ def apply_allowed(
         row_of_id = torch.as_tensor(np.repeat(np.arange(free.size), counts), device=device)
         id_t = torch.as_tensor(ids.astype(np.int64), device=device)
         kept = scores[row_of_id, id_t].clone()
-        scores[torch.as_tensor(sparse, device=device)] = float("-inf")
+        scores.index_fill_(0, torch.as_tensor(sparse, device=device), float("-inf"))
         scores[row_of_id, id_t] = kept
     free_rows = np.nonzero(free)[0]
     if free_rows.size and forbidden.numel():

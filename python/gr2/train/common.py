@@ -420,3 +420,129 @@ def weighted_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# run-directory inputs shared by the recipes and the teacher
+
+
+@dataclass
+class Catalog:
+    """The items of a run with their SIDs, indexed by dense ``item_idx`` (0..n-1)."""
+
+    titles: list[str]
+    categories: list[list[str]]
+    years: np.ndarray  # int64 (n,), -1 unknown
+    codes: np.ndarray  # uint16 (n, L): SID of item i in row i
+    level_sizes: tuple[int, ...]
+    index: Any  # the gr2.SidIndex it came from
+
+    def __len__(self) -> int:
+        return len(self.titles)
+
+    def item_text(self, item: int) -> str:
+        """``Title (year) | genre, genre`` -- the text SID rows are initialised from and captioned to."""
+        year = f" ({int(self.years[item])})" if self.years[item] >= 0 else ""
+        genres = ", ".join(self.categories[item]) or "unknown genre"
+        return f"{self.titles[item]}{year} | {genres}"
+
+    def sid_text(self, item: int) -> str:
+        from gr2.tokens import sid_to_text
+
+        return sid_to_text(self.codes[item])
+
+    def item_of_sid(self) -> dict[tuple[int, ...], int]:
+        return {tuple(int(c) for c in row): i for i, row in enumerate(self.codes)}
+
+
+def load_catalog(run_dir: str | os.PathLike) -> Catalog:
+    """Read ``data/items`` and ``sid/index.gr2sid`` of a run into a :class:`Catalog`."""
+    import datasets
+
+    import gr2
+    from gr2.errors import DataError, UnknownItemError
+
+    run_dir = Path(run_dir)
+    items_path, index_path = run_dir / "data" / "items", run_dir / "sid" / "index.gr2sid"
+    for path, stage in ((items_path, "data"), (index_path, "sid")):
+        if not path.exists():
+            raise DataError(f"{path} is missing; run the `{stage}` stage first")
+    items = datasets.load_from_disk(str(items_path))
+    missing = {"item_idx", "title", "categories", "year"} - set(items.column_names)
+    if missing:
+        raise DataError(f"{items_path} lacks column(s) {sorted(missing)}")
+    idx = np.asarray(items["item_idx"], dtype=np.int64)
+    if not np.array_equal(np.sort(idx), np.arange(len(idx))):
+        raise DataError(f"{items_path}: item_idx must be dense 0..n-1")
+    order = np.argsort(idx)
+    titles = [items["title"][i] for i in order]
+    categories = [list(items["categories"][i]) for i in order]
+    years = np.asarray(items["year"], dtype=np.int64)[order]
+    index = gr2.SidIndex.load(str(index_path))
+    if len(index) != len(titles):
+        raise DataError(f"SID index holds {len(index)} items, data/items {len(titles)}; rerun the sid stage")
+    try:
+        codes = np.asarray(index.sids(np.arange(len(titles), dtype=np.uint64)), dtype=np.uint16)
+    except KeyError as e:
+        raise UnknownItemError(f"SID index lacks an item of data/items: {e}") from e
+    return Catalog(titles, categories, years, codes, tuple(int(s) for s in index.level_sizes), index)
+
+
+def load_sequences(run_dir: str | os.PathLike) -> list[list[int]]:
+    """Chronological item lists of ``data/sequences`` (one per user, ordered by user_idx)."""
+    import datasets
+
+    from gr2.errors import DataError
+
+    path = Path(run_dir) / "data" / "sequences"
+    if not path.exists():
+        raise DataError(f"{path} is missing; run the `data` stage first")
+    seqs = datasets.load_from_disk(str(path))
+    order = np.argsort(np.asarray(seqs["user_idx"]))
+    items = seqs["items"]
+    return [list(map(int, items[i])) for i in order]
+
+
+def input_key(run_dir: str | os.PathLike, stage: str) -> str:
+    """The cache key of a finished upstream stage (its ``stage.json``); DataError when unfinished."""
+    from gr2.errors import DataError
+    from gr2.rundir import read_stage
+
+    record = read_stage(Path(run_dir) / stage)
+    if record is None:
+        raise DataError(f"stage `{stage}` has not finished in {run_dir}; run it first")
+    return str(record["key"])
+
+
+def add_common_arguments(parser: Any) -> None:
+    """CLI flags every training stage takes."""
+    parser.add_argument("--run-dir", required=True, help="run directory (runs/NAME)")
+    parser.add_argument("--config", help="TOML file; the stage reads its own table from it")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config field (value parsed as TOML), repeatable")
+    parser.add_argument("--force", action="store_true", help="rerun even when the stage is current")
+
+
+def config_from_args(cls: type, args: Any, table: str) -> Any:
+    """Build config ``cls`` from ``--config`` (table ``[table]``) and ``--set`` overrides."""
+    import tomllib
+
+    from gr2.config import from_dict, load_toml
+
+    data: dict[str, Any] = {}
+    if args.config:
+        data = dict(load_toml(args.config).get(table, {}))
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value  # a bare string
+        target = data
+        *parents, leaf = key.strip().split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = parsed
+    return from_dict(cls, data, where=table)

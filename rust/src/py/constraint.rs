@@ -213,16 +213,18 @@ impl PyConstraintBatch {
         let tm = self.tokens.clone();
         let built: Vec<DecodeState> = py.detach(|| {
             use rayon::prelude::*;
-            (0..b)
-                .into_par_iter()
-                .map(|i| {
+            let build = |i: usize| {
                     DecodeState::rerank(tm.clone(), &cand[i * k..(i + 1) * k], &flat[i * k * l..(i + 1) * k * l], framing)
                         .map_err(|e| match e {
                             Gr2Error::InvalidInput(m) => Gr2Error::invalid(format!("request {i}: {m}")),
                             other => other,
                         })
-                })
-                .collect::<Result<Vec<_>, _>>()
+            };
+            if b < core::PARALLEL_MIN_ROWS {
+                (0..b).map(build).collect::<Result<Vec<_>, _>>()
+            } else {
+                (0..b).into_par_iter().map(build).collect::<Result<Vec<_>, _>>()
+            }
         })?;
         let first = self.states.len();
         for s in built {

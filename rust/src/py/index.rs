@@ -1,6 +1,283 @@
-//! Placeholder bindings, replaced by the index work.
-use pyo3::prelude::*;
+//! Python binding of the semantic-ID index (`gr2.SidIndex`). Validates numpy inputs strictly,
+//! releases the GIL around every pass over the data, and returns freshly owned numpy arrays.
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
-    Ok(())
+use std::borrow::Cow;
+use std::path::PathBuf;
+
+use numpy::ndarray::Array2;
+use numpy::prelude::*;
+use numpy::{dtype, Element, PyArray1, PyArray2, PyUntypedArray};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::error::Gr2Error;
+use crate::index::SidIndex;
+
+/// A numpy array's data as a row-major slice: borrowed when C-contiguous, copied otherwise.
+fn row_major<'a, T: Element + Copy, D: numpy::ndarray::Dimension>(
+    array: &'a numpy::PyReadonlyArray<'_, T, D>,
+) -> Cow<'a, [T]> {
+    match array.as_slice() {
+        Ok(slice) => Cow::Borrowed(slice),
+        Err(_) => Cow::Owned(array.as_array().iter().copied().collect()),
+    }
+}
+
+/// Checks that `obj` is a numpy array of dtype `T` with `ndim` dimensions (and `columns` columns
+/// when given); the error says what was passed and how to fix it.
+fn checked_array<'py, T: Element>(
+    obj: &Bound<'py, PyAny>,
+    name: &str,
+    ndim: usize,
+    columns: Option<usize>,
+) -> PyResult<Bound<'py, PyUntypedArray>> {
+    let py = obj.py();
+    let type_name = std::any::type_name::<T>();
+    let shape_text = match (ndim, columns) {
+        (1, _) => "(n,)".to_string(),
+        (_, Some(c)) => format!("(n, {c})"),
+        _ => "(n, levels)".to_string(),
+    };
+    let wanted = format!("{name} must be a numpy {type_name} array of shape {shape_text}");
+    let Ok(array) = obj.cast::<PyUntypedArray>() else {
+        let got = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+        return Err(Gr2Error::invalid(format!(
+            "{wanted}, got a {got}; convert with numpy.asarray({name}, dtype=numpy.{type_name})"
+        ))
+        .into());
+    };
+    let describe = || format!("{} array of shape {:?}", array.dtype(), array.shape());
+    if !array.dtype().is_equiv_to(&dtype::<T>(py)) {
+        return Err(Gr2Error::invalid(format!(
+            "{wanted}, got a {}; convert with {name}.astype(numpy.{type_name}) after checking the values fit",
+            describe()
+        ))
+        .into());
+    }
+    if array.ndim() != ndim || columns.is_some_and(|c| array.shape()[1] != c) {
+        return Err(Gr2Error::invalid(format!("{wanted}, got a {}", describe())).into());
+    }
+    Ok(array.clone())
+}
+
+fn vector<'py, T: Element>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<numpy::PyReadonlyArray1<'py, T>> {
+    let array = checked_array::<T>(obj, name, 1, None)?;
+    Ok(array.cast_into::<PyArray1<T>>().map_err(PyErr::from)?.try_readonly().map_err(borrow_error(name))?)
+}
+
+fn matrix<'py, T: Element>(
+    obj: &Bound<'py, PyAny>,
+    name: &str,
+    columns: Option<usize>,
+) -> PyResult<numpy::PyReadonlyArray2<'py, T>> {
+    let array = checked_array::<T>(obj, name, 2, columns)?;
+    Ok(array.cast_into::<PyArray2<T>>().map_err(PyErr::from)?.try_readonly().map_err(borrow_error(name))?)
+}
+
+fn borrow_error(name: &str) -> impl Fn(numpy::BorrowError) -> PyErr + '_ {
+    move |err| Gr2Error::invalid(format!("{name} cannot be read: {err}")).into()
+}
+
+/// `codebook_size`: None, one int for every level, or a sequence with one int per level.
+fn level_sizes(codebook_size: Option<&Bound<'_, PyAny>>, levels: usize) -> PyResult<Option<Vec<u32>>> {
+    let Some(obj) = codebook_size else { return Ok(None) };
+    let values: Vec<i64> = if let Ok(k) = obj.extract::<i64>() {
+        vec![k; levels]
+    } else if let Ok(ks) = obj.extract::<Vec<i64>>() {
+        ks
+    } else {
+        return Err(Gr2Error::invalid(format!(
+            "codebook_size must be None, an int, or a list of ints (one per level), got {}",
+            obj.repr().map(|r| r.to_string()).unwrap_or_default()
+        ))
+        .into());
+    };
+    let limit = i64::from(crate::index::layout::MAX_LEVEL_SIZE);
+    if let Some(bad) = values.iter().find(|&&k| !(1..=limit).contains(&k)) {
+        return Err(Gr2Error::invalid(format!("codebook_size {bad} is out of range: must be in 1..={limit}")).into());
+    }
+    Ok(Some(values.into_iter().map(|k| k as u32).collect()))
+}
+
+/// A SID prefix given as a list/tuple/array of ints.
+fn prefix_codes(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u16>> {
+    let values: Vec<i64> = obj.extract().map_err(|_| {
+        Gr2Error::invalid(format!(
+            "prefix must be a sequence of ints (codes), got {}",
+            obj.repr().map(|r| r.to_string()).unwrap_or_default()
+        ))
+    })?;
+    values
+        .iter()
+        .map(|&c| {
+            u16::try_from(c).map_err(|_| Gr2Error::invalid(format!("prefix code {c} is not in 0..=65535")).into())
+        })
+        .collect()
+}
+
+/// Bijection between item ids (uint64) and semantic IDs (one uint16 code per level), with
+/// deterministic collision repair, batched lookups both ways, and a memory-mapped file format.
+#[pyclass(frozen, module = "gr2._gr2", name = "SidIndex")]
+pub struct PySidIndex {
+    inner: SidIndex,
+}
+
+#[pymethods]
+impl PySidIndex {
+    /// Builds an index; `codes[i]` is the SID of `item_ids[i]`. Colliding SIDs are repaired.
+    #[staticmethod]
+    #[pyo3(signature = (item_ids, codes, codebook_size=None))]
+    fn build(
+        py: Python<'_>,
+        item_ids: &Bound<'_, PyAny>,
+        codes: &Bound<'_, PyAny>,
+        codebook_size: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let ids = vector::<u64>(item_ids, "item_ids")?;
+        let codes = matrix::<u16>(codes, "codes", None)?;
+        let (rows, levels) = (codes.shape()[0], codes.shape()[1]);
+        if rows != ids.len() {
+            return Err(Gr2Error::invalid(format!(
+                "item_ids has {} entries but codes has {rows} rows; they must match",
+                ids.len()
+            ))
+            .into());
+        }
+        let sizes = level_sizes(codebook_size, levels)?;
+        let (ids, codes) = (row_major(&ids), row_major(&codes));
+        let inner = py.detach(|| SidIndex::build(&ids, &codes, levels, sizes.as_deref()))?;
+        Ok(PySidIndex { inner })
+    }
+
+    /// Memory-maps and validates an index file written by `save`.
+    #[staticmethod]
+    fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = py.detach(|| SidIndex::load(&path))?;
+        Ok(PySidIndex { inner })
+    }
+
+    /// Writes the index atomically (temporary file, fsync, rename).
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        Ok(py.detach(|| self.inner.save(&path))?)
+    }
+
+    /// SIDs of the given items: uint64 (m,) -> uint16 (m, levels).
+    fn sids<'py>(&self, py: Python<'py>, item_ids: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<u16>>> {
+        let ids = vector::<u64>(item_ids, "item_ids")?;
+        let ids = row_major(&ids);
+        let levels = self.inner.levels();
+        let codes = py.detach(|| self.inner.sids(&ids))?;
+        let codes = Array2::from_shape_vec((ids.len(), levels), codes).map_err(|e| Gr2Error::invalid(e.to_string()))?;
+        Ok(codes.into_pyarray(py))
+    }
+
+    /// Items of the given SIDs: uint16 (m, levels) -> uint64 (m,).
+    fn items<'py>(&self, py: Python<'py>, sids: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray1<u64>>> {
+        let sids = matrix::<u16>(sids, "sids", Some(self.inner.levels()))?;
+        let sids = row_major(&sids);
+        Ok(py.detach(|| self.inner.items(&sids))?.into_pyarray(py))
+    }
+
+    /// All item ids, sorted by SID (row i belongs with `codes()[i]`).
+    fn item_ids<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
+        py.detach(|| self.inner.item_ids_by_sid()).into_pyarray(py)
+    }
+
+    /// All SIDs in ascending (lexicographic) order: uint16 (n, levels).
+    fn codes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u16>>> {
+        let codes = py.detach(|| self.inner.codes_by_sid());
+        let codes = Array2::from_shape_vec((self.inner.len(), self.inner.levels()), codes)
+            .map_err(|e| Gr2Error::invalid(e.to_string()))?;
+        Ok(codes.into_pyarray(py))
+    }
+
+    /// The distinct next-level codes under a SID prefix (ascending uint16); empty when the prefix
+    /// is absent or already a complete SID.
+    fn children<'py>(&self, py: Python<'py>, prefix: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray1<u16>>> {
+        let prefix = prefix_codes(prefix)?;
+        let children = self.inner.children(&prefix)?;
+        Ok(children.iter().map(|c| c.code).collect::<Vec<_>>().into_pyarray(py))
+    }
+
+    /// `(start, end)`: rows of `item_ids()` / `codes()` whose SID starts with `prefix`.
+    fn prefix_range(&self, prefix: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
+        let range = self.inner.prefix_range(&prefix_codes(prefix)?)?;
+        Ok((range.start, range.end))
+    }
+
+    /// What collision repair found and did (JSON-friendly dict).
+    fn repair_report<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let r = self.inner.repair_report();
+        let dict = PyDict::new(py);
+        dict.set_item("items", r.items)?;
+        dict.set_item("levels_in", r.levels_in)?;
+        dict.set_item("levels_out", self.inner.levels())?;
+        dict.set_item("uniqueness_before_repair", r.uniqueness_before_repair())?;
+        dict.set_item("unique_items_before", r.unique_items_before)?;
+        dict.set_item("distinct_sids_before", r.distinct_sids_before)?;
+        dict.set_item("distinct_ratio_before", r.distinct_ratio_before())?;
+        dict.set_item("collision_groups", r.collision_groups())?;
+        let sizes = PyDict::new(py);
+        for &(size, count) in &r.collision_group_sizes {
+            sizes.set_item(size, count)?;
+        }
+        dict.set_item("collision_group_sizes", sizes)?;
+        dict.set_item("items_moved", r.items_moved)?;
+        dict.set_item("max_move_distance", r.max_move_distance)?;
+        dict.set_item("full_prefixes", r.full_prefixes)?;
+        dict.set_item("level_appended", r.level_appended)?;
+        let appended_size = r.level_appended.then(|| self.inner.level_sizes()[r.levels_in]);
+        dict.set_item("appended_level_size", appended_size)?;
+        dict.set_item("items_disambiguated", r.items_disambiguated)?;
+        Ok(dict)
+    }
+
+    /// Number of levels of every SID (L, or L + 1 after a disambiguation level).
+    #[getter]
+    fn levels(&self) -> usize {
+        self.inner.levels()
+    }
+
+    /// Exclusive upper bound of the codes of each level.
+    #[getter]
+    fn level_sizes(&self) -> Vec<u32> {
+        self.inner.level_sizes().to_vec()
+    }
+
+    /// Share of items whose input SID no other item shared.
+    #[getter]
+    fn uniqueness_before_repair(&self) -> f64 {
+        self.inner.uniqueness_before_repair()
+    }
+
+    /// Bytes the index holds for lookups (arrays + bucket tables).
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.inner.memory_bytes()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// `item_id in index`; anything that is not a uint64-range integer is simply not contained.
+    fn __contains__(&self, item_id: &Bound<'_, PyAny>) -> bool {
+        item_id.extract::<u64>().is_ok_and(|id| self.inner.contains(id))
+    }
+
+    fn __repr__(&self) -> String {
+        let r = self.inner.repair_report();
+        format!(
+            "SidIndex(items={}, levels={}, level_sizes={:?}, uniqueness_before_repair={:.6}, level_appended={})",
+            self.inner.len(),
+            self.inner.levels(),
+            self.inner.level_sizes(),
+            r.uniqueness_before_repair(),
+            if r.level_appended { "True" } else { "False" }
+        )
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PySidIndex>()
 }

@@ -20,7 +20,11 @@ fn typed_array<'a, 'py, T: Element, D: numpy::ndarray::Dimension>(
 ) -> PyResult<&'a Bound<'py, PyArray<T, D>>> {
     let py = obj.py();
     let Ok(untyped) = obj.cast::<PyUntypedArray>() else {
-        let type_name = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+        let type_name = obj
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_else(|_| "?".into());
         return Err(Gr2Error::invalid(format!(
             "{name} must be a numpy.ndarray of {dtype_name} with shape {shape_doc}, got {type_name}; \
              use np.asarray({name}, dtype=np.{dtype_name})"
@@ -63,6 +67,9 @@ fn shape_error(msg: String) -> PyErr {
     Gr2Error::invalid(msg).into()
 }
 
+/// `__reduce__`'s answer: the class and the arguments that rebuild the object.
+type Reduced<'py> = (Bound<'py, PyAny>, (Bound<'py, PyArray3<f32>>,));
+
 /// Residual-quantization codebooks: L levels of K codes in D dimensions.
 ///
 /// The codebooks are always copied (the encoder keeps its own packed layout), so any memory
@@ -77,7 +84,9 @@ impl PyRqCodebooks {
     #[new]
     fn new(py: Python<'_>, codebooks: &Bound<'_, PyAny>) -> PyResult<Self> {
         let array = typed_array::<f32, numpy::Ix3>(codebooks, "codebooks", "float32", "(L, K, D)")?;
-        let view = array.try_readonly().map_err(|e| Gr2Error::invalid(format!("codebooks: {e}")))?;
+        let view = array
+            .try_readonly()
+            .map_err(|e| Gr2Error::invalid(format!("codebooks: {e}")))?;
         let (levels, k, dim) = view.as_array().dim();
         let values: Vec<f32> = match c_contiguous_slice(&view) {
             Some(slice) => slice.to_vec(),
@@ -108,7 +117,11 @@ impl PyRqCodebooks {
     /// A float32 (L, K, D) copy of the codebooks.
     #[getter]
     fn codebooks<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray3<f32>>> {
-        let shape = (self.inner.levels(), self.inner.codebook_size(), self.inner.dim());
+        let shape = (
+            self.inner.levels(),
+            self.inner.codebook_size(),
+            self.inner.dim(),
+        );
         let array = Array3::from_shape_vec(shape, self.inner.codebooks().to_vec())
             .map_err(|e| shape_error(format!("internal shape error: {e}")))?;
         Ok(array.into_pyarray(py))
@@ -116,9 +129,16 @@ impl PyRqCodebooks {
 
     /// Encodes float32 (n, D) embeddings into uint16 (n, L) codes (greedy when beam == 1).
     #[pyo3(signature = (x, beam = 1))]
-    fn encode<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>, beam: i64) -> PyResult<Bound<'py, PyArray2<u16>>> {
+    fn encode<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        beam: i64,
+    ) -> PyResult<Bound<'py, PyArray2<u16>>> {
         let array = typed_array::<f32, numpy::Ix2>(x, "x", "float32", "(n, D)")?;
-        let view = array.try_readonly().map_err(|e| Gr2Error::invalid(format!("x: {e}")))?;
+        let view = array
+            .try_readonly()
+            .map_err(|e| Gr2Error::invalid(format!("x: {e}")))?;
         let (n, dim) = view.as_array().dim();
         if dim != self.inner.dim() {
             return Err(shape_error(format!(
@@ -144,14 +164,21 @@ impl PyRqCodebooks {
             }
         };
         let levels = self.inner.levels();
-        let array = Array2::from_shape_vec((n, levels), codes).map_err(|e| shape_error(format!("internal shape error: {e}")))?;
+        let array = Array2::from_shape_vec((n, levels), codes)
+            .map_err(|e| shape_error(format!("internal shape error: {e}")))?;
         Ok(array.into_pyarray(py))
     }
 
     /// Decodes uint16 (n, L) codes into float32 (n, D) vectors (the sum of the chosen codes).
-    fn decode<'py>(&self, py: Python<'py>, codes: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    fn decode<'py>(
+        &self,
+        py: Python<'py>,
+        codes: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let array = typed_array::<u16, numpy::Ix2>(codes, "codes", "uint16", "(n, L)")?;
-        let view = array.try_readonly().map_err(|e| Gr2Error::invalid(format!("codes: {e}")))?;
+        let view = array
+            .try_readonly()
+            .map_err(|e| Gr2Error::invalid(format!("codes: {e}")))?;
         let (n, levels) = view.as_array().dim();
         if levels != self.inner.levels() {
             return Err(shape_error(format!(
@@ -177,7 +204,7 @@ impl PyRqCodebooks {
     }
 
     /// Pickle support (for multiprocessing / Ray workers): rebuilt from the codebooks.
-    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyArray3<f32>>,))> {
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Reduced<'py>> {
         let py = slf.py();
         Ok((slf.get_type().into_any(), (slf.get().codebooks(py)?,)))
     }

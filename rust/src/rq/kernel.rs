@@ -143,14 +143,21 @@ pub fn score_tile(kernel: Kernel, level: PackedLevel<'_>, residuals_t: &[f32], o
 
 /// The scores of one group of codes for the whole tile, `[CODE_BLOCK][TILE]`.
 #[inline(always)]
-fn group_scores_portable(level: &PackedLevel<'_>, residuals_t: &[f32], group: usize) -> [[f32; TILE]; CODE_BLOCK] {
+fn group_scores_portable(
+    level: &PackedLevel<'_>,
+    residuals_t: &[f32],
+    group: usize,
+) -> [[f32; TILE]; CODE_BLOCK] {
     let dim = level.dim;
     let mut acc = [[0.0f32; TILE]; CODE_BLOCK];
     for (slot, lanes) in acc.iter_mut().enumerate() {
         *lanes = [level.norms[group * CODE_BLOCK + slot]; TILE];
     }
     let weights = &level.weights[group * dim * CODE_BLOCK..(group + 1) * dim * CODE_BLOCK];
-    for (r, w) in residuals_t.chunks_exact(TILE).zip(weights.chunks_exact(CODE_BLOCK)) {
+    for (r, w) in residuals_t
+        .chunks_exact(TILE)
+        .zip(weights.chunks_exact(CODE_BLOCK))
+    {
         for (lanes, &c) in acc.iter_mut().zip(w) {
             for (a, &x) in lanes.iter_mut().zip(r) {
                 *a += x * c;
@@ -202,7 +209,11 @@ mod avx2 {
     /// Accumulators of one register block: `acc[2*slot + half]`, 8 items per half.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn group_scores(level: &PackedLevel<'_>, residuals_t: *const f32, group: usize) -> [__m256; 2 * CODE_BLOCK] {
+    unsafe fn group_scores(
+        level: &PackedLevel<'_>,
+        residuals_t: *const f32,
+        group: usize,
+    ) -> [__m256; 2 * CODE_BLOCK] {
         let dim = level.dim;
         let weights = level.weights.as_ptr().add(group * dim * CODE_BLOCK);
         let norms = level.norms.as_ptr().add(group * CODE_BLOCK);

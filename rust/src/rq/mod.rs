@@ -100,7 +100,12 @@ fn first_problem(a: Option<EncodeProblem>, b: Option<EncodeProblem>) -> Option<E
 
 impl RqCodebooks {
     /// Codebooks from a row-major (levels, codebook_size, dim) buffer; picks the fastest kernel.
-    pub fn new(codebooks: Vec<f32>, levels: usize, codebook_size: usize, dim: usize) -> Result<Self> {
+    pub fn new(
+        codebooks: Vec<f32>,
+        levels: usize,
+        codebook_size: usize,
+        dim: usize,
+    ) -> Result<Self> {
         Self::with_kernel(codebooks, levels, codebook_size, dim, Kernel::detect())
     }
 
@@ -133,7 +138,9 @@ impl RqCodebooks {
             )));
         }
         if !kernel.is_supported() {
-            return Err(Gr2Error::invalid(format!("kernel {kernel:?} is not supported by this CPU")));
+            return Err(Gr2Error::invalid(format!(
+                "kernel {kernel:?} is not supported by this CPU"
+            )));
         }
         if let Some(pos) = codebooks.iter().position(|v| !v.is_finite()) {
             let (level, rest) = (pos / (codebook_size * dim), pos % (codebook_size * dim));
@@ -144,7 +151,10 @@ impl RqCodebooks {
                 rest % dim
             )));
         }
-        let code_norms: Vec<f32> = codebooks.chunks_exact(dim).map(kernel::squared_norm).collect();
+        let code_norms: Vec<f32> = codebooks
+            .chunks_exact(dim)
+            .map(kernel::squared_norm)
+            .collect();
         if let Some(pos) = code_norms.iter().position(|v| !v.is_finite()) {
             return Err(Gr2Error::invalid(format!(
                 "the squared norm of code {} at level {} overflows float32; rescale the codebooks",
@@ -159,7 +169,16 @@ impl RqCodebooks {
             packed_weights.extend_from_slice(&weights);
             packed_norms.extend_from_slice(&norms);
         }
-        Ok(RqCodebooks { levels, codebook_size, dim, codebooks, code_norms, packed_weights, packed_norms, kernel })
+        Ok(RqCodebooks {
+            levels,
+            codebook_size,
+            dim,
+            codebooks,
+            code_norms,
+            packed_weights,
+            packed_norms,
+            kernel,
+        })
     }
 
     pub fn levels(&self) -> usize {
@@ -197,7 +216,8 @@ impl RqCodebooks {
     fn packed_level(&self, level: usize) -> PackedLevel<'_> {
         let padded = self.codebook_size.div_ceil(CODE_BLOCK) * CODE_BLOCK;
         PackedLevel {
-            weights: &self.packed_weights[level * padded * self.dim..(level + 1) * padded * self.dim],
+            weights: &self.packed_weights
+                [level * padded * self.dim..(level + 1) * padded * self.dim],
             norms: &self.packed_norms[level * padded..(level + 1) * padded],
             dim: self.dim,
         }
@@ -228,7 +248,9 @@ impl RqCodebooks {
 
     fn check_beam(beam: usize) -> Result<()> {
         if beam == 0 || beam > MAX_BEAM {
-            return Err(Gr2Error::invalid(format!("beam must be between 1 and {MAX_BEAM}, got {beam}")));
+            return Err(Gr2Error::invalid(format!(
+                "beam must be between 1 and {MAX_BEAM}, got {beam}"
+            )));
         }
         Ok(())
     }
@@ -266,7 +288,11 @@ impl RqCodebooks {
             .map(|(block, codes)| {
                 let first_row = block * GREEDY_BLOCK;
                 let rows = codes.len() / self.levels;
-                self.encode_greedy_block(&x[first_row * self.dim..(first_row + rows) * self.dim], first_row, codes)
+                self.encode_greedy_block(
+                    &x[first_row * self.dim..(first_row + rows) * self.dim],
+                    first_row,
+                    codes,
+                )
             })
             .reduce(|| None, first_problem);
         match problem {
@@ -276,22 +302,40 @@ impl RqCodebooks {
     }
 
     /// Greedy encoding of a block of rows, tile by tile; returns the block's first problem.
-    fn encode_greedy_block(&self, x: &[f32], first_row: usize, out: &mut [u16]) -> Option<EncodeProblem> {
+    fn encode_greedy_block(
+        &self,
+        x: &[f32],
+        first_row: usize,
+        out: &mut [u16],
+    ) -> Option<EncodeProblem> {
         let (dim, levels) = (self.dim, self.levels);
         let mut residuals_t = vec![0.0f32; dim * TILE];
         let mut best_code = [0u32; TILE];
         let mut best_score = [0.0f32; TILE];
-        for (tile, (rows, codes)) in x.chunks(dim * TILE).zip(out.chunks_mut(levels * TILE)).enumerate() {
+        for (tile, (rows, codes)) in x
+            .chunks(dim * TILE)
+            .zip(out.chunks_mut(levels * TILE))
+            .enumerate()
+        {
             let tile_row = first_row + tile * TILE;
             let used = rows.len() / dim;
             if let Some(problem) = load_tile(rows, dim, tile_row, &mut residuals_t) {
                 return Some(problem);
             }
             for level in 0..levels {
-                kernel::argmin_tile(self.kernel, self.packed_level(level), &residuals_t, &mut best_code, &mut best_score);
+                kernel::argmin_tile(
+                    self.kernel,
+                    self.packed_level(level),
+                    &residuals_t,
+                    &mut best_code,
+                    &mut best_score,
+                );
                 for lane in 0..used {
                     if !best_score[lane].is_finite() {
-                        return Some(EncodeProblem::Overflow { row: tile_row + lane, level });
+                        return Some(EncodeProblem::Overflow {
+                            row: tile_row + lane,
+                            level,
+                        });
                     }
                     codes[lane * levels + level] = best_code[lane] as u16;
                 }
@@ -321,8 +365,16 @@ impl RqCodebooks {
         let (dim, levels, k) = (self.dim, self.levels, self.codebook_size);
         let items = x.len() / dim;
         // Current paths of every item of the block, item-major and best first within an item.
-        let mut paths: Vec<Vec<Path>> =
-            x.chunks_exact(dim).map(|row| vec![Path { residual: row.to_vec(), error: 0.0, codes: Vec::new() }]).collect();
+        let mut paths: Vec<Vec<Path>> = x
+            .chunks_exact(dim)
+            .map(|row| {
+                vec![Path {
+                    residual: row.to_vec(),
+                    error: 0.0,
+                    codes: Vec::new(),
+                }]
+            })
+            .collect();
         for item_paths in paths.iter_mut() {
             item_paths[0].error = kernel::squared_norm(&item_paths[0].residual);
         }
@@ -331,9 +383,13 @@ impl RqCodebooks {
         for level in 0..levels {
             let packed = self.packed_level(level);
             // (item, parent rank) of every row, tiled by TILE.
-            let rows: Vec<(usize, usize)> =
-                paths.iter().enumerate().flat_map(|(item, ps)| (0..ps.len()).map(move |rank| (item, rank))).collect();
-            let mut heaps: Vec<BestCandidates> = (0..items).map(|_| BestCandidates::new(beam)).collect();
+            let rows: Vec<(usize, usize)> = paths
+                .iter()
+                .enumerate()
+                .flat_map(|(item, ps)| (0..ps.len()).map(move |rank| (item, rank)))
+                .collect();
+            let mut heaps: Vec<BestCandidates> =
+                (0..items).map(|_| BestCandidates::new(beam)).collect();
             for tile in rows.chunks(TILE) {
                 residuals_t.iter_mut().for_each(|v| *v = 0.0);
                 for (lane, &(item, rank)) in tile.iter().enumerate() {
@@ -346,7 +402,11 @@ impl RqCodebooks {
                     let parent_error = paths[item][rank].error;
                     for code in 0..k {
                         let error = parent_error + scores[code * TILE + lane];
-                        heaps[item].offer(Candidate { error, parent: rank as u32, code: code as u32 });
+                        heaps[item].offer(Candidate {
+                            error,
+                            parent: rank as u32,
+                            code: code as u32,
+                        });
                     }
                 }
             }
@@ -357,18 +417,28 @@ impl RqCodebooks {
                     .into_iter()
                     .map(|cand| {
                         let parent = &parents[cand.parent as usize];
-                        let residual: Vec<f32> =
-                            parent.residual.iter().zip(self.code(level, cand.code as usize)).map(|(r, c)| r - c).collect();
+                        let residual: Vec<f32> = parent
+                            .residual
+                            .iter()
+                            .zip(self.code(level, cand.code as usize))
+                            .map(|(r, c)| r - c)
+                            .collect();
                         let mut codes = parent.codes.clone();
                         codes.push(cand.code as u16);
-                        Path { error: kernel::squared_norm(&residual), residual, codes }
+                        Path {
+                            error: kernel::squared_norm(&residual),
+                            residual,
+                            codes,
+                        }
                     })
                     .collect();
             }
         }
         for (item, item_paths) in paths.iter().enumerate() {
             // Smallest exact error; ties keep the better-ranked path.
-            let Some(best) = item_paths.iter().min_by(|a, b| a.error.total_cmp(&b.error)) else { continue };
+            let Some(best) = item_paths.iter().min_by(|a, b| a.error.total_cmp(&b.error)) else {
+                continue;
+            };
             let greedy = &mut out[item * levels..(item + 1) * levels];
             let greedy_error = self.squared_error(&x[item * dim..(item + 1) * dim], greedy);
             if best.error < greedy_error {
@@ -410,33 +480,49 @@ impl RqCodebooks {
                 pos % levels
             )));
         }
-        out.par_chunks_mut(DECODE_BLOCK * dim).zip(codes.par_chunks(DECODE_BLOCK * levels)).for_each(|(vectors, codes)| {
-            for (vector, row_codes) in vectors.chunks_exact_mut(dim).zip(codes.chunks_exact(levels)) {
-                vector.copy_from_slice(self.code(0, row_codes[0] as usize));
-                for (level, &code) in row_codes.iter().enumerate().skip(1) {
-                    for (v, c) in vector.iter_mut().zip(self.code(level, code as usize)) {
-                        *v += c;
+        out.par_chunks_mut(DECODE_BLOCK * dim)
+            .zip(codes.par_chunks(DECODE_BLOCK * levels))
+            .for_each(|(vectors, codes)| {
+                for (vector, row_codes) in vectors
+                    .chunks_exact_mut(dim)
+                    .zip(codes.chunks_exact(levels))
+                {
+                    vector.copy_from_slice(self.code(0, row_codes[0] as usize));
+                    for (level, &code) in row_codes.iter().enumerate().skip(1) {
+                        for (v, c) in vector.iter_mut().zip(self.code(level, code as usize)) {
+                            *v += c;
+                        }
                     }
                 }
-            }
-        });
+            });
         Ok(())
     }
 }
 
 /// Transposes up to TILE rows into `[dim][TILE]`, zero-filling unused lanes and checking values.
-fn load_tile(rows: &[f32], dim: usize, first_row: usize, residuals_t: &mut [f32]) -> Option<EncodeProblem> {
+fn load_tile(
+    rows: &[f32],
+    dim: usize,
+    first_row: usize,
+    residuals_t: &mut [f32],
+) -> Option<EncodeProblem> {
     let used = rows.len() / dim;
     for (lane, row) in rows.chunks_exact(dim).enumerate() {
         for (d, &value) in row.iter().enumerate() {
             if !value.is_finite() {
-                return Some(EncodeProblem::NonFinite { row: first_row + lane, col: d, value });
+                return Some(EncodeProblem::NonFinite {
+                    row: first_row + lane,
+                    col: d,
+                    value,
+                });
             }
             residuals_t[d * TILE + lane] = value;
         }
     }
     for d in 0..dim {
-        residuals_t[d * TILE + used..(d + 1) * TILE].iter_mut().for_each(|v| *v = 0.0);
+        residuals_t[d * TILE + used..(d + 1) * TILE]
+            .iter_mut()
+            .for_each(|v| *v = 0.0);
     }
     None
 }
@@ -459,7 +545,10 @@ struct Candidate {
 
 impl Candidate {
     fn key_cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.error.total_cmp(&other.error).then(self.parent.cmp(&other.parent)).then(self.code.cmp(&other.code))
+        self.error
+            .total_cmp(&other.error)
+            .then(self.parent.cmp(&other.parent))
+            .then(self.code.cmp(&other.code))
     }
 }
 
@@ -489,7 +578,10 @@ struct BestCandidates {
 
 impl BestCandidates {
     fn new(capacity: usize) -> Self {
-        BestCandidates { capacity, heap: std::collections::BinaryHeap::with_capacity(capacity + 1) }
+        BestCandidates {
+            capacity,
+            heap: std::collections::BinaryHeap::with_capacity(capacity + 1),
+        }
     }
 
     #[inline]

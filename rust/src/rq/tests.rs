@@ -13,9 +13,15 @@ fn reference_check(cb: &RqCodebooks, x: &[f32], codes: &[u16]) -> Vec<(f64, f64)
     let mut out = Vec::new();
     for (level, &chosen) in codes.iter().enumerate() {
         let dist = |code: usize| -> f64 {
-            residual.iter().zip(cb.code(level, code)).map(|(&r, &c)| ((r - c) as f64).powi(2)).sum()
+            residual
+                .iter()
+                .zip(cb.code(level, code))
+                .map(|(&r, &c)| ((r - c) as f64).powi(2))
+                .sum()
         };
-        let min = (0..cb.codebook_size()).map(dist).fold(f64::INFINITY, f64::min);
+        let min = (0..cb.codebook_size())
+            .map(dist)
+            .fold(f64::INFINITY, f64::min);
         out.push((min, dist(chosen as usize)));
         for (r, c) in residual.iter_mut().zip(cb.code(level, chosen as usize)) {
             *r -= c;
@@ -31,7 +37,11 @@ fn reference_greedy(cb: &RqCodebooks, x: &[f32]) -> Vec<u16> {
     for level in 0..cb.levels() {
         let mut best = (f64::INFINITY, 0usize);
         for code in 0..cb.codebook_size() {
-            let d: f64 = residual.iter().zip(cb.code(level, code)).map(|(&r, &c)| ((r - c) as f64).powi(2)).sum();
+            let d: f64 = residual
+                .iter()
+                .zip(cb.code(level, code))
+                .map(|(&r, &c)| ((r - c) as f64).powi(2))
+                .sum();
             if d < best.0 {
                 best = (d, code);
             }
@@ -45,11 +55,16 @@ fn reference_greedy(cb: &RqCodebooks, x: &[f32]) -> Vec<u16> {
 }
 
 fn kernels() -> Vec<Kernel> {
-    [Kernel::Portable, Kernel::Avx2Fma].into_iter().filter(|k| k.is_supported()).collect()
+    [Kernel::Portable, Kernel::Avx2Fma]
+        .into_iter()
+        .filter(|k| k.is_supported())
+        .collect()
 }
 
 fn random_vec(rng: &mut StdRng, len: usize, scale: f32) -> Vec<f32> {
-    (0..len).map(|_| rng.gen_range(-1.0f32..1.0) * scale).collect()
+    (0..len)
+        .map(|_| rng.gen_range(-1.0f32..1.0) * scale)
+        .collect()
 }
 
 /// The chosen code must be a (near-)minimum at every level: near-ties may differ from the
@@ -57,9 +72,16 @@ fn random_vec(rng: &mut StdRng, len: usize, scale: f32) -> Vec<f32> {
 fn assert_near_optimal(cb: &RqCodebooks, x: &[f32], codes: &[u16]) {
     let scale: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>()
         + cb.code_norms().iter().fold(0.0f64, |a, &v| a.max(v as f64));
-    for (row, (xr, cr)) in x.chunks_exact(cb.dim()).zip(codes.chunks_exact(cb.levels())).enumerate() {
+    for (row, (xr, cr)) in x
+        .chunks_exact(cb.dim())
+        .zip(codes.chunks_exact(cb.levels()))
+        .enumerate()
+    {
         for (level, (min, chosen)) in reference_check(cb, xr, cr).into_iter().enumerate() {
-            assert!(chosen <= min + 1e-5 * (scale + 1.0), "row {row} level {level}: chosen {chosen} > min {min}");
+            assert!(
+                chosen <= min + 1e-5 * (scale + 1.0),
+                "row {row} level {level}: chosen {chosen} > min {min}"
+            );
         }
     }
 }
@@ -67,7 +89,13 @@ fn assert_near_optimal(cb: &RqCodebooks, x: &[f32], codes: &[u16]) {
 #[test]
 fn greedy_matches_reference_on_random_data() {
     let mut rng = StdRng::seed_from_u64(7);
-    for &(n, l, k, d) in &[(1, 1, 1, 1), (37, 3, 17, 3), (100, 4, 256, 32), (33, 2, 7, 33), (5, 2, 300, 17)] {
+    for &(n, l, k, d) in &[
+        (1, 1, 1, 1),
+        (37, 3, 17, 3),
+        (100, 4, 256, 32),
+        (33, 2, 7, 33),
+        (5, 2, 300, 17),
+    ] {
         let cbv = random_vec(&mut rng, l * k * d, 1.0);
         let x = random_vec(&mut rng, n * d, 2.0);
         for kernel in kernels() {
@@ -85,13 +113,21 @@ fn integer_data_is_exact_and_ties_go_low() {
     // including its tie-breaking (many exact ties occur with values in -2..=2).
     let mut rng = StdRng::seed_from_u64(11);
     let (n, l, k, d) = (300, 3, 20, 5);
-    let cbv: Vec<f32> = (0..l * k * d).map(|_| rng.gen_range(-2i32..=2) as f32).collect();
-    let x: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-4i32..=4) as f32).collect();
+    let cbv: Vec<f32> = (0..l * k * d)
+        .map(|_| rng.gen_range(-2i32..=2) as f32)
+        .collect();
+    let x: Vec<f32> = (0..n * d)
+        .map(|_| rng.gen_range(-4i32..=4) as f32)
+        .collect();
     for kernel in kernels() {
         let cb = RqCodebooks::with_kernel(cbv.clone(), l, k, d, kernel).unwrap();
         let codes = cb.encode(&x, 1).unwrap();
         for (row, xr) in x.chunks_exact(d).enumerate() {
-            assert_eq!(&codes[row * l..(row + 1) * l], reference_greedy(&cb, xr).as_slice(), "row {row}");
+            assert_eq!(
+                &codes[row * l..(row + 1) * l],
+                reference_greedy(&cb, xr).as_slice(),
+                "row {row}"
+            );
         }
     }
 }
@@ -100,7 +136,9 @@ fn integer_data_is_exact_and_ties_go_low() {
 fn degenerate_codebooks_pick_code_zero() {
     for kernel in kernels() {
         let cb = RqCodebooks::with_kernel(vec![0.5; 2 * 9 * 4], 2, 9, 4, kernel).unwrap();
-        let codes = cb.encode(&[1.0, -3.0, 2.0, 0.0, 7.0, 7.0, 7.0, 7.0], 1).unwrap();
+        let codes = cb
+            .encode(&[1.0, -3.0, 2.0, 0.0, 7.0, 7.0, 7.0, 7.0], 1)
+            .unwrap();
         assert_eq!(codes, vec![0; 4]);
         // Duplicate codes: the first copy wins.
         let mut v = vec![0.0f32; 5 * 2];
@@ -123,14 +161,30 @@ fn empty_input_and_validation_errors() {
     x[4 * 517 + 3] = f32::INFINITY;
     assert!(msg(cb.encode(&x, 1)).contains("row 517, column 3"));
     assert!(msg(cb.encode(&[0.0; 4], 0)).contains("beam"));
-    assert!(cb.decode(&[0, 3]).unwrap_err().to_string().contains("code 3 at row 0, level 1"));
-    assert!(RqCodebooks::new(vec![0.0; 6], 1, 3, 3).unwrap_err().to_string().contains("needs 9"));
+    assert!(cb
+        .decode(&[0, 3])
+        .unwrap_err()
+        .to_string()
+        .contains("code 3 at row 0, level 1"));
+    assert!(RqCodebooks::new(vec![0.0; 6], 1, 3, 3)
+        .unwrap_err()
+        .to_string()
+        .contains("needs 9"));
     assert!(RqCodebooks::new(vec![], 0, 3, 3).is_err());
-    assert!(RqCodebooks::new(vec![0.0; 65537], 1, 65537, 1).unwrap_err().to_string().contains("uint16"));
+    assert!(RqCodebooks::new(vec![0.0; 65537], 1, 65537, 1)
+        .unwrap_err()
+        .to_string()
+        .contains("uint16"));
     let mut bad = vec![0.0f32; 2 * 3 * 4];
     bad[13] = f32::NEG_INFINITY;
-    assert!(RqCodebooks::new(bad, 2, 3, 4).unwrap_err().to_string().contains("level 1, code 0, dimension 1"));
-    assert!(RqCodebooks::new(vec![3e38; 4], 1, 1, 4).unwrap_err().to_string().contains("overflows"));
+    assert!(RqCodebooks::new(bad, 2, 3, 4)
+        .unwrap_err()
+        .to_string()
+        .contains("level 1, code 0, dimension 1"));
+    assert!(RqCodebooks::new(vec![3e38; 4], 1, 1, 4)
+        .unwrap_err()
+        .to_string()
+        .contains("overflows"));
 }
 
 #[test]
@@ -168,13 +222,21 @@ fn beam_finds_the_exhaustive_optimum_when_wide_enough() {
             }
         }
         let got = cb.squared_error(&x, &codes);
-        assert!(got <= best + 1e-5 * (1.0 + best), "beam {got} vs exhaustive {best}");
+        assert!(
+            got <= best + 1e-5 * (1.0 + best),
+            "beam {got} vs exhaustive {best}"
+        );
     }
 }
 
 fn codebook_strategy() -> impl Strategy<Value = (usize, usize, usize, Vec<f32>)> {
     (1usize..4, 1usize..20, 1usize..19).prop_flat_map(|(l, k, d)| {
-        (Just(l), Just(k), Just(d), prop::collection::vec(-3.0f32..3.0, l * k * d))
+        (
+            Just(l),
+            Just(k),
+            Just(d),
+            prop::collection::vec(-3.0f32..3.0, l * k * d),
+        )
     })
 }
 

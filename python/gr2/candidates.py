@@ -1,0 +1,307 @@
+"""Stage `candidates`: the upstream ranker's top-K lists that the reranker learns to reorder.
+
+Reads ``data/sequences`` and ``data/items``; writes ``candidates/{train,valid,test}`` (HF datasets:
+``user_idx``, ``history`` (oldest -> newest, the last ``max_history`` items), ``candidates`` (K item
+indices in upstream order), ``scores`` (their upstream scores), ``target``) and
+``candidates/report.json``.
+
+Splits (leave-one-out, see :func:`gr2.upstream.leave_one_out`): the upstream ranker is fitted on
+``items[:-2]`` of every user (SASRec early-stops on the valid targets). Valid lists rank the catalog
+for history ``items[:-2]``; test lists for ``items[:-1]``.
+
+Training examples -- the "tail hold-out" (prefix) protocol. A reranker must be trained on
+candidate lists that look like the ones it will see at test time: lists produced by a ranker
+that *has not seen the target*. Ranking training windows with the main model would be wrong: it
+was fitted on those very transitions, so its training lists contain the target far more often and
+rank it higher than on test (a reranker would learn to trust the upstream order too much). So a
+second, "prefix" ranker is fitted on every user's train sequence minus its last ``train_windows``
+items (SASRec: same hyperparameters, trained for the main run's best epoch count, no peeking at
+valid), and it ranks the sliding windows whose targets are exactly those held-out items (history
+= everything before the target). Like test, each window's target lies one to a few steps past the
+data its ranker was fitted on, and the ranker has seen the user's earlier history. We chose this
+over out-of-fold user splits because it costs one extra model instead of k, keeps the ranker's
+view of the user (SASRec on test has trained on the user's prefix, an out-of-fold model has not),
+and keeps time order (no window is ranked by a model trained on its future). The report gives
+coverage on train, valid and test so the match can be checked.
+
+Protocol of the paper: only lists that contain the target are stored (a reranker cannot fix a
+list without it); ``report.json`` records coverage (share of lists whose target is in the top-K)
+per split so full-population metrics can be derived (full Recall@k = coverage x list Recall@k),
+and full-ranking Recall@10/NDCG@10 of the upstream next to popularity and item-kNN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from gr2.config import from_dict, load_toml
+from gr2.errors import ConfigError, DataError
+from gr2.rundir import atomic_dir, atomic_write_json, is_current, mark_done, read_stage, stage_key
+from gr2.upstream import LeaveOneOut, evaluate_full_ranking, leave_one_out, top_k
+from gr2.upstream.itemknn import ItemKNNRanker
+from gr2.upstream.popularity import PopularityRanker
+from gr2.upstream.sasrec import SASRecConfig, train_sasrec
+
+UPSTREAMS = ("sasrec", "popularity", "itemknn")
+
+
+@dataclass
+class ItemKNNConfig:
+    neighbors: int = 100
+    shrink: float = 10.0
+    recency_decay: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.neighbors <= 0:
+            raise ConfigError(f"itemknn.neighbors must be positive, got {self.neighbors}")
+        if not 0.0 < self.recency_decay <= 1.0:
+            raise ConfigError(f"itemknn.recency_decay must be in (0, 1], got {self.recency_decay}")
+
+
+@dataclass
+class CandidatesConfig:
+    upstream: str = "sasrec"  # "sasrec" | "popularity" | "itemknn"
+    k: int = 10  # candidates per list
+    max_history: int = 50  # history items stored per example (the most recent)
+    mask_history: bool = True  # exclude items already in the history from the ranking
+    train_windows: int = 5  # training windows per user: its last train items, held out from the prefix ranker
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    itemknn: ItemKNNConfig = field(default_factory=ItemKNNConfig)
+
+    def __post_init__(self) -> None:
+        if self.upstream not in UPSTREAMS:
+            raise ConfigError(f"candidates.upstream must be one of {UPSTREAMS}, got {self.upstream!r}")
+        if self.k < 1:
+            raise ConfigError(f"candidates.k must be >= 1, got {self.k}")
+        if self.max_history < 1:
+            raise ConfigError(f"candidates.max_history must be >= 1, got {self.max_history}")
+        if self.train_windows < 0:
+            raise ConfigError(f"candidates.train_windows must be >= 0, got {self.train_windows}")
+
+
+def load_data(run_dir: Path) -> tuple[Any, Any, str]:
+    """(items, sequences, data stage key) from ``run_dir/data``; DataError if the stage is missing."""
+    from datasets import load_from_disk
+
+    data_dir = Path(run_dir) / "data"
+    record = read_stage(data_dir)
+    if record is None:
+        raise DataError(f"{data_dir} has no finished data stage (stage.json); run `gr2 data` first")
+    try:
+        items = load_from_disk(str(data_dir / "items"))
+        sequences = load_from_disk(str(data_dir / "sequences"))
+    except FileNotFoundError as e:
+        raise DataError(f"data stage output incomplete in {data_dir}: {e}") from e
+    for name, ds, cols in (("items", items, {"item_idx"}), ("sequences", sequences, {"user_idx", "items"})):
+        missing = cols - set(ds.column_names)
+        if missing:
+            raise DataError(f"data/{name} lacks column(s) {sorted(missing)}")
+    item_idx = np.asarray(items["item_idx"], dtype=np.int64)
+    if not np.array_equal(item_idx, np.arange(len(item_idx))):
+        raise DataError("data/items.item_idx must be the dense range 0..n-1 in row order")
+    return items, sequences, record["key"]
+
+
+def fit_ranker(
+    name: str,
+    train: Sequence[np.ndarray],
+    n_items: int,
+    config: CandidatesConfig,
+    *,
+    valid: tuple[Sequence[np.ndarray], np.ndarray] | None = None,
+    epochs: int | None = None,
+    desc: str = "sasrec",
+):
+    if name == "popularity":
+        return PopularityRanker.fit(train, n_items)
+    if name == "itemknn":
+        c = config.itemknn
+        return ItemKNNRanker.fit(train, n_items, neighbors=c.neighbors, shrink=c.shrink, recency_decay=c.recency_decay)
+    return train_sasrec(train, n_items, config.sasrec, valid=valid, epochs=epochs, desc=desc)
+
+
+@dataclass
+class Lists:
+    """Candidate lists for one split, before filtering to the lists that contain the target."""
+
+    user_idx: np.ndarray
+    histories: list[np.ndarray]
+    targets: np.ndarray
+    candidates: np.ndarray  # int64 (N, K)
+    scores: np.ndarray  # float32 (N, K)
+
+    @property
+    def hits(self) -> np.ndarray:
+        return (self.candidates == self.targets[:, None]).any(axis=1)
+
+    def coverage(self) -> float:
+        return float(self.hits.mean()) if len(self.targets) else 0.0
+
+
+def rank_lists(ranker, user_idx, histories, targets, config: CandidatesConfig) -> Lists:
+    cands, scores = top_k(ranker, histories, config.k, mask_history=config.mask_history)
+    return Lists(np.asarray(user_idx, np.int64), list(histories), np.asarray(targets, np.int64), cands, scores)
+
+
+def training_windows(split: LeaveOneOut, windows: int) -> tuple[list[np.ndarray], np.ndarray, list, np.ndarray]:
+    """Prefix sequences for the prefix ranker, and the held-out windows it ranks.
+
+    For a train sequence ``s`` of length n the cut is ``c = max(1, n - windows)``: the ranker fits
+    ``s[:c]`` and window ``t`` (c <= t < n) is (history ``s[:t]``, target ``s[t]``).
+    Returns (prefixes, window user_idx, window histories, window targets).
+    """
+    prefixes, users, histories, targets = [], [], [], []
+    for u, seq in zip(split.user_idx, split.train):
+        cut = max(1, len(seq) - windows)
+        prefixes.append(seq[:cut])
+        for t in range(cut, len(seq)):
+            users.append(int(u))
+            histories.append(seq[:t])
+            targets.append(int(seq[t]))
+    return prefixes, np.asarray(users, np.int64), histories, np.asarray(targets, np.int64)
+
+
+def to_dataset(lists: Lists, max_history: int):
+    """HF dataset of the lists that contain their target."""
+    from datasets import Dataset, Features, Sequence, Value
+
+    keep = np.nonzero(lists.hits)[0]
+    features = Features(
+        {
+            "user_idx": Value("int64"),
+            "history": Sequence(Value("int64")),
+            "candidates": Sequence(Value("int64")),
+            "scores": Sequence(Value("float32")),
+            "target": Value("int64"),
+        }
+    )
+    return Dataset.from_dict(
+        {
+            "user_idx": lists.user_idx[keep].tolist(),
+            "history": [lists.histories[i][-max_history:].tolist() for i in keep],
+            "candidates": lists.candidates[keep].tolist(),
+            "scores": lists.scores[keep].tolist(),
+            "target": lists.targets[keep].tolist(),
+        },
+        features=features,
+    )
+
+
+def split_report(lists: Lists) -> dict[str, Any]:
+    hits = lists.hits
+    ranks = np.argmax(lists.candidates == lists.targets[:, None], axis=1)[hits] + 1
+    k = lists.candidates.shape[1]
+    return {
+        "lists": int(len(hits)),
+        "kept": int(hits.sum()),
+        "dropped_target_not_in_top_k": int((~hits).sum()),
+        "coverage": lists.coverage(),
+        "target_position_histogram": np.bincount(ranks, minlength=k + 1)[1:].tolist(),
+    }
+
+
+def run_candidates(run_dir: str | Path, config: CandidatesConfig, *, force: bool = False) -> dict[str, Any]:
+    """Fit the upstream ranker and write the candidate lists and their report (module docstring)."""
+    run_dir = Path(run_dir)
+    out = run_dir / "candidates"
+    items, sequences, data_key = load_data(run_dir)
+    key = stage_key(config, data_key)
+    if not force and is_current(out, key):
+        return read_stage(out)["summary"]
+    started = time.perf_counter()
+    n_items = len(items)
+    split = leave_one_out(sequences["user_idx"], sequences["items"])
+    if len(split.user_idx) == 0:
+        raise DataError("no user has the 3 interactions leave-one-out needs")
+    if config.k > n_items:
+        raise ConfigError(f"candidates.k={config.k} exceeds the catalog size {n_items}")
+    valid = (split.valid_histories(), split.valid_targets)
+    test = (split.test_histories(), split.test_targets)
+
+    ranker = fit_ranker(config.upstream, split.train, n_items, config, valid=valid, desc="sasrec (main)")
+    lists = {
+        "valid": rank_lists(ranker, split.user_idx, *valid, config),
+        "test": rank_lists(ranker, split.user_idx, *test, config),
+    }
+    full_ranking: dict[str, dict] = {"valid": {}, "test": {}}
+    rankers = {config.upstream: ranker}
+    for name in ("popularity", "itemknn"):
+        if name not in rankers:
+            rankers[name] = fit_ranker(name, split.train, n_items, config)
+    for name, r in rankers.items():
+        for split_name, (hist, targets) in (("valid", valid), ("test", test)):
+            full_ranking[split_name][name] = evaluate_full_ranking(r, hist, targets, 10, config.mask_history)
+
+    prefixes, w_users, w_hist, w_targets = training_windows(split, config.train_windows)
+    prefix_epochs = ranker.history["best_epoch"] if config.upstream == "sasrec" else None
+    if len(w_targets):
+        prefix_ranker = fit_ranker(config.upstream, prefixes, n_items, config, epochs=prefix_epochs, desc="sasrec (prefix)")
+        lists["train"] = rank_lists(prefix_ranker, w_users, w_hist, w_targets, config)
+    else:
+        empty = np.zeros((0, config.k), np.int64)
+        lists["train"] = Lists(np.zeros(0, np.int64), [], np.zeros(0, np.int64), empty, empty.astype(np.float32))
+
+    for split_name in ("train", "valid", "test"):
+        with atomic_dir(out / split_name) as tmp:
+            to_dataset(lists[split_name], config.max_history).save_to_disk(str(tmp))
+    report = {
+        "upstream": config.upstream,
+        "k": config.k,
+        "mask_history": config.mask_history,
+        "train_protocol": f"prefix: last {config.train_windows} train items per user held out from a second ranker",
+        "coverage": {s: lists[s].coverage() for s in ("train", "valid", "test")},
+        "splits": {s: split_report(lists[s]) for s in ("train", "valid", "test")},
+        "full_ranking": full_ranking,
+        "users": int(len(split.user_idx)),
+        "skipped_users_too_short": int(len(split.skipped_users)),
+        "items": n_items,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if config.upstream == "sasrec":
+        report["sasrec_training"] = ranker.history
+    atomic_write_json(out / "report.json", report)
+    summary = {
+        "upstream": config.upstream,
+        "coverage": report["coverage"],
+        "test_full_ranking": full_ranking["test"],
+        "kept": {s: report["splits"][s]["kept"] for s in ("train", "valid", "test")},
+        "seconds": report["seconds"],
+    }
+    mark_done(out, key, summary)
+    return summary
+
+
+def config_from_file(path: str | None, table: str = "candidates") -> dict[str, Any]:
+    if path is None:
+        return {}
+    data = load_toml(path)
+    return data.get(table, {})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", required=True, help="run directory (holds data/)")
+    parser.add_argument("--config", help="TOML file; its [candidates] table sets the config")
+    parser.add_argument("--upstream", choices=UPSTREAMS, help="upstream ranker")
+    parser.add_argument("--k", type=int, help="candidates per list")
+    parser.add_argument("--force", action="store_true", help="rerun even if the outputs are current")
+
+
+def main(args: argparse.Namespace) -> int:
+    values = config_from_file(args.config)
+    if args.upstream is not None:
+        values["upstream"] = args.upstream
+    if args.k is not None:
+        values["k"] = args.k
+    config = from_dict(CandidatesConfig, values, where="candidates")
+    summary = run_candidates(args.run_dir, config, force=args.force)
+    cov = summary["coverage"]
+    print(f"candidates ({summary['upstream']}): coverage train {cov['train']:.3f} valid {cov['valid']:.3f} test {cov['test']:.3f}")
+    for name, m in summary["test_full_ranking"].items():
+        print(f"  test full ranking {name:>10}: Recall@10 {m['recall@10']:.4f}  NDCG@10 {m['ndcg@10']:.4f}")
+    return 0

@@ -1,0 +1,168 @@
+"""Metrics of reranked K-candidate lists, with percentile-bootstrap confidence intervals.
+
+A *method* is a ranking array: item ids (B, K), one row per list, plus a validity mask (B,) (False
+where the model's output did not parse into a permutation of the candidates). Every list has
+exactly one relevant item, its target, which must be among the candidates (the paper's protocol:
+only lists containing the target are reranked).
+
+Per list, with ``r`` the 1-based position of the target in the ranking:
+
+- Recall@k = 1 if r <= k;  NDCG@k = 1 / log2(r + 1) if r <= k (the ideal DCG is 1);
+- validity = the output was a valid permutation;
+- order copy = valid and the ranking equals the input (upstream) order exactly;
+- position bias = histogram of the *input* position (0-based) of the item ranked first, over
+  valid lists (a model that always picks the first input has all its mass at 0).
+
+Invalid lists count as misses on Recall/NDCG by default (``invalid="miss"``), the honest number
+for a model served without a fallback; ``invalid="upstream"`` scores them with the upstream order
+instead (what a production system with a fallback would show).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gr2.errors import InvalidInputError, UnknownItemError
+
+RECALL_KS = (1, 3, 5)
+NDCG_KS = (3, 5)
+
+
+def _as_items(name: str, x, ndim: int) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != ndim:
+        raise InvalidInputError(f"{name} must be {ndim}-D, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidInputError(f"{name} must hold integer item ids, got dtype {arr.dtype}")
+    if arr.size and np.issubdtype(arr.dtype, np.signedinteger) and arr.min() < 0:
+        raise InvalidInputError(f"{name} holds a negative item id ({int(arr.min())})")
+    return arr.astype(np.uint64)
+
+
+def check_lists(candidates, targets) -> tuple[np.ndarray, np.ndarray]:
+    """Validate candidate lists (B, K) and targets (B,): no duplicates, target in every list."""
+    candidates = _as_items("candidates", candidates, 2)
+    targets = _as_items("targets", targets, 1)
+    if len(targets) != len(candidates):
+        raise InvalidInputError(f"{len(candidates)} candidate lists but {len(targets)} targets")
+    if candidates.shape[0] == 0 or candidates.shape[1] == 0:
+        raise InvalidInputError(f"need at least one list of at least one candidate, got shape {candidates.shape}")
+    ordered = np.sort(candidates, axis=1)
+    dup_rows = np.nonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))[0]
+    if len(dup_rows):
+        row = int(dup_rows[0])
+        raise InvalidInputError(
+            f"candidate list {row} has duplicate items ({len(dup_rows)} list(s) affected): {candidates[row].tolist()}"
+        )
+    missing = np.nonzero(~(candidates == targets[:, None]).any(axis=1))[0]
+    if len(missing):
+        row = int(missing[0])
+        raise InvalidInputError(
+            f"target {int(targets[row])} is not in candidate list {row} ({len(missing)} list(s) without their "
+            "target); keep only lists that contain the target and report coverage separately"
+        )
+    return candidates, targets
+
+
+def check_rankings(rankings, valid, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate rankings (B, K) and validity (B,) against the candidates; valid rows must be
+    permutations of their candidate list."""
+    rankings = _as_items("rankings", rankings, 2)
+    if rankings.shape != candidates.shape:
+        raise InvalidInputError(
+            f"rankings shape {rankings.shape} does not match candidates {candidates.shape} (K mismatch or wrong B)"
+        )
+    valid = np.asarray(valid)
+    if valid.shape != (len(candidates),) or valid.dtype != np.bool_:
+        raise InvalidInputError(f"valid must be a bool array of shape ({len(candidates)},), got {valid.dtype} {valid.shape}")
+    member = (rankings[:, :, None] == candidates[:, None, :]).any(axis=2)
+    unknown = np.nonzero(valid & ~member.all(axis=1))[0]
+    if len(unknown):
+        row = int(unknown[0])
+        item = int(rankings[row][~member[row]][0])
+        raise UnknownItemError(
+            f"ranking {row} is marked valid but ranks item {item}, which is not among its candidates; "
+            "mark it invalid or fix the parser"
+        )
+    ordered = np.sort(rankings, axis=1)
+    dup = np.nonzero(valid & (ordered[:, 1:] == ordered[:, :-1]).any(axis=1))[0]
+    if len(dup):
+        raise InvalidInputError(f"ranking {int(dup[0])} is marked valid but repeats an item: {rankings[dup[0]].tolist()}")
+    return rankings, valid
+
+
+def per_list_metrics(rankings, valid, candidates, targets, *, invalid: str = "miss") -> dict[str, np.ndarray]:
+    """Per-list metric values (float64 (B,) each) and the top-1 input positions (-1 if invalid)."""
+    if invalid not in ("miss", "upstream"):
+        raise InvalidInputError(f"invalid must be 'miss' or 'upstream', got {invalid!r}")
+    candidates, targets = check_lists(candidates, targets)
+    rankings, valid = check_rankings(rankings, valid, candidates)
+    scored = rankings if invalid == "miss" else np.where(valid[:, None], rankings, candidates)
+    counts = valid if invalid == "miss" else np.ones_like(valid)
+    rank = np.argmax(scored == targets[:, None], axis=1) + 1  # 1-based
+    out: dict[str, np.ndarray] = {}
+    for k in RECALL_KS:
+        out[f"recall@{k}"] = ((rank <= k) & counts).astype(np.float64)
+    for k in NDCG_KS:
+        out[f"ndcg@{k}"] = np.where((rank <= k) & counts, 1.0 / np.log2(rank + 1.0), 0.0)
+    out["validity"] = valid.astype(np.float64)
+    out["order_copy"] = (valid & (rankings == candidates).all(axis=1)).astype(np.float64)
+    top1_position = np.argmax(candidates == rankings[:, :1], axis=1)
+    out["top1_position"] = np.where(valid, top1_position, -1)
+    return out
+
+
+def bootstrap_ci(
+    values: np.ndarray, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95, max_cells: int = 4_000_000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile-bootstrap CIs of the means of each row of ``values`` (M, B).
+
+    The same resampled lists are used for every metric (rows), so CIs of different metrics come
+    from one set of resamples. Vectorised in chunks of resamples to bound memory.
+    """
+    values = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    m, b = values.shape
+    if b == 0 or n_boot < 1:
+        raise InvalidInputError(f"bootstrap needs lists and n_boot >= 1, got B={b}, n_boot={n_boot}")
+    rng = np.random.default_rng(seed)
+    means = np.empty((m, n_boot))
+    chunk = max(1, max_cells // b)
+    for start in range(0, n_boot, chunk):
+        stop = min(start + chunk, n_boot)
+        idx = rng.integers(0, b, size=(stop - start, b))
+        means[:, start:stop] = values[:, idx].mean(axis=2)
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(means, [tail, 100.0 - tail], axis=1)
+    return low, high
+
+
+def evaluate_rankings(
+    rankings,
+    valid,
+    candidates,
+    targets,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    invalid: str = "miss",
+) -> dict:
+    """Metrics of one method with bootstrap 95% CIs.
+
+    Returns ``{"n": B, "k": K, "invalid": policy, "recall@1": {"value", "ci_low", "ci_high"}, ...,
+    "ndcg@5": {...}, "validity": {...}, "order_copy": {...}, "position_bias": [count per input
+    position of the top-1 item, valid lists only]}``.
+    """
+    per_list = per_list_metrics(rankings, valid, candidates, targets, invalid=invalid)
+    positions = per_list.pop("top1_position")
+    names = list(per_list)
+    values = np.stack([per_list[n] for n in names])
+    low, high = bootstrap_ci(values, n_boot=n_boot, seed=seed)
+    b, k = np.asarray(candidates).shape
+    result: dict = {"n": int(b), "k": int(k), "invalid": invalid}
+    for i, name in enumerate(names):
+        result[name] = {"value": float(values[i].mean()), "ci_low": float(low[i]), "ci_high": float(high[i])}
+    result["position_bias"] = np.bincount(positions[positions >= 0], minlength=k).tolist()
+    return result
+
+
+METRICS = tuple(f"recall@{k}" for k in RECALL_KS) + tuple(f"ndcg@{k}" for k in NDCG_KS) + ("validity", "order_copy")

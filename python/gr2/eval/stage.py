@@ -1,0 +1,216 @@
+"""Stage `eval`: score every reranking method and the baselines on the same candidate lists.
+
+Reads ``candidates/<split>`` (lists containing the target), ``candidates/report.json`` (coverage)
+and ``data/sequences`` (train split, for the popularity and item-kNN baselines). Methods are
+rankings files (:func:`save_rankings`: ``user_idx``, ``rankings`` (B, K), ``valid`` (B,)), named
+in ``EvalConfig.methods`` or found as ``<run_dir>/<stage>/rankings_<split>.npz`` (``discover``).
+When methods cover only some lists (an LLM decoded on a sample), every method and baseline is
+scored on the lists all methods share, so the comparison stays paired; the report says how many.
+
+Writes ``eval/report.json``, ``eval/report.md``, ``eval/metrics.png``, ``eval/position_bias.png``.
+Full-population numbers follow from the coverage in the report: Recall@k over all users =
+coverage x Recall@k over the lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gr2.candidates import ItemKNNConfig, load_data
+from gr2.config import from_dict, load_toml
+from gr2.errors import ConfigError, CorruptFileError, DataError, InvalidInputError
+from gr2.eval.baselines import popularity_order, random_order, score_order, upstream_order
+from gr2.eval.metrics import check_lists, evaluate_rankings
+from gr2.eval.report import write_report
+from gr2.rundir import atomic_write_bytes, hash_file, is_current, mark_done, read_stage, stage_key
+from gr2.upstream import check_items, leave_one_out
+from gr2.upstream.itemknn import ItemKNNRanker
+from gr2.upstream.popularity import PopularityRanker
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"  # "test" | "valid"
+    n_boot: int = 1000  # bootstrap resamples
+    seed: int = 0  # bootstrap and random-baseline seed
+    invalid: str = "miss"  # invalid outputs: "miss" (score 0) | "upstream" (fall back to upstream order)
+    methods: dict[str, str] = field(default_factory=dict)  # name -> rankings .npz (relative to run dir)
+    discover: bool = True  # also use <run_dir>/<stage>/rankings_<split>.npz, named after the stage
+    itemknn: ItemKNNConfig = field(default_factory=ItemKNNConfig)  # the second-ranker baseline
+
+    def __post_init__(self) -> None:
+        if self.split not in ("test", "valid"):
+            raise ConfigError(f"eval.split must be 'test' or 'valid', got {self.split!r}")
+        if self.invalid not in ("miss", "upstream"):
+            raise ConfigError(f"eval.invalid must be 'miss' or 'upstream', got {self.invalid!r}")
+        if self.n_boot < 1:
+            raise ConfigError(f"eval.n_boot must be >= 1, got {self.n_boot}")
+
+
+def save_rankings(path: str | Path, user_idx, rankings, valid, candidates=None) -> None:
+    """Write a method's rerankings for `gr2 eval` (atomically). ``candidates`` (upstream order) lets
+    eval check the method saw the same lists."""
+    user_idx = np.asarray(user_idx, dtype=np.int64)
+    rankings = np.asarray(rankings)
+    valid = np.asarray(valid, dtype=bool)
+    if rankings.ndim != 2 or len(rankings) != len(user_idx) or valid.shape != (len(user_idx),):
+        raise InvalidInputError(
+            f"need user_idx (B,), rankings (B, K), valid (B,); got {user_idx.shape}, {rankings.shape}, {valid.shape}"
+        )
+    arrays = {"user_idx": user_idx, "rankings": rankings.astype(np.int64), "valid": valid}
+    if candidates is not None:
+        arrays["candidates"] = np.asarray(candidates, dtype=np.int64)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_rankings(path: str | Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"rankings file {path} does not exist")
+    try:
+        with np.load(path) as z:
+            data = {k: z[k] for k in z.files}
+    except Exception as e:  # numpy raises several types for a damaged archive
+        raise CorruptFileError(f"cannot read rankings file {path}: {e}") from e
+    for key in ("user_idx", "rankings", "valid"):
+        if key not in data:
+            raise CorruptFileError(f"rankings file {path} lacks array {key!r}")
+    return data
+
+
+def find_methods(run_dir: Path, config: EvalConfig) -> dict[str, Path]:
+    methods = {name: run_dir / p for name, p in config.methods.items()}
+    if config.discover:
+        for path in sorted(run_dir.glob(f"*/rankings_{config.split}.npz")):
+            methods.setdefault(path.parent.name, path)
+    return methods
+
+
+def align(method: dict[str, np.ndarray], row_of_user: dict[int, int], candidates: np.ndarray, name: str):
+    """Rows of the split each method row refers to; checks the method saw the same lists."""
+    rows = np.array([row_of_user.get(int(u), -1) for u in method["user_idx"]], dtype=np.int64)
+    if (rows < 0).any():
+        bad = int(method["user_idx"][rows < 0][0])
+        raise DataError(f"method {name!r} ranks user {bad}, who has no list in this split")
+    if len(np.unique(rows)) != len(rows):
+        raise DataError(f"method {name!r} ranks some user twice")
+    if "candidates" in method:
+        theirs = np.sort(method["candidates"], axis=1)
+        ours = np.sort(candidates[rows], axis=1)
+        if theirs.shape != ours.shape or not np.array_equal(theirs, ours):
+            raise DataError(f"method {name!r} was run on different candidate lists; rerun it on the current candidates")
+    return rows
+
+
+def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) -> dict[str, Any]:
+    from datasets import load_from_disk
+
+    run_dir = Path(run_dir)
+    out = run_dir / "eval"
+    cand_dir = run_dir / "candidates"
+    cand_record = read_stage(cand_dir)
+    if cand_record is None:
+        raise DataError(f"{cand_dir} has no finished candidates stage; run `gr2 candidates` first")
+    items, sequences, data_key = load_data(run_dir)
+    method_paths = find_methods(run_dir, config)
+    key = stage_key(config, data_key, cand_record["key"], *[f"{n}:{hash_file(p)}" for n, p in method_paths.items() if p.exists()])
+    if not force and is_current(out, key):
+        return read_stage(out)["summary"]
+
+    lists = load_from_disk(str(cand_dir / config.split))
+    if len(lists) == 0:
+        raise DataError(f"candidates/{config.split} is empty: no list contains its target")
+    candidates, targets = check_lists(np.asarray(lists["candidates"], dtype=np.int64), np.asarray(lists["target"]))
+    candidates = candidates.astype(np.int64)
+    targets = targets.astype(np.int64)
+    check_items(f"candidates/{config.split}", candidates, len(items))
+    user_idx = np.asarray(lists["user_idx"], dtype=np.int64)
+    row_of_user = {int(u): i for i, u in enumerate(user_idx)}
+    if len(row_of_user) != len(user_idx):
+        raise DataError(f"candidates/{config.split} holds several lists per user; eval expects one")
+
+    loaded = {name: load_rankings(p) for name, p in method_paths.items()}
+    method_rows = {name: align(m, row_of_user, candidates, name) for name, m in loaded.items()}
+    shared = np.arange(len(candidates))
+    for rows in method_rows.values():
+        shared = np.intersect1d(shared, rows)
+    if len(shared) == 0:
+        raise DataError("the methods share no list; evaluate them on the same users")
+
+    split = leave_one_out(sequences["user_idx"], sequences["items"])
+    counts = PopularityRanker.fit(split.train, len(items)).counts
+    knn = ItemKNNRanker.fit(
+        split.train, len(items), neighbors=config.itemknn.neighbors, shrink=config.itemknn.shrink,
+        recency_decay=config.itemknn.recency_decay,
+    )
+    c, t = candidates[shared], targets[shared]
+    histories = [np.asarray(lists[int(i)]["history"], dtype=np.int64) for i in shared]
+    all_valid = np.ones(len(shared), dtype=bool)
+    rankings = {
+        "upstream": (upstream_order(c), all_valid),
+        "random": (random_order(c, config.seed), all_valid),
+        "popularity": (popularity_order(c, counts), all_valid),
+        "itemknn": (score_order(c, knn.score_candidates(histories, c)), all_valid),
+    }
+    for name, m in loaded.items():
+        if name in rankings:
+            raise ConfigError(f"method name {name!r} clashes with a baseline; rename it")
+        position = {int(r): j for j, r in enumerate(method_rows[name])}
+        take = np.array([position[int(r)] for r in shared])
+        rankings[name] = (m["rankings"][take], m["valid"][take].astype(bool))
+    results = {
+        name: evaluate_rankings(r, v, c, t, n_boot=config.n_boot, seed=config.seed, invalid=config.invalid)
+        for name, (r, v) in rankings.items()
+    }
+    cand_report = json.loads((cand_dir / "report.json").read_text())
+    meta = {
+        "split": config.split,
+        "lists": int(len(shared)),
+        "lists_in_split": int(len(candidates)),
+        "k": int(candidates.shape[1]),
+        "upstream": cand_report.get("upstream"),
+        "coverage": cand_report.get("coverage", {}).get(config.split),
+        "invalid_policy": config.invalid,
+        "bootstrap": {"n_boot": config.n_boot, "seed": config.seed, "level": 0.95, "kind": "percentile"},
+        "methods_from": {name: str(p) for name, p in method_paths.items()},
+        "note": "Recall/NDCG over lists that contain the target; over all users multiply by coverage.",
+    }
+    write_report(out, results, meta)
+    summary = {name: {m: r[m]["value"] for m in ("recall@1", "ndcg@5", "validity")} for name, r in results.items()}
+    mark_done(out, key, summary)
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", required=True, help="run directory (holds data/ and candidates/)")
+    parser.add_argument("--config", help="TOML file; its [eval] table sets the config")
+    parser.add_argument("--split", choices=("test", "valid"), help="which candidate lists to score")
+    parser.add_argument("--method", action="append", default=[], metavar="NAME=PATH",
+                        help="a rankings .npz to score (repeatable; path relative to the run dir)")
+    parser.add_argument("--force", action="store_true", help="rerun even if the outputs are current")
+
+
+def main(args: argparse.Namespace) -> int:
+    values = load_toml(args.config).get("eval", {}) if args.config else {}
+    if args.split:
+        values["split"] = args.split
+    for spec in args.method:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--method expects NAME=PATH, got {spec!r}")
+        values.setdefault("methods", {})[name] = path
+    config = from_dict(EvalConfig, values, where="eval")
+    summary = run_eval(args.run_dir, config, force=args.force)
+    for name, m in summary.items():
+        print(f"{name:>12}: R@1 {m['recall@1']:.4f}  NDCG@5 {m['ndcg@5']:.4f}  valid {m['validity']:.3f}")
+    print(f"report: {Path(args.run_dir) / 'eval' / 'report.md'}")
+    return 0

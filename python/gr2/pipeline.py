@@ -1,0 +1,199 @@
+"""``gr2 run``: every stage from logs to an evaluated reranker, cached and resumable.
+
+data -> sid -> candidates -> midtrain -> traces -> sft -> rl -> rerank (each model) -> eval -> report
+
+A run config is a TOML file with one table per stage (``[data]``, ``[sid]``, ... see the presets
+in ``gr2/presets/``); ``--set stage.key=value`` overrides single values. Each stage skips itself
+when its ``stage.json`` matches the hash of its config and inputs, and the training stages resume
+from their last checkpoint, so rerunning a killed ``gr2 run`` continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from gr2 import rundir
+from gr2.config import from_dict, load_toml
+from gr2.errors import ConfigError
+from gr2.rerank import MODEL_STAGES, RerankConfig
+
+PRESET_DIR = Path(__file__).parent / "presets"
+STAGE_ORDER = ("data", "sid", "candidates", "midtrain", "traces", "sft", "rl", "rerank", "eval")
+
+
+def _configs() -> dict[str, type]:
+    """Config dataclass of every stage (imported here: they pull in torch and friends)."""
+    from gr2.candidates import CandidatesConfig
+    from gr2.data.stage import DataConfig
+    from gr2.eval.stage import EvalConfig
+    from gr2.sid.stage import SidConfig
+    from gr2.teacher import TeacherConfig
+    from gr2.train.dapo import DapoConfig
+    from gr2.train.midtrain import MidtrainConfig
+    from gr2.train.sft import SftConfig
+
+    return {
+        "data": DataConfig, "sid": SidConfig, "candidates": CandidatesConfig, "midtrain": MidtrainConfig,
+        "traces": TeacherConfig, "sft": SftConfig, "rl": DapoConfig, "rerank": RerankConfig, "eval": EvalConfig,
+    }
+
+
+@dataclass
+class RunConfig:
+    """A whole run: where it goes, which stages run, and each stage's config."""
+
+    name: str = "run"
+    run_dir: str = ""  # "" = runs/<name>
+    description: str = ""
+    stages: list[str] = field(default_factory=lambda: list(STAGE_ORDER))
+    rerank_models: list[str] = field(default_factory=lambda: list(MODEL_STAGES))
+    stage_configs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"sft.lambda_r=0.5"`` -> (["sft", "lambda_r"], 0.5); values are TOML, bare words are strings."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects stage.key=value, got {text!r}")
+    dotted, raw = text.split("=", 1)
+    keys = [k.strip() for k in dotted.split(".") if k.strip()]
+    if not keys:
+        raise ConfigError(f"--set expects stage.key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return keys, value
+
+
+def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = table
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: {k} is not a table")
+        node[keys[-1]] = value
+    return table
+
+
+def build_run_config(table: dict[str, Any]) -> RunConfig:
+    """Map a TOML document onto RunConfig + the stage dataclasses, rejecting unknown keys."""
+    classes = _configs()
+    table = dict(table)
+    stage_tables = {name: table.pop(name, {}) for name in classes}
+    run = from_dict(RunConfig, table, where="run")
+    unknown = [s for s in run.stages if s not in STAGE_ORDER]
+    if unknown:
+        raise ConfigError(f"run.stages: unknown stage(s) {unknown}; known: {list(STAGE_ORDER)}")
+    bad_models = [s for s in run.rerank_models if s not in MODEL_STAGES]
+    if bad_models:
+        raise ConfigError(f"run.rerank_models: {bad_models} are not model stages {list(MODEL_STAGES)}")
+    for name, cls in classes.items():
+        if not isinstance(stage_tables[name], dict):
+            raise ConfigError(f"[{name}] must be a table")
+        run.stage_configs[name] = from_dict(cls, stage_tables[name], where=name)
+    return run
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.exists():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+        raise ConfigError(f"unknown preset {name!r}; presets: {known}")
+    return path
+
+
+def _stage_runners() -> dict[str, Callable[[Path, Any], dict]]:
+    from gr2.candidates import run_candidates
+    from gr2.data.stage import run_data
+    from gr2.eval.stage import run_eval
+    from gr2.sid.stage import run_sid
+    from gr2.teacher import run_traces
+    from gr2.train.dapo import run_rl
+    from gr2.train.midtrain import run_midtrain
+    from gr2.train.sft import run_sft
+
+    return {
+        "data": run_data, "sid": run_sid, "candidates": run_candidates, "midtrain": run_midtrain,
+        "traces": run_traces, "sft": run_sft, "rl": run_rl, "eval": run_eval,
+    }
+
+
+def _one_line(summary: Any, limit: int = 160) -> str:
+    if not isinstance(summary, dict):
+        return str(summary)[:limit]
+    parts = []
+    for k, v in summary.items():
+        if isinstance(v, float):
+            parts.append(f"{k}={v:.4g}")
+        elif isinstance(v, (int, str, bool)):
+            parts.append(f"{k}={v}")
+    text = ", ".join(parts)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def run_pipeline(run: RunConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the configured stages in order; returns the final report (also written to the run dir)."""
+    from gr2.report import write_run_report
+
+    run_dir = run.path
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rundir.atomic_write_json(run_dir / "run_config.json", {
+        "name": run.name, "description": run.description, "stages": run.stages,
+        "rerank_models": run.rerank_models, **{k: v for k, v in run.stage_configs.items()},
+    })
+    runners = _stage_runners()
+    timings: dict[str, float] = {}
+    for stage in STAGE_ORDER:
+        if stage not in run.stages:
+            continue
+        config = run.stage_configs[stage]
+        targets = [m for m in run.rerank_models if m in run.stages] if stage == "rerank" else [stage]
+        for target in targets:
+            label = f"rerank:{target}" if stage == "rerank" else stage
+            log(f"[gr2 run] {label} ...")
+            start = time.perf_counter()
+            if stage == "rerank":
+                from gr2.rerank import run_rerank
+
+                summary = run_rerank(run_dir, target, config)
+            else:
+                summary = runners[stage](run_dir, config)
+            timings[label] = round(time.perf_counter() - start, 1)
+            log(f"[gr2 run] {label} done in {timings[label]:.1f}s: {_one_line(summary)}")
+    report = write_run_report(run_dir, run, timings)
+    log(f"[gr2 run] report: {run_dir / 'report.md'}")
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help=f"a shipped config: {sorted(p.stem for p in PRESET_DIR.glob('*.toml'))}")
+    source.add_argument("--config", help="a run config TOML file (see gr2/presets/*.toml)")
+    parser.add_argument("--run-dir", help="where the run goes (default runs/<name>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                        help="override one config value, e.g. --set sft.steps=50 (repeatable)")
+    parser.add_argument("--stages", help="comma-separated subset of stages to run, e.g. data,sid")
+
+
+def main(args: argparse.Namespace) -> int:
+    table = load_toml(preset_path(args.preset) if args.preset else args.config)
+    if args.run_dir:
+        table["run_dir"] = args.run_dir
+    if args.stages:
+        table["stages"] = [s.strip() for s in args.stages.split(",") if s.strip()]
+    run = build_run_config(apply_overrides(table, args.overrides))
+    run_pipeline(run, log=lambda line: print(line, file=sys.stderr, flush=True))
+    return 0

@@ -1,0 +1,273 @@
+"""Rerank prompts: chat messages that show a user's history and the candidates, and the target
+completion format.
+
+A prompt has a system message (an expert-recommender role) and a user message with
+
+1. the history, oldest first: each item as its SID, title, year and genres/categories;
+2. optionally a domain-knowledge priming block (e.g. "shampoo -> conditioner -> styling");
+3. the K candidates as SID + metadata, in upstream order (or a seeded shuffle of it, to counter
+   position bias -- the order used is returned);
+4. instructions fixing the output format::
+
+       <think>reasoning</think><answer>SID SID ... SID</answer>
+
+   with every candidate SID exactly once, most likely next item first.
+
+Items are cited by SID so the model's answer can be constrained and verified token by token
+(gr2.constrained_decode, gr2.verify_rewards). With a tokenizer and ``max_tokens``, the oldest
+history items are dropped until the rendered prompt (chat template included) fits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from gr2.errors import InvalidInputError, UnknownItemError
+from gr2.tokens import ANSWER_CLOSE, ANSWER_OPEN, SID_BEGIN, SID_END, TAGS, THINK_CLOSE, THINK_OPEN, sid_to_text
+
+SYSTEM_PROMPT = (
+    "You are an expert recommender system. You study what a user has watched or bought, infer "
+    "their tastes and what they are likely to want next, and rerank candidate items accordingly. "
+    "Items are identified by semantic IDs (SIDs), short sequences of special tokens; items whose "
+    "SIDs share a prefix are similar."
+)
+
+
+@dataclass
+class ItemCatalog:
+    """Item metadata by dense item index (the ``data/items`` table)."""
+
+    item_ids: list[str]
+    titles: list[str]
+    categories: list[list[str]]
+    years: list[int]
+
+    def __post_init__(self) -> None:
+        n = len(self.titles)
+        if not (len(self.item_ids) == len(self.categories) == len(self.years) == n):
+            raise InvalidInputError("catalog columns have different lengths")
+
+    def __len__(self) -> int:
+        return len(self.titles)
+
+    @classmethod
+    def from_dataset(cls, items: Any) -> "ItemCatalog":
+        """From the data stage's ``data/items`` dataset (rows ordered by item_idx)."""
+        idx = np.asarray(items["item_idx"], dtype=np.int64)
+        if not np.array_equal(idx, np.arange(len(idx))):
+            raise InvalidInputError("items.item_idx must be the dense range 0..n-1 in row order")
+        return cls(list(items["item_id"]), list(items["title"]), [list(c) for c in items["categories"]], [int(y) for y in items["year"]])
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path) -> "ItemCatalog":
+        from datasets import load_from_disk
+
+        return cls.from_dataset(load_from_disk(str(Path(run_dir) / "data" / "items")))
+
+    def check(self, name: str, items: np.ndarray) -> None:
+        if items.size and (items.min() < 0 or items.max() >= len(self)):
+            bad = items[(items < 0) | (items >= len(self))][0]
+            raise UnknownItemError(f"{name}: item {int(bad)} is not in the catalog (0..{len(self) - 1})")
+
+    def describe(self, item: int) -> str:
+        """``Title (1995) | Animation, Comedy`` -- the text shown after an item's SID."""
+        text = self.titles[item]
+        if self.years[item] >= 0:
+            text += f" ({self.years[item]})"
+        if self.categories[item]:
+            text += " | " + ", ".join(self.categories[item])
+        return text
+
+
+@dataclass
+class Prompt:
+    """A built prompt and what it shows."""
+
+    messages: list[dict[str, str]]
+    candidates: np.ndarray  # int64 (K,): the candidates in the order shown
+    order: np.ndarray  # int64 (K,): shown[i] = input_candidates[order[i]] (identity unless shuffled)
+    history: np.ndarray  # int64: the history items shown, oldest first
+    dropped_history: int  # oldest history items removed to fit the token budget
+    n_tokens: int | None  # tokens of the rendered prompt (None without a tokenizer)
+
+
+def _items(name: str, values, catalog: ItemCatalog) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise InvalidInputError(f"{name} must be a 1-D list of item indices, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidInputError(f"{name} must hold integer item indices, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    catalog.check(name, arr)
+    return arr
+
+
+def _sid_texts(index: Any, items: np.ndarray) -> list[str]:
+    if len(items) == 0:
+        return []
+    codes = np.asarray(index.sids(items.astype(np.uint64)))
+    return [sid_to_text(row) for row in codes]
+
+
+def instructions(k: int) -> str:
+    return (
+        f"Task: think step by step about the user's tastes, how they evolved, and which candidate "
+        f"they are most likely to choose next; cite items by their SIDs. Then rank all {k} "
+        f"candidates from most to least likely.\n"
+        f"Output format: {THINK_OPEN}your reasoning{THINK_CLOSE}{ANSWER_OPEN}SID SID ... SID{ANSWER_CLOSE} "
+        f"-- inside {ANSWER_OPEN} list the {k} candidate SIDs exactly as given, each exactly once, "
+        f"best first, and nothing else."
+    )
+
+
+def _user_message(
+    history: np.ndarray, history_sids: list[str], shown: np.ndarray, shown_sids: list[str],
+    catalog: ItemCatalog, priming: str | None,
+) -> str:
+    parts = [f"The user's history, oldest first ({len(history)} items):"]
+    parts += [f"{i + 1}. {sid} {catalog.describe(int(item))}" for i, (item, sid) in enumerate(zip(history, history_sids))]
+    if priming:
+        parts += ["", "Domain knowledge:", priming.strip()]
+    parts += ["", f"Candidates ({len(shown)}):"]
+    parts += [f"{i + 1}. {sid} {catalog.describe(int(item))}" for i, (item, sid) in enumerate(zip(shown, shown_sids))]
+    parts += ["", instructions(len(shown))]
+    return "\n".join(parts)
+
+
+def count_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> int:
+    """Tokens of ``messages`` as the model sees them: the chat template with a generation prompt
+    when the tokenizer has one, else the contents joined by newlines."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        if hasattr(ids, "keys"):  # transformers may return a BatchEncoding
+            ids = ids["input_ids"]
+        return len(ids)
+    text = "\n".join(m["content"] for m in messages)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_messages(
+    history: Sequence[int] | np.ndarray,
+    candidates: Sequence[int] | np.ndarray,
+    catalog: ItemCatalog,
+    index: Any,
+    *,
+    tokenizer: Any = None,
+    max_tokens: int | None = None,
+    min_history: int = 1,
+    shuffle: bool = False,
+    seed: int | None = None,
+    priming: str | None = None,
+    system_prompt: str = SYSTEM_PROMPT,
+) -> Prompt:
+    """Chat messages for one rerank request.
+
+    ``history`` and ``candidates`` are item indices (history oldest first, candidates in upstream
+    order); ``index`` maps items to SIDs (gr2.SidIndex). With ``shuffle`` the candidates are shown
+    in a random order drawn from ``seed`` (returned in ``Prompt.order``). With ``max_tokens`` (needs
+    ``tokenizer``) the oldest history items are dropped until the prompt fits; InvalidInputError
+    if even ``min_history`` items do not fit.
+    """
+    history = _items("history", history, catalog)
+    candidates = _items("candidates", candidates, catalog)
+    if len(candidates) == 0:
+        raise InvalidInputError("a rerank prompt needs at least one candidate")
+    if len(np.unique(candidates)) != len(candidates):
+        raise InvalidInputError(f"candidates contain duplicates: {candidates.tolist()}")
+    if max_tokens is not None and tokenizer is None:
+        raise InvalidInputError("max_tokens needs a tokenizer to count tokens")
+    if min_history < 0:
+        raise InvalidInputError(f"min_history must be >= 0, got {min_history}")
+    order = np.random.default_rng(seed).permutation(len(candidates)) if shuffle else np.arange(len(candidates))
+    shown = candidates[order]
+    shown_sids = _sid_texts(index, shown)
+    history_sids = _sid_texts(index, history)
+
+    def render(keep: int) -> list[dict[str, str]]:
+        start = len(history) - keep
+        user = _user_message(history[start:], history_sids[start:], shown, shown_sids, catalog, priming)
+        return [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
+
+    keep = len(history)
+    n_tokens = count_tokens(tokenizer, render(keep)) if tokenizer is not None else None
+    if max_tokens is not None and n_tokens > max_tokens:
+        low = min(min_history, len(history))
+        low_tokens = count_tokens(tokenizer, render(low))
+        if low_tokens > max_tokens:
+            raise InvalidInputError(
+                f"the prompt needs {low_tokens} tokens with {low} history item(s), over max_tokens={max_tokens}; "
+                "raise the budget or show fewer candidates"
+            )
+        high = keep - 1  # largest count that might fit; low is known to fit
+        while low < high:  # token count grows with the history kept: binary search
+            mid = (low + high + 1) // 2
+            if count_tokens(tokenizer, render(mid)) <= max_tokens:
+                low = mid
+            else:
+                high = mid - 1
+        keep = low
+        n_tokens = count_tokens(tokenizer, render(keep))
+    return Prompt(
+        messages=render(keep),
+        candidates=shown,
+        order=order.astype(np.int64),
+        history=history[len(history) - keep :],
+        dropped_history=len(history) - keep,
+        n_tokens=n_tokens,
+    )
+
+
+def completion_text(reasoning: str, ordered_sids: Sequence[Any] | np.ndarray) -> str:
+    """The target completion ``<think>reasoning</think><answer>SID...SID</answer>``.
+
+    ``ordered_sids`` is the ranking as SID codes (K, L) or as SID strings.
+    """
+    for tag in TAGS:
+        if tag in reasoning:
+            raise InvalidInputError(f"reasoning must not contain the tag {tag!r}")
+    texts = []
+    for sid in ordered_sids:
+        if isinstance(sid, str):
+            if not (sid.startswith(SID_BEGIN) and sid.endswith(SID_END)):
+                raise InvalidInputError(f"not a SID string: {sid!r}")
+            texts.append(sid)
+        else:
+            texts.append(sid_to_text(np.asarray(sid)))
+    if not texts:
+        raise InvalidInputError("a completion needs at least one SID")
+    if len(set(texts)) != len(texts):
+        raise InvalidInputError("the ranking repeats a SID")
+    return f"{THINK_OPEN}{reasoning.strip()}{THINK_CLOSE}{ANSWER_OPEN}{''.join(texts)}{ANSWER_CLOSE}"
+
+
+def answer_to_json(
+    ranking: Sequence[int] | np.ndarray,
+    catalog: ItemCatalog,
+    index: Any = None,
+    *,
+    reasoning: str | None = None,
+    valid: bool = True,
+) -> str:
+    """A reranked answer as JSON for APIs: ``{"valid", "reasoning", "ranking": [{"rank",
+    "item_idx", "item_id", "title", "year", "categories", "sid"}]}`` (``sid`` only with an index)."""
+    items = _items("ranking", ranking, catalog)
+    sids = _sid_texts(index, items) if index is not None else [None] * len(items)
+    entries = []
+    for rank, (item, sid) in enumerate(zip(items, sids), start=1):
+        entry = {
+            "rank": rank,
+            "item_idx": int(item),
+            "item_id": catalog.item_ids[item],
+            "title": catalog.titles[item],
+            "year": catalog.years[item] if catalog.years[item] >= 0 else None,
+            "categories": catalog.categories[item],
+        }
+        if sid is not None:
+            entry["sid"] = sid
+        entries.append(entry)
+    return json.dumps({"valid": bool(valid), "reasoning": reasoning, "ranking": entries}, ensure_ascii=False)

@@ -1,0 +1,154 @@
+"""The ``rerank`` step: a trained model reranks the held-out candidate lists under the constraint.
+
+For a model stage (``midtrain``, ``sft`` or ``rl``) it loads ``<run_dir>/<stage>/model``, builds the
+rerank prompt of every list in ``candidates/<split>`` (the same :func:`gr2.prompts.build_messages`
+the training stages use), decodes with :func:`gr2.constrained_decode` (greedy by default) and
+writes ``<run_dir>/<stage>/rankings_<split>.npz`` — which ``gr2 eval`` picks up as a method named
+after the stage — plus ``rerank_<split>.json`` with decode latency and reasoning length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from gr2 import rundir
+from gr2.config import from_dict, load_toml
+from gr2.errors import ConfigError, DataError
+
+MODEL_STAGES = ("midtrain", "sft", "rl")
+
+
+@dataclass
+class RerankConfig:
+    split: str = "test"  # "test" | "valid"
+    max_lists: int = 0  # 0 = every list of the split
+    batch_size: int = 8
+    reasoning: bool = True  # let the model write <think>...</think> before the answer
+    max_reasoning_tokens: int = 64
+    max_prompt_tokens: int = 1024  # oldest history dropped first to fit
+    device: str = "auto"
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        if self.split not in ("test", "valid"):
+            raise ConfigError(f"rerank.split must be 'test' or 'valid', got {self.split!r}")
+        if self.batch_size < 1 or self.max_lists < 0 or self.max_reasoning_tokens < 0:
+            raise ConfigError("rerank.batch_size must be >= 1, max_lists and max_reasoning_tokens >= 0")
+
+
+def _finished(run_dir: Path, stage: str) -> dict:
+    record = rundir.read_stage(run_dir / stage)
+    if record is None:
+        raise DataError(f"{run_dir / stage} has no finished {stage} stage; run `gr2 {stage}` first")
+    return record
+
+
+def _load_lists(run_dir: Path, split: str, max_lists: int):
+    from datasets import load_from_disk
+
+    table = load_from_disk(str(run_dir / "candidates" / split))
+    if len(table) == 0:
+        raise DataError(f"candidates/{split} is empty")
+    if max_lists:
+        table = table.select(range(min(max_lists, len(table))))
+    return table
+
+
+def run_rerank(run_dir: str | Path, stage: str, config: RerankConfig = RerankConfig(), *, force: bool = False) -> dict[str, Any]:
+    """Rerank ``candidates/<split>`` with ``<run_dir>/<stage>/model``; cached like every stage."""
+    import torch
+
+    from gr2 import SidIndex, add_sid_tokens, constrained_decode
+    from gr2.eval.stage import save_rankings
+    from gr2.models import load_pretrained
+    from gr2.prompts import ItemCatalog, build_messages
+    from gr2.train.common import choose_device
+
+    if stage not in MODEL_STAGES:
+        raise ConfigError(f"rerank stage must be one of {MODEL_STAGES}, got {stage!r}")
+    run_dir = Path(run_dir)
+    out = run_dir / stage
+    model_key = _finished(run_dir, stage)["key"]
+    key = rundir.stage_key(config, model_key, _finished(run_dir, "candidates")["key"])
+    marker = out / f"rerank_{config.split}.json"
+    if not force and marker.exists() and rundir.load_json(marker).get("key") == key:
+        return rundir.load_json(marker)
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = choose_device(config.device)
+    model, tokenizer = load_pretrained(out / "model")
+    model.to(device).eval()
+    index = SidIndex.load(str(run_dir / "sid" / "index.gr2sid"))
+    sid_tokens = add_sid_tokens(tokenizer, index)  # already present: returns their ids
+    catalog = ItemCatalog.from_run_dir(run_dir)
+    table = _load_lists(run_dir, config.split, config.max_lists)
+    candidates = np.asarray(table["candidates"], dtype=np.uint64)
+
+    rankings = np.zeros_like(candidates)
+    reasoning_tokens = np.zeros(len(table), dtype=np.int64)
+    start = time.perf_counter()
+    for lo in tqdm(range(0, len(table), config.batch_size), desc=f"rerank {stage}/{config.split}", unit="batch"):
+        rows = range(lo, min(lo + config.batch_size, len(table)))
+        prompts = [
+            build_messages(table[i]["history"], candidates[i], catalog, index, tokenizer=tokenizer,
+                           max_tokens=config.max_prompt_tokens).messages
+            for i in rows
+        ]
+        with torch.no_grad():
+            results = constrained_decode(
+                model, tokenizer, prompts, candidates[lo : rows.stop], index=index, sid_tokens=sid_tokens,
+                reasoning=config.reasoning, max_reasoning_tokens=config.max_reasoning_tokens,
+            )
+        for i, result in zip(rows, results):
+            rankings[i] = result.items
+            reasoning_tokens[i] = len(tokenizer(result.reasoning, add_special_tokens=False)["input_ids"]) if result.reasoning else 0
+    seconds = time.perf_counter() - start
+
+    save_rankings(out / f"rankings_{config.split}.npz", np.asarray(table["user_idx"]), rankings.astype(np.int64),
+                  np.ones(len(table), dtype=bool), candidates.astype(np.int64))
+    summary = {
+        "key": key,
+        "stage": stage,
+        "split": config.split,
+        "lists": len(table),
+        "seconds": round(seconds, 3),
+        "latency_ms_per_list": round(1000 * seconds / len(table), 2),
+        "batch_size": config.batch_size,
+        "device": str(device),
+        "reasoning_tokens_mean": float(reasoning_tokens.mean()),
+        "reasoning_tokens_max": int(reasoning_tokens.max()),
+        "max_reasoning_tokens": config.max_reasoning_tokens,
+        "valid_rate": 1.0,  # constrained decoding returns a permutation of the candidates by construction
+    }
+    rundir.atomic_write_json(marker, summary)
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", required=True, help="run directory (holds sid/, candidates/ and the model stage)")
+    parser.add_argument("--stage", required=True, choices=MODEL_STAGES, help="whose model/ reranks")
+    parser.add_argument("--config", help="TOML file; its [rerank] table sets the config")
+    parser.add_argument("--split", choices=("test", "valid"))
+    parser.add_argument("--max-lists", type=int)
+    parser.add_argument("--force", action="store_true", help="rerun even if the outputs are current")
+
+
+def main(args: argparse.Namespace) -> int:
+    table = load_toml(args.config).get("rerank", {}) if args.config else {}
+    config = from_dict(RerankConfig, table, where="rerank")
+    if args.split:
+        config.split = args.split
+    if args.max_lists is not None:
+        config.max_lists = args.max_lists
+    summary = run_rerank(args.run_dir, args.stage, config, force=args.force)
+    print(f"rerank {args.stage}: {summary['lists']} lists, {summary['latency_ms_per_list']} ms/list, "
+          f"reasoning {summary['reasoning_tokens_mean']:.1f} tokens on average")
+    return 0

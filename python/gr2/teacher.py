@@ -1,0 +1,547 @@
+"""Teacher reasoning traces for reasoning SFT (stage 2 of GR2).
+
+A teacher reads a user's history and the K upstream candidates and writes
+``<think>reasoning</think><answer>SID ... SID</answer>``. Two modes (DESIGN.md §1):
+
+* ``targeted``  -- the target is revealed in the prompt; the teacher explains it and ranks it first;
+* ``rejection`` -- the target is hidden; sample up to ``attempts`` completions and keep the first
+  whose ranking puts the target first (the better mode in the paper). Acceptance rate and attempts
+  per kept trace are reported.
+
+Three backends:
+
+* ``openai``    -- any OpenAI-compatible ``/chat/completions`` endpoint (vLLM, TGI, a hosted API):
+  thread-pool concurrency, retries with exponential backoff on timeouts / 429 / 5xx / malformed
+  JSON, and a disk cache keyed by the request's hash, so a killed run resumes without re-asking;
+* ``local``     -- a transformers model folder, sampled with ``generate``;
+* ``heuristic`` -- an offline stand-in with no LLM: it scores candidates with a transparent formula
+  (co-occurrence with the history in other users' train sequences, genre overlap with the user's
+  profile, popularity, release-year proximity), samples rankings with Gumbel noise, and writes a
+  structured rationale from those figures. Every artefact it produces says "heuristic teacher".
+
+Stage ``run_traces(run_dir, config)`` writes ``traces/traces.jsonl`` (one record per example,
+``accepted`` marks the kept ones) and ``traces/report.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from gr2.errors import ConfigError, DataError, Gr2IOError, InvalidInputError
+from gr2.rundir import atomic_write_json, atomic_write_text, is_current, mark_done, read_stage, stage_key
+from gr2.tokens import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, sid_to_text
+from gr2.train import common
+
+STAGE = "traces"
+HEURISTIC_LABEL = "heuristic teacher"
+SYSTEM_PROMPT = (
+    "You are an expert movie recommender. You see a user's watch history (oldest first) and {k} candidate "
+    f"films. Reason step by step inside {THINK_OPEN}{THINK_CLOSE}, citing films by their semantic ID, then list "
+    f"ALL candidates' semantic IDs, best first, inside {ANSWER_OPEN}{ANSWER_CLOSE}."
+)
+PRIMING = (
+    "Domain knowledge: viewers tend to continue with films close to what they watched most recently; "
+    "genre tastes are stable (a drama fan keeps watching dramas, a sci-fi fan moves between sci-fi and "
+    "action); films often watched together by other viewers are strong signals; very popular films are "
+    "a safe fallback; release era matters to many viewers."
+)
+
+
+@dataclass
+class TeacherConfig:
+    backend: str = "heuristic"  # heuristic | openai | local
+    mode: str = "rejection"  # rejection | targeted
+    split: str = "train"  # which candidates split to write traces for
+    max_examples: int = 0  # 0 = every user of the split whose target is among the candidates
+    attempts: int = 8  # rejection-sampling budget per example
+    priming: bool = True  # domain-knowledge priming in the prompt
+    temperature: float = 1.0
+    max_history: int = 20
+    seed: int = 0
+    # heuristic teacher: weights of the transparent score
+    w_cooccur: float = 1.0
+    w_genre: float = 1.0
+    w_popularity: float = 0.3
+    w_year: float = 0.2
+    cooccur_window: int = 5
+    # openai backend
+    endpoint: str = ""  # e.g. http://127.0.0.1:8000/v1
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 4
+    timeout_s: float = 120.0
+    max_retries: int = 4
+    backoff_s: float = 1.0
+    max_tokens: int = 512
+    # local backend
+    local_model: str = ""
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("heuristic", "openai", "local"):
+            raise ConfigError(f"teacher.backend must be heuristic, openai or local, got {self.backend!r}")
+        if self.mode not in ("rejection", "targeted"):
+            raise ConfigError(f"teacher.mode must be rejection or targeted, got {self.mode!r}")
+        if self.split not in ("train", "valid", "test"):
+            raise ConfigError(f"teacher.split must be train, valid or test, got {self.split!r}")
+        if self.attempts <= 0 or self.concurrency <= 0 or self.max_retries < 0:
+            raise ConfigError("teacher.attempts and concurrency must be > 0, max_retries >= 0")
+        if self.backend == "openai" and (not self.endpoint or not self.model):
+            raise ConfigError("the openai backend needs teacher.endpoint and teacher.model")
+        if self.backend == "local" and not self.local_model:
+            raise ConfigError("the local backend needs teacher.local_model (an HF model folder)")
+
+
+@dataclass
+class Example:
+    user_idx: int
+    history: list[int]
+    candidates: list[int]
+    target: int
+
+
+# --------------------------------------------------------------------------------------------
+# prompts and answers
+
+
+def item_line(catalog: common.Catalog, item: int) -> str:
+    return f"{catalog.sid_text(item)} {catalog.item_text(item)}"
+
+
+def rerank_messages(catalog: common.Catalog, example: Example, *, priming: bool,
+                    reveal_target: bool = False) -> list[dict[str, str]]:
+    """The chat prompt: expert role, history and all candidates together, optional priming,
+    citation-by-SID and output-format instructions. Uses gr2.prompts.build_messages when present."""
+    try:
+        from gr2.prompts import build_messages  # helper `upstream`'s canonical prompt
+    except ImportError:
+        build_messages = None
+    if build_messages is not None and not reveal_target:
+        try:
+            return build_messages(catalog, example.history, example.candidates, priming=priming)
+        except TypeError:
+            pass  # an incompatible signature: fall back to the prompt below
+    system = SYSTEM_PROMPT.format(k=len(example.candidates))
+    if priming:
+        system += "\n" + PRIMING
+    user = "History:\n" + "\n".join(item_line(catalog, i) for i in example.history)
+    user += "\nCandidates:\n" + "\n".join(item_line(catalog, i) for i in example.candidates)
+    if reveal_target:
+        user += (f"\nThe user's actual next film is {catalog.sid_text(example.target)}. Explain from the history "
+                 "why it fits best, and rank it first.")
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+_ANSWER_RE = re.compile(re.escape(ANSWER_OPEN) + r"(.*?)" + re.escape(ANSWER_CLOSE), re.S)
+_SID_RE = re.compile(r"<\|sid_begin\|>((?:<s_[a-z]_\d+>)+)<\|sid_end\|>")
+_CODE_RE = re.compile(r"<s_([a-z])_(\d+)>")
+
+
+def parse_ranking(text: str, catalog: common.Catalog, candidates: Sequence[int],
+                  sid_map: dict[tuple[int, ...], int] | None = None) -> tuple[list[int] | None, str]:
+    """The candidate order a completion states, or (None, reason) when it is not a valid answer:
+    one ``<think>`` block then one ``<answer>`` block naming every candidate exactly once."""
+    sid_map = sid_map if sid_map is not None else catalog.item_of_sid()
+    if not text.lstrip().startswith(THINK_OPEN) or THINK_CLOSE not in text:
+        return None, "no <think>...</think> block"
+    answers = _ANSWER_RE.findall(text)
+    if len(answers) != 1:
+        return None, f"{len(answers)} <answer> blocks"
+    if text.rstrip()[-len(ANSWER_CLOSE):] != ANSWER_CLOSE:
+        return None, "text after </answer>"
+    body = answers[0]
+    sids = _SID_RE.findall(body)
+    if _SID_RE.sub("", body).strip():
+        return None, "non-SID text inside <answer>"
+    ranking = []
+    for sid in sids:
+        levels = _CODE_RE.findall(sid)
+        if [lvl for lvl, _ in levels] != [chr(ord("a") + i) for i in range(len(levels))]:
+            return None, "SID levels out of order"
+        item = sid_map.get(tuple(int(c) for _, c in levels))
+        if item is None:
+            return None, "SID of no catalog item"
+        ranking.append(item)
+    if sorted(ranking) != sorted(int(c) for c in candidates):
+        return None, "answer is not a permutation of the candidates"
+    return ranking, ""
+
+
+def check_with_verifier(completions: list[str], examples: list[Example], catalog: common.Catalog) -> np.ndarray | None:
+    """Validity according to gr2.verify_rewards (helper `reward`), or None while it is not available."""
+    import gr2
+
+    verify = getattr(gr2, "verify_rewards", None)
+    if verify is None or not completions:
+        return None
+    candidates = np.array([e.candidates for e in examples], dtype=np.uint64)
+    targets = np.array([e.target for e in examples], dtype=np.uint64)
+    return np.asarray(verify(completions, candidates, targets, index=catalog.index).valid, dtype=bool)
+
+
+# --------------------------------------------------------------------------------------------
+# heuristic teacher
+
+
+class HeuristicTeacher:
+    """Offline teacher: a transparent candidate score and a rationale written from its parts.
+
+    score(c) = w_cooccur * log1p(co-occurrences of c with the recent history in other users' train
+    sequences) + w_genre * (share of the history's genre mentions that c's genres account for)
+    + w_popularity * log1p(train popularity) / log1p(max popularity)
+    + w_year * exp(-|year(c) - median history year| / 10).
+    """
+
+    label = HEURISTIC_LABEL
+
+    def __init__(self, catalog: common.Catalog, train_seqs: list[list[int]], config: TeacherConfig):
+        self.catalog, self.config = catalog, config
+        self.popularity = np.bincount(np.concatenate([np.asarray(s, np.int64) for s in train_seqs if s] or
+                                                     [np.zeros(0, np.int64)]), minlength=len(catalog))
+        self.cooccur: Counter[tuple[int, int]] = Counter()
+        w = config.cooccur_window
+        for seq in train_seqs:
+            for i, a in enumerate(seq):
+                for b in seq[i + 1:i + 1 + w]:
+                    if a != b:
+                        self.cooccur[(a, b)] += 1
+                        self.cooccur[(b, a)] += 1
+
+    def features(self, example: Example) -> dict[int, dict[str, Any]]:
+        cat, cfg = self.catalog, self.config
+        recent = example.history[-cfg.cooccur_window * 2:]
+        genres = Counter(g for i in example.history for g in cat.categories[i])
+        total = sum(genres.values()) or 1
+        years = [int(cat.years[i]) for i in example.history if cat.years[i] >= 0]
+        mid_year = float(np.median(years)) if years else None
+        max_pop = math.log1p(max(1, int(self.popularity.max())))
+        out = {}
+        for c in example.candidates:
+            co = {h: self.cooccur[(h, c)] for h in recent if self.cooccur[(h, c)] > 0}
+            genre_share = sum(genres[g] for g in cat.categories[c]) / total
+            year_fit = math.exp(-abs(int(cat.years[c]) - mid_year) / 10) if mid_year and cat.years[c] >= 0 else 0.0
+            pop = math.log1p(int(self.popularity[c])) / max_pop
+            score = (cfg.w_cooccur * math.log1p(sum(co.values())) + cfg.w_genre * genre_share
+                     + cfg.w_popularity * pop + cfg.w_year * year_fit)
+            out[c] = {"score": score, "cooccur": co, "genre_share": genre_share, "year_fit": year_fit,
+                      "popularity": int(self.popularity[c])}
+        return out
+
+    def rank(self, example: Example, attempt: int, targeted: bool) -> tuple[list[int], dict[int, dict]]:
+        feats = self.features(example)
+        scores = np.array([feats[c]["score"] for c in example.candidates])
+        if attempt > 0:  # sampled rankings: Gumbel-perturbed scores (attempt 0 is the greedy ranking)
+            rng = np.random.default_rng([self.config.seed, example.user_idx, attempt])
+            scores = scores + self.config.temperature * rng.gumbel(size=len(scores)) * 0.3
+        order = [example.candidates[i] for i in np.argsort(-scores, kind="stable")]
+        if targeted:
+            order = [example.target] + [c for c in order if c != example.target]
+        return order, feats
+
+    def complete(self, example: Example, attempt: int, targeted: bool) -> str:
+        ranking, feats = self.rank(example, attempt, targeted)
+        return self.rationale(example, ranking, feats, targeted) + answer_block(self.catalog, ranking)
+
+    def rationale(self, example: Example, ranking: list[int], feats: dict[int, dict], targeted: bool) -> str:
+        cat = self.catalog
+        genres = Counter(g for i in example.history for g in cat.categories[i]).most_common(3)
+        recent = example.history[-2:]
+        parts = [f"Step 1, profile: mostly {', '.join(f'{g} ({n})' for g, n in genres) or 'no genres'}; "
+                 f"latest {' and '.join(cat.sid_text(i) + ' ' + cat.titles[i] for i in recent)}."]
+        lines = []
+        for c in ranking[:3]:
+            f = feats[c]
+            why = [f"genre match {f['genre_share']:.0%}"]
+            if f["cooccur"]:
+                h, n = max(f["cooccur"].items(), key=lambda kv: kv[1])
+                why.append(f"co-watched {n}x with {cat.sid_text(h)}")
+            if f["year_fit"] > 0.5:
+                why.append("same era")
+            why.append(f"{f['popularity']} views")
+            lines.append(f"{cat.sid_text(c)} {cat.titles[c]}: {', '.join(why)}")
+        parts.append("Step 2, strongest candidates: " + "; ".join(lines) + ".")
+        top = ranking[0]
+        reason = "it is the user's actual next film and" if targeted else "it"
+        parts.append(f"Step 3, decision: {cat.sid_text(top)} first because {reason} scores best on these signals.")
+        return THINK_OPEN + " ".join(parts) + THINK_CLOSE
+
+
+def answer_block(catalog: common.Catalog, ranking: Sequence[int]) -> str:
+    return ANSWER_OPEN + "".join(sid_to_text(catalog.codes[i]) for i in ranking) + ANSWER_CLOSE
+
+
+# --------------------------------------------------------------------------------------------
+# OpenAI-compatible client
+
+
+class TeacherEndpointError(Gr2IOError):
+    """The endpoint kept failing (timeouts, 5xx, malformed JSON) after every retry."""
+
+
+class OpenAIChatClient:
+    """Minimal OpenAI-compatible chat client (stdlib only) with retries, backoff and a disk cache."""
+
+    RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+    def __init__(self, endpoint: str, model: str, *, api_key: str | None = None, timeout_s: float = 120.0,
+                 max_retries: int = 4, backoff_s: float = 1.0, cache_dir: str | Path | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        if not endpoint.startswith(("http://", "https://")):
+            raise ConfigError(f"endpoint must be an http(s) URL, got {endpoint!r}")
+        self.url = endpoint.rstrip("/") + "/chat/completions"
+        self.model, self.api_key, self.timeout_s = model, api_key, timeout_s
+        self.max_retries, self.backoff_s, self.sleep = max_retries, backoff_s, sleep
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.stats = Counter()
+        self._lock = threading.Lock()
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.stats[key] += 1
+
+    def request_key(self, payload: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+    def complete(self, messages: list[dict[str, str]], *, temperature: float = 1.0, max_tokens: int = 512,
+                 sample_index: int = 0) -> str:
+        """The assistant text of one chat completion. ``sample_index`` makes repeated samples of
+        the same prompt distinct cache entries (and is sent as ``seed``)."""
+        payload = {"model": self.model, "messages": messages, "temperature": temperature,
+                   "max_tokens": max_tokens, "seed": sample_index}
+        key = self.request_key(payload)
+        cached = self.cache_dir / f"{key}.json" if self.cache_dir else None
+        if cached is not None and cached.exists():
+            self._count("cache_hits")
+            return json.loads(cached.read_text())["content"]
+        content = self._post_with_retries(payload)
+        if cached is not None:
+            atomic_write_json(cached, {"request": payload, "content": content})
+        return content
+
+    def _post_with_retries(self, payload: dict[str, Any]) -> str:
+        body = json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last_error = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self._count("retries")
+                self.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    raw = response.read()
+            except urllib.error.HTTPError as e:
+                last_error = f"HTTP {e.code}"
+                self._count(f"http_{e.code}")
+                if e.code in self.RETRY_STATUS:
+                    continue
+                raise TeacherEndpointError(f"{self.url} answered HTTP {e.code}: {e.read()[:200]!r}") from e
+            except (TimeoutError, socket.timeout) as e:
+                last_error = f"timeout after {self.timeout_s}s"
+                self._count("timeouts")
+                continue
+            except urllib.error.URLError as e:
+                if isinstance(e.reason, (TimeoutError, socket.timeout)):
+                    last_error = f"timeout after {self.timeout_s}s"
+                    self._count("timeouts")
+                else:
+                    last_error = f"connection error: {e.reason}"
+                    self._count("connection_errors")
+                continue
+            except ConnectionError as e:
+                last_error = f"connection error: {e}"
+                self._count("connection_errors")
+                continue
+            try:
+                content = json.loads(raw)["choices"][0]["message"]["content"]
+                if not isinstance(content, str):
+                    raise TypeError("content is not a string")
+                self._count("ok")
+                return content
+            except (ValueError, KeyError, IndexError, TypeError) as e:
+                last_error = f"malformed response ({e}): {raw[:120]!r}"
+                self._count("malformed")
+                continue
+        raise TeacherEndpointError(f"{self.url}: giving up after {self.max_retries + 1} tries; last error: {last_error}")
+
+
+class LocalModelTeacher:
+    """A transformers causal LM sampled with ``generate`` (chat template applied)."""
+
+    def __init__(self, path: str, config: TeacherConfig):
+        import torch
+
+        from gr2.models import load_pretrained
+
+        self.config = config
+        self.device = common.choose_device("auto")
+        self.model, self.tokenizer = load_pretrained(path)
+        self.model.to(self.device).eval()
+        self.torch = torch
+        self._lock = threading.Lock()
+
+    def complete(self, messages: list[dict[str, str]], sample_index: int) -> str:
+        torch = self.torch
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
+        with self._lock, torch.no_grad():
+            torch.manual_seed(self.config.seed * 100003 + sample_index)
+            out = self.model.generate(**ids, do_sample=sample_index > 0 or self.config.temperature > 0,
+                                      temperature=max(self.config.temperature, 1e-3), top_p=1.0,
+                                      max_new_tokens=self.config.max_tokens,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+
+
+def load_examples(run_dir: Path, split: str, max_history: int, max_examples: int, seed: int) -> tuple[list[Example], int]:
+    """Examples of a candidates split whose target is among the candidates; also the count of
+    users skipped because it is not (reported, never silently dropped)."""
+    import datasets
+
+    path = run_dir / "candidates" / split
+    if not path.exists():
+        raise DataError(f"{path} is missing; run the `candidates` stage first")
+    ds = datasets.load_from_disk(str(path))
+    examples, not_covered = [], 0
+    for row in ds:
+        cands = [int(c) for c in row["candidates"]]
+        if int(row["target"]) not in cands:
+            not_covered += 1
+            continue
+        if len(set(cands)) != len(cands):
+            raise DataError(f"{path}: user {row['user_idx']} has duplicate candidates")
+        examples.append(Example(int(row["user_idx"]), [int(i) for i in row["history"]][-max_history:], cands,
+                                int(row["target"])))
+    if max_examples and max_examples < len(examples):
+        pick = np.sort(np.random.default_rng(seed).choice(len(examples), max_examples, replace=False))
+        examples = [examples[i] for i in pick]
+    if not examples:
+        raise DataError(f"{path}: no user has the target among the candidates")
+    return examples, not_covered
+
+
+def make_sampler(config: TeacherConfig, catalog: common.Catalog, train_seqs: list[list[int]],
+                 cache_dir: Path) -> tuple[str, Callable[[Example, int], str]]:
+    """(label, fn(example, attempt) -> completion text) for the configured backend."""
+    import os
+
+    targeted = config.mode == "targeted"
+    if config.backend == "heuristic":
+        teacher = HeuristicTeacher(catalog, train_seqs, config)
+        return HEURISTIC_LABEL, lambda ex, attempt: teacher.complete(ex, attempt, targeted)
+    prompt = lambda ex: rerank_messages(catalog, ex, priming=config.priming, reveal_target=targeted)  # noqa: E731
+    if config.backend == "openai":
+        client = OpenAIChatClient(config.endpoint, config.model, api_key=os.environ.get(config.api_key_env),
+                                  timeout_s=config.timeout_s, max_retries=config.max_retries,
+                                  backoff_s=config.backoff_s, cache_dir=cache_dir)
+        return (f"openai-compatible endpoint {config.model}",
+                lambda ex, attempt: client.complete(prompt(ex), temperature=config.temperature,
+                                                    max_tokens=config.max_tokens, sample_index=attempt))
+    local = LocalModelTeacher(config.local_model, config)
+    return f"local model {config.local_model}", lambda ex, attempt: local.complete(prompt(ex), attempt)
+
+
+def trace_one(example: Example, sample: Callable[[Example, int], str], catalog: common.Catalog,
+              sid_map: dict, config: TeacherConfig) -> dict[str, Any]:
+    """Sample until the ranking puts the target first (rejection) or once (targeted)."""
+    budget = config.attempts if config.mode == "rejection" else 1
+    invalid: Counter[str] = Counter()
+    completion, ranking = "", None
+    for attempt in range(budget):
+        completion = sample(example, attempt)
+        ranking, reason = parse_ranking(completion, catalog, example.candidates, sid_map)
+        if ranking is None:
+            invalid[reason] += 1
+            continue
+        if ranking[0] == example.target:
+            return {"accepted": True, "attempts": attempt + 1, "completion": completion, "ranking": ranking,
+                    "invalid": dict(invalid)}
+    return {"accepted": False, "attempts": budget, "completion": completion, "ranking": ranking,
+            "invalid": dict(invalid)}
+
+
+def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, force: bool = False) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    stage_dir = run_dir / STAGE
+    inputs = [common.input_key(run_dir, s) for s in ("data", "sid", "candidates")]
+    key = stage_key(config, *inputs)
+    if not force and is_current(stage_dir, key):
+        return read_stage(stage_dir)["summary"]
+    catalog = common.load_catalog(run_dir)
+    # co-occurrence statistics only from items before every split's target (items[:-3])
+    train_seqs = [s[:-3] for s in common.load_sequences(run_dir)]
+    examples, not_covered = load_examples(run_dir, config.split, config.max_history, config.max_examples, config.seed)
+    label, sample = make_sampler(config, catalog, train_seqs, stage_dir / "cache")
+    sid_map = catalog.item_of_sid()
+
+    workers = config.concurrency if config.backend == "openai" else 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(tqdm(pool.map(lambda ex: trace_one(ex, sample, catalog, sid_map, config), examples),
+                            total=len(examples), desc=f"traces ({label})"))
+
+    kept = [(ex, r) for ex, r in zip(examples, results) if r["accepted"]]
+    verifier_valid = check_with_verifier([r["completion"] for _, r in kept], [ex for ex, _ in kept], catalog)
+    if verifier_valid is not None and not verifier_valid.all():
+        raise DataError(f"gr2.verify_rewards rejects {int((~verifier_valid).sum())} kept traces the teacher "
+                        "parser accepted; the two parsers disagree")
+    lines = []
+    for ex, r in zip(examples, results):
+        record = {"teacher": label, "mode": config.mode, "priming": config.priming, "split": config.split,
+                  "user_idx": ex.user_idx, "history": ex.history, "candidates": ex.candidates, "target": ex.target,
+                  "messages": rerank_messages(catalog, ex, priming=config.priming), **r}
+        lines.append(json.dumps(record))
+    atomic_write_text(stage_dir / "traces.jsonl", "\n".join(lines) + "\n")
+    invalid = Counter()
+    for r in results:
+        invalid.update(r["invalid"])
+    summary = {
+        "teacher": label,
+        "backend": config.backend,
+        "mode": config.mode,
+        "priming": config.priming,
+        "split": config.split,
+        "examples": len(examples),
+        "skipped_target_not_in_candidates": not_covered,
+        "kept": len(kept),
+        "acceptance_rate": len(kept) / len(examples),
+        "attempts_per_kept_trace": float(np.mean([r["attempts"] for _, r in kept])) if kept else None,
+        "attempts_total": int(sum(r["attempts"] for r in results)),
+        "attempts_budget": config.attempts if config.mode == "rejection" else 1,
+        "invalid_completions": dict(invalid),
+        "verified_with": "gr2.verify_rewards" if verifier_valid is not None else "gr2.teacher.parse_ranking",
+    }
+    atomic_write_json(stage_dir / "report.json", summary)
+    mark_done(stage_dir, key, summary)
+    return summary
+
+
+def add_arguments(parser: Any) -> None:
+    common.add_common_arguments(parser)
+
+
+def main(args: Any) -> int:
+    config = common.config_from_args(TeacherConfig, args, "teacher")
+    summary = run_traces(args.run_dir, config, force=args.force)
+    print(json.dumps(summary, indent=2))
+    return 0

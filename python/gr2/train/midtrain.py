@@ -1,0 +1,395 @@
+"""Stage 1, mid-training: teach a base LLM the semantic-ID vocabulary of the catalog.
+
+Reads ``data/items``, ``data/sequences`` and ``sid/index.gr2sid``; writes ``midtrain/model`` (HF
+folder with the extended tokenizer), ``midtrain/report.json``, ``midtrain/metrics.jsonl``.
+
+Steps, top to bottom:
+
+1. load the base model (``demo`` / ``smollm2`` / HF folder) and extend it with the SID tokens,
+   initialising each code's row from the text of the items carrying that code
+   (:func:`gr2.models.extend_with_sids`);
+2. train on a mixture of four tasks, drawn per batch slot with the configured weights:
+   ``next``    the SIDs of a user's recent history -> the SID of the next item (train part only);
+   ``caption`` SID -> "title (year) | genres";
+   ``ground``  "title (year) | genres" -> SID;
+   ``replay``  plain text about an item (keeps ordinary language modelling alive);
+   loss on the assistant tokens only (replay: on every token);
+3. evaluate next-item Recall@k / NDCG@k on the leave-one-out test targets by catalog-constrained
+   beam search: generation may only spell SIDs of catalog items (a prefix trie of all SIDs), the
+   beams' top-k items are the ranking. Popularity and, when ``candidates/report.json`` exists,
+   the upstream ranker (SASRec) are reported alongside.
+
+The batch at step ``s`` is a pure function of (seed, s), so a killed run resumes exactly from its
+last checkpoint (``midtrain/checkpoints``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gr2.errors import ConfigError, DataError
+from gr2.models import DemoModelConfig, extend_with_sids, load_base_model, load_pretrained, save_pretrained_atomic
+from gr2.rundir import atomic_write_json, is_current, mark_done, read_stage, stage_key
+from gr2.train import common
+
+STAGE = "midtrain"
+TASKS = ("next", "caption", "ground", "replay")
+
+
+@dataclass
+class MixtureWeights:
+    """Relative frequency of each task in a batch (normalised; a 0 disables the task)."""
+
+    next: float = 0.6
+    caption: float = 0.15
+    ground: float = 0.15
+    replay: float = 0.1
+
+
+@dataclass
+class MidtrainConfig:
+    base_model: str = "demo"  # "demo", "smollm2", or an HF folder / hub name
+    demo: DemoModelConfig = field(default_factory=DemoModelConfig)
+    mixture: MixtureWeights = field(default_factory=MixtureWeights)
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    max_history: int = 20  # most recent items shown for the `next` task
+    max_length: int = 512
+    init_noise_std: float = 0.02
+    lora: common.LoraSettings = field(default_factory=common.LoraSettings)
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    # evaluation
+    eval_split: str = "test"  # "valid" or "test" (leave-one-out)
+    eval_users: int = 0  # 0 = all users
+    eval_beams: int = 20
+    eval_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    eval_batch_size: int = 16
+    cache_dir: str = ""  # where converted base models are cached ("" = default)
+
+    def __post_init__(self) -> None:
+        weights = asdict(self.mixture) if not isinstance(self.mixture, dict) else self.mixture
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ConfigError(f"mixture weights must be >= 0 with a positive sum, got {weights}")
+        for name in ("steps", "batch_size", "max_history", "eval_beams", "max_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"midtrain.{name} must be > 0, got {getattr(self, name)}")
+        if self.eval_split not in ("valid", "test"):
+            raise ConfigError(f"midtrain.eval_split must be 'valid' or 'test', got {self.eval_split!r}")
+        if not self.eval_ks or max(self.eval_ks) > self.eval_beams:
+            raise ConfigError(f"eval_ks {self.eval_ks} must be non-empty and <= eval_beams {self.eval_beams}")
+
+
+# --------------------------------------------------------------------------------------------
+# the task texts
+
+
+def next_prompt(catalog: common.Catalog, history: list[int]) -> str:
+    return "A user watched, oldest first: " + "".join(catalog.sid_text(i) for i in history) + "\nNext item?"
+
+
+def caption_prompt(catalog: common.Catalog, item: int) -> str:
+    return f"What is item {catalog.sid_text(item)}?"
+
+
+def ground_prompt(catalog: common.Catalog, item: int) -> str:
+    return f"Semantic ID of: {catalog.item_text(item)}"
+
+
+def replay_text(catalog: common.Catalog, item: int) -> str:
+    year = f", released in {int(catalog.years[item])}" if catalog.years[item] >= 0 else ""
+    genres = " and ".join(catalog.categories[item]) or "uncategorised"
+    return f"{catalog.titles[item]} is a {genres} title{year}."
+
+
+def demo_corpus(catalog: common.Catalog) -> list[str]:
+    """Texts the demo tokenizer is trained on: item texts, replay sentences and the templates."""
+    texts = [catalog.item_text(i) for i in range(len(catalog))] + [replay_text(catalog, i) for i in range(len(catalog))]
+    from gr2.teacher import PRIMING, SYSTEM_PROMPT
+
+    texts += ["A user watched, oldest first: \nNext item?", "What is item ?", "Semantic ID of: ",
+              SYSTEM_PROMPT, PRIMING, "History:\nCandidates:\n", "user assistant system"]
+    return texts
+
+
+class TaskSampler:
+    """Builds the training example for batch slot ``(step, slot)`` -- deterministic in (seed, step)."""
+
+    def __init__(self, catalog: common.Catalog, train_seqs: list[list[int]], tokenizer: Any, config: MidtrainConfig):
+        self.catalog, self.tokenizer, self.config = catalog, tokenizer, config
+        weights = np.array([getattr(config.mixture, t) for t in TASKS], dtype=np.float64)
+        self.task_p = weights / weights.sum()
+        # every (user, position) whose item has at least one earlier item in the train part
+        self.next_pairs = np.array([(u, p) for u, seq in enumerate(train_seqs) for p in range(1, len(seq))],
+                                   dtype=np.int64).reshape(-1, 2)
+        if self.task_p[0] > 0 and len(self.next_pairs) == 0:
+            raise DataError("no user has two train items; the `next` task has no examples")
+        self.train_seqs = train_seqs
+
+    def batch(self, step: int) -> tuple[list[common.WeightedExample], list[str]]:
+        rng = np.random.default_rng([self.config.seed, step])
+        tasks = rng.choice(len(TASKS), size=self.config.batch_size, p=self.task_p)
+        examples = [self.example(TASKS[t], rng) for t in tasks]
+        return examples, [TASKS[t] for t in tasks]
+
+    def example(self, task: str, rng: np.random.Generator) -> common.WeightedExample:
+        cat, tok, max_len = self.catalog, self.tokenizer, self.config.max_length
+        if task == "next":
+            user, pos = self.next_pairs[rng.integers(len(self.next_pairs))]
+            seq = self.train_seqs[user]
+            history = seq[max(0, pos - self.config.max_history):pos]
+            return common.chat_example(tok, [{"role": "user", "content": next_prompt(cat, history)}],
+                                       [(cat.sid_text(seq[pos]), 1.0)], max_len)
+        item = int(rng.integers(len(cat)))
+        if task == "caption":
+            return common.chat_example(tok, [{"role": "user", "content": caption_prompt(cat, item)}],
+                                       [(cat.item_text(item), 1.0)], max_len)
+        if task == "ground":
+            return common.chat_example(tok, [{"role": "user", "content": ground_prompt(cat, item)}],
+                                       [(cat.sid_text(item), 1.0)], max_len)
+        ids = tok(replay_text(cat, item), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        return common.WeightedExample(ids, [0.0] + [1.0] * (len(ids) - 1))
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation: catalog-constrained beam search
+
+
+class CatalogTrie:
+    """Allowed next tokens after each generated prefix: ``<|sid_begin|>``, the codes of catalog
+    SIDs level by level, ``<|sid_end|>``, then only padding."""
+
+    def __init__(self, codes: np.ndarray, sid_tokens: Any, pad_id: int):
+        self.levels = codes.shape[1]
+        self.pad_id = pad_id
+        self.begin, self.end = sid_tokens.sid_begin, sid_tokens.sid_end
+        self.children: dict[tuple[int, ...], list[int]] = {}
+        self.token_item: dict[tuple[int, ...], int] = {}
+        for item, row in enumerate(codes):
+            ids = tuple(int(sid_tokens.code_ids[level, int(c)]) for level, c in enumerate(row))
+            self.token_item[ids] = item
+            for level in range(self.levels):
+                self.children.setdefault(ids[:level], [])
+                if ids[level] not in self.children[ids[:level]]:
+                    self.children[ids[:level]].append(ids[level])
+
+    def allowed(self, generated: list[int]) -> list[int]:
+        if not generated:
+            return [self.begin]
+        codes = tuple(generated[1:])
+        if len(codes) < self.levels:
+            return self.children.get(codes, [self.pad_id])
+        if len(codes) == self.levels:
+            return [self.end]
+        return [self.pad_id]
+
+    def item(self, generated: list[int]) -> int | None:
+        return self.token_item.get(tuple(generated[1:1 + self.levels]))
+
+
+@torch.no_grad()
+def beam_search_next_items(model: Any, tokenizer: Any, prompts: list[str], trie: CatalogTrie, beams: int,
+                           top: int, batch_size: int, device: torch.device) -> list[list[int]]:
+    """For each chat prompt, the ``top`` catalog items of a constrained beam search (best first)."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    results: list[list[int]] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="beam search", leave=False):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts[start:start + batch_size]]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        width = enc["input_ids"].shape[1]
+        out = model.generate(
+            **enc, max_new_tokens=trie.levels + 2, num_beams=beams, num_return_sequences=top, do_sample=False,
+            prefix_allowed_tokens_fn=lambda _b, ids: trie.allowed(ids[width:].tolist()),
+            eos_token_id=trie.end, pad_token_id=trie.pad_id, early_stopping=True, length_penalty=0.0,
+        )
+        for row in range(len(texts)):
+            ranked = []
+            for seq in out[row * top:(row + 1) * top]:
+                item = trie.item(seq[width:].tolist())
+                if item is not None and item not in ranked:
+                    ranked.append(item)
+            results.append(ranked)
+    tokenizer.padding_side = "right"
+    return results
+
+
+def ranking_metrics(rankings: list[list[int]], targets: list[int], ks: list[int]) -> dict[str, float]:
+    """Recall@k and NDCG@k (one relevant item: 1/log2(rank+1)) averaged over users."""
+    out: dict[str, float] = {}
+    for k in ks:
+        hits = [r[:k].index(t) + 1 if t in r[:k] else 0 for r, t in zip(rankings, targets)]
+        out[f"recall@{k}"] = float(np.mean([h > 0 for h in hits]))
+        out[f"ndcg@{k}"] = float(np.mean([1 / math.log2(h + 1) if h else 0.0 for h in hits]))
+    return out
+
+
+def popularity_ranking(train_seqs: list[list[int]], n_items: int, top: int) -> list[int]:
+    counts = np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in train_seqs if s]), minlength=n_items)
+    return [int(i) for i in np.argsort(-counts, kind="stable")[:top]]
+
+
+def eval_split(seqs: list[list[int]], split: str, max_history: int) -> tuple[list[list[int]], list[int]]:
+    """Leave-one-out (history, target) per user: valid = items[-2], test = items[-1]."""
+    cut = 1 if split == "test" else 2
+    pairs = [(s[:-cut][-max_history:], s[-cut]) for s in seqs if len(s) > cut and len(s[:-cut]) > 0]
+    return [h for h, _ in pairs], [t for _, t in pairs]
+
+
+def evaluate(model: Any, tokenizer: Any, sid_tokens: Any, catalog: common.Catalog, seqs: list[list[int]],
+             config: MidtrainConfig, device: torch.device) -> dict[str, Any]:
+    histories, targets = eval_split(seqs, config.eval_split, config.max_history)
+    if config.eval_users and config.eval_users < len(targets):
+        pick = np.random.default_rng(config.seed).choice(len(targets), config.eval_users, replace=False)
+        histories, targets = [histories[i] for i in pick], [targets[i] for i in pick]
+    trie = CatalogTrie(catalog.codes, sid_tokens, tokenizer.pad_token_id)
+    top = max(config.eval_ks)
+    rankings = beam_search_next_items(model, tokenizer, [next_prompt(catalog, h) for h in histories], trie,
+                                      config.eval_beams, top, config.eval_batch_size, device)
+    train_seqs = [s[:-2] for s in seqs]
+    pop = popularity_ranking(train_seqs, len(catalog), top)
+    return {
+        "split": config.eval_split,
+        "users": len(targets),
+        "method": f"catalog-constrained beam search, {config.eval_beams} beams, {len(catalog)} items",
+        "model": ranking_metrics(rankings, targets, config.eval_ks),
+        "popularity": ranking_metrics([pop] * len(targets), targets, config.eval_ks),
+        "mean_items_returned": float(np.mean([len(r) for r in rankings])),
+    }
+
+
+def upstream_figures(run_dir: Path) -> dict[str, Any] | None:
+    """The upstream ranker's full-ranking figures (candidates/report.json), when that stage ran."""
+    path = run_dir / "candidates" / "report.json"
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    return {k: v for k, v in report.items() if not isinstance(v, (list, dict)) or k in ("full_ranking", "upstream",
+                                                                                          "popularity", "test", "valid")}
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+
+
+def prepare_model(run_dir: Path, config: MidtrainConfig, catalog: common.Catalog) -> tuple[Any, Any, Any]:
+    """Base model extended with the SID vocabulary (saved once as checkpoints/init for resume)."""
+    init_dir = run_dir / STAGE / "checkpoints" / "init"
+    if (init_dir / "config.json").exists():
+        model, tokenizer = load_pretrained(init_dir)
+        from gr2.models import sid_tokens_of
+
+        return model, tokenizer, sid_tokens_of(tokenizer, catalog.level_sizes)
+    model, tokenizer = load_base_model(config.base_model, corpus=demo_corpus(catalog), demo=config.demo,
+                                       cache_dir=config.cache_dir or None)
+    texts = [catalog.item_text(i) for i in range(len(catalog))]
+    sid_tokens = extend_with_sids(model, tokenizer, catalog.codes, catalog.level_sizes, texts,
+                                  noise_std=config.init_noise_std, seed=config.seed)
+    save_pretrained_atomic(model, tokenizer, init_dir)
+    return model, tokenizer, sid_tokens
+
+
+def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(), *, force: bool = False,
+                 on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run stage 1; returns the summary (also in ``midtrain/report.json``). ``on_step(step)`` is
+    called after every optimiser step (progress hooks; tests use it to kill a run)."""
+    run_dir = Path(run_dir)
+    stage_dir = run_dir / STAGE
+    key = stage_key(config, common.input_key(run_dir, "data"), common.input_key(run_dir, "sid"))
+    if not force and is_current(stage_dir, key):
+        return read_stage(stage_dir)["summary"]
+    catalog = common.load_catalog(run_dir)
+    seqs = common.load_sequences(run_dir)
+    train_seqs = [s[:-2] for s in seqs]
+    device = common.choose_device(config.device)
+    dtype = common.choose_dtype(device, config.dtype)
+    common.seed_everything(config.seed)
+
+    ckpt_dir = stage_dir / "checkpoints"
+    latest = common.latest_checkpoint(ckpt_dir)
+    if latest is not None and json.loads((latest / common.CHECKPOINT_META).read_text())["extra"].get("key") != key:
+        import shutil
+
+        shutil.rmtree(ckpt_dir)  # checkpoints of another config or other inputs: start over
+        latest = None
+    model, tokenizer, sid_tokens = prepare_model(run_dir, config, catalog)
+    model = common.wrap_lora(model, config.lora).to(device=device, dtype=dtype)
+    optimizer = common.make_optimizer(model, config.lr, config.weight_decay)
+    scheduler = common.make_scheduler(optimizer, config.steps, config.warmup_steps)
+    start = 0
+    if latest is not None:
+        start = common.load_checkpoint(latest, model, optimizer, scheduler)["step"]
+    sampler = TaskSampler(catalog, train_seqs, tokenizer, config)
+
+    t0 = time.time()
+    model.train()
+    with common.MetricLogger(stage_dir, resume_step=start if latest else None) as log:
+        progress = tqdm(range(start, config.steps), desc="midtrain", initial=start, total=config.steps)
+        for step in progress:
+            examples, tasks = sampler.batch(step)
+            batch = common.to_device(common.collate(examples, tokenizer.pad_token_id), device)
+            loss, tokens = common.weighted_nll(model, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                log.log(step + 1, loss=loss.item(), lr=scheduler.get_last_lr()[0], tokens=tokens,
+                        next_share=tasks.count("next") / len(tasks))
+                progress.set_postfix(loss=f"{loss.item():.3f}")
+            if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+                common.save_checkpoint(ckpt_dir / common.checkpoint_name(step + 1), model, optimizer, scheduler,
+                                       step + 1, {"key": key})
+                common.prune_checkpoints(ckpt_dir, config.keep_checkpoints)
+            if on_step is not None:
+                on_step(step + 1)
+    train_seconds = time.time() - t0
+
+    model = common.unwrap_model(model)
+    metrics = evaluate(model, tokenizer, sid_tokens, catalog, seqs, config, device)
+    save_pretrained_atomic(model.to(torch.float32), tokenizer, stage_dir / "model")
+    summary = {
+        "base_model": config.base_model,
+        "steps": config.steps,
+        "resumed_from_step": start,
+        "train_seconds": round(train_seconds, 1),
+        "vocab_size": len(tokenizer),
+        "sid_init": "mean text-token embedding of the items carrying each code (+noise); tags: mean of old rows",
+        "eval": metrics,
+        "upstream": upstream_figures(run_dir),
+    }
+    atomic_write_json(stage_dir / "report.json", summary)
+    import shutil
+
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    mark_done(stage_dir, key, summary)
+    return summary
+
+
+def add_arguments(parser: Any) -> None:
+    common.add_common_arguments(parser)
+
+
+def main(args: Any) -> int:
+    config = common.config_from_args(MidtrainConfig, args, STAGE)
+    summary = run_midtrain(args.run_dir, config, force=args.force)
+    print(json.dumps(summary["eval"], indent=2))
+    return 0

@@ -1,0 +1,231 @@
+"""Stage 2, reasoning SFT: fine-tune the mid-trained model on the teacher's kept traces.
+
+Reads ``midtrain/model`` and ``traces/traces.jsonl`` (records with ``accepted: true``); writes
+``sft/model``, ``sft/report.json``, ``sft/metrics.jsonl``.
+
+Loss (per token, assistant turn only; the prompt has weight 0):
+
+    loss = sum_t w_t * NLL_t / #supervised tokens,
+    w_t = lambda_reasoning for tokens of <think>...</think>,
+          lambda_answer    for tokens of <answer>...</answer> and the end-of-turn token,
+
+with lambda_reasoning < lambda_answer by default: the ranking is what is rewarded later, the
+reasoning is style to imitate. A share of the kept traces (split by user) is held out; the report
+gives their answer-token NLL under the mid-trained model (before) and the SFT model (after).
+
+Full fine-tuning or LoRA (``lora.enabled``); optional greedy packing of short examples; the batch
+at step ``s`` is a pure function of (seed, s), so a killed run resumes exactly from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gr2.errors import ConfigError, DataError
+from gr2.models import load_pretrained, save_pretrained_atomic
+from gr2.rundir import atomic_write_json, is_current, mark_done, read_stage, stage_key
+from gr2.tokens import ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
+from gr2.train import common
+
+STAGE = "sft"
+
+
+@dataclass
+class SftConfig:
+    lambda_reasoning: float = 0.5
+    lambda_answer: float = 1.0
+    epochs: int = 3
+    batch_size: int = 8
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    packing: bool = False
+    max_length: int = 2048
+    heldout_fraction: float = 0.1
+    lora: common.LoraSettings = field(default_factory=common.LoraSettings)
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 5
+    eval_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.lambda_reasoning < 0 or self.lambda_answer <= 0:
+            raise ConfigError("sft.lambda_reasoning must be >= 0 and sft.lambda_answer > 0")
+        if not 0 < self.heldout_fraction < 1:
+            raise ConfigError(f"sft.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"sft.{name} must be > 0, got {getattr(self, name)}")
+
+
+def split_completion(completion: str) -> tuple[str, str]:
+    """(reasoning part ``<think>...</think>``, answer part ``<answer>...</answer>``)."""
+    end = completion.find(THINK_CLOSE)
+    if not completion.startswith(THINK_OPEN) or end < 0 or not completion[end + len(THINK_CLOSE):].lstrip().startswith(ANSWER_OPEN):
+        raise DataError(f"trace completion is not <think>...</think><answer>...</answer>: {completion[:80]!r}")
+    cut = end + len(THINK_CLOSE)
+    return completion[:cut], completion[cut:]
+
+
+def trace_example(tokenizer: Any, record: dict[str, Any], lambda_r: float, lambda_o: float,
+                  max_length: int) -> common.WeightedExample:
+    reasoning, answer = split_completion(record["completion"])
+    return common.chat_example(tokenizer, record["messages"], [(reasoning, lambda_r), (answer, lambda_o)], max_length)
+
+
+def load_kept_traces(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "traces" / "traces.jsonl"
+    if not path.exists():
+        raise DataError(f"{path} is missing; run the `traces` stage first")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not JSON ({e})") from e
+        if record.get("accepted"):
+            records.append(record)
+    if len(records) < 2:
+        raise DataError(f"{path} has {len(records)} kept traces; SFT needs at least 2 (one held out)")
+    return records
+
+
+def split_heldout(records: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out whole users (a user's traces never straddle the split)."""
+    users = sorted({r["user_idx"] for r in records})
+    rng = np.random.default_rng(seed)
+    n_held = max(1, int(round(len(users) * fraction)))
+    held = set(rng.choice(users, size=n_held, replace=False).tolist())
+    train = [r for r in records if r["user_idx"] not in held]
+    heldout = [r for r in records if r["user_idx"] in held]
+    if not train:
+        raise DataError("every kept trace was held out; lower sft.heldout_fraction or keep more traces")
+    return train, heldout
+
+
+@torch.no_grad()
+def heldout_nll(model: Any, tokenizer: Any, records: list[dict[str, Any]], config: SftConfig,
+                device: torch.device) -> dict[str, float]:
+    """Mean NLL per token of the answer part and of the reasoning part of held-out traces."""
+    model.eval()
+    sums = {"answer": 0.0, "reasoning": 0.0}
+    counts = {"answer": 0, "reasoning": 0}
+    for part, (lr_, lo_) in (("answer", (0.0, 1.0)), ("reasoning", (1.0, 0.0))):
+        examples = [trace_example(tokenizer, r, lr_, lo_, config.max_length) for r in records]
+        for start in range(0, len(examples), config.eval_batch_size):
+            batch = common.to_device(common.collate(examples[start:start + config.eval_batch_size],
+                                                    tokenizer.pad_token_id), device)
+            nll = common.token_nll(model, batch)
+            sums[part] += float((nll * batch["loss_weights"]).sum())
+            counts[part] += int((batch["loss_weights"] > 0).sum())
+    model.train()
+    return {f"{part}_nll": sums[part] / counts[part] for part in sums}
+
+
+def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, force: bool = False,
+            on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run stage 2 SFT; returns the summary (also ``sft/report.json``)."""
+    run_dir = Path(run_dir)
+    stage_dir = run_dir / STAGE
+    key = stage_key(config, common.input_key(run_dir, "midtrain"), common.input_key(run_dir, "traces"))
+    if not force and is_current(stage_dir, key):
+        return read_stage(stage_dir)["summary"]
+    device = common.choose_device(config.device)
+    dtype = common.choose_dtype(device, config.dtype)
+    common.seed_everything(config.seed)
+
+    records = load_kept_traces(run_dir)
+    teacher = sorted({r.get("teacher", "?") for r in records})
+    train_records, heldout = split_heldout(records, config.heldout_fraction, config.seed)
+    model, tokenizer = load_pretrained(run_dir / "midtrain" / "model")
+    model.to(device=device, dtype=dtype)
+    examples = [trace_example(tokenizer, r, config.lambda_reasoning, config.lambda_answer, config.max_length)
+                for r in train_records]
+    if config.packing:
+        examples = common.pack_examples(examples, config.max_length, tokenizer.eos_token_id)
+    before = heldout_nll(model, tokenizer, heldout, config, device)
+
+    model = common.wrap_lora(model, config.lora)
+    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    optimizer = common.make_optimizer(model, config.lr, config.weight_decay)
+    scheduler = common.make_scheduler(optimizer, total_steps, config.warmup_steps)
+    ckpt_dir = stage_dir / "checkpoints"
+    latest = common.latest_checkpoint(ckpt_dir)
+    if latest is not None and json.loads((latest / common.CHECKPOINT_META).read_text())["extra"].get("key") != key:
+        shutil.rmtree(ckpt_dir)
+        latest = None
+    start = common.load_checkpoint(latest, model, optimizer, scheduler)["step"] if latest else 0
+
+    t0 = time.time()
+    model.train()
+    with common.MetricLogger(stage_dir, resume_step=start if latest else None) as log:
+        for step in tqdm(range(start, total_steps), desc="sft", initial=start, total=total_steps):
+            epoch, offset = divmod(step, steps_per_epoch)
+            order = common.epoch_order(len(examples), config.seed, epoch)
+            chosen = order[offset * config.batch_size:(offset + 1) * config.batch_size]
+            batch = common.to_device(common.collate([examples[i] for i in chosen], tokenizer.pad_token_id), device)
+            loss, tokens = common.weighted_nll(model, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
+                log.log(step + 1, loss=loss.item(), lr=scheduler.get_last_lr()[0], tokens=tokens, epoch=epoch)
+            if (step + 1) % config.checkpoint_every == 0 and step + 1 < total_steps:
+                common.save_checkpoint(ckpt_dir / common.checkpoint_name(step + 1), model, optimizer, scheduler,
+                                       step + 1, {"key": key})
+                common.prune_checkpoints(ckpt_dir, config.keep_checkpoints)
+            if on_step is not None:
+                on_step(step + 1)
+    train_seconds = time.time() - t0
+
+    model = common.unwrap_model(model)
+    after = heldout_nll(model, tokenizer, heldout, config, device)
+    save_pretrained_atomic(model.to(torch.float32), tokenizer, stage_dir / "model")
+    summary = {
+        "teacher": teacher,
+        "train_traces": len(train_records),
+        "heldout_traces": len(heldout),
+        "rows": len(examples),
+        "packing": config.packing,
+        "lora": config.lora.enabled,
+        "steps": total_steps,
+        "resumed_from_step": start,
+        "train_seconds": round(train_seconds, 1),
+        "lambda_reasoning": config.lambda_reasoning,
+        "lambda_answer": config.lambda_answer,
+        "heldout_before": before,
+        "heldout_after": after,
+    }
+    atomic_write_json(stage_dir / "report.json", summary)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    mark_done(stage_dir, key, summary)
+    return summary
+
+
+def add_arguments(parser: Any) -> None:
+    common.add_common_arguments(parser)
+
+
+def main(args: Any) -> int:
+    config = common.config_from_args(SftConfig, args, STAGE)
+    summary = run_sft(args.run_dir, config, force=args.force)
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,1 +1,0 @@
-//! Placeholder module, replaced by the index work.

@@ -1,0 +1,150 @@
+"""Metrics of reranked lists: hand-computed cases, a plain-Python reference, bootstrap CIs, bad input."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gr2.errors import InvalidInputError, UnknownItemError
+from gr2.eval import (
+    METRICS,
+    bootstrap_ci,
+    evaluate_rankings,
+    per_list_metrics,
+    popularity_order,
+    random_order,
+    score_order,
+    upstream_order,
+)
+
+CANDS = np.array([[10, 11, 12, 13, 14], [20, 21, 22, 23, 24]], dtype=np.uint64)
+TARGETS = np.array([12, 20], dtype=np.uint64)
+RANKS = np.array([[12, 10, 11, 13, 14], [21, 22, 20, 23, 24]], dtype=np.uint64)
+
+
+def test_hand_computed_case():
+    r = evaluate_rankings(RANKS, np.array([True, True]), CANDS, TARGETS, n_boot=200)
+    # list 0: target first; list 1: target third -> NDCG 1/log2(4) = 0.5
+    assert r["recall@1"]["value"] == 0.5
+    assert r["recall@3"]["value"] == 1.0
+    assert r["recall@5"]["value"] == 1.0
+    assert r["ndcg@3"]["value"] == pytest.approx(0.75)
+    assert r["ndcg@5"]["value"] == pytest.approx(0.75)
+    assert r["validity"]["value"] == 1.0
+    assert r["order_copy"]["value"] == 0.0
+    assert r["position_bias"] == [0, 1, 1, 0, 0]  # 12 sat at input position 2, 21 at 1
+    assert (r["n"], r["k"]) == (2, 5)
+    for m in METRICS:
+        assert r[m]["ci_low"] <= r[m]["value"] <= r[m]["ci_high"]
+
+
+def test_upstream_order_and_copy_rate():
+    r = evaluate_rankings(CANDS, np.array([True, True]), CANDS, TARGETS, n_boot=50)
+    # upstream: target 12 at rank 3, target 20 at rank 1
+    assert r["recall@1"]["value"] == 0.5
+    assert r["ndcg@3"]["value"] == pytest.approx((0.5 + 1.0) / 2)
+    assert r["order_copy"]["value"] == 1.0
+    assert r["position_bias"] == [2, 0, 0, 0, 0]
+
+
+def test_invalid_rows_miss_or_fall_back():
+    garbage = RANKS.copy()
+    garbage[1] = [99, 99, 99, 99, 99]  # unparseable output: ignored because marked invalid
+    valid = np.array([True, False])
+    miss = evaluate_rankings(garbage, valid, CANDS, TARGETS, n_boot=50)
+    assert miss["recall@5"]["value"] == 0.5
+    assert miss["validity"]["value"] == 0.5
+    assert miss["position_bias"] == [0, 0, 1, 0, 0]
+    fallback = evaluate_rankings(garbage, valid, CANDS, TARGETS, n_boot=50, invalid="upstream")
+    assert fallback["recall@1"]["value"] == 1.0  # row 0 ranked first by the model, row 1 by upstream
+    assert fallback["validity"]["value"] == 0.5
+
+
+def reference_per_list(rankings, valid, candidates, targets):
+    out = {m: [] for m in METRICS}
+    for r, v, c, t in zip(rankings.tolist(), valid.tolist(), candidates.tolist(), targets.tolist()):
+        rank = r.index(t) + 1 if v else None
+        for k in (1, 3, 5):
+            out[f"recall@{k}"].append(1.0 if rank is not None and rank <= k else 0.0)
+        for k in (3, 5):
+            out[f"ndcg@{k}"].append(1.0 / math.log2(rank + 1) if rank is not None and rank <= k else 0.0)
+        out["validity"].append(1.0 if v else 0.0)
+        out["order_copy"].append(1.0 if v and r == c else 0.0)
+    return out
+
+
+@given(st.integers(1, 30), st.integers(1, 12), st.integers(0, 2**31))
+def test_matches_reference_on_random_lists(b, k, seed):
+    rng = np.random.default_rng(seed)
+    candidates = np.stack([rng.choice(1000, k, replace=False) for _ in range(b)]).astype(np.int64)
+    targets = candidates[np.arange(b), rng.integers(0, k, b)]
+    rankings = rng.permuted(candidates, axis=1)
+    copy_rows = rng.random(b) < 0.3
+    rankings[copy_rows] = candidates[copy_rows]
+    valid = rng.random(b) < 0.8
+    got = per_list_metrics(rankings, valid, candidates, targets)
+    want = reference_per_list(rankings, valid, candidates, targets)
+    for m in METRICS:
+        np.testing.assert_allclose(got[m], want[m])
+
+
+def test_bootstrap_matches_loop_reference_and_is_seeded():
+    rng = np.random.default_rng(1)
+    values = (rng.random((2, 40)) < 0.3).astype(float)
+    low, high = bootstrap_ci(values, n_boot=300, seed=7)
+    # reference: the same resamples drawn one at a time
+    ref_rng = np.random.default_rng(7)
+    idx = ref_rng.integers(0, 40, size=(300, 40))
+    means = np.array([[values[m, row].mean() for row in idx] for m in range(2)])
+    np.testing.assert_allclose(low, np.percentile(means, 2.5, axis=1))
+    np.testing.assert_allclose(high, np.percentile(means, 97.5, axis=1))
+    low2, high2 = bootstrap_ci(values, n_boot=300, seed=7, max_cells=100)  # chunked the same way
+    np.testing.assert_allclose(low, low2)
+    np.testing.assert_allclose(high, high2)
+    const_low, const_high = bootstrap_ci(np.ones((1, 10)), n_boot=20)
+    assert const_low[0] == const_high[0] == 1.0
+
+
+def test_bad_input_errors():
+    ok = np.array([True, True])
+    no_target = TARGETS.copy()
+    no_target[1] = 99
+    with pytest.raises(InvalidInputError, match="not in candidate list 1"):
+        evaluate_rankings(RANKS, ok, CANDS, no_target)
+    dup = CANDS.copy()
+    dup[0, 1] = 10
+    with pytest.raises(InvalidInputError, match="duplicate"):
+        evaluate_rankings(RANKS, ok, dup, TARGETS)
+    with pytest.raises(InvalidInputError, match="K mismatch"):
+        evaluate_rankings(RANKS[:, :4], ok, CANDS, TARGETS)
+    bad = RANKS.copy()
+    bad[0, 4] = 77
+    with pytest.raises(UnknownItemError, match="77"):
+        evaluate_rankings(bad, ok, CANDS, TARGETS)
+    repeated = RANKS.copy()
+    repeated[0, 4] = 12
+    with pytest.raises(InvalidInputError, match="repeats"):
+        evaluate_rankings(repeated, ok, CANDS, TARGETS)
+    with pytest.raises(InvalidInputError, match="bool"):
+        evaluate_rankings(RANKS, np.array([1, 1]), CANDS, TARGETS)
+    with pytest.raises(InvalidInputError, match="targets"):
+        evaluate_rankings(RANKS, ok, CANDS, TARGETS[:1])
+    with pytest.raises(InvalidInputError, match="integer"):
+        evaluate_rankings(RANKS.astype(float), ok, CANDS, TARGETS)
+    with pytest.raises(InvalidInputError, match="invalid"):
+        evaluate_rankings(RANKS, ok, CANDS, TARGETS, invalid="drop")
+
+
+def test_baseline_orders():
+    cands = np.array([[3, 1, 2], [5, 4, 6]])
+    assert (upstream_order(cands) == cands).all()
+    counts = np.array([0, 5, 9, 1, 7, 7, 2])
+    np.testing.assert_array_equal(popularity_order(cands, counts), [[2, 1, 3], [5, 4, 6]])  # 5/4 tie keeps input order
+    np.testing.assert_array_equal(score_order(cands, np.array([[0.1, 0.3, 0.2], [1.0, 2.0, 0.0]])), [[1, 2, 3], [4, 5, 6]])
+    shuffled = random_order(cands, seed=3)
+    assert (np.sort(shuffled, axis=1) == np.sort(cands, axis=1)).all()
+    np.testing.assert_array_equal(shuffled, random_order(cands, seed=3))
+    with pytest.raises(InvalidInputError, match="NaN"):
+        score_order(cands, np.full((2, 3), np.nan))

@@ -1,0 +1,121 @@
+"""Stage 2 reasoning SFT on heuristic-teacher traces with a tiny mid-trained model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from test_midtrain_fixtures import ReferenceSidIndex, make_run_dir, tiny_midtrain_config
+
+import gr2
+from gr2.errors import ConfigError, DataError
+from gr2.models import load_pretrained
+from gr2.teacher import TeacherConfig, run_traces
+from gr2.train import common
+from gr2.train.midtrain import run_midtrain
+from gr2.train.sft import SftConfig, run_sft, split_completion, trace_example
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sid_index_available():
+    with pytest.MonkeyPatch.context() as mp:
+        if not hasattr(gr2, "SidIndex"):
+            mp.setattr(gr2, "SidIndex", ReferenceSidIndex, raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run_dir = make_run_dir(tmp_path_factory.mktemp("sft"), n_users=30)
+    run_midtrain(run_dir, tiny_midtrain_config(steps=4, eval_users=2, eval_beams=2, eval_ks=[1]))
+    run_traces(run_dir, TeacherConfig(mode="targeted", max_history=3))
+    return run_dir
+
+
+def config(**overrides):
+    base = dict(epochs=3, batch_size=4, lr=3e-3, warmup_steps=1, heldout_fraction=0.2, checkpoint_every=3,
+                log_every=1, max_length=2048)
+    base.update(overrides)
+    return SftConfig(**base)
+
+
+def copy_run(run_dir, dest):
+    shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("sft"))
+    return dest
+
+
+def test_sft_lowers_heldout_answer_nll(run_dir):
+    summary = run_sft(run_dir, config())
+    assert summary["teacher"] == ["heuristic teacher"]
+    assert summary["train_traces"] + summary["heldout_traces"] == 30
+    assert summary["heldout_after"]["answer_nll"] < summary["heldout_before"]["answer_nll"]
+    assert summary["steps"] == 3 * 6
+    model, tok = load_pretrained(run_dir / "sft" / "model")
+    assert len(tok) == model.get_input_embeddings().weight.shape[0]
+    assert json.loads((run_dir / "sft" / "report.json").read_text())["heldout_after"] == summary["heldout_after"]
+
+
+def test_loss_weights_split_reasoning_and_answer(run_dir):
+    _, tok = load_pretrained(run_dir / "midtrain" / "model")
+    record = json.loads((run_dir / "traces" / "traces.jsonl").read_text().splitlines()[0])
+    ex = trace_example(tok, record, 0.25, 1.0, 4096)
+    reasoning, answer = split_completion(record["completion"])
+    n_r = len(tok(reasoning, add_special_tokens=False)["input_ids"])
+    n_a = len(tok(answer, add_special_tokens=False)["input_ids"]) + 1  # + end of turn
+    assert ex.weights[-n_a:] == [1.0] * n_a
+    assert ex.weights[-n_a - n_r:-n_a] == [0.25] * n_r
+    assert set(ex.weights[:-n_a - n_r]) == {0.0}  # the prompt is context only
+    assert tok.decode(ex.input_ids[-n_a - n_r:-1]) == record["completion"]
+
+
+def test_sft_resume_after_kill_is_exact(run_dir, tmp_path):
+    def kill_at(step):
+        if step == 4:
+            raise KeyboardInterrupt("killed")
+
+    cfg = config(epochs=1, seed=2)
+    killed = copy_run(run_dir, tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(killed, cfg, on_step=kill_at)
+    assert common.latest_checkpoint(killed / "sft" / "checkpoints").name == "step-00000003"
+    resumed = run_sft(killed, cfg)
+    assert resumed["resumed_from_step"] == 3
+    straight = copy_run(run_dir, tmp_path / "straight")
+    full = run_sft(straight, cfg)
+    assert resumed["heldout_after"] == pytest.approx(full["heldout_after"], abs=1e-6)
+    a, _ = load_pretrained(killed / "sft" / "model")
+    b, _ = load_pretrained(straight / "sft" / "model")
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_sft_packing_and_lora(run_dir, tmp_path):
+    packed = run_sft(copy_run(run_dir, tmp_path / "p"), config(epochs=1, packing=True, max_length=4096))
+    assert packed["rows"] < packed["train_traces"]
+    lora = run_sft(copy_run(run_dir, tmp_path / "l"), config(epochs=1, lora=common.LoraSettings(enabled=True, r=4)))
+    assert lora["lora"] and lora["heldout_after"]["answer_nll"] != lora["heldout_before"]["answer_nll"]
+    model, _ = load_pretrained(tmp_path / "l" / "sft" / "model")  # merged, loads without peft
+    assert not hasattr(model, "peft_config")
+
+
+def test_sft_bad_inputs(run_dir, tmp_path):
+    with pytest.raises(ConfigError):
+        SftConfig(lambda_answer=0.0)
+    with pytest.raises(ConfigError):
+        SftConfig(heldout_fraction=1.0)
+    with pytest.raises(DataError, match="`midtrain`"):
+        run_sft(tmp_path / "none", config())
+    broken = copy_run(run_dir, tmp_path / "broken")
+    (broken / "traces" / "traces.jsonl").write_text('{"accepted": true}\nnot json\n')
+    with pytest.raises(DataError, match="not JSON"):
+        run_sft(broken, config(), force=True)
+    with pytest.raises(DataError):
+        split_completion("<answer>x</answer>")
+    _, tok = load_pretrained(run_dir / "midtrain" / "model")
+    record = json.loads((run_dir / "traces" / "traces.jsonl").read_text().splitlines()[0])
+    from gr2.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="max_length"):
+        trace_example(tok, record, 0.5, 1.0, 16)
