@@ -58,6 +58,7 @@ from gr2.rundir import atomic_write_json, is_current, mark_done, read_stage, sta
 from gr2.train import common
 
 OUTCOMES = ("r_rank", "hit@1", "rank_re")
+EVAL_BATCH = 16  # prompts per constrained_decode call during evaluation
 
 
 @dataclass
@@ -599,15 +600,17 @@ def evaluate(trainer: DapoTrainer, data: RlData) -> dict[str, float]:
     """Greedy reranking of ``data`` (one completion per prompt): R@1, NDCG@5, copy and validity rates."""
     cfg = trainer.config
     completions = []
-    for row in range(len(data.targets)):
-        if cfg.constrained:
-            from gr2 import constrained_decode
+    if cfg.constrained:
+        from gr2 import constrained_decode
 
-            r = constrained_decode(trainer.model, trainer.tokenizer, [data.prompt_texts[row]], data.candidates[row][None, :],
-                                   index=trainer.index, sid_tokens=trainer.sid_tokens, reasoning=cfg.reasoning,
-                                   max_reasoning_tokens=cfg.max_reasoning_tokens)[0]
-            completions.append(list(r.completion_ids) + [trainer.ctx["eos_id"]])
-        else:
+        for start in range(0, len(data.targets), EVAL_BATCH):
+            rows = slice(start, start + EVAL_BATCH)
+            results = constrained_decode(trainer.model, trainer.tokenizer, data.prompt_texts[rows], data.candidates[rows],
+                                         index=trainer.index, sid_tokens=trainer.sid_tokens, reasoning=cfg.reasoning,
+                                         max_reasoning_tokens=cfg.max_reasoning_tokens)
+            completions.extend(list(r.completion_ids) + [trainer.ctx["eos_id"]] for r in results)
+    else:
+        for row in range(len(data.targets)):
             completions.append(sampled_rollouts(trainer.model, trainer.tokenizer, data.prompt_texts[row],
                                                 data.candidates[row], 1, 0, cfg, trainer.ctx, greedy=True)[0])
     rb = verify_rewards(completions, data.candidates, data.targets, trainer.index, sid_tokens=trainer.sid_tokens,
