@@ -184,6 +184,8 @@ def test_heuristic_rejection_and_targeted(run_dir):
     assert 1 <= rej["attempts_per_kept_trace"] <= 6
     report = json.loads((run_dir / "traces" / "report.json").read_text())
     assert report["teacher"] == "heuristic teacher"
+    if hasattr(gr2, "verify_rewards"):  # kept traces were re-checked by the Rust verifier
+        assert report["verified_with"] == "gr2.verify_rewards"
     for r in records:
         if r["accepted"]:
             ranking, reason = parse_ranking(r["completion"], catalog, r["candidates"])
