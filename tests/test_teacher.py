@@ -75,7 +75,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             payload = json.dumps({"choices": []}).encode()
         else:
             prompt = body["messages"][-1]["content"]
-            cands = SID_RE.findall(prompt.split("Candidates:")[1]) if "Candidates:" in prompt else []
+            # the candidate block of gr2.prompts.build_messages ("Candidates (K):" ... "Task:")
+            block = re.split(r"Candidates(?: \(\d+\))?:", prompt)[-1].split("Task:")[0] if "Candidates" in prompt else ""
+            cands = SID_RE.findall(block)
             shift = int(body.get("seed", 0)) % max(1, len(cands))
             order = cands[shift:] + cands[:shift]
             content = f"<think>Looking at {cands[0] if cands else 'nothing'} first.</think><answer>{''.join(order)}</answer>"

@@ -93,6 +93,7 @@ def run_rerank(run_dir: str | Path, stage: str, config: RerankConfig = RerankCon
     candidates = np.asarray(table["candidates"], dtype=np.uint64)
 
     rankings = np.zeros_like(candidates)
+    valid = np.zeros(len(table), dtype=bool)
     reasoning_tokens = np.zeros(len(table), dtype=np.int64)
     start = time.perf_counter()
     for lo in tqdm(range(0, len(table), config.batch_size), desc=f"rerank {stage}/{config.split}", unit="batch"):
@@ -109,11 +110,12 @@ def run_rerank(run_dir: str | Path, stage: str, config: RerankConfig = RerankCon
             )
         for i, result in zip(rows, results):
             rankings[i] = result.items
+            valid[i] = result.valid
             reasoning_tokens[i] = len(tokenizer(result.reasoning, add_special_tokens=False)["input_ids"]) if result.reasoning else 0
     seconds = time.perf_counter() - start
 
     save_rankings(out / f"rankings_{config.split}.npz", np.asarray(table["user_idx"]), rankings.astype(np.int64),
-                  np.ones(len(table), dtype=bool), candidates.astype(np.int64))
+                  valid, candidates.astype(np.int64))
     summary = {
         "key": key,
         "stage": stage,
@@ -126,7 +128,7 @@ def run_rerank(run_dir: str | Path, stage: str, config: RerankConfig = RerankCon
         "reasoning_tokens_mean": float(reasoning_tokens.mean()),
         "reasoning_tokens_max": int(reasoning_tokens.max()),
         "max_reasoning_tokens": config.max_reasoning_tokens,
-        "valid_rate": 1.0,  # constrained decoding returns a permutation of the candidates by construction
+        "valid_rate": float(valid.mean()),
     }
     rundir.atomic_write_json(marker, summary)
     return summary

@@ -50,17 +50,6 @@ from gr2.train import common
 
 STAGE = "traces"
 HEURISTIC_LABEL = "heuristic teacher"
-SYSTEM_PROMPT = (
-    "You are an expert movie recommender. You see a user's watch history (oldest first) and {k} candidate "
-    f"films. Reason step by step inside {THINK_OPEN}{THINK_CLOSE}, citing films by their semantic ID, then list "
-    f"ALL candidates' semantic IDs, best first, inside {ANSWER_OPEN}{ANSWER_CLOSE}."
-)
-PRIMING = (
-    "Domain knowledge: viewers tend to continue with films close to what they watched most recently; "
-    "genre tastes are stable (a drama fan keeps watching dramas, a sci-fi fan moves between sci-fi and "
-    "action); films often watched together by other viewers are strong signals; very popular films are "
-    "a safe fallback; release era matters to many viewers."
-)
 
 
 @dataclass
@@ -119,32 +108,32 @@ class Example:
 # prompts and answers
 
 
-def item_line(catalog: common.Catalog, item: int) -> str:
-    return f"{catalog.sid_text(item)} {catalog.item_text(item)}"
-
-
-def rerank_messages(catalog: common.Catalog, example: Example, *, priming: bool,
+def rerank_messages(run_dir: Path, catalog: common.Catalog, example: Example, *, priming: bool,
                     reveal_target: bool = False) -> list[dict[str, str]]:
-    """The chat prompt: expert role, history and all candidates together, optional priming,
-    citation-by-SID and output-format instructions. Uses gr2.prompts.build_messages when present."""
-    try:
-        from gr2.prompts import build_messages  # helper `upstream`'s canonical prompt
-    except ImportError:
-        build_messages = None
-    if build_messages is not None and not reveal_target:
-        try:
-            return build_messages(catalog, example.history, example.candidates, priming=priming)
-        except TypeError:
-            pass  # an incompatible signature: fall back to the prompt below
-    system = SYSTEM_PROMPT.format(k=len(example.candidates))
-    if priming:
-        system += "\n" + PRIMING
-    user = "History:\n" + "\n".join(item_line(catalog, i) for i in example.history)
-    user += "\nCandidates:\n" + "\n".join(item_line(catalog, i) for i in example.candidates)
+    """The chat prompt of one example: the student's prompt (:func:`gr2.prompts.build_messages`, the
+    same the SFT, RL and rerank stages show the model), plus, in targeted mode, a line revealing the
+    target that only the teacher sees."""
+    from gr2.data import ItemCatalog
+    from gr2.prompts import build_messages
+
+    messages = build_messages(example.history, example.candidates, _item_catalog(run_dir, ItemCatalog),
+                              catalog.index, priming=priming).messages
     if reveal_target:
-        user += (f"\nThe user's actual next film is {catalog.sid_text(example.target)}. Explain from the history "
-                 "why it fits best, and rank it first.")
-    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        messages[-1] = dict(messages[-1])
+        messages[-1]["content"] += (f"\nThe user's actual next film is {catalog.sid_text(example.target)}. "
+                                    "Explain from the history why it fits best, and rank it first.")
+    return messages
+
+
+_ITEM_CATALOGS: dict[str, Any] = {}
+
+
+def _item_catalog(run_dir: Path, cls: Any) -> Any:
+    """gr2.data.ItemCatalog of the run, read once per process (prompts are built per example)."""
+    key = str(Path(run_dir).resolve())
+    if key not in _ITEM_CATALOGS:
+        _ITEM_CATALOGS[key] = cls.from_run_dir(run_dir)
+    return _ITEM_CATALOGS[key]
 
 
 _ANSWER_RE = re.compile(re.escape(ANSWER_OPEN) + r"(.*?)" + re.escape(ANSWER_CLOSE), re.S)
@@ -441,7 +430,7 @@ def load_examples(run_dir: Path, split: str, max_history: int, max_examples: int
     return examples, not_covered
 
 
-def make_sampler(config: TeacherConfig, catalog: common.Catalog, train_seqs: list[list[int]],
+def make_sampler(config: TeacherConfig, run_dir: Path, catalog: common.Catalog, train_seqs: list[list[int]],
                  cache_dir: Path) -> tuple[str, Callable[[Example, int], str]]:
     """(label, fn(example, attempt) -> completion text) for the configured backend."""
     import os
@@ -450,7 +439,7 @@ def make_sampler(config: TeacherConfig, catalog: common.Catalog, train_seqs: lis
     if config.backend == "heuristic":
         teacher = HeuristicTeacher(catalog, train_seqs, config)
         return HEURISTIC_LABEL, lambda ex, attempt: teacher.complete(ex, attempt, targeted)
-    prompt = lambda ex: rerank_messages(catalog, ex, priming=config.priming, reveal_target=targeted)  # noqa: E731
+    prompt = lambda ex: rerank_messages(run_dir, catalog, ex, priming=config.priming, reveal_target=targeted)  # noqa: E731
     if config.backend == "openai":
         client = OpenAIChatClient(config.endpoint, config.model, api_key=os.environ.get(config.api_key_env),
                                   timeout_s=config.timeout_s, max_retries=config.max_retries,
@@ -492,7 +481,7 @@ def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, 
     # co-occurrence statistics only from items before every split's target (items[:-3])
     train_seqs = [s[:-3] for s in common.load_sequences(run_dir)]
     examples, not_covered = load_examples(run_dir, config.split, config.max_history, config.max_examples, config.seed)
-    label, sample = make_sampler(config, catalog, train_seqs, stage_dir / "cache")
+    label, sample = make_sampler(config, run_dir, catalog, train_seqs, stage_dir / "cache")
     sid_map = catalog.item_of_sid()
 
     workers = config.concurrency if config.backend == "openai" else 1
@@ -509,7 +498,7 @@ def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, 
     for ex, r in zip(examples, results):
         record = {"teacher": label, "mode": config.mode, "priming": config.priming, "split": config.split,
                   "user_idx": ex.user_idx, "history": ex.history, "candidates": ex.candidates, "target": ex.target,
-                  "messages": rerank_messages(catalog, ex, priming=config.priming), **r}
+                  "messages": rerank_messages(run_dir, catalog, ex, priming=config.priming), **r}
         lines.append(json.dumps(record))
     atomic_write_text(stage_dir / "traces.jsonl", "\n".join(lines) + "\n")
     invalid = Counter()

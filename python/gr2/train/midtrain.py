@@ -121,10 +121,10 @@ def replay_text(catalog: common.Catalog, item: int) -> str:
 def demo_corpus(catalog: common.Catalog) -> list[str]:
     """Texts the demo tokenizer is trained on: item texts, replay sentences and the templates."""
     texts = [catalog.item_text(i) for i in range(len(catalog))] + [replay_text(catalog, i) for i in range(len(catalog))]
-    from gr2.teacher import PRIMING, SYSTEM_PROMPT
+    from gr2.prompts import DEFAULT_PRIMING, SYSTEM_PROMPT, instructions
 
     texts += ["A user watched, oldest first: \nNext item?", "What is item ?", "Semantic ID of: ",
-              SYSTEM_PROMPT, PRIMING, "History:\nCandidates:\n", "user assistant system"]
+              SYSTEM_PROMPT, DEFAULT_PRIMING, instructions(10), "user assistant system"]
     return texts
 
 
