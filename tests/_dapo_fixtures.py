@@ -24,12 +24,13 @@ def tiny_policy(seed: int = 0):
     return model, tokenizer, sid_tokens
 
 
-def tiny_data(tokenizer, n: int = 12) -> tuple[RlData, np.ndarray]:
-    """n (<= 16) requests of K candidates; candidate c of row r has SID (c, r); target varies."""
+def tiny_data(tokenizer, n: int = 12, stride: int = 10) -> tuple[RlData, np.ndarray]:
+    """n (<= 16) requests of K candidates; candidate c of row r is item r * stride + c with SID
+    (c, r); target varies."""
     rng = np.random.default_rng(0)
     texts = [f"<|im_start|>user rank the movies {i}<|im_end|>" for i in range(n)]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    candidates = (np.arange(n)[:, None] * 10 + np.arange(K)[None, :]).astype(np.uint64)
+    candidates = (np.arange(n)[:, None] * stride + np.arange(K)[None, :]).astype(np.uint64)
     targets = candidates[np.arange(n), rng.integers(0, K, n)]
     sids = np.stack([np.stack([[c, r] for c in range(K)]) for r in range(n)]).astype(np.uint16)
     return RlData(texts, ids, candidates, targets), sids

@@ -1,8 +1,8 @@
-"""Test fixtures for the upstream/candidates/eval tests: the data stage's run-dir tables.
+"""Test fixtures for the upstream/candidates/eval/prompt tests.
 
-Builds ``data/items`` and ``data/sequences`` with the exact schema of HELPERS.md from MovieLens-100k
-(the recbole package's atomic files; 5-core, chronological, stable sort) or from a small synthetic
-catalog, and a tiny SID index stand-in for prompt tests (the real gr2.SidIndex once it lands).
+Builds the data stage's ``data/items`` and ``data/sequences`` (exact run-dir schema) from a small
+synthetic catalog whose users walk item chains, or from MovieLens-100k's atomic files (the same
+tables gr2.data produces: checked in test_upstream_ml100k.py), and random SID indexes.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def synthetic_tables(n_users: int = 60, n_items: int = 40, seed: int = 0) -> tup
     }
     seqs = []
     for _ in range(n_users):
-        length = int(rng.integers(6, 15))
+        length = min(int(rng.integers(6, 15)), n_items)  # distinct items only
         start = int(rng.integers(0, n_items))
         seq, seen = [], set()
         cur = start
@@ -114,14 +114,10 @@ def synthetic_tables(n_users: int = 60, n_items: int = 40, seed: int = 0) -> tup
     return items_cols, seq_cols
 
 
-def write_data_stage(run_dir: Path, items_cols: dict, seq_cols: dict) -> None:
-    """Write data/items, data/sequences, data/stats.json and stage.json like the data stage."""
-    from datasets import Dataset, Features, Sequence, Value
+def ITEM_FEATURES():
+    from datasets import Features, Sequence, Value
 
-    from gr2.rundir import atomic_write_json, mark_done
-
-    data = Path(run_dir) / "data"
-    item_features = Features(
+    return Features(
         {
             "item_idx": Value("int64"),
             "item_id": Value("string"),
@@ -131,6 +127,16 @@ def write_data_stage(run_dir: Path, items_cols: dict, seq_cols: dict) -> None:
             "text": Value("string"),
         }
     )
+
+
+def write_data_stage(run_dir: Path, items_cols: dict, seq_cols: dict) -> None:
+    """Write data/items, data/sequences, data/stats.json and stage.json like the data stage."""
+    from datasets import Dataset, Features, Sequence, Value
+
+    from gr2.rundir import atomic_write_json, mark_done
+
+    data = Path(run_dir) / "data"
+    item_features = ITEM_FEATURES()
     seq_features = Features(
         {
             "user_idx": Value("int64"),
@@ -153,37 +159,20 @@ def write_data_stage(run_dir: Path, items_cols: dict, seq_cols: dict) -> None:
     mark_done(data, "fixture-" + str(n_inter), stats)
 
 
-class FakeSidIndex:
-    """Duck-typed stand-in for gr2.SidIndex (only .levels, .level_sizes, .sids, .items, len)."""
+def items_dataset(items_cols: dict):
+    """The data/items table as an in-memory HF dataset."""
+    from datasets import Dataset
 
-    def __init__(self, n_items: int, levels: int = 3, codebook_size: int = 8, seed: int = 0):
-        rng = np.random.default_rng(seed)
-        codes = set()
-        while len(codes) < n_items:
-            codes.add(tuple(int(c) for c in rng.integers(0, codebook_size, levels)))
-        self._codes = np.array(sorted(codes), dtype=np.uint16)[rng.permutation(n_items)]
-        self.levels = levels
-        self.level_sizes = [codebook_size] * levels
-        self._lookup = {tuple(c.tolist()): i for i, c in enumerate(self._codes)}
+    return Dataset.from_dict(items_cols, features=ITEM_FEATURES())
 
-    def __len__(self) -> int:
-        return len(self._codes)
 
-    def sids(self, item_ids: np.ndarray) -> np.ndarray:
-        from gr2.errors import UnknownItemError
+def random_sid_index(n_items: int, levels: int = 3, codebook_size: int = 8, seed: int = 0):
+    """A gr2.SidIndex over items 0..n_items-1 with distinct random codes (no repair needed)."""
+    import gr2
 
-        item_ids = np.asarray(item_ids, dtype=np.uint64)
-        if item_ids.size and int(item_ids.max()) >= len(self._codes):
-            raise UnknownItemError(f"item {int(item_ids.max())} not in the index")
-        return self._codes[item_ids.astype(np.int64)]
-
-    def items(self, sids: np.ndarray) -> np.ndarray:
-        from gr2.errors import UnknownSidError
-
-        out = []
-        for row in np.asarray(sids):
-            key = tuple(int(c) for c in row)
-            if key not in self._lookup:
-                raise UnknownSidError(f"SID {key} maps to no item")
-            out.append(self._lookup[key])
-        return np.array(out, dtype=np.uint64)
+    rng = np.random.default_rng(seed)
+    codes: set[tuple[int, ...]] = set()
+    while len(codes) < n_items:
+        codes.add(tuple(int(c) for c in rng.integers(0, codebook_size, levels)))
+    table = np.array(sorted(codes), dtype=np.uint16)[rng.permutation(n_items)]
+    return gr2.SidIndex.build(np.arange(n_items, dtype=np.uint64), table, codebook_size=codebook_size)

@@ -251,14 +251,10 @@ def test_constrained_rollouts_train_and_ablation_plots(setup, tmp_path):
     assert "verdict" in result
 
 
-def test_rl_stage_end_to_end_from_the_cli(setup, tmp_path, monkeypatch):
-    """`gr2 rl` on a run directory: sft/model + sid index + candidates -> rl/model, stage.json, cache hit.
-
-    Until the SID index and the prompt builder are merged, array-backed stand-ins are patched in
-    (they follow the documented APIs: SidIndex.load, gr2.prompts.ItemCatalog/build_messages)."""
-    import importlib.util
+def test_rl_stage_end_to_end_from_the_cli(setup, tmp_path):
+    """`gr2 rl` on a run directory: data/items + sid index + candidates + sft/model -> rl/model,
+    stage.json, a cache hit on the second call, exit code 2 on a bad config."""
     import json
-    import types
 
     from datasets import Dataset
 
@@ -266,28 +262,28 @@ def test_rl_stage_end_to_end_from_the_cli(setup, tmp_path, monkeypatch):
     from gr2.cli import main as cli_main
     from gr2.models import save_pretrained_atomic
 
-    model, tokenizer, sid_tokens, data, sids = fresh(setup)
+    model, tokenizer, sid_tokens, _, _ = fresh(setup)
+    data, sids = fx.tiny_data(tokenizer, stride=fx.K)  # items 0..n*K-1, dense as data/items wants
     run = tmp_path / "run"
     save_pretrained_atomic(model, tokenizer, run / "sft" / "model")
-    n = len(data.targets)
+    n, n_items = len(data.targets), data.candidates.size
+    Dataset.from_dict({"item_idx": list(range(n_items)), "item_id": [f"m{i}" for i in range(n_items)],
+                       "title": [f"movie {i}" for i in range(n_items)], "categories": [["Drama"]] * n_items,
+                       "year": [1990] * n_items, "text": [f"movie {i}" for i in range(n_items)]}
+                      ).save_to_disk(str(run / "data" / "items"))
+    index = gr2.SidIndex.build(data.candidates.reshape(-1), sids.reshape(-1, fx.LEVELS), codebook_size=list(fx.LEVEL_SIZES))
+    assert index.levels == fx.LEVELS  # SIDs were unique: no disambiguation level
+    (run / "sid").mkdir()
+    index.save(str(run / "sid" / "index.gr2sid"))
     table = {"user_idx": list(range(n)), "history": [[int(data.candidates[(i + 1) % n, 0])] for i in range(n)],
              "candidates": data.candidates.astype(np.int64).tolist(), "scores": [[1.0] * fx.K] * n,
              "target": data.targets.astype(np.int64).tolist()}
-    table["target"][0] = 999  # a row whose target was not retrieved: dropped and counted
+    table["target"][0] = int(data.candidates[1, 0])  # a row whose target was not retrieved: dropped and counted
     for split in ("train", "valid"):
         Dataset.from_dict(table).save_to_disk(str(run / "candidates" / split))
-    index = fx.tiny_index(data, sids)
-    if not hasattr(gr2, "SidIndex"):
-        monkeypatch.setattr(gr2, "SidIndex", types.SimpleNamespace(load=lambda path: index), raising=False)
-    if importlib.util.find_spec("gr2.prompts") is None:
-        fake = types.ModuleType("gr2.prompts")
-        fake.ItemCatalog = types.SimpleNamespace(from_run_dir=lambda run_dir: None)
-        fake.build_messages = lambda history, candidates, catalog, index, **kw: types.SimpleNamespace(
-            messages=[{"role": "user", "content": f"rank {list(candidates)} after {list(history)}"}])
-        monkeypatch.setitem(sys.modules, "gr2.prompts", fake)
     config = tmp_path / "rl.toml"
     config.write_text("[rl]\ngroup_size = 2\nprompts_per_step = 2\nsteps = 2\nmax_reasoning_tokens = 2\n"
-                      "device = \"cpu\"\ntensorboard = false\neval_every = 0\nlr = 1e-3\n")
+                      "device = \"cpu\"\ntensorboard = false\neval_every = 0\nlr = 1e-3\nmax_prompt_tokens = 4096\n")
     assert cli_main(["rl", "--run-dir", str(run), "--config", str(config)]) == 0
     record = json.loads((run / "rl" / "stage.json").read_text())
     assert record["summary"]["steps"] == 2 and record["summary"]["dropped_no_target"] == 1

@@ -148,3 +148,24 @@ def test_baseline_orders():
     np.testing.assert_array_equal(shuffled, random_order(cands, seed=3))
     with pytest.raises(InvalidInputError, match="NaN"):
         score_order(cands, np.full((2, 3), np.nan))
+
+
+def test_paired_difference_against_a_baseline():
+    rng = np.random.default_rng(0)
+    b, k = 200, 5
+    candidates = np.stack([rng.choice(50, k, replace=False) for _ in range(b)])
+    targets = candidates[np.arange(b), rng.integers(0, k, b)]
+    better = candidates.copy()
+    better[:, 0] = targets  # put the target first ...
+    pos = np.argmax(candidates == targets[:, None], axis=1)
+    better[np.arange(b), pos] = candidates[:, 0]  # ... by swapping it with the old first item
+    ok = np.ones(b, dtype=bool)
+    r = evaluate_rankings(better, ok, candidates, targets, n_boot=200, baseline=(candidates, ok))
+    base = evaluate_rankings(candidates, ok, candidates, targets, n_boot=200)
+    d = r["vs"]["recall@1"]
+    assert r["vs"]["baseline"] == "upstream"
+    assert d["value"] == pytest.approx(1.0 - base["recall@1"]["value"])
+    assert 0 < d["ci_low"] <= d["value"] <= d["ci_high"]
+    same = evaluate_rankings(candidates, ok, candidates, targets, n_boot=50, baseline=(candidates, ok))
+    assert all(same["vs"][m]["value"] == same["vs"][m]["ci_low"] == same["vs"][m]["ci_high"] == 0.0
+               for m in ("recall@1", "recall@3", "recall@5", "ndcg@3", "ndcg@5"))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gr2.errors import ConfigError, CorruptFileError, InvalidInputError
+from gr2.errors import ConfigError, CorruptFileError, Gr2IOError, InvalidInputError
 from gr2.models import (
     DemoModelConfig,
     extend_with_sids,
@@ -95,6 +95,8 @@ def test_save_load_round_trip_keeps_sid_vocab(base, tmp_path):
         assert torch.allclose(model(ids).logits, model2(ids).logits, atol=1e-5)
     with pytest.raises(InvalidInputError):
         sid_tokens_of(tok2, [2, 4])  # a code the vocabulary lacks
+    with pytest.raises(Gr2IOError, match="does not exist"):
+        load_pretrained(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CorruptFileError):
         load_pretrained(tmp_path / "empty")

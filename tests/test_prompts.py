@@ -10,10 +10,11 @@ import pytest
 
 import gr2
 from gr2.errors import InvalidInputError, UnknownItemError
-from gr2.prompts import ItemCatalog, answer_to_json, build_messages, completion_text
+from gr2.data import ItemCatalog
+from gr2.prompts import DEFAULT_PRIMING, answer_to_json, build_messages, completion_text, describe_item
 from gr2.tokens import SID_BEGIN, SID_END, sid_to_text
 
-from _fixtures_upstream import FakeSidIndex, synthetic_tables
+from _fixtures_upstream import items_dataset, random_sid_index, synthetic_tables
 
 SID_RE = re.compile(re.escape(SID_BEGIN) + r"(?:<s_[a-z]_\d+>)+" + re.escape(SID_END))
 
@@ -21,12 +22,12 @@ SID_RE = re.compile(re.escape(SID_BEGIN) + r"(?:<s_[a-z]_\d+>)+" + re.escape(SID
 @pytest.fixture(scope="module")
 def catalog():
     items, _ = synthetic_tables(n_items=40)
-    return ItemCatalog(items["item_id"], items["title"], items["categories"], items["year"])
+    return ItemCatalog(items_dataset(items))
 
 
 @pytest.fixture(scope="module")
 def index():
-    return FakeSidIndex(40, levels=4, codebook_size=6, seed=1)
+    return random_sid_index(40, levels=4, codebook_size=6, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +54,15 @@ def test_prompt_shows_history_candidates_and_format(catalog, index):
     expected = [sid_to_text(c) for c in index.sids(np.array(HISTORY + CANDIDATES, dtype=np.uint64))]
     assert sids[: len(HISTORY)] == expected[: len(HISTORY)]  # history oldest first
     assert sids[len(HISTORY) : len(HISTORY) + 10] == expected[len(HISTORY) :]  # candidates in upstream order
-    assert catalog.describe(3) in user and "Domain knowledge" in user
+    assert describe_item(catalog, 3) in user and "Domain knowledge" in user
     assert "<think>" in user and "<answer>" in user and "exactly once" in user
     assert user.index("Sequels") < user.index("Candidates (10)")
     np.testing.assert_array_equal(p.order, np.arange(10))
     assert p.n_tokens is None and p.dropped_history == 0
+    primed = build_messages(HISTORY, CANDIDATES, catalog, index, priming=True).messages[1]["content"]
+    assert DEFAULT_PRIMING in primed
+    plain = build_messages(HISTORY, CANDIDATES, catalog, index).messages[1]["content"]
+    assert "Domain knowledge" not in plain
 
 
 def test_shuffle_is_seeded_and_reported(catalog, index):
@@ -79,6 +84,8 @@ def test_bad_prompt_input(catalog, index):
         build_messages([-1], [1, 2], catalog, index)
     with pytest.raises(InvalidInputError, match="at least one candidate"):
         build_messages(HISTORY, [], catalog, index)
+    with pytest.raises(InvalidInputError, match="priming"):
+        build_messages(HISTORY, CANDIDATES, catalog, index, priming=3)
     with pytest.raises(InvalidInputError, match="tokenizer"):
         build_messages(HISTORY, CANDIDATES, catalog, index, max_tokens=100)
     with pytest.raises(InvalidInputError, match="tag"):

@@ -359,3 +359,21 @@ def test_token_ids_agree_with_text():
         verify([ids, ids], sid_tokens=sid_tokens(2, 3))
     with pytest.raises(gr2.InvalidInputError, match="another role"):
         verify([ids, ids], sid_tokens=st_map, trailer_ids=[TAGS["answer_open"]])
+
+
+def test_with_a_real_sid_index():
+    """gr2.SidIndex gives the candidates' SIDs and tells not_candidate from unknown_sid."""
+    item_ids = np.concatenate([ITEMS.ravel(), [99]]).astype(np.uint64)
+    codes = np.concatenate([SIDS.reshape(-1, L), [[3, 3, 3]]]).astype(np.uint16)
+    index = gr2.SidIndex.build(item_ids, codes, codebook_size=[8, 8, 8])
+    assert index.levels == L
+    texts = [
+        answer([SIDS[0][0], SIDS[0][1], [3, 3, 3], SIDS[0][3]]),  # item 99: in the catalog, not a candidate
+        answer([SIDS[1][0], [7, 7, 7], SIDS[1][2], SIDS[1][3]]),  # no item has this SID
+    ]
+    rb = gr2.verify_rewards(texts, ITEMS, np.array([12, 20]), index)
+    assert rb.invalid_reason.tolist() == [InvalidReason.NOT_CANDIDATE, InvalidReason.UNKNOWN_SID]
+    ok = gr2.verify_rewards([answer(SIDS[0][[2, 0, 1, 3]]), answer(SIDS[1])], ITEMS, np.array([12, 20]), index)
+    assert ok.valid.all() and ok.ranking[0].tolist() == [12, 10, 11, 13]
+    with pytest.raises(gr2.UnknownItemError):
+        gr2.verify_rewards(texts, ITEMS + 1000, np.array([1012, 1020]), index)

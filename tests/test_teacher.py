@@ -184,6 +184,8 @@ def test_heuristic_rejection_and_targeted(run_dir):
     assert 1 <= rej["attempts_per_kept_trace"] <= 6
     report = json.loads((run_dir / "traces" / "report.json").read_text())
     assert report["teacher"] == "heuristic teacher"
+    if hasattr(gr2, "verify_rewards"):  # kept traces were re-checked by the Rust verifier
+        assert report["verified_with"] == "gr2.verify_rewards"
     for r in records:
         if r["accepted"]:
             ranking, reason = parse_ranking(r["completion"], catalog, r["candidates"])
@@ -239,3 +241,16 @@ def test_teacher_bad_inputs(tmp_path, run_dir):
         TeacherConfig(attempts=0)
     with pytest.raises(DataError, match="`data`"):
         run_traces(tmp_path, TeacherConfig())
+
+
+def test_cli_traces_stage(run_dir, tmp_path, capsys):
+    from gr2.cli import main
+
+    config = tmp_path / "run.toml"
+    config.write_text('[traces]\nmode = "targeted"\nmax_history = 4\n')
+    assert main(["traces", "--run-dir", str(run_dir), "--config", str(config), "--set", "priming=false",
+                 "--force"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mode"] == "targeted" and out["priming"] is False and out["teacher"] == HEURISTIC_LABEL
+    assert main(["traces", "--run-dir", str(run_dir), "--set", "atempts=3"]) == 2  # unknown key
+    assert "unknown key" in capsys.readouterr().err

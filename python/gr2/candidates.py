@@ -135,18 +135,42 @@ class Lists:
     targets: np.ndarray
     candidates: np.ndarray  # int64 (N, K)
     scores: np.ndarray  # float32 (N, K)
+    too_few_items: int = 0  # requests left out: history masks all but < K catalog items
 
     @property
     def hits(self) -> np.ndarray:
         return (self.candidates == self.targets[:, None]).any(axis=1)
 
+    @property
+    def requests(self) -> int:
+        return len(self.targets) + self.too_few_items
+
     def coverage(self) -> float:
-        return float(self.hits.mean()) if len(self.targets) else 0.0
+        """Share of all requests whose target made the top-K (requests without a list count as misses)."""
+        return float(self.hits.sum() / self.requests) if self.requests else 0.0
 
 
 def rank_lists(ranker, user_idx, histories, targets, config: CandidatesConfig) -> Lists:
-    cands, scores = top_k(ranker, histories, config.k, mask_history=config.mask_history)
-    return Lists(np.asarray(user_idx, np.int64), list(histories), np.asarray(targets, np.int64), cands, scores)
+    """Top-K lists for each (history, target); requests whose masked history leaves fewer than K
+    rankable items get no list and are counted."""
+    n_items = ranker.n_items
+    rankable = np.array(
+        [n_items - (len(np.unique(h)) if config.mask_history else 0) >= config.k for h in histories], dtype=bool
+    )
+    keep = np.nonzero(rankable)[0]
+    kept_histories = [histories[i] for i in keep]
+    if len(keep):
+        cands, scores = top_k(ranker, kept_histories, config.k, mask_history=config.mask_history)
+    else:
+        cands, scores = np.zeros((0, config.k), np.int64), np.zeros((0, config.k), np.float32)
+    return Lists(
+        np.asarray(user_idx, np.int64)[keep],
+        kept_histories,
+        np.asarray(targets, np.int64)[keep],
+        cands,
+        scores,
+        too_few_items=int((~rankable).sum()),
+    )
 
 
 def training_windows(split: LeaveOneOut, windows: int) -> tuple[list[np.ndarray], np.ndarray, list, np.ndarray]:
@@ -198,9 +222,11 @@ def split_report(lists: Lists) -> dict[str, Any]:
     ranks = np.argmax(lists.candidates == lists.targets[:, None], axis=1)[hits] + 1
     k = lists.candidates.shape[1]
     return {
+        "requests": int(lists.requests),
         "lists": int(len(hits)),
         "kept": int(hits.sum()),
         "dropped_target_not_in_top_k": int((~hits).sum()),
+        "dropped_too_few_rankable_items": int(lists.too_few_items),
         "coverage": lists.coverage(),
         "target_position_histogram": np.bincount(ranks, minlength=k + 1)[1:].tolist(),
     }

@@ -166,6 +166,9 @@ def load_pretrained(name_or_path: str | os.PathLike, dtype: Any = None) -> tuple
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(name_or_path)
+    looks_local = str(name_or_path).startswith(("/", ".", "~")) or os.sep * 2 in str(name_or_path)
+    if looks_local and not path.exists():
+        raise Gr2IOError(f"model folder {path} does not exist")
     if path.exists() and not (path / "config.json").exists():
         raise CorruptFileError(f"{path} is not an HF model folder (no config.json)")
     try:

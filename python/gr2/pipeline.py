@@ -145,7 +145,8 @@ def _one_line(summary: Any, limit: int = 160) -> str:
 
 
 def run_pipeline(run: RunConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the configured stages in order; returns the final report (also written to the run dir)."""
+    """Run the configured stages in order; returns the final report (also written to the run dir
+    when the eval stage ran)."""
     from gr2.report import write_run_report
 
     run_dir = run.path
@@ -173,6 +174,8 @@ def run_pipeline(run: RunConfig, *, log: Callable[[str], None] = print) -> dict[
                 summary = runners[stage](run_dir, config)
             timings[label] = round(time.perf_counter() - start, 1)
             log(f"[gr2 run] {label} done in {timings[label]:.1f}s: {_one_line(summary)}")
+    if "eval" not in run.stages:
+        return {"timings_s": timings}
     report = write_run_report(run_dir, run, timings)
     log(f"[gr2 run] report: {run_dir / 'report.md'}")
     return report

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from gr2.data.catalog import ItemCatalog
 from gr2.errors import InvalidInputError, UnknownItemError
 from gr2.tokens import ANSWER_CLOSE, ANSWER_OPEN, SID_BEGIN, SID_END, TAGS, THINK_CLOSE, THINK_OPEN, sid_to_text
 
@@ -38,50 +38,28 @@ SYSTEM_PROMPT = (
 )
 
 
-@dataclass
-class ItemCatalog:
-    """Item metadata by dense item index (the ``data/items`` table)."""
+DEFAULT_PRIMING = (
+    "Tastes drift slowly: the most recent items say most about what comes next. People continue "
+    "series, franchises and creators they just enjoyed, move between closely related genres, and "
+    "follow items that are commonly consumed together; a candidate far from everything in the "
+    "history needs a strong reason to rank first."
+)
 
-    item_ids: list[str]
-    titles: list[str]
-    categories: list[list[str]]
-    years: list[int]
 
-    def __post_init__(self) -> None:
-        n = len(self.titles)
-        if not (len(self.item_ids) == len(self.categories) == len(self.years) == n):
-            raise InvalidInputError("catalog columns have different lengths")
+def check_catalog_items(name: str, items: np.ndarray, catalog: ItemCatalog) -> None:
+    if items.size and (items.min() < 0 or items.max() >= len(catalog)):
+        bad = items[(items < 0) | (items >= len(catalog))][0]
+        raise UnknownItemError(f"{name}: item {int(bad)} is not in the catalog (0..{len(catalog) - 1})")
 
-    def __len__(self) -> int:
-        return len(self.titles)
 
-    @classmethod
-    def from_dataset(cls, items: Any) -> "ItemCatalog":
-        """From the data stage's ``data/items`` dataset (rows ordered by item_idx)."""
-        idx = np.asarray(items["item_idx"], dtype=np.int64)
-        if not np.array_equal(idx, np.arange(len(idx))):
-            raise InvalidInputError("items.item_idx must be the dense range 0..n-1 in row order")
-        return cls(list(items["item_id"]), list(items["title"]), [list(c) for c in items["categories"]], [int(y) for y in items["year"]])
-
-    @classmethod
-    def from_run_dir(cls, run_dir: str | Path) -> "ItemCatalog":
-        from datasets import load_from_disk
-
-        return cls.from_dataset(load_from_disk(str(Path(run_dir) / "data" / "items")))
-
-    def check(self, name: str, items: np.ndarray) -> None:
-        if items.size and (items.min() < 0 or items.max() >= len(self)):
-            bad = items[(items < 0) | (items >= len(self))][0]
-            raise UnknownItemError(f"{name}: item {int(bad)} is not in the catalog (0..{len(self) - 1})")
-
-    def describe(self, item: int) -> str:
-        """``Title (1995) | Animation, Comedy`` -- the text shown after an item's SID."""
-        text = self.titles[item]
-        if self.years[item] >= 0:
-            text += f" ({self.years[item]})"
-        if self.categories[item]:
-            text += " | " + ", ".join(self.categories[item])
-        return text
+def describe_item(catalog: ItemCatalog, item: int) -> str:
+    """``Title (1995) | Animation, Comedy`` -- the text shown after an item's SID."""
+    text = catalog.titles[item]
+    if catalog.years[item] >= 0:
+        text += f" ({catalog.years[item]})"
+    if catalog.categories[item]:
+        text += " | " + ", ".join(catalog.categories[item])
+    return text
 
 
 @dataclass
@@ -103,7 +81,7 @@ def _items(name: str, values, catalog: ItemCatalog) -> np.ndarray:
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise InvalidInputError(f"{name} must hold integer item indices, got dtype {arr.dtype}")
     arr = arr.astype(np.int64)
-    catalog.check(name, arr)
+    check_catalog_items(name, arr, catalog)
     return arr
 
 
@@ -130,11 +108,11 @@ def _user_message(
     catalog: ItemCatalog, priming: str | None,
 ) -> str:
     parts = [f"The user's history, oldest first ({len(history)} items):"]
-    parts += [f"{i + 1}. {sid} {catalog.describe(int(item))}" for i, (item, sid) in enumerate(zip(history, history_sids))]
+    parts += [f"{i + 1}. {sid} {describe_item(catalog, int(item))}" for i, (item, sid) in enumerate(zip(history, history_sids))]
     if priming:
-        parts += ["", "Domain knowledge:", priming.strip()]
+        parts += ["", "Domain knowledge:", priming]
     parts += ["", f"Candidates ({len(shown)}):"]
-    parts += [f"{i + 1}. {sid} {catalog.describe(int(item))}" for i, (item, sid) in enumerate(zip(shown, shown_sids))]
+    parts += [f"{i + 1}. {sid} {describe_item(catalog, int(item))}" for i, (item, sid) in enumerate(zip(shown, shown_sids))]
     parts += ["", instructions(len(shown))]
     return "\n".join(parts)
 
@@ -162,13 +140,15 @@ def build_messages(
     min_history: int = 1,
     shuffle: bool = False,
     seed: int | None = None,
-    priming: str | None = None,
+    priming: str | bool | None = None,
     system_prompt: str = SYSTEM_PROMPT,
 ) -> Prompt:
     """Chat messages for one rerank request.
 
     ``history`` and ``candidates`` are item indices (history oldest first, candidates in upstream
-    order); ``index`` maps items to SIDs (gr2.SidIndex). With ``shuffle`` the candidates are shown
+    order); ``catalog`` is the item metadata (:class:`gr2.data.ItemCatalog`); ``index`` maps items
+    to SIDs (gr2.SidIndex). ``priming`` adds a domain-knowledge block (a string, or True for
+    :data:`DEFAULT_PRIMING`). With ``shuffle`` the candidates are shown
     in a random order drawn from ``seed`` (returned in ``Prompt.order``). With ``max_tokens`` (needs
     ``tokenizer``) the oldest history items are dropped until the prompt fits; InvalidInputError
     if even ``min_history`` items do not fit.
@@ -177,6 +157,14 @@ def build_messages(
     candidates = _items("candidates", candidates, catalog)
     if len(candidates) == 0:
         raise InvalidInputError("a rerank prompt needs at least one candidate")
+    if priming is True:
+        priming = DEFAULT_PRIMING
+    elif priming is False or priming is None:
+        priming = None
+    elif isinstance(priming, str):
+        priming = priming.strip() or None
+    else:
+        raise InvalidInputError(f"priming must be a string, True (default block) or None, got {type(priming).__name__}")
     if len(np.unique(candidates)) != len(candidates):
         raise InvalidInputError(f"candidates contain duplicates: {candidates.tolist()}")
     if max_tokens is not None and tokenizer is None:

@@ -541,7 +541,7 @@ def add_arguments(parser: Any) -> None:
 
 
 def main(args: Any) -> int:
-    config = common.config_from_args(TeacherConfig, args, "teacher")
+    config = common.config_from_args(TeacherConfig, args, STAGE)
     summary = run_traces(args.run_dir, config, force=args.force)
     print(json.dumps(summary, indent=2))
     return 0

@@ -400,6 +400,15 @@ fn has_at(s: &[u8], pos: usize, lit: &[u8]) -> bool {
     s.len() >= pos + lit.len() && s[pos..pos + lit.len()].iter().zip(lit).all(|(a, b)| a == b)
 }
 
+/// `s[pos..]` starts with the fixed-size literal `lit` (compiled to a few word compares).
+#[inline(always)]
+fn has_lit<const N: usize>(s: &[u8], pos: usize, lit: &[u8; N]) -> bool {
+    match s.get(pos..pos + N) {
+        Some(window) => <&[u8; N]>::try_from(window).is_ok_and(|w| w == lit),
+        None => false,
+    }
+}
+
 #[inline(always)]
 fn same_sid(a: &[u16], b: &[u16]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
@@ -411,6 +420,16 @@ fn is_ws(b: u8) -> bool {
 }
 
 impl TextLexer<'_> {
+    #[inline(always)]
+    fn eat_lit<const N: usize>(&mut self, lit: &[u8; N]) -> bool {
+        if has_lit(self.s, self.pos, lit) {
+            self.pos += N;
+            true
+        } else {
+            false
+        }
+    }
+
     #[inline]
     fn eat(&mut self, lit: &[u8]) -> bool {
         if has_at(self.s, self.pos, lit) {
@@ -452,11 +471,11 @@ impl Lexer for TextLexer<'_> {
             let at = memchr(b'<', &self.s[self.pos..]).ok_or(())?;
             self.pos += at;
             let (s, p) = (self.s, self.pos);
-            if has_at(s, p, b"</think>") {
+            if has_lit(s, p, b"</think>") {
                 self.pos += 8;
                 return Ok(());
             }
-            if has_at(s, p, b"<think>") || has_at(s, p, b"<answer>") || has_at(s, p, b"</answer>") {
+            if has_lit(s, p, b"<think>") || has_lit(s, p, b"<answer>") || has_lit(s, p, b"</answer>") {
                 return Err(());
             }
             self.pos += 1;
@@ -481,12 +500,12 @@ impl Lexer for TextLexer<'_> {
             return Sym::Other;
         }
         match self.s.get(self.pos + 1) {
-            Some(b's') if has_at(self.s, self.pos, b"<s_") => self.code_token(),
-            Some(b'|') if self.eat(b"<|sid_begin|>") => Sym::SidBegin,
-            Some(b'|') if self.eat(b"<|sid_end|>") => Sym::SidEnd,
-            Some(b'a') if self.eat(b"<answer>") => Sym::AnswerOpen,
-            Some(b'/') if self.eat(b"</answer>") => Sym::AnswerClose,
-            Some(b't') if self.eat(b"<think>") => Sym::ThinkOpen,
+            Some(b's') if has_lit(self.s, self.pos, b"<s_") => self.code_token(),
+            Some(b'|') if self.eat_lit(b"<|sid_begin|>") => Sym::SidBegin,
+            Some(b'|') if self.eat_lit(b"<|sid_end|>") => Sym::SidEnd,
+            Some(b'a') if self.eat_lit(b"<answer>") => Sym::AnswerOpen,
+            Some(b'/') if self.eat_lit(b"</answer>") => Sym::AnswerClose,
+            Some(b't') if self.eat_lit(b"<think>") => Sym::ThinkOpen,
             _ => Sym::Other,
         }
     }
@@ -658,7 +677,13 @@ fn pair_auc(order: &[u32], rel: &[f32]) -> f64 {
     }
 }
 
+#[inline(always)]
+fn pack_sid(sid: &[u16]) -> u64 {
+    sid.iter().fold(0u64, |acc, &c| (acc << 16) | c as u64)
+}
+
 struct Scratch {
+    keys: Vec<u64>,
     codes: Vec<u16>,
     order: Vec<u32>,
     seen: Vec<bool>,
@@ -694,7 +719,7 @@ pub fn verify<S: AsRef<str> + Sync>(
     let mut ranking = vec![NO_ITEM; b * k];
     let mut recall = vec![0.0f64; b * nk];
     let mut ndcg = vec![0.0f64; b * nk];
-    let new_scratch = || Scratch { codes: Vec::new(), order: Vec::with_capacity(k), seen: vec![false; k], floats: Vec::new() };
+    let new_scratch = || Scratch { keys: Vec::with_capacity(k), codes: Vec::new(), order: Vec::with_capacity(k), seen: vec![false; k], floats: Vec::new() };
 
     rows.par_iter_mut()
         .zip(ranking.par_chunks_mut(k))
@@ -734,8 +759,20 @@ fn validate_sids(cands: &Candidates<'_>, catalog: Option<&Catalog<'_>>, row: usi
     let (k, levels) = (cands.k, cands.levels);
     scratch.order.clear();
     scratch.seen.iter_mut().for_each(|s| *s = false);
+    // SIDs of up to 4 levels compare as one u64 (the common case); longer ones code by code
+    let packed = levels <= 4;
+    if packed {
+        scratch.keys.clear();
+        scratch.keys.extend((0..k).map(|c| pack_sid(cands.sid(row, c))));
+    }
     for sid in scratch.codes.chunks_exact(levels) {
-        let Some(col) = (0..k).find(|&c| same_sid(cands.sid(row, c), sid)) else {
+        let found = if packed {
+            let key = pack_sid(sid);
+            scratch.keys.iter().position(|&c| c == key)
+        } else {
+            (0..k).find(|&c| same_sid(cands.sid(row, c), sid))
+        };
+        let Some(col) = found else {
             return match catalog {
                 Some(cat) if cat.contains(sid) => InvalidReason::NotCandidate,
                 _ => InvalidReason::UnknownSid,

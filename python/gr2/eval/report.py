@@ -32,6 +32,18 @@ def markdown(methods: dict[str, dict], meta: dict[str, Any]) -> str:
     lines.append("|---|---|" + "---|" * len(METRICS))
     for name, result in methods.items():
         lines.append(f"| {name} | {result['n']} | " + " | ".join(_fmt(result[m]) for m in METRICS) + " |")
+    compared = {name: r["vs"] for name, r in methods.items() if "vs" in r}
+    if compared:
+        lines += ["", "Paired difference against the baseline on the same lists (value [95% CI]; * = CI excludes 0).", ""]
+        lines.append("| method | vs | " + " | ".join(RANK_METRICS) + " |")
+        lines.append("|---|---|" + "---|" * len(RANK_METRICS))
+        for name, vs in compared.items():
+            cells = []
+            for m in RANK_METRICS:
+                d = vs[m]
+                star = "*" if d["ci_low"] > 0 or d["ci_high"] < 0 else ""
+                cells.append(f"{d['value']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]{star}")
+            lines.append(f"| {name} | {vs['baseline']} | " + " | ".join(cells) + " |")
     lines += ["", "Position bias: input position (0-based) of the item ranked first, share of valid lists.", ""]
     k = max(len(r["position_bias"]) for r in methods.values())
     lines.append("| method | " + " | ".join(str(i) for i in range(k)) + " |")

@@ -153,7 +153,9 @@ def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) ->
         recency_decay=config.itemknn.recency_decay,
     )
     c, t = candidates[shared], targets[shared]
-    histories = [np.asarray(lists[int(i)]["history"], dtype=np.int64) for i in shared]
+    # the stored (capped) histories: item-kNN weighs recent items most, so the cap barely matters
+    history_column = lists["history"]
+    histories = [np.asarray(history_column[int(i)], dtype=np.int64) for i in shared]
     all_valid = np.ones(len(shared), dtype=bool)
     rankings = {
         "upstream": (upstream_order(c), all_valid),
@@ -168,7 +170,10 @@ def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) ->
         take = np.array([position[int(r)] for r in shared])
         rankings[name] = (m["rankings"][take], m["valid"][take].astype(bool))
     results = {
-        name: evaluate_rankings(r, v, c, t, n_boot=config.n_boot, seed=config.seed, invalid=config.invalid)
+        name: evaluate_rankings(
+            r, v, c, t, n_boot=config.n_boot, seed=config.seed, invalid=config.invalid,
+            baseline=None if name == "upstream" else rankings["upstream"],
+        )
         for name, (r, v) in rankings.items()
     }
     cand_report = json.loads((cand_dir / "report.json").read_text())

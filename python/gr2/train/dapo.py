@@ -58,6 +58,7 @@ from gr2.rundir import atomic_write_json, is_current, mark_done, read_stage, sta
 from gr2.train import common
 
 OUTCOMES = ("r_rank", "hit@1", "rank_re")
+EVAL_BATCH = 16  # prompts per constrained_decode call during evaluation
 
 
 @dataclass
@@ -297,8 +298,12 @@ def dapo_update(
     device: torch.device = torch.device("cpu"),
 ) -> dict[str, float]:
     """One rollout batch -> ``updates_per_batch`` optimizer steps. ``rollouts`` are THIS rank's
-    rollouts (with advantages); every rank must call this the same number of times."""
-    model.train()
+    rollouts (with advantages); every rank must call this the same number of times.
+
+    Dropout is switched off (``model.eval()``) for the old and the new log-probabilities alike:
+    with dropout the ratio would differ from 1 by noise alone and the clip would act on it."""
+    was_training = model.training
+    model.eval()
     micro = [list(rollouts[i::config.updates_per_batch]) for i in range(config.updates_per_batch)]
     # old log-probs: the policy that generated the batch, before any update of this batch
     old: list[list[torch.Tensor]] = []
@@ -337,6 +342,7 @@ def dapo_update(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+    model.train(was_training)
     stats["loss"] = world.all_sum(stats["loss"]) / config.updates_per_batch
     clipped, tokens = world.all_sum(stats["clipped_tokens"]), world.all_sum(stats["tokens"])
     return {"loss": stats["loss"], "clip_fraction": clipped / max(tokens, 1.0), "completion_tokens": tokens,
@@ -365,17 +371,18 @@ def constrained_rollouts(model, tokenizer, prompt_text, candidates, n, seed, con
     return [list(r.completion_ids) + [ctx["eos_id"]] for r in results]
 
 
-def sampled_rollouts(model, tokenizer, prompt_text, candidates, n, seed, config, ctx) -> list[list[int]]:
+def sampled_rollouts(model, tokenizer, prompt_text, candidates, n, seed, config, ctx, greedy: bool = False) -> list[list[int]]:
     """G completions by plain sampling (``generate``): outputs may be invalid, so the format reward
-    matters -- the setting in which the paper observed the order-copy hack."""
+    matters -- the setting in which the paper observed the order-copy hack. ``greedy`` for evaluation."""
     ids = torch.tensor([tokenizer(prompt_text, add_special_tokens=False)["input_ids"]], device=ctx["device"])
     torch.manual_seed(seed)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=config.temperature,
-                                 top_p=config.top_p, max_new_tokens=config.max_new_tokens, num_return_sequences=n,
+            sampling = {} if greedy else {"temperature": config.temperature, "top_p": config.top_p}
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=not greedy, **sampling,
+                                 max_new_tokens=config.max_new_tokens, num_return_sequences=n,
                                  pad_token_id=ctx["pad_id"], eos_token_id=ctx["eos_id"])
     finally:
         model.train(was_training)
@@ -572,36 +579,40 @@ def hash_seed(*parts: int) -> int:
 
 
 def _rollout_stats(parts: list[RewardBatch], lengths: list[int], world: World) -> dict[str, float]:
-    sums = {"reward": 0.0, "r_rank": 0.0, "r_fmt": 0.0, "valid": 0.0, "copied": 0.0, "length": float(sum(lengths)), "n": 0.0}
+    sums = {"reward": 0.0, "r_rank": 0.0, "r_fmt": 0.0, "valid": 0.0, "copied": 0.0, "top1_first": 0.0,
+            "length": float(sum(lengths)), "n": 0.0}
     for rb in parts:
         sums["reward"] += float(rb.reward.sum())
         sums["r_rank"] += float(rb.r_rank.sum())
         sums["r_fmt"] += float(rb.r_fmt.sum())
         sums["valid"] += float(rb.valid.sum())
         sums["copied"] += float(rb.copied_order.sum())
+        sums["top1_first"] += float((rb.top1_input_pos == 1).sum())  # position bias: top-1 = the input's first
         sums["n"] += len(rb)
     totals = {k: world.all_sum(v) for k, v in sums.items()}
     n = max(totals["n"], 1.0)
     return {"reward_mean": totals["reward"] / n, "r_rank_mean": totals["r_rank"] / n, "r_fmt_mean": totals["r_fmt"] / n,
-            "valid_rate": totals["valid"] / n, "copy_rate": totals["copied"] / n, "completion_length": totals["length"] / n}
+            "valid_rate": totals["valid"] / n, "copy_rate": totals["copied"] / n, "top1_is_input_first": totals["top1_first"] / n,
+            "completion_length": totals["length"] / n}
 
 
 def evaluate(trainer: DapoTrainer, data: RlData) -> dict[str, float]:
     """Greedy reranking of ``data`` (one completion per prompt): R@1, NDCG@5, copy and validity rates."""
     cfg = trainer.config
     completions = []
-    for row in range(len(data.targets)):
-        if cfg.constrained:
-            from gr2 import constrained_decode
+    if cfg.constrained:
+        from gr2 import constrained_decode
 
-            r = constrained_decode(trainer.model, trainer.tokenizer, [data.prompt_texts[row]], data.candidates[row][None, :],
-                                   index=trainer.index, sid_tokens=trainer.sid_tokens, reasoning=cfg.reasoning,
-                                   max_reasoning_tokens=cfg.max_reasoning_tokens)[0]
-            completions.append(list(r.completion_ids) + [trainer.ctx["eos_id"]])
-        else:
-            greedy = dataclasses.replace(cfg, temperature=1e-4)
+        for start in range(0, len(data.targets), EVAL_BATCH):
+            rows = slice(start, start + EVAL_BATCH)
+            results = constrained_decode(trainer.model, trainer.tokenizer, data.prompt_texts[rows], data.candidates[rows],
+                                         index=trainer.index, sid_tokens=trainer.sid_tokens, reasoning=cfg.reasoning,
+                                         max_reasoning_tokens=cfg.max_reasoning_tokens)
+            completions.extend(list(r.completion_ids) + [trainer.ctx["eos_id"]] for r in results)
+    else:
+        for row in range(len(data.targets)):
             completions.append(sampled_rollouts(trainer.model, trainer.tokenizer, data.prompt_texts[row],
-                                                data.candidates[row], 1, 0, greedy, trainer.ctx)[0])
+                                                data.candidates[row], 1, 0, cfg, trainer.ctx, greedy=True)[0])
     rb = verify_rewards(completions, data.candidates, data.targets, trainer.index, sid_tokens=trainer.sid_tokens,
                         alpha=cfg.alpha, conditional=cfg.conditional,
                         trailer_ids=sorted({trainer.ctx["eos_id"], trainer.ctx["pad_id"]}), metric_ks=(1, 5))
@@ -725,7 +736,12 @@ def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig()) -> dic
 
 def run_ablation(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig()) -> dict[str, Any]:
     """Train twice from the same start model (conditional / unconditional format reward) with
-    periodic greedy evaluation on candidates/valid; write rl_ablation/{ablation.json, ablation.png}."""
+    periodic greedy evaluation on candidates/valid; write rl_ablation/{ablation.json, ablation.png}.
+
+    Note: with constrained rollouts every output is valid, so the unconditional format reward is a
+    constant that the group normalisation cancels (that arm trains on R_rank alone), while the
+    conditional one still pays alpha only for improving (or keeping a first-placed target). The
+    paper's setting, where the format reward can be missed, is ``rl.constrained = false``."""
     run_dir = Path(run_dir)
     world = init_world()
 

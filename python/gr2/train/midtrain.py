@@ -276,13 +276,10 @@ def evaluate(model: Any, tokenizer: Any, sid_tokens: Any, catalog: common.Catalo
 
 
 def upstream_figures(run_dir: Path) -> dict[str, Any] | None:
-    """The upstream ranker's full-ranking figures (candidates/report.json), when that stage ran."""
+    """The upstream ranker's report (candidates/report.json: SASRec and popularity full-ranking
+    figures), shown next to the mid-trained model's; None when that stage has not run."""
     path = run_dir / "candidates" / "report.json"
-    if not path.exists():
-        return None
-    report = json.loads(path.read_text())
-    return {k: v for k, v in report.items() if not isinstance(v, (list, dict)) or k in ("full_ranking", "upstream",
-                                                                                          "popularity", "test", "valid")}
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 # --------------------------------------------------------------------------------------------

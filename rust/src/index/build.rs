@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use rayon::prelude::*;
 
 use super::layout::KeyLayout;
+use super::huge_page_vec;
 use super::RepairReport;
 use crate::error::{Gr2Error, Result};
 
@@ -71,7 +72,8 @@ pub(super) fn build(
         .map(|(j, &(_, row))| (keys_by_row[row as usize], j as u32))
         .collect();
     drop(keys_by_row);
-    let sorted_ids: Vec<u64> = by_id.par_iter().map(|&(id, _)| id).collect();
+    let mut sorted_ids = huge_page_vec::<u64>(n);
+    sorted_ids.par_extend(by_id.par_iter().map(|&(id, _)| id));
     drop(by_id);
     by_sid.par_sort_unstable();
 
@@ -97,10 +99,13 @@ pub(super) fn build(
         layout
     };
 
-    let sorted_keys: Vec<u64> = by_sid.par_iter().map(|&(key, _)| key).collect();
-    let item_pos: Vec<u32> = by_sid.par_iter().map(|&(_, j)| j).collect();
+    let mut sorted_keys = huge_page_vec::<u64>(n);
+    sorted_keys.par_extend(by_sid.par_iter().map(|&(key, _)| key));
+    let mut item_pos = huge_page_vec::<u32>(n);
+    item_pos.par_extend(by_sid.par_iter().map(|&(_, j)| j));
     drop(by_sid);
-    let mut sid_pos = vec![0u32; n];
+    let mut sid_pos = huge_page_vec::<u32>(n);
+    sid_pos.resize(n, 0);
     for (p, &j) in item_pos.iter().enumerate() {
         sid_pos[j as usize] = p as u32;
     }

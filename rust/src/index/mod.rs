@@ -104,6 +104,24 @@ impl<T: bytemuck::Pod> Buf<T> {
     }
 }
 
+/// An empty vector with room for `len` elements whose pages the kernel is asked to back with
+/// transparent huge pages: random lookups over hundreds of MB spend most of their time in TLB
+/// misses with 4 KiB pages (3x slower gathers measured on the 2-core VM). Only a hint.
+pub(crate) fn huge_page_vec<T>(len: usize) -> Vec<T> {
+    let v: Vec<T> = Vec::with_capacity(len);
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let start = (v.as_ptr() as usize).next_multiple_of(PAGE);
+        let end = (v.as_ptr() as usize + len * std::mem::size_of::<T>()) / PAGE * PAGE;
+        if end > start + (4 << 20) {
+            // SAFETY: advice on whole pages inside our own allocation; it changes no contents.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    v
+}
+
 /// See the module docs. Immutable after construction and `Send + Sync`: share it freely.
 pub struct SidIndex {
     layout: KeyLayout,

@@ -4,15 +4,16 @@
 //! tricks bring that down:
 //! - a bucket table on `(x - first) >> shift` (about one bucket per [`BUCKET_LOAD`] entries)
 //!   narrows each search to a few dozen neighbouring entries, i.e. a handful of cache lines;
-//! - queries are searched [`LANES`] at a time in lockstep, so the CPU overlaps their memory loads
-//!   instead of waiting for each search's chain of loads in turn.
+//! - queries are searched [`LANES`] at a time in lockstep, round by round, so the CPU overlaps
+//!   their memory loads instead of waiting for each search's chain of loads in turn.
 //!
 //! Dense arrays (`first, first+1, ..., first+n-1`, e.g. item ids `0..n`) need no search at all.
 
 /// Average number of entries per bucket; 4 bytes of table per 32 entries = 1/8 byte per entry.
 pub const BUCKET_LOAD: usize = 32;
-/// Queries searched in lockstep.
-const LANES: usize = 8;
+/// Queries searched in lockstep: each round issues one independent load per lane, so many cache
+/// and TLB misses are in flight at once (memory latency, not bandwidth, bounds these searches).
+const LANES: usize = 256;
 /// Marks "not found" in position outputs.
 pub const NOT_FOUND: u32 = u32::MAX;
 

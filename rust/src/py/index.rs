@@ -32,7 +32,7 @@ fn checked_array<'py, T: Element>(
     columns: Option<usize>,
 ) -> PyResult<Bound<'py, PyUntypedArray>> {
     let py = obj.py();
-    let type_name = std::any::type_name::<T>();
+    let type_name = dtype::<T>(py).to_string();
     let shape_text = match (ndim, columns) {
         (1, _) => "(n,)".to_string(),
         (_, Some(c)) => format!("(n, {c})"),
@@ -46,7 +46,7 @@ fn checked_array<'py, T: Element>(
         ))
         .into());
     };
-    let describe = || format!("{} array of shape {:?}", array.dtype(), array.shape());
+    let describe = || format!("{} array of shape {}", array.dtype(), shape_tuple(array.shape()));
     if !array.dtype().is_equiv_to(&dtype::<T>(py)) {
         return Err(Gr2Error::invalid(format!(
             "{wanted}, got a {}; convert with {name}.astype(numpy.{type_name}) after checking the values fit",
@@ -58,6 +58,14 @@ fn checked_array<'py, T: Element>(
         return Err(Gr2Error::invalid(format!("{wanted}, got a {}", describe())).into());
     }
     Ok(array.clone())
+}
+
+/// A shape the way Python prints it: `(5,)`, `(2, 3)`.
+fn shape_tuple(shape: &[usize]) -> String {
+    match shape {
+        [one] => format!("({one},)"),
+        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+    }
 }
 
 fn vector<'py, T: Element>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<numpy::PyReadonlyArray1<'py, T>> {

@@ -398,17 +398,7 @@ impl RqCodebooks {
                     }
                 }
                 kernel::score_tile(self.kernel, packed, &residuals_t, &mut scores);
-                for (lane, &(item, rank)) in tile.iter().enumerate() {
-                    let parent_error = paths[item][rank].error;
-                    for code in 0..k {
-                        let error = parent_error + scores[code * TILE + lane];
-                        heaps[item].offer(Candidate {
-                            error,
-                            parent: rank as u32,
-                            code: code as u32,
-                        });
-                    }
-                }
+                offer_tile_candidates(tile, &paths, &scores, k, &mut heaps);
             }
             for (item, heap) in heaps.into_iter().enumerate() {
                 let parents = std::mem::take(&mut paths[item]);
@@ -527,6 +517,33 @@ fn load_tile(
     None
 }
 
+/// Offers every (row, code) candidate of a scored tile to its item's heap.
+fn offer_tile_candidates(
+    tile: &[(usize, usize)],
+    paths: &[Vec<Path>],
+    scores: &[f32],
+    k: usize,
+    heaps: &mut [BestCandidates],
+) {
+    for (lane, &(item, rank)) in tile.iter().enumerate() {
+        let parent_error = paths[item][rank].error;
+        let heap = &mut heaps[item];
+        // Cheap pre-filter: most candidates lose to the worst one kept so far.
+        let mut threshold = heap.threshold();
+        for code in 0..k {
+            let error = parent_error + scores[code * TILE + lane];
+            if error <= threshold {
+                heap.offer(Candidate {
+                    error,
+                    parent: rank as u32,
+                    code: code as u32,
+                });
+                threshold = heap.threshold();
+            }
+        }
+    }
+}
+
 /// A partial encoding in beam search.
 struct Path {
     residual: Vec<f32>,
@@ -581,6 +598,15 @@ impl BestCandidates {
         BestCandidates {
             capacity,
             heap: std::collections::BinaryHeap::with_capacity(capacity + 1),
+        }
+    }
+
+    /// Candidates with a larger error cannot be kept (NaN errors never pass `<=` it).
+    #[inline]
+    fn threshold(&self) -> f32 {
+        match self.heap.peek() {
+            Some(worst) if self.heap.len() == self.capacity => worst.error,
+            _ => f32::INFINITY,
         }
     }
 

@@ -1,0 +1,89 @@
+"""The `gr2 eval` stage and report writer on a small synthetic run directory."""
+
+import json
+
+import numpy as np
+import pytest
+from datasets import load_from_disk
+
+from gr2.candidates import CandidatesConfig, run_candidates
+from gr2.cli import main as cli_main
+from gr2.errors import CorruptFileError, DataError, InvalidInputError
+from gr2.eval import evaluate_rankings, write_report
+from gr2.eval.stage import EvalConfig, load_rankings, run_eval, save_rankings
+
+from _fixtures_upstream import synthetic_tables, write_data_stage
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalrun")
+    write_data_stage(root, *synthetic_tables(n_users=80, n_items=40, seed=5))
+    run_candidates(root, CandidatesConfig(upstream="popularity", k=5, train_windows=1))
+    return root
+
+
+def test_eval_stage_with_a_method(run_dir, capsys):
+    test = load_from_disk(str(run_dir / "candidates" / "test"))
+    cands = np.array(test["candidates"])
+    reversed_order = cands[:, ::-1].copy()
+    valid = np.ones(len(cands), dtype=bool)
+    valid[::4] = False
+    (run_dir / "sft").mkdir(exist_ok=True)
+    save_rankings(run_dir / "sft" / "rankings_test.npz", test["user_idx"], reversed_order, valid, candidates=cands)
+    # a second method that ranked only half the users: everything is scored on the shared half
+    half = slice(0, len(cands) // 2)
+    save_rankings(run_dir / "half.npz", np.array(test["user_idx"])[half], cands[half], valid[half])
+    assert cli_main(["eval", "--run-dir", str(run_dir), "--method", "copy=half.npz"]) == 0
+    out = capsys.readouterr().out
+    assert "upstream" in out and "sft" in out and "copy" in out
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    methods = report["methods"]
+    assert set(methods) == {"upstream", "random", "popularity", "itemknn", "sft", "copy"}
+    assert report["meta"]["lists"] == len(cands) // 2 and report["meta"]["lists_in_split"] == len(cands)
+    shared = slice(0, len(cands) // 2)
+    want = evaluate_rankings(reversed_order[shared], valid[shared], cands[shared], np.array(test["target"])[shared])
+    assert methods["sft"]["recall@1"] == want["recall@1"]
+    assert methods["sft"]["validity"]["value"] == pytest.approx(valid[shared].mean())
+    assert methods["upstream"]["order_copy"]["value"] == 1.0
+    assert methods["popularity"]["order_copy"]["value"] == 1.0  # popularity upstream: same order
+    for name in ("metrics.png", "position_bias.png", "report.md"):
+        assert (run_dir / "eval" / name).stat().st_size > 0
+    assert (run_dir / "eval" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    md = (run_dir / "eval" / "report.md").read_text()
+    assert "| sft |" in md and "recall@1" in md and "Paired difference" in md
+    assert "vs" not in methods["upstream"] and methods["sft"]["vs"]["baseline"] == "upstream"
+    delta = methods["sft"]["vs"]["ndcg@5"]["value"]
+    assert delta == pytest.approx(methods["sft"]["ndcg@5"]["value"] - methods["upstream"]["ndcg@5"]["value"])
+
+
+def test_eval_errors(run_dir, tmp_path):
+    test = load_from_disk(str(run_dir / "candidates" / "test"))
+    cands = np.array(test["candidates"])
+    bad_user = np.array(test["user_idx"]).copy()
+    bad_user[0] = 10_000
+    save_rankings(tmp_path / "r.npz", bad_user, cands, np.ones(len(cands), bool))
+    cfg = EvalConfig(methods={"x": str(tmp_path / "r.npz")}, discover=False, n_boot=10)
+    with pytest.raises(DataError, match="no list"):
+        run_eval(run_dir, cfg, force=True)
+    other = cands.copy()
+    other[:, 0] = 39 - other[:, 0]
+    save_rankings(tmp_path / "r.npz", test["user_idx"], cands, np.ones(len(cands), bool), candidates=other)
+    with pytest.raises(DataError, match="different candidate lists"):
+        run_eval(run_dir, cfg, force=True)
+    (tmp_path / "r.npz").write_bytes(b"not a zip")
+    with pytest.raises(CorruptFileError):
+        load_rankings(tmp_path / "r.npz")
+    with pytest.raises(DataError, match="does not exist"):
+        load_rankings(tmp_path / "missing.npz")
+    with pytest.raises(InvalidInputError):
+        save_rankings(tmp_path / "s.npz", [1, 2], np.zeros((3, 5)), [True, True])
+    with pytest.raises(DataError, match="candidates"):
+        run_eval(tmp_path, EvalConfig())
+
+
+def test_write_report_needs_evaluate_rankings_dicts(tmp_path):
+    with pytest.raises(InvalidInputError):
+        write_report(tmp_path, {}, {})
+    with pytest.raises(InvalidInputError, match="lacks"):
+        write_report(tmp_path, {"m": {"recall@1": 0.3}}, {})
