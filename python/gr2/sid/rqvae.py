@@ -280,6 +280,30 @@ def reset_dead_codes(model: RQVAE, x: torch.Tensor, generator: torch.Generator) 
     return moved
 
 
+def training_loss(model: RQVAE, batch: torch.Tensor, x: torch.Tensor, pairs: torch.Tensor | None,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """(total loss, reconstruction loss, per-level residuals, codes) of one batch.
+
+    reconstruction + beta * commitment (encoder toward its codewords), plus: the VQ codebook loss
+    when codewords learn by gradient (without EMA), the diversity loss, the contrastive loss on
+    co-engaged pairs drawn from ``pairs`` (rows of ``x``).
+    """
+    config = model.config
+    x_hat, _, _, codes, residuals, distances = model(batch)
+    chosen = [model.quantizer.codebooks[level][codes[:, level]] for level in range(config.levels)]
+    recon = F.mse_loss(x_hat, batch)
+    loss = recon + config.commitment_beta * sum(F.mse_loss(r, c.detach()) for r, c in zip(residuals, chosen))
+    if not config.ema:  # codewords learn by gradient: pull them toward their residuals
+        loss = loss + sum(F.mse_loss(c, r.detach()) for r, c in zip(residuals, chosen))
+    if config.diversity_weight > 0:
+        loss = loss + config.diversity_weight * diversity_loss(distances, config.diversity_temperature)
+    if pairs is not None:
+        pick = pairs[torch.randint(len(pairs), (len(batch),), generator=generator)]
+        z_pairs = model.encoder(x[pick.reshape(-1)]).reshape(len(batch), 2, -1)
+        loss = loss + config.contrastive_weight * contrastive_loss(z_pairs[:, 0], z_pairs[:, 1], config.contrastive_temperature)
+    return loss, recon, residuals, codes
+
+
 def train_rqvae(
     embeddings: np.ndarray,
     config: RQVAEConfig,
@@ -310,7 +334,13 @@ def train_rqvae(
             raise InvalidInputError("contrastive loss needs co-engagement pairs, but no training sequence has 2 items")
         pairs = torch.from_numpy(pairs)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # weight decay on the network only: decaying codewords would drag them toward the origin
+    codebook_params = [p for name, p in model.named_parameters() if name.startswith("quantizer.")]
+    network_params = [p for name, p in model.named_parameters() if not name.startswith("quantizer.")]
+    optimizer = torch.optim.AdamW(
+        [{"params": network_params, "weight_decay": config.weight_decay}, {"params": codebook_params, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
     batch_size = min(config.batch_size, n)
     log = {"loss": [], "reconstruction": [], "dead_codes_reset": 0}
     stop_resets = int(config.epochs * config.dead_code_stop)
@@ -319,20 +349,7 @@ def train_rqvae(
         epoch_loss = epoch_recon = 0.0
         for start in range(0, n, batch_size):
             batch = x[order[start : start + batch_size]]
-            x_hat, z, quantised, codes, residuals, distances = model(batch)
-            recon = F.mse_loss(x_hat, batch)
-            commitment = sum(F.mse_loss(r, c.detach()) for r, c in zip(residuals, _chosen(model, codes)))
-            loss = recon + config.commitment_beta * commitment
-            if not config.ema:  # codewords learn by gradient: pull them toward their residuals
-                loss = loss + sum(F.mse_loss(c, r.detach()) for r, c in zip(residuals, _chosen(model, codes)))
-            if config.diversity_weight > 0:
-                loss = loss + config.diversity_weight * diversity_loss(distances, config.diversity_temperature)
-            if pairs is not None:
-                pick = pairs[torch.randint(len(pairs), (batch_size,), generator=generator)]
-                z_pairs = model.encoder(x[pick.reshape(-1)]).reshape(batch_size, 2, -1)
-                loss = loss + config.contrastive_weight * contrastive_loss(
-                    z_pairs[:, 0], z_pairs[:, 1], config.contrastive_temperature
-                )
+            loss, recon, residuals, codes = training_loss(model, batch, x, pairs, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -350,10 +367,6 @@ def train_rqvae(
 
 def _standardised(model: RQVAE, embeddings: np.ndarray) -> torch.Tensor:
     return model.standardise(torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)))
-
-
-def _chosen(model: RQVAE, codes: torch.Tensor) -> list[torch.Tensor]:
-    return [model.quantizer.codebooks[level][codes[:, level]] for level in range(model.config.levels)]
 
 
 @torch.no_grad()
