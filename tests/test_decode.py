@@ -340,3 +340,12 @@ def test_catalog_decode_yields_only_catalog_items(setup, mode):
         assert res.completion_ids[0] == sid_tokens.sid_begin and len(res.item_logprobs) == 3
     with pytest.raises(gr2.ConstraintError):
         catalog_decode(models[0], tokenizer, PROMPTS[:1], index, n_items=6, exclude=[items[:25]])
+
+
+def test_vllm_module_needs_vllm():
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed; the processor is exercised by vLLM-marked tests")
+    with pytest.raises(ImportError, match="gr2\\[vllm\\]"):
+        import gr2.decoding.vllm  # noqa: F401
