@@ -45,6 +45,7 @@ __all__ = [
     "RerankLogitsProcessor",
     "RerankResult",
     "constrained_decode",
+    "catalog_decode",
     "RewardBatch",
     "verify_rewards",
 ]
@@ -52,6 +53,7 @@ __all__ = [
 
 _LAZY = {  # heavy (torch, transformers): imported on first use, so `import gr2` stays fast
     "constrained_decode": "gr2.decoding",
+    "catalog_decode": "gr2.decoding",
     "RerankResult": "gr2.decoding",
     "RerankLogitsProcessor": "gr2.decoding",
 }

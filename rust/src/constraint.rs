@@ -195,7 +195,7 @@ impl TokenMap {
     /// (level, code) of a code token, None for any other token.
     fn code_of(&self, token: u32) -> Option<(usize, u16)> {
         let packed = *self.token_code.get(token as usize)?;
-        (packed != NO_CODE).then(|| ((packed >> 16) as usize, (packed & 0xFFFF) as u16))
+        (packed != NO_CODE).then_some(((packed >> 16) as usize, (packed & 0xFFFF) as u16))
     }
 
     fn token_name(&self, token: u32) -> String {

@@ -2,6 +2,7 @@
 
 - :func:`constrained_decode` — gr2's own decoding loop (greedy, sampling, beam search) over any
   transformers causal LM, with a sparse output layer inside SID spans.
+- :func:`catalog_decode` — the same loop generating any catalog items (next-item generation).
 - :class:`RerankLogitsProcessor` — the same constraint for users of ``model.generate``.
 - :mod:`gr2.decoding.vllm` — a vLLM logits processor (optional; imported lazily, needs vllm).
 
@@ -11,7 +12,7 @@ The automaton itself is native (``gr2._gr2.ConstraintBatch``; Rust, rayon, GIL r
 from __future__ import annotations
 
 from gr2.decoding._setup import build_token_map, lookup_sid_tokens
-from gr2.decoding.decode import RerankResult, constrained_decode
+from gr2.decoding.decode import RerankResult, catalog_decode, constrained_decode
 from gr2.decoding.processors import RerankLogitsProcessor, apply_allowed
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "RerankLogitsProcessor",
     "apply_allowed",
     "build_token_map",
+    "catalog_decode",
     "constrained_decode",
     "lookup_sid_tokens",
 ]

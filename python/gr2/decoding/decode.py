@@ -213,15 +213,20 @@ def constrained_decode(
     input_ids, attention_mask = _encode(tokenizer, texts, step_model.device, eos)
     max_steps = _max_steps(cands.shape[1], tokens.levels, int(max_reasoning_tokens))
 
+    def make_batch(repeat: int):
+        batch = _gr2.ConstraintBatch(token_map)
+        batch.add_rerank(cands, codes, reasoning=mode, max_reasoning_tokens=int(max_reasoning_tokens), repeat=repeat)
+        return batch
+
     was_training = model.training
     model.eval()
     try:
         if settings.num_beams > 1:
-            rows = _beam_search(step_model, scorer, token_map, cands, codes, mode, int(max_reasoning_tokens),
-                                input_ids, attention_mask, settings, max_steps, eos)
+            rows = _beam_search(step_model, scorer, make_batch, len(texts), input_ids, attention_mask, settings,
+                                max_steps, eos)
         else:
-            rows = _sample_or_greedy(step_model, scorer, token_map, cands, codes, mode, int(max_reasoning_tokens),
-                                     input_ids, attention_mask, settings, max_steps)
+            rows = _sample_or_greedy(step_model, scorer, make_batch, len(texts), input_ids, attention_mask,
+                                     settings, max_steps)
     finally:
         model.train(was_training)
     return [_result(tokenizer, tokens, eos, *row) for row in rows]
@@ -242,12 +247,11 @@ def _encode(tokenizer: Any, texts: list[str], device: torch.device, eos: int):
     return ids.to(device), mask.to(device)
 
 
-def _sample_or_greedy(sm, scorer, token_map, cands, codes, mode, budget, input_ids, attention_mask, settings, max_steps):
+def _sample_or_greedy(sm, scorer, make_batch, n_prompts, input_ids, attention_mask, settings, max_steps):
     nrs = settings.num_return_sequences
-    batch = _gr2.ConstraintBatch(token_map)
-    batch.add_rerank(cands, codes, reasoning=mode, max_reasoning_tokens=budget, repeat=nrs)
+    batch = make_batch(nrs)
     n_rows = len(batch)
-    prompt_of_row = np.repeat(np.arange(cands.shape[0]), nrs)
+    prompt_of_row = np.repeat(np.arange(n_prompts), nrs)
     out = sm.prefill(input_ids, attention_mask)
     if nrs > 1:
         expand = torch.as_tensor(prompt_of_row)
@@ -276,12 +280,11 @@ def _sample_or_greedy(sm, scorer, token_map, cands, codes, mode, budget, input_i
     return [(int(prompt_of_row[r]), batch.emitted(r), history[r], logprobs[r]) for r in range(n_rows)]
 
 
-def _beam_search(sm, scorer, token_map, cands, codes, mode, budget, input_ids, attention_mask, settings, max_steps, eos):
+def _beam_search(sm, scorer, make_batch, n_prompts, input_ids, attention_mask, settings, max_steps, eos):
     """Beam search on the sum of constrained log-probabilities. Finished beams keep their score and
     compete with live ones; the search ends when every kept beam has finished."""
-    b, nb = cands.shape[0], settings.num_beams
-    batch = _gr2.ConstraintBatch(token_map)
-    batch.add_rerank(cands, codes, reasoning=mode, max_reasoning_tokens=budget, repeat=nb)
+    b, nb = n_prompts, settings.num_beams
+    batch = make_batch(nb)
     out = sm.prefill(input_ids, attention_mask)
     expand = torch.as_tensor(np.repeat(np.arange(b), nb))
     sm.select_rows(expand)
@@ -382,3 +385,70 @@ def _result(tokenizer, tokens: SidTokens, eos: int, prompt_index, items, history
         logprob=float(sum(logprobs)),
         reasoning_ids=reasoning_ids,
     )
+
+
+@torch.inference_mode()
+def catalog_decode(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    index: Any,
+    n_items: int = 1,
+    exclude: Sequence[Any] | None = None,
+    sid_tokens: SidTokens | None = None,
+    reasoning: bool | str = False,
+    max_reasoning_tokens: int = 0,
+    answer_tags: bool = False,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    num_beams: int = 1,
+    num_return_sequences: int = 1,
+    seed: int | None = None,
+    *,
+    eos_token_id: int | None = None,
+) -> list[RerankResult]:
+    """Generate ``n_items`` distinct catalog items per prompt (next-item generation), never one in
+    ``exclude[i]`` (e.g. the user's history). By default the completion is just the SIDs then EOS;
+    ``answer_tags`` wraps them in ``<answer>..</answer>`` and ``reasoning`` adds a think span as in
+    :func:`constrained_decode`. ``index`` must offer ``item_ids()`` and ``codes()`` (gr2.SidIndex).
+    Results are :class:`RerankResult` with ``items`` = the generated catalog items."""
+    settings = _check_settings(do_sample, temperature, top_p, num_beams, num_return_sequences, seed)
+    if not (isinstance(n_items, (int, np.integer)) and n_items >= 1):
+        raise InvalidInputError(f"n_items must be an int >= 1, got {n_items!r}")
+    mode = _reasoning_mode(reasoning)
+    texts = prompt_texts(tokenizer, prompts)
+    if exclude is not None and len(exclude) != len(texts):
+        raise InvalidInputError(f"{len(texts)} prompts but {len(exclude)} exclude lists")
+    excludes = [np.ascontiguousarray(np.asarray(e if e is not None else [], dtype=np.uint64).reshape(-1))
+                for e in (exclude if exclude is not None else [None] * len(texts))]
+    tokens = resolve_sid_tokens(tokenizer, index, sid_tokens)
+    eos = eos_id(tokenizer, eos_token_id)
+    step_model = StepModel(model)
+    token_map = build_token_map(tokens, eos=eos, vocab_size=step_model.vocab_size, tokenizer=tokenizer)
+    item_ids = np.ascontiguousarray(index.item_ids(), dtype=np.uint64)
+    codes = np.ascontiguousarray(index.codes(), dtype=np.uint16)
+    trie = _gr2.SidTrie(token_map, item_ids, codes)
+    scorer = _Scorer(step_model, token_map.reasoning_forbidden())
+    input_ids, attention_mask = _encode(tokenizer, texts, step_model.device, eos)
+    max_steps = _max_steps(int(n_items), tokens.levels, int(max_reasoning_tokens))
+
+    def make_batch(repeat: int):
+        batch = _gr2.ConstraintBatch(token_map)
+        rows = [e for e in excludes for _ in range(repeat)]
+        batch.add_catalog(trie, n_items=int(n_items), exclude=rows, reasoning=mode,
+                          max_reasoning_tokens=int(max_reasoning_tokens), answer_tags=answer_tags)
+        return batch
+
+    was_training = model.training
+    model.eval()
+    try:
+        if settings.num_beams > 1:
+            rows = _beam_search(step_model, scorer, make_batch, len(texts), input_ids, attention_mask, settings,
+                                max_steps, eos)
+        else:
+            rows = _sample_or_greedy(step_model, scorer, make_batch, len(texts), input_ids, attention_mask,
+                                     settings, max_steps)
+    finally:
+        model.train(was_training)
+    return [_result(tokenizer, tokens, eos, *row) for row in rows]
