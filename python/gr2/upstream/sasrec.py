@@ -48,7 +48,9 @@ class SASRecConfig:
     max_epochs: int = 60
     # "last": each user's most recent max_len + 1 items per epoch (standard SASRec; older items of
     # long sequences are never targets); "all": cut long sequences into consecutive windows so
-    # every transition is trained on (more compute per epoch).
+    # every transition is trained on. ml-100k test, full ranking (measured): "last" Recall@10 0.185
+    # NDCG@10 0.096 in ~52 s CPU; "all" 0.210 / 0.112 in ~126 s CPU -- better, but the stage
+    # (main + prefix model) would then exceed its 3-minute 2-core budget, so "last" is the default.
     windows: str = "last"
     eval_every: int = 2  # epochs between validation passes
     patience: int = 3  # validation passes without improvement before stopping
