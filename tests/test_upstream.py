@@ -164,5 +164,19 @@ def test_bad_input():
         target_ranks(pop, [np.array([0])], np.array([7]))
     with pytest.raises(ConfigError, match="divisible"):
         from_dict(SASRecConfig, {"hidden": 30, "heads": 4})
+    with pytest.raises(ConfigError, match="windows"):
+        SASRecConfig(windows="some")
     with pytest.raises(ConfigError, match="dropout"):
         SASRecConfig(dropout=1.5)
+
+
+@given(st.lists(st.integers(0, 30), min_size=0, max_size=6), st.integers(1, 8))
+def test_split_windows_cover_every_transition_once(lengths, max_len):
+    from gr2.upstream.sasrec import split_windows
+
+    sequences = [np.arange(n) + 100 * i for i, n in enumerate(lengths)]
+    windows = split_windows(sequences, max_len)
+    assert all(2 <= len(w) <= max_len + 1 for w in windows)
+    transitions = sorted((int(a), int(b)) for w in windows for a, b in zip(w[:-1], w[1:]))
+    want = sorted((int(a), int(b)) for s in sequences for a, b in zip(s[:-1], s[1:]))
+    assert transitions == want

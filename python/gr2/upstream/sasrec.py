@@ -46,6 +46,12 @@ class SASRecConfig:
     weight_decay: float = 0.0
     batch_size: int = 128
     max_epochs: int = 60
+    # "last": each user's most recent max_len + 1 items per epoch (standard SASRec; older items of
+    # long sequences are never targets); "all": cut long sequences into consecutive windows so
+    # every transition is trained on. ml-100k test, full ranking (measured): "last" Recall@10 0.185
+    # NDCG@10 0.096 in ~52 s CPU; "all" 0.210 / 0.112 in ~126 s CPU -- better, but the stage
+    # (main + prefix model) would then exceed its 3-minute 2-core budget, so "last" is the default.
+    windows: str = "last"
     eval_every: int = 2  # epochs between validation passes
     patience: int = 3  # validation passes without improvement before stopping
     seed: int = 0
@@ -61,6 +67,8 @@ class SASRecConfig:
                 raise ConfigError(f"sasrec.{name} must be positive, got {getattr(self, name)}")
         if self.hidden % self.heads:
             raise ConfigError(f"sasrec.hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        if self.windows not in ("last", "all"):
+            raise ConfigError(f"sasrec.windows must be 'last' or 'all', got {self.windows!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"sasrec.dropout must be in [0, 1), got {self.dropout}")
 
@@ -208,7 +216,21 @@ def train_sasrec(
         return _train(usable, n_items, config, valid, epochs, desc, progress)
 
 
+def split_windows(sequences: Sequence[np.ndarray], max_len: int) -> list[np.ndarray]:
+    """Cut each sequence into windows of max_len + 1 items from its end, overlapping by one item
+    so every transition (item -> next item) appears in exactly one window."""
+    out = []
+    for seq in sequences:
+        end = len(seq)
+        while end >= 2:
+            out.append(seq[max(0, end - max_len - 1) : end])
+            end -= max_len
+    return out
+
+
 def _train(usable, n_items, config, valid, epochs, desc, progress) -> SASRecRanker:
+    if config.windows == "all":
+        usable = split_windows(usable, config.max_len)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = SASRec(n_items, config)
