@@ -70,7 +70,7 @@ fn shape_tuple(shape: &[usize]) -> String {
 
 fn vector<'py, T: Element>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<numpy::PyReadonlyArray1<'py, T>> {
     let array = checked_array::<T>(obj, name, 1, None)?;
-    Ok(array.cast_into::<PyArray1<T>>().map_err(PyErr::from)?.try_readonly().map_err(borrow_error(name))?)
+    array.cast_into::<PyArray1<T>>().map_err(PyErr::from)?.try_readonly().map_err(borrow_error(name))
 }
 
 fn matrix<'py, T: Element>(
@@ -79,7 +79,7 @@ fn matrix<'py, T: Element>(
     columns: Option<usize>,
 ) -> PyResult<numpy::PyReadonlyArray2<'py, T>> {
     let array = checked_array::<T>(obj, name, 2, columns)?;
-    Ok(array.cast_into::<PyArray2<T>>().map_err(PyErr::from)?.try_readonly().map_err(borrow_error(name))?)
+    array.cast_into::<PyArray2<T>>().map_err(PyErr::from)?.try_readonly().map_err(borrow_error(name))
 }
 
 fn borrow_error(name: &str) -> impl Fn(numpy::BorrowError) -> PyErr + '_ {
