@@ -77,23 +77,9 @@ def trainer(model, tokenizer, sid_tokens, data, sids, config, rollout_fn) -> Dap
     return DapoTrainer(model, tokenizer, data, config, sid_tokens=sid_tokens, candidate_sids=sids, rollout_fn=rollout_fn)
 
 
-class ArrayIndex:
-    """Duck-typed stand-in for gr2.SidIndex over explicit arrays (sids / codes / level_sizes)."""
+def tiny_index(data: RlData, sids: np.ndarray):
+    """A real gr2.SidIndex over the candidates' (unique) SIDs."""
+    import gr2
 
-    def __init__(self, item_ids, codes, level_sizes):
-        order = np.lexsort(np.asarray(codes).T[::-1])
-        self._items = np.asarray(item_ids, dtype=np.uint64)[order]
-        self._codes = np.asarray(codes, dtype=np.uint16)[order]
-        self._row = {int(i): r for r, i in enumerate(self._items)}
-        self.level_sizes = list(level_sizes)
-        self.levels = len(level_sizes)
-
-    def sids(self, item_ids):
-        return self._codes[[self._row[int(i)] for i in np.asarray(item_ids).reshape(-1)]]
-
-    def codes(self):
-        return self._codes
-
-
-def tiny_index(data: RlData, sids: np.ndarray) -> ArrayIndex:
-    return ArrayIndex(data.candidates.reshape(-1), sids.reshape(-1, LEVELS), LEVEL_SIZES)
+    return gr2.SidIndex.build(data.candidates.reshape(-1).astype(np.uint64), sids.reshape(-1, LEVELS).astype(np.uint16),
+                              codebook_size=list(LEVEL_SIZES))

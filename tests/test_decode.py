@@ -20,32 +20,12 @@ LEVEL_SIZES = (4, 3, 3)
 WORDS = "the user liked watched item movie next good bad why because so then a an of to".split()
 
 
-class ArrayIndex:
-    """Stand-in with gr2.SidIndex's lookup API (sids / level_sizes / levels), built from arrays."""
-
-    def __init__(self, item_ids, codes, level_sizes):
-        self._codes = {int(i): np.asarray(c, dtype=np.uint16) for i, c in zip(item_ids, codes)}
-        self._item_ids = np.asarray(item_ids, dtype=np.uint64)
-        self._all_codes = np.asarray(codes, dtype=np.uint16)
-        self.level_sizes = list(level_sizes)
-        self.levels = len(level_sizes)
-
-    def sids(self, item_ids):
-        out = np.empty((len(item_ids), self.levels), dtype=np.uint16)
-        for j, item in enumerate(np.asarray(item_ids, dtype=np.uint64)):
-            if int(item) not in self._codes:
-                raise UnknownItemError(f"item {int(item)} is not in the index")
-            out[j] = self._codes[int(item)]
-        return out
-
-    def item_ids(self):
-        return self._item_ids
-
-    def codes(self):
-        return self._all_codes
-
-    def items_of(self, sid):
-        return next(i for i, c in self._codes.items() if tuple(c) == tuple(sid))
+def ArrayIndex(item_ids, codes, level_sizes):
+    """A real gr2.SidIndex over explicit (already unique) codes."""
+    index = gr2.SidIndex.build(np.asarray(item_ids, dtype=np.uint64), np.asarray(codes, dtype=np.uint16),
+                               codebook_size=list(level_sizes))
+    assert index.uniqueness_before_repair == 1.0  # the tests pick unique codes; repair would move them
+    return index
 
 
 def make_tokenizer():
@@ -107,7 +87,7 @@ def parse_answer(ids, sid_tokens, index):
         if tok == sid_tokens.sid_begin:
             sid = []
         elif tok == sid_tokens.sid_end:
-            out.append(index.items_of(sid))
+            out.append(int(index.items(np.asarray([sid], dtype=np.uint16))[0]))
             sid = None
         else:
             level, code = code_of[tok]

@@ -498,3 +498,12 @@ def test_property_file_round_trip_and_corruption(tmp_path_factory, data, draw):
     path.write_bytes(bytes(raw))
     with pytest.raises(gr2.CorruptFileError):
         SidIndex.load(path)
+
+
+def test_fortran_order_codes_are_read_by_row():
+    # rust-numpy's as_slice accepts Fortran order too; the binding must not misread it as rows
+    codes = np.array([[0, 1, 2], [2, 1, 0], [1, 0, 2]], dtype=np.uint16)
+    ids = np.array([5, 6, 7], dtype=np.uint64)
+    index = gr2.SidIndex.build(ids, np.asfortranarray(codes), codebook_size=[3, 3, 3])
+    np.testing.assert_array_equal(index.sids(ids), codes)
+    np.testing.assert_array_equal(index.items(np.asfortranarray(codes)), ids)

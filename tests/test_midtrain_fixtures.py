@@ -1,8 +1,7 @@
 """Run-directory fixtures for the training-stage tests: a slice of MovieLens-100k laid out as the
 `data`, `sid` and `candidates` stages write it (HELPERS.md schema).
 
-Until the native SidIndex lands, ``ReferenceSidIndex`` (a plain-Python index with the same API) is
-patched in as ``gr2.SidIndex``. SIDs here are hand-made and semantic: level a = first genre,
+SIDs here are hand-made and semantic (built into a real gr2.SidIndex): level a = first genre,
 level b = release decade, level c = running number inside (a, b), so every item is unique.
 Candidates: the target plus the 9 most popular other items the user has not seen, ordered by
 popularity plus per-user noise (a noisy popularity upstream; the target is always present).
@@ -16,60 +15,12 @@ from pathlib import Path
 import numpy as np
 
 import gr2
-from gr2.errors import UnknownItemError
 from gr2.rundir import mark_done
 
 
 def ml100k_dir() -> Path:
     spec = importlib.util.find_spec("recbole")
     return Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-100k"
-
-
-class ReferenceSidIndex:
-    """Plain-Python stand-in with the gr2.SidIndex API used by the training stages."""
-
-    def __init__(self, item_ids: np.ndarray, codes: np.ndarray, level_sizes: list[int]):
-        self._items = np.asarray(item_ids, dtype=np.uint64)
-        self._codes = np.asarray(codes, dtype=np.uint16)
-        self.level_sizes = list(level_sizes)
-        self.levels = self._codes.shape[1]
-        self._row = {int(i): r for r, i in enumerate(self._items)}
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def sids(self, item_ids):
-        try:
-            return self._codes[[self._row[int(i)] for i in item_ids]]
-        except KeyError as e:
-            raise UnknownItemError(f"unknown item {e}") from None
-
-    def items(self, sids):
-        lookup = {tuple(map(int, c)): int(i) for i, c in zip(self._items, self._codes)}
-        return np.array([lookup[tuple(map(int, s))] for s in sids], dtype=np.uint64)
-
-    def _by_sid(self):
-        return np.lexsort(self._codes.T[::-1])  # rows sorted by SID, level a most significant
-
-    def item_ids(self):
-        return self._items[self._by_sid()]
-
-    def codes(self):
-        return self._codes[self._by_sid()]
-
-    def save(self, path):
-        with open(path, "wb") as f:
-            np.savez(f, items=self._items, codes=self._codes, sizes=np.array(self.level_sizes))
-
-    @classmethod
-    def load(cls, path):
-        with np.load(path) as z:
-            return cls(z["items"], z["codes"], z["sizes"].tolist())
-
-
-def use_reference_index_if_needed(monkeypatch) -> None:
-    if not hasattr(gr2, "SidIndex"):
-        monkeypatch.setattr(gr2, "SidIndex", ReferenceSidIndex, raising=False)
 
 
 def read_ml100k(n_users: int | None):
@@ -123,11 +74,7 @@ def make_run_dir(run_dir: Path, n_users: int | None = 60, k: int = 10) -> Path:
     codes = np.stack([a, b, c], axis=1).astype(np.uint16)
     sizes = [len(genres), 10, int(c.max()) + 1]
     (run_dir / "sid").mkdir(parents=True, exist_ok=True)
-    index_cls = getattr(gr2, "SidIndex", ReferenceSidIndex)
-    if index_cls is ReferenceSidIndex:
-        ReferenceSidIndex(np.arange(len(a), dtype=np.uint64), codes, sizes).save(run_dir / "sid" / "index.gr2sid")
-    else:
-        index_cls.build(np.arange(len(a), dtype=np.uint64), codes).save(str(run_dir / "sid" / "index.gr2sid"))
+    gr2.SidIndex.build(np.arange(len(a), dtype=np.uint64), codes, codebook_size=sizes).save(str(run_dir / "sid" / "index.gr2sid"))
     mark_done(run_dir / "sid", f"sid-{n_users}", {"levels": 3})
 
     popularity = np.bincount(np.concatenate([s[:-2] for s in seqs]), minlength=len(item_ext))

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from test_midtrain_fixtures import ReferenceSidIndex, make_run_dir, tiny_midtrain_config
+from test_midtrain_fixtures import make_run_dir, tiny_midtrain_config
 
 import gr2
 from gr2.errors import ConfigError, DataError
@@ -27,14 +27,6 @@ from gr2.tokens import answer_text
 from gr2.train import common
 
 SID_RE = re.compile(r"<\|sid_begin\|>(?:<s_[a-z]_\d+>)+<\|sid_end\|>")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def sid_index_available():
-    with pytest.MonkeyPatch.context() as mp:
-        if not hasattr(gr2, "SidIndex"):
-            mp.setattr(gr2, "SidIndex", ReferenceSidIndex, raising=False)
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +178,7 @@ def test_heuristic_rejection_and_targeted(run_dir):
     assert 1 <= rej["attempts_per_kept_trace"] <= 6
     report = json.loads((run_dir / "traces" / "report.json").read_text())
     assert report["teacher"] == "heuristic teacher"
-    if hasattr(gr2, "verify_rewards"):  # kept traces were re-checked by the Rust verifier
-        assert report["verified_with"] == "gr2.verify_rewards"
+    assert report["verified_with"] == "gr2.verify_rewards"  # kept traces were re-checked by the Rust verifier
     for r in records:
         if r["accepted"]:
             ranking, reason = parse_ranking(r["completion"], catalog, r["candidates"])

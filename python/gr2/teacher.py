@@ -171,16 +171,15 @@ def parse_ranking(text: str, catalog: common.Catalog, candidates: Sequence[int],
     return ranking, ""
 
 
-def check_with_verifier(completions: list[str], examples: list[Example], catalog: common.Catalog) -> np.ndarray | None:
-    """Validity according to gr2.verify_rewards (helper `reward`), or None while it is not available."""
-    import gr2
+def check_with_verifier(completions: list[str], examples: list[Example], catalog: common.Catalog) -> np.ndarray:
+    """Validity of kept traces according to gr2.verify_rewards, the verifier the RL rewards use."""
+    from gr2 import verify_rewards
 
-    verify = getattr(gr2, "verify_rewards", None)
-    if verify is None or not completions:
-        return None
+    if not completions:
+        return np.zeros(0, dtype=bool)
     candidates = np.array([e.candidates for e in examples], dtype=np.uint64)
     targets = np.array([e.target for e in examples], dtype=np.uint64)
-    return np.asarray(verify(completions, candidates, targets, index=catalog.index).valid, dtype=bool)
+    return np.asarray(verify_rewards(completions, candidates, targets, index=catalog.index).valid, dtype=bool)
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,7 +490,7 @@ def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, 
 
     kept = [(ex, r) for ex, r in zip(examples, results) if r["accepted"]]
     verifier_valid = check_with_verifier([r["completion"] for _, r in kept], [ex for ex, _ in kept], catalog)
-    if verifier_valid is not None and not verifier_valid.all():
+    if not verifier_valid.all():
         raise DataError(f"gr2.verify_rewards rejects {int((~verifier_valid).sum())} kept traces the teacher "
                         "parser accepted; the two parsers disagree")
     lines = []
@@ -518,7 +517,7 @@ def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, 
         "attempts_total": int(sum(r["attempts"] for r in results)),
         "attempts_budget": config.attempts if config.mode == "rejection" else 1,
         "invalid_completions": dict(invalid),
-        "verified_with": "gr2.verify_rewards" if verifier_valid is not None else "gr2.teacher.parse_ranking",
+        "verified_with": "gr2.verify_rewards",
     }
     atomic_write_json(stage_dir / "report.json", summary)
     mark_done(stage_dir, key, summary)

@@ -359,10 +359,8 @@ RolloutFn = Callable[[Any, Any, str, np.ndarray, int, int, DapoConfig, dict], li
 
 def constrained_rollouts(model, tokenizer, prompt_text, candidates, n, seed, config, ctx) -> list[list[int]]:
     """G sampled completions through ``gr2.constrained_decode`` (always valid permutations)."""
-    try:
-        from gr2 import constrained_decode
-    except ImportError as e:  # pragma: no cover - present once the decoding work is merged
-        raise ConfigError("rl.constrained = true needs gr2.constrained_decode (decoding module)") from e
+    from gr2 import constrained_decode
+
     results = constrained_decode(
         model, tokenizer, [prompt_text], np.asarray(candidates, dtype=np.uint64)[None, :], index=ctx["index"],
         sid_tokens=ctx["sid_tokens"], max_reasoning_tokens=config.max_reasoning_tokens, reasoning=config.reasoning,

@@ -13,13 +13,15 @@ use pyo3::types::PyDict;
 use crate::error::Gr2Error;
 use crate::index::SidIndex;
 
-/// A numpy array's data as a row-major slice: borrowed when C-contiguous, copied otherwise.
+/// A numpy array's data as a row-major slice: borrowed when C-contiguous, copied in logical
+/// order otherwise (`as_slice` alone also accepts Fortran order, whose memory order would be
+/// misread as rows).
 fn row_major<'a, T: Element + Copy, D: numpy::ndarray::Dimension>(
     array: &'a numpy::PyReadonlyArray<'_, T, D>,
 ) -> Cow<'a, [T]> {
     match array.as_slice() {
-        Ok(slice) => Cow::Borrowed(slice),
-        Err(_) => Cow::Owned(array.as_array().iter().copied().collect()),
+        Ok(slice) if array.is_c_contiguous() => Cow::Borrowed(slice),
+        _ => Cow::Owned(array.as_array().iter().copied().collect()),
     }
 }
 

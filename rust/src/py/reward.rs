@@ -10,8 +10,17 @@ use pyo3::types::PyDict;
 use crate::error::Gr2Error;
 use crate::reward::{self, Candidates, Catalog, Completions, InvalidReason, RewardConfig, RewardKind, TagIds, TokenMap};
 
-fn contiguous<'a, T>(what: &str, slice: std::result::Result<&'a [T], numpy::AsSliceError>) -> PyResult<&'a [T]> {
-    slice.map_err(|_| Gr2Error::invalid(format!("{what} must be a C-contiguous array")).into())
+/// The array's memory as a row-major slice; C order only (`as_slice` alone also accepts Fortran
+/// order, whose memory order would be misread as rows).
+fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+    what: &str,
+    array: &'a numpy::PyReadonlyArray<'_, T, D>,
+) -> PyResult<&'a [T]> {
+    let not_c = || Gr2Error::invalid(format!("{what} must be a C-contiguous array (use np.ascontiguousarray)"));
+    if !array.is_c_contiguous() {
+        return Err(not_c().into());
+    }
+    array.as_slice().map_err(|_| not_c().into())
 }
 
 fn config(alpha: f64, conditional: bool, invalid_reward: f64, metric_ks: Vec<usize>, graded_k: usize, kind: &str) -> PyResult<RewardConfig> {
@@ -44,21 +53,21 @@ impl Inputs<'_> {
             rows: b,
             k,
             levels: sid_shape[2],
-            items: contiguous("candidates", self.items.as_slice())?,
-            sids: contiguous("candidate SIDs", self.sids.as_slice())?,
-            targets: contiguous("targets", self.targets.as_slice())?,
+            items: contiguous("candidates", &self.items)?,
+            sids: contiguous("candidate SIDs", &self.sids)?,
+            targets: contiguous("targets", &self.targets)?,
             relevance: match &self.relevance {
                 Some(r) => {
                     if r.shape() != [b, k] {
                         return Err(Gr2Error::invalid(format!("relevance has shape {:?}, expected ({b}, {k})", r.shape())).into());
                     }
-                    Some(contiguous("relevance", r.as_slice())?)
+                    Some(contiguous("relevance", &r)?)
                 }
                 None => None,
             },
         };
         let catalog = match &self.catalog {
-            Some(c) => Some(Catalog::new(contiguous("catalog codes", c.as_slice())?, c.shape()[1])?),
+            Some(c) => Some(Catalog::new(contiguous("catalog codes", &c)?, c.shape()[1])?),
             None => None,
         };
         let out = py.detach(|| reward::verify(completions, &cands, catalog.as_ref(), cfg))?;
@@ -144,18 +153,18 @@ fn _verify_rewards_tokens<'py>(
     let cfg = config(alpha, conditional, invalid_reward, metric_ks, graded_k, kind)?;
     let map = TokenMap::new(
         &TagIds(tag_ids),
-        contiguous("code_ids", code_ids.as_slice())?,
+        contiguous("code_ids", &code_ids)?,
         code_ids.shape()[0],
         &whitespace_ids,
         &trailer_ids,
     )?;
-    let offsets_raw = contiguous("offsets", offsets.as_slice())?;
+    let offsets_raw = contiguous("offsets", &offsets)?;
     if let Some(bad) = offsets_raw.iter().find(|&&o| o < 0) {
         return Err(Gr2Error::invalid(format!("token offsets must be >= 0, got {bad}")).into());
     }
     let offsets: Vec<usize> = offsets_raw.iter().map(|&o| o as usize).collect();
     let inputs = Inputs { items, sids, targets, catalog, relevance };
-    let completions: Completions<'_, &str> = Completions::Tokens { ids: contiguous("token ids", ids.as_slice())?, offsets: &offsets, map: &map };
+    let completions: Completions<'_, &str> = Completions::Tokens { ids: contiguous("token ids", &ids)?, offsets: &offsets, map: &map };
     let out = inputs.run(py, &completions, &cfg)?;
     to_dict(py, out, b, k, nk)
 }
