@@ -49,4 +49,4 @@ clean:
 # next to the Python sources (use with PYTHONPATH=$PWD/python). Not needed for normal use.
 inplace:
 	PYO3_PYTHON=$(abspath $(PY)) cargo build --release --features python -q
-	cp target/release/libgr2.so python/gr2/_gr2.abi3.so
+	cp target/release/libgr2.so python/gr2/.libgr2.so.tmp && mv python/gr2/.libgr2.so.tmp python/gr2/_gr2.abi3.so  # rename: a running process keeps its mapped copy
