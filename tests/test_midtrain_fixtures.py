@@ -1,5 +1,5 @@
 """Run-directory fixtures for the training-stage tests: a slice of MovieLens-100k laid out as the
-`data`, `sid` and `candidates` stages write it (HELPERS.md schema).
+`data`, `sid` and `candidates` stages write it.
 
 SIDs here are hand-made and semantic (built into a real gr2.SidIndex): level a = first genre,
 level b = release decade, level c = running number inside (a, b), so every item is unique.

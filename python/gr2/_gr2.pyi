@@ -53,7 +53,7 @@ class RQCodebooks:
         order. Raises InvalidInputError for a non-uint16 dtype, a shape other than (n, L) or a
         code >= K (the message names the row and level)."""
     def __reduce__(self) -> tuple[type[RQCodebooks], tuple[npt.NDArray[np.float32]]]: ...
-# --- constrained decoding (rust/src/py/constraint.rs; helper `decode`) -----------------------
+# --- constrained decoding (rust/src/py/constraint.rs) --------------------------------------------
 
 class TokenMap:
     """Token ids of the SID vocabulary and the format tags, for logits of width ``vocab_size``."""

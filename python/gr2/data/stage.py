@@ -1,6 +1,6 @@
 """The ``data`` stage: read a dataset, k-core it, order it, write ``<run_dir>/data/``.
 
-Outputs (see HELPERS.md, "Run directory"):
+Outputs (the run-directory layout in README.md):
 
 * ``data/items``      HF Dataset: item_idx, item_id, title, categories, year, text
 * ``data/sequences``  HF Dataset: user_idx, user_id, items, timestamps (chronological)
