@@ -218,14 +218,21 @@ def constrained_decode(
         batch.add_rerank(cands, codes, reasoning=mode, max_reasoning_tokens=int(max_reasoning_tokens), repeat=repeat)
         return batch
 
+    return _run(model, tokenizer, tokens, step_model, scorer, make_batch, len(texts), input_ids, attention_mask,
+                settings, max_steps, eos)
+
+
+def _run(model, tokenizer, tokens, step_model, scorer, make_batch, n_prompts, input_ids, attention_mask, settings,
+         max_steps, eos) -> list[RerankResult]:
+    """Decode with the automata ``make_batch`` builds (beam search or sampling/greedy), in eval mode."""
     was_training = model.training
     model.eval()
     try:
         if settings.num_beams > 1:
-            rows = _beam_search(step_model, scorer, make_batch, len(texts), input_ids, attention_mask, settings,
+            rows = _beam_search(step_model, scorer, make_batch, n_prompts, input_ids, attention_mask, settings,
                                 max_steps, eos)
         else:
-            rows = _sample_or_greedy(step_model, scorer, make_batch, len(texts), input_ids, attention_mask,
+            rows = _sample_or_greedy(step_model, scorer, make_batch, n_prompts, input_ids, attention_mask,
                                      settings, max_steps)
     finally:
         model.train(was_training)
@@ -440,15 +447,5 @@ def catalog_decode(
                           max_reasoning_tokens=int(max_reasoning_tokens), answer_tags=answer_tags)
         return batch
 
-    was_training = model.training
-    model.eval()
-    try:
-        if settings.num_beams > 1:
-            rows = _beam_search(step_model, scorer, make_batch, len(texts), input_ids, attention_mask, settings,
-                                max_steps, eos)
-        else:
-            rows = _sample_or_greedy(step_model, scorer, make_batch, len(texts), input_ids, attention_mask,
-                                     settings, max_steps)
-    finally:
-        model.train(was_training)
-    return [_result(tokenizer, tokens, eos, *row) for row in rows]
+    return _run(model, tokenizer, tokens, step_model, scorer, make_batch, len(texts), input_ids, attention_mask,
+                settings, max_steps, eos)
