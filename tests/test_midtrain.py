@@ -8,9 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_midtrain_fixtures import ReferenceSidIndex, make_run_dir, tiny_midtrain_config
+from test_midtrain_fixtures import make_run_dir, tiny_midtrain_config
 
-import gr2
 from gr2.errors import ConfigError, DataError
 from gr2.models import load_pretrained, sid_tokens_of
 from gr2.train import common
@@ -21,14 +20,6 @@ from gr2.train.midtrain import (
     ranking_metrics,
     run_midtrain,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def sid_index_available():
-    with pytest.MonkeyPatch.context() as mp:
-        if not hasattr(gr2, "SidIndex"):
-            mp.setattr(gr2, "SidIndex", ReferenceSidIndex, raising=False)
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -7,23 +7,14 @@ import shutil
 
 import pytest
 import torch
-from test_midtrain_fixtures import ReferenceSidIndex, make_run_dir, tiny_midtrain_config
+from test_midtrain_fixtures import make_run_dir, tiny_midtrain_config
 
-import gr2
 from gr2.errors import ConfigError, DataError
 from gr2.models import load_pretrained
 from gr2.teacher import TeacherConfig, run_traces
 from gr2.train import common
 from gr2.train.midtrain import run_midtrain
 from gr2.train.sft import SftConfig, run_sft, split_completion, trace_example
-
-
-@pytest.fixture(scope="module", autouse=True)
-def sid_index_available():
-    with pytest.MonkeyPatch.context() as mp:
-        if not hasattr(gr2, "SidIndex"):
-            mp.setattr(gr2, "SidIndex", ReferenceSidIndex, raising=False)
-        yield
 
 
 @pytest.fixture(scope="module")

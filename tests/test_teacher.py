@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from test_midtrain_fixtures import make_run_dir, tiny_midtrain_config
 
-import gr2
 from gr2.errors import ConfigError, DataError
 from gr2.teacher import (
     HEURISTIC_LABEL,

@@ -4,7 +4,6 @@ bookkeeping, the prefix protocol for training windows, caching, CLI, and bad inp
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from datasets import load_from_disk
 

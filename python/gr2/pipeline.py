@@ -11,7 +11,6 @@ from their last checkpoint, so rerunning a killed ``gr2 run`` continues where it
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 import tomllib

@@ -36,14 +36,14 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from gr2.errors import ConfigError, DataError, Gr2IOError, InvalidInputError
+from gr2.errors import ConfigError, DataError, Gr2IOError
 from gr2.rundir import atomic_write_json, atomic_write_text, is_current, mark_done, read_stage, stage_key
 from gr2.tokens import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, sid_to_text
 from gr2.train import common
@@ -341,7 +341,7 @@ class OpenAIChatClient:
                 if e.code in self.RETRY_STATUS:
                     continue
                 raise TeacherEndpointError(f"{self.url} answered HTTP {e.code}: {e.read()[:200]!r}") from e
-            except (TimeoutError, socket.timeout) as e:
+            except (TimeoutError, socket.timeout):
                 last_error = f"timeout after {self.timeout_s}s"
                 self._count("timeouts")
                 continue
