@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from _tiny_models import save_tiny_encoder
 import gr2.embed as embed
 from gr2.embed import default_model_path, embed_texts, embedding_cache_key, encode_texts
 from gr2.errors import Gr2IOError, InvalidInputError
@@ -14,16 +15,7 @@ from gr2.errors import Gr2IOError, InvalidInputError
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory):
     """A 2-layer BERT built from a config (random weights) with the offline MiniLM tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_encoder(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def test_mean_pooling_matches_unbatched_reference(tiny_encoder):

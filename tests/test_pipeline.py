@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from _tiny_models import save_tiny_encoder
 from gr2 import cli
 from gr2.config import load_toml
 from gr2.data.formats import default_ml100k_dir
-from gr2.embed import default_model_path
 from gr2.errors import ConfigError
 from gr2.pipeline import STAGE_ORDER, apply_overrides, build_run_config, parse_override, preset_path
 
@@ -95,15 +95,8 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def config_path(tmp_path_factory, one_torch_thread) -> Path:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
     root = tmp_path_factory.mktemp("pipeline")
-    encoder = root / "tiny_bert"
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(encoder)
-    tokenizer.save_pretrained(encoder)
+    encoder = save_tiny_encoder(root / "tiny_bert")
 
     data = root / "data"
     data.mkdir()

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from _tiny_models import save_tiny_encoder
 import gr2
 from gr2.data import DataConfig, load_items, run_data
 from gr2.data.formats import default_ml100k_dir
-from gr2.embed import default_model_path
 from gr2.errors import ConfigError, DataError
 from gr2.sid import RQVAEConfig, SidConfig, load_index, run_ablation, run_sid
 from gr2.sid.rqvae import RQVAE, encode_latent
@@ -31,16 +31,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory):
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_encoder(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="module")

@@ -185,6 +185,18 @@ def _pick(columns: Iterable[str], logical: str, mapping: dict[str, str], path: P
     return None
 
 
+
+def _item_columns(available: Any, columns: dict[str, str], item_path: Any) -> tuple:
+    """(id, title, year, categories, description) column names of an items table; the id is
+    required and at least one text column must exist."""
+    id_col = _pick(available, "item", columns, item_path, True)
+    title_col, year_col, cat_col, desc_col = (
+        _pick(available, field, columns, item_path, False) for field in ("title", "year", "categories", "description")
+    )
+    if title_col is None and desc_col is None and cat_col is None:
+        raise DataError(f"{item_path}: no title, categories or description column; item text is needed")
+    return id_col, title_col, year_col, cat_col, desc_col
+
 def _interactions_frame(users, items, timestamps, ratings=None) -> pd.DataFrame:
     frame = pd.DataFrame(
         {
@@ -270,13 +282,7 @@ def load_recbole(path: str | Path, columns: dict[str, str] | None = None, seq_se
     )
 
     meta, types = read_atomic_file(item_path)
-    id_col = _pick(meta.columns, "item", columns, item_path, True)
-    title_col = _pick(meta.columns, "title", columns, item_path, False)
-    year_col = _pick(meta.columns, "year", columns, item_path, False)
-    cat_col = _pick(meta.columns, "categories", columns, item_path, False)
-    desc_col = _pick(meta.columns, "description", columns, item_path, False)
-    if title_col is None and desc_col is None and cat_col is None:
-        raise DataError(f"{item_path}: no title, categories or description column; item text is needed")
+    id_col, title_col, year_col, cat_col, desc_col = _item_columns(meta.columns, columns, item_path)
     n = len(meta)
     titles = meta[title_col].tolist() if title_col else [""] * n
     years = [_year_from(v) for v in meta[year_col]] if year_col else [-1] * n
@@ -493,13 +499,7 @@ def load_table(
         inter[user_col], inter[item_col], _to_int64(inter[time_col], "timestamp", inter_path), ratings
     )
     meta = _read_table(item_path)
-    id_col = _pick(meta.columns, "item", columns, item_path, True)
-    title_col = _pick(meta.columns, "title", columns, item_path, False)
-    year_col = _pick(meta.columns, "year", columns, item_path, False)
-    cat_col = _pick(meta.columns, "categories", columns, item_path, False)
-    desc_col = _pick(meta.columns, "description", columns, item_path, False)
-    if title_col is None and desc_col is None and cat_col is None:
-        raise DataError(f"{item_path}: no title, categories or description column; item text is needed")
+    id_col, title_col, year_col, cat_col, desc_col = _item_columns(meta.columns, columns, item_path)
     n = len(meta)
 
     def categories_of(value: Any) -> list[str]:
