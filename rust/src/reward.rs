@@ -163,33 +163,51 @@ impl Candidates<'_> {
                 )));
             }
         }
-        for row in 0..b {
-            let items = &self.items[row * k..(row + 1) * k];
-            for i in 0..k {
-                for j in 0..i {
-                    if items[i] == items[j] {
-                        return Err(Gr2Error::invalid(format!(
-                            "row {row}: candidate item {} appears twice (columns {j} and {i})",
-                            items[i]
-                        )));
-                    }
-                    if self.sid(row, i) == self.sid(row, j) {
-                        return Err(Gr2Error::invalid(format!(
-                            "row {row}: candidates {} and {} share the SID {:?}",
-                            items[j],
-                            items[i],
-                            self.sid(row, i)
-                        )));
-                    }
+        // rows are independent: check them in parallel, report the first bad row
+        match (0..b).into_par_iter().with_min_len(256).map(|row| self.validate_row(row)).find_first(|r| r.is_err()) {
+            Some(err) => err,
+            None => Ok(()),
+        }
+    }
+
+    /// Distinct items, distinct SIDs and a target among the candidates, for one row.
+    fn validate_row(&self, row: usize) -> Result<()> {
+        let k = self.k;
+        let items = &self.items[row * k..(row + 1) * k];
+        // SIDs of up to 4 levels compare as one u64 each (a slice `==` per pair would call
+        // memcmp); K <= 64 keeps the keys on the stack
+        let mut keys = [0u64; 64];
+        let packed = self.levels <= 4 && k <= keys.len();
+        if packed {
+            for (c, key) in keys[..k].iter_mut().enumerate() {
+                *key = pack_sid(self.sid(row, c));
+            }
+        }
+        for i in 0..k {
+            for j in 0..i {
+                if items[i] == items[j] {
+                    return Err(Gr2Error::invalid(format!(
+                        "row {row}: candidate item {} appears twice (columns {j} and {i})",
+                        items[i]
+                    )));
+                }
+                let same = if packed { keys[i] == keys[j] } else { same_sid(self.sid(row, i), self.sid(row, j)) };
+                if same {
+                    return Err(Gr2Error::invalid(format!(
+                        "row {row}: candidates {} and {} share the SID {:?}",
+                        items[j],
+                        items[i],
+                        self.sid(row, i)
+                    )));
                 }
             }
-            if !items.contains(&self.targets[row]) {
-                return Err(Gr2Error::UnknownItem(format!(
-                    "row {row}: target item {} is not among its {k} candidates; filter such rows out \
-                     before computing rewards (the rank reward needs the target's pre-rank)",
-                    self.targets[row]
-                )));
-            }
+        }
+        if !items.contains(&self.targets[row]) {
+            return Err(Gr2Error::UnknownItem(format!(
+                "row {row}: target item {} is not among its {k} candidates; filter such rows out \
+                 before computing rewards (the rank reward needs the target's pre-rank)",
+                self.targets[row]
+            )));
         }
         Ok(())
     }
@@ -349,6 +367,26 @@ trait Lexer {
     fn skip_think(&mut self) -> std::result::Result<(), ()>;
     /// Next symbol after skipping whitespace; trailers are recognised only when `after_answer`.
     fn next_sym(&mut self, after_answer: bool) -> Sym;
+
+    /// Called right after `<|sid_begin|>`: exactly `levels` codes in level order, then
+    /// `<|sid_end|>`, pushed onto `out`. Err(()) = malformed.
+    fn sid_body(&mut self, levels: usize, out: &mut Vec<u16>) -> std::result::Result<(), ()> {
+        sid_body_by_symbols(self, levels, out)
+    }
+}
+
+fn sid_body_by_symbols<X: Lexer + ?Sized>(lx: &mut X, levels: usize, out: &mut Vec<u16>) -> std::result::Result<(), ()> {
+    for level in 0..levels {
+        match lx.next_sym(false) {
+            Sym::Code(l, code) if l as usize == level => out.push(code),
+            _ => return Err(()),
+        }
+    }
+    if lx.next_sym(false) == Sym::SidEnd {
+        Ok(())
+    } else {
+        Err(())
+    }
 }
 
 /// Parse one completion into `out` (flat L codes per SID). Err(()) = malformed.
@@ -364,17 +402,7 @@ fn parse<X: Lexer>(lx: &mut X, levels: usize, out: &mut Vec<u16>) -> std::result
     loop {
         match lx.next_sym(false) {
             Sym::AnswerClose => break,
-            Sym::SidBegin => {
-                for level in 0..levels {
-                    match lx.next_sym(false) {
-                        Sym::Code(l, code) if l as usize == level => out.push(code),
-                        _ => return Err(()),
-                    }
-                }
-                if lx.next_sym(false) != Sym::SidEnd {
-                    return Err(());
-                }
-            }
+            Sym::SidBegin => lx.sid_body(levels, out)?,
             _ => return Err(()),
         }
     }
@@ -400,12 +428,21 @@ fn has_at(s: &[u8], pos: usize, lit: &[u8]) -> bool {
     s.len() >= pos + lit.len() && s[pos..pos + lit.len()].iter().zip(lit).all(|(a, b)| a == b)
 }
 
-/// `s[pos..]` starts with the fixed-size literal `lit` (compiled to a few word compares).
+/// `s[pos..]` starts with the fixed-size literal `lit`. Compared as (possibly overlapping) 8-, 4-
+/// or 2-byte words: every tag literal is 3..=16 bytes, and the slice/array `==` would call
+/// memcmp, which the profiler showed as the lexer's largest single cost.
 #[inline(always)]
 fn has_lit<const N: usize>(s: &[u8], pos: usize, lit: &[u8; N]) -> bool {
-    match s.get(pos..pos + N) {
-        Some(window) => <&[u8; N]>::try_from(window).is_ok_and(|w| w == lit),
-        None => false,
+    let Some(w) = s.get(pos..pos + N) else { return false };
+    #[inline(always)]
+    fn word<const W: usize>(b: &[u8], at: usize) -> [u8; W] {
+        b[at..at + W].try_into().unwrap()
+    }
+    match N {
+        8..=16 => word::<8>(w, 0) == word::<8>(lit, 0) && word::<8>(w, N - 8) == word::<8>(lit, N - 8),
+        4..=7 => word::<4>(w, 0) == word::<4>(lit, 0) && word::<4>(w, N - 4) == word::<4>(lit, N - 4),
+        2..=3 => word::<2>(w, 0) == word::<2>(lit, 0) && w[N - 1] == lit[N - 1],
+        _ => w == lit,
     }
 }
 
@@ -466,6 +503,31 @@ impl TextLexer<'_> {
 }
 
 impl Lexer for TextLexer<'_> {
+    /// The SID spans are most of an answer's bytes, so they get a tight loop; any whitespace or
+    /// deviation from the plain spelling hands over to the general symbol-by-symbol path.
+    fn sid_body(&mut self, levels: usize, out: &mut Vec<u16>) -> std::result::Result<(), ()> {
+        let start = (self.pos, out.len());
+        let fast = (|| {
+            for level in 0..levels {
+                let s = self.s.get(self.pos..)?;
+                if !has_lit(s, 0, b"<s_") || s.get(3) != Some(&(b'a' + level as u8)) {
+                    return None;
+                }
+                match self.code_token() {
+                    Sym::Code(_, code) => out.push(code),
+                    _ => return None,
+                }
+            }
+            self.eat_lit(b"<|sid_end|>").then_some(())
+        })();
+        if fast.is_some() {
+            return Ok(());
+        }
+        (self.pos, _) = start;
+        out.truncate(start.1);
+        sid_body_by_symbols(self, levels, out)
+    }
+
     fn skip_think(&mut self) -> std::result::Result<(), ()> {
         loop {
             let at = memchr(b'<', &self.s[self.pos..]).ok_or(())?;
