@@ -103,24 +103,23 @@ impl SortedLookup {
         for (qs, os) in queries.chunks(LANES).zip(out.chunks_mut(LANES)) {
             let mut base = [0usize; LANES];
             let mut size = [0usize; LANES];
+            let mut widest = 0;
             for lane in 0..qs.len() {
                 (base[lane], size[lane]) = self.window(qs[lane]);
+                widest = widest.max(size[lane]);
             }
-            // All lanes take a step each round; a finished lane (size <= 1) is left alone.
-            loop {
-                let mut active = false;
+            // Branch-free rounds: every lane steps each round (a lane of size <= 1 has half = 0
+            // and stays put), so the window sizes, which vary from lane to lane, cost no branch
+            // mispredictions. An empty window (size 0) reads sorted[0], harmless when non-empty.
+            let mut remaining = widest;
+            while remaining > 1 {
                 for lane in 0..qs.len() {
-                    if size[lane] > 1 {
-                        let half = size[lane] / 2;
-                        let mid = base[lane] + half;
-                        base[lane] = if sorted[mid] > qs[lane] { base[lane] } else { mid };
-                        size[lane] -= half;
-                        active = true;
-                    }
+                    let half = size[lane] / 2;
+                    let mid = base[lane] + half;
+                    base[lane] = if sorted[mid] > qs[lane] { base[lane] } else { mid };
+                    size[lane] -= half;
                 }
-                if !active {
-                    break;
-                }
+                remaining -= remaining / 2;
             }
             for lane in 0..qs.len() {
                 let hit = size[lane] == 1 && sorted[base[lane]] == qs[lane];
