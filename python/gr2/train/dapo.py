@@ -48,10 +48,13 @@ use the same form, and logits are divided by ``rl.temperature`` as the sampler d
 truncation is not modelled. ``tests/test_dapo_onpolicy.py`` checks the masked log-probabilities
 against the ones ``constrained_decode`` sampled with, token by token (|diff| <= 2e-4).
 
-Measured (demo run, 2-core CPU, 1 torch thread, ``benches/bench_rollouts.py``): one call over the
-4 prompts of a step took 8.2 s/step vs 7.0 s/step one prompt per call (and 7.8 s before this
-change). Decoding here is bound by the per-row KV cache (prompts of 800-1900 tokens), so batching
-saves no work and left padding to the longest prompt adds some; hence the CPU default of 1.
+Measured (demo run, shared 2-core CPU at load average ~3, 1 torch thread, 4 steps of
+``benches/bench_rollouts.py``): one call over the 4 prompts of a step took 8.2 s/step, one prompt
+per call 7.0 s/step, the code before batching 7.8 s/step -- differences within the noise of the
+shared box (an interleaved rerun of the same 4 prompts at load ~4: 13.9-22.1 s batched vs
+14.3-16.3 s one by one). Decoding here is bound by the per-row KV cache (prompts of 800-1900
+tokens), so batching saves no work and left padding to the longest prompt adds some; hence the
+CPU default of 1. The GPU case (auto: all prompts per call) is not measured here.
 """
 
 from __future__ import annotations
@@ -906,7 +909,20 @@ def run_ablation(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig()) 
     Note: with constrained rollouts every output is valid, so the unconditional format reward is a
     constant that the group normalisation cancels (that arm trains on R_rank alone), while the
     conditional one still pays alpha only for improving (or keeping a first-placed target). The
-    paper's setting, where the format reward can be missed, is ``rl.constrained = false``."""
+    paper's setting, where the format reward can be missed, is ``rl.constrained = false``.
+
+    Result in that setting on the demo run (2026-11-25; model: the ``demo`` preset's tiny Llama,
+    3 layers / hidden 192, trained from scratch, then SFT on heuristic-teacher traces; 2-core CPU):
+    ``gr2 rl --ablation --run-dir runs/demo --config configs/rl_ablation_unconstrained.toml``
+    (plain sampling, T = 1, no top-k/top-p, G = 4, 4 prompts/step, 8 steps, 128 new tokens, greedy
+    evaluation on 32 valid lists every 2 steps; 16 min for both arms on the shared, loaded box). **No signal: the hack is not
+    shown, and could not be.** The SFT model never produced a valid output without the constraint
+    (rollout valid rate 0.000 in every step of both arms; greedy eval valid rate 0.000 at every
+    point; the completions do not even open with ``<think>``), so every reward was -1, every group
+    uniform, dynamic sampling kept no group and neither arm made a single update: order-copy rate,
+    R@1 and NDCG@5 stay at 0 throughout in both arms (the upstream order of those 32 lists: R@1
+    0.156, NDCG@5 0.423). Showing the hack needs a student that emits the format unconstrained
+    often enough for copying the input order to be a reachable, rewarded behaviour."""
     run_dir = Path(run_dir)
     world = init_world()
 
@@ -923,6 +939,8 @@ def ablation(make: Callable[[DapoConfig, Path], tuple[DapoTrainer, RlData | None
     what ``make`` loads, with the same seed, prompts and evaluation set."""
     eval_every = config.eval_every or max(1, config.steps // 5)
     curves: dict[str, list[dict[str, float]]] = {}
+    updates: dict[str, int] = {}
+    valid: dict[str, float] = {}
     for name, conditional in (("conditional", True), ("unconditional", False)):
         cfg = dataclasses.replace(config, conditional=conditional, eval_every=eval_every)
         out_dir = root / name
@@ -932,12 +950,20 @@ def ablation(make: Callable[[DapoConfig, Path], tuple[DapoTrainer, RlData | None
         train(trainer, out_dir, eval_data, resume=True)
         rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         curves[name] = [r for r in rows if "eval_recall@1" in r]
+        steps = [r for r in rows if "kept_groups" in r]
+        updates[name] = sum(1 for r in steps if r["kept_groups"] > 0)
+        valid[name] = sum(r["valid_rate"] for r in steps) / max(len(steps), 1)
     final = {n: c[-1] if c else {} for n, c in curves.items()}
     copy = {n: f.get("eval_copy_rate", float("nan")) for n, f in final.items()}
-    verdict = ("hack visible: higher order-copy rate under the unconditional reward"
-               if copy["unconditional"] > copy["conditional"] else
-               "hack not visible at this scale: the unconditional reward did not raise the order-copy rate")
-    result = {"eval_every": eval_every, "steps": config.steps, "curves": curves, "final": final, "verdict": verdict}
+    if not any(updates.values()):
+        verdict = ("no signal: no step of either arm kept a group (every group's outcome was uniform; mean rollout "
+                   f"valid rate {valid['conditional']:.3f} / {valid['unconditional']:.3f}), so neither model changed")
+    elif copy["unconditional"] > copy["conditional"]:
+        verdict = "hack visible: higher order-copy rate under the unconditional reward"
+    else:
+        verdict = "hack not visible at this scale: the unconditional reward did not raise the order-copy rate"
+    result = {"eval_every": eval_every, "steps": config.steps, "curves": curves, "final": final, "updates": updates,
+              "rollout_valid_rate": valid, "verdict": verdict}
     if world.rank == 0:
         _plot_ablation(curves, root / "ablation.png")
         atomic_write_json(root / "ablation.json", result)
