@@ -44,14 +44,17 @@ def answer_ids(sid_tokens, sids_row: np.ndarray, order, eos: int, think=(5, 6)) 
 
 
 def scripted_rollouts(sids: np.ndarray, sid_tokens, uniform_rows=()):
-    """Rollout function: random permutations drawn from ``seed``; rows in ``uniform_rows`` always
-    answer with the input order (every rollout of the group has the same outcome)."""
+    """Rollout function: random permutations drawn from each prompt's seed; rows in ``uniform_rows``
+    always answer with the input order (every rollout of the group has the same outcome)."""
 
-    def rollout(model, tokenizer, prompt_text, candidates, n, seed, config, ctx):
+    def one(candidates, n, seed, ctx):
         row = int(candidates[0]) // 10
         rng = np.random.default_rng(seed)
         orders = [list(range(K)) if row in uniform_rows else list(rng.permutation(K)) for _ in range(n)]
         return [answer_ids(sid_tokens, sids[row], o, ctx["eos_id"], think=tuple(rng.integers(3, 40, 2))) for o in orders]
+
+    def rollout(model, tokenizer, prompt_texts, candidates, n, seeds, config, ctx):
+        return [one(c, n, s, ctx) for c, s in zip(candidates, seeds)]
 
     return rollout
 

@@ -12,15 +12,17 @@ The automaton itself is native (``gr2._gr2.ConstraintBatch``; Rust, rayon, GIL r
 from __future__ import annotations
 
 from gr2.decoding._setup import build_token_map, lookup_sid_tokens
-from gr2.decoding.decode import RerankResult, catalog_decode, constrained_decode
+from gr2.decoding.decode import AllowedTrace, RerankResult, catalog_decode, constrained_decode, constraint_trace
 from gr2.decoding.processors import RerankLogitsProcessor, apply_allowed
 
 __all__ = [
+    "AllowedTrace",
     "RerankResult",
     "RerankLogitsProcessor",
     "apply_allowed",
     "build_token_map",
     "catalog_decode",
     "constrained_decode",
+    "constraint_trace",
     "lookup_sid_tokens",
 ]

@@ -9,7 +9,14 @@ impossible rather than unlikely.
 
 Log-probabilities are those of the *constrained* distribution at temperature 1: the model's
 softmax renormalised over the allowed tokens. A forced token (a tag) has log-probability 0, and an
-item's log-probability is the sum over its SID span.
+item's log-probability is the sum over its SID span. :func:`constraint_trace` replays finished
+completions through fresh automata and returns the allowed ids behind every token, so a trainer can
+score the same constrained distribution with a full forward pass (gr2.train.dapo does).
+
+Sampling seeds: ``seed`` is one int (one generator shared by all rows, as before) or one int per
+prompt; then each prompt's rows draw only from their own generator, with draws sized by that
+prompt's rows alone, so a prompt's samples do not depend on which other prompts share the batch
+(up to float noise of the batched, left-padded forward pass changing a probability near a draw).
 """
 
 from __future__ import annotations
@@ -56,6 +63,25 @@ class RerankResult:
     logprob: float
     valid: bool = True
     reasoning_ids: list[int] = field(default_factory=list, repr=False)
+    #: constrained log-probability (temperature 1) of each token of ``completion_ids``
+    token_logprobs: list[float] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class AllowedTrace:
+    """The constraint behind each token of one completion (from :func:`constraint_trace`).
+
+    Token ``t`` was drawn from ``ids[offsets[t]:offsets[t + 1]]`` when ``free[t]`` is False, else
+    from the reasoning vocabulary: every id of the model's logits except ``forbidden`` (shared by
+    all traces of one token map). A list of one id is a forced token (log-probability 0)."""
+
+    free: np.ndarray  # bool (c,)
+    offsets: np.ndarray  # int64 (c + 1,)
+    ids: np.ndarray  # int64 (offsets[-1],)
+    forbidden: np.ndarray  # int64, sorted
+
+    def __len__(self) -> int:
+        return int(self.free.shape[0])
 
 
 @dataclass
@@ -66,6 +92,7 @@ class _Settings:
     num_beams: int
     num_return_sequences: int
     generator: torch.Generator | None
+    generators: list[torch.Generator] | None = None  # one per prompt when seed is a sequence
 
 
 def _check_settings(do_sample, temperature, top_p, num_beams, num_return_sequences, seed) -> _Settings:
@@ -83,11 +110,25 @@ def _check_settings(do_sample, temperature, top_p, num_beams, num_return_sequenc
         raise InvalidInputError(f"temperature must be a positive finite number, got {temperature}")
     if not (0 < top_p <= 1):
         raise InvalidInputError(f"top_p must be in (0, 1], got {top_p}")
-    generator = None
-    if do_sample:
+    generator, generators = None, None
+    if do_sample and seed is not None and not isinstance(seed, (int, np.integer)):
+        try:
+            seeds = [int(x) for x in seed]
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"seed must be an int, a sequence of ints (one per prompt) or None, got {seed!r}") from None
+        generators = []
+        for x in seeds:
+            generators.append(torch.Generator())
+            generators[-1].manual_seed(x)
+    elif do_sample:
         generator = torch.Generator()
         generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
-    return _Settings(do_sample, float(temperature), float(top_p), num_beams, num_return_sequences, generator)
+    return _Settings(do_sample, float(temperature), float(top_p), num_beams, num_return_sequences, generator, generators)
+
+
+def _check_seeds(settings: _Settings, n_prompts: int) -> None:
+    if settings.generators is not None and len(settings.generators) != n_prompts:
+        raise InvalidInputError(f"{len(settings.generators)} seeds for {n_prompts} prompts; pass one seed per prompt")
 
 
 def _reasoning_mode(reasoning: Any) -> str:
@@ -108,8 +149,9 @@ class _Scorer:
         self.forbidden = torch.as_tensor(forbidden, dtype=torch.long, device=step_model.device)
 
     def groups(self, out: torch.Tensor, allowed: tuple[np.ndarray, np.ndarray, np.ndarray]):
-        """Yield (positions, ids or None, logprobs). ``ids`` is (n, A) for sparse rows (padded with
-        -inf log-probs); None for free rows, whose logprobs span the whole vocabulary."""
+        """Yield (positions, ids or None, logprobs, counts or None). ``ids`` is (n, A) for sparse
+        rows (padded with -inf log-probs), ``counts`` their list lengths; None for free rows, whose
+        logprobs span the whole vocabulary."""
         offsets, ids, free = allowed
         free_pos = np.nonzero(free)[0]
         sparse_pos = np.nonzero(~free)[0]
@@ -117,7 +159,7 @@ class _Scorer:
             idx = torch.as_tensor(free_pos, device=out.device)
             logits = self.sm.full_logits(out.index_select(0, idx))
             logits[:, self.forbidden] = NEG_INF
-            yield free_pos, None, torch.log_softmax(logits, dim=-1)
+            yield free_pos, None, torch.log_softmax(logits, dim=-1), None
         if sparse_pos.size:
             counts = (offsets[1:] - offsets[:-1])[sparse_pos]
             width = int(counts.max())
@@ -129,7 +171,7 @@ class _Scorer:
             idx = torch.as_tensor(sparse_pos, device=out.device)
             logits = self.sm.sparse_logits(out.index_select(0, idx), id_t)
             logits = logits.masked_fill(~torch.as_tensor(valid, device=out.device), NEG_INF)
-            yield sparse_pos, id_t, torch.log_softmax(logits, dim=-1)
+            yield sparse_pos, id_t, torch.log_softmax(logits, dim=-1), counts
 
 
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -143,15 +185,34 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, NEG_INF)
 
 
-def _choose(scorer: _Scorer, out: torch.Tensor, allowed, settings: _Settings, n_rows: int):
-    """One token per row (greedy or sampled) and its constrained log-probability."""
+def _draw(probs: torch.Tensor, counts, settings: _Settings, owners: np.ndarray | None) -> torch.Tensor:
+    """One sampled index per row of ``probs`` (CPU). With per-prompt generators each prompt's rows
+    are drawn in one call on their own generator, trimmed to their own width, so the draws of a
+    prompt never depend on the other prompts in the batch."""
+    if settings.generators is None:
+        return torch.multinomial(probs, 1, generator=settings.generator).view(-1)
+    assert owners is not None
+    choice = torch.empty(probs.shape[0], dtype=torch.long)
+    for p in np.unique(owners):
+        sel = np.nonzero(owners == p)[0]
+        width = probs.shape[1] if counts is None else int(counts[sel].max())
+        sel_t = torch.as_tensor(sel)
+        choice[sel_t] = torch.multinomial(probs[sel_t, :width], 1, generator=settings.generators[int(p)]).view(-1)
+    return choice
+
+
+def _choose(scorer: _Scorer, out: torch.Tensor, allowed, settings: _Settings, n_rows: int,
+            row_prompts: np.ndarray | None = None):
+    """One token per row (greedy or sampled) and its constrained log-probability. ``row_prompts``
+    (the prompt of each row) selects the generator when there is one per prompt."""
     tokens = torch.empty(n_rows, dtype=torch.long)
     logprobs = torch.empty(n_rows, dtype=torch.float64)
-    for pos, ids, lp in scorer.groups(out, allowed):
+    for pos, ids, lp, counts in scorer.groups(out, allowed):
         if settings.do_sample:
             scaled = _top_p_filter(lp / settings.temperature, settings.top_p)
             probs = torch.softmax(scaled, dim=-1).cpu()
-            choice = torch.multinomial(probs, 1, generator=settings.generator).view(-1).to(lp.device)
+            owners = None if row_prompts is None else row_prompts[pos]
+            choice = _draw(probs, counts, settings, owners).to(lp.device)
         else:
             choice = lp.argmax(dim=-1)
         chosen_lp = lp.gather(1, choice.view(-1, 1)).view(-1)
@@ -181,7 +242,7 @@ def constrained_decode(
     top_p: float = 1.0,
     num_beams: int = 1,
     num_return_sequences: int = 1,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     *,
     eos_token_id: int | None = None,
 ) -> list[RerankResult]:
@@ -191,7 +252,8 @@ def constrained_decode(
     ``reasoning``: True opens with ``<think>`` and allows up to ``max_reasoning_tokens`` of free text
     before ``</think>`` is forced; ``'in_think'`` when the prompt already ends with ``<think>``; False
     starts at ``<answer>``. Greedy by default; ``do_sample`` (temperature, top_p, ``seed``) or
-    ``num_beams > 1`` (beam search on the constrained log-probabilities). Returns
+    ``num_beams > 1`` (beam search on the constrained log-probabilities); ``seed`` is an int or one
+    int per prompt (each prompt then samples from its own generator). Returns
     ``num_return_sequences`` results per prompt, prompt by prompt. Duplicate candidates in a row
     raise InvalidInputError; an item the index lacks raises UnknownItemError.
     """
@@ -203,6 +265,7 @@ def constrained_decode(
     cands = as_candidates(candidates)
     if cands.shape[0] != len(texts):
         raise InvalidInputError(f"{len(texts)} prompts but {cands.shape[0]} candidate rows")
+    _check_seeds(settings, len(texts))
     tokens = resolve_sid_tokens(tokenizer, index, sid_tokens)
     codes = candidate_codes(index, cands, tokens.levels)
     eos = eos_id(tokenizer, eos_token_id)
@@ -220,6 +283,65 @@ def constrained_decode(
 
     return _run(model, tokenizer, tokens, step_model, scorer, make_batch, len(texts), input_ids, attention_mask,
                 settings, max_steps, eos)
+
+
+def constraint_trace(
+    tokenizer: Any,
+    candidates: Any,
+    completions: Sequence[Sequence[int]],
+    vocab_size: int,
+    index: Any = None,
+    sid_tokens: SidTokens | None = None,
+    max_reasoning_tokens: int = 128,
+    reasoning: bool | str = True,
+    *,
+    codes: Any = None,
+    eos_token_id: int | None = None,
+) -> list[AllowedTrace]:
+    """Replay ``completions`` (one per row of ``candidates`` (N, K); token ids as
+    :func:`constrained_decode` produced them, optionally ending with EOS) through fresh rerank
+    automata and return, per completion, the allowed ids behind each token. ``reasoning`` and
+    ``max_reasoning_tokens`` must be those of the decode call; ``vocab_size`` is the number of the
+    model's logits. ``codes`` (N, K, L) replaces the index lookup. A token the automaton would not
+    have allowed raises ConstraintError."""
+    mode = _reasoning_mode(reasoning)
+    cands = as_candidates(candidates)
+    if cands.shape[0] != len(completions):
+        raise InvalidInputError(f"{len(completions)} completions but {cands.shape[0]} candidate rows")
+    tokens = resolve_sid_tokens(tokenizer, index, sid_tokens)
+    if codes is None:
+        codes = candidate_codes(index, cands, tokens.levels)
+    codes = np.ascontiguousarray(np.asarray(codes).reshape(cands.shape[0], cands.shape[1], tokens.levels), dtype=np.uint16)
+    token_map = build_token_map(tokens, eos=eos_id(tokenizer, eos_token_id), vocab_size=int(vocab_size), tokenizer=tokenizer)
+    forbidden = np.asarray(token_map.reasoning_forbidden(), dtype=np.int64)
+    batch = _gr2.ConstraintBatch(token_map)
+    batch.add_rerank(cands, codes, reasoning=mode, max_reasoning_tokens=int(max_reasoning_tokens))
+    seqs = [np.asarray(c, dtype=np.int64) for c in completions]
+    lengths = np.array([len(c) for c in seqs], dtype=np.int64)
+    n = len(seqs)
+    free = [np.zeros(int(m), dtype=bool) for m in lengths]
+    counts = [np.zeros(int(m), dtype=np.int64) for m in lengths]
+    chunks: list[list[np.ndarray]] = [[] for _ in range(n)]
+    for t in range(int(lengths.max(initial=0))):
+        rows = np.nonzero(lengths > t)[0].astype(np.int64)
+        finished = rows[batch.phases()[rows] == 3]
+        if finished.size:
+            raise ConstraintError(f"completion {int(finished[0])} goes on after the automaton finished (token {t})")
+        offsets, ids, row_free = batch.allowed(rows)
+        step_tokens = np.array([seqs[r][t] for r in rows], dtype=np.int64)
+        batch.advance(rows, step_tokens)  # raises ConstraintError on a token that was not allowed
+        for j, r in enumerate(rows):
+            free[r][t] = bool(row_free[j])
+            counts[r][t] = offsets[j + 1] - offsets[j]
+            if not row_free[j]:
+                chunks[r].append(ids[offsets[j]:offsets[j + 1]])
+    out = []
+    for r in range(n):
+        offs = np.zeros(int(lengths[r]) + 1, dtype=np.int64)
+        np.cumsum(counts[r], out=offs[1:])
+        ids_r = np.concatenate(chunks[r]).astype(np.int64) if chunks[r] else np.zeros(0, dtype=np.int64)
+        out.append(AllowedTrace(free[r], offs, ids_r, forbidden))
+    return out
 
 
 def _run(model, tokenizer, tokens, step_model, scorer, make_batch, n_prompts, input_ids, attention_mask, settings,
@@ -269,7 +391,7 @@ def _sample_or_greedy(sm, scorer, make_batch, n_prompts, input_ids, attention_ma
     active = np.arange(n_rows)
     for _ in range(max_steps):
         allowed = batch.allowed(active.astype(np.int64))
-        tok, lp = _choose(scorer, out, allowed, settings, active.size)
+        tok, lp = _choose(scorer, out, allowed, settings, active.size, prompt_of_row[active])
         batch.advance(active.astype(np.int64), tok.numpy())
         for j, row in enumerate(active):
             history[row].append(int(tok[j]))
@@ -311,7 +433,7 @@ def _beam_search(sm, scorer, make_batch, n_prompts, input_ids, attention_mask, s
         live_rows = np.nonzero(~done.numpy())[0]
         allowed = batch.allowed(live_rows.astype(np.int64))
         live_out = out.index_select(0, torch.as_tensor(live_rows, device=out.device))
-        for pos, ids, lp in scorer.groups(live_out, allowed):
+        for pos, ids, lp, _ in scorer.groups(live_out, allowed):
             width = min(nb, lp.shape[1])
             top_lp, top_idx = lp.topk(width, dim=-1)
             tok = top_idx if ids is None else ids.gather(1, top_idx)
@@ -391,6 +513,7 @@ def _result(tokenizer, tokens: SidTokens, eos: int, prompt_index, items, history
         prompt_index=int(prompt_index),
         logprob=float(sum(logprobs)),
         reasoning_ids=reasoning_ids,
+        token_logprobs=[float(x) for x in logprobs],
     )
 
 
@@ -411,7 +534,7 @@ def catalog_decode(
     top_p: float = 1.0,
     num_beams: int = 1,
     num_return_sequences: int = 1,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     *,
     eos_token_id: int | None = None,
 ) -> list[RerankResult]:
@@ -427,6 +550,7 @@ def catalog_decode(
     texts = prompt_texts(tokenizer, prompts)
     if exclude is not None and len(exclude) != len(texts):
         raise InvalidInputError(f"{len(texts)} prompts but {len(exclude)} exclude lists")
+    _check_seeds(settings, len(texts))
     excludes = [np.ascontiguousarray(np.asarray(e if e is not None else [], dtype=np.uint64).reshape(-1))
                 for e in (exclude if exclude is not None else [None] * len(texts))]
     tokens = resolve_sid_tokens(tokenizer, index, sid_tokens)

@@ -8,8 +8,17 @@ One training step, top to bottom:
 
 1. **Rollouts.** Take the next prompts (a fixed shuffled order per epoch, so resume is exact) and
    sample G completions each (``rollout_fn``; default :func:`constrained_rollouts`, i.e.
-   ``gr2.constrained_decode`` with sampling, seeded by (seed, step, prompt), so the rollouts of a
-   prompt do not depend on which process or batch draws them).
+   ``gr2.constrained_decode`` with sampling), ``rl.rollout_batch`` prompts per call (0 = auto: all
+   of a rank's prompts of the round in one call on CUDA, one per call on CPU, where batching
+   measured no faster: see below). Each prompt gets the seed hash(seed, step, prompt position).
+   Determinism contract: constrained rollouts give every prompt its own generator (the decoder's
+   per-prompt seeds), so a prompt's rollouts do not depend on which process or batch draws it, up
+   to float noise of the batched, left-padded forward pass (a token flips only if a probability
+   moves across a random draw; tests check equality on the tiny model). Plain sampling
+   (``rl.constrained = false``, ``generate``) draws from one global generator seeded from the seeds
+   of the whole call, so its rollouts depend on the batch composition (``rollout_batch``, world
+   size). Either way the composition is a pure function of (config, step, cursor, rank), so resume
+   is exact.
 2. **Rewards.** :func:`gr2.verify_rewards` on the completion token ids: R_rank + conditional (or
    unconditional) format reward, invalid outputs -1; plus the optional soft overlong penalty.
 3. **Dynamic sampling.** Drop groups whose *outcome* (``outcome``: R_rank by default, not the
@@ -29,9 +38,23 @@ by hand instead of wrapping the model in ``DistributedDataParallel`` because aft
 sampling ranks hold different numbers of groups (DDP requires the same number of backward calls);
 the loss is normalised by the global token count, so the sum equals the single-process gradient.
 
-Policy log-probabilities are the model's full-vocabulary ones; constrained decoding samples from
-the masked distribution, so the first-update ratio is exactly 1 only because both sides use the
-same (unmasked) model -- the usual practice for constrained RL rollouts.
+**On-policy log-probabilities.** The ratio and the policy gradient use the distribution each token
+was sampled from. Constrained rollouts carry, per token, the allowed ids the automaton offered
+(:func:`gr2.decoding.constraint_trace` replays the completion through a fresh native automaton);
+:func:`token_logprobs` then takes a log-softmax over the gathered logits of those ids (a forced tag
+gets exactly 0), over the vocabulary minus the forbidden ids for free reasoning, and over the whole
+vocabulary for rollouts without a trace (plain sampling). Old, new and reference (KL) log-probs all
+use the same form, and logits are divided by ``rl.temperature`` as the sampler does; ``top_p < 1``
+truncation is not modelled. ``tests/test_dapo_onpolicy.py`` checks the masked log-probabilities
+against the ones ``constrained_decode`` sampled with, token by token (|diff| <= 2e-4).
+
+Measured (demo run, shared 2-core CPU at load average ~3, 1 torch thread, 4 steps of
+``benches/bench_rollouts.py``): one call over the 4 prompts of a step took 8.2 s/step, one prompt
+per call 7.0 s/step, the code before batching 7.8 s/step -- differences within the noise of the
+shared box (an interleaved rerun of the same 4 prompts at load ~4: 13.9-22.1 s batched vs
+14.3-16.3 s one by one). Decoding here is bound by the per-row KV cache (prompts of 800-1900
+tokens), so batching saves no work and left padding to the longest prompt adds some; hence the
+CPU default of 1. The GPU case (auto: all prompts per call) is not measured here.
 """
 
 from __future__ import annotations
@@ -51,13 +74,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gr2.config import from_dict, load_toml
+from gr2.decoding.decode import AllowedTrace
 from gr2.errors import ConfigError, DataError, InvalidInputError
 from gr2.rewards import RewardBatch, verify_rewards
 from gr2.rundir import atomic_write_json, is_current, mark_done, read_stage, stage_key
 from gr2.train import common
 
 OUTCOMES = ("r_rank", "hit@1", "rank_re")
-EVAL_BATCH = 16  # prompts per constrained_decode call during evaluation
+EVAL_BATCH = 16  # prompts per decoding call during evaluation
 
 
 @dataclass
@@ -95,6 +119,7 @@ class DapoConfig:
     reasoning: bool = True
     max_reasoning_tokens: int = 64
     max_new_tokens: int = 256  # unconstrained sampling only
+    rollout_batch: int = 0  # prompts per rollout call (G completions each); 0 = auto: all on CUDA, 1 on CPU
     temperature: float = 1.0
     top_p: float = 1.0
     max_prompt_tokens: int = 2048
@@ -122,6 +147,8 @@ class DapoConfig:
         for name in ("prompts_per_step", "steps", "max_generation_rounds", "updates_per_batch", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
+        if self.rollout_batch < 0:
+            raise ConfigError(f"rl.rollout_batch must be >= 0 (0 = auto), got {self.rollout_batch}")
         if self.updates_per_batch > self.prompts_per_step:
             raise ConfigError("rl.updates_per_batch cannot exceed rl.prompts_per_step (each mini-batch needs a group)")
         if self.k < 0 or self.std_eps <= 0 or self.kl_coef < 0 or self.max_reasoning_tokens < 0:
@@ -170,18 +197,36 @@ def outcome_of(rb: RewardBatch, kind: str) -> np.ndarray:
 
 
 @dataclass
+class Completion:
+    """A rollout function's completion: token ids (EOS included when the model stopped) and, for a
+    constrained sampler, the allowed ids behind each token (None: sampled from the full vocabulary)."""
+
+    ids: list[int]
+    allowed: AllowedTrace | None = None
+
+
+@dataclass
 class Rollout:
-    """One sampled completion of one prompt, with its reward and (after grouping) advantage."""
+    """One sampled completion of one prompt, with its reward and (after grouping) advantage.
+    ``allowed`` is the constraint it was sampled under (None: the full vocabulary); the policy
+    log-probabilities of its tokens are taken under that same constraint."""
 
     prompt_ids: list[int]
     completion_ids: list[int]  # the generated tokens the loss is computed on (EOS included)
     reward: float = 0.0
     advantage: float = 0.0
+    allowed: AllowedTrace | None = None
 
 
 def pack_rollouts(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded prompt+completion ids, attention mask, the completion-token mask over the
-    *predicted* positions (T-1 wide, aligned with :func:`token_logprobs`), and advantages."""
+    *predicted* positions (T-1 wide, aligned with :func:`token_logprobs`), and advantages.
+
+    When rollouts carry constraints (:attr:`Rollout.allowed`) it adds, over the flattened
+    (N * (T-1)) predicted positions: ``sparse_index`` (P,) and ``sparse_ids`` / ``sparse_valid``
+    (P, A) for tokens drawn from a short allowed list (padded), ``free_index`` (F,) for free
+    reasoning tokens and ``forbidden`` (the ids free reasoning excludes). Positions of rollouts
+    without a constraint are in neither: their log-probabilities stay full-vocabulary ones."""
     if not rollouts:
         raise InvalidInputError("no rollouts to pack")
     width = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
@@ -189,6 +234,10 @@ def pack_rollouts(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.T
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention = torch.zeros((n, width), dtype=torch.long)
     completion = torch.zeros((n, width - 1), dtype=torch.float32)
+    sparse_pos: list[np.ndarray] = []
+    sparse_lists: list[tuple[np.ndarray, np.ndarray]] = []
+    free_pos: list[np.ndarray] = []
+    forbidden: np.ndarray | None = None
     for i, r in enumerate(rollouts):
         p, c = len(r.prompt_ids), len(r.completion_ids)
         if c == 0:
@@ -196,15 +245,87 @@ def pack_rollouts(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.T
         ids[i, : p + c] = torch.tensor(r.prompt_ids + r.completion_ids, dtype=torch.long)
         attention[i, : p + c] = 1
         completion[i, p - 1 : p + c - 1] = 1.0  # position t predicts token t+1
+        a = r.allowed
+        if a is None:
+            continue
+        if len(a) != c:
+            raise InvalidInputError(f"rollout {i}: constraint trace covers {len(a)} tokens, the completion has {c}")
+        if forbidden is None:
+            forbidden = a.forbidden
+        elif forbidden is not a.forbidden and not np.array_equal(forbidden, a.forbidden):
+            raise InvalidInputError("rollouts of one batch were constrained with different token maps")
+        flat = i * (width - 1) + (p - 1) + np.arange(c)
+        free_pos.append(flat[a.free])
+        sparse_pos.append(flat[~a.free])
+        keep = np.nonzero(~a.free)[0]
+        sparse_lists.append((a.offsets[keep], a.offsets[keep + 1]))
+        for t in keep:
+            if a.offsets[t + 1] <= a.offsets[t]:
+                raise InvalidInputError(f"rollout {i}: empty allowed list at completion token {t}")
     advantages = torch.tensor([r.advantage for r in rollouts], dtype=torch.float32)
-    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion, "advantages": advantages}
+    out = {"input_ids": ids, "attention_mask": attention, "completion_mask": completion, "advantages": advantages}
+    if forbidden is not None:
+        traces = [r.allowed for r in rollouts if r.allowed is not None]
+        starts = np.concatenate([s for s, _ in sparse_lists])
+        ends = np.concatenate([e for _, e in sparse_lists])
+        counts = ends - starts
+        a_width = int(counts.max(initial=1))
+        table = np.zeros((counts.size, a_width), dtype=np.int64)
+        valid = np.arange(a_width)[None, :] < counts[:, None]
+        row = 0
+        for trace, (s_, e_) in zip(traces, sparse_lists):  # gather each trace's lists into the table
+            for start, end in zip(s_, e_):
+                table[row, : end - start] = trace.ids[start:end]
+                row += 1
+        out.update(sparse_index=torch.as_tensor(np.concatenate(sparse_pos), dtype=torch.long),
+                   sparse_ids=torch.as_tensor(table), sparse_valid=torch.as_tensor(valid),
+                   free_index=torch.as_tensor(np.concatenate(free_pos), dtype=torch.long),
+                   forbidden=torch.as_tensor(forbidden, dtype=torch.long))
+    return out
 
 
-def token_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """log p(x_{t+1} | x_{<=t}) for every position, (N, T-1), in float32."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    targets = batch["input_ids"][:, 1:]
-    return -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view(targets.shape)
+def token_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """log p(x_{t+1} | x_{<=t}) at every completion position (0 elsewhere), (N, T-1), float32.
+
+    ``p`` is the sampling distribution: the model's softmax at ``temperature``, restricted to the
+    constraint the token was drawn under when the batch carries one (see :func:`pack_rollouts`):
+    a log-softmax over the gathered logits of the allowed ids (a forced token gets exactly 0), over
+    the vocabulary minus ``forbidden`` for free reasoning, over the whole vocabulary otherwise.
+    Logits are computed only from the first completion position on (``logits_to_keep``)."""
+    input_ids, mask = batch["input_ids"], batch["completion_mask"]
+    n, t1 = mask.shape
+    has = mask.sum(0) > 0
+    start = int(torch.nonzero(has)[0]) if bool(has.any()) else t1 - 1
+    keep = t1 + 1 - start  # logits of positions start .. T-1; the last one predicts nothing
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    logits = logits[:, -keep:-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    width = t1 - start
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)  # row (i, t - start) of the kept window
+    targets = input_ids[:, start + 1:].reshape(-1)
+    lp = -F.cross_entropy(flat, targets, reduction="none")
+    if "sparse_index" in batch:
+        def local(index: torch.Tensor) -> torch.Tensor:  # flat (N, T-1) position -> row of ``flat``
+            row, col = index // t1, index % t1
+            return row * width + (col - start)
+
+        s_idx = local(batch["sparse_index"])
+        if s_idx.numel():
+            gathered = flat[s_idx[:, None], batch["sparse_ids"]].masked_fill(~batch["sparse_valid"], float("-inf"))
+            chosen = flat[s_idx, targets[s_idx]]
+            lp = lp.index_put((s_idx,), chosen - torch.logsumexp(gathered, dim=-1))
+        f_idx = local(batch["free_index"])
+        if f_idx.numel():
+            rows = flat.index_select(0, f_idx)
+            if batch["forbidden"].numel():
+                rows = rows.index_fill(1, batch["forbidden"], float("-inf"))
+            free_lp = rows.gather(1, targets[f_idx][:, None]).squeeze(1) - torch.logsumexp(rows, dim=-1)
+            lp = lp.index_put((f_idx,), free_lp)
+    out = lp.new_zeros((n, t1))
+    out = torch.cat([out[:, :start], lp.view(n, width)], dim=1)
+    return torch.where(mask > 0, out, torch.zeros_like(out))
 
 
 def dapo_loss(
@@ -303,6 +424,7 @@ def dapo_update(
     with dropout the ratio would differ from 1 by noise alone and the clip would act on it."""
     was_training = model.training
     model.eval()
+    temp = config.temperature
     micro = [list(rollouts[i::config.updates_per_batch]) for i in range(config.updates_per_batch)]
     # old log-probs: the policy that generated the batch, before any update of this batch
     old: list[list[torch.Tensor]] = []
@@ -310,9 +432,9 @@ def dapo_update(
     chunks = [[mb[j::config.grad_accum] for j in range(config.grad_accum)] for mb in micro]
     with torch.no_grad():
         for mb_chunks in chunks:
-            old.append([token_logprobs(model, common.to_device(pack_rollouts(c, pad_id), device)) if c else None
+            old.append([token_logprobs(model, common.to_device(pack_rollouts(c, pad_id), device), temp) if c else None
                         for c in mb_chunks])
-            refs.append([token_logprobs(ref_model, common.to_device(pack_rollouts(c, pad_id), device))
+            refs.append([token_logprobs(ref_model, common.to_device(pack_rollouts(c, pad_id), device), temp)
                          if c and ref_model is not None and config.kl_coef > 0 else None for c in mb_chunks])
     stats = {"loss": 0.0, "clipped_tokens": 0.0, "tokens": 0.0, "grad_norm": 0.0}
     for u, mb_chunks in enumerate(chunks):
@@ -325,7 +447,7 @@ def dapo_update(
             if not chunk:
                 continue
             batch = common.to_device(pack_rollouts(chunk, pad_id), device)
-            logp = token_logprobs(model, batch)
+            logp = token_logprobs(model, batch, temp)
             loss, s = dapo_loss(logp, old[u][j], batch["advantages"], batch["completion_mask"], total_tokens,
                                 config.eps_low, config.eps_high, refs[u][j], config.kl_coef)
             loss.backward()
@@ -351,44 +473,73 @@ def dapo_update(
 # --------------------------------------------------------------------------------------------
 # rollouts (the seam: any function with this signature can replace constrained decoding)
 
-#: rollout_fn(model, tokenizer, prompt_text, candidates (K,) uint64, n, seed, config, ctx)
-#:   -> list of n completion token-id lists (EOS included when the model stopped)
-RolloutFn = Callable[[Any, Any, str, np.ndarray, int, int, DapoConfig, dict], list[list[int]]]
+#: rollout_fn(model, tokenizer, prompt_texts (B), candidates (B, K) uint64, n, seeds (B), config, ctx)
+#:   -> B lists of n completions, prompt by prompt; a completion is a token-id list (EOS included when
+#:      the model stopped; scored under the full vocabulary) or a :class:`Completion` carrying the
+#:      constraint it was sampled under. ``seeds[i]`` is prompt i's seed (see DapoTrainer.collect).
+RolloutFn = Callable[[Any, Any, Sequence[str], np.ndarray, int, Sequence[int], DapoConfig, dict], list[list[Any]]]
 
 
-def constrained_rollouts(model, tokenizer, prompt_text, candidates, n, seed, config, ctx) -> list[list[int]]:
-    """G sampled completions through ``gr2.constrained_decode`` (always valid permutations)."""
+def _vocab_size(model) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def constrained_rollouts(model, tokenizer, prompt_texts, candidates, n, seeds, config, ctx) -> list[list[Completion]]:
+    """G sampled completions per prompt through one ``gr2.constrained_decode`` call over all B
+    prompts (always valid permutations), each prompt sampling from its own seeded generator; each
+    completion carries the allowed ids behind its tokens (:func:`gr2.decoding.constraint_trace`),
+    so the loss scores the distribution the tokens were drawn from."""
     from gr2 import constrained_decode
+    from gr2.decoding import constraint_trace
 
+    cands = np.asarray(candidates, dtype=np.uint64).reshape(len(prompt_texts), -1)
     results = constrained_decode(
-        model, tokenizer, [prompt_text], np.asarray(candidates, dtype=np.uint64)[None, :], index=ctx["index"],
+        model, tokenizer, list(prompt_texts), cands, index=ctx["index"],
         sid_tokens=ctx["sid_tokens"], max_reasoning_tokens=config.max_reasoning_tokens, reasoning=config.reasoning,
-        do_sample=True, temperature=config.temperature, top_p=config.top_p, num_return_sequences=n, seed=seed,
+        do_sample=True, temperature=config.temperature, top_p=config.top_p, num_return_sequences=n,
+        seed=[int(x) for x in seeds], eos_token_id=ctx["eos_id"],
     )
-    return [list(r.completion_ids) + [ctx["eos_id"]] for r in results]
+    ids = [list(r.completion_ids) + [ctx["eos_id"]] for r in results]
+    rows = np.repeat(np.arange(len(prompt_texts)), n)
+    traces = constraint_trace(tokenizer, cands[rows], ids, _vocab_size(model), index=ctx["index"],
+                              sid_tokens=ctx["sid_tokens"], max_reasoning_tokens=config.max_reasoning_tokens,
+                              reasoning=config.reasoning, eos_token_id=ctx["eos_id"])
+    done = [Completion(c, t) for c, t in zip(ids, traces)]
+    return [done[i * n:(i + 1) * n] for i in range(len(prompt_texts))]
 
 
-def sampled_rollouts(model, tokenizer, prompt_text, candidates, n, seed, config, ctx, greedy: bool = False) -> list[list[int]]:
-    """G completions by plain sampling (``generate``): outputs may be invalid, so the format reward
-    matters -- the setting in which the paper observed the order-copy hack. ``greedy`` for evaluation."""
-    ids = torch.tensor([tokenizer(prompt_text, add_special_tokens=False)["input_ids"]], device=ctx["device"])
-    torch.manual_seed(seed)
+def sampled_rollouts(model, tokenizer, prompt_texts, candidates, n, seeds, config, ctx, greedy: bool = False) -> list[list[list[int]]]:
+    """G completions per prompt by plain sampling (one left-padded ``generate`` call over all B
+    prompts): outputs may be invalid, so the format reward matters -- the setting in which the paper
+    observed the order-copy hack. ``greedy`` for evaluation. ``generate`` draws from one global
+    generator, so the samples are a function of the seeds of the whole batch (torch is seeded with
+    the one seed of a single prompt, with a hash of all of them otherwise)."""
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), ctx["pad_id"], dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):  # left padding: generation continues every row at the right edge
+        ids[i, width - len(e):] = torch.as_tensor(e)
+        attention[i, width - len(e):] = 1
+    ids, attention = ids.to(ctx["device"]), attention.to(ctx["device"])
+    seeds = [int(x) for x in seeds]
+    torch.manual_seed(seeds[0] if len(seeds) == 1 else hash_seed(*seeds))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            sampling = {} if greedy else {"temperature": config.temperature, "top_p": config.top_p}
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=not greedy, **sampling,
+            sampling = {} if greedy else {"temperature": config.temperature, "top_p": config.top_p, "top_k": 0}
+            out = model.generate(ids, attention_mask=attention, do_sample=not greedy, **sampling,
                                  max_new_tokens=config.max_new_tokens, num_return_sequences=n,
                                  pad_token_id=ctx["pad_id"], eos_token_id=ctx["eos_id"])
     finally:
         model.train(was_training)
     completions = []
-    for row in out[:, ids.shape[1]:].tolist():
+    for row in out[:, width:].tolist():
         if ctx["eos_id"] in row:
             row = row[: row.index(ctx["eos_id"]) + 1]
         completions.append(row)
-    return completions
+    return [completions[i * n:(i + 1) * n] for i in range(len(encoded))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,6 +646,30 @@ class DapoTrainer:
             return verify_rewards(completions, cands, targets, self.index, **kwargs)
         return verify_rewards(completions, cands, targets, candidate_sids=self.ctx["candidate_sids"][rows], **kwargs)
 
+    def _group(self, pos: int, row: int, outputs: list[Any], parts: list[RewardBatch],
+               lengths: list[int]) -> tuple[int, list[Rollout], bool]:
+        """Rewards, keep decision and advantages of one prompt's G completions."""
+        cfg, g = self.config, self.config.group_size
+        if len(outputs) != g:
+            raise InvalidInputError(f"rollout function returned {len(outputs)} completions, expected {g}")
+        done = [o if isinstance(o, Completion) else Completion(list(o)) for o in outputs]
+        for c in done:
+            if not c.ids:
+                if c.allowed is not None:
+                    raise InvalidInputError("a constrained rollout returned an empty completion")
+                c.ids = [self.ctx["eos_id"]]
+        completions = [c.ids for c in done]
+        rb = self._rewards(completions, [row] * g)
+        rewards = rb.reward + overlong_penalty(np.array([len(c) for c in completions]), cfg.overlong_max,
+                                               cfg.overlong_cache)
+        keep = bool(informative_groups(outcome_of(rb, cfg.outcome)[None, :])[0]) or not cfg.dynamic_sampling
+        adv = group_advantages(rewards[None, :], cfg.std_eps)[0]
+        group = [Rollout(self.data.prompt_ids[row], c.ids, float(r), float(a), c.allowed)
+                 for c, r, a in zip(done, rewards, adv)]
+        parts.append(rb)
+        lengths.extend(len(c) for c in completions)
+        return pos, group, keep
+
     def collect(self) -> RolloutBatch:
         """Rollouts for one step with dynamic sampling (refill rounds up to the cap)."""
         cfg, world = self.config, self.world
@@ -510,23 +685,17 @@ class DapoTrainer:
             self.cursor += need
             mine = positions[world.rank::world.size]
             local: list[tuple[int, list[Rollout], bool]] = []
-            for pos in mine:
-                row = self._prompt_at(pos)
-                seed = hash_seed(cfg.seed, self.step_count, pos)
-                completions = self.rollout_fn(self.model, self.tokenizer, self.data.prompt_texts[row],
-                                              self.data.candidates[row], g, seed, cfg, self.ctx)
-                if len(completions) != g:
-                    raise InvalidInputError(f"rollout function returned {len(completions)} completions, expected {g}")
-                completions = [c if c else [self.ctx["eos_id"]] for c in completions]
-                rb = self._rewards(completions, [row] * g)
-                rewards = rb.reward + overlong_penalty(np.array([len(c) for c in completions]), cfg.overlong_max,
-                                                       cfg.overlong_cache)
-                keep = bool(informative_groups(outcome_of(rb, cfg.outcome)[None, :])[0]) or not cfg.dynamic_sampling
-                adv = group_advantages(rewards[None, :], cfg.std_eps)[0]
-                group = [Rollout(self.data.prompt_ids[row], c, float(r), float(a)) for c, r, a in zip(completions, rewards, adv)]
-                local.append((pos, group, keep))
-                parts.append(rb)
-                lengths.extend(len(c) for c in completions)
+            per_call = cfg.rollout_batch or (max(len(mine), 1) if self.device.type == "cuda" else 1)
+            for at in range(0, len(mine), per_call):
+                chunk = mine[at:at + per_call]
+                rows = [self._prompt_at(pos) for pos in chunk]
+                seeds = [hash_seed(cfg.seed, self.step_count, pos) for pos in chunk]
+                outputs = self.rollout_fn(self.model, self.tokenizer, [self.data.prompt_texts[r] for r in rows],
+                                          self.data.candidates[rows], g, seeds, cfg, self.ctx)
+                if len(outputs) != len(rows):
+                    raise InvalidInputError(f"rollout function returned {len(outputs)} groups for {len(rows)} prompts")
+                for pos, row, group_out in zip(chunk, rows, outputs):
+                    local.append(self._group(pos, row, group_out, parts, lengths))
             # every rank learns which groups were kept, in global prompt order
             decisions = sorted(d for rank_decisions in world.all_gather([(p, k) for p, _, k in local]) for d in rank_decisions)
             seen_groups += len(decisions)
@@ -607,9 +776,11 @@ def evaluate(trainer: DapoTrainer, data: RlData) -> dict[str, float]:
                                          max_reasoning_tokens=cfg.max_reasoning_tokens)
             completions.extend(list(r.completion_ids) + [trainer.ctx["eos_id"]] for r in results)
     else:
-        for row in range(len(data.targets)):
-            completions.append(sampled_rollouts(trainer.model, trainer.tokenizer, data.prompt_texts[row],
-                                                data.candidates[row], 1, 0, cfg, trainer.ctx, greedy=True)[0])
+        for start in range(0, len(data.targets), EVAL_BATCH):
+            rows = slice(start, start + EVAL_BATCH)
+            groups = sampled_rollouts(trainer.model, trainer.tokenizer, data.prompt_texts[rows], data.candidates[rows],
+                                      1, [0], cfg, trainer.ctx, greedy=True)
+            completions.extend(group[0] for group in groups)
     rb = verify_rewards(completions, data.candidates, data.targets, trainer.index, sid_tokens=trainer.sid_tokens,
                         alpha=cfg.alpha, conditional=cfg.conditional,
                         trailer_ids=sorted({trainer.ctx["eos_id"], trainer.ctx["pad_id"]}), metric_ks=(1, 5))
@@ -738,7 +909,20 @@ def run_ablation(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig()) 
     Note: with constrained rollouts every output is valid, so the unconditional format reward is a
     constant that the group normalisation cancels (that arm trains on R_rank alone), while the
     conditional one still pays alpha only for improving (or keeping a first-placed target). The
-    paper's setting, where the format reward can be missed, is ``rl.constrained = false``."""
+    paper's setting, where the format reward can be missed, is ``rl.constrained = false``.
+
+    Result in that setting on the demo run (2026-11-25; model: the ``demo`` preset's tiny Llama,
+    3 layers / hidden 192, trained from scratch, then SFT on heuristic-teacher traces; 2-core CPU):
+    ``gr2 rl --ablation --run-dir runs/demo --config configs/rl_ablation_unconstrained.toml``
+    (plain sampling, T = 1, no top-k/top-p, G = 4, 4 prompts/step, 8 steps, 128 new tokens, greedy
+    evaluation on 32 valid lists every 2 steps; 16 min for both arms on the shared, loaded box). **No signal: the hack is not
+    shown, and could not be.** The SFT model never produced a valid output without the constraint
+    (rollout valid rate 0.000 in every step of both arms; greedy eval valid rate 0.000 at every
+    point; the completions do not even open with ``<think>``), so every reward was -1, every group
+    uniform, dynamic sampling kept no group and neither arm made a single update: order-copy rate,
+    R@1 and NDCG@5 stay at 0 throughout in both arms (the upstream order of those 32 lists: R@1
+    0.156, NDCG@5 0.423). Showing the hack needs a student that emits the format unconstrained
+    often enough for copying the input order to be a reachable, rewarded behaviour."""
     run_dir = Path(run_dir)
     world = init_world()
 
@@ -755,6 +939,8 @@ def ablation(make: Callable[[DapoConfig, Path], tuple[DapoTrainer, RlData | None
     what ``make`` loads, with the same seed, prompts and evaluation set."""
     eval_every = config.eval_every or max(1, config.steps // 5)
     curves: dict[str, list[dict[str, float]]] = {}
+    updates: dict[str, int] = {}
+    valid: dict[str, float] = {}
     for name, conditional in (("conditional", True), ("unconditional", False)):
         cfg = dataclasses.replace(config, conditional=conditional, eval_every=eval_every)
         out_dir = root / name
@@ -764,12 +950,20 @@ def ablation(make: Callable[[DapoConfig, Path], tuple[DapoTrainer, RlData | None
         train(trainer, out_dir, eval_data, resume=True)
         rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         curves[name] = [r for r in rows if "eval_recall@1" in r]
+        steps = [r for r in rows if "kept_groups" in r]
+        updates[name] = sum(1 for r in steps if r["kept_groups"] > 0)
+        valid[name] = sum(r["valid_rate"] for r in steps) / max(len(steps), 1)
     final = {n: c[-1] if c else {} for n, c in curves.items()}
     copy = {n: f.get("eval_copy_rate", float("nan")) for n, f in final.items()}
-    verdict = ("hack visible: higher order-copy rate under the unconditional reward"
-               if copy["unconditional"] > copy["conditional"] else
-               "hack not visible at this scale: the unconditional reward did not raise the order-copy rate")
-    result = {"eval_every": eval_every, "steps": config.steps, "curves": curves, "final": final, "verdict": verdict}
+    if not any(updates.values()):
+        verdict = ("no signal: no step of either arm kept a group (every group's outcome was uniform; mean rollout "
+                   f"valid rate {valid['conditional']:.3f} / {valid['unconditional']:.3f}), so neither model changed")
+    elif copy["unconditional"] > copy["conditional"]:
+        verdict = "hack visible: higher order-copy rate under the unconditional reward"
+    else:
+        verdict = "hack not visible at this scale: the unconditional reward did not raise the order-copy rate"
+    result = {"eval_every": eval_every, "steps": config.steps, "curves": curves, "final": final, "updates": updates,
+              "rollout_valid_rate": valid, "verdict": verdict}
     if world.rank == 0:
         _plot_ablation(curves, root / "ablation.png")
         atomic_write_json(root / "ablation.json", result)
