@@ -17,8 +17,7 @@ use std::collections::BTreeMap;
 use rayon::prelude::*;
 
 use super::layout::KeyLayout;
-use super::huge_page_vec;
-use super::RepairReport;
+use super::{huge_page_vec, Buf, Keys, RepairReport};
 use crate::error::{Gr2Error, Result};
 
 /// Default level size when the caller gives none: RQ codebooks almost always have 256 codes, so
@@ -31,7 +30,7 @@ pub(super) struct Built {
     pub report: RepairReport,
     pub sorted_ids: Vec<u64>,
     pub sid_pos: Vec<u32>,
-    pub sorted_keys: Vec<u64>,
+    pub sorted_keys: Keys,
     pub item_pos: Vec<u32>,
 }
 
@@ -99,8 +98,15 @@ pub(super) fn build(
         layout
     };
 
-    let mut sorted_keys = huge_page_vec::<u64>(n);
-    sorted_keys.par_extend(by_sid.par_iter().map(|&(key, _)| key));
+    let sorted_keys = if Keys::width(layout.total_bits()) == 4 {
+        let mut keys = huge_page_vec::<u32>(n);
+        keys.par_extend(by_sid.par_iter().map(|&(key, _)| key as u32)); // fits: total_bits <= 32
+        Keys::Narrow(Buf::Owned(keys))
+    } else {
+        let mut keys = huge_page_vec::<u64>(n);
+        keys.par_extend(by_sid.par_iter().map(|&(key, _)| key));
+        Keys::Wide(Buf::Owned(keys))
+    };
     let mut item_pos = huge_page_vec::<u32>(n);
     item_pos.par_extend(by_sid.par_iter().map(|&(_, j)| j));
     drop(by_sid);

@@ -4,7 +4,8 @@
 //! ```text
 //! offset  size  field
 //!      0     8  magic "GR2SIDX\0"
-//!      8     4  format version (u32, currently 1)
+//!      8     4  format version (u32, currently 2; version 1 files, with 8-byte keys always,
+//!               are still read)
 //!     12     4  header length in bytes (u32, 144)
 //!     16     8  checksum: xxh3-64 of every byte from offset 24 to the end of the file
 //!     24     8  file length in bytes (u64)
@@ -16,7 +17,8 @@
 //!               report       u64 x (9 + 2 * histogram entries), see `encode_report`
 //!               sorted_ids   u64 x n     item ids ascending
 //!               sid_pos      u32 x n     SID-order position of each item of sorted_ids
-//!               sorted_keys  u64 x n     packed SIDs ascending
+//!               sorted_keys  u32 x n     packed SIDs ascending, when the level sizes need at
+//!                  or u64 x n  most 32 bits in all (u64 otherwise)
 //!               item_pos     u32 x n     id-order position of each SID of sorted_keys
 //! ```
 //!
@@ -36,11 +38,12 @@ use memmap2::{Mmap, MmapOptions};
 use rayon::prelude::*;
 use xxhash_rust::xxh3::{xxh3_64, Xxh3Default};
 
-use super::{Buf, KeyLayout, RepairReport, SidIndex};
+use super::search::{wide, Key};
+use super::{Buf, KeyLayout, Keys, RepairReport, SidIndex};
 use crate::error::{Gr2Error, Result};
 
 const MAGIC: [u8; 8] = *b"GR2SIDX\0";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2; // 2: 4-byte keys where the SIDs fit 32 bits
 const SECTIONS: usize = 6;
 const HEADER_LEN: usize = 48 + SECTIONS * 16;
 const CHECKSUMMED_FROM: usize = 24;
@@ -89,7 +92,7 @@ impl SidIndex {
             bytemuck::cast_slice(&report),
             bytemuck::cast_slice(self.sorted_ids.as_slice()),
             bytemuck::cast_slice(self.sid_pos.as_slice()),
-            bytemuck::cast_slice(self.sorted_keys.as_slice()),
+            with_keys!(self.sorted_keys, |keys| bytemuck::cast_slice(keys)),
             bytemuck::cast_slice(self.item_pos.as_slice()),
         ];
         let mut offsets = [0usize; SECTIONS];
@@ -156,12 +159,17 @@ impl SidIndex {
         let layout = parse(&map, file_len).map_err(corrupt)?;
         let map = Arc::new(map);
         let section = |i: usize| layout.sections[i].clone();
+        let narrow_keys = layout.key_width == 4;
         let index = SidIndex::from_parts(
             layout.key_layout,
             layout.report,
             mapped(&map, section(2)),
             mapped(&map, section(3)),
-            mapped(&map, section(4)),
+            if narrow_keys {
+                Keys::Narrow(mapped(&map, section(4)))
+            } else {
+                Keys::Wide(mapped(&map, section(4)))
+            },
             mapped(&map, section(5)),
         );
         check_arrays(&index).map_err(corrupt)?;
@@ -175,6 +183,7 @@ fn mapped<T>(map: &Arc<Mmap>, bytes: Range<usize>) -> Buf<T> {
 
 struct Parsed {
     key_layout: KeyLayout,
+    key_width: usize,
     report: RepairReport,
     sections: [Range<usize>; SECTIONS],
 }
@@ -197,9 +206,9 @@ fn parse(bytes: &[u8], file_len: usize) -> std::result::Result<Parsed, String> {
         return Err(format!("truncated: {} bytes, shorter than the {HEADER_LEN}-byte header", bytes.len()));
     }
     let version = u32_at(bytes, 8);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != 1 {
         return Err(format!(
-            "format version {version}, but this gr2 reads version {FORMAT_VERSION}; rebuild the index"
+            "format version {version}, but this gr2 reads versions 1 and {FORMAT_VERSION}; rebuild the index"
         ));
     }
     let header_len = u32_at(bytes, 12) as usize;
@@ -245,16 +254,21 @@ fn parse(bytes: &[u8], file_len: usize) -> std::result::Result<Parsed, String> {
         previous_end = end as usize;
     }
     let n = n as usize;
-    let expected = [4 * levels, sections[1].len(), 8 * n, 4 * n, 8 * n, 4 * n];
+    if sections[0].len() != 4 * levels {
+        return Err(format!("section {} has {} bytes, expected {}", SECTION_NAMES[0], sections[0].len(), 4 * levels));
+    }
+    let sizes: Vec<u32> = bytes[sections[0].clone()].chunks_exact(4).map(|c| u32_at(c, 0)).collect();
+    let key_layout = KeyLayout::new(&sizes).map_err(|e| format!("bad level sizes: {e}"))?;
+    // version 1 stored 8-byte keys whatever the layout
+    let key_width = if version == 1 { 8 } else { Keys::width(key_layout.total_bits()) };
+    let expected = [4 * levels, sections[1].len(), 8 * n, 4 * n, key_width * n, 4 * n];
     for (i, (section, want)) in sections.iter().zip(expected).enumerate() {
         if section.len() != want {
             return Err(format!("section {} has {} bytes, expected {want}", SECTION_NAMES[i], section.len()));
         }
     }
-    let sizes: Vec<u32> = bytes[sections[0].clone()].chunks_exact(4).map(|c| u32_at(c, 0)).collect();
-    let key_layout = KeyLayout::new(&sizes).map_err(|e| format!("bad level sizes: {e}"))?;
     let report = decode_report(&bytes[sections[1].clone()], n as u64, levels)?;
-    Ok(Parsed { key_layout, report, sections })
+    Ok(Parsed { key_layout, key_width, report, sections })
 }
 
 fn decode_report(bytes: &[u8], n: u64, levels: usize) -> std::result::Result<RepairReport, String> {
@@ -290,19 +304,23 @@ fn decode_report(bytes: &[u8], n: u64, levels: usize) -> std::result::Result<Rep
 
 /// The arrays must describe a bijection: both sorted strictly ascending, keys valid for the
 /// layout, positions in range and inverse to each other.
+fn check_keys<K: Key>(keys: &[K], layout: &KeyLayout) -> std::result::Result<(), String> {
+    if let Some(i) = keys.par_windows(2).position_any(|w| w[0] >= w[1]) {
+        return Err(format!("SIDs are not strictly ascending at position {i}"));
+    }
+    if let Some(i) = keys.par_iter().position_any(|&k| !layout.key_is_valid(wide(k))) {
+        return Err(format!("SID at position {i} has a code outside its level size"));
+    }
+    Ok(())
+}
+
 fn check_arrays(index: &SidIndex) -> std::result::Result<(), String> {
-    let (ids, sid_pos, keys, item_pos) =
-        (index.sorted_ids.as_slice(), index.sid_pos.as_slice(), index.sorted_keys.as_slice(), index.item_pos.as_slice());
+    let (ids, sid_pos, item_pos) = (index.sorted_ids.as_slice(), index.sid_pos.as_slice(), index.item_pos.as_slice());
     let n = ids.len();
     if let Some(i) = ids.par_windows(2).position_any(|w| w[0] >= w[1]) {
         return Err(format!("item ids are not strictly ascending at position {i}"));
     }
-    if let Some(i) = keys.par_windows(2).position_any(|w| w[0] >= w[1]) {
-        return Err(format!("SIDs are not strictly ascending at position {i}"));
-    }
-    if let Some(i) = keys.par_iter().position_any(|&k| !index.layout.key_is_valid(k)) {
-        return Err(format!("SID at position {i} has a code outside its level size"));
-    }
+    with_keys!(index.sorted_keys, |keys| check_keys(keys, &index.layout))?;
     let out_of_range = |v: &[u32]| v.par_iter().position_any(|&p| p as usize >= n);
     if let Some(i) = out_of_range(sid_pos).or_else(|| out_of_range(item_pos)) {
         return Err(format!("position {i} points outside the {n} items"));

@@ -17,6 +17,17 @@ const LANES: usize = 256;
 /// Marks "not found" in position outputs.
 pub const NOT_FOUND: u32 = u32::MAX;
 
+/// An element of a searched array: item ids are `u64`; packed SIDs are stored as `u32` when the
+/// layout needs at most 32 bits, else `u64`. Queries are always `u64`.
+pub trait Key: bytemuck::Pod + Ord + Into<u64> + Send + Sync {}
+impl Key for u32 {}
+impl Key for u64 {}
+
+#[inline(always)]
+pub fn wide<T: Key>(x: T) -> u64 {
+    x.into()
+}
+
 #[derive(Clone, Debug)]
 pub struct SortedLookup {
     first: u64,
@@ -29,9 +40,9 @@ pub struct SortedLookup {
 
 impl SortedLookup {
     /// Builds the table for `sorted` (strictly increasing, fewer than `u32::MAX` entries).
-    pub fn new(sorted: &[u64]) -> Self {
+    pub fn new<T: Key>(sorted: &[T]) -> Self {
         let len = sorted.len();
-        let (Some(&first), Some(&last)) = (sorted.first(), sorted.last()) else {
+        let (Some(first), Some(last)) = (sorted.first().copied().map(wide), sorted.last().copied().map(wide)) else {
             return SortedLookup { first: 0, len: 0, shift: 0, starts: Vec::new(), dense: true };
         };
         let span = last - first;
@@ -46,7 +57,7 @@ impl SortedLookup {
         let buckets = (span >> shift) as usize + 1;
         let mut starts = vec![0u32; buckets + 1];
         for &x in sorted {
-            starts[((x - first) >> shift) as usize + 1] += 1;
+            starts[((wide(x) - first) >> shift) as usize + 1] += 1;
         }
         for b in 0..buckets {
             starts[b + 1] += starts[b];
@@ -76,7 +87,7 @@ impl SortedLookup {
 
     /// Position of `x` in `sorted` (the array this table was built from).
     #[inline]
-    pub fn find(&self, sorted: &[u64], x: u64) -> Option<usize> {
+    pub fn find<T: Key>(&self, sorted: &[T], x: u64) -> Option<usize> {
         let (mut base, mut size) = self.window(x);
         if size == 0 {
             return None;
@@ -84,14 +95,14 @@ impl SortedLookup {
         while size > 1 {
             let half = size / 2;
             let mid = base + half;
-            base = if sorted[mid] > x { base } else { mid };
+            base = if wide(sorted[mid]) > x { base } else { mid };
             size -= half;
         }
-        (sorted[base] == x).then_some(base)
+        (wide(sorted[base]) == x).then_some(base)
     }
 
     /// Positions of all `queries` in `sorted`, [`NOT_FOUND`] where absent.
-    pub fn find_many(&self, sorted: &[u64], queries: &[u64], out: &mut [u32]) {
+    pub fn find_many<T: Key>(&self, sorted: &[T], queries: &[u64], out: &mut [u32]) {
         debug_assert_eq!(queries.len(), out.len());
         if self.dense {
             for (slot, &x) in out.iter_mut().zip(queries) {
@@ -116,13 +127,13 @@ impl SortedLookup {
                 for lane in 0..qs.len() {
                     let half = size[lane] / 2;
                     let mid = base[lane] + half;
-                    base[lane] = if sorted[mid] > qs[lane] { base[lane] } else { mid };
+                    base[lane] = if wide(sorted[mid]) > qs[lane] { base[lane] } else { mid };
                     size[lane] -= half;
                 }
                 remaining -= remaining / 2;
             }
             for lane in 0..qs.len() {
-                let hit = size[lane] == 1 && sorted[base[lane]] == qs[lane];
+                let hit = size[lane] == 1 && wide(sorted[base[lane]]) == qs[lane];
                 os[lane] = if hit { base[lane] as u32 } else { NOT_FOUND };
             }
         }

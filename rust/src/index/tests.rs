@@ -311,7 +311,30 @@ fn large_batches_cross_chunks() {
         queries.reverse();
         let sids = index.sids(&queries).unwrap();
         assert_eq!(index.items(&sids).unwrap(), queries);
-        assert_eq!(index.memory_bytes() / n, 24);
+        assert_eq!(index.memory_bytes() / n, 20, "3 levels of <= 256 codes pack into 4-byte keys");
+    }
+}
+
+#[test]
+fn wide_and_narrow_keys_round_trip() {
+    // 4 x 256 codes = 32 bits (narrow, 4-byte keys); 5 x 256 = 40 bits (wide, 8-byte keys).
+    let n = 20_000usize;
+    let ids: Vec<u64> = (0..n as u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
+    for (levels, bytes_per_item) in [(4usize, 20usize), (5, 24)] {
+        let codes: Vec<u16> = (0..n * levels).map(|i| ((i * 2_654_435_761) >> 7) as u16 % 256).collect();
+        let index = SidIndex::build(&ids, &codes, levels, Some(&vec![256; levels])).unwrap();
+        assert_eq!(index.memory_bytes() / n, bytes_per_item, "{levels} levels");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.gr2sid");
+        index.save(&path).unwrap();
+        let loaded = SidIndex::load(&path).unwrap();
+        let sids = index.sids(&ids).unwrap();
+        assert_eq!(loaded.sids(&ids).unwrap(), sids);
+        assert_eq!(loaded.items(&sids).unwrap(), ids);
+        assert_eq!(loaded.codes_by_sid(), index.codes_by_sid());
+        let prefix = &sids[..2];
+        assert_eq!(loaded.children(prefix).unwrap(), index.children(prefix).unwrap());
+        assert!(!index.children(&sids[..1]).unwrap().is_empty());
     }
 }
 
@@ -337,9 +360,9 @@ fn wrong_magic_and_version() {
     std::fs::write(&path, &bad).unwrap();
     assert!(message(SidIndex::load(&path).unwrap_err()).contains("not a gr2 SID index"));
     let mut bad = bytes.clone();
-    bad[8] = 2;
+    bad[8] = 7;
     std::fs::write(&path, &bad).unwrap();
-    assert!(message(SidIndex::load(&path).unwrap_err()).contains("format version 2"));
+    assert!(message(SidIndex::load(&path).unwrap_err()).contains("format version 7"));
     std::fs::write(&path, &bytes[..100]).unwrap();
     assert!(message(SidIndex::load(&path).unwrap_err()).contains("truncated"));
     std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
