@@ -218,6 +218,7 @@ class SidIndex:
         """Share of items whose input SID no other item shared (1.0 when empty)."""
     @property
     def nbytes(self) -> int:
-        """Bytes held for lookups (24 per item plus two small bucket tables)."""
+        """Bytes held for lookups: 20 per item when a packed SID fits 32 bits (e.g. 4 levels of 256
+        codes), else 24, plus two bucket tables of 1/8 byte per item each."""
     def __len__(self) -> int: ...
     def __contains__(self, item_id: object) -> bool: ...
