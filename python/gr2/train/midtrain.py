@@ -410,8 +410,10 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
     if latest is not None:
         start = common.load_checkpoint(latest, model, optimizer, scheduler)["step"]
     sampler = TaskSampler(catalog, train_seqs, tokenizer, config, sid_tokens)
-    # logits only where the loss is: a demo-sized model spends much of its time in the output layer
-    nll = common.weighted_nll if config.lora.enabled else common.weighted_nll_selected
+    # logits only where the loss is (a demo-sized model spends much of its time in the output
+    # layer); only for architectures whose logits are the plain output projection of the decoder
+    plain_head = getattr(model.config, "model_type", "") in ("llama", "qwen2", "qwen3", "mistral")
+    nll = common.weighted_nll_selected if plain_head and not config.lora.enabled else common.weighted_nll
 
     t0 = time.time()
     model.train()
