@@ -54,7 +54,7 @@ def test_midtrain_resume_after_kill_matches_uninterrupted(run_dir, tmp_path):
         if step == 5:
             raise KeyboardInterrupt("killed")
 
-    config = tiny_midtrain_config(seed=1)
+    config = tiny_midtrain_config(seed=1, history_weight=0.5, pack=True)  # the demo preset's options
     killed = tmp_path / "killed"
     shutil.copytree(run_dir, killed, ignore=shutil.ignore_patterns("midtrain"))
     with pytest.raises(KeyboardInterrupt):
@@ -124,3 +124,70 @@ def test_midtrain_bad_inputs(tmp_path, run_dir):
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(MidtrainConfig, {"stepz": 3})
     assert from_dict(MidtrainConfig, {"mixture": {"next": 1.0, "replay": 0.0}}).mixture.replay == 0.0
+
+
+def test_next_example_history_sid_weights(run_dir):
+    """history_weight puts that weight on exactly the code tokens of the history SIDs in the prompt
+    (in order), nothing on their delimiters or the prompt text; the answer keeps weight 1."""
+    from gr2.models import build_demo_model, extend_with_sids, train_demo_tokenizer
+    from gr2.train.midtrain import TaskSampler, demo_corpus
+
+    catalog = common.load_catalog(run_dir)
+    train_seqs = [s[:-2] for s in common.load_sequences(run_dir)]
+    config = tiny_midtrain_config(max_history=3, history_weight=0.5)
+    tok = train_demo_tokenizer(demo_corpus(catalog), 400)
+    model = build_demo_model(tok, config.demo)
+    st = extend_with_sids(model, tok, catalog.codes, catalog.level_sizes,
+                          [catalog.item_text(i) for i in range(len(catalog))])
+    sampler = TaskSampler(catalog, train_seqs, tok, config, st)
+    plain = TaskSampler(catalog, train_seqs, tok, tiny_midtrain_config(max_history=3, history_weight=0.0))
+    codes_of = lambda item: st.sid_token_ids(catalog.codes[item])[1:-1]  # noqa: E731
+    for user, pos in [(0, 1), (0, 2), (3, 7), (5, 30)]:
+        ex, base = sampler.next_example(user, pos), plain.next_example(user, pos)
+        assert ex.input_ids == base.input_ids
+        history = train_seqs[user][max(0, pos - 3):pos]
+        target = st.sid_token_ids(catalog.codes[train_seqs[user][pos]])
+        answer_start = max(i for i in range(len(ex.input_ids)) if ex.input_ids[i:i + len(target)] == target)
+        # the plain example: prompt weight 0, answer (SID + end of turn) weight 1
+        assert set(base.weights[:answer_start]) == {0.0} and set(base.weights[answer_start:]) == {1.0}
+        assert ex.weights[answer_start:] == base.weights[answer_start:]
+        weighted = [i for i in range(answer_start) if ex.weights[i] > 0]
+        assert all(ex.weights[i] == 0.5 for i in weighted)
+        assert [ex.input_ids[i] for i in weighted] == [t for item in history for t in codes_of(item)]
+        # the weighted positions are the history SIDs' codes, each right after its own prefix
+        begins = [i for i in range(answer_start) if ex.input_ids[i] == st.sid_begin]
+        assert len(begins) == len(history)
+        assert weighted == [b + 1 + level for b in begins for level in range(st.levels)]
+    with pytest.raises(ConfigError):
+        tiny_midtrain_config(history_weight=-1.0)
+
+
+def test_selected_logits_loss_matches_full_and_packing():
+    from gr2.models import DemoModelConfig, build_demo_model, train_demo_tokenizer
+
+    tok = train_demo_tokenizer(["A user watched, oldest first: Next item? What is item"] * 5, 300)
+    model = build_demo_model(tok, DemoModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                                  num_layers=1, num_heads=2, seed=1))
+    g = torch.Generator().manual_seed(0)
+    examples = [common.WeightedExample(torch.randint(0, 300, (n,), generator=g).tolist(),
+                                       [0.0] * (n // 2) + [0.5] * (n - n // 2 - 2) + [1.0, 1.0])
+                for n in (12, 5, 9, 4, 3)]
+    rows = common.pack_rows(examples, 12, tok.eos_token_id)
+    # first fit decreasing: 12 alone, 9 alone, 5 opens a row that 4 joins (5 + 1 + 4 = 10), and 3
+    # fits nowhere (9 + 1 + 3 = 13, 10 + 1 + 3 = 14)
+    assert [len(r.input_ids) for r in rows] == [12, 9, 10, 3]
+    assert max(len(r.input_ids) for r in rows) <= 12
+    assert sum(len(r.input_ids) for r in rows) == sum(len(e.input_ids) for e in examples) + len(examples) - len(rows)
+    assert sum(sum(r.weights) for r in rows) == pytest.approx(sum(sum(e.weights) for e in examples))
+    assert len(rows) < len(examples)
+    for batch_examples in (examples, rows):
+        batch = common.collate(batch_examples, tok.pad_token_id)
+        full, n_full = common.weighted_nll(model, batch)
+        sel, n_sel = common.weighted_nll_selected(model, batch)
+        assert n_full == n_sel and sel.item() == pytest.approx(full.item(), rel=1e-5)
+        g_full = torch.autograd.grad(full, model.get_input_embeddings().weight)[0]
+        g_sel = torch.autograd.grad(common.weighted_nll_selected(model, batch)[0],
+                                    model.get_input_embeddings().weight)[0]
+        assert torch.allclose(g_full, g_sel, atol=1e-6)
+    with pytest.raises(Exception):
+        common.pack_rows(examples, 11, tok.eos_token_id)

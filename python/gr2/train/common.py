@@ -418,6 +418,47 @@ def weighted_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     return (nll * weights).sum() / counted, counted
 
 
+def weighted_nll_selected(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """:func:`weighted_nll` computing the output projection only where a token is supervised.
+
+    The decoder runs on every token, but the vocabulary logits (and their softmax) are formed
+    for the supervised positions alone, which saves a large share of a small model's compute
+    when most tokens are context. Same value as :func:`weighted_nll` (up to float rounding),
+    except that a weight on position 0 (no prefix to predict it from) is not counted. Needs an
+    HF causal LM with ``get_decoder()`` and ``get_output_embeddings()`` and no logit scaling.
+    """
+    weights = batch["loss_weights"][:, 1:]
+    mask = weights > 0
+    counted = int(mask.sum())
+    if counted == 0:
+        raise InvalidInputError("batch has no supervised tokens (all loss weights are 0)")
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()
+    nll = torch.nn.functional.cross_entropy(logits, batch["input_ids"][:, 1:][mask], reduction="none")
+    return (nll * weights[mask]).sum() / counted, counted
+
+
+def pack_rows(examples: Sequence[WeightedExample], width: int, separator_id: int) -> list[WeightedExample]:
+    """First-fit-decreasing packing of ``examples`` into rows of at most ``width`` tokens (joined
+    by ``separator_id`` with weight 0, attention crossing example boundaries as in
+    :func:`pack_examples`): the longest examples open rows, shorter ones fill the rows' padding.
+    Deterministic; no example is split."""
+    rows: list[tuple[list[int], list[float]]] = []
+    for ex in sorted(examples, key=lambda e: -len(e.input_ids)):  # stable: ties keep batch order
+        if len(ex.input_ids) > width:
+            raise InvalidInputError(f"example of {len(ex.input_ids)} tokens exceeds the row width {width}")
+        for ids, weights in rows:
+            if len(ids) + 1 + len(ex.input_ids) <= width:
+                ids.append(separator_id)
+                weights.append(0.0)
+                ids.extend(ex.input_ids)
+                weights.extend(ex.weights)
+                break
+        else:
+            rows.append((list(ex.input_ids), list(ex.weights)))
+    return [WeightedExample(ids, weights) for ids, weights in rows]
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 

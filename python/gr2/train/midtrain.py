@@ -13,11 +13,24 @@ Steps, top to bottom:
    ``caption`` SID -> "title (year) | genres";
    ``ground``  "title (year) | genres" -> SID;
    ``replay``  plain text about an item (keeps ordinary language modelling alive);
-   loss on the assistant tokens only (replay: on every token);
+   loss on the assistant tokens only (replay: on every token). With ``history_weight`` > 0 the
+   ``next`` task also puts that weight on the code tokens of every history SID in the prompt, so
+   one example trains each history item predicted from the items before it (up to
+   ``train_max_history`` transitions, in the evaluation prompt's own format) instead of a single
+   target; ``pack`` fills the padding of a batch's long ``next`` rows with its short examples,
+   and the output layer is evaluated only at supervised positions
+   (:func:`gr2.train.common.weighted_nll_selected`);
 3. evaluate next-item Recall@k / NDCG@k on the leave-one-out test targets by catalog-constrained
    beam search: generation may only spell SIDs of catalog items (a prefix trie of all SIDs), the
-   beams' top-k items are the ranking. Popularity and, when ``candidates/report.json`` exists,
-   the upstream ranker (SASRec) are reported alongside.
+   beams' top-k items are the ranking. Popularity (train-part counts, not masking the user's
+   history -- the model's beams are not masked either) is scored on the same users, with
+   percentile-bootstrap 95% CIs over users for both and for their paired difference; when
+   ``candidates/report.json`` exists, the upstream ranker (SASRec, full ranking on all users) is
+   reported alongside.
+
+Measured on ml-100k with the demo preset (a 3-layer, hidden-192 Llama trained from scratch on a
+2-core CPU): target-only ``next`` loss, 300 steps, reached Recall@10 0.010 against popularity's
+0.055 on 200 test users; see the README for the figures of the current preset.
 
 The batch at step ``s`` is a pure function of (seed, s), so a killed run resumes exactly from its
 last checkpoint (``midtrain/checkpoints``).
@@ -65,7 +78,16 @@ class MidtrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 50
-    max_history: int = 20  # most recent items shown for the `next` task
+    max_history: int = 20  # most recent items shown in the evaluation prompt (and in training, see below)
+    # history items shown in a training `next` prompt (0 = max_history); longer windows carry more
+    # history-SID transitions per example when history_weight > 0
+    train_max_history: int = 0
+    # loss weight on the code tokens of every history SID inside the `next` prompt (each history
+    # item predicted from the earlier ones, in the eval prompt's own format); 0 = target SID only
+    history_weight: float = 0.0
+    # pack each batch's examples into rows as wide as its longest one (short caption / ground /
+    # replay examples fill the padding of the long `next` rows) instead of padding every slot
+    pack: bool = False
     max_length: int = 512
     init_noise_std: float = 0.02
     lora: common.LoraSettings = field(default_factory=common.LoraSettings)
@@ -87,6 +109,10 @@ class MidtrainConfig:
         weights = asdict(self.mixture) if not isinstance(self.mixture, dict) else self.mixture
         if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
             raise ConfigError(f"mixture weights must be >= 0 with a positive sum, got {weights}")
+        if self.train_max_history < 0:
+            raise ConfigError(f"midtrain.train_max_history must be >= 0, got {self.train_max_history}")
+        if self.history_weight < 0:
+            raise ConfigError(f"midtrain.history_weight must be >= 0, got {self.history_weight}")
         for name in ("steps", "batch_size", "max_history", "eval_beams", "max_length"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"midtrain.{name} must be > 0, got {getattr(self, name)}")
@@ -131,8 +157,16 @@ def demo_corpus(catalog: common.Catalog) -> list[str]:
 class TaskSampler:
     """Builds the training example for batch slot ``(step, slot)`` -- deterministic in (seed, step)."""
 
-    def __init__(self, catalog: common.Catalog, train_seqs: list[list[int]], tokenizer: Any, config: MidtrainConfig):
+    def __init__(self, catalog: common.Catalog, train_seqs: list[list[int]], tokenizer: Any, config: MidtrainConfig,
+                 sid_tokens: Any = None):
         self.catalog, self.tokenizer, self.config = catalog, tokenizer, config
+        self.code_token_ids: frozenset[int] = frozenset()
+        if config.history_weight > 0:
+            if sid_tokens is None:
+                raise ConfigError("history_weight > 0 needs the SID token ids (pass sid_tokens)")
+            self.code_token_ids = frozenset(int(sid_tokens.code_ids[level, code])
+                                            for level, size in enumerate(sid_tokens.level_sizes)
+                                            for code in range(size))
         weights = np.array([getattr(config.mixture, t) for t in TASKS], dtype=np.float64)
         self.task_p = weights / weights.sum()
         # every (user, position) whose item has at least one earlier item in the train part
@@ -152,10 +186,7 @@ class TaskSampler:
         cat, tok, max_len = self.catalog, self.tokenizer, self.config.max_length
         if task == "next":
             user, pos = self.next_pairs[rng.integers(len(self.next_pairs))]
-            seq = self.train_seqs[user]
-            history = seq[max(0, pos - self.config.max_history):pos]
-            return common.chat_example(tok, [{"role": "user", "content": next_prompt(cat, history)}],
-                                       [(cat.sid_text(seq[pos]), 1.0)], max_len)
+            return self.next_example(int(user), int(pos))
         item = int(rng.integers(len(cat)))
         if task == "caption":
             return common.chat_example(tok, [{"role": "user", "content": caption_prompt(cat, item)}],
@@ -165,6 +196,25 @@ class TaskSampler:
                                        [(cat.sid_text(item), 1.0)], max_len)
         ids = tok(replay_text(cat, item), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         return common.WeightedExample(ids, [0.0] + [1.0] * (len(ids) - 1))
+
+    def next_example(self, user: int, pos: int) -> common.WeightedExample:
+        """The `next` example of train item ``pos`` of ``user``: the up to ``train_max_history``
+        (default ``max_history``) items before it in the prompt, its SID as the answer."""
+        cat, seq = self.catalog, self.train_seqs[user]
+        history = seq[max(0, pos - (self.config.train_max_history or self.config.max_history)):pos]
+        example = common.chat_example(self.tokenizer, [{"role": "user", "content": next_prompt(cat, history)}],
+                                      [(cat.sid_text(seq[pos]), 1.0)], self.config.max_length)
+        return self.weight_history(example)
+
+    def weight_history(self, example: common.WeightedExample) -> common.WeightedExample:
+        """Put ``history_weight`` on the SID code tokens of the prompt (weight 0 there so far): the
+        only SIDs in a `next` prompt are the history's, so each history item's codes are predicted
+        from the items before it. Delimiters and text stay at 0; the answer keeps its weights."""
+        if self.config.history_weight <= 0:
+            return example
+        weights = [self.config.history_weight if w == 0 and t in self.code_token_ids else w
+                   for t, w in zip(example.input_ids, example.weights)]
+        return common.WeightedExample(example.input_ids, weights)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,13 +281,36 @@ def beam_search_next_items(model: Any, tokenizer: Any, prompts: list[str], trie:
     return results
 
 
-def ranking_metrics(rankings: list[list[int]], targets: list[int], ks: list[int]) -> dict[str, float]:
-    """Recall@k and NDCG@k (one relevant item: 1/log2(rank+1)) averaged over users."""
-    out: dict[str, float] = {}
+def per_user_metrics(rankings: list[list[int]], targets: list[int], ks: list[int]) -> dict[str, np.ndarray]:
+    """Recall@k and NDCG@k (one relevant item: 1/log2(rank+1)) of each user, float64 arrays."""
+    out: dict[str, np.ndarray] = {}
     for k in ks:
         hits = [r[:k].index(t) + 1 if t in r[:k] else 0 for r, t in zip(rankings, targets)]
-        out[f"recall@{k}"] = float(np.mean([h > 0 for h in hits]))
-        out[f"ndcg@{k}"] = float(np.mean([1 / math.log2(h + 1) if h else 0.0 for h in hits]))
+        out[f"recall@{k}"] = np.array([float(h > 0) for h in hits])
+        out[f"ndcg@{k}"] = np.array([1 / math.log2(h + 1) if h else 0.0 for h in hits])
+    return out
+
+
+def ranking_metrics(rankings: list[list[int]], targets: list[int], ks: list[int]) -> dict[str, float]:
+    """Recall@k and NDCG@k (one relevant item: 1/log2(rank+1)) averaged over users."""
+    return {name: float(v.mean()) for name, v in per_user_metrics(rankings, targets, ks).items()}
+
+
+def bootstrap_cis(model: dict[str, np.ndarray], baseline: dict[str, np.ndarray], seed: int,
+                  n_boot: int = 1000) -> dict[str, dict[str, list[float]]]:
+    """Percentile-bootstrap 95% CIs over users of the model's metrics, the baseline's, and the
+    paired difference model - baseline (the same resampled users for all three)."""
+    from gr2.eval.metrics import bootstrap_ci
+
+    names = list(model)
+    values = np.stack([model[n] for n in names] + [baseline[n] for n in names]
+                      + [model[n] - baseline[n] for n in names])
+    low, high = bootstrap_ci(values, n_boot=n_boot, seed=seed)
+    out: dict[str, dict[str, list[float]]] = {"model": {}, "popularity": {}, "model_minus_popularity": {}}
+    for block, key in enumerate(out):
+        for i, name in enumerate(names):
+            row = block * len(names) + i
+            out[key][name] = [float(low[row]), float(high[row])]
     return out
 
 
@@ -265,12 +338,15 @@ def evaluate(model: Any, tokenizer: Any, sid_tokens: Any, catalog: common.Catalo
                                       config.eval_beams, top, config.eval_batch_size, device)
     train_seqs = [s[:-2] for s in seqs]
     pop = popularity_ranking(train_seqs, len(catalog), top)
+    model_users = per_user_metrics(rankings, targets, config.eval_ks)
+    pop_users = per_user_metrics([pop] * len(targets), targets, config.eval_ks)
     return {
         "split": config.eval_split,
         "users": len(targets),
         "method": f"catalog-constrained beam search, {config.eval_beams} beams, {len(catalog)} items",
-        "model": ranking_metrics(rankings, targets, config.eval_ks),
-        "popularity": ranking_metrics([pop] * len(targets), targets, config.eval_ks),
+        "model": {name: float(v.mean()) for name, v in model_users.items()},
+        "popularity": {name: float(v.mean()) for name, v in pop_users.items()},
+        "ci95": bootstrap_cis(model_users, pop_users, config.seed),
         "mean_items_returned": float(np.mean([len(r) for r in rankings])),
     }
 
@@ -333,7 +409,11 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
     start = 0
     if latest is not None:
         start = common.load_checkpoint(latest, model, optimizer, scheduler)["step"]
-    sampler = TaskSampler(catalog, train_seqs, tokenizer, config)
+    sampler = TaskSampler(catalog, train_seqs, tokenizer, config, sid_tokens)
+    # logits only where the loss is (a demo-sized model spends much of its time in the output
+    # layer); only for architectures whose logits are the plain output projection of the decoder
+    plain_head = getattr(model.config, "model_type", "") in ("llama", "qwen2", "qwen3", "mistral")
+    nll = common.weighted_nll_selected if plain_head and not config.lora.enabled else common.weighted_nll
 
     t0 = time.time()
     model.train()
@@ -341,8 +421,10 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
         progress = tqdm(range(start, config.steps), desc="midtrain", initial=start, total=config.steps)
         for step in progress:
             examples, tasks = sampler.batch(step)
+            if config.pack:
+                examples = common.pack_rows(examples, max(len(e.input_ids) for e in examples), tokenizer.eos_token_id)
             batch = common.to_device(common.collate(examples, tokenizer.pad_token_id), device)
-            loss, tokens = common.weighted_nll(model, batch)
+            loss, tokens = nll(model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
