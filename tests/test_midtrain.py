@@ -14,9 +14,9 @@ from gr2.errors import ConfigError, DataError
 from gr2.models import load_pretrained, sid_tokens_of
 from gr2.train import common
 from gr2.train.midtrain import (
-    CatalogTrie,
     MixtureWeights,
-    beam_search_next_items,
+    next_item_rankings,
+    popularity_rankings,
     ranking_metrics,
     run_midtrain,
 )
@@ -74,9 +74,12 @@ def test_midtrain_resume_after_kill_matches_uninterrupted(run_dir, tmp_path):
     assert resumed["eval"] == full["eval"]
 
 
-def test_beam_search_matches_exhaustive_scoring():
-    """Constrained beam search with as many beams as items = the exact ranking by the SID string's
-    log-likelihood (HF beam search adds the unrenormalised log-probs of the allowed tokens)."""
+@pytest.mark.parametrize("excluded", [[], [6, 1]])
+def test_beam_search_matches_exhaustive_scoring(excluded):
+    """Constrained beam search with as many beams as items = the exact ranking of the remaining
+    items by their SID's constrained log-likelihood: at each code, the log-softmax over the codes
+    that still lead to a non-excluded catalog item (the delimiters are forced: log-prob 0)."""
+    import gr2
     from gr2.models import build_demo_model, extend_with_sids, train_demo_tokenizer, DemoModelConfig
 
     tok = train_demo_tokenizer(["A user watched, oldest first: Next item?"] * 5, 300)
@@ -85,21 +88,33 @@ def test_beam_search_matches_exhaustive_scoring():
     codes = np.array([[a, b] for a in range(3) for b in range(3) if (a, b) != (1, 1)], dtype=np.uint16)
     st = extend_with_sids(model, tok, codes, [3, 3], noise_std=1.0, seed=5)
     torch.nn.init.normal_(model.get_input_embeddings().weight, std=1.0)
-    trie = CatalogTrie(codes, st, tok.pad_token_id)
+    index = gr2.SidIndex.build(np.arange(len(codes), dtype=np.uint64), codes, codebook_size=3)
     prompt = "A user watched, oldest first: Next item?"
-    ranked = beam_search_next_items(model, tok, [prompt], trie, beams=len(codes), top=len(codes), batch_size=1,
-                                    device=torch.device("cpu"))[0]
+    kept = [i for i in range(len(codes)) if i not in excluded]
+    ranked = next_item_rankings(model, tok, st, index, [prompt], [excluded], beams=len(kept), top=len(kept),
+                                batch_size=1)[0]
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     prefix = tok(text, add_special_tokens=False)["input_ids"]
     scores = []
     with torch.no_grad():
-        for row in codes:
-            ids = st.sid_token_ids(row)
-            logp = torch.log_softmax(model(torch.tensor([prefix + ids])).logits[0], -1)
-            scores.append(sum(float(logp[len(prefix) + pos - 1, t]) for pos, t in enumerate(ids)))
-    exhaustive = list(np.argsort(-np.array(scores), kind="stable"))
-    assert sorted(ranked) == list(range(len(codes)))
-    assert ranked == [int(i) for i in exhaustive]
+        for item in kept:
+            ids = st.sid_token_ids(codes[item])
+            logits = model(torch.tensor([prefix + ids])).logits[0]
+            score = 0.0
+            for level in range(2):
+                allowed = sorted({int(codes[j, level]) for j in kept if (codes[j, :level] == codes[item, :level]).all()})
+                allowed_ids = [int(st.code_ids[level, c]) for c in allowed]
+                row = logits[len(prefix) + level]  # predicts the code after <|sid_begin|> + `level` codes
+                score += float(row[ids[1 + level]] - torch.logsumexp(row[allowed_ids], 0))
+            scores.append(score)
+    exhaustive = [kept[i] for i in np.argsort(-np.array(scores), kind="stable")]
+    assert sorted(ranked) == kept
+    assert ranked == exhaustive
+
+
+def test_popularity_rankings_skip_each_users_history():
+    train = [[0, 1, 2], [0, 1], [0, 3]]  # counts: 0 x3, 1 x2, 2 x1, 3 x1, 4 x0
+    assert popularity_rankings(train, 5, [[], [0], [0, 1, 2]], top=3) == [[0, 1, 2], [1, 2, 3], [3, 4]]
 
 
 def test_ranking_metrics_by_hand():

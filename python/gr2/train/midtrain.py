@@ -21,9 +21,10 @@ Steps, top to bottom:
    and the output layer is evaluated only at supervised positions
    (:func:`gr2.train.common.weighted_nll_selected`);
 3. evaluate next-item Recall@k / NDCG@k on the leave-one-out test targets by catalog-constrained
-   beam search: generation may only spell SIDs of catalog items (a prefix trie of all SIDs), the
-   beams' top-k items are the ranking. Popularity (train-part counts, not masking the user's
-   history -- the model's beams are not masked either) is scored on the same users, with
+   beam search: generation may only spell SIDs of catalog items (gr2.catalog_decode), the
+   beams' top-k items are the ranking. With ``eval_mask_history`` (default) the user's earlier
+   items can be neither generated nor ranked by popularity (train-part counts) -- the protocol of
+   the upstream full-ranking figures. Popularity is scored on the same users, with
    percentile-bootstrap 95% CIs over users for both and for their paired difference; when
    ``candidates/report.json`` exists, the upstream ranker (SASRec, full ranking on all users) is
    reported alongside.
@@ -101,6 +102,9 @@ class MidtrainConfig:
     eval_split: str = "test"  # "valid" or "test" (leave-one-out)
     eval_users: int = 0  # 0 = all users
     eval_beams: int = 20
+    # Exclude each user's earlier items from the model's beams and from popularity's list, as the
+    # upstream full-ranking figures (SASRec, popularity in candidates/report.json) do.
+    eval_mask_history: bool = True
     eval_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     eval_batch_size: int = 16
     cache_dir: str = ""  # where converted base models are cached ("" = default)
@@ -221,64 +225,23 @@ class TaskSampler:
 # evaluation: catalog-constrained beam search
 
 
-class CatalogTrie:
-    """Allowed next tokens after each generated prefix: ``<|sid_begin|>``, the codes of catalog
-    SIDs level by level, ``<|sid_end|>``, then only padding."""
-
-    def __init__(self, codes: np.ndarray, sid_tokens: Any, pad_id: int):
-        self.levels = codes.shape[1]
-        self.pad_id = pad_id
-        self.begin, self.end = sid_tokens.sid_begin, sid_tokens.sid_end
-        self.children: dict[tuple[int, ...], list[int]] = {}
-        self.token_item: dict[tuple[int, ...], int] = {}
-        for item, row in enumerate(codes):
-            ids = tuple(int(sid_tokens.code_ids[level, int(c)]) for level, c in enumerate(row))
-            self.token_item[ids] = item
-            for level in range(self.levels):
-                self.children.setdefault(ids[:level], [])
-                if ids[level] not in self.children[ids[:level]]:
-                    self.children[ids[:level]].append(ids[level])
-
-    def allowed(self, generated: list[int]) -> list[int]:
-        if not generated:
-            return [self.begin]
-        codes = tuple(generated[1:])
-        if len(codes) < self.levels:
-            return self.children.get(codes, [self.pad_id])
-        if len(codes) == self.levels:
-            return [self.end]
-        return [self.pad_id]
-
-    def item(self, generated: list[int]) -> int | None:
-        return self.token_item.get(tuple(generated[1:1 + self.levels]))
-
-
 @torch.no_grad()
-def beam_search_next_items(model: Any, tokenizer: Any, prompts: list[str], trie: CatalogTrie, beams: int,
-                           top: int, batch_size: int, device: torch.device) -> list[list[int]]:
-    """For each chat prompt, the ``top`` catalog items of a constrained beam search (best first)."""
-    model.eval()
-    tokenizer.padding_side = "left"
-    results: list[list[int]] = []
+def next_item_rankings(model: Any, tokenizer: Any, sid_tokens: Any, index: Any, prompts: list[str],
+                       exclude: list[list[int]], beams: int, top: int, batch_size: int) -> list[list[int]]:
+    """For each chat prompt, the ``top`` items of a beam search in which generation may only spell
+    the SID of a catalog item outside the row's ``exclude`` list (:func:`gr2.catalog_decode`'s
+    Rust automaton), best first."""
+    from gr2 import catalog_decode
+
+    rankings: list[list[int]] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="beam search", leave=False):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts[start:start + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        width = enc["input_ids"].shape[1]
-        out = model.generate(
-            **enc, max_new_tokens=trie.levels + 2, num_beams=beams, num_return_sequences=top, do_sample=False,
-            prefix_allowed_tokens_fn=lambda _b, ids: trie.allowed(ids[width:].tolist()),
-            eos_token_id=trie.end, pad_token_id=trie.pad_id, early_stopping=True, length_penalty=0.0,
-        )
-        for row in range(len(texts)):
-            ranked = []
-            for seq in out[row * top:(row + 1) * top]:
-                item = trie.item(seq[width:].tolist())
-                if item is not None and item not in ranked:
-                    ranked.append(item)
-            results.append(ranked)
-    tokenizer.padding_side = "right"
-    return results
+        chunk = prompts[start:start + batch_size]
+        results = catalog_decode(model, tokenizer, [[{"role": "user", "content": p}] for p in chunk], index,
+                                 n_items=1, exclude=exclude[start:start + batch_size], sid_tokens=sid_tokens,
+                                 num_beams=beams, num_return_sequences=top)
+        for row in range(len(chunk)):
+            rankings.append([int(r.items[0]) for r in results[row * top:(row + 1) * top]])
+    return rankings
 
 
 def per_user_metrics(rankings: list[list[int]], targets: list[int], ks: list[int]) -> dict[str, np.ndarray]:
@@ -314,36 +277,46 @@ def bootstrap_cis(model: dict[str, np.ndarray], baseline: dict[str, np.ndarray],
     return out
 
 
-def popularity_ranking(train_seqs: list[list[int]], n_items: int, top: int) -> list[int]:
+def popularity_rankings(train_seqs: list[list[int]], n_items: int, exclude: list[list[int]], top: int) -> list[list[int]]:
+    """Per user, the ``top`` most frequent items of the train part outside the user's ``exclude``."""
     counts = np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in train_seqs if s]), minlength=n_items)
-    return [int(i) for i in np.argsort(-counts, kind="stable")[:top]]
+    order = np.argsort(-counts, kind="stable")
+    rankings = []
+    for seen in exclude:
+        head = order[: top + len(seen)]  # enough to fill `top` after removing the seen items
+        rankings.append([int(i) for i in head[~np.isin(head, seen)][:top]])
+    return rankings
 
 
-def eval_split(seqs: list[list[int]], split: str, max_history: int) -> tuple[list[list[int]], list[int]]:
-    """Leave-one-out (history, target) per user: valid = items[-2], test = items[-1]."""
+def eval_split(seqs: list[list[int]], split: str) -> tuple[list[list[int]], list[int]]:
+    """Leave-one-out (whole history before the target, target) per user: valid = items[-2],
+    test = items[-1]."""
     cut = 1 if split == "test" else 2
-    pairs = [(s[:-cut][-max_history:], s[-cut]) for s in seqs if len(s) > cut and len(s[:-cut]) > 0]
+    pairs = [(s[:-cut], s[-cut]) for s in seqs if len(s) > cut and len(s[:-cut]) > 0]
     return [h for h, _ in pairs], [t for _, t in pairs]
 
 
 def evaluate(model: Any, tokenizer: Any, sid_tokens: Any, catalog: common.Catalog, seqs: list[list[int]],
-             config: MidtrainConfig, device: torch.device) -> dict[str, Any]:
-    histories, targets = eval_split(seqs, config.eval_split, config.max_history)
+             config: MidtrainConfig) -> dict[str, Any]:
+    histories, targets = eval_split(seqs, config.eval_split)
     if config.eval_users and config.eval_users < len(targets):
         pick = np.random.default_rng(config.seed).choice(len(targets), config.eval_users, replace=False)
         histories, targets = [histories[i] for i in pick], [targets[i] for i in pick]
-    trie = CatalogTrie(catalog.codes, sid_tokens, tokenizer.pad_token_id)
     top = max(config.eval_ks)
-    rankings = beam_search_next_items(model, tokenizer, [next_prompt(catalog, h) for h in histories], trie,
-                                      config.eval_beams, top, config.eval_batch_size, device)
-    train_seqs = [s[:-2] for s in seqs]
-    pop = popularity_ranking(train_seqs, len(catalog), top)
+    exclude = histories if config.eval_mask_history else [[] for _ in histories]
+    prompts = [next_prompt(catalog, h[-config.max_history:]) for h in histories]
+    model.eval()
+    rankings = next_item_rankings(model, tokenizer, sid_tokens, catalog.index, prompts, exclude, config.eval_beams,
+                                  top, config.eval_batch_size)
+    pop = popularity_rankings([s[:-2] for s in seqs], len(catalog), exclude, top)
     model_users = per_user_metrics(rankings, targets, config.eval_ks)
-    pop_users = per_user_metrics([pop] * len(targets), targets, config.eval_ks)
+    pop_users = per_user_metrics(pop, targets, config.eval_ks)
+    masked = "the user's history masked for both" if config.eval_mask_history else "history not masked"
     return {
         "split": config.eval_split,
         "users": len(targets),
-        "method": f"catalog-constrained beam search, {config.eval_beams} beams, {len(catalog)} items",
+        "history_masked": config.eval_mask_history,
+        "method": f"catalog-constrained beam search, {config.eval_beams} beams, {len(catalog)} items; {masked}",
         "model": {name: float(v.mean()) for name, v in model_users.items()},
         "popularity": {name: float(v.mean()) for name, v in pop_users.items()},
         "ci95": bootstrap_cis(model_users, pop_users, config.seed),
@@ -443,7 +416,7 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
     train_seconds = time.time() - t0
 
     model = common.unwrap_model(model)
-    metrics = evaluate(model, tokenizer, sid_tokens, catalog, seqs, config, device)
+    metrics = evaluate(model, tokenizer, sid_tokens, catalog, seqs, config)
     save_pretrained_atomic(model.to(torch.float32), tokenizer, stage_dir / "model")
     summary = {
         "base_model": config.base_model,
