@@ -137,8 +137,12 @@ def test_pipeline_writes_the_report(finished_run):
         assert entry["validity"] == 1.0 and 0 <= entry["order_copy_rate"] <= 1
     for model in ("midtrain", "sft", "rl"):
         assert report["decoding"][model]["latency_ms_per_list"] > 0
+    assert report["next_item"]["users"] > 0 and "recall@1" in report["next_item"]["popularity"]
+    assert report["sft_heldout_nll"]["heldout_after"]["answer_nll"] > 0
     markdown = (finished_run / "report.md").read_text()
     assert "heuristic teacher" in markdown and "| rl |" in markdown
+    assert "## Mid-training: next-item retrieval" in markdown and "| recall@1 |" in markdown
+    assert "## SFT: held-out NLL" in markdown
     assert (finished_run / "metrics.png").stat().st_size > 0
 
 

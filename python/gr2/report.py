@@ -60,6 +60,8 @@ def build_report(run_dir: Path, run: Any, timings: dict[str, float]) -> dict[str
             decoding[stage] = {k: info[k] for k in ("latency_ms_per_list", "reasoning_tokens_mean", "reasoning_tokens_max",
                                                     "max_reasoning_tokens", "lists", "batch_size", "device")}
     midtrain_cfg = run.stage_configs.get("midtrain")
+    midtrain = _read(run_dir / "midtrain" / "report.json") or {}
+    sft = _read(run_dir / "sft" / "report.json") or {}
     return {
         "name": run.name,
         "description": run.description,
@@ -72,6 +74,8 @@ def build_report(run_dir: Path, run: Any, timings: dict[str, float]) -> dict[str
         "traces": traces,
         "methods": methods,
         "decoding": decoding,
+        "next_item": midtrain.get("eval"),
+        "sft_heldout_nll": {k: sft[k] for k in ("heldout_before", "heldout_after", "heldout_traces") if k in sft} or None,
         "eval": evaluation["meta"],
         "timings_s": timings,
     }
@@ -95,6 +99,19 @@ def _verdict(methods: dict[str, dict]) -> list[str]:
             lines.append(f"- RL does **not** beat the upstream order on {metric} by more than the CI half-width "
                          f"({gap:+.4f} vs {half_width:.4f}).")
     return lines
+
+
+def _next_item_lines(ev: dict[str, Any]) -> list[str]:
+    """The mid-trained model's next-item retrieval against popularity on the same users."""
+    ci = ev.get("ci95", {})
+    lines = [f"## Mid-training: next-item retrieval ({ev['split']}, {ev['users']} users)", "", ev["method"], "",
+             "| metric | model | popularity | model - popularity (95% CI) |", "|---|---|---|---|"]
+    for metric in ("recall@10", "ndcg@10", "recall@1"):
+        if metric in ev["model"]:
+            diff = ci.get("model_minus_popularity", {}).get(metric)
+            diff_text = f"[{diff[0]:+.4f}, {diff[1]:+.4f}]" if diff else ""
+            lines.append(f"| {metric} | {ev['model'][metric]:.4f} | {ev['popularity'][metric]:.4f} | {diff_text} |")
+    return lines + [""]
 
 
 def markdown(report: dict[str, Any], run: Any) -> str:
@@ -131,6 +148,15 @@ def markdown(report: dict[str, Any], run: Any) -> str:
             lines.append(f"| {stage} | {d['lists']} | {d['latency_ms_per_list']} | {d['reasoning_tokens_mean']:.1f} / "
                          f"{d['reasoning_tokens_max']} / {d['max_reasoning_tokens']} | {d['device']} |")
         lines.append("")
+    if report.get("next_item"):
+        lines += _next_item_lines(report["next_item"])
+    if report.get("sft_heldout_nll"):
+        nll = report["sft_heldout_nll"]
+        lines += ["## SFT: held-out NLL per token (before = the mid-trained model)", "",
+                  "| tokens | before SFT | after SFT |", "|---|---|---|"]
+        for part in ("answer_nll", "reasoning_nll"):
+            lines.append(f"| {part.removesuffix('_nll')} | {nll['heldout_before'][part]:.4f} | {nll['heldout_after'][part]:.4f} |")
+        lines += ["", f"On {nll.get('heldout_traces')} held-out teacher traces.", ""]
     if report["traces"]:
         lines += ["## Teacher traces", "", f"```\n{rundir.to_json(report['traces']).strip()}\n```", ""]
     lines += ["## Stage times (s)", "", "| stage | seconds |", "|---|---|"]
