@@ -254,11 +254,6 @@ def per_user_metrics(rankings: list[list[int]], targets: list[int], ks: list[int
     return out
 
 
-def ranking_metrics(rankings: list[list[int]], targets: list[int], ks: list[int]) -> dict[str, float]:
-    """Recall@k and NDCG@k (one relevant item: 1/log2(rank+1)) averaged over users."""
-    return {name: float(v.mean()) for name, v in per_user_metrics(rankings, targets, ks).items()}
-
-
 def bootstrap_cis(model: dict[str, np.ndarray], baseline: dict[str, np.ndarray], seed: int,
                   n_boot: int = 1000) -> dict[str, dict[str, list[float]]]:
     """Percentile-bootstrap 95% CIs over users of the model's metrics, the baseline's, and the
