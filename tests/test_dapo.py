@@ -275,15 +275,24 @@ def test_rl_stage_end_to_end_from_the_cli(setup, tmp_path):
     assert index.levels == fx.LEVELS  # SIDs were unique: no disambiguation level
     (run / "sid").mkdir()
     index.save(str(run / "sid" / "index.gr2sid"))
-    table = {"user_idx": list(range(n)), "history": [[int(data.candidates[(i + 1) % n, 0])] for i in range(n)],
+    table = {"list_id": list(range(n)), "user_idx": list(range(n)),
+             "history": [[int(data.candidates[(i + 1) % n, 0])] for i in range(n)],
              "candidates": data.candidates.astype(np.int64).tolist(), "scores": [[1.0] * fx.K] * n,
              "target": data.targets.astype(np.int64).tolist()}
     table["target"][0] = int(data.candidates[1, 0])  # a row whose target was not retrieved: dropped and counted
-    for split in ("train", "valid"):
+    for split in ("train", "valid", "test"):
         Dataset.from_dict(table).save_to_disk(str(run / "candidates" / split))
+        Dataset.from_dict({"user_idx": list(range(n)), "items": [[int(data.candidates[(i + 1) % n, 0])] for i in range(n)]}
+                          ).save_to_disk(str(run / "candidates" / f"fit_{split}"))
+    from gr2.prompt_stage import run_prompts
+    from gr2.prompts import PromptConfig
+    from gr2.rundir import mark_done
+
+    mark_done(run / "candidates", "cand", {})
+    run_prompts(run, PromptConfig(max_tokens=4096))
     config = tmp_path / "rl.toml"
     config.write_text("[rl]\ngroup_size = 2\nprompts_per_step = 2\nsteps = 2\nmax_reasoning_tokens = 2\n"
-                      "device = \"cpu\"\ntensorboard = false\neval_every = 0\nlr = 1e-3\nmax_prompt_tokens = 4096\n")
+                      "device = \"cpu\"\ntensorboard = false\neval_every = 0\nlr = 1e-3\n")
     assert cli_main(["rl", "--run-dir", str(run), "--config", str(config)]) == 0
     record = json.loads((run / "rl" / "stage.json").read_text())
     assert record["summary"]["steps"] == 2 and record["summary"]["dropped_no_target"] == 1

@@ -30,10 +30,10 @@ def test_eval_stage_with_a_method(run_dir, capsys):
     valid = np.ones(len(cands), dtype=bool)
     valid[::4] = False
     (run_dir / "sft").mkdir(exist_ok=True)
-    save_rankings(run_dir / "sft" / "rankings_test.npz", test["user_idx"], reversed_order, valid, candidates=cands)
+    save_rankings(run_dir / "sft" / "rankings_test.npz", test["list_id"], reversed_order, valid, candidates=cands)
     # a second method that ranked only half the users: everything is scored on the shared half
     half = slice(0, len(cands) // 2)
-    save_rankings(run_dir / "half.npz", np.array(test["user_idx"])[half], cands[half], valid[half])
+    save_rankings(run_dir / "half.npz", np.array(test["list_id"])[half], cands[half], valid[half])
     assert cli_main(["eval", "--run-dir", str(run_dir), "--method", "copy=half.npz"]) == 0
     out = capsys.readouterr().out
     assert "upstream" in out and "sft" in out and "copy" in out
@@ -60,15 +60,15 @@ def test_eval_stage_with_a_method(run_dir, capsys):
 def test_eval_errors(run_dir, tmp_path):
     test = load_from_disk(str(run_dir / "candidates" / "test"))
     cands = np.array(test["candidates"])
-    bad_user = np.array(test["user_idx"]).copy()
+    bad_user = np.array(test["list_id"]).copy()
     bad_user[0] = 10_000
     save_rankings(tmp_path / "r.npz", bad_user, cands, np.ones(len(cands), bool))
     cfg = EvalConfig(methods={"x": str(tmp_path / "r.npz")}, discover=False, n_boot=10)
-    with pytest.raises(DataError, match="no list"):
+    with pytest.raises(DataError, match="not in this split"):
         run_eval(run_dir, cfg, force=True)
     other = cands.copy()
     other[:, 0] = 39 - other[:, 0]
-    save_rankings(tmp_path / "r.npz", test["user_idx"], cands, np.ones(len(cands), bool), candidates=other)
+    save_rankings(tmp_path / "r.npz", test["list_id"], cands, np.ones(len(cands), bool), candidates=other)
     with pytest.raises(DataError, match="different candidate lists"):
         run_eval(run_dir, cfg, force=True)
     (tmp_path / "r.npz").write_bytes(b"not a zip")

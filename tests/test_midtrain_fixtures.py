@@ -37,8 +37,9 @@ def read_ml100k(n_users: int | None):
     return inter, meta
 
 
-def make_run_dir(run_dir: Path, n_users: int | None = 60, k: int = 10) -> Path:
-    """Write data/, sid/ and candidates/ for the first ``n_users`` users of ml-100k."""
+def make_run_dir(run_dir: Path, n_users: int | None = 60, k: int = 10, prompt=None) -> Path:
+    """Write data/, sid/, candidates/ and prompts/ for the first ``n_users`` users of ml-100k
+    (``prompt``: a gr2.prompts.PromptConfig, default max_history=8)."""
     import datasets
 
     inter, meta = read_ml100k(n_users)
@@ -80,7 +81,7 @@ def make_run_dir(run_dir: Path, n_users: int | None = 60, k: int = 10) -> Path:
     popularity = np.bincount(np.concatenate([s[:-2] for s in seqs]), minlength=len(item_ext))
     by_pop = np.argsort(-popularity, kind="stable")
     for split, cut in (("train", 3), ("valid", 2), ("test", 1)):
-        rows = {"user_idx": [], "history": [], "candidates": [], "scores": [], "target": []}
+        rows = {"list_id": [], "user_idx": [], "history": [], "candidates": [], "scores": [], "target": []}
         for u, seq in enumerate(seqs):
             history, target = seq[:-cut], seq[-cut]
             seen_items = set(history) | {target}
@@ -89,13 +90,22 @@ def make_run_dir(run_dir: Path, n_users: int | None = 60, k: int = 10) -> Path:
             noise = np.random.default_rng([u, cut]).normal(0, 0.5 * popularity.max() + 1, size=k)
             score = {i: popularity[i] + e for i, e in zip(others + [target], noise)}
             cand = sorted(score, key=lambda i: -score[i])
+            rows["list_id"].append(u)
             rows["user_idx"].append(u)
             rows["history"].append(history[-50:])
             rows["candidates"].append(cand)
             rows["scores"].append([float(score[i]) for i in cand])
             rows["target"].append(target)
         datasets.Dataset.from_dict(rows).save_to_disk(str(run_dir / "candidates" / split))
+        # fit data of the split: what its (here: popularity) upstream and the teacher may use
+        fit_cut = 3 if split == "train" else 2
+        datasets.Dataset.from_dict({"user_idx": list(range(len(seqs))), "items": [q[:-fit_cut] for q in seqs]}).save_to_disk(
+            str(run_dir / "candidates" / f"fit_{split}"))
     mark_done(run_dir / "candidates", f"cand-{n_users}", {"k": k})
+    from gr2.prompt_stage import run_prompts
+    from gr2.prompts import PromptConfig
+
+    run_prompts(run_dir, prompt or PromptConfig(max_history=8))
     return run_dir
 
 

@@ -21,7 +21,7 @@ from gr2.train.sft import SftConfig, run_sft, split_completion, trace_example
 def run_dir(tmp_path_factory):
     run_dir = make_run_dir(tmp_path_factory.mktemp("sft"), n_users=30)
     run_midtrain(run_dir, tiny_midtrain_config(steps=4, eval_users=2, eval_beams=2, eval_ks=[1]))
-    run_traces(run_dir, TeacherConfig(mode="targeted", max_history=3))
+    run_traces(run_dir, TeacherConfig(mode="targeted"))
     return run_dir
 
 

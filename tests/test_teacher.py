@@ -19,7 +19,8 @@ from gr2.teacher import (
     OpenAIChatClient,
     TeacherConfig,
     TeacherEndpointError,
-    parse_ranking,
+    load_examples,
+    parse_completions,
     run_traces,
 )
 from gr2.tokens import answer_text
@@ -144,7 +145,7 @@ def test_client_disk_cache(server, tmp_path):
 def test_run_traces_openai_rejection_sampling_and_resume(server, run_dir):
     server.script = ["500", "badanswer"]
     config = TeacherConfig(backend="openai", endpoint=url(server), model="m", mode="rejection", attempts=6,
-                           max_examples=12, concurrency=3, backoff_s=0.0, max_history=5)
+                           max_examples=12, concurrency=3, backoff_s=0.0)
     summary = run_traces(run_dir, config, force=True)
     # the server rotates the candidates by the sample's seed: attempt a puts candidate a first, so a
     # target at position p < 6 is reachable (unless the one scripted bad answer hit that very attempt)
@@ -161,7 +162,7 @@ def test_run_traces_openai_rejection_sampling_and_resume(server, run_dir):
     assert summary["acceptance_rate"] == pytest.approx(summary["kept"] / 12)
     kept_attempts = [r["attempts"] for r in records if r["accepted"]]
     assert summary["attempts_per_kept_trace"] == pytest.approx(np.mean(kept_attempts))
-    assert summary["invalid_completions"] == {"no <think>...</think> block": 1}
+    assert summary["invalid_completions"] == {"malformed": 1}
     # resume: a rerun is served from the disk cache, no new requests
     n = server.requests
     assert run_traces(run_dir, config, force=True)["kept"] == summary["kept"]
@@ -170,35 +171,64 @@ def test_run_traces_openai_rejection_sampling_and_resume(server, run_dir):
 
 def test_heuristic_rejection_and_targeted(run_dir):
     catalog = common.load_catalog(run_dir)
-    rej = run_traces(run_dir, TeacherConfig(mode="rejection", attempts=6, max_history=8), force=True)
+    rej = run_traces(run_dir, TeacherConfig(mode="rejection", attempts=6), force=True)
     records = [json.loads(x) for x in (run_dir / "traces" / "traces.jsonl").read_text().splitlines()]
     assert rej["teacher"] == HEURISTIC_LABEL and all(r["teacher"] == HEURISTIC_LABEL for r in records)
     assert 0 < rej["kept"] < rej["examples"] == len(records) == 30
     assert 1 <= rej["attempts_per_kept_trace"] <= 6
     report = json.loads((run_dir / "traces" / "report.json").read_text())
     assert report["teacher"] == "heuristic teacher"
-    assert report["verified_with"] == "gr2.verify_rewards"  # kept traces were re-checked by the Rust verifier
+    assert report["parsed_with"] == "gr2.verify_rewards"  # the one grammar, in Rust
+    examples = {e.list_id: e for e in load_examples(run_dir, "train", 0, 0)}
     for r in records:
         if r["accepted"]:
-            ranking, reason = parse_ranking(r["completion"], catalog, r["candidates"])
-            assert ranking == r["ranking"] and ranking[0] == r["target"], reason
+            rb = parse_completions([r["completion"]], [examples[r["list_id"]]], catalog, reasoning=True)
+            assert rb.valid[0] and rb.ranking[0].tolist() == r["ranking"] and r["ranking"][0] == r["target"]
             think = r["completion"].split("</think>")[0]
             assert SID_RE.search(think)  # the reasoning cites items by SID
-    tgt = run_traces(run_dir, TeacherConfig(mode="targeted", max_history=8), force=True)
+    tgt = run_traces(run_dir, TeacherConfig(mode="targeted"), force=True)
     assert tgt["acceptance_rate"] == 1.0 and tgt["attempts_per_kept_trace"] == 1.0
-    # priming on/off changes the prompt and nothing else
-    run_traces(run_dir, TeacherConfig(mode="targeted", priming=False, max_history=8), force=True)
-    rec = json.loads((run_dir / "traces" / "traces.jsonl").read_text().splitlines()[0])
-    assert "Domain knowledge" not in rec["messages"][0]["content"]
+    # the teacher's greedy ranking of the held-out lists is written for `gr2 eval`
+    assert (run_dir / "teacher" / "rankings_test.npz").exists()
 
 
-def test_parse_ranking_rejects_malformed(run_dir):
+def test_answer_only_arm(run_dir):
+    summary = run_traces(run_dir, TeacherConfig(mode="rejection", attempts=6), arm="answer", force=True)
+    records = [json.loads(x) for x in (run_dir / "traces_answer" / "traces.jsonl").read_text().splitlines()]
+    assert summary["arm"] == "answer" and summary["kept"] > 0
+    for r in records:
+        assert r["reasoning"] is False and "<think>" not in r["completion"]
+        assert "<think>" not in r["messages"][-1]["content"]  # the prompt asks for the answer only
+        if r["accepted"]:
+            assert r["completion"].startswith("<answer>")
+
+
+def test_teacher_statistics_exclude_the_target(run_dir):
+    """Co-occurrence and popularity come from the split's fit data: a list's target interaction
+    and the user's later items are not in it."""
+    from gr2.candidates import load_fit_sequences
+    from gr2.teacher import HeuristicTeacher
+
     catalog = common.load_catalog(run_dir)
-    cands = [0, 1, 2]
+    fit = load_fit_sequences(run_dir, "train")
+    teacher = HeuristicTeacher(catalog, fit, TeacherConfig(w_cooccur=1.0))
+    for e in load_examples(run_dir, "train", 0, 0):
+        own = fit[e.user_idx].tolist()
+        assert e.target not in own  # the user's own fit prefix stops before the target
+    assert teacher.popularity.sum() == sum(len(s) for s in fit)
+
+
+def test_parse_completions_rejects_malformed(run_dir):
+    from gr2.teacher import Example
+
+    catalog = common.load_catalog(run_dir)
+    ex = Example(0, 0, [3], [0, 1, 2], 2, [0.0, 0.0, 0.0])
     good = "<think>x</think>" + answer_text(catalog.codes[[2, 0, 1]])
-    assert parse_ranking(good, catalog, cands) == ([2, 0, 1], "")
+    rb = parse_completions([good], [ex], catalog, reasoning=True)
+    assert rb.valid[0] and rb.ranking[0].tolist() == [2, 0, 1]
+    assert parse_completions([answer_text(catalog.codes[[2, 0, 1]])], [ex], catalog, reasoning=False).valid[0]
+    assert not parse_completions([good], [ex], catalog, reasoning=False).valid[0]  # think in answer-only arm
     bad = {
-        "no think": answer_text(catalog.codes[[2, 0, 1]]),
         "duplicate": "<think>x</think>" + answer_text(catalog.codes[[2, 0, 0]]),
         "missing": "<think>x</think>" + answer_text(catalog.codes[[2, 0]]),
         "foreign": "<think>x</think>" + answer_text(catalog.codes[[2, 0, 5]]),
@@ -207,8 +237,7 @@ def test_parse_ranking_rejects_malformed(run_dir):
         "unknown sid": "<think>x</think><answer><|sid_begin|><s_a_999><s_b_0><s_c_0><|sid_end|></answer>",
     }
     for name, text in bad.items():
-        ranking, reason = parse_ranking(text, catalog, cands)
-        assert ranking is None and reason, name
+        assert not parse_completions([text], [ex], catalog, reasoning=True).valid[0], name
 
 
 def test_local_backend_with_tiny_model(tmp_path_factory):
@@ -217,7 +246,7 @@ def test_local_backend_with_tiny_model(tmp_path_factory):
     run_dir = make_run_dir(tmp_path_factory.mktemp("lo"), n_users=30)
     run_midtrain(run_dir, tiny_midtrain_config(steps=2))
     config = TeacherConfig(backend="local", local_model=str(run_dir / "midtrain" / "model"), attempts=2,
-                           max_examples=2, max_tokens=8, max_history=3)
+                           max_examples=2, max_tokens=8)
     summary = run_traces(run_dir, config)
     # an untrained 1-layer model cannot write a valid answer: every attempt is counted as invalid
     assert summary["teacher"].startswith("local model")
@@ -239,10 +268,10 @@ def test_cli_traces_stage(run_dir, tmp_path, capsys):
     from gr2.cli import main
 
     config = tmp_path / "run.toml"
-    config.write_text('[traces]\nmode = "targeted"\nmax_history = 4\n')
-    assert main(["traces", "--run-dir", str(run_dir), "--config", str(config), "--set", "priming=false",
+    config.write_text('[traces]\nmode = "targeted"\n')
+    assert main(["traces", "--run-dir", str(run_dir), "--config", str(config), "--set", "attempts=2",
                  "--force"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["mode"] == "targeted" and out["priming"] is False and out["teacher"] == HEURISTIC_LABEL
+    assert out["mode"] == "targeted" and out["teacher"] == HEURISTIC_LABEL
     assert main(["traces", "--run-dir", str(run_dir), "--set", "atempts=3"]) == 2  # unknown key
     assert "unknown key" in capsys.readouterr().err

@@ -4,10 +4,12 @@ bookkeeping, the prefix protocol for training windows, caching, CLI, and bad inp
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from datasets import load_from_disk
 
-from gr2.candidates import CandidatesConfig, ItemKNNConfig, run_candidates, training_windows
+from gr2.splits import leave_one_out_protocol, time_protocol
+from gr2.candidates import CandidatesConfig, ItemKNNConfig, run_candidates
 from gr2.cli import main as cli_main
 from gr2.config import from_dict
 from gr2.errors import ConfigError, DataError, UnknownItemError
@@ -88,15 +90,62 @@ def test_candidates_sasrec_prefix_protocol(run_dir):
 
 
 def test_training_windows_hold_out_the_tail():
-    split = leave_one_out([0, 1], [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11]])
-    prefixes, users, histories, targets = training_windows(split, 2)
-    assert [p.tolist() for p in prefixes] == [[1, 2, 3], [8]]
-    assert users.tolist() == [0, 0, 1]
-    assert [h.tolist() for h in histories] == [[1, 2, 3], [1, 2, 3, 4], [8]]
-    assert targets.tolist() == [4, 5, 9]
-    # the prefix ranker never sees a window's target
-    for u, t in zip(users, targets):
-        assert t not in prefixes[u]
+    split = leave_one_out_protocol([0, 1], [[1, 2, 3, 4, 5, 6, 7, 70, 71], [8, 9, 10, 11, 12, 13]], 2)
+    prefixes = split.fit["train"]
+    train = split.requests["train"]
+    assert [p.tolist() for p in prefixes] == [[1, 2, 3, 4, 5], [8, 9]]
+    assert train.user_idx.tolist() == [0, 0, 1, 1]
+    assert [h.tolist() for h in train.histories] == [[1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6], [8, 9], [8, 9, 10]]
+    assert train.targets.tolist() == [6, 7, 10, 11]
+    assert split.requests["test"].targets.tolist() == [71, 13]
+
+
+def _assert_no_leak(split):
+    """Each list's target is absent from its own split's fit data (what its ranker, teacher and
+    evidence see) and from the train split's fit data (what mid-training sees) for that user."""
+    position = {int(u): i for i, u in enumerate(split.users)}
+    for name, req in split.requests.items():
+        for u, h, t in zip(req.user_idx, req.histories, req.targets):
+            for fit_name in {name, "train"}:
+                seen = split.fit[fit_name][position[int(u)]]
+                assert len(seen) <= len(h) and int(t) not in seen.tolist()
+
+
+@pytest.mark.parametrize("protocol", ["leave_one_out", "time"])
+def test_protocols_keep_targets_unseen(protocol):
+    rng = np.random.default_rng(0)
+    users = list(range(30))
+    seqs, stamps = [], []
+    for u in users:
+        n = int(rng.integers(3, 25))
+        seqs.append(rng.permutation(200)[:n].tolist())  # no repeats, as after the k-core
+        stamps.append(np.sort(rng.integers(0, 10_000, size=n)).tolist())
+    if protocol == "time":
+        split = time_protocol(users, seqs, stamps, 0.6, 0.8, 0.2, seed=1)
+    else:
+        split = leave_one_out_protocol(users, seqs, 3)
+    _assert_no_leak(split)
+    assert len(split.requests["train"]) and len(split.requests["test"])
+    seq_of = dict(zip(users, seqs))
+    for name, req in split.requests.items():
+        for u, h, t in zip(req.user_idx, req.histories, req.targets):
+            full = seq_of[int(u)]
+            # history = exactly the user's interactions before the target, target = the next one
+            assert full[: len(h)] == h.tolist() and full[len(h)] == t
+            assert len(split.fit[name][list(users).index(int(u))]) <= len(h)
+    if protocol == "time":
+        assert not set(split.requests["train"].user_idx.tolist()) & set(split.requests["valid"].user_idx.tolist())
+        t_train = split.notes["train_cutoff"]["timestamp"]
+        stamp_of = dict(zip(users, stamps))
+        for u, h in zip(split.requests["train"].user_idx, split.requests["train"].histories):
+            assert stamp_of[int(u)][len(h)] > t_train  # training targets lie after the train cutoff
+
+
+def test_time_protocol_bad_config():
+    with pytest.raises(ConfigError, match="train_cutoff"):
+        time_protocol([0], [[1, 2, 3]], [[1, 2, 3]], 0.9, 0.5, 0.1)
+    with pytest.raises(ConfigError, match="no interaction falls between"):
+        time_protocol([0, 1], [[1, 2], [3, 4]], [[1, 1], [1, 1]], 0.3, 0.6, 0.0)
 
 
 def test_candidates_bad_input(tmp_path):

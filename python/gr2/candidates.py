@@ -43,7 +43,8 @@ import numpy as np
 from gr2.config import from_dict, load_toml
 from gr2.errors import ConfigError, DataError
 from gr2.rundir import atomic_dir, atomic_write_json, is_current, mark_done, read_stage, stage_key
-from gr2.upstream import LeaveOneOut, evaluate_full_ranking, leave_one_out, top_k
+from gr2.splits import PROTOCOLS, SPLITS, ProtocolSplit, Requests, leave_one_out_protocol, time_protocol
+from gr2.upstream import evaluate_full_ranking, top_k
 from gr2.upstream.itemknn import ItemKNNRanker
 from gr2.upstream.popularity import PopularityRanker
 from gr2.upstream.sasrec import SASRecConfig, train_sasrec
@@ -65,12 +66,34 @@ class ItemKNNConfig:
 
 
 @dataclass
+class TimeSplitConfig:
+    """The ``time`` protocol (:func:`gr2.splits.time_protocol`): quantiles of all timestamps."""
+
+    train_cutoff: float = 0.8  # training lists: interactions between the two cutoffs
+    test_cutoff: float = 0.9  # test lists: every interaction after this cutoff
+    valid_users: float = 0.1  # share of the window's users whose lists are valid lists instead
+    max_test_requests: int = 0  # 0 = all; else a seeded sample (lists are then the covered ones)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.train_cutoff < self.test_cutoff < 1.0:
+            raise ConfigError("candidates.time: need 0 < train_cutoff < test_cutoff < 1, got "
+                              f"{self.train_cutoff}, {self.test_cutoff}")
+        if not 0.0 <= self.valid_users < 1.0:
+            raise ConfigError(f"candidates.time.valid_users must be in [0, 1), got {self.valid_users}")
+        if self.max_test_requests < 0:
+            raise ConfigError(f"candidates.time.max_test_requests must be >= 0, got {self.max_test_requests}")
+
+
+@dataclass
 class CandidatesConfig:
     upstream: str = "sasrec"  # "sasrec" | "popularity" | "itemknn"
     k: int = 10  # candidates per list
     max_history: int = 50  # history items stored per example (the most recent)
     mask_history: bool = True  # exclude items already in the history from the ranking
-    train_windows: int = 5  # training windows per user: its last train items, held out from the prefix ranker
+    protocol: str = "leave_one_out"  # "leave_one_out" (one test list per user) | "time" (global cutoffs, many lists)
+    train_windows: int = 5  # leave_one_out: training windows per user, held out from the prefix ranker
+    time: TimeSplitConfig = field(default_factory=lambda: TimeSplitConfig())
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
     itemknn: ItemKNNConfig = field(default_factory=ItemKNNConfig)
 
@@ -83,6 +106,8 @@ class CandidatesConfig:
             raise ConfigError(f"candidates.max_history must be >= 1, got {self.max_history}")
         if self.train_windows < 0:
             raise ConfigError(f"candidates.train_windows must be >= 0, got {self.train_windows}")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"candidates.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
 
 
 def load_data(run_dir: Path) -> tuple[Any, Any, str]:
@@ -173,24 +198,6 @@ def rank_lists(ranker, user_idx, histories, targets, config: CandidatesConfig) -
     )
 
 
-def training_windows(split: LeaveOneOut, windows: int) -> tuple[list[np.ndarray], np.ndarray, list, np.ndarray]:
-    """Prefix sequences for the prefix ranker, and the held-out windows it ranks.
-
-    For a train sequence ``s`` of length n the cut is ``c = max(1, n - windows)``: the ranker fits
-    ``s[:c]`` and window ``t`` (c <= t < n) is (history ``s[:t]``, target ``s[t]``).
-    Returns (prefixes, window user_idx, window histories, window targets).
-    """
-    prefixes, users, histories, targets = [], [], [], []
-    for u, seq in zip(split.user_idx, split.train):
-        cut = max(1, len(seq) - windows)
-        prefixes.append(seq[:cut])
-        for t in range(cut, len(seq)):
-            users.append(int(u))
-            histories.append(seq[:t])
-            targets.append(int(seq[t]))
-    return prefixes, np.asarray(users, np.int64), histories, np.asarray(targets, np.int64)
-
-
 def to_dataset(lists: Lists, max_history: int):
     """HF dataset of the lists that contain their target."""
     from datasets import Dataset, Features, Sequence, Value
@@ -198,6 +205,7 @@ def to_dataset(lists: Lists, max_history: int):
     keep = np.nonzero(lists.hits)[0]
     features = Features(
         {
+            "list_id": Value("int64"),
             "user_idx": Value("int64"),
             "history": Sequence(Value("int64")),
             "candidates": Sequence(Value("int64")),
@@ -207,6 +215,7 @@ def to_dataset(lists: Lists, max_history: int):
     )
     return Dataset.from_dict(
         {
+            "list_id": list(range(len(keep))),
             "user_idx": lists.user_idx[keep].tolist(),
             "history": [lists.histories[i][-max_history:].tolist() for i in keep],
             "candidates": lists.candidates[keep].tolist(),
@@ -232,8 +241,55 @@ def split_report(lists: Lists) -> dict[str, Any]:
     }
 
 
+def make_split(sequences: Any, config: CandidatesConfig) -> ProtocolSplit:
+    """The configured protocol's requests and fit data (:mod:`gr2.splits`)."""
+    if config.protocol == "time":
+        t = config.time
+        return time_protocol(sequences["user_idx"], sequences["items"], sequences["timestamps"], t.train_cutoff,
+                             t.test_cutoff, t.valid_users, t.seed, t.max_test_requests)
+    return leave_one_out_protocol(sequences["user_idx"], sequences["items"], config.train_windows)
+
+
+def fit_dataset(split: ProtocolSplit, name: str):
+    """HF dataset of the interactions the ranker of split ``name`` (and its statistics) may use."""
+    from datasets import Dataset, Features, Sequence, Value
+
+    features = Features({"user_idx": Value("int64"), "items": Sequence(Value("int64"))})
+    return Dataset.from_dict({"user_idx": split.users.tolist(), "items": [s.tolist() for s in split.fit[name]]},
+                             features=features)
+
+
+def load_fit_sequences(run_dir: str | Path, split: str) -> list[np.ndarray]:
+    """The fit data of ``split`` (what its upstream ranker saw): per-user item sequences."""
+    from datasets import load_from_disk
+
+    path = Path(run_dir) / "candidates" / f"fit_{split}"
+    if not path.exists():
+        raise DataError(f"{path} is missing; rerun the `candidates` stage (older runs lack it)")
+    return [np.asarray(s, dtype=np.int64) for s in load_from_disk(str(path))["items"]]
+
+
+def fit_rankers(split: ProtocolSplit, n_items: int, config: CandidatesConfig) -> dict[str, Any]:
+    """One upstream ranker per distinct fit data. The ranker of the valid lists early-stops on
+    them (SASRec); the others train for its best epoch count (no peeking at their own targets)."""
+    valid = split.requests["valid"]
+    early = (valid.histories, valid.targets) if len(valid) else None
+    first = "valid" if early is not None else "train"
+    main = fit_ranker(config.upstream, split.fit[first], n_items, config, valid=early,
+                      epochs=None if early is not None else config.sasrec.max_epochs, desc=f"{config.upstream} ({first})")
+    epochs = main.history["best_epoch"] if config.upstream == "sasrec" else None
+    rankers = {first: main}
+    for name in SPLITS:
+        if name in rankers:
+            continue
+        same = next((other for other in rankers if split.fit[other] is split.fit[name]), None)
+        rankers[name] = rankers[same] if same else fit_ranker(
+            config.upstream, split.fit[name], n_items, config, epochs=epochs, desc=f"{config.upstream} ({name})")
+    return rankers
+
+
 def run_candidates(run_dir: str | Path, config: CandidatesConfig, *, force: bool = False) -> dict[str, Any]:
-    """Fit the upstream ranker and write the candidate lists and their report (module docstring)."""
+    """Fit the upstream rankers and write the candidate lists and their report (module docstring)."""
     run_dir = Path(run_dir)
     out = run_dir / "candidates"
     items, sequences, data_key = load_data(run_dir)
@@ -242,61 +298,63 @@ def run_candidates(run_dir: str | Path, config: CandidatesConfig, *, force: bool
         return read_stage(out)["summary"]
     started = time.perf_counter()
     n_items = len(items)
-    split = leave_one_out(sequences["user_idx"], sequences["items"])
-    if len(split.user_idx) == 0:
-        raise DataError("no user has the 3 interactions leave-one-out needs")
     if config.k > n_items:
         raise ConfigError(f"candidates.k={config.k} exceeds the catalog size {n_items}")
-    valid = (split.valid_histories(), split.valid_targets)
-    test = (split.test_histories(), split.test_targets)
-
-    ranker = fit_ranker(config.upstream, split.train, n_items, config, valid=valid, desc="sasrec (main)")
-    lists = {
-        "valid": rank_lists(ranker, split.user_idx, *valid, config),
-        "test": rank_lists(ranker, split.user_idx, *test, config),
-    }
+    split = make_split(sequences, config)
+    if len(split.requests["test"]) == 0:
+        raise DataError("no user has enough interactions for the protocol's test requests")
+    rankers = fit_rankers(split, n_items, config)
+    lists: dict[str, Lists] = {}
+    for name in SPLITS:
+        req: Requests = split.requests[name]
+        if len(req):
+            lists[name] = rank_lists(rankers[name], req.user_idx, req.histories, req.targets, config)
+        else:
+            empty = np.zeros((0, config.k), np.int64)
+            lists[name] = Lists(np.zeros(0, np.int64), [], np.zeros(0, np.int64), empty, empty.astype(np.float32))
     full_ranking: dict[str, dict] = {"valid": {}, "test": {}}
-    rankers = {config.upstream: ranker}
-    for name in ("popularity", "itemknn"):
-        if name not in rankers:
-            rankers[name] = fit_ranker(name, split.train, n_items, config)
-    for name, r in rankers.items():
-        for split_name, (hist, targets) in (("valid", valid), ("test", test)):
-            full_ranking[split_name][name] = evaluate_full_ranking(r, hist, targets, 10, config.mask_history)
+    for split_name in ("valid", "test"):
+        req = split.requests[split_name]
+        if not len(req):
+            continue
+        by_name = {config.upstream: rankers[split_name]}
+        for name in ("popularity", "itemknn"):
+            by_name.setdefault(name, fit_ranker(name, split.fit[split_name], n_items, config))
+        for name, r in by_name.items():
+            full_ranking[split_name][name] = evaluate_full_ranking(r, req.histories, req.targets, 10, config.mask_history)
 
-    prefixes, w_users, w_hist, w_targets = training_windows(split, config.train_windows)
-    prefix_epochs = ranker.history["best_epoch"] if config.upstream == "sasrec" else None
-    if len(w_targets):
-        prefix_ranker = fit_ranker(config.upstream, prefixes, n_items, config, epochs=prefix_epochs, desc="sasrec (prefix)")
-        lists["train"] = rank_lists(prefix_ranker, w_users, w_hist, w_targets, config)
-    else:
-        empty = np.zeros((0, config.k), np.int64)
-        lists["train"] = Lists(np.zeros(0, np.int64), [], np.zeros(0, np.int64), empty, empty.astype(np.float32))
-
-    for split_name in ("train", "valid", "test"):
+    for split_name in SPLITS:
         with atomic_dir(out / split_name) as tmp:
             to_dataset(lists[split_name], config.max_history).save_to_disk(str(tmp))
+        with atomic_dir(out / f"fit_{split_name}") as tmp:
+            fit_dataset(split, split_name).save_to_disk(str(tmp))
+    protocol = (f"time: cutoffs at quantiles {config.time.train_cutoff} / {config.time.test_cutoff}"
+                if config.protocol == "time" else
+                f"leave_one_out; train lists: last {config.train_windows} train items per user held out from a prefix ranker")
     report = {
         "upstream": config.upstream,
         "k": config.k,
         "mask_history": config.mask_history,
-        "train_protocol": f"prefix: last {config.train_windows} train items per user held out from a second ranker",
-        "coverage": {s: lists[s].coverage() for s in ("train", "valid", "test")},
-        "splits": {s: split_report(lists[s]) for s in ("train", "valid", "test")},
+        "protocol": config.protocol,
+        "train_protocol": protocol,
+        "protocol_notes": split.notes,
+        "coverage": {s: lists[s].coverage() for s in SPLITS},
+        "splits": {s: split_report(lists[s]) for s in SPLITS},
         "full_ranking": full_ranking,
-        "users": int(len(split.user_idx)),
-        "skipped_users_too_short": int(len(split.skipped_users)),
+        "users": int(len(split.users)),
+        "skipped_users_too_short": int(split.skipped_users),
         "items": n_items,
         "seconds": round(time.perf_counter() - started, 1),
     }
     if config.upstream == "sasrec":
-        report["sasrec_training"] = ranker.history
+        report["sasrec_training"] = next(iter(rankers.values())).history
     atomic_write_json(out / "report.json", report)
     summary = {
         "upstream": config.upstream,
+        "protocol": config.protocol,
         "coverage": report["coverage"],
         "test_full_ranking": full_ranking["test"],
-        "kept": {s: report["splits"][s]["kept"] for s in ("train", "valid", "test")},
+        "kept": {s: report["splits"][s]["kept"] for s in SPLITS},
         "seconds": report["seconds"],
     }
     mark_done(out, key, summary)

@@ -18,6 +18,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "data": ("gr2.data.stage", "load a dataset, k-core it, order it chronologically (RUN_DIR/data)"),
     "sid": ("gr2.sid.stage", "embed item text, train the RQ-VAE, build the unique SID index (RUN_DIR/sid)"),
     "candidates": ("gr2.candidates", "fit the upstream ranker (SASRec/popularity/item-kNN) and write top-K candidate lists"),
+    "prompts": ("gr2.prompt_stage", "materialise every split's rerank requests (history, candidates, evidence) for all later stages"),
     "midtrain": ("gr2.train.midtrain", "stage 1: mid-train the LLM on the catalog's semantic IDs"),
     "traces": ("gr2.teacher", "teacher reasoning traces (targeted or rejection sampling)"),
     "sft": ("gr2.train.sft", "stage 2: reasoning SFT on the kept teacher traces"),

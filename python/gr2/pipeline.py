@@ -1,6 +1,10 @@
 """``gr2 run``: every stage from logs to an evaluated reranker, cached and resumable.
 
-data -> sid -> candidates -> midtrain -> traces -> sft -> rl -> rerank (each model) -> eval -> report
+data -> sid -> candidates -> prompts -> midtrain -> traces -> sft -> rl -> rerank (each model) -> eval -> report
+
+``arms`` (default ``["think"]``) names the reasoning arms (:mod:`gr2.arms`): traces, sft, rl and
+their reranks run once per arm (``sft`` / ``sft_answer`` ...), so the report shows reasoning and
+answer-only side by side.
 
 A run config is a TOML file with one table per stage (``[data]``, ``[sid]``, ... see the presets
 in ``gr2/presets/``); ``--set stage.key=value`` overrides single values. Each stage skips itself
@@ -19,12 +23,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gr2 import rundir
+from gr2.arms import ARM_STAGES, stage_dir
 from gr2.config import from_dict, load_toml
 from gr2.errors import ConfigError
 from gr2.rerank import MODEL_STAGES, RerankConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
-STAGE_ORDER = ("data", "sid", "candidates", "midtrain", "traces", "sft", "rl", "rerank", "eval")
+STAGE_ORDER = ("data", "sid", "candidates", "prompts", "midtrain", "traces", "sft", "rl", "rerank", "eval")
 
 
 def _configs() -> dict[str, type]:
@@ -32,6 +37,7 @@ def _configs() -> dict[str, type]:
     from gr2.candidates import CandidatesConfig
     from gr2.data.stage import DataConfig
     from gr2.eval.stage import EvalConfig
+    from gr2.prompts import PromptConfig
     from gr2.sid.stage import SidConfig
     from gr2.teacher import TeacherConfig
     from gr2.train.dapo import DapoConfig
@@ -39,7 +45,8 @@ def _configs() -> dict[str, type]:
     from gr2.train.sft import SftConfig
 
     return {
-        "data": DataConfig, "sid": SidConfig, "candidates": CandidatesConfig, "midtrain": MidtrainConfig,
+        "data": DataConfig, "sid": SidConfig, "candidates": CandidatesConfig, "prompts": PromptConfig,
+        "midtrain": MidtrainConfig,
         "traces": TeacherConfig, "sft": SftConfig, "rl": DapoConfig, "rerank": RerankConfig, "eval": EvalConfig,
     }
 
@@ -53,6 +60,7 @@ class RunConfig:
     description: str = ""
     stages: list[str] = field(default_factory=lambda: list(STAGE_ORDER))
     rerank_models: list[str] = field(default_factory=lambda: list(MODEL_STAGES))
+    arms: list[str] = field(default_factory=lambda: ["think"])  # reasoning arms: "think", "answer" (gr2.arms)
     stage_configs: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -96,6 +104,11 @@ def build_run_config(table: dict[str, Any]) -> RunConfig:
     unknown = [s for s in run.stages if s not in STAGE_ORDER]
     if unknown:
         raise ConfigError(f"run.stages: unknown stage(s) {unknown}; known: {list(STAGE_ORDER)}")
+    from gr2.arms import ARMS
+
+    bad_arms = [a for a in run.arms if a not in ARMS] or ([] if run.arms else ["(none)"])
+    if bad_arms:
+        raise ConfigError(f"run.arms: {bad_arms} are not arms {list(ARMS)}")
     bad_models = [s for s in run.rerank_models if s not in MODEL_STAGES]
     if bad_models:
         raise ConfigError(f"run.rerank_models: {bad_models} are not model stages {list(MODEL_STAGES)}")
@@ -118,6 +131,7 @@ def _stage_runners() -> dict[str, Callable[[Path, Any], dict]]:
     from gr2.candidates import run_candidates
     from gr2.data.stage import run_data
     from gr2.eval.stage import run_eval
+    from gr2.prompt_stage import run_prompts
     from gr2.sid.stage import run_sid
     from gr2.teacher import run_traces
     from gr2.train.dapo import run_rl
@@ -125,7 +139,8 @@ def _stage_runners() -> dict[str, Callable[[Path, Any], dict]]:
     from gr2.train.sft import run_sft
 
     return {
-        "data": run_data, "sid": run_sid, "candidates": run_candidates, "midtrain": run_midtrain,
+        "data": run_data, "sid": run_sid, "candidates": run_candidates, "prompts": run_prompts,
+        "midtrain": run_midtrain,
         "traces": run_traces, "sft": run_sft, "rl": run_rl, "eval": run_eval,
     }
 
@@ -143,6 +158,16 @@ def _one_line(summary: Any, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _targets(run: RunConfig, stage: str) -> list[tuple[str, str]]:
+    """(target, arm) pairs a stage runs for: one per arm for the arm stages and their reranks."""
+    if stage == "rerank":
+        models = [m for m in run.rerank_models if m in run.stages]
+        return [(stage_dir(m, arm), arm) for m in models for arm in (run.arms if m in ARM_STAGES else ["think"])]
+    if stage in ARM_STAGES:
+        return [(stage, arm) for arm in run.arms]
+    return [(stage, "think")]
+
+
 def run_pipeline(run: RunConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the configured stages in order; returns the final report (also written to the run dir
     when the eval stage ran)."""
@@ -152,7 +177,7 @@ def run_pipeline(run: RunConfig, *, log: Callable[[str], None] = print) -> dict[
     run_dir.mkdir(parents=True, exist_ok=True)
     rundir.atomic_write_json(run_dir / "run_config.json", {
         "name": run.name, "description": run.description, "stages": run.stages,
-        "rerank_models": run.rerank_models, **{k: v for k, v in run.stage_configs.items()},
+        "rerank_models": run.rerank_models, "arms": run.arms, **{k: v for k, v in run.stage_configs.items()},
     })
     runners = _stage_runners()
     timings: dict[str, float] = {}
@@ -160,15 +185,16 @@ def run_pipeline(run: RunConfig, *, log: Callable[[str], None] = print) -> dict[
         if stage not in run.stages:
             continue
         config = run.stage_configs[stage]
-        targets = [m for m in run.rerank_models if m in run.stages] if stage == "rerank" else [stage]
-        for target in targets:
-            label = f"rerank:{target}" if stage == "rerank" else stage
+        for target, arm in _targets(run, stage):
+            label = f"rerank:{target}" if stage == "rerank" else stage_dir(stage, arm)
             log(f"[gr2 run] {label} ...")
             start = time.perf_counter()
             if stage == "rerank":
                 from gr2.rerank import run_rerank
 
                 summary = run_rerank(run_dir, target, config)
+            elif stage in ARM_STAGES:
+                summary = runners[stage](run_dir, config, arm=arm)
             else:
                 summary = runners[stage](run_dir, config)
             timings[label] = round(time.perf_counter() - start, 1)

@@ -6,12 +6,21 @@ A prompt has a system message (an expert-recommender role) and a user message wi
 1. the history, oldest first: each item as its SID, title, year and genres/categories;
 2. optionally a domain-knowledge priming block (e.g. "shampoo -> conditioner -> styling");
 3. the K candidates as SID + metadata, in upstream order (or a seeded shuffle of it, to counter
-   position bias -- the order used is returned);
+   position bias -- the order used is returned), optionally followed by the *evidence*: the same
+   candidates ordered by how strongly each is co-engaged with the history
+   (:func:`candidate_evidence`, from the interactions the upstream ranker of the list saw, so never
+   from the target or the user's later items);
 4. instructions fixing the output format::
 
-       <think>reasoning</think><answer>SID SID ... SID</answer>
+       <think>reasoning</think><answer>SID SID ... SID</answer>     (reasoning mode)
+       <answer>SID SID ... SID</answer>                             (answer-only mode)
 
    with every candidate SID exactly once, most likely next item first.
+
+:class:`PromptConfig` (the ``[prompts]`` table of a run) fixes history length, priming and
+evidence for every stage: the ``prompts`` stage (:mod:`gr2.prompt_stage`) materialises each
+split's requests once, and traces, SFT, RL, rerank and serving all render them with
+:func:`request_messages`, so a model is trained on exactly the prompts it is served.
 
 Items are cited by SID so the model's answer can be constrained and verified token by token
 (gr2.constrained_decode, gr2.verify_rewards). With a tokenizer and ``max_tokens``, the oldest
@@ -22,12 +31,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from gr2.data.catalog import ItemCatalog
-from gr2.errors import InvalidInputError, UnknownItemError
+from gr2.errors import ConfigError, InvalidInputError, UnknownItemError
 from gr2.tokens import ANSWER_CLOSE, ANSWER_OPEN, SID_BEGIN, SID_END, TAGS, THINK_CLOSE, THINK_OPEN, sid_to_text
 
 SYSTEM_PROMPT = (
@@ -44,6 +53,49 @@ DEFAULT_PRIMING = (
     "follow items that are commonly consumed together; a candidate far from everything in the "
     "history needs a strong reason to rank first."
 )
+
+
+EVIDENCE_KINDS = ("none", "cooccur")
+
+
+@dataclass
+class PromptConfig:
+    """What every rerank prompt of a run shows (TOML table ``[prompts]``)."""
+
+    max_history: int = 20  # most recent history items shown
+    priming: bool = True  # the domain-knowledge block
+    evidence: str = "none"  # per-candidate evidence: "none" | "cooccur" (candidates by co-engagement with the history)
+    max_tokens: int = 1024  # token budget of a rendered prompt; oldest history dropped first to fit
+    # item-kNN settings of the co-engagement evidence (see gr2.upstream.itemknn)
+    evidence_neighbors: int = 100
+    evidence_shrink: float = 10.0
+    evidence_recency_decay: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_history < 1:
+            raise ConfigError(f"prompts.max_history must be >= 1, got {self.max_history}")
+        if self.evidence not in EVIDENCE_KINDS:
+            raise ConfigError(f"prompts.evidence must be one of {EVIDENCE_KINDS}, got {self.evidence!r}")
+        if self.max_tokens < 64:
+            raise ConfigError(f"prompts.max_tokens must be >= 64, got {self.max_tokens}")
+
+
+def candidate_evidence(histories: Sequence[np.ndarray], candidates: np.ndarray, fit_sequences: Sequence[np.ndarray],
+                       n_items: int, config: PromptConfig) -> np.ndarray:
+    """Co-engagement of each candidate with its history, float32 (N, K): the item-kNN score
+    (cosine co-occurrence, recency-weighted over the history) fitted on ``fit_sequences`` -- the
+    interactions the list's upstream ranker saw, which precede the target by construction."""
+    from gr2.upstream.itemknn import ItemKNNRanker
+
+    knn = ItemKNNRanker.fit(fit_sequences, n_items, neighbors=config.evidence_neighbors,
+                            shrink=config.evidence_shrink, recency_decay=config.evidence_recency_decay)
+    return np.asarray(knn.score_candidates(list(histories), np.asarray(candidates, dtype=np.int64)), dtype=np.float32)
+
+
+def evidence_ranks(scores: np.ndarray) -> np.ndarray:
+    """1-based rank of each candidate's evidence within its list (ties: earlier position first)."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), axis=-1, kind="stable")
+    return np.argsort(order, axis=-1, kind="stable") + 1
 
 
 def check_catalog_items(name: str, items: np.ndarray, catalog: ItemCatalog) -> None:
@@ -92,7 +144,13 @@ def _sid_texts(index: Any, items: np.ndarray) -> list[str]:
     return [sid_to_text(row) for row in codes]
 
 
-def instructions(k: int) -> str:
+def instructions(k: int, reasoning: bool = True) -> str:
+    if not reasoning:
+        return (
+            f"Task: rank all {k} candidates from most to least likely to be the user's next choice.\n"
+            f"Output format: {ANSWER_OPEN}SID SID ... SID{ANSWER_CLOSE} -- list the {k} candidate SIDs "
+            f"exactly as given, each exactly once, best first, and nothing else."
+        )
     return (
         f"Task: think step by step about the user's tastes, how they evolved, and which candidate "
         f"they are most likely to choose next; cite items by their SIDs. Then rank all {k} "
@@ -105,7 +163,7 @@ def instructions(k: int) -> str:
 
 def _user_message(
     history: np.ndarray, history_sids: list[str], shown: np.ndarray, shown_sids: list[str],
-    catalog: ItemCatalog, priming: str | None,
+    catalog: ItemCatalog, priming: str | None, evidence: np.ndarray | None, reasoning: bool,
 ) -> str:
     parts = [f"The user's history, oldest first ({len(history)} items):"]
     parts += [f"{i + 1}. {sid} {describe_item(catalog, int(item))}" for i, (item, sid) in enumerate(zip(history, history_sids))]
@@ -113,7 +171,13 @@ def _user_message(
         parts += ["", "Domain knowledge:", priming]
     parts += ["", f"Candidates ({len(shown)}):"]
     parts += [f"{i + 1}. {sid} {describe_item(catalog, int(item))}" for i, (item, sid) in enumerate(zip(shown, shown_sids))]
-    parts += ["", instructions(len(shown))]
+    if evidence is not None:
+        # the candidates again, most co-engaged with this history first: an order the model can
+        # copy or blend with the upstream order above
+        by_evidence = np.argsort(-evidence, kind="stable")
+        parts += ["", "Co-watched with this history by other users, most first: "
+                  + " ".join(shown_sids[int(j)] for j in by_evidence)]
+    parts += ["", instructions(len(shown), reasoning)]
     return "\n".join(parts)
 
 
@@ -142,13 +206,17 @@ def build_messages(
     seed: int | None = None,
     priming: str | bool | None = None,
     system_prompt: str = SYSTEM_PROMPT,
+    evidence: Sequence[float] | np.ndarray | None = None,
+    reasoning: bool = True,
 ) -> Prompt:
     """Chat messages for one rerank request.
 
     ``history`` and ``candidates`` are item indices (history oldest first, candidates in upstream
     order); ``catalog`` is the item metadata (:class:`gr2.data.ItemCatalog`); ``index`` maps items
     to SIDs (gr2.SidIndex). ``priming`` adds a domain-knowledge block (a string, or True for
-    :data:`DEFAULT_PRIMING`). With ``shuffle`` the candidates are shown
+    :data:`DEFAULT_PRIMING`). ``evidence`` (K,), one co-engagement score per candidate in input
+    order, adds a line listing the candidates' SIDs by decreasing evidence. ``reasoning=False`` asks for
+    the answer only (no ``<think>`` block). With ``shuffle`` the candidates are shown
     in a random order drawn from ``seed`` (returned in ``Prompt.order``). With ``max_tokens`` (needs
     ``tokenizer``) the oldest history items are dropped until the prompt fits; InvalidInputError
     if even ``min_history`` items do not fit.
@@ -173,12 +241,19 @@ def build_messages(
         raise InvalidInputError(f"min_history must be >= 0, got {min_history}")
     order = np.random.default_rng(seed).permutation(len(candidates)) if shuffle else np.arange(len(candidates))
     shown = candidates[order]
+    if evidence is not None:
+        evidence = np.asarray(evidence, dtype=np.float64)
+        if evidence.shape != candidates.shape or not np.isfinite(evidence).all():
+            raise InvalidInputError(f"evidence must be {len(candidates)} finite scores (one per candidate), got "
+                                    f"shape {evidence.shape}")
+        evidence = evidence[order]
     shown_sids = _sid_texts(index, shown)
     history_sids = _sid_texts(index, history)
 
     def render(keep: int) -> list[dict[str, str]]:
         start = len(history) - keep
-        user = _user_message(history[start:], history_sids[start:], shown, shown_sids, catalog, priming)
+        user = _user_message(history[start:], history_sids[start:], shown, shown_sids, catalog, priming, evidence,
+                             reasoning)
         return [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
 
     keep = len(history)
@@ -210,13 +285,24 @@ def build_messages(
     )
 
 
-def completion_text(reasoning: str, ordered_sids: Sequence[Any] | np.ndarray) -> str:
-    """The target completion ``<think>reasoning</think><answer>SID...SID</answer>``.
+def request_messages(request: Mapping[str, Any], config: PromptConfig, catalog: ItemCatalog, index: Any, *,
+                     reasoning: bool = True, tokenizer: Any = None) -> Prompt:
+    """The prompt of one materialised request (a row of ``prompts/<split>``: ``history``,
+    ``candidates`` and, with evidence, ``evidence``), rendered the same way by every stage."""
+    evidence = request.get("evidence") if config.evidence != "none" else None
+    return build_messages(request["history"][-config.max_history:], request["candidates"], catalog, index,
+                          tokenizer=tokenizer, max_tokens=config.max_tokens if tokenizer is not None else None,
+                          priming=config.priming, evidence=evidence, reasoning=reasoning)
+
+
+def completion_text(reasoning: str | None, ordered_sids: Sequence[Any] | np.ndarray) -> str:
+    """The target completion ``<think>reasoning</think><answer>SID...SID</answer>``, or only the
+    ``<answer>`` block when ``reasoning`` is None (answer-only mode).
 
     ``ordered_sids`` is the ranking as SID codes (K, L) or as SID strings.
     """
     for tag in TAGS:
-        if tag in reasoning:
+        if reasoning is not None and tag in reasoning:
             raise InvalidInputError(f"reasoning must not contain the tag {tag!r}")
     texts = []
     for sid in ordered_sids:
@@ -230,7 +316,8 @@ def completion_text(reasoning: str, ordered_sids: Sequence[Any] | np.ndarray) ->
         raise InvalidInputError("a completion needs at least one SID")
     if len(set(texts)) != len(texts):
         raise InvalidInputError("the ranking repeats a SID")
-    return f"{THINK_OPEN}{reasoning.strip()}{THINK_CLOSE}{ANSWER_OPEN}{''.join(texts)}{ANSWER_CLOSE}"
+    answer = f"{ANSWER_OPEN}{''.join(texts)}{ANSWER_CLOSE}"
+    return answer if reasoning is None else f"{THINK_OPEN}{reasoning.strip()}{THINK_CLOSE}{answer}"
 
 
 def answer_to_json(

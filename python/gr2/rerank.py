@@ -1,8 +1,8 @@
 """The ``rerank`` step: a trained model reranks the held-out candidate lists under the constraint.
 
-For a model stage (``midtrain``, ``sft`` or ``rl``) it loads ``<run_dir>/<stage>/model``, builds the
-rerank prompt of every list in ``candidates/<split>`` (the same :func:`gr2.prompts.build_messages`
-the training stages use), decodes with :func:`gr2.constrained_decode` (greedy by default) and
+For a model stage (``midtrain``, ``sft`` or ``rl``, or an arm's folder such as ``rl_answer``) it
+loads ``<run_dir>/<stage>/model``, renders every request of ``prompts/<split>`` with
+:func:`gr2.prompts.request_messages` (what the training stages render), decodes with :func:`gr2.constrained_decode` (greedy by default) and
 writes ``<run_dir>/<stage>/rankings_<split>.npz`` — which ``gr2 eval`` picks up as a method named
 after the stage — plus ``rerank_<split>.json`` with decode latency and reasoning length.
 """
@@ -23,6 +23,8 @@ from gr2.config import from_dict, load_toml
 from gr2.errors import ConfigError, DataError
 
 MODEL_STAGES = ("midtrain", "sft", "rl")
+#: folders a rerank can read a model from: the model stages and their answer-only arms
+RERANKABLE = MODEL_STAGES + ("sft_answer", "rl_answer")
 
 
 @dataclass
@@ -30,9 +32,7 @@ class RerankConfig:
     split: str = "test"  # "test" | "valid"
     max_lists: int = 0  # 0 = every list of the split
     batch_size: int = 8
-    reasoning: bool = True  # let the model write <think>...</think> before the answer
-    max_reasoning_tokens: int = 64
-    max_prompt_tokens: int = 1024  # oldest history dropped first to fit
+    max_reasoning_tokens: int = 64  # think arm; the answer-only arm (``*_answer``) writes no reasoning
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
@@ -51,11 +51,11 @@ def _finished(run_dir: Path, stage: str) -> dict:
 
 
 def _load_lists(run_dir: Path, split: str, max_lists: int):
-    from datasets import load_from_disk
+    from gr2.prompt_stage import load_requests
 
-    table = load_from_disk(str(run_dir / "candidates" / split))
+    table = load_requests(run_dir, split)
     if len(table) == 0:
-        raise DataError(f"candidates/{split} is empty")
+        raise DataError(f"prompts/{split} is empty")
     if max_lists:
         table = table.select(range(min(max_lists, len(table))))
     return table
@@ -68,15 +68,17 @@ def run_rerank(run_dir: str | Path, stage: str, config: RerankConfig = RerankCon
     from gr2 import SidIndex, add_sid_tokens, constrained_decode
     from gr2.eval.stage import save_rankings
     from gr2.models import load_pretrained
-    from gr2.prompts import ItemCatalog, build_messages
+    from gr2.prompt_stage import load_prompt_config
+    from gr2.prompts import ItemCatalog, request_messages
     from gr2.train.common import choose_device
 
-    if stage not in MODEL_STAGES:
-        raise ConfigError(f"rerank stage must be one of {MODEL_STAGES}, got {stage!r}")
+    if stage not in RERANKABLE:
+        raise ConfigError(f"rerank stage must be one of {RERANKABLE}, got {stage!r}")
+    reasoning = not stage.endswith("_answer")
     run_dir = Path(run_dir)
     out = run_dir / stage
     model_key = _finished(run_dir, stage)["key"]
-    key = rundir.stage_key(config, model_key, _finished(run_dir, "candidates")["key"])
+    key = rundir.stage_key(config, model_key, _finished(run_dir, "prompts")["key"])
     marker = out / f"rerank_{config.split}.json"
     if not force and marker.exists() and rundir.load_json(marker).get("key") == key:
         return rundir.load_json(marker)
@@ -89,6 +91,7 @@ def run_rerank(run_dir: str | Path, stage: str, config: RerankConfig = RerankCon
     index = SidIndex.load(str(run_dir / "sid" / "index.gr2sid"))
     sid_tokens = add_sid_tokens(tokenizer, index)  # already present: returns their ids
     catalog = ItemCatalog.from_run_dir(run_dir)
+    prompt_config = load_prompt_config(run_dir)
     table = _load_lists(run_dir, config.split, config.max_lists)
     candidates = np.asarray(table["candidates"], dtype=np.uint64)
 
@@ -98,15 +101,12 @@ def run_rerank(run_dir: str | Path, stage: str, config: RerankConfig = RerankCon
     start = time.perf_counter()
     for lo in tqdm(range(0, len(table), config.batch_size), desc=f"rerank {stage}/{config.split}", unit="batch"):
         rows = range(lo, min(lo + config.batch_size, len(table)))
-        prompts = [
-            build_messages(table[i]["history"], candidates[i], catalog, index, tokenizer=tokenizer,
-                           max_tokens=config.max_prompt_tokens).messages
-            for i in rows
-        ]
+        prompts = [request_messages(table[i], prompt_config, catalog, index, reasoning=reasoning,
+                                    tokenizer=tokenizer).messages for i in rows]
         with torch.no_grad():
             results = constrained_decode(
                 model, tokenizer, prompts, candidates[lo : rows.stop], index=index, sid_tokens=sid_tokens,
-                reasoning=config.reasoning, max_reasoning_tokens=config.max_reasoning_tokens,
+                reasoning=reasoning, max_reasoning_tokens=config.max_reasoning_tokens,
             )
         for i, result in zip(rows, results):
             rankings[i] = result.items
@@ -114,7 +114,7 @@ def run_rerank(run_dir: str | Path, stage: str, config: RerankConfig = RerankCon
             reasoning_tokens[i] = len(tokenizer(result.reasoning, add_special_tokens=False)["input_ids"]) if result.reasoning else 0
     seconds = time.perf_counter() - start
 
-    save_rankings(out / f"rankings_{config.split}.npz", np.asarray(table["user_idx"]), rankings.astype(np.int64),
+    save_rankings(out / f"rankings_{config.split}.npz", np.asarray(table["list_id"]), rankings.astype(np.int64),
                   valid, candidates.astype(np.int64))
     summary = {
         "key": key,
@@ -127,7 +127,8 @@ def run_rerank(run_dir: str | Path, stage: str, config: RerankConfig = RerankCon
         "device": str(device),
         "reasoning_tokens_mean": float(reasoning_tokens.mean()),
         "reasoning_tokens_max": int(reasoning_tokens.max()),
-        "max_reasoning_tokens": config.max_reasoning_tokens,
+        "max_reasoning_tokens": config.max_reasoning_tokens if reasoning else 0,
+        "reasoning": reasoning,
         "valid_rate": float(valid.mean()),
     }
     rundir.atomic_write_json(marker, summary)
@@ -136,7 +137,7 @@ def run_rerank(run_dir: str | Path, stage: str, config: RerankConfig = RerankCon
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", required=True, help="run directory (holds sid/, candidates/ and the model stage)")
-    parser.add_argument("--stage", required=True, choices=MODEL_STAGES, help="whose model/ reranks")
+    parser.add_argument("--stage", required=True, choices=RERANKABLE, help="whose model/ reranks")
     parser.add_argument("--config", help="TOML file; its [rerank] table sets the config")
     parser.add_argument("--split", choices=("test", "valid"))
     parser.add_argument("--max-lists", type=int)

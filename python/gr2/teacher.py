@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import socket
 import threading
 import time
@@ -36,6 +35,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -59,16 +59,17 @@ class TeacherConfig:
     split: str = "train"  # which candidates split to write traces for
     max_examples: int = 0  # 0 = every user of the split whose target is among the candidates
     attempts: int = 8  # rejection-sampling budget per example
-    priming: bool = True  # domain-knowledge priming in the prompt
     temperature: float = 1.0
-    max_history: int = 20
     seed: int = 0
-    # heuristic teacher: weights of the transparent score
-    w_cooccur: float = 1.0
-    w_genre: float = 1.0
-    w_popularity: float = 0.3
-    w_year: float = 0.2
+    # heuristic teacher: weights of the transparent score (see HeuristicTeacher)
+    w_upstream: float = 1.0  # trust in the upstream order: -log(position)
+    w_evidence: float = 1.0  # the prompt's co-engagement evidence: -log(evidence rank)
+    w_cooccur: float = 0.0
+    w_genre: float = 0.5
+    w_popularity: float = 0.0
+    w_year: float = 0.0
     cooccur_window: int = 5
+    noise: float = 0.3  # Gumbel scale of sampled (non-greedy) rankings, times temperature
     # openai backend
     endpoint: str = ""  # e.g. http://127.0.0.1:8000/v1
     model: str = ""
@@ -98,26 +99,31 @@ class TeacherConfig:
 
 @dataclass
 class Example:
+    """One rerank request of ``prompts/<split>`` (history as shown, candidates in upstream order)."""
+
+    list_id: int
     user_idx: int
     history: list[int]
     candidates: list[int]
     target: int
+    evidence: list[float]
 
 
 # --------------------------------------------------------------------------------------------
 # prompts and answers
 
 
-def rerank_messages(run_dir: Path, catalog: common.Catalog, example: Example, *, priming: bool,
+def rerank_messages(run_dir: Path, catalog: common.Catalog, example: Example, prompt: Any, *, reasoning: bool,
                     reveal_target: bool = False) -> list[dict[str, str]]:
-    """The chat prompt of one example: the student's prompt (:func:`gr2.prompts.build_messages`, the
-    same the SFT, RL and rerank stages show the model), plus, in targeted mode, a line revealing the
-    target that only the teacher sees."""
+    """The chat prompt of one example: the student's prompt (:func:`gr2.prompts.request_messages`,
+    the same the SFT, RL and rerank stages show the model), plus, in targeted mode, a line
+    revealing the target that only the teacher sees."""
     from gr2.data import ItemCatalog
-    from gr2.prompts import build_messages
+    from gr2.prompts import request_messages
 
-    messages = build_messages(example.history, example.candidates, _item_catalog(run_dir, ItemCatalog),
-                              catalog.index, priming=priming).messages
+    request = {"history": example.history, "candidates": example.candidates, "evidence": example.evidence}
+    messages = request_messages(request, prompt, _item_catalog(run_dir, ItemCatalog), catalog.index,
+                                reasoning=reasoning).messages
     if reveal_target:
         messages[-1] = dict(messages[-1])
         messages[-1]["content"] += (f"\nThe user's actual next film is {catalog.sid_text(example.target)}. "
@@ -136,50 +142,20 @@ def _item_catalog(run_dir: Path, cls: Any) -> Any:
     return _ITEM_CATALOGS[key]
 
 
-_ANSWER_RE = re.compile(re.escape(ANSWER_OPEN) + r"(.*?)" + re.escape(ANSWER_CLOSE), re.S)
-_SID_RE = re.compile(r"<\|sid_begin\|>((?:<s_[a-z]_\d+>)+)<\|sid_end\|>")
-_CODE_RE = re.compile(r"<s_([a-z])_(\d+)>")
-
-
-def parse_ranking(text: str, catalog: common.Catalog, candidates: Sequence[int],
-                  sid_map: dict[tuple[int, ...], int] | None = None) -> tuple[list[int] | None, str]:
-    """The candidate order a completion states, or (None, reason) when it is not a valid answer:
-    one ``<think>`` block then one ``<answer>`` block naming every candidate exactly once."""
-    sid_map = sid_map if sid_map is not None else catalog.item_of_sid()
-    if not text.lstrip().startswith(THINK_OPEN) or THINK_CLOSE not in text:
-        return None, "no <think>...</think> block"
-    answers = _ANSWER_RE.findall(text)
-    if len(answers) != 1:
-        return None, f"{len(answers)} <answer> blocks"
-    if text.rstrip()[-len(ANSWER_CLOSE):] != ANSWER_CLOSE:
-        return None, "text after </answer>"
-    body = answers[0]
-    sids = _SID_RE.findall(body)
-    if _SID_RE.sub("", body).strip():
-        return None, "non-SID text inside <answer>"
-    ranking = []
-    for sid in sids:
-        levels = _CODE_RE.findall(sid)
-        if [lvl for lvl, _ in levels] != [chr(ord("a") + i) for i in range(len(levels))]:
-            return None, "SID levels out of order"
-        item = sid_map.get(tuple(int(c) for _, c in levels))
-        if item is None:
-            return None, "SID of no catalog item"
-        ranking.append(item)
-    if sorted(ranking) != sorted(int(c) for c in candidates):
-        return None, "answer is not a permutation of the candidates"
-    return ranking, ""
-
-
-def check_with_verifier(completions: list[str], examples: list[Example], catalog: common.Catalog) -> np.ndarray:
-    """Validity of kept traces according to gr2.verify_rewards, the verifier the RL rewards use."""
+def parse_completions(completions: list[str], examples: list[Example], catalog: common.Catalog, *,
+                      reasoning: bool) -> Any:
+    """Parse and score teacher completions with :func:`gr2.verify_rewards` -- the one completion
+    grammar (in Rust) that the RL rewards and the decoders use. In the answer-only arm a
+    completion with a ``<think>`` block is rejected (``RewardBatch.valid`` False)."""
     from gr2 import verify_rewards
 
-    if not completions:
-        return np.zeros(0, dtype=bool)
-    candidates = np.array([e.candidates for e in examples], dtype=np.uint64)
+    candidates = np.array([e.candidates for e in examples], dtype=np.uint64).reshape(len(examples), -1)
     targets = np.array([e.target for e in examples], dtype=np.uint64)
-    return np.asarray(verify_rewards(completions, candidates, targets, index=catalog.index).valid, dtype=bool)
+    rb = verify_rewards(completions, candidates, targets, index=catalog.index)
+    if not reasoning:
+        has_think = np.array([c.lstrip().startswith(THINK_OPEN) for c in completions], dtype=bool)
+        rb = dataclasses.replace(rb, valid=rb.valid & ~has_think)
+    return rb
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,28 +165,38 @@ def check_with_verifier(completions: list[str], examples: list[Example], catalog
 class HeuristicTeacher:
     """Offline teacher: a transparent candidate score and a rationale written from its parts.
 
-    score(c) = w_cooccur * log1p(co-occurrences of c with the recent history in other users' train
-    sequences) + w_genre * (share of the history's genre mentions that c's genres account for)
-    + w_popularity * log1p(train popularity) / log1p(max popularity)
+    score(c) = w_upstream * -log(upstream position of c) + w_evidence * -log(evidence rank of c)
+    + w_cooccur * log1p(co-occurrences of c with the recent history)
+    + w_genre * (share of the history's genre mentions that c's genres account for)
+    + w_popularity * log1p(popularity) / log1p(max popularity)
     + w_year * exp(-|year(c) - median history year| / 10).
+
+    Co-occurrence and popularity come from ``fit_seqs``: the interactions the list's upstream
+    ranker saw (``candidates/fit_<split>``), which precede every target of the split, so the
+    teacher never counts the target's interaction or the user's later items. The evidence rank is
+    the one the prompt shows (no evidence: every candidate gets rank 1).
     """
 
     label = HEURISTIC_LABEL
 
-    def __init__(self, catalog: common.Catalog, train_seqs: list[list[int]], config: TeacherConfig):
+    def __init__(self, catalog: common.Catalog, fit_seqs: Sequence[Sequence[int]], config: TeacherConfig):
         self.catalog, self.config = catalog, config
-        self.popularity = np.bincount(np.concatenate([np.asarray(s, np.int64) for s in train_seqs if s] or
+        self.popularity = np.bincount(np.concatenate([np.asarray(s, np.int64) for s in fit_seqs if len(s)] or
                                                      [np.zeros(0, np.int64)]), minlength=len(catalog))
         self.cooccur: Counter[tuple[int, int]] = Counter()
         w = config.cooccur_window
-        for seq in train_seqs:
-            for i, a in enumerate(seq):
-                for b in seq[i + 1:i + 1 + w]:
-                    if a != b:
-                        self.cooccur[(a, b)] += 1
-                        self.cooccur[(b, a)] += 1
+        if config.w_cooccur:
+            for seq in fit_seqs:
+                seq = [int(x) for x in seq]
+                for i, a in enumerate(seq):
+                    for b in seq[i + 1:i + 1 + w]:
+                        if a != b:
+                            self.cooccur[(a, b)] += 1
+                            self.cooccur[(b, a)] += 1
 
     def features(self, example: Example) -> dict[int, dict[str, Any]]:
+        from gr2.prompts import evidence_ranks
+
         cat, cfg = self.catalog, self.config
         recent = example.history[-cfg.cooccur_window * 2:]
         genres = Counter(g for i in example.history for g in cat.categories[i])
@@ -218,32 +204,36 @@ class HeuristicTeacher:
         years = [int(cat.years[i]) for i in example.history if cat.years[i] >= 0]
         mid_year = float(np.median(years)) if years else None
         max_pop = math.log1p(max(1, int(self.popularity.max())))
+        ev = np.asarray(example.evidence, dtype=np.float64)
+        ev_rank = evidence_ranks(ev) if ev.any() else np.ones(len(example.candidates), dtype=np.int64)
         out = {}
-        for c in example.candidates:
-            co = {h: self.cooccur[(h, c)] for h in recent if self.cooccur[(h, c)] > 0}
+        for pos, c in enumerate(example.candidates):
+            co = {h: self.cooccur[(h, c)] for h in recent if self.cooccur[(h, c)] > 0} if cfg.w_cooccur else {}
             genre_share = sum(genres[g] for g in cat.categories[c]) / total
             year_fit = math.exp(-abs(int(cat.years[c]) - mid_year) / 10) if mid_year and cat.years[c] >= 0 else 0.0
             pop = math.log1p(int(self.popularity[c])) / max_pop
-            score = (cfg.w_cooccur * math.log1p(sum(co.values())) + cfg.w_genre * genre_share
+            score = (-cfg.w_upstream * math.log(pos + 1) - cfg.w_evidence * math.log(int(ev_rank[pos]))
+                     + cfg.w_cooccur * math.log1p(sum(co.values())) + cfg.w_genre * genre_share
                      + cfg.w_popularity * pop + cfg.w_year * year_fit)
-            out[c] = {"score": score, "cooccur": co, "genre_share": genre_share, "year_fit": year_fit,
-                      "popularity": int(self.popularity[c])}
+            out[c] = {"score": score, "position": pos + 1, "evidence_rank": int(ev_rank[pos]), "cooccur": co,
+                      "genre_share": genre_share, "year_fit": year_fit, "popularity": int(self.popularity[c])}
         return out
 
     def rank(self, example: Example, attempt: int, targeted: bool) -> tuple[list[int], dict[int, dict]]:
         feats = self.features(example)
         scores = np.array([feats[c]["score"] for c in example.candidates])
         if attempt > 0:  # sampled rankings: Gumbel-perturbed scores (attempt 0 is the greedy ranking)
-            rng = np.random.default_rng([self.config.seed, example.user_idx, attempt])
-            scores = scores + self.config.temperature * rng.gumbel(size=len(scores)) * 0.3
+            rng = np.random.default_rng([self.config.seed, example.list_id, attempt])
+            scores = scores + self.config.temperature * self.config.noise * rng.gumbel(size=len(scores))
         order = [example.candidates[i] for i in np.argsort(-scores, kind="stable")]
         if targeted:
             order = [example.target] + [c for c in order if c != example.target]
         return order, feats
 
-    def complete(self, example: Example, attempt: int, targeted: bool) -> str:
+    def complete(self, example: Example, attempt: int, targeted: bool, reasoning: bool = True) -> str:
         ranking, feats = self.rank(example, attempt, targeted)
-        return self.rationale(example, ranking, feats, targeted) + answer_block(self.catalog, ranking)
+        think = self.rationale(example, ranking, feats, targeted) if reasoning else ""
+        return think + answer_block(self.catalog, ranking)
 
     def rationale(self, example: Example, ranking: list[int], feats: dict[int, dict], targeted: bool) -> str:
         cat = self.catalog
@@ -254,13 +244,12 @@ class HeuristicTeacher:
         lines = []
         for c in ranking[:3]:
             f = feats[c]
-            why = [f"genre match {f['genre_share']:.0%}"]
+            why = [f"upstream #{f['position']}", f"co-watched rank {f['evidence_rank']}", f"genre match {f['genre_share']:.0%}"]
             if f["cooccur"]:
                 h, n = max(f["cooccur"].items(), key=lambda kv: kv[1])
                 why.append(f"co-watched {n}x with {cat.sid_text(h)}")
-            if f["year_fit"] > 0.5:
+            if self.config.w_year and f["year_fit"] > 0.5:
                 why.append("same era")
-            why.append(f"{f['popularity']} views")
             lines.append(f"{cat.sid_text(c)} {cat.titles[c]}: {', '.join(why)}")
         parts.append("Step 2, strongest candidates: " + "; ".join(lines) + ".")
         top = ranking[0]
@@ -402,66 +391,66 @@ class LocalModelTeacher:
 # the stage
 
 
-def load_examples(run_dir: Path, split: str, max_history: int, max_examples: int, seed: int) -> tuple[list[Example], int]:
-    """Examples of a candidates split whose target is among the candidates; also the count of
-    users skipped because it is not (reported, never silently dropped)."""
-    import datasets
+def load_examples(run_dir: Path, split: str, max_examples: int, seed: int) -> list[Example]:
+    """The requests of ``prompts/<split>`` (lists that contain their target), optionally a seeded
+    sample of ``max_examples``."""
+    from gr2.prompt_stage import load_requests
 
-    path = run_dir / "candidates" / split
-    if not path.exists():
-        raise DataError(f"{path} is missing; run the `candidates` stage first")
-    ds = datasets.load_from_disk(str(path))
-    examples, not_covered = [], 0
-    for row in ds:
-        cands = [int(c) for c in row["candidates"]]
-        if int(row["target"]) not in cands:
-            not_covered += 1
-            continue
-        if len(set(cands)) != len(cands):
-            raise DataError(f"{path}: user {row['user_idx']} has duplicate candidates")
-        examples.append(Example(int(row["user_idx"]), [int(i) for i in row["history"]][-max_history:], cands,
-                                int(row["target"])))
+    table = load_requests(run_dir, split)
+    examples = [Example(int(r["list_id"]), int(r["user_idx"]), [int(i) for i in r["history"]],
+                        [int(c) for c in r["candidates"]], int(r["target"]), [float(e) for e in r["evidence"]])
+                for r in table]
+    for e in examples:
+        if len(set(e.candidates)) != len(e.candidates):
+            raise DataError(f"prompts/{split}: list {e.list_id} has duplicate candidates")
     if max_examples and max_examples < len(examples):
         pick = np.sort(np.random.default_rng(seed).choice(len(examples), max_examples, replace=False))
         examples = [examples[i] for i in pick]
     if not examples:
-        raise DataError(f"{path}: no user has the target among the candidates")
-    return examples, not_covered
+        raise DataError(f"prompts/{split} has no list (no target among the candidates)")
+    return examples
 
 
-def make_sampler(config: TeacherConfig, run_dir: Path, catalog: common.Catalog, train_seqs: list[list[int]],
+def make_sampler(config: TeacherConfig, run_dir: Path, catalog: common.Catalog, prompt: Any, reasoning: bool,
                  cache_dir: Path) -> tuple[str, Callable[[Example, int], str]]:
     """(label, fn(example, attempt) -> completion text) for the configured backend."""
     import os
 
+    from gr2.candidates import load_fit_sequences
+
     targeted = config.mode == "targeted"
     if config.backend == "heuristic":
-        teacher = HeuristicTeacher(catalog, train_seqs, config)
-        return HEURISTIC_LABEL, lambda ex, attempt: teacher.complete(ex, attempt, targeted)
-    prompt = lambda ex: rerank_messages(run_dir, catalog, ex, priming=config.priming, reveal_target=targeted)  # noqa: E731
+        teacher = HeuristicTeacher(catalog, load_fit_sequences(run_dir, config.split), config)
+        return HEURISTIC_LABEL, lambda ex, attempt: teacher.complete(ex, attempt, targeted, reasoning)
+    prompt_of = lambda ex: rerank_messages(run_dir, catalog, ex, prompt, reasoning=reasoning, reveal_target=targeted)  # noqa: E731
     if config.backend == "openai":
         client = OpenAIChatClient(config.endpoint, config.model, api_key=os.environ.get(config.api_key_env),
                                   timeout_s=config.timeout_s, max_retries=config.max_retries,
                                   backoff_s=config.backoff_s, cache_dir=cache_dir)
         return (f"openai-compatible endpoint {config.model}",
-                lambda ex, attempt: client.complete(prompt(ex), temperature=config.temperature,
+                lambda ex, attempt: client.complete(prompt_of(ex), temperature=config.temperature,
                                                     max_tokens=config.max_tokens, sample_index=attempt))
     local = LocalModelTeacher(config.local_model, config)
-    return f"local model {config.local_model}", lambda ex, attempt: local.complete(prompt(ex), attempt)
+    return f"local model {config.local_model}", lambda ex, attempt: local.complete(prompt_of(ex), attempt)
 
 
 def trace_one(example: Example, sample: Callable[[Example, int], str], catalog: common.Catalog,
-              sid_map: dict, config: TeacherConfig) -> dict[str, Any]:
+              config: TeacherConfig, reasoning: bool) -> dict[str, Any]:
     """Sample until the ranking puts the target first (rejection) or once (targeted)."""
+    from gr2.rewards import REASON_NAMES
+
     budget = config.attempts if config.mode == "rejection" else 1
     invalid: Counter[str] = Counter()
     completion, ranking = "", None
     for attempt in range(budget):
         completion = sample(example, attempt)
-        ranking, reason = parse_ranking(completion, catalog, example.candidates, sid_map)
-        if ranking is None:
+        rb = parse_completions([completion], [example], catalog, reasoning=reasoning)
+        if not rb.valid[0]:
+            reason = REASON_NAMES[int(rb.invalid_reason[0])] if rb.invalid_reason[0] else "think block in answer-only arm"
             invalid[reason] += 1
+            ranking = None
             continue
+        ranking = [int(i) for i in rb.ranking[0]]
         if ranking[0] == example.target:
             return {"accepted": True, "attempts": attempt + 1, "completion": completion, "ranking": ranking,
                     "invalid": dict(invalid)}
@@ -469,37 +458,53 @@ def trace_one(example: Example, sample: Callable[[Example, int], str], catalog: 
             "invalid": dict(invalid)}
 
 
-def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, force: bool = False) -> dict[str, Any]:
+def teacher_rankings(run_dir: Path, config: TeacherConfig, catalog: common.Catalog, split: str) -> None:
+    """The heuristic teacher's greedy ranking of ``prompts/<split>``, written as
+    ``teacher/rankings_<split>.npz`` so ``gr2 eval`` scores the teacher like any method."""
+    from gr2.candidates import load_fit_sequences
+    from gr2.eval.stage import save_rankings
+
+    examples = load_examples(run_dir, split, 0, config.seed)
+    teacher = HeuristicTeacher(catalog, load_fit_sequences(run_dir, split), config)
+    rankings = np.array([teacher.rank(ex, 0, False)[0] for ex in examples], dtype=np.int64)
+    save_rankings(run_dir / "teacher" / f"rankings_{split}.npz", [e.list_id for e in examples], rankings,
+                  np.ones(len(examples), dtype=bool), np.array([e.candidates for e in examples], dtype=np.int64))
+
+
+def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, arm: str = "think",
+               force: bool = False) -> dict[str, Any]:
+    from gr2 import arms
+    from gr2.prompt_stage import load_prompt_config
+
     run_dir = Path(run_dir)
-    stage_dir = run_dir / STAGE
-    inputs = [common.input_key(run_dir, s) for s in ("data", "sid", "candidates")]
-    key = stage_key(config, *inputs)
+    stage_dir = run_dir / arms.stage_dir(STAGE, arm)
+    reasoning = arms.reasoning(arm)
+    inputs = [common.input_key(run_dir, s) for s in ("data", "sid", "candidates", "prompts")]
+    key = stage_key({"config": config, "arm": arm}, *inputs)
     if not force and is_current(stage_dir, key):
         return read_stage(stage_dir)["summary"]
     catalog = common.load_catalog(run_dir)
-    # co-occurrence statistics only from items before every split's target (items[:-3])
-    train_seqs = [s[:-3] for s in common.load_sequences(run_dir)]
-    examples, not_covered = load_examples(run_dir, config.split, config.max_history, config.max_examples, config.seed)
-    label, sample = make_sampler(config, run_dir, catalog, train_seqs, stage_dir / "cache")
-    sid_map = catalog.item_of_sid()
+    prompt = load_prompt_config(run_dir)
+    examples = load_examples(run_dir, config.split, config.max_examples, config.seed)
+    label, sample = make_sampler(config, run_dir, catalog, prompt, reasoning, stage_dir / "cache")
 
     workers = config.concurrency if config.backend == "openai" else 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(tqdm(pool.map(lambda ex: trace_one(ex, sample, catalog, sid_map, config), examples),
-                            total=len(examples), desc=f"traces ({label})"))
+        results = list(tqdm(pool.map(lambda ex: trace_one(ex, sample, catalog, config, reasoning), examples),
+                            total=len(examples), desc=f"traces ({label}, {arm})"))
 
     kept = [(ex, r) for ex, r in zip(examples, results) if r["accepted"]]
-    verifier_valid = check_with_verifier([r["completion"] for _, r in kept], [ex for ex, _ in kept], catalog)
-    if not verifier_valid.all():
-        raise DataError(f"gr2.verify_rewards rejects {int((~verifier_valid).sum())} kept traces the teacher "
-                        "parser accepted; the two parsers disagree")
     lines = []
     for ex, r in zip(examples, results):
-        record = {"teacher": label, "mode": config.mode, "priming": config.priming, "split": config.split,
-                  "user_idx": ex.user_idx, "history": ex.history, "candidates": ex.candidates, "target": ex.target,
-                  "messages": rerank_messages(run_dir, catalog, ex, priming=config.priming), **r}
+        record = {"teacher": label, "mode": config.mode, "arm": arm, "reasoning": reasoning, "split": config.split,
+                  "list_id": ex.list_id, "user_idx": ex.user_idx, "history": ex.history, "candidates": ex.candidates,
+                  "target": ex.target, "messages": rerank_messages(run_dir, catalog, ex, prompt, reasoning=reasoning),
+                  **r}
         lines.append(json.dumps(record))
     atomic_write_text(stage_dir / "traces.jsonl", "\n".join(lines) + "\n")
+    if config.backend == "heuristic":
+        for split in ("valid", "test"):
+            teacher_rankings(run_dir, config, catalog, split)
     invalid = Counter()
     for r in results:
         invalid.update(r["invalid"])
@@ -507,17 +512,16 @@ def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, 
         "teacher": label,
         "backend": config.backend,
         "mode": config.mode,
-        "priming": config.priming,
+        "arm": arm,
         "split": config.split,
         "examples": len(examples),
-        "skipped_target_not_in_candidates": not_covered,
         "kept": len(kept),
         "acceptance_rate": len(kept) / len(examples),
         "attempts_per_kept_trace": float(np.mean([r["attempts"] for _, r in kept])) if kept else None,
         "attempts_total": int(sum(r["attempts"] for r in results)),
         "attempts_budget": config.attempts if config.mode == "rejection" else 1,
         "invalid_completions": dict(invalid),
-        "verified_with": "gr2.verify_rewards",
+        "parsed_with": "gr2.verify_rewards",
     }
     atomic_write_json(stage_dir / "report.json", summary)
     mark_done(stage_dir, key, summary)
@@ -526,10 +530,12 @@ def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, 
 
 def add_arguments(parser: Any) -> None:
     common.add_common_arguments(parser)
+    parser.add_argument("--arm", default="think", choices=("think", "answer"),
+                        help="reasoning arm: think (<think> + answer) or answer-only (see gr2.arms)")
 
 
 def main(args: Any) -> int:
     config = common.config_from_args(TeacherConfig, args, STAGE)
-    summary = run_traces(args.run_dir, config, force=args.force)
+    summary = run_traces(args.run_dir, config, arm=getattr(args, "arm", "think"), force=args.force)
     print(json.dumps(summary, indent=2))
     return 0

@@ -113,24 +113,37 @@ def per_list_metrics(rankings, valid, candidates, targets, *, invalid: str = "mi
 
 
 def bootstrap_ci(
-    values: np.ndarray, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95, max_cells: int = 4_000_000
+    values: np.ndarray, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95, max_cells: int = 4_000_000,
+    groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Percentile-bootstrap CIs of the means of each row of ``values`` (M, B).
 
     The same resampled lists are used for every metric (rows), so CIs of different metrics come
-    from one set of resamples. Vectorised in chunks of resamples to bound memory.
+    from one set of resamples. Vectorised in chunks of resamples to bound memory. With ``groups``
+    (B,) (e.g. the user of each list) whole groups are resampled (cluster bootstrap): lists of one
+    user are correlated, and resampling them one by one would make the CI too narrow.
     """
     values = np.atleast_2d(np.asarray(values, dtype=np.float64))
     m, b = values.shape
     if b == 0 or n_boot < 1:
         raise InvalidInputError(f"bootstrap needs lists and n_boot >= 1, got B={b}, n_boot={n_boot}")
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != (b,):
+            raise InvalidInputError(f"groups must have one entry per list ({b}), got shape {groups.shape}")
+        _, inverse = np.unique(groups, return_inverse=True)
+        sums = np.stack([np.bincount(inverse, weights=row) for row in values])  # (M, G)
+        counts = np.bincount(inverse).astype(np.float64)
+    else:
+        sums, counts = values, np.ones(b)
+    n_groups = sums.shape[1]
     rng = np.random.default_rng(seed)
     means = np.empty((m, n_boot))
-    chunk = max(1, max_cells // b)
+    chunk = max(1, max_cells // n_groups)
     for start in range(0, n_boot, chunk):
         stop = min(start + chunk, n_boot)
-        idx = rng.integers(0, b, size=(stop - start, b))
-        means[:, start:stop] = values[:, idx].mean(axis=2)
+        idx = rng.integers(0, n_groups, size=(stop - start, n_groups))
+        means[:, start:stop] = sums[:, idx].sum(axis=2) / counts[idx].sum(axis=1)
     tail = (1.0 - level) / 2.0 * 100.0
     low, high = np.percentile(means, [tail, 100.0 - tail], axis=1)
     return low, high
@@ -147,6 +160,7 @@ def evaluate_rankings(
     invalid: str = "miss",
     baseline: tuple[np.ndarray, np.ndarray] | None = None,
     baseline_name: str = "upstream",
+    groups: np.ndarray | None = None,
 ) -> dict:
     """Metrics of one method with bootstrap 95% CIs.
 
@@ -155,13 +169,14 @@ def evaluate_rankings(
     position of the top-1 item, valid lists only]}``. With ``baseline=(rankings, valid)`` on the
     same lists it adds ``"vs": {"baseline": name, metric: {"value", "ci_low", "ci_high"}}``: the
     paired difference method - baseline per ranking metric, CIs from the same resampled lists (far
-    tighter than comparing two separate CIs).
+    tighter than comparing two separate CIs). ``groups`` (B,): resample whole groups (the user of
+    each list) instead of lists, see :func:`bootstrap_ci`.
     """
     per_list = per_list_metrics(rankings, valid, candidates, targets, invalid=invalid)
     positions = per_list.pop("top1_position")
     names = list(per_list)
     values = np.stack([per_list[n] for n in names])
-    low, high = bootstrap_ci(values, n_boot=n_boot, seed=seed)
+    low, high = bootstrap_ci(values, n_boot=n_boot, seed=seed, groups=groups)
     b, k = np.asarray(candidates).shape
     result: dict = {"n": int(b), "k": int(k), "invalid": invalid}
     for i, name in enumerate(names):
@@ -171,7 +186,7 @@ def evaluate_rankings(
         base = per_list_metrics(baseline[0], baseline[1], candidates, targets, invalid=invalid)
         ranking_names = [n for n in names if n.startswith(("recall", "ndcg"))]
         diff = np.stack([per_list[n] - base[n] for n in ranking_names])
-        d_low, d_high = bootstrap_ci(diff, n_boot=n_boot, seed=seed)
+        d_low, d_high = bootstrap_ci(diff, n_boot=n_boot, seed=seed, groups=groups)
         result["vs"] = {"baseline": baseline_name}
         for i, name in enumerate(ranking_names):
             result["vs"][name] = {"value": float(diff[i].mean()), "ci_low": float(d_low[i]), "ci_high": float(d_high[i])}

@@ -2,7 +2,7 @@
 
 Reads ``candidates/<split>`` (lists containing the target), ``candidates/report.json`` (coverage)
 and ``data/sequences`` (train split, for the popularity and item-kNN baselines). Methods are
-rankings files (:func:`save_rankings`: ``user_idx``, ``rankings`` (B, K), ``valid`` (B,)), named
+rankings files (:func:`save_rankings`: ``list_id``, ``rankings`` (B, K), ``valid`` (B,)), named
 in ``EvalConfig.methods`` or found as ``<run_dir>/<stage>/rankings_<split>.npz`` (``discover``).
 When methods cover only some lists (an LLM decoded on a sample), every method and baseline is
 scored on the lists all methods share, so the comparison stays paired; the report says how many.
@@ -23,14 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from gr2.candidates import ItemKNNConfig, load_data
+from gr2.candidates import ItemKNNConfig, load_data, load_fit_sequences
 from gr2.config import from_dict, load_toml
 from gr2.errors import ConfigError, CorruptFileError, DataError, InvalidInputError
 from gr2.eval.baselines import popularity_order, random_order, score_order, upstream_order
 from gr2.eval.metrics import check_lists, evaluate_rankings
 from gr2.eval.report import write_report
 from gr2.rundir import atomic_write_bytes, hash_file, is_current, mark_done, read_stage, stage_key
-from gr2.upstream import check_items, leave_one_out
+from gr2.upstream import check_items
 from gr2.upstream.itemknn import ItemKNNRanker
 from gr2.upstream.popularity import PopularityRanker
 
@@ -54,17 +54,18 @@ class EvalConfig:
             raise ConfigError(f"eval.n_boot must be >= 1, got {self.n_boot}")
 
 
-def save_rankings(path: str | Path, user_idx, rankings, valid, candidates=None) -> None:
-    """Write a method's rerankings for `gr2 eval` (atomically). ``candidates`` (upstream order) lets
-    eval check the method saw the same lists."""
-    user_idx = np.asarray(user_idx, dtype=np.int64)
+def save_rankings(path: str | Path, list_id, rankings, valid, candidates=None) -> None:
+    """Write a method's rerankings for `gr2 eval` (atomically). ``list_id`` names each row's list
+    (the ``list_id`` column of ``candidates/<split>``); ``candidates`` (upstream order) lets eval
+    check the method saw the same lists."""
+    list_id = np.asarray(list_id, dtype=np.int64)
     rankings = np.asarray(rankings)
     valid = np.asarray(valid, dtype=bool)
-    if rankings.ndim != 2 or len(rankings) != len(user_idx) or valid.shape != (len(user_idx),):
+    if rankings.ndim != 2 or len(rankings) != len(list_id) or valid.shape != (len(list_id),):
         raise InvalidInputError(
-            f"need user_idx (B,), rankings (B, K), valid (B,); got {user_idx.shape}, {rankings.shape}, {valid.shape}"
+            f"need list_id (B,), rankings (B, K), valid (B,); got {list_id.shape}, {rankings.shape}, {valid.shape}"
         )
-    arrays = {"user_idx": user_idx, "rankings": rankings.astype(np.int64), "valid": valid}
+    arrays = {"list_id": list_id, "rankings": rankings.astype(np.int64), "valid": valid}
     if candidates is not None:
         arrays["candidates"] = np.asarray(candidates, dtype=np.int64)
     buf = io.BytesIO()
@@ -81,9 +82,9 @@ def load_rankings(path: str | Path) -> dict[str, np.ndarray]:
             data = {k: z[k] for k in z.files}
     except Exception as e:  # numpy raises several types for a damaged archive
         raise CorruptFileError(f"cannot read rankings file {path}: {e}") from e
-    for key in ("user_idx", "rankings", "valid"):
+    for key in ("list_id", "rankings", "valid"):
         if key not in data:
-            raise CorruptFileError(f"rankings file {path} lacks array {key!r}")
+            raise CorruptFileError(f"rankings file {path} lacks array {key!r} (files from before list ids: rerun `gr2 rerank`)")
     return data
 
 
@@ -95,14 +96,14 @@ def find_methods(run_dir: Path, config: EvalConfig) -> dict[str, Path]:
     return methods
 
 
-def align(method: dict[str, np.ndarray], row_of_user: dict[int, int], candidates: np.ndarray, name: str):
+def align(method: dict[str, np.ndarray], row_of_list: dict[int, int], candidates: np.ndarray, name: str):
     """Rows of the split each method row refers to; checks the method saw the same lists."""
-    rows = np.array([row_of_user.get(int(u), -1) for u in method["user_idx"]], dtype=np.int64)
+    rows = np.array([row_of_list.get(int(u), -1) for u in method["list_id"]], dtype=np.int64)
     if (rows < 0).any():
-        bad = int(method["user_idx"][rows < 0][0])
-        raise DataError(f"method {name!r} ranks user {bad}, who has no list in this split")
+        bad = int(method["list_id"][rows < 0][0])
+        raise DataError(f"method {name!r} ranks list {bad}, which is not in this split")
     if len(np.unique(rows)) != len(rows):
-        raise DataError(f"method {name!r} ranks some user twice")
+        raise DataError(f"method {name!r} ranks some list twice")
     if "candidates" in method:
         theirs = np.sort(method["candidates"], axis=1)
         ours = np.sort(candidates[rows], axis=1)
@@ -133,23 +134,26 @@ def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) ->
     candidates = candidates.astype(np.int64)
     targets = targets.astype(np.int64)
     check_items(f"candidates/{config.split}", candidates, len(items))
+    if "list_id" not in lists.column_names:
+        raise DataError(f"candidates/{config.split} has no list_id column (made by an older gr2); rerun `gr2 candidates`")
+    list_id = np.asarray(lists["list_id"], dtype=np.int64)
     user_idx = np.asarray(lists["user_idx"], dtype=np.int64)
-    row_of_user = {int(u): i for i, u in enumerate(user_idx)}
-    if len(row_of_user) != len(user_idx):
-        raise DataError(f"candidates/{config.split} holds several lists per user; eval expects one")
+    row_of_list = {int(u): i for i, u in enumerate(list_id)}
+    if len(row_of_list) != len(list_id):
+        raise DataError(f"candidates/{config.split} repeats a list_id")
 
     loaded = {name: load_rankings(p) for name, p in method_paths.items()}
-    method_rows = {name: align(m, row_of_user, candidates, name) for name, m in loaded.items()}
+    method_rows = {name: align(m, row_of_list, candidates, name) for name, m in loaded.items()}
     shared = np.arange(len(candidates))
     for rows in method_rows.values():
         shared = np.intersect1d(shared, rows)
     if len(shared) == 0:
         raise DataError("the methods share no list; evaluate them on the same users")
 
-    split = leave_one_out(sequences["user_idx"], sequences["items"])
-    counts = PopularityRanker.fit(split.train, len(items)).counts
+    fit = load_fit_sequences(run_dir, config.split)  # what this split's upstream saw
+    counts = PopularityRanker.fit(fit, len(items)).counts
     knn = ItemKNNRanker.fit(
-        split.train, len(items), neighbors=config.itemknn.neighbors, shrink=config.itemknn.shrink,
+        fit, len(items), neighbors=config.itemknn.neighbors, shrink=config.itemknn.shrink,
         recency_decay=config.itemknn.recency_decay,
     )
     c, t = candidates[shared], targets[shared]
@@ -172,7 +176,7 @@ def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) ->
     results = {
         name: evaluate_rankings(
             r, v, c, t, n_boot=config.n_boot, seed=config.seed, invalid=config.invalid,
-            baseline=None if name == "upstream" else rankings["upstream"],
+            baseline=None if name == "upstream" else rankings["upstream"], groups=user_idx[shared],
         )
         for name, (r, v) in rankings.items()
     }
@@ -185,7 +189,10 @@ def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) ->
         "upstream": cand_report.get("upstream"),
         "coverage": cand_report.get("coverage", {}).get(config.split),
         "invalid_policy": config.invalid,
-        "bootstrap": {"n_boot": config.n_boot, "seed": config.seed, "level": 0.95, "kind": "percentile"},
+        "bootstrap": {"n_boot": config.n_boot, "seed": config.seed, "level": 0.95,
+                      "kind": "percentile, paired, resampling users (all lists of a user together)"},
+        "users": int(len(np.unique(user_idx[shared]))),
+        "protocol": cand_report.get("protocol", "leave_one_out"),
         "methods_from": {name: str(p) for name, p in method_paths.items()},
         "note": "Recall/NDCG over lists that contain the target; over all users multiply by coverage.",
     }

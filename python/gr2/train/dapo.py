@@ -122,8 +122,7 @@ class DapoConfig:
     rollout_batch: int = 0  # prompts per rollout call (G completions each); 0 = auto: all on CUDA, 1 on CPU
     temperature: float = 1.0
     top_p: float = 1.0
-    max_prompt_tokens: int = 2048
-    max_train_prompts: int = 0  # 0 = all of candidates/train
+    max_train_prompts: int = 0  # 0 = all of prompts/train
     # evaluation on candidates/valid (greedy) for R@1 / NDCG@5 against step
     eval_every: int = 0
     eval_prompts: int = 64
@@ -558,35 +557,30 @@ class RlData:
 
 
 def load_rl_data(run_dir: Path, split: str, tokenizer: Any, index: Any, config: DapoConfig, limit: int = 0) -> RlData:
-    """Build prompts for ``candidates/<split>`` rows whose target is among the candidates (the
-    others cannot be rewarded; they are counted in ``dropped_no_target``)."""
-    from datasets import load_from_disk
+    """Prompts of ``prompts/<split>`` (lists that contain their target), rendered with the run's
+    :class:`gr2.prompts.PromptConfig` exactly as SFT traces and ``gr2 rerank`` render them."""
+    from gr2.prompt_stage import load_prompt_config, load_requests
+    from gr2.prompts import ItemCatalog, request_messages
 
-    from gr2.prompts import ItemCatalog, build_messages
-
-    path = run_dir / "candidates" / split
-    if not path.exists():
-        raise DataError(f"{path} is missing; run the `candidates` stage first")
-    table = load_from_disk(str(path))
+    table = load_requests(run_dir, split)
+    prompt_config = load_prompt_config(run_dir)
     catalog = ItemCatalog.from_run_dir(run_dir)
     cands = [np.asarray(c, dtype=np.int64) for c in table["candidates"]]
     k = len(cands[0]) if cands else 0
     if any(len(c) != k for c in cands):
-        raise DataError(f"{path}: rows have different candidate counts")
+        raise DataError(f"prompts/{split}: rows have different candidate counts")
     if config.k and k != config.k:
-        raise ConfigError(f"rl.k = {config.k} but {path} has K = {k} candidates per row")
+        raise ConfigError(f"rl.k = {config.k} but prompts/{split} has K = {k} candidates per row")
     targets = np.asarray(table["target"], dtype=np.int64)
     keep = [i for i in range(len(cands)) if targets[i] in cands[i]]
     dropped = len(cands) - len(keep)
     if limit:
         keep = keep[:limit]
     if not keep:
-        raise DataError(f"{path}: no row has its target among the candidates")
-    histories = table["history"]
+        raise DataError(f"prompts/{split}: no row has its target among the candidates")
     texts, ids = [], []
     for i in tqdm(keep, desc=f"rl prompts ({split})", leave=False):
-        prompt = build_messages(histories[i], cands[i], catalog, index, tokenizer=tokenizer,
-                                max_tokens=config.max_prompt_tokens)
+        prompt = request_messages(table[i], prompt_config, catalog, index, reasoning=config.reasoning, tokenizer=tokenizer)
         text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
         texts.append(text)
         ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -825,17 +819,21 @@ def train(trainer: DapoTrainer, out_dir: Path, eval_data: RlData | None = None, 
 # the stage
 
 
-def _start_model_dir(run_dir: Path, base: str) -> tuple[Path, str]:
+def _start_model_dir(run_dir: Path, base: str, arm: str = "think") -> tuple[Path, str]:
+    from gr2 import arms
+
     if base in ("sft", "midtrain"):
-        path = run_dir / base / "model"
+        stage = arms.stage_dir(base, arm)
+        path = run_dir / stage / "model"
         if not path.exists():
             raise DataError(f"{path} is missing; run the `{base}` stage first")
-        return path, base
+        return path, stage
     if base == "auto":
-        for stage in ("sft", "midtrain"):
+        for stage in (arms.stage_dir("sft", arm), "midtrain"):
             if (run_dir / stage / "model").exists():
                 return run_dir / stage / "model", stage
-        raise DataError(f"neither {run_dir}/sft/model nor {run_dir}/midtrain/model exists; run sft (or midtrain) first")
+        raise DataError(f"neither {run_dir}/{arms.stage_dir('sft', arm)}/model nor {run_dir}/midtrain/model exists; "
+                        "run sft (or midtrain) first")
     path = Path(base)
     if not path.exists():
         raise ConfigError(f"rl.base {base!r} is neither sft, midtrain, auto nor an existing model folder")
@@ -847,13 +845,14 @@ def _stage_input_key(run_dir: Path, stage: str) -> str:
     return record["key"] if record else "missing"
 
 
-def build_trainer(run_dir: Path, config: DapoConfig, out_dir: Path, world: World) -> tuple[DapoTrainer, RlData | None, dict]:
+def build_trainer(run_dir: Path, config: DapoConfig, out_dir: Path, world: World,
+                  arm: str = "think") -> tuple[DapoTrainer, RlData | None, dict]:
     """Load start model, index and data for the stage (shared by run_rl and the ablation)."""
     from gr2 import SidIndex
     from gr2.models import load_pretrained, sid_tokens_of
 
     common.seed_everything(config.seed)
-    model_dir, base_stage = _start_model_dir(run_dir, config.base)
+    model_dir, base_stage = _start_model_dir(run_dir, config.base, arm)
     device = common.choose_device(config.device)
     dtype = common.choose_dtype(device, config.dtype)
     model, tokenizer = load_pretrained(model_dir, dtype=dtype)
@@ -874,22 +873,25 @@ def build_trainer(run_dir: Path, config: DapoConfig, out_dir: Path, world: World
     return trainer, eval_data, info
 
 
-def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig()) -> dict[str, Any]:
-    """The ``rl`` stage: DAPO from sft/model (or midtrain/model) on candidates/train -> rl/model."""
+def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig(), *, arm: str = "think") -> dict[str, Any]:
+    """The ``rl`` stage of ``arm`` (:mod:`gr2.arms`): DAPO from sft/model (or midtrain/model) on
+    prompts/train -> rl/model (``rl_answer/`` for the answer-only arm, which sets rl.reasoning off)."""
+    from gr2 import arms
     from gr2.models import save_pretrained_atomic
 
     run_dir = Path(run_dir)
-    out_dir = run_dir / "rl"
-    model_dir, base_stage = _start_model_dir(run_dir, config.base)
-    inputs = [_stage_input_key(run_dir, s) for s in ("sid", "candidates")]
+    config = dataclasses.replace(config, reasoning=arms.reasoning(arm))
+    out_dir = run_dir / arms.stage_dir("rl", arm)
+    model_dir, base_stage = _start_model_dir(run_dir, config.base, arm)
+    inputs = [_stage_input_key(run_dir, s) for s in ("sid", "candidates", "prompts")]
     inputs.append(_stage_input_key(run_dir, base_stage) if base_stage else str(model_dir))
     key = stage_key(config, *inputs)
     if is_current(out_dir, key):
         return read_stage(out_dir)["summary"]
     world = init_world()
-    trainer, eval_data, info = build_trainer(run_dir, config, out_dir, world)
+    trainer, eval_data, info = build_trainer(run_dir, config, out_dir, world, arm)
     last = train(trainer, out_dir, eval_data)
-    summary = {**info, "steps": trainer.step_count, "world_size": world.size,
+    summary = {**info, "arm": arm, "steps": trainer.step_count, "world_size": world.size,
                **{k: v for k, v in last.items() if isinstance(v, (int, float))}}
     if world.rank == 0:
         save_pretrained_atomic(trainer.model, trainer.tokenizer, out_dir / "model")
@@ -1005,6 +1007,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unconditional", action="store_true", help="unconditional format reward (the hack)")
     parser.add_argument("--ablation", action="store_true",
                         help="conditional vs unconditional reward from the same start model; writes rl_ablation/")
+    parser.add_argument("--arm", default="think", choices=("think", "answer"),
+                        help="reasoning arm: think (<think> + answer) or answer-only (see gr2.arms)")
 
 
 def config_from_args(args: argparse.Namespace) -> DapoConfig:
@@ -1023,5 +1027,5 @@ def main(args: argparse.Namespace) -> int:
         result = run_ablation(args.run_dir, config)
         print(json.dumps(result["final"], indent=2))
     else:
-        print(json.dumps(run_rl(args.run_dir, config), indent=2))
+        print(json.dumps(run_rl(args.run_dir, config, arm=args.arm), indent=2))
     return 0

@@ -100,6 +100,10 @@ class MidtrainConfig:
     log_every: int = 10
     # evaluation
     eval_split: str = "test"  # "valid" or "test" (leave-one-out)
+    # what the `next`/caption tasks train on: "fit" = the train split's fit data (candidates/fit_train:
+    # no target of a training list is a mid-training target), "all" = every user's items[:-2] (the
+    # older behaviour: covers the history -> target pairs of the SFT/RL lists; reported as overlap)
+    train_on: str = "fit"
     eval_users: int = 0  # 0 = all users
     eval_beams: int = 20
     # Exclude each user's earlier items from the model's beams and from popularity's list, as the
@@ -120,6 +124,8 @@ class MidtrainConfig:
         for name in ("steps", "batch_size", "max_history", "eval_beams", "max_length"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"midtrain.{name} must be > 0, got {getattr(self, name)}")
+        if self.train_on not in ("fit", "all"):
+            raise ConfigError(f"midtrain.train_on must be 'fit' or 'all', got {self.train_on!r}")
         if self.eval_split not in ("valid", "test"):
             raise ConfigError(f"midtrain.eval_split must be 'valid' or 'test', got {self.eval_split!r}")
         if not self.eval_ks or max(self.eval_ks) > self.eval_beams:
@@ -353,12 +359,20 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
     called after every optimiser step (progress hooks; tests use it to kill a run)."""
     run_dir = Path(run_dir)
     stage_dir = run_dir / STAGE
-    key = stage_key(config, common.input_key(run_dir, "data"), common.input_key(run_dir, "sid"))
+    inputs = [common.input_key(run_dir, "data"), common.input_key(run_dir, "sid")]
+    if config.train_on == "fit":
+        inputs.append(common.input_key(run_dir, "candidates"))
+    key = stage_key(config, *inputs)
     if not force and is_current(stage_dir, key):
         return read_stage(stage_dir)["summary"]
     catalog = common.load_catalog(run_dir)
     seqs = common.load_sequences(run_dir)
-    train_seqs = [s[:-2] for s in seqs]
+    if config.train_on == "fit":
+        from gr2.candidates import load_fit_sequences
+
+        train_seqs = [s.tolist() for s in load_fit_sequences(run_dir, "train")]
+    else:
+        train_seqs = [s[:-2] for s in seqs]
     device = common.choose_device(config.device)
     dtype = common.choose_dtype(device, config.dtype)
     common.seed_everything(config.seed)
@@ -415,6 +429,9 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
     save_pretrained_atomic(model.to(torch.float32), tokenizer, stage_dir / "model")
     summary = {
         "base_model": config.base_model,
+        "train_on": ("candidates/fit_train: no target of a later stage's training list is trained on"
+                     if config.train_on == "fit" else
+                     "items[:-2] of every user: includes the history -> target pairs of the SFT/RL training lists"),
         "steps": config.steps,
         "resumed_from_step": start,
         "train_seconds": round(train_seconds, 1),

@@ -71,8 +71,14 @@ class SftConfig:
                 raise ConfigError(f"sft.{name} must be > 0, got {getattr(self, name)}")
 
 
-def split_completion(completion: str) -> tuple[str, str]:
-    """(reasoning part ``<think>...</think>``, answer part ``<answer>...</answer>``)."""
+def split_completion(completion: str, reasoning: bool = True) -> tuple[str, str]:
+    """(reasoning part ``<think>...</think>``, answer part ``<answer>...</answer>``); the reasoning
+    part is "" in the answer-only arm (``reasoning=False``), where a ``<think>`` block is an error.
+    Traces reach SFT only after :func:`gr2.verify_rewards` accepted them, so this only cuts."""
+    if not reasoning:
+        if not completion.startswith(ANSWER_OPEN):
+            raise DataError(f"answer-only trace must start with {ANSWER_OPEN}: {completion[:80]!r}")
+        return "", completion
     end = completion.find(THINK_CLOSE)
     if not completion.startswith(THINK_OPEN) or end < 0 or not completion[end + len(THINK_CLOSE):].lstrip().startswith(ANSWER_OPEN):
         raise DataError(f"trace completion is not <think>...</think><answer>...</answer>: {completion[:80]!r}")
@@ -82,12 +88,15 @@ def split_completion(completion: str) -> tuple[str, str]:
 
 def trace_example(tokenizer: Any, record: dict[str, Any], lambda_r: float, lambda_o: float,
                   max_length: int) -> common.WeightedExample:
-    reasoning, answer = split_completion(record["completion"])
-    return common.chat_example(tokenizer, record["messages"], [(reasoning, lambda_r), (answer, lambda_o)], max_length)
+    reasoning, answer = split_completion(record["completion"], record.get("reasoning", True))
+    parts = [(reasoning, lambda_r), (answer, lambda_o)] if reasoning else [(answer, lambda_o)]
+    return common.chat_example(tokenizer, record["messages"], parts, max_length)
 
 
-def load_kept_traces(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "traces" / "traces.jsonl"
+def load_kept_traces(run_dir: Path, arm: str = "think") -> list[dict[str, Any]]:
+    from gr2 import arms
+
+    path = run_dir / arms.stage_dir("traces", arm) / "traces.jsonl"
     if not path.exists():
         raise DataError(f"{path} is missing; run the `traces` stage first")
     records = []
@@ -134,22 +143,25 @@ def heldout_nll(model: Any, tokenizer: Any, records: list[dict[str, Any]], confi
             sums[part] += float((nll * batch["loss_weights"]).sum())
             counts[part] += int((batch["loss_weights"] > 0).sum())
     model.train()
-    return {f"{part}_nll": sums[part] / counts[part] for part in sums}
+    return {f"{part}_nll": sums[part] / counts[part] for part in sums if counts[part]}
 
 
-def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, force: bool = False,
+def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = "think", force: bool = False,
             on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Run stage 2 SFT; returns the summary (also ``sft/report.json``)."""
+    """Run stage 2 SFT for ``arm`` (see :mod:`gr2.arms`); returns the summary (also
+    ``<stage dir>/report.json``)."""
+    from gr2 import arms
+
     run_dir = Path(run_dir)
-    stage_dir = run_dir / STAGE
-    key = stage_key(config, common.input_key(run_dir, "midtrain"), common.input_key(run_dir, "traces"))
+    stage_dir = run_dir / arms.stage_dir(STAGE, arm)
+    key = stage_key(config, common.input_key(run_dir, "midtrain"), common.input_key(run_dir, arms.stage_dir("traces", arm)))
     if not force and is_current(stage_dir, key):
         return read_stage(stage_dir)["summary"]
     device = common.choose_device(config.device)
     dtype = common.choose_dtype(device, config.dtype)
     common.seed_everything(config.seed)
 
-    records = load_kept_traces(run_dir)
+    records = load_kept_traces(run_dir, arm)
     teacher = sorted({r.get("teacher", "?") for r in records})
     train_records, heldout = split_heldout(records, config.heldout_fraction, config.seed)
     model, tokenizer = load_pretrained(run_dir / "midtrain" / "model")
@@ -175,7 +187,7 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, force: bool
     t0 = time.time()
     model.train()
     with common.MetricLogger(stage_dir, resume_step=start if latest else None) as log:
-        for step in tqdm(range(start, total_steps), desc="sft", initial=start, total=total_steps):
+        for step in tqdm(range(start, total_steps), desc=f"sft ({arm})", initial=start, total=total_steps):
             epoch, offset = divmod(step, steps_per_epoch)
             order = common.epoch_order(len(examples), config.seed, epoch)
             chosen = order[offset * config.batch_size:(offset + 1) * config.batch_size]
@@ -201,6 +213,7 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, force: bool
     save_pretrained_atomic(model.to(torch.float32), tokenizer, stage_dir / "model")
     summary = {
         "teacher": teacher,
+        "arm": arm,
         "train_traces": len(train_records),
         "heldout_traces": len(heldout),
         "rows": len(examples),
@@ -222,10 +235,12 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, force: bool
 
 def add_arguments(parser: Any) -> None:
     common.add_common_arguments(parser)
+    parser.add_argument("--arm", default="think", choices=("think", "answer"),
+                        help="reasoning arm: think (<think> + answer) or answer-only (see gr2.arms)")
 
 
 def main(args: Any) -> int:
     config = common.config_from_args(SftConfig, args, STAGE)
-    summary = run_sft(args.run_dir, config, force=args.force)
+    summary = run_sft(args.run_dir, config, arm=getattr(args, "arm", "think"), force=args.force)
     print(json.dumps(summary, indent=2))
     return 0

@@ -19,12 +19,12 @@ deterministic.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
 
 from gr2.errors import InvalidInputError, UnknownItemError
+from gr2.splits import LeaveOneOut, leave_one_out  # re-exported: the split lives in gr2.splits
 
 
 class Ranker(Protocol):
@@ -36,51 +36,6 @@ class Ranker(Protocol):
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         """Scores float32 (B, n_items); higher is better."""
         ...
-
-
-@dataclass
-class LeaveOneOut:
-    """The leave-one-out split of chronological user sequences.
-
-    ``train[u] = items[:-2]``; valid predicts ``items[-2]`` from ``items[:-2]``; test predicts
-    ``items[-1]`` from ``items[:-1]``. Users with fewer than 3 items cannot be split and are
-    listed in ``skipped_users`` (not silently dropped: the caller reports the count).
-    """
-
-    user_idx: np.ndarray  # int64 (U,)
-    train: list[np.ndarray]
-    valid_targets: np.ndarray  # int64 (U,)
-    test_targets: np.ndarray  # int64 (U,)
-    skipped_users: np.ndarray  # int64
-
-    def valid_histories(self) -> list[np.ndarray]:
-        return self.train
-
-    def test_histories(self) -> list[np.ndarray]:
-        return [np.append(t, v) for t, v in zip(self.train, self.valid_targets)]
-
-
-def leave_one_out(user_idx: Sequence[int], sequences: Sequence[Sequence[int]]) -> LeaveOneOut:
-    """Split chronological sequences leave-one-out (see :class:`LeaveOneOut`)."""
-    if len(user_idx) != len(sequences):
-        raise InvalidInputError(f"{len(user_idx)} user ids but {len(sequences)} sequences")
-    keep, skipped, train, valid, test = [], [], [], [], []
-    for u, seq in zip(user_idx, sequences):
-        seq = np.asarray(seq, dtype=np.int64)
-        if len(seq) < 3:
-            skipped.append(int(u))
-            continue
-        keep.append(int(u))
-        train.append(seq[:-2])
-        valid.append(seq[-2])
-        test.append(seq[-1])
-    return LeaveOneOut(
-        user_idx=np.asarray(keep, dtype=np.int64),
-        train=train,
-        valid_targets=np.asarray(valid, dtype=np.int64),
-        test_targets=np.asarray(test, dtype=np.int64),
-        skipped_users=np.asarray(skipped, dtype=np.int64),
-    )
 
 
 def check_items(name: str, items: np.ndarray, n_items: int) -> None:

@@ -1,0 +1,119 @@
+"""Stage ``prompts``: every split's rerank requests, materialised once for all later stages.
+
+Reads ``candidates/{train,valid,test}`` and ``candidates/fit_{split}``; writes ``prompts/<split>``
+(HF datasets: ``list_id``, ``user_idx``, ``history`` (the last ``max_history`` items), ``candidates``
+(upstream order), ``target``, ``evidence`` (K co-engagement scores, zeros without evidence)),
+``prompts/config.json`` (the :class:`gr2.prompts.PromptConfig` every stage renders with) and
+``prompts/report.json``.
+
+Traces, SFT, RL, rerank and the teacher's own ranking all read these rows and render them with
+:func:`gr2.prompts.request_messages`, so the prompts a model is trained on are the prompts it is
+evaluated and served with: same history, same priming, same evidence.
+
+Evidence (``evidence = "cooccur"``) is the item-kNN co-engagement of each candidate with the
+history, fitted on the split's fit data (what the list's upstream ranker saw; see
+:mod:`gr2.splits`), so it never counts the target's interaction or the user's later items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gr2 import rundir
+from gr2.candidates import load_fit_sequences
+from gr2.config import from_dict, load_toml
+from gr2.errors import DataError
+from gr2.prompts import PromptConfig, candidate_evidence, evidence_ranks
+from gr2.splits import SPLITS
+
+STAGE = "prompts"
+
+
+def _features():
+    from datasets import Features, Sequence, Value
+
+    return Features({
+        "list_id": Value("int64"), "user_idx": Value("int64"), "history": Sequence(Value("int64")),
+        "candidates": Sequence(Value("int64")), "target": Value("int64"), "evidence": Sequence(Value("float32")),
+    })
+
+
+def load_prompt_config(run_dir: str | Path) -> PromptConfig:
+    """The run's prompt settings as written by the ``prompts`` stage."""
+    path = Path(run_dir) / STAGE / "config.json"
+    if not path.exists():
+        raise DataError(f"{path} is missing; run the `prompts` stage first")
+    return from_dict(PromptConfig, rundir.load_json(path), where="prompts")
+
+
+def load_requests(run_dir: str | Path, split: str):
+    """``prompts/<split>`` as an HF dataset (see the module docstring)."""
+    from datasets import load_from_disk
+
+    path = Path(run_dir) / STAGE / split
+    if not path.exists():
+        raise DataError(f"{path} is missing; run the `prompts` stage first")
+    return load_from_disk(str(path))
+
+
+def run_prompts(run_dir: str | Path, config: PromptConfig = PromptConfig(), *, force: bool = False) -> dict[str, Any]:
+    from datasets import Dataset, load_from_disk
+
+    run_dir = Path(run_dir)
+    out = run_dir / STAGE
+    cand = rundir.read_stage(run_dir / "candidates")
+    if cand is None:
+        raise DataError(f"{run_dir / 'candidates'} has no finished candidates stage; run `gr2 candidates` first")
+    key = rundir.stage_key(config, cand["key"])
+    if not force and rundir.is_current(out, key):
+        return rundir.read_stage(out)["summary"]
+    started = time.perf_counter()
+    n_items = len(load_from_disk(str(run_dir / "data" / "items")))
+    report: dict[str, Any] = {"config": dataclasses.asdict(config), "splits": {}}
+    for split in SPLITS:
+        table = load_from_disk(str(run_dir / "candidates" / split))
+        histories = [np.asarray(h, dtype=np.int64)[-config.max_history:] for h in table["history"]]
+        candidates = np.asarray(table["candidates"], dtype=np.int64).reshape(len(table), -1)
+        if config.evidence == "cooccur" and len(table):
+            # evidence weighs the history the prompt shows, nothing more
+            evidence = candidate_evidence(histories, candidates, load_fit_sequences(run_dir, split), n_items, config)
+        else:
+            evidence = np.zeros(candidates.shape, dtype=np.float32)
+        targets = np.asarray(table["target"], dtype=np.int64)
+        ds = Dataset.from_dict({
+            "list_id": table["list_id"], "user_idx": table["user_idx"], "history": [h.tolist() for h in histories],
+            "candidates": candidates.tolist(), "target": targets.tolist(), "evidence": evidence.tolist(),
+        }, features=_features())
+        with rundir.atomic_dir(out / split) as tmp:
+            ds.save_to_disk(str(tmp))
+        entry: dict[str, Any] = {"lists": len(table), "history_mean": float(np.mean([len(h) for h in histories])) if histories else 0.0}
+        if config.evidence != "none" and len(table):
+            target_rank = evidence_ranks(evidence)[candidates == targets[:, None]]
+            entry["evidence_rank1_is_target"] = float(np.mean(target_rank == 1))
+        report["splits"][split] = entry
+    rundir.atomic_write_json(out / "config.json", dataclasses.asdict(config))
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    rundir.atomic_write_json(out / "report.json", report)
+    summary = {"evidence": config.evidence, "max_history": config.max_history,
+               "lists": {s: report["splits"][s]["lists"] for s in SPLITS}}
+    rundir.mark_done(out, key, summary)
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", required=True, help="run directory (holds candidates/)")
+    parser.add_argument("--config", help="TOML file; its [prompts] table sets the config")
+    parser.add_argument("--force", action="store_true", help="rerun even if the outputs are current")
+
+
+def main(args: argparse.Namespace) -> int:
+    table = load_toml(args.config).get("prompts", {}) if args.config else {}
+    summary = run_prompts(args.run_dir, from_dict(PromptConfig, table, where="prompts"), force=args.force)
+    print(f"prompts: {summary}")
+    return 0
