@@ -191,6 +191,10 @@ def test_minimum_detectable_effect_has_the_stated_power():
     assert 0.74 < (z > 1.959964).mean() < 0.86
     # from a paired CI: half-width 1.96 SE -> MDE 2.80 SE
     assert paired_mde({"ci_low": -0.0196, "ci_high": 0.0196}) == pytest.approx(0.028016, rel=1e-4)
+    zero = min_detectable_effect(0.0, 50)  # an upstream that never hits: still a positive MDE
+    assert zero > 0 and zero == pytest.approx(2.801585 * math.sqrt(zero * (1 - zero) / 50), rel=1e-6)
+    assert min_detectable_effect(1.0, 50) == 0.0  # nothing left to gain
+    assert min_detectable_effect(0.9, 3) == math.inf  # 3 lists: not even recall 1.0 is detectable
     with pytest.raises(InvalidInputError):
         min_detectable_effect(1.5, 10)
     with pytest.raises(InvalidInputError):

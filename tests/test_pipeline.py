@@ -144,6 +144,13 @@ def test_pipeline_writes_the_report(finished_run):
     assert "## Mid-training: next-item retrieval" in markdown and "| recall@1 |" in markdown
     assert "## SFT: held-out NLL" in markdown
     assert (finished_run / "metrics.png").stat().st_size > 0
+    # provenance, the paired difference to upstream, the MDE and the RL curves (issue 17)
+    assert report["environment"]["versions"]["torch"] == torch.__version__ and report["environment"]["cpu_model"]
+    assert set(report["methods"]["rl"]["vs_upstream"]) >= {"recall@1", "recall@5", "ndcg@5"}
+    assert report["mde"]["lists"] == report["eval"]["lists"] and (report["mde"]["value"] is None or report["mde"]["value"] > 0)
+    assert "Δ vs upstream [95% CI]" in markdown and "smallest recall@1 gain detectable" in markdown
+    assert report["rl_curves"]["keys"][:1] == ["reward_mean"]  # eval_every = 0 here: training curves only
+    assert (finished_run / "rl_curves.png").read_bytes()[:4] == b"\x89PNG" and "![rl curves](rl_curves.png)" in markdown
 
 
 def test_rerun_skips_every_finished_stage(finished_run, config_path):

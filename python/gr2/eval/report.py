@@ -65,8 +65,9 @@ def mde_line(mde: dict) -> str:
     from statistics import NormalDist
 
     z = NormalDist().inv_cdf(1 - mde["alpha"] / 2) + NormalDist().inv_cdf(mde["power"])
+    value = "none (too few lists)" if mde["value"] is None else f"{mde['value']:.4f}"
     line = (f"With {mde['lists']} lists the smallest {mde['metric']} gain detectable at {mde['power']:.0%} power "
-            f"(two-sided alpha {mde['alpha']}) is {mde['value']:.4f}: MDE = {z:.2f} x sqrt((p (1 - p) + q (1 - q)) / {mde['lists']}), "
+            f"(two-sided alpha {mde['alpha']}) is {value}: MDE = {z:.2f} x sqrt((p (1 - p) + q (1 - q)) / {mde['lists']}), "
             f"q = p + MDE, p = upstream {mde['metric']} {mde['upstream_value']:.4f} (the SE of a paired difference "
             "between uncorrelated hits; a reranker that agrees with upstream on many lists has a smaller one).")
     paired = {n: v for n, v in mde.get("paired", {}).items() if v > 0}

@@ -215,7 +215,7 @@ def mde_meta(results: dict[str, dict], lists: int, alpha: float = 0.05, power: f
         "alpha": alpha,
         "power": power,
         "upstream_value": p,
-        "value": min_detectable_effect(p, lists, alpha=alpha, power=power),
+        "value": mde if np.isfinite(mde := min_detectable_effect(p, lists, alpha=alpha, power=power)) else None,
         "formula": "MDE = (z_{1-alpha/2} + z_power) * sqrt((p (1 - p) + q (1 - q)) / lists), q = p + MDE, "
                    "p = upstream recall@1 (z sum 2.80): the SE of a paired difference between uncorrelated "
                    "per-list hits; smaller for rerankers that agree with upstream on many lists",
