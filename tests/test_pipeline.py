@@ -153,6 +153,19 @@ def test_pipeline_writes_the_report(finished_run):
     assert (finished_run / "rl_curves.png").read_bytes()[:4] == b"\x89PNG" and "![rl curves](rl_curves.png)" in markdown
 
 
+def test_same_config_and_seed_give_the_same_metrics(finished_run, config_path, tmp_path):
+    """A second run from scratch (every stage retrained: SIDs, mid-training, traces, SFT, RL,
+    rerank, eval) reports exactly the same numbers. Runs before the tests below change the first
+    run's config."""
+    again = tmp_path / "again"
+    assert cli.main(["run", "--config", str(config_path), "--run-dir", str(again)]) == 0
+    first = json.loads((finished_run / "report.json").read_text())
+    second = json.loads((again / "report.json").read_text())
+    for key in ("methods", "sid", "coverage", "next_item", "sft_heldout_nll", "mde"):
+        assert first[key] == second[key], key
+    assert first["environment"]["versions"] == second["environment"]["versions"]
+
+
 def test_rerun_skips_every_finished_stage(finished_run, config_path):
     before = stage_records(finished_run)
     assert set(before) >= {"data", "sid", "candidates", "midtrain", "traces", "sft", "rl", "eval"}

@@ -40,6 +40,9 @@ from gr2.upstream.itemknn import ItemKNNRanker
 from gr2.upstream.popularity import PopularityRanker
 
 
+REPORT_FORMAT = 2  # bump when report.json gains fields, so cached eval stages rerun (2: vs_upstream, mde, environment)
+
+
 @dataclass
 class EvalConfig:
     split: str = "test"  # "test" | "valid"
@@ -127,7 +130,8 @@ def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) ->
         raise DataError(f"{cand_dir} has no finished candidates stage; run `gr2 candidates` first")
     items, sequences, data_key = load_data(run_dir)
     method_paths = find_methods(run_dir, config)
-    key = stage_key(config, data_key, cand_record["key"], *[f"{n}:{hash_file(p)}" for n, p in method_paths.items() if p.exists()])
+    key = stage_key(config, data_key, cand_record["key"], f"report-format:{REPORT_FORMAT}",
+                    *[f"{n}:{hash_file(p)}" for n, p in method_paths.items() if p.exists()])
     if not force and is_current(out, key):
         return read_stage(out)["summary"]
 
