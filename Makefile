@@ -1,24 +1,29 @@
 # gr2 — two commands on a fresh machine:
 #   make demo   set up (virtual environment in .venv, reused) and run the main job on MovieLens-100k
 #   make test   set up and run every test (Rust and Python)
+# Setup installs the locked versions of scripts/constraints.txt; `make lock` regenerates that file.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.gr2-deps-$(shell cat pyproject.toml scripts/assets.txt | sha256sum | cut -c1-12)
+LOCK := scripts/constraints.txt
+STAMP := $(VENV)/.gr2-deps-$(shell cat pyproject.toml scripts/assets.txt $(LOCK) | sha256sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup develop demo test test-rust test-python bench clean
+.PHONY: setup develop demo test test-rust test-python bench clean lock inplace
 
-$(STAMP): pyproject.toml scripts/assets.txt
+# Installs the pinned versions of $(LOCK) (pip -c: a constraint, not an extra requirement), so
+# `make test` and `make demo` run in the environment the README's figures came from; rerunning is a
+# no-op until pyproject.toml, scripts/assets.txt or the lock change (the stamp hashes all three).
+$(STAMP): pyproject.toml scripts/assets.txt $(LOCK)
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip maturin
-	$(PIP) install -q --no-build-isolation -e '.[test,bench,assets]'
-	$(PIP) install -q --no-deps -r scripts/assets.txt
+	$(PIP) install -q --upgrade pip maturin -c $(LOCK)
+	$(PIP) install -q --no-build-isolation -e '.[test,bench,assets]' -c $(LOCK)
+	$(PIP) install -q --no-deps -r scripts/assets.txt -c $(LOCK)
 	@rm -f $(VENV)/.gr2-deps-* && touch $@
 
 setup: $(STAMP)
@@ -41,6 +46,21 @@ test: test-rust test-python
 bench: develop
 	cargo bench
 	for f in benches/bench_*.py; do $(PY) $$f || exit 1; done
+
+# Re-resolve pyproject.toml's unpinned ranges (newest matching releases) in a scratch venv and
+# freeze the result into $(LOCK), keeping its header comments; gr2 itself is left out. Review the
+# diff, run `make test`, commit. LOCK_VENV=.venv-lock is removed afterwards.
+LOCK_VENV ?= .venv-lock
+lock:
+	rm -rf $(LOCK_VENV) && python3 -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip maturin
+	$(LOCK_VENV)/bin/python -m pip install -q --no-build-isolation -e '.[test,bench,assets]'
+	$(LOCK_VENV)/bin/python -m pip install -q --no-deps -r scripts/assets.txt
+	{ grep '^#' $(LOCK) | grep -v '^# Resolved on'; \
+	  $(LOCK_VENV)/bin/python -c 'import platform, sys; print(f"# Resolved on {platform.system()} {platform.machine()}, CPython {platform.python_version()}; torch is the PyPI build (CUDA wheels, runs on CPU too).")'; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable --exclude gr2; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK) && rm -rf $(LOCK_VENV)
+	@echo "wrote $(LOCK); the next make setup installs it"
 
 clean:
 	rm -rf target runs .pytest_cache .hypothesis

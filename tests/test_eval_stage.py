@@ -9,7 +9,7 @@ from datasets import load_from_disk
 from gr2.candidates import CandidatesConfig, run_candidates
 from gr2.cli import main as cli_main
 from gr2.errors import CorruptFileError, DataError, InvalidInputError
-from gr2.eval import evaluate_rankings, write_report
+from gr2.eval import evaluate_rankings, min_detectable_effect, write_report
 from gr2.eval.stage import EvalConfig, load_rankings, run_eval, save_rankings
 
 from _fixtures_upstream import synthetic_tables, write_data_stage
@@ -51,10 +51,25 @@ def test_eval_stage_with_a_method(run_dir, capsys):
         assert (run_dir / "eval" / name).stat().st_size > 0
     assert (run_dir / "eval" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     md = (run_dir / "eval" / "report.md").read_text()
-    assert "| sft |" in md and "recall@1" in md and "Paired difference" in md
-    assert "vs" not in methods["upstream"] and methods["sft"]["vs"]["baseline"] == "upstream"
-    delta = methods["sft"]["vs"]["ndcg@5"]["value"]
+    assert "| sft |" in md and "recall@1" in md and "Δ vs upstream [95% CI]" in md
+    assert "vs_upstream" not in methods["upstream"] and "vs" not in methods["sft"]
+    delta = methods["sft"]["vs_upstream"]["ndcg@5"]["value"]
     assert delta == pytest.approx(methods["sft"]["ndcg@5"]["value"] - methods["upstream"]["ndcg@5"]["value"])
+    paired = evaluate_rankings(reversed_order[shared], valid[shared], cands[shared], np.array(test["target"])[shared],
+                               baseline=(cands[shared], np.ones(len(cands) // 2, bool)))["vs"]
+    assert methods["sft"]["vs_upstream"] == {m: d for m, d in paired.items() if m != "baseline"}
+    assert set(methods["sft"]["vs_upstream"]) == {"recall@1", "recall@3", "recall@5", "ndcg@3", "ndcg@5"}
+    # the MDE at this number of lists and the environment that produced the numbers
+    mde = report["meta"]["mde"]
+    p = methods["upstream"]["recall@1"]["value"]
+    assert mde["lists"] == len(cands) // 2 and mde["upstream_value"] == p
+    assert mde["value"] == min_detectable_effect(p, mde["lists"]) > 0
+    assert set(mde["paired"]) == {"random", "popularity", "itemknn", "sft", "copy"} and mde["paired"]["popularity"] == 0.0
+    assert f"With {mde['lists']} lists the smallest recall@1 gain detectable at 80% power" in md
+    env = report["meta"]["environment"]
+    assert env["versions"]["torch"] and env["versions"]["numpy"] == np.__version__ and env["cpu_count"] >= 1
+    assert {"python", "gr2", "transformers", "datasets"} <= set(env["versions"]) and env["cpu_model"]
+    assert "environment: " in md and f"numpy {np.__version__}" in md
 
 
 def test_eval_errors(run_dir, tmp_path):

@@ -144,6 +144,26 @@ def test_pipeline_writes_the_report(finished_run):
     assert "## Mid-training: next-item retrieval" in markdown and "| recall@1 |" in markdown
     assert "## SFT: held-out NLL" in markdown
     assert (finished_run / "metrics.png").stat().st_size > 0
+    # provenance, the paired difference to upstream, the MDE and the RL curves (issue 17)
+    assert report["environment"]["versions"]["torch"] == torch.__version__ and report["environment"]["cpu_model"]
+    assert set(report["methods"]["rl"]["vs_upstream"]) >= {"recall@1", "recall@5", "ndcg@5"}
+    assert report["mde"]["lists"] == report["eval"]["lists"] and (report["mde"]["value"] is None or report["mde"]["value"] > 0)
+    assert "Δ vs upstream [95% CI]" in markdown and "smallest recall@1 gain detectable" in markdown
+    assert report["rl_curves"]["keys"][:1] == ["reward_mean"]  # eval_every = 0 here: training curves only
+    assert (finished_run / "rl_curves.png").read_bytes()[:4] == b"\x89PNG" and "![rl curves](rl_curves.png)" in markdown
+
+
+def test_same_config_and_seed_give_the_same_metrics(finished_run, config_path, tmp_path):
+    """A second run from scratch (every stage retrained: SIDs, mid-training, traces, SFT, RL,
+    rerank, eval) reports exactly the same numbers. Runs before the tests below change the first
+    run's config."""
+    again = tmp_path / "again"
+    assert cli.main(["run", "--config", str(config_path), "--run-dir", str(again)]) == 0
+    first = json.loads((finished_run / "report.json").read_text())
+    second = json.loads((again / "report.json").read_text())
+    for key in ("methods", "sid", "coverage", "next_item", "sft_heldout_nll", "mde"):
+        assert first[key] == second[key], key
+    assert first["environment"]["versions"] == second["environment"]["versions"]
 
 
 def test_rerun_skips_every_finished_stage(finished_run, config_path):

@@ -82,6 +82,23 @@ def test_sft_resume_after_kill_is_exact(run_dir, tmp_path):
         assert torch.allclose(p, q, atol=1e-6), name
 
 
+def test_sft_twice_with_the_same_seed_is_bit_identical(run_dir, tmp_path):
+    """Same config and seed on the same traces: identical held-out NLLs, training log and weights."""
+    cfg = config(epochs=1, seed=3)
+    runs = []
+    for name in ("a", "b"):
+        copy = copy_run(run_dir, tmp_path / name)
+        summary = run_sft(copy, cfg)
+        log = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+               for line in (copy / "sft" / "metrics.jsonl").read_text().splitlines()]
+        runs.append((summary, log, load_pretrained(copy / "sft" / "model")[0]))
+    (sa, la, ma), (sb, lb, mb) = runs
+    assert sa["heldout_after"] == sb["heldout_after"] and sa["heldout_before"] == sb["heldout_before"]
+    assert la == lb and len(la) > 0
+    for (name, p), (_, q) in zip(ma.named_parameters(), mb.named_parameters()):
+        assert torch.equal(p, q), name
+
+
 def test_sft_packing_and_lora(run_dir, tmp_path):
     packed = run_sft(copy_run(run_dir, tmp_path / "p"), config(epochs=1, packing=True, max_length=4096))
     assert packed["rows"] < packed["train_traces"]

@@ -2,16 +2,94 @@
 
 It gathers what each stage wrote (data stats, SID uniqueness, upstream coverage, teacher
 acceptance, rerank latency and reasoning length, the eval metrics with their bootstrap CIs) into
-one document that states which model, teacher, data and settings produced the numbers.
+one document that states which model, teacher, data and settings produced the numbers, and the
+environment (package versions, CPU, device, commit: :func:`environment`) they were produced in.
+Per learned method it shows the paired difference to the upstream order with its CI
+(``vs_upstream``), the minimum detectable effect at the run's number of lists, and the RL stage's
+training curves (``rl_curves.png`` from ``rl/metrics.jsonl``).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from gr2 import rundir
-from gr2.errors import DataError
+from gr2.errors import CorruptFileError, DataError
+from gr2.eval.report import delta_table, environment_line, mde_line
+
+VERSIONED = ("gr2", "torch", "transformers", "numpy", "datasets", "safetensors", "peft", "tokenizers", "pyarrow")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _git(source: Path) -> dict[str, Any] | None:
+    """The commit of the checkout gr2 runs from (an editable install), or None (a wheel)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        top = Path(git("rev-parse", "--show-toplevel"))
+        if (top / "python" / "gr2").resolve() != source.resolve():  # installed inside some other repository
+            return None
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
+
+
+def environment() -> dict[str, Any]:
+    """Where a report's numbers came from: Python and package versions (torch with its CUDA
+    build), the CPU model (/proc/cpuinfo) and core counts, torch's thread count, the CUDA device if
+    any, the platform, and the git commit of the gr2 sources when they are a checkout."""
+    import gr2
+
+    versions: dict[str, Any] = {"python": platform.python_version()}
+    versions.update({name: _version(name) for name in VERSIONED})
+    versions["gr2"] = getattr(gr2, "__version__", None) or versions["gr2"]  # the running extension's version
+    env: dict[str, Any] = {"versions": versions, "cpu_model": _cpu_model(), "cpu_count": os.cpu_count()}
+    if hasattr(os, "sched_getaffinity"):
+        env["cpus_usable"] = len(os.sched_getaffinity(0))
+    env["torch_threads"] = None
+    env["cuda_device"] = None
+    try:
+        import torch
+
+        versions["torch"] = torch.__version__  # with the local build tag (+cu132, +cpu)
+        versions["torch_cuda"] = torch.version.cuda
+        env["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            env["cuda_device"] = torch.cuda.get_device_name(0)
+            env["cuda_devices"] = torch.cuda.device_count()
+    except ImportError:
+        pass
+    env["platform"] = platform.platform()
+    env["python_implementation"] = f"{platform.python_implementation()} {sys.version.split()[0]}"
+    env["git"] = _git(Path(gr2.__file__).resolve().parent)
+    return env
 
 METHOD_ORDER = ("upstream", "random", "popularity", "itemknn", "midtrain", "sft", "rl")
 RANK_METRICS = ("recall@1", "recall@3", "recall@5", "ndcg@3", "ndcg@5")
@@ -27,7 +105,68 @@ def _method_entry(result: dict) -> dict[str, Any]:
     entry["order_copy_rate"] = result["order_copy"]["value"]
     entry["n"] = result["n"]
     entry["position_bias"] = result["position_bias"]
+    if "vs_upstream" in result:
+        entry["vs_upstream"] = result["vs_upstream"]
     return entry
+
+
+CURVES = (  # (panel title, [(metrics.jsonl key, label, line style, colour)]): absent keys are skipped
+    ("reward (training rollouts)", [("reward_mean", "reward", "-", "C0"), ("r_rank_mean", "R_rank", ":", "C1")]),
+    ("validity", [("valid_rate", "training rollouts", "-", "C0"), ("eval_valid_rate", "valid split (greedy)", "--", "C1")]),
+    ("valid split (greedy rerank)", [("eval_recall@1", "recall@1", "-", "C0"), ("eval_ndcg@5", "ndcg@5", "-", "C1"),
+                                     ("eval_pre_recall@1", "upstream recall@1", ":", "C0"),
+                                     ("eval_pre_ndcg@5", "upstream ndcg@5", ":", "C1")]),
+)
+
+
+def read_metrics_log(path: Path) -> list[dict[str, Any]]:
+    """The rows of a trainer's ``metrics.jsonl`` (:class:`gr2.train.common.MetricLogger`)."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise CorruptFileError(f"{path} line {number} is not JSON: {e}") from e
+    return rows
+
+
+def plot_rl_curves(rows: list[dict[str, Any]]) -> tuple[bytes, list[str]] | None:
+    """A PNG of the RL curves against step (one panel per group of :data:`CURVES` that has data)
+    and the keys plotted; None when no row holds any of them."""
+    panels = []
+    for title, series in CURVES:
+        lines = []
+        for key, label, style, colour in series:
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
+            if points:
+                lines.append((key, label, style, colour, points))
+        if lines:
+            panels.append((title, lines))
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from gr2.eval.report import _png
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels):
+        for _, label, style, colour, points in lines:
+            steps, values = zip(*points)
+            ax.plot(steps, values, style, color=colour, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("RL step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
+    return data, [key for _, lines in panels for key, *_ in lines]
 
 
 def _teacher_label(run: Any) -> str:
@@ -77,6 +216,8 @@ def build_report(run_dir: Path, run: Any, timings: dict[str, float]) -> dict[str
         "next_item": midtrain.get("eval"),
         "sft_heldout_nll": {k: sft[k] for k in ("heldout_before", "heldout_after", "heldout_traces") if k in sft} or None,
         "eval": evaluation["meta"],
+        "mde": evaluation["meta"].get("mde"),
+        "environment": environment(),
         "timings_s": timings,
     }
 
@@ -89,6 +230,17 @@ def _verdict(methods: dict[str, dict]) -> list[str]:
     if "rl" not in methods or "upstream" not in methods:
         return []
     lines = []
+    if "vs_upstream" in methods["rl"]:  # the paired test on the same lists
+        for metric in ("recall@1", "ndcg@5"):
+            d = methods["rl"]["vs_upstream"][metric]
+            ci = f"{d['value']:+.4f}, 95% CI [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+            if d["ci_low"] > 0:
+                lines.append(f"- RL beats the upstream order on {metric}: paired difference {ci}, above 0.")
+            elif d["ci_high"] < 0:
+                lines.append(f"- RL is **worse** than the upstream order on {metric}: paired difference {ci}, below 0.")
+            else:
+                lines.append(f"- RL does **not** beat the upstream order on {metric}: paired difference {ci} includes 0.")
+        return lines
     for metric in ("recall@1", "ndcg@5"):
         rl, up = methods["rl"][metric], methods["upstream"][metric]
         half_width = (rl["ci_high"] - rl["ci_low"]) / 2
@@ -140,7 +292,16 @@ def markdown(report: dict[str, Any], run: Any) -> str:
     for name, m in methods.items():
         lines.append(f"| {name} | {m['n']} | " + " | ".join(_fmt(m[k]) for k in RANK_METRICS)
                      + f" | {m['validity']:.3f} | {m['order_copy_rate']:.3f} |")
-    lines += ["", *_verdict(methods), ""]
+    lines.append("")
+    lines += delta_table(methods)
+    if report.get("mde"):
+        lines += [mde_line(report["mde"]), ""]
+    lines += [*_verdict(methods), ""]
+    if report.get("rl_curves"):
+        lines += ["## RL training curves", "",
+                  f"From `rl/metrics.jsonl` ({report['rl_curves']['rows']} rows; plotted: "
+                  f"{', '.join(report['rl_curves']['keys'])}). The valid-split curves appear when `rl.eval_every` > 0.",
+                  "", "![rl curves](rl_curves.png)", ""]
     if report["decoding"]:
         lines += ["## Constrained decoding", "", "| model | lists | ms per list | reasoning tokens (mean / max / budget) | device |",
                   "|---|---|---|---|---|"]
@@ -159,6 +320,9 @@ def markdown(report: dict[str, Any], run: Any) -> str:
         lines += ["", f"On {nll.get('heldout_traces')} held-out teacher traces.", ""]
     if report["traces"]:
         lines += ["## Teacher traces", "", f"```\n{rundir.to_json(report['traces']).strip()}\n```", ""]
+    if report.get("environment"):
+        lines += ["## Environment", "", f"- {environment_line(report['environment'])}",
+                  "- locked versions: `scripts/constraints.txt` (what `make setup` installs)", ""]
     lines += ["## Stage times (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report["timings_s"].items()]
     lines += ["", "![metrics](metrics.png)", "", "![position bias](position_bias.png)", ""]
@@ -171,6 +335,12 @@ def write_run_report(run_dir: str | Path, run: Any, timings: dict[str, float]) -
     for png in ("metrics.png", "position_bias.png"):
         if (run_dir / "eval" / png).exists():
             rundir.atomic_write_bytes(run_dir / png, (run_dir / "eval" / png).read_bytes())
+    curves_log = run_dir / "rl" / "metrics.jsonl"
+    plotted = plot_rl_curves(read_metrics_log(curves_log)) if curves_log.exists() else None
+    if plotted is not None:
+        png, keys = plotted
+        rundir.atomic_write_bytes(run_dir / "rl_curves.png", png)
+        report["rl_curves"] = {"png": "rl_curves.png", "keys": keys, "rows": len(read_metrics_log(curves_log))}
     rundir.atomic_write_json(run_dir / "report.json", report)
     rundir.atomic_write_text(run_dir / "report.md", markdown(report, run))
     return report

@@ -6,7 +6,15 @@ stage (:mod:`gr2.eval.stage`) runs both over the run directory's candidate lists
 """
 
 from gr2.eval.baselines import popularity_order, random_order, score_order, upstream_order
-from gr2.eval.metrics import METRICS, bootstrap_ci, check_lists, evaluate_rankings, per_list_metrics
+from gr2.eval.metrics import (
+    METRICS,
+    bootstrap_ci,
+    check_lists,
+    evaluate_rankings,
+    min_detectable_effect,
+    paired_mde,
+    per_list_metrics,
+)
 from gr2.eval.report import write_report
 
 
@@ -24,6 +32,8 @@ __all__ = [
     "bootstrap_ci",
     "check_lists",
     "evaluate_rankings",
+    "min_detectable_effect",
+    "paired_mde",
     "per_list_metrics",
     "popularity_order",
     "random_order",

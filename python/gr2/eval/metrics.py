@@ -193,4 +193,47 @@ def evaluate_rankings(
     return result
 
 
+def min_detectable_effect(p: float, n: int, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest true gain in a 0/1 per-list metric (e.g. Recall@1) that a two-sided paired test at
+    level ``alpha`` detects with probability ``power`` on ``n`` lists, against a baseline whose mean
+    is ``p``: the solution of
+
+        MDE = (z_{1 - alpha/2} + z_{power}) * SE,   SE = sqrt((p (1 - p) + q (1 - q)) / n),  q = p + MDE
+
+    (z sum 2.80 at the defaults; for small gains SE ~ sqrt(2 p (1 - p) / n)). SE is that of the
+    paired difference d = m - b when the method's per-list hits are uncorrelated with the baseline's:
+    var(d) = var(m) + var(b) - 2 cov(m, b), so a reranker whose hits agree with the upstream's on
+    many lists (cov > 0) has a smaller SE, which its paired bootstrap CI shows (:func:`paired_mde`).
+    Returns ``inf`` when not even a gain to recall 1.0 would be detected (very few lists).
+    """
+    from statistics import NormalDist
+
+    if n < 1 or not 0.0 <= p <= 1.0:
+        raise InvalidInputError(f"min_detectable_effect needs n >= 1 and 0 <= p <= 1, got n={n}, p={p}")
+    z = NormalDist().inv_cdf(1.0 - alpha / 2.0) + NormalDist().inv_cdf(power)
+    def gap(m: float) -> float:  # convex in m, <= 0 at m = 0: one crossing in (0, 1 - p]
+        q = p + m
+        return m - z * float(np.sqrt((p * (1.0 - p) + q * (1.0 - q)) / n))
+
+    if p >= 1.0:
+        return 0.0  # nothing left to gain
+    if gap(1.0 - p) < 0:
+        return float("inf")  # even a perfect reranker would not be detected with so few lists
+    lo, hi = 0.0, 1.0 - p
+    for _ in range(60):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if gap(mid) < 0 else (lo, mid)
+    return float(hi)
+
+
+def paired_mde(diff: dict, *, level: float = 0.95, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The MDE implied by one method's paired bootstrap CI ``{"ci_low", "ci_high"}`` of (method -
+    baseline): SE = (ci_high - ci_low) / (2 z_{(1 + level)/2}) (the normal approximation of the
+    percentile CI), MDE = (z_{1 - alpha/2} + z_{power}) * SE."""
+    from statistics import NormalDist
+
+    se = (diff["ci_high"] - diff["ci_low"]) / (2.0 * NormalDist().inv_cdf((1.0 + level) / 2.0))
+    return float((NormalDist().inv_cdf(1.0 - alpha / 2.0) + NormalDist().inv_cdf(power)) * se)
+
+
 METRICS = tuple(f"recall@{k}" for k in RECALL_KS) + tuple(f"ndcg@{k}" for k in NDCG_KS) + ("validity", "order_copy")

@@ -22,29 +22,88 @@ def _fmt(entry: dict) -> str:
     return f"{entry['value']:.4f} [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
 
 
+DELTA_METRICS = ("recall@1", "recall@5", "ndcg@5")  # the columns of the "Δ vs upstream" table
+
+
+def paired_deltas(result: dict) -> tuple[str, dict] | None:
+    """(baseline name, {metric: {"value", "ci_low", "ci_high"}}) of a method's paired difference:
+    ``vs_upstream`` as the eval stage writes it, or ``vs`` as :func:`evaluate_rankings` returns it."""
+    if "vs_upstream" in result:
+        return "upstream", result["vs_upstream"]
+    if "vs" in result:
+        return result["vs"]["baseline"], {m: d for m, d in result["vs"].items() if m != "baseline"}
+    return None
+
+
+def fmt_delta(d: dict) -> str:
+    """``+0.0123 [-0.0040, +0.0290]``, starred when the CI excludes 0."""
+    star = "*" if d["ci_low"] > 0 or d["ci_high"] < 0 else ""
+    return f"{d['value']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]{star}"
+
+
+def delta_table(methods: dict[str, dict], metrics=DELTA_METRICS) -> list[str]:
+    """Markdown tables "Δ vs <baseline> [95% CI]", one per baseline, one row per compared method."""
+    by_baseline: dict[str, dict[str, dict]] = {}
+    for name, result in methods.items():
+        found = paired_deltas(result)
+        if found is not None:
+            by_baseline.setdefault(found[0], {})[name] = found[1]
+    lines: list[str] = []
+    for baseline, rows in by_baseline.items():
+        lines += [f"Δ vs {baseline} [95% CI]: paired difference (method - {baseline}) on the same lists, "
+                  "bootstrap over lists; * = CI excludes 0.", ""]
+        lines.append("| method | " + " | ".join(f"Δ {m}" for m in metrics) + " |")
+        lines.append("|---|" + "---|" * len(metrics))
+        for name, deltas in rows.items():
+            lines.append(f"| {name} | " + " | ".join(fmt_delta(deltas[m]) if m in deltas else "" for m in metrics) + " |")
+        lines.append("")
+    return lines
+
+
+def mde_line(mde: dict) -> str:
+    """The report's statement of the minimum detectable effect (``meta.mde`` of the eval stage)."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(1 - mde["alpha"] / 2) + NormalDist().inv_cdf(mde["power"])
+    value = "none (too few lists)" if mde["value"] is None else f"{mde['value']:.4f}"
+    line = (f"With {mde['lists']} lists the smallest {mde['metric']} gain detectable at {mde['power']:.0%} power "
+            f"(two-sided alpha {mde['alpha']}) is {value}: MDE = {z:.2f} x sqrt((p (1 - p) + q (1 - q)) / {mde['lists']}), "
+            f"q = p + MDE, p = upstream {mde['metric']} {mde['upstream_value']:.4f} (the SE of a paired difference "
+            "between uncorrelated hits; a reranker that agrees with upstream on many lists has a smaller one).")
+    paired = {n: v for n, v in mde.get("paired", {}).items() if v > 0}
+    if paired:
+        line += " From each method's paired bootstrap CI: " + ", ".join(f"{n} {v:.4f}" for n, v in paired.items()) + "."
+    return line
+
+
+def environment_line(env: dict) -> str:
+    """One line naming the versions, CPU, device and commit that produced a report."""
+    v = env.get("versions", {})
+    parts = [f"{name} {v[name]}" for name in ("python", "gr2", "torch", "transformers", "numpy", "datasets") if v.get(name)]
+    git = env.get("git") or {}
+    commit = f"{git['commit'][:12]}{' (dirty)' if git.get('dirty') else ''}" if git.get("commit") else "unknown"
+    return (f"{', '.join(parts)}; CPU {env.get('cpu_model')} ({env.get('cpu_count')} cores, "
+            f"{env.get('torch_threads')} torch threads); CUDA device {env.get('cuda_device') or 'none'}; "
+            f"{env.get('platform')}; commit {commit}")
+
+
 def markdown(methods: dict[str, dict], meta: dict[str, Any]) -> str:
     lines = ["# gr2 evaluation", ""]
     for key, value in meta.items():
         if not isinstance(value, (dict, list)):
             lines.append(f"- {key}: {value}")
+    if meta.get("environment"):
+        lines.append(f"- environment: {environment_line(meta['environment'])}")
     lines += ["", "Metrics over the K-candidate lists (value [95% bootstrap CI]).", ""]
     lines.append("| method | n | " + " | ".join(METRICS) + " |")
     lines.append("|---|---|" + "---|" * len(METRICS))
     for name, result in methods.items():
         lines.append(f"| {name} | {result['n']} | " + " | ".join(_fmt(result[m]) for m in METRICS) + " |")
-    compared = {name: r["vs"] for name, r in methods.items() if "vs" in r}
-    if compared:
-        lines += ["", "Paired difference against the baseline on the same lists (value [95% CI]; * = CI excludes 0).", ""]
-        lines.append("| method | vs | " + " | ".join(RANK_METRICS) + " |")
-        lines.append("|---|---|" + "---|" * len(RANK_METRICS))
-        for name, vs in compared.items():
-            cells = []
-            for m in RANK_METRICS:
-                d = vs[m]
-                star = "*" if d["ci_low"] > 0 or d["ci_high"] < 0 else ""
-                cells.append(f"{d['value']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]{star}")
-            lines.append(f"| {name} | {vs['baseline']} | " + " | ".join(cells) + " |")
-    lines += ["", "Position bias: input position (0-based) of the item ranked first, share of valid lists.", ""]
+    lines.append("")
+    lines += delta_table(methods)
+    if meta.get("mde"):
+        lines += [mde_line(meta["mde"]), ""]
+    lines += ["Position bias: input position (0-based) of the item ranked first, share of valid lists.", ""]
     k = max(len(r["position_bias"]) for r in methods.values())
     lines.append("| method | " + " | ".join(str(i) for i in range(k)) + " |")
     lines.append("|---|" + "---|" * k)

@@ -8,6 +8,10 @@ When methods cover only some lists (an LLM decoded on a sample), every method an
 scored on the lists all methods share, so the comparison stays paired; the report says how many.
 
 Writes ``eval/report.json``, ``eval/report.md``, ``eval/metrics.png``, ``eval/position_bias.png``.
+Every method but the upstream order carries ``vs_upstream``: the paired difference (method -
+upstream) per ranking metric with its bootstrap CI over the same lists; ``meta.mde`` states the
+smallest recall@1 gain the run's number of lists can detect, ``meta.environment`` the package
+versions, CPU and commit that produced the numbers.
 Full-population numbers follow from the coverage in the report: Recall@k over all users =
 coverage x Recall@k over the lists.
 """
@@ -27,12 +31,16 @@ from gr2.candidates import ItemKNNConfig, load_data, load_fit_sequences
 from gr2.config import from_dict, load_toml
 from gr2.errors import ConfigError, CorruptFileError, DataError, InvalidInputError
 from gr2.eval.baselines import popularity_order, random_order, score_order, upstream_order
-from gr2.eval.metrics import check_lists, evaluate_rankings
+from gr2.eval.metrics import check_lists, evaluate_rankings, min_detectable_effect, paired_mde
 from gr2.eval.report import write_report
+from gr2.report import environment
 from gr2.rundir import atomic_write_bytes, hash_file, is_current, mark_done, read_stage, stage_key
 from gr2.upstream import check_items
 from gr2.upstream.itemknn import ItemKNNRanker
 from gr2.upstream.popularity import PopularityRanker
+
+
+REPORT_FORMAT = 2  # bump when report.json gains fields, so cached eval stages rerun (2: vs_upstream, mde, environment)
 
 
 @dataclass
@@ -123,7 +131,8 @@ def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) ->
         raise DataError(f"{cand_dir} has no finished candidates stage; run `gr2 candidates` first")
     items, sequences, data_key = load_data(run_dir)
     method_paths = find_methods(run_dir, config)
-    key = stage_key(config, data_key, cand_record["key"], *[f"{n}:{hash_file(p)}" for n, p in method_paths.items() if p.exists()])
+    key = stage_key(config, data_key, cand_record["key"], f"report-format:{REPORT_FORMAT}",
+                    *[f"{n}:{hash_file(p)}" for n, p in method_paths.items() if p.exists()])
     if not force and is_current(out, key):
         return read_stage(out)["summary"]
 
@@ -180,6 +189,10 @@ def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) ->
         )
         for name, (r, v) in rankings.items()
     }
+    for result in results.values():
+        vs = result.pop("vs", None)
+        if vs is not None:
+            result["vs_upstream"] = {m: d for m, d in vs.items() if m != "baseline"}
     cand_report = json.loads((cand_dir / "report.json").read_text())
     meta = {
         "split": config.split,
@@ -195,11 +208,33 @@ def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) ->
         "protocol": cand_report.get("protocol", "leave_one_out"),
         "methods_from": {name: str(p) for name, p in method_paths.items()},
         "note": "Recall/NDCG over lists that contain the target; over all users multiply by coverage.",
+        "mde": mde_meta(results, len(shared)),
+        "environment": environment(),
     }
     write_report(out, results, meta)
     summary = {name: {m: r[m]["value"] for m in ("recall@1", "ndcg@5", "validity")} for name, r in results.items()}
     mark_done(out, key, summary)
     return summary
+
+
+def mde_meta(results: dict[str, dict], lists: int, alpha: float = 0.05, power: float = 0.8) -> dict[str, Any]:
+    """The minimum detectable recall@1 effect at this number of lists (``meta.mde`` of the report)."""
+    p = results["upstream"]["recall@1"]["value"]
+    return {
+        "metric": "recall@1",
+        "lists": int(lists),
+        "alpha": alpha,
+        "power": power,
+        "upstream_value": p,
+        "value": mde if np.isfinite(mde := min_detectable_effect(p, lists, alpha=alpha, power=power)) else None,
+        "formula": "MDE = (z_{1-alpha/2} + z_power) * sqrt((p (1 - p) + q (1 - q)) / lists), q = p + MDE, "
+                   "p = upstream recall@1 (z sum 2.80): the SE of a paired difference between uncorrelated "
+                   "per-list hits; smaller for rerankers that agree with upstream on many lists",
+        "paired": {name: paired_mde(r["vs_upstream"]["recall@1"], alpha=alpha, power=power)
+                   for name, r in results.items() if "vs_upstream" in r},
+        "paired_formula": "(z_{1-alpha/2} + z_power) * (ci_high - ci_low) / (2 * 1.96) of the method's paired "
+                          "bootstrap CI of (method - upstream) recall@1",
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
