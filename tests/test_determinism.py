@@ -39,7 +39,7 @@ def build_and_evaluate(root):
     rng = np.random.default_rng(3)
     order = np.argsort(rng.random(cands.shape), axis=1)
     (root / "rl").mkdir()
-    save_rankings(root / "rl" / "rankings_test.npz", test["user_idx"], np.take_along_axis(cands, order, 1),
+    save_rankings(root / "rl" / "rankings_test.npz", test["list_id"], np.take_along_axis(cands, order, 1),
                   rng.random(len(cands)) > 0.2, candidates=cands)
     run_eval(root, EvalConfig(n_boot=200, seed=7))
     return json.loads((root / "eval" / "report.json").read_text()), cands

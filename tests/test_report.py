@@ -31,7 +31,7 @@ def run_dir(tmp_path_factory):
     oracle[np.arange(len(cands)), pos] = cands[:, 0]
     oracle[:, 0] = targets
     (root / "rl").mkdir()
-    save_rankings(root / "rl" / "rankings_test.npz", test["user_idx"], oracle, np.ones(len(cands), bool), candidates=cands)
+    save_rankings(root / "rl" / "rankings_test.npz", test["list_id"], oracle, np.ones(len(cands), bool), candidates=cands)
     run_eval(root, EvalConfig(n_boot=200))
     return root
 
