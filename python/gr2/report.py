@@ -91,7 +91,7 @@ def environment() -> dict[str, Any]:
     env["git"] = _git(Path(gr2.__file__).resolve().parent)
     return env
 
-METHOD_ORDER = ("upstream", "random", "popularity", "itemknn", "midtrain", "sft", "rl")
+METHOD_ORDER = ("upstream", "random", "popularity", "itemknn", "teacher", "midtrain", "sft", "sft_answer", "rl", "rl_answer")
 RANK_METRICS = ("recall@1", "recall@3", "recall@5", "ndcg@3", "ndcg@5")
 
 
@@ -107,6 +107,8 @@ def _method_entry(result: dict) -> dict[str, Any]:
     entry["position_bias"] = result["position_bias"]
     if "vs_upstream" in result:
         entry["vs_upstream"] = result["vs_upstream"]
+    if "vs_think" in result:
+        entry["vs_think"] = result["vs_think"]
     return entry
 
 
@@ -193,7 +195,7 @@ def build_report(run_dir: Path, run: Any, timings: dict[str, float]) -> dict[str
         methods.setdefault(name, _method_entry(result))
     split = evaluation["meta"].get("split", "test")
     decoding = {}
-    for stage in ("midtrain", "sft", "rl"):
+    for stage in ("midtrain", "sft", "sft_answer", "rl", "rl_answer"):
         info = _read(run_dir / stage / f"rerank_{split}.json")
         if info:
             decoding[stage] = {k: info[k] for k in ("latency_ms_per_list", "reasoning_tokens_mean", "reasoning_tokens_max",
@@ -253,6 +255,27 @@ def _verdict(methods: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _arm_lines(methods: dict[str, dict]) -> list[str]:
+    """Think vs answer-only, paired on the same lists (gr2.arms)."""
+    lines = []
+    for name, m in methods.items():
+        if "vs_think" not in m:
+            continue
+        think = name.removesuffix("_answer")
+        for metric in ("recall@1", "ndcg@5"):
+            d = m["vs_think"][metric]
+            ci = f"{d['value']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+            if d["ci_low"] > 0:
+                verdict = "answer-only is better"
+            elif d["ci_high"] < 0:
+                verdict = "reasoning is better"
+            else:
+                verdict = "no significant difference"
+            lines.append(f"- {name} - {think} on {metric}: {ci}: {verdict}.")
+    return (["## Think vs answer-only", "", "Paired difference (answer-only - reasoning) with 95% CI:", "", *lines, ""]
+            if lines else [])
+
+
 def _next_item_lines(ev: dict[str, Any]) -> list[str]:
     """The mid-trained model's next-item retrieval against popularity on the same users."""
     ci = ev.get("ci95", {})
@@ -297,6 +320,7 @@ def markdown(report: dict[str, Any], run: Any) -> str:
     if report.get("mde"):
         lines += [mde_line(report["mde"]), ""]
     lines += [*_verdict(methods), ""]
+    lines += _arm_lines(methods)
     if report.get("rl_curves"):
         lines += ["## RL training curves", "",
                   f"From `rl/metrics.jsonl` ({report['rl_curves']['rows']} rows; plotted: "

@@ -193,6 +193,14 @@ def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) ->
         vs = result.pop("vs", None)
         if vs is not None:
             result["vs_upstream"] = {m: d for m, d in vs.items() if m != "baseline"}
+    # think vs answer-only (gr2.arms): the paired difference answer - think on the same lists
+    for name in results:
+        think = name.removesuffix("_answer")
+        if name.endswith("_answer") and think in rankings:
+            paired = evaluate_rankings(*rankings[name], c, t, n_boot=config.n_boot, seed=config.seed,
+                                       invalid=config.invalid, baseline=rankings[think], baseline_name=think,
+                                       groups=user_idx[shared])["vs"]
+            results[name]["vs_think"] = {m: d for m, d in paired.items() if m != "baseline"}
     cand_report = json.loads((cand_dir / "report.json").read_text())
     meta = {
         "split": config.split,
