@@ -75,6 +75,53 @@ def test_extend_with_sids_initialises_code_rows_from_item_text(base):
     assert model.get_output_embeddings().weight.shape[0] == len(tok)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("pad", [5, 40])  # fewer / more padding rows than the 12 SID tokens added
+def test_extend_with_sids_on_a_matrix_padded_past_the_tokenizer(base, pad, tied):
+    """Models like Qwen3 pad the embedding matrix past the tokenizer: the SID tokens take ids from
+    len(tokenizer) on, inside the padding when there is room. Exactly those rows are initialised
+    (from the real tokens' rows, padding excluded), the matrix never shrinks, tying is kept."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = fresh(base)
+    n_tok = len(tok)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=n_tok + pad, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         tie_word_embeddings=tied))
+    with torch.no_grad():  # padding rows get a value no initialised row can have
+        model.get_input_embeddings().weight[n_tok:] = 7.0
+        if not tied:
+            model.get_output_embeddings().weight[n_tok:] = -7.0
+    before = {"input": model.get_input_embeddings().weight.detach().clone(),
+              "output": model.get_output_embeddings().weight.detach().clone()}
+    codes = np.array([[0, 0], [0, 1], [1, 0], [1, 1], [1, 2]], dtype=np.uint16)
+    st = extend_with_sids(model, tok, codes, [3, 3], TITLES, noise_std=0.0)
+    n_new = len(tok) - n_tok
+    assert n_new == 12
+    emb, out = model.get_input_embeddings().weight.detach(), model.get_output_embeddings().weight.detach()
+    rows = max(n_tok + pad, len(tok))
+    assert emb.shape[0] == out.shape[0] == model.config.vocab_size == rows  # grown if needed, never shrunk
+    assert (emb.data_ptr() == out.data_ptr()) == tied
+    for name, weight in (("input", emb), ("output", out)):
+        old = before[name][:n_tok]
+        assert torch.equal(weight[:n_tok], old), name  # the real tokens' rows are untouched
+        assert (weight[n_tok:len(tok)].abs() < 1).all(), name  # every SID row initialised, none kept padding
+        if pad > n_new:
+            assert torch.equal(weight[len(tok):], before[name][len(tok):]), name  # leftover padding as it was
+
+        def item_mean(i):
+            return old[tok(TITLES[i], add_special_tokens=False)["input_ids"]].mean(0)
+
+        expect = torch.stack([item_mean(2), item_mean(3), item_mean(4)]).mean(0)
+        assert torch.allclose(weight[st.code_ids[0, 1]], expect, atol=1e-6), name
+        assert torch.allclose(weight[st.sid_begin], old.mean(0), atol=1e-6), name  # mean of real rows only
+    tags = {st.sid_begin, st.sid_end, st.think_open, st.think_close, st.answer_open, st.answer_close}
+    assert tags | {int(i) for i in st.code_ids[st.code_ids >= 0]} == set(range(n_tok, len(tok)))  # the rows checked
+    logits = model(input_ids=torch.tensor([st.sid_token_ids([1, 2])])).logits
+    assert logits.shape[-1] == rows
+
+
 def test_extend_rejects_mismatched_inputs(base):
     model, tok = fresh(base)
     with pytest.raises(InvalidInputError):
