@@ -566,9 +566,7 @@ def add_common_arguments(parser: Any) -> None:
 
 def config_from_args(cls: type, args: Any, table: str) -> Any:
     """Build config ``cls`` from ``--config`` (table ``[table]``) and ``--set`` overrides."""
-    import tomllib
-
-    from gr2.config import from_dict, load_toml
+    from gr2.config import from_dict, load_toml, tomllib
 
     data: dict[str, Any] = {}
     if args.config:
