@@ -238,6 +238,88 @@ def test_checkpoint_resume_is_exact(base, tmp_path):
         assert torch.allclose(p, q, atol=1e-6), n
 
 
+def test_resume_keeps_optimizer_state_but_applies_the_current_lr(base, tmp_path):
+    """A checkpoint saved at lr 1e-2 and resumed by a run configured with lr 4e-3: Adam's moments
+    and the schedule position come back, the peak lr is the new config's."""
+    import copy
+
+    model = copy.deepcopy(base[0])
+    opt = common.make_optimizer(model, lr=1e-2)
+    sched = common.make_scheduler(opt, total_steps=10, warmup_steps=2)
+    batch = common.collate([common.build_example([([3, 4, 5, 6], 1.0)])], 0)
+    for _ in range(3):
+        common.weighted_nll(model, batch)[0].backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    factor = sched.get_last_lr()[0] / 1e-2
+    common.save_checkpoint(tmp_path / "ck", model, opt, sched, 3)
+    opt2 = common.make_optimizer(copy.deepcopy(base[0]), lr=4e-3)
+    sched2 = common.make_scheduler(opt2, total_steps=10, warmup_steps=2)
+    common.load_checkpoint(tmp_path / "ck", model, opt2, sched2)
+    assert sched2.last_epoch == 3 and sched2.base_lrs == [4e-3] * len(opt2.param_groups)
+    for group in opt2.param_groups:
+        assert group["lr"] == pytest.approx(4e-3 * factor) and group["initial_lr"] == 4e-3
+    assert opt2.state_dict()["state"][0]["step"] == 3  # Adam state restored
+    sched2.step()  # the schedule continues from the new peak
+    assert sched2.get_last_lr()[0] == pytest.approx(4e-3 * sched2.lr_lambdas[0](4))
+
+
+def test_checkpointer_never_resumes_another_key(base, tmp_path, caplog):
+    import copy
+    import logging
+
+    model = copy.deepcopy(base[0])
+    opt = common.make_optimizer(model, lr=1e-3)
+    old = common.Checkpointer(tmp_path / "ck", "key-a", keep=2, name="sft")
+    for step in (1, 2, 3):
+        old.save(step, model, opt, None)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step-00000002", "step-00000003"]  # pruned
+    assert common.Checkpointer(tmp_path / "ck", "key-a").latest().name == "step-00000003"
+    with caplog.at_level(logging.INFO, logger="gr2"):
+        new = common.Checkpointer(tmp_path / "ck", "key-b", name="sft")
+        assert new.resume(model, opt, None) is None
+    stale = [r.getMessage() for r in caplog.records if "stale" in r.getMessage()]
+    assert stale == ["sft: stale checkpoint (key key-a) ignored; training from the start"]  # one line
+    assert not list((tmp_path / "ck").glob("step-*"))  # removed
+    # keyed artefacts (the mid-training init model) follow the same rule
+    path, current = new.artifact("init", "init-1")
+    assert not current
+    path.mkdir()
+    new.mark_artifact("init", "init-1")
+    assert new.artifact("init", "init-1") == (path, True)
+    assert new.artifact("init", "init-2") == (path, False) and not path.exists()
+    new.cleanup()
+    assert not (tmp_path / "ck").exists()
+
+
+def test_bf16_training_keeps_fp32_master_weights_so_tiny_steps_land(base):
+    """lr 1e-6 AdamW step under the bf16 setting: parameters stay float32 (forward under autocast)
+    and ~every weight moves; in pure bf16 the same step rounds away for almost all of them."""
+    import copy
+
+    batch = common.collate([common.build_example([([3, 4, 5, 6, 7, 8], 1.0)])], 0)
+    dtype = common.choose_dtype(torch.device("cpu"), "bf16")
+    assert dtype == torch.bfloat16 and common.param_dtype(dtype) == torch.float32
+    with pytest.raises(ConfigError, match="loss scaling"):
+        common.param_dtype(torch.float16)
+
+    def moved_share(model):
+        opt = common.make_optimizer(model, lr=1e-6)
+        layer = [p for n, p in model.named_parameters() if "layers" in n and p.ndim == 2]
+        before = [p.detach().clone() for p in layer]
+        with common.autocast(torch.device("cpu"), dtype):
+            loss, _ = common.weighted_nll(model, batch)
+        loss.backward()
+        opt.step()
+        return sum(int((p != b).sum()) for p, b in zip(layer, before)) / sum(p.numel() for p in layer)
+
+    fp32 = copy.deepcopy(base[0]).to(common.param_dtype(dtype))
+    assert moved_share(fp32) > 0.9
+    assert all(p.dtype == torch.float32 for p in fp32.parameters())
+    assert moved_share(copy.deepcopy(base[0]).to(torch.bfloat16)) < 0.2  # the failure mode it replaces
+
+
 def test_load_checkpoint_rejects_garbage(base, tmp_path):
     model, _ = base
     opt = common.make_optimizer(model, 1e-3)
