@@ -67,7 +67,9 @@ def choose_device(preference: str = "auto") -> torch.device:
 
 
 def choose_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
-    """``"auto"`` -> bfloat16 on CUDA (when supported), float32 on CPU (bf16 matmuls are slow there)."""
+    """The compute dtype: ``"auto"`` -> bfloat16 on CUDA (when supported), float32 on CPU (bf16
+    matmuls are slow there). Training keeps parameters in :func:`param_dtype` (float32) and applies
+    this one through :func:`autocast`."""
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if preference == "auto":
