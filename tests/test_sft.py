@@ -126,7 +126,7 @@ def test_bf16_sft_with_lr_1e6_moves_the_weights(run_dir, tmp_path):
     for name, p in after.named_parameters():
         if "layers" in name and p.ndim == 2:
             assert p.dtype == torch.float32
-            diff = (p - old[name]).abs()
+            diff = (p - old[name]).detach().abs()
             assert float(diff.max()) <= 2 * steps * 1e-6, name  # moved by Adam steps of ~lr, not by rounding
             moved += int((diff > 0).sum())
             total += p.numel()
