@@ -172,6 +172,49 @@ def test_resume_reproduces_the_next_step_exactly(setup, tmp_path):
             "clip_fraction", "loss"} <= set(strip(lines_a[-1]))
 
 
+def test_changed_lr_never_resumes_the_old_checkpoint(setup, tmp_path, caplog):
+    """A finished run at rl.lr 1e-2, then the same folder at rl.lr 1e-3: the old step-2
+    checkpoint is stale (another key), so the new run trains from the start (one log line) and
+    equals a fresh lr-1e-3 run, instead of resuming the old policy and running zero steps."""
+    import logging
+
+    _, tokenizer, sid_tokens, data, sids = setup
+    rollout = fx.scripted_rollouts(sids, sid_tokens)
+    old = fx.trainer(fresh(setup)[0], tokenizer, sid_tokens, data, sids,
+                     fx.small_config(steps=2, save_every=1, lr=1e-2), rollout)
+    train(old, tmp_path / "rl")
+    changed = fx.small_config(steps=2, save_every=1, lr=1e-3)
+    again = fx.trainer(fresh(setup)[0], tokenizer, sid_tokens, data, sids, changed, rollout)
+    with caplog.at_level(logging.WARNING, logger="gr2"):
+        train(again, tmp_path / "rl")
+    stale = [r.getMessage() for r in caplog.records if "stale checkpoint" in r.getMessage()]
+    assert len(stale) == 1 and stale[0].startswith("rl: stale checkpoint (key ")
+    assert stale[0].endswith(") ignored; training from the start")
+    straight = fx.trainer(fresh(setup)[0], tokenizer, sid_tokens, data, sids, changed, rollout)
+    train(straight, tmp_path / "straight", resume=False)
+    assert again.step_count == 2 and again.cursor == straight.cursor
+    assert again.optimizer.param_groups[0]["lr"] == 1e-3
+    for (name, pa), (_, pb) in zip(again.model.named_parameters(), straight.model.named_parameters()):
+        assert torch.equal(pa, pb), name
+
+
+def test_bf16_setting_trains_fp32_master_weights(setup):
+    """rl.dtype = bf16 with a policy loaded in bf16 (from_pretrained's "auto" dtype for Qwen3):
+    the trainer keeps float32 parameters and runs forwards under autocast, so an lr-1e-6 step
+    moves nearly every layer weight; on bf16 parameters it would round away."""
+    _, tokenizer, sid_tokens, data, sids = setup
+    model = fresh(setup)[0].to(torch.bfloat16)
+    config = fx.small_config(steps=1, lr=1e-6, dtype="bf16", prompts_per_step=2)
+    tr = fx.trainer(model, tokenizer, sid_tokens, data, sids, config, fx.scripted_rollouts(sids, sid_tokens))
+    assert tr.precision == torch.bfloat16 and all(p.dtype == torch.float32 for p in tr.model.parameters())
+    layer = {n: p.detach().clone() for n, p in tr.model.named_parameters() if "layers" in n and p.ndim == 2}
+    stats = tr.step()
+    assert "skipped_update" not in stats
+    params = dict(tr.model.named_parameters())
+    moved = sum(int((params[n] != b).sum()) for n, b in layer.items())
+    assert moved / sum(b.numel() for b in layer.values()) > 0.9
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -298,6 +341,7 @@ def test_rl_stage_end_to_end_from_the_cli(setup, tmp_path):
     assert record["summary"]["steps"] == 2 and record["summary"]["dropped_no_target"] == 1
     assert record["summary"]["base_stage"] == "sft" and record["summary"]["train_prompts"] == n - 1
     assert (run / "rl" / "model" / "config.json").exists() and (run / "rl" / "metrics.jsonl").exists()
+    assert not (run / "rl" / "checkpoints").exists()  # cleaned up on success: nothing stale to resume later
     mtime = (run / "rl" / "model" / "config.json").stat().st_mtime
     assert cli_main(["rl", "--run-dir", str(run), "--config", str(config)]) == 0  # current: skipped
     assert (run / "rl" / "model" / "config.json").stat().st_mtime == mtime

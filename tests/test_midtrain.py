@@ -206,3 +206,43 @@ def test_selected_logits_loss_matches_full_and_packing():
         assert torch.allclose(g_full, g_sel, atol=1e-6)
     with pytest.raises(Exception):
         common.pack_rows(examples, 11, tok.eos_token_id)
+
+
+def test_init_model_of_another_base_model_or_sid_index_is_not_reused(run_dir, tmp_path, caplog):
+    """A run killed before its first checkpoint leaves checkpoints/init (the SID-extended base
+    model). Restarted with another base model, or after the SID index changed, the stage must not
+    start from that old extended model: it says so in one line and extends the new base again."""
+    import dataclasses
+    import logging
+    import shutil
+
+    from gr2.train.midtrain import init_key
+
+    def kill_at(step):
+        if step == 1:
+            raise KeyboardInterrupt("killed")
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("midtrain"))
+    ckpts = run / "midtrain" / "checkpoints"
+    config = tiny_midtrain_config(checkpoint_every=100)
+    with pytest.raises(KeyboardInterrupt):
+        run_midtrain(run, config, on_step=kill_at)
+    assert (ckpts / "init" / "config.json").exists() and common.latest_checkpoint(ckpts) is None
+    wider = dataclasses.replace(config, demo=dataclasses.replace(config.demo, hidden_size=48))  # another base model
+    for change in ("base model", "sid index"):
+        if change == "sid index":  # the sid stage reran with other codes: its key changed
+            record = json.loads((run / "sid" / "stage.json").read_text())
+            (run / "sid" / "stage.json").write_text(json.dumps({**record, "key": "another-index"}))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="gr2"), pytest.raises(KeyboardInterrupt):
+            run_midtrain(run, wider, on_step=kill_at)
+        assert load_pretrained(ckpts / "init")[0].config.hidden_size == 48, change
+        stale = [r.getMessage() for r in caplog.records if "stale checkpoint" in r.getMessage()]
+        assert len(stale) == 1 and stale[0].startswith("midtrain: stale checkpoint (key "), change
+        assert (ckpts / "init.key").read_text().strip() == init_key(run, wider), change
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gr2"):  # same config and inputs: the init is reused, silently
+        run_midtrain(run, dataclasses.replace(wider, steps=2, eval_users=2))
+    assert not [r for r in caplog.records if "stale" in r.getMessage()]
+    assert not ckpts.exists()  # cleaned up on success

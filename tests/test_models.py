@@ -75,6 +75,53 @@ def test_extend_with_sids_initialises_code_rows_from_item_text(base):
     assert model.get_output_embeddings().weight.shape[0] == len(tok)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("pad", [5, 40])  # fewer / more padding rows than the 12 SID tokens added
+def test_extend_with_sids_on_a_matrix_padded_past_the_tokenizer(base, pad, tied):
+    """Models like Qwen3 pad the embedding matrix past the tokenizer: the SID tokens take ids from
+    len(tokenizer) on, inside the padding when there is room. Exactly those rows are initialised
+    (from the real tokens' rows, padding excluded), the matrix never shrinks, tying is kept."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = fresh(base)
+    n_tok = len(tok)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=n_tok + pad, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         tie_word_embeddings=tied))
+    with torch.no_grad():  # padding rows get a value no initialised row can have
+        model.get_input_embeddings().weight[n_tok:] = 7.0
+        if not tied:
+            model.get_output_embeddings().weight[n_tok:] = -7.0
+    before = {"input": model.get_input_embeddings().weight.detach().clone(),
+              "output": model.get_output_embeddings().weight.detach().clone()}
+    codes = np.array([[0, 0], [0, 1], [1, 0], [1, 1], [1, 2]], dtype=np.uint16)
+    st = extend_with_sids(model, tok, codes, [3, 3], TITLES, noise_std=0.0)
+    n_new = len(tok) - n_tok
+    assert n_new == 12
+    emb, out = model.get_input_embeddings().weight.detach(), model.get_output_embeddings().weight.detach()
+    rows = max(n_tok + pad, len(tok))
+    assert emb.shape[0] == out.shape[0] == model.config.vocab_size == rows  # grown if needed, never shrunk
+    assert (emb.data_ptr() == out.data_ptr()) == tied
+    for name, weight in (("input", emb), ("output", out)):
+        old = before[name][:n_tok]
+        assert torch.equal(weight[:n_tok], old), name  # the real tokens' rows are untouched
+        assert (weight[n_tok:len(tok)].abs() < 1).all(), name  # every SID row initialised, none kept padding
+        if pad > n_new:
+            assert torch.equal(weight[len(tok):], before[name][len(tok):]), name  # leftover padding as it was
+
+        def item_mean(i):
+            return old[tok(TITLES[i], add_special_tokens=False)["input_ids"]].mean(0)
+
+        expect = torch.stack([item_mean(2), item_mean(3), item_mean(4)]).mean(0)
+        assert torch.allclose(weight[st.code_ids[0, 1]], expect, atol=1e-6), name
+        assert torch.allclose(weight[st.sid_begin], old.mean(0), atol=1e-6), name  # mean of real rows only
+    tags = {st.sid_begin, st.sid_end, st.think_open, st.think_close, st.answer_open, st.answer_close}
+    assert tags | {int(i) for i in st.code_ids[st.code_ids >= 0]} == set(range(n_tok, len(tok)))  # the rows checked
+    logits = model(input_ids=torch.tensor([st.sid_token_ids([1, 2])])).logits
+    assert logits.shape[-1] == rows
+
+
 def test_extend_rejects_mismatched_inputs(base):
     model, tok = fresh(base)
     with pytest.raises(InvalidInputError):
@@ -189,6 +236,88 @@ def test_checkpoint_resume_is_exact(base, tmp_path):
         assert resumed[step] == pytest.approx(full[step], abs=1e-6)
     for (n, p), (_, q) in zip(reference.named_parameters(), resumed_model.named_parameters()):
         assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_resume_keeps_optimizer_state_but_applies_the_current_lr(base, tmp_path):
+    """A checkpoint saved at lr 1e-2 and resumed by a run configured with lr 4e-3: Adam's moments
+    and the schedule position come back, the peak lr is the new config's."""
+    import copy
+
+    model = copy.deepcopy(base[0])
+    opt = common.make_optimizer(model, lr=1e-2)
+    sched = common.make_scheduler(opt, total_steps=10, warmup_steps=2)
+    batch = common.collate([common.build_example([([3, 4, 5, 6], 1.0)])], 0)
+    for _ in range(3):
+        common.weighted_nll(model, batch)[0].backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    factor = sched.get_last_lr()[0] / 1e-2
+    common.save_checkpoint(tmp_path / "ck", model, opt, sched, 3)
+    opt2 = common.make_optimizer(copy.deepcopy(base[0]), lr=4e-3)
+    sched2 = common.make_scheduler(opt2, total_steps=10, warmup_steps=2)
+    common.load_checkpoint(tmp_path / "ck", model, opt2, sched2)
+    assert sched2.last_epoch == 3 and sched2.base_lrs == [4e-3] * len(opt2.param_groups)
+    for group in opt2.param_groups:
+        assert group["lr"] == pytest.approx(4e-3 * factor) and group["initial_lr"] == 4e-3
+    assert opt2.state_dict()["state"][0]["step"] == 3  # Adam state restored
+    sched2.step()  # the schedule continues from the new peak
+    assert sched2.get_last_lr()[0] == pytest.approx(4e-3 * sched2.lr_lambdas[0](4))
+
+
+def test_checkpointer_never_resumes_another_key(base, tmp_path, caplog):
+    import copy
+    import logging
+
+    model = copy.deepcopy(base[0])
+    opt = common.make_optimizer(model, lr=1e-3)
+    old = common.Checkpointer(tmp_path / "ck", "key-a", keep=2, name="sft")
+    for step in (1, 2, 3):
+        old.save(step, model, opt, None)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step-00000002", "step-00000003"]  # pruned
+    assert common.Checkpointer(tmp_path / "ck", "key-a").latest().name == "step-00000003"
+    with caplog.at_level(logging.INFO, logger="gr2"):
+        new = common.Checkpointer(tmp_path / "ck", "key-b", name="sft")
+        assert new.resume(model, opt, None) is None
+    stale = [r.getMessage() for r in caplog.records if "stale" in r.getMessage()]
+    assert stale == ["sft: stale checkpoint (key key-a) ignored; training from the start"]  # one line
+    assert not list((tmp_path / "ck").glob("step-*"))  # removed
+    # keyed artefacts (the mid-training init model) follow the same rule
+    path, current = new.artifact("init", "init-1")
+    assert not current
+    path.mkdir()
+    new.mark_artifact("init", "init-1")
+    assert new.artifact("init", "init-1") == (path, True)
+    assert new.artifact("init", "init-2") == (path, False) and not path.exists()
+    new.cleanup()
+    assert not (tmp_path / "ck").exists()
+
+
+def test_bf16_training_keeps_fp32_master_weights_so_tiny_steps_land(base):
+    """lr 1e-6 AdamW step under the bf16 setting: parameters stay float32 (forward under autocast)
+    and ~every weight moves; in pure bf16 the same step rounds away for almost all of them."""
+    import copy
+
+    batch = common.collate([common.build_example([([3, 4, 5, 6, 7, 8], 1.0)])], 0)
+    dtype = common.choose_dtype(torch.device("cpu"), "bf16")
+    assert dtype == torch.bfloat16 and common.param_dtype(dtype) == torch.float32
+    with pytest.raises(ConfigError, match="loss scaling"):
+        common.param_dtype(torch.float16)
+
+    def moved_share(model):
+        opt = common.make_optimizer(model, lr=1e-6)
+        layer = [p for n, p in model.named_parameters() if "layers" in n and p.ndim == 2]
+        before = [p.detach().clone() for p in layer]
+        with common.autocast(torch.device("cpu"), dtype):
+            loss, _ = common.weighted_nll(model, batch)
+        loss.backward()
+        opt.step()
+        return sum(int((p != b).sum()) for p, b in zip(layer, before)) / sum(p.numel() for p in layer)
+
+    fp32 = copy.deepcopy(base[0]).to(common.param_dtype(dtype))
+    assert moved_share(fp32) > 0.9
+    assert all(p.dtype == torch.float32 for p in fp32.parameters())
+    assert moved_share(copy.deepcopy(base[0]).to(torch.bfloat16)) < 0.2  # the failure mode it replaces
 
 
 def test_load_checkpoint_rejects_garbage(base, tmp_path):

@@ -127,3 +127,24 @@ def test_sft_bad_inputs(run_dir, tmp_path):
 
     with pytest.raises(InvalidInputError, match="max_length"):
         trace_example(tok, record, 0.5, 1.0, 16)
+
+
+def test_bf16_sft_with_lr_1e6_moves_the_weights(run_dir, tmp_path):
+    """The bf16 setting trains float32 master weights under autocast: with lr 1e-6 every layer
+    weight moves by about the lr per step. Pure-bf16 parameters (the old CUDA path) would leave
+    the weights at their bf16 rounding -- off by up to ~1e-4 and with the updates lost."""
+    run = copy_run(run_dir, tmp_path / "bf16")
+    summary = run_sft(run, config(epochs=1, lr=1e-6, warmup_steps=0, dtype="bf16", seed=4))
+    steps = summary["steps"]
+    before, _ = load_pretrained(run / "midtrain" / "model")
+    after, _ = load_pretrained(run / "sft" / "model")
+    old = dict(before.named_parameters())
+    moved = total = 0
+    for name, p in after.named_parameters():
+        if "layers" in name and p.ndim == 2:
+            assert p.dtype == torch.float32
+            diff = (p - old[name]).detach().abs()
+            assert float(diff.max()) <= 2 * steps * 1e-6, name  # moved by Adam steps of ~lr, not by rounding
+            moved += int((diff > 0).sum())
+            total += p.numel()
+    assert moved / total > 0.9

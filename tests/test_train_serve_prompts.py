@@ -48,7 +48,7 @@ def test_one_request_gets_one_prompt_in_every_stage(run_dir, arm, monkeypatch):
     sft_prompts = []
     for r in records:
         ex = trace_example(tokenizer, r, 0.5, 1.0, 8192)
-        n_prompt = int(np.argmax(np.asarray(ex.loss_weights) > 0))
+        n_prompt = int(np.argmax(np.asarray(ex.weights) > 0))
         sft_prompts.append(list(ex.input_ids[:n_prompt]))
     # RL
     rl = load_rl_data(run_dir, "valid", tokenizer, index, DapoConfig(reasoning=arm == "think"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from gr2.errors import Gr2Error
@@ -40,8 +41,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _show_library_logs() -> None:
+    """Library modules log through ``logging.getLogger(__name__)``; the CLI shows gr2's INFO lines
+    (progress notes, "stale checkpoint ... ignored") on stderr, other libraries' logs as they were."""
+    logger = logging.getLogger("gr2")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _show_library_logs()
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     module = importlib.import_module(args._module)

@@ -8,13 +8,19 @@ dataclasses and rejecting anything it does not know.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+import sys
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gr2.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser as the `tomli` package (a dependency there)
+    import tomli as tomllib
+
 
 T = TypeVar("T")
 

@@ -250,11 +250,20 @@ def extend_with_sids(
         raise InvalidInputError(f"codes must be (n_items, {len(level_sizes)}), got shape {codes.shape}")
     if item_texts is not None and len(item_texts) != codes.shape[0]:
         raise InvalidInputError(f"{len(item_texts)} item texts for {codes.shape[0]} SIDs")
-    old_vocab = model.get_input_embeddings().weight.shape[0]
+    # The old vocabulary is the tokenizer's, not the embedding row count: many checkpoints pad the
+    # matrix past the tokenizer (Qwen3: 151,936 rows for 151,669 tokens), and the added tokens take
+    # ids from len(tokenizer) on -- inside those padding rows when there is room.
+    old_tokens = len(tokenizer)
+    old_rows = model.get_input_embeddings().weight.shape[0]
     sid_tokens = add_sid_tokens(tokenizer, level_sizes=level_sizes)
-    new_vocab = len(tokenizer)
-    # mean_resizing=False: we set every new row ourselves just below.
-    model.resize_token_embeddings(new_vocab, mean_resizing=False)
+    new_tokens = len(tokenizer)
+    if new_tokens > old_rows:  # grow only; never shrink a padded matrix to len(tokenizer)
+        # mean_resizing=False: we set every new row ourselves just below; tied output embeddings
+        # stay tied, untied ones are grown alongside
+        model.resize_token_embeddings(new_tokens, mean_resizing=False)
+    # rows to initialise: the added tokens' ids, and rows that resizing created for old tokens of a
+    # tokenizer larger than its matrix (none for a consistent model)
+    new_ids = sorted(set(range(old_tokens, new_tokens)) | set(range(old_rows, min(old_tokens, new_tokens))))
     item_token_ids = (
         [tokenizer(t, add_special_tokens=False)["input_ids"] for t in item_texts] if item_texts is not None else None
     )
@@ -265,12 +274,14 @@ def extend_with_sids(
         if out is not None and out.weight.data_ptr() != matrices[0].data_ptr():
             matrices.append(out.weight)
         for weight in matrices:
-            _init_sid_rows(weight, old_vocab, sid_tokens, codes, item_token_ids, noise_std, gen)
-    model.config.vocab_size = new_vocab
+            _init_sid_rows(weight, min(old_tokens, old_rows), new_ids, sid_tokens, codes, item_token_ids, noise_std, gen)
+    model.config.vocab_size = int(model.get_input_embeddings().weight.shape[0])
     return sid_tokens
 
 
-def _init_sid_rows(weight, old_vocab, sid_tokens, codes, item_token_ids, noise_std, gen) -> None:
+def _init_sid_rows(weight, old_vocab, new_ids, sid_tokens, codes, item_token_ids, noise_std, gen) -> None:
+    """Set rows ``new_ids`` of ``weight`` from the statistics of its first ``old_vocab`` rows (the
+    old tokens' own rows, padding excluded)."""
     import torch
 
     old = weight[:old_vocab].float()
@@ -280,7 +291,7 @@ def _init_sid_rows(weight, old_vocab, sid_tokens, codes, item_token_ids, noise_s
     def noisy(vec):
         return (vec + torch.randn(vec.shape, generator=gen) * scale).to(weight.dtype)
 
-    new_ids = set(range(old_vocab, weight.shape[0]))
+    new_ids = set(new_ids)
     item_means = None
     if item_token_ids is not None:
         item_means = torch.stack(

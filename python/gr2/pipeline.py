@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from gr2 import rundir
 from gr2.arms import ARM_STAGES, stage_dir
-from gr2.config import from_dict, load_toml
+from gr2.config import from_dict, load_toml, tomllib
 from gr2.errors import ConfigError
 from gr2.rerank import MODEL_STAGES, RerankConfig
 

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ from safetensors.torch import save as safetensors_save
 import gr2
 from gr2 import rundir
 from gr2.config import from_dict, load_toml
+
+log = logging.getLogger(__name__)
 from gr2.data.catalog import load_items, load_sequences, train_sequences
 from gr2.embed import default_model_path, embed_texts
 from gr2.errors import ConfigError, DataError
@@ -293,8 +296,8 @@ def _run_ablation(run_dir: str | Path, config: SidConfig, progress: bool) -> dic
             row[metric + "_std"] = float(values.std())
         rows.append(row)
         if progress:
-            print(f"  {name:32s} uniqueness {row['uniqueness_before_repair']:.2%}  "
-                  f"recon {row['reconstruction_relative']:.3f}", flush=True)
+            log.info("  %-32s uniqueness %.2f%%  recon %.3f", name, 100 * row["uniqueness_before_repair"],
+                     row["reconstruction_relative"])
     result = {
         "items": len(texts),
         "items_with_duplicate_text": _duplicate_text_items(texts),

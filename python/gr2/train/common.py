@@ -1,9 +1,13 @@
 """Plumbing shared by the training recipes (midtrain, sft, dapo).
 
-* seeding, device and dtype choice (bf16 on CUDA, fp32 on CPU);
+* seeding, device and dtype choice (bf16 on CUDA, fp32 on CPU) and mixed precision: parameters
+  and AdamW state stay float32 (master weights); a bf16 setting runs the forward passes under
+  ``torch.autocast`` (:func:`autocast`), so small learning-rate steps are not rounded away;
 * AdamW + warmup/cosine schedule; optional LoRA via peft;
 * checkpoints that resume EXACTLY: model weights (safetensors), optimizer, scheduler, every RNG
-  state and the step counter, written atomically;
+  state and the step counter, written atomically; :class:`Checkpointer` keys them by the stage's
+  config + inputs, so a checkpoint of another config or other inputs is never resumed, and the
+  current config's learning rate is applied on resume;
 * a JSONL + tensorboard logger;
 * :class:`WeightedExample` and :func:`collate`: token ids with a per-token loss weight, so a
   recipe says which tokens count (assistant-only masking, reasoning vs answer weights) and
@@ -15,10 +19,13 @@ Data order for exact resume: recipes draw the order of epoch ``e`` from ``epoch_
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -32,6 +39,8 @@ from gr2.rundir import atomic_dir, atomic_write_json, atomic_write_text
 CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_STATE = "trainer_state.pt"
 CHECKPOINT_META = "checkpoint.json"
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,7 +67,9 @@ def choose_device(preference: str = "auto") -> torch.device:
 
 
 def choose_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
-    """``"auto"`` -> bfloat16 on CUDA (when supported), float32 on CPU (bf16 matmuls are slow there)."""
+    """The compute dtype: ``"auto"`` -> bfloat16 on CUDA (when supported), float32 on CPU (bf16
+    matmuls are slow there). Training keeps parameters in :func:`param_dtype` (float32) and applies
+    this one through :func:`autocast`."""
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if preference == "auto":
@@ -68,6 +79,24 @@ def choose_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
     if preference not in table:
         raise ConfigError(f"unknown dtype {preference!r}; use one of auto, {', '.join(sorted(table))}")
     return table[preference]
+
+
+def param_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype trainable parameters are kept in: always float32 (master weights). A lower
+    precision ``dtype`` is a *compute* dtype, applied by :func:`autocast`; pure-bf16 parameters and
+    AdamW moments round away steps below ~2^-8 of a weight (an lr-1e-6 step never lands)."""
+    if dtype == torch.float16:
+        raise ConfigError("float16 training needs loss scaling, which gr2 does not implement; "
+                          "use dtype = \"bfloat16\" (or \"float32\")")
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Context for forward passes: ``torch.autocast(device.type, dtype)`` when ``dtype`` is lower
+    precision than float32, else a no-op. Wrap forwards and the loss, not ``backward()``."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -170,8 +199,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, step: int, extra: dict[str, Any] | None = None) -> Path:
-    """Write a resumable checkpoint folder atomically: trainable weights, optimizer, scheduler, RNG, step."""
+                    scheduler: Any, step: int, extra: dict[str, Any] | None = None, key: str | None = None) -> Path:
+    """Write a resumable checkpoint folder atomically: trainable weights, optimizer, scheduler, RNG,
+    step, and the ``key`` (config + inputs) it belongs to (see :class:`Checkpointer`)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -183,14 +213,18 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / CHECKPOINT_WEIGHTS))
         torch.save(state, tmp / CHECKPOINT_STATE)
-        atomic_write_json(tmp / CHECKPOINT_META, {"step": int(step), "extra": extra or {}})
+        atomic_write_json(tmp / CHECKPOINT_META, {"step": int(step), "key": key, "extra": extra or {}})
     return path
 
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any) -> dict[str, Any]:
     """Restore what :func:`save_checkpoint` wrote into ``model``/``optimizer``/``scheduler`` and the
-    RNGs; returns ``{"step": ..., "extra": ...}``."""
+    RNGs; returns ``{"step": ..., "key": ..., "extra": ...}``.
+
+    The optimizer's moments and step counts and the scheduler's position come from the checkpoint,
+    but the learning rate is the *current* one: the peak lr ``optimizer``/``scheduler`` were built
+    with replaces the saved peak (the schedule factor of the saved step is kept)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -214,11 +248,26 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
                 raise CorruptFileError(f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
                                        f"model expects {tuple(params[name].shape)}")
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+    current = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
+    _apply_peak_lrs(optimizer, scheduler, current)
     _set_rng_state(state["rng"])
     return meta
+
+
+def _apply_peak_lrs(optimizer: torch.optim.Optimizer, scheduler: Any, peaks: list[float]) -> None:
+    """Rescale each param group's lr from its saved peak to ``peaks`` (the current config's)."""
+    for group, peak in zip(optimizer.param_groups, peaks):
+        saved = group.get("initial_lr", group["lr"])
+        if saved != peak:
+            group["lr"] = group["lr"] * peak / saved if saved else peak
+        if "initial_lr" in group:
+            group["initial_lr"] = peak
+    if scheduler is not None and hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = list(peaks)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
@@ -230,14 +279,107 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     return done[-1] if done else None
 
 
+def checkpoint_key(path: str | os.PathLike) -> str | None:
+    """The key a checkpoint folder was saved under (None: unkeyed or unreadable)."""
+    try:
+        meta = json.loads((Path(path) / CHECKPOINT_META).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("key") or meta.get("extra", {}).get("key")
+
+
+class Checkpointer:
+    """The checkpoints of one training run, keyed by its config + inputs (one per stage / arm).
+
+    ``key`` is the hash of everything the run's result depends on (the stage config and the keys
+    of its inputs, e.g. :func:`gr2.rundir.stage_key`). Only a checkpoint saved under the same key
+    is resumed; any other (another config, other inputs, or no key at all) is removed with one
+    log line, ``"<name>: stale checkpoint (key ...) ignored; training from the start"``. Besides
+    ``step-NNNNNNNN`` folders, a run may keep keyed artefacts (:meth:`artifact`, e.g. the
+    mid-training ``init`` model), held to the same rule with their own key. On success the stage
+    calls :meth:`cleanup`. ``writer`` is False on the non-zero ranks of a multi-process run: they
+    read the same folder but never write or remove anything.
+    """
+
+    def __init__(self, directory: str | os.PathLike, key: str, *, keep: int = 2, writer: bool = True,
+                 name: str = "training") -> None:
+        self.directory, self.key, self.keep, self.writer, self.name = Path(directory), str(key), keep, writer, name
+        self._warned = False
+
+    def _stale(self, key: str | None, *paths: Path) -> None:
+        if not self.writer:  # rank 0 says it (and removes); the others just agree
+            return
+        if not self._warned:  # one line per run, however many stale pieces it had
+            log.warning("%s: stale checkpoint (key %s) ignored; training from the start", self.name, key or "none")
+            self._warned = True
+        if self.writer:
+            for path in paths:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        """The newest step checkpoint saved under this key; stale ones are removed (one log line)."""
+        if not self.directory.exists():
+            return None
+        matching = []
+        stale: list[tuple[str | None, Path]] = []
+        for path in sorted(self.directory.glob("step-*")):
+            if not (path / CHECKPOINT_META).exists():
+                continue  # a half-written folder (atomic writes leave none; be safe)
+            key = checkpoint_key(path)
+            (matching.append(path) if key == self.key else stale.append((key, path)))
+        if stale:
+            self._stale(stale[-1][0], *(path for _, path in stale))
+        return matching[-1] if matching else None
+
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any] | None:
+        """Load the newest matching checkpoint (current lr applied); its meta, or None to start at 0."""
+        latest = self.latest()
+        if latest is None:
+            return None
+        meta = load_checkpoint(latest, model, optimizer, scheduler)
+        log.info("%s: resuming from %s", self.name, latest)
+        return meta
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             extra: dict[str, Any] | None = None) -> Path:
+        """Write ``step-NNNNNNNN`` under this key and prune to the newest ``keep`` (writer only)."""
+        path = self.directory / checkpoint_name(step)
+        if self.writer:
+            save_checkpoint(path, model, optimizer, scheduler, step, extra, key=self.key)
+            prune_checkpoints(self.directory, self.keep)
+        return path
+
+    def artifact(self, name: str, key: str) -> tuple[Path, bool]:
+        """(folder of artefact ``name``, whether it exists under ``key``). One saved under another
+        key (or none) is removed with the stale line; write it, then call :meth:`mark_artifact`."""
+        path = self.directory / name
+        marker = self.directory / f"{name}.key"
+        saved = marker.read_text().strip() if marker.exists() else None
+        if path.exists() and saved == key:
+            return path, True
+        if path.exists() or marker.exists():
+            self._stale(saved, path)
+            if self.writer:
+                marker.unlink(missing_ok=True)
+        return path, False
+
+    def mark_artifact(self, name: str, key: str) -> None:
+        """Record that artefact ``name`` (already written) belongs to ``key``."""
+        if self.writer:
+            atomic_write_text(self.directory / f"{name}.key", key + "\n")
+
+    def cleanup(self) -> None:
+        """Remove every checkpoint and artefact of the run (after the stage saved its result)."""
+        if self.writer:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints."""
-    import shutil
-
     folders = sorted(Path(directory).glob("step-*"))
     for old in folders[:-keep] if keep > 0 else folders:
         shutil.rmtree(old, ignore_errors=True)
@@ -566,9 +708,7 @@ def add_common_arguments(parser: Any) -> None:
 
 def config_from_args(cls: type, args: Any, table: str) -> Any:
     """Build config ``cls`` from ``--config`` (table ``[table]``) and ``--set`` overrides."""
-    import tomllib
-
-    from gr2.config import from_dict, load_toml
+    from gr2.config import from_dict, load_toml, tomllib
 
     data: dict[str, Any] = {}
     if args.config:

@@ -415,9 +415,11 @@ def dapo_update(
     world: World = World(),
     ref_model: torch.nn.Module | None = None,
     device: torch.device = torch.device("cpu"),
+    precision: torch.dtype = torch.float32,
 ) -> dict[str, float]:
     """One rollout batch -> ``updates_per_batch`` optimizer steps. ``rollouts`` are THIS rank's
-    rollouts (with advantages); every rank must call this the same number of times.
+    rollouts (with advantages); every rank must call this the same number of times. Forward passes
+    run under ``common.autocast(device, precision)`` (parameters stay float32).
 
     Dropout is switched off (``model.eval()``) for the old and the new log-probabilities alike:
     with dropout the ratio would differ from 1 by noise alone and the clip would act on it."""
@@ -429,7 +431,7 @@ def dapo_update(
     old: list[list[torch.Tensor]] = []
     refs: list[list[torch.Tensor | None]] = []
     chunks = [[mb[j::config.grad_accum] for j in range(config.grad_accum)] for mb in micro]
-    with torch.no_grad():
+    with torch.no_grad(), common.autocast(device, precision):
         for mb_chunks in chunks:
             old.append([token_logprobs(model, common.to_device(pack_rollouts(c, pad_id), device), temp) if c else None
                         for c in mb_chunks])
@@ -446,9 +448,10 @@ def dapo_update(
             if not chunk:
                 continue
             batch = common.to_device(pack_rollouts(chunk, pad_id), device)
-            logp = token_logprobs(model, batch, temp)
-            loss, s = dapo_loss(logp, old[u][j], batch["advantages"], batch["completion_mask"], total_tokens,
-                                config.eps_low, config.eps_high, refs[u][j], config.kl_coef)
+            with common.autocast(device, precision):
+                logp = token_logprobs(model, batch, temp)
+                loss, s = dapo_loss(logp, old[u][j], batch["advantages"], batch["completion_mask"], total_tokens,
+                                    config.eps_low, config.eps_high, refs[u][j], config.kl_coef)
             loss.backward()
             stats["loss"] += float(loss.detach())
             stats["clipped_tokens"] += s["clipped_tokens"]
@@ -608,8 +611,10 @@ class DapoTrainer:
         if config.k and data.candidates.shape[1] != config.k:
             raise ConfigError(f"rl.k = {config.k} but the data has K = {data.candidates.shape[1]}")
         self.device = device or common.choose_device(config.device)
+        self.precision = common.choose_dtype(self.device, config.dtype)  # compute dtype (autocast)
         self.tokenizer = tokenizer
-        self.model = common.wrap_lora(model, config.lora).to(self.device)
+        # float32 master weights whatever the compute dtype (bf16 parameters round small steps away)
+        self.model = common.wrap_lora(model, config.lora).to(self.device, dtype=common.param_dtype(self.precision))
         self.ref_model = ref_model
         self.optimizer = common.make_optimizer(self.model, config.lr, config.weight_decay)
         updates = config.steps * config.updates_per_batch
@@ -684,8 +689,9 @@ class DapoTrainer:
                 chunk = mine[at:at + per_call]
                 rows = [self._prompt_at(pos) for pos in chunk]
                 seeds = [hash_seed(cfg.seed, self.step_count, pos) for pos in chunk]
-                outputs = self.rollout_fn(self.model, self.tokenizer, [self.data.prompt_texts[r] for r in rows],
-                                          self.data.candidates[rows], g, seeds, cfg, self.ctx)
+                with common.autocast(self.device, self.precision):
+                    outputs = self.rollout_fn(self.model, self.tokenizer, [self.data.prompt_texts[r] for r in rows],
+                                              self.data.candidates[rows], g, seeds, cfg, self.ctx)
                 if len(outputs) != len(rows):
                     raise InvalidInputError(f"rollout function returned {len(outputs)} groups for {len(rows)} prompts")
                 for pos, row, group_out in zip(chunk, rows, outputs):
@@ -711,7 +717,7 @@ class DapoTrainer:
         if batch.stats["kept_groups"] > 0:
             # ranks may hold zero kept rollouts; dapo_update still joins the collective calls
             stats.update(dapo_update(self.model, self.optimizer, self.scheduler, batch.rollouts, self.config,
-                                     self.ctx["pad_id"], self.world, self.ref_model, self.device))
+                                     self.ctx["pad_id"], self.world, self.ref_model, self.device, self.precision))
         else:
             stats["skipped_update"] = 1.0
         self.step_count += 1
@@ -720,10 +726,10 @@ class DapoTrainer:
         return stats
 
     # -- checkpoints: weights + optimizer + scheduler + RNG + step + data cursor
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, key: str | None = None) -> None:
         if self.world.rank == 0:
             common.save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.step_count,
-                                   extra={"cursor": self.cursor})
+                                   extra={"cursor": self.cursor}, key=key)
         if self.world.distributed:
             torch.distributed.barrier()
 
@@ -783,11 +789,18 @@ def evaluate(trainer: DapoTrainer, data: RlData) -> dict[str, float]:
             "eval_valid_rate": s["valid_rate"], "eval_pre_recall@1": s["pre_recall@1"], "eval_pre_ndcg@5": s["pre_ndcg@5"]}
 
 
-def train(trainer: DapoTrainer, out_dir: Path, eval_data: RlData | None = None, resume: bool = True) -> dict[str, Any]:
-    """The loop: resume from the newest checkpoint, step, log, evaluate, checkpoint."""
+def train(trainer: DapoTrainer, out_dir: Path, eval_data: RlData | None = None, resume: bool = True,
+          key: str | None = None) -> dict[str, Any]:
+    """The loop: resume from the newest checkpoint of this ``key`` (default: the hash of the
+    trainer's config; the stage passes config + inputs), step, log, evaluate, checkpoint. A
+    checkpoint of another key is never resumed (removed, one log line); the current config's lr
+    applies on resume."""
     cfg = trainer.config
+    key = key if key is not None else stage_key(cfg)
     ckpt_dir = out_dir / "checkpoints"
-    latest = common.latest_checkpoint(ckpt_dir) if resume else None
+    checkpoints = common.Checkpointer(ckpt_dir, key, keep=cfg.keep_checkpoints, writer=trainer.world.rank == 0,
+                                      name=out_dir.name)
+    latest = checkpoints.latest() if resume else None
     if latest is not None:
         trainer.load(latest)
     logger = common.MetricLogger(out_dir, resume_step=trainer.step_count if latest else None,
@@ -795,18 +808,20 @@ def train(trainer: DapoTrainer, out_dir: Path, eval_data: RlData | None = None, 
     last: dict[str, float] = {}
     try:
         if eval_data is not None and cfg.eval_every and trainer.step_count == 0 and logger:
-            logger.log(0, **evaluate(trainer, eval_data))
+            with common.autocast(trainer.device, trainer.precision):
+                logger.log(0, **evaluate(trainer, eval_data))
         bar = tqdm(range(trainer.step_count, cfg.steps), desc="rl (dapo)", disable=trainer.world.rank != 0)
         for _ in bar:
             last = trainer.step()
             step = trainer.step_count
             if eval_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and trainer.world.rank == 0:
-                last.update(evaluate(trainer, eval_data))
+                with common.autocast(trainer.device, trainer.precision):
+                    last.update(evaluate(trainer, eval_data))
             if logger:
                 logger.log(step, **last)
             bar.set_postfix(reward=f"{last.get('reward_mean', 0):.3f}", kept=f"{last.get('kept_share', 0):.2f}")
             if step % cfg.save_every == 0 or step == cfg.steps:
-                trainer.save(ckpt_dir / common.checkpoint_name(step))
+                trainer.save(ckpt_dir / common.checkpoint_name(step), key)
                 if trainer.world.rank == 0:
                     common.prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
     finally:
@@ -855,7 +870,7 @@ def build_trainer(run_dir: Path, config: DapoConfig, out_dir: Path, world: World
     model_dir, base_stage = _start_model_dir(run_dir, config.base, arm)
     device = common.choose_device(config.device)
     dtype = common.choose_dtype(device, config.dtype)
-    model, tokenizer = load_pretrained(model_dir, dtype=dtype)
+    model, tokenizer = load_pretrained(model_dir, dtype=common.param_dtype(dtype))  # float32 master weights
     index = SidIndex.load(run_dir / "sid" / "index.gr2sid")
     sid_tokens = sid_tokens_of(tokenizer, index.level_sizes)
     data = load_rl_data(run_dir, "train", tokenizer, index, config, config.max_train_prompts)
@@ -882,22 +897,28 @@ def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig(), *, arm
     run_dir = Path(run_dir)
     config = dataclasses.replace(config, reasoning=arms.reasoning(arm))
     out_dir = run_dir / arms.stage_dir("rl", arm)
-    model_dir, base_stage = _start_model_dir(run_dir, config.base, arm)
-    inputs = [_stage_input_key(run_dir, s) for s in ("sid", "candidates", "prompts")]
-    inputs.append(_stage_input_key(run_dir, base_stage) if base_stage else str(model_dir))
-    key = stage_key(config, *inputs)
+    key = stage_key(config, *_rl_inputs(run_dir, config, arm))
     if is_current(out_dir, key):
         return read_stage(out_dir)["summary"]
     world = init_world()
     trainer, eval_data, info = build_trainer(run_dir, config, out_dir, world, arm)
-    last = train(trainer, out_dir, eval_data)
+    last = train(trainer, out_dir, eval_data, key=key)
     summary = {**info, "arm": arm, "steps": trainer.step_count, "world_size": world.size,
                **{k: v for k, v in last.items() if isinstance(v, (int, float))}}
     if world.rank == 0:
         save_pretrained_atomic(trainer.model, trainer.tokenizer, out_dir / "model")
         atomic_write_json(out_dir / "summary.json", summary)
         mark_done(out_dir, key, summary)
+        common.Checkpointer(out_dir / "checkpoints", key).cleanup()
     return summary
+
+
+def _rl_inputs(run_dir: Path, config: DapoConfig, arm: str = "think") -> list[str]:
+    """The keys of what the rl stage reads: SID index, candidates, prompts, start model."""
+    model_dir, base_stage = _start_model_dir(run_dir, config.base, arm)
+    inputs = [_stage_input_key(run_dir, s) for s in ("sid", "candidates", "prompts")]
+    inputs.append(_stage_input_key(run_dir, base_stage) if base_stage else str(model_dir))
+    return inputs
 
 
 # --------------------------------------------------------------------------------------------
@@ -932,13 +953,15 @@ def run_ablation(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig()) 
         trainer, eval_data, _ = build_trainer(run_dir, cfg, out_dir, world)
         return trainer, eval_data
 
-    return ablation(make, config, run_dir / "rl_ablation", world)
+    return ablation(make, config, run_dir / "rl_ablation", world, inputs=_rl_inputs(run_dir, config))
 
 
 def ablation(make: Callable[[DapoConfig, Path], tuple[DapoTrainer, RlData | None]], config: DapoConfig, root: Path,
-             world: World = World()) -> dict[str, Any]:
+             world: World = World(), inputs: Sequence[str] = ()) -> dict[str, Any]:
     """The ablation loop given a trainer factory (``make(config, out_dir)``); both arms start from
-    what ``make`` loads, with the same seed, prompts and evaluation set."""
+    what ``make`` loads, with the same seed, prompts and evaluation set. Each arm is keyed by its
+    config + ``inputs`` (the start model's, data's): a finished arm with the same key is not
+    retrained, a checkpoint of another key is never resumed."""
     eval_every = config.eval_every or max(1, config.steps // 5)
     curves: dict[str, list[dict[str, float]]] = {}
     updates: dict[str, int] = {}
@@ -946,10 +969,15 @@ def ablation(make: Callable[[DapoConfig, Path], tuple[DapoTrainer, RlData | None
     for name, conditional in (("conditional", True), ("unconditional", False)):
         cfg = dataclasses.replace(config, conditional=conditional, eval_every=eval_every)
         out_dir = root / name
-        trainer, eval_data = make(cfg, out_dir)
-        if eval_data is None:
-            raise DataError("the ablation needs an evaluation set (candidates/valid)")
-        train(trainer, out_dir, eval_data, resume=True)
+        key = stage_key(cfg, *inputs)
+        if not is_current(out_dir, key):
+            trainer, eval_data = make(cfg, out_dir)
+            if eval_data is None:
+                raise DataError("the ablation needs an evaluation set (candidates/valid)")
+            train(trainer, out_dir, eval_data, resume=True, key=key)
+            if world.rank == 0:
+                mark_done(out_dir, key, {"steps": trainer.step_count})
+                common.Checkpointer(out_dir / "checkpoints", key).cleanup()
         rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         curves[name] = [r for r in rows if "eval_recall@1" in r]
         steps = [r for r in rows if "kept_groups" in r]

@@ -336,10 +336,22 @@ def upstream_figures(run_dir: Path) -> dict[str, Any] | None:
 # the stage
 
 
-def prepare_model(run_dir: Path, config: MidtrainConfig, catalog: common.Catalog) -> tuple[Any, Any, Any]:
-    """Base model extended with the SID vocabulary (saved once as checkpoints/init for resume)."""
-    init_dir = run_dir / STAGE / "checkpoints" / "init"
-    if (init_dir / "config.json").exists():
+def init_key(run_dir: Path, config: MidtrainConfig) -> str:
+    """The key of the extended start model: the base model (and the demo model's config), the SID
+    initialisation settings, and the data + SID index it was extended with."""
+    what = {"base_model": config.base_model, "demo": config.demo if config.base_model == "demo" else None,
+            "init_noise_std": config.init_noise_std, "seed": config.seed}
+    return stage_key(what, common.input_key(run_dir, "data"), common.input_key(run_dir, "sid"))
+
+
+def prepare_model(run_dir: Path, config: MidtrainConfig, catalog: common.Catalog,
+                  checkpoints: common.Checkpointer | None = None) -> tuple[Any, Any, Any]:
+    """Base model extended with the SID vocabulary, saved once as ``checkpoints/init`` for resume
+    and reused only while its key (:func:`init_key`) is current."""
+    checkpoints = checkpoints or common.Checkpointer(run_dir / STAGE / "checkpoints", "", name=STAGE)
+    key = init_key(run_dir, config)
+    init_dir, current = checkpoints.artifact("init", key)
+    if current:
         model, tokenizer = load_pretrained(init_dir)
         from gr2.models import sid_tokens_of
 
@@ -350,6 +362,7 @@ def prepare_model(run_dir: Path, config: MidtrainConfig, catalog: common.Catalog
     sid_tokens = extend_with_sids(model, tokenizer, catalog.codes, catalog.level_sizes, texts,
                                   noise_std=config.init_noise_std, seed=config.seed)
     save_pretrained_atomic(model, tokenizer, init_dir)
+    checkpoints.mark_artifact("init", key)
     return model, tokenizer, sid_tokens
 
 
@@ -374,23 +387,17 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
     else:
         train_seqs = [s[:-2] for s in seqs]
     device = common.choose_device(config.device)
-    dtype = common.choose_dtype(device, config.dtype)
+    dtype = common.choose_dtype(device, config.dtype)  # compute dtype; parameters stay float32
     common.seed_everything(config.seed)
 
-    ckpt_dir = stage_dir / "checkpoints"
-    latest = common.latest_checkpoint(ckpt_dir)
-    if latest is not None and json.loads((latest / common.CHECKPOINT_META).read_text())["extra"].get("key") != key:
-        import shutil
-
-        shutil.rmtree(ckpt_dir)  # checkpoints of another config or other inputs: start over
-        latest = None
-    model, tokenizer, sid_tokens = prepare_model(run_dir, config, catalog)
-    model = common.wrap_lora(model, config.lora).to(device=device, dtype=dtype)
+    # checkpoints of another config or other inputs are never resumed (removed, one log line)
+    checkpoints = common.Checkpointer(stage_dir / "checkpoints", key, keep=config.keep_checkpoints, name=STAGE)
+    model, tokenizer, sid_tokens = prepare_model(run_dir, config, catalog, checkpoints)
+    model = common.wrap_lora(model, config.lora).to(device=device, dtype=common.param_dtype(dtype))
     optimizer = common.make_optimizer(model, config.lr, config.weight_decay)
     scheduler = common.make_scheduler(optimizer, config.steps, config.warmup_steps)
-    start = 0
-    if latest is not None:
-        start = common.load_checkpoint(latest, model, optimizer, scheduler)["step"]
+    resumed = checkpoints.resume(model, optimizer, scheduler)
+    start = resumed["step"] if resumed else 0
     sampler = TaskSampler(catalog, train_seqs, tokenizer, config, sid_tokens)
     # logits only where the loss is (a demo-sized model spends much of its time in the output
     # layer); only for architectures whose logits are the plain output projection of the decoder
@@ -399,14 +406,15 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
 
     t0 = time.time()
     model.train()
-    with common.MetricLogger(stage_dir, resume_step=start if latest else None) as log:
+    with common.MetricLogger(stage_dir, resume_step=start if resumed else None) as log:
         progress = tqdm(range(start, config.steps), desc="midtrain", initial=start, total=config.steps)
         for step in progress:
             examples, tasks = sampler.batch(step)
             if config.pack:
                 examples = common.pack_rows(examples, max(len(e.input_ids) for e in examples), tokenizer.eos_token_id)
             batch = common.to_device(common.collate(examples, tokenizer.pad_token_id), device)
-            loss, tokens = nll(model, batch)
+            with common.autocast(device, dtype):
+                loss, tokens = nll(model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -417,15 +425,14 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
                         next_share=tasks.count("next") / len(tasks))
                 progress.set_postfix(loss=f"{loss.item():.3f}")
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-                common.save_checkpoint(ckpt_dir / common.checkpoint_name(step + 1), model, optimizer, scheduler,
-                                       step + 1, {"key": key})
-                common.prune_checkpoints(ckpt_dir, config.keep_checkpoints)
+                checkpoints.save(step + 1, model, optimizer, scheduler)
             if on_step is not None:
                 on_step(step + 1)
     train_seconds = time.time() - t0
 
     model = common.unwrap_model(model)
-    metrics = evaluate(model, tokenizer, sid_tokens, catalog, seqs, config)
+    with common.autocast(device, dtype):
+        metrics = evaluate(model, tokenizer, sid_tokens, catalog, seqs, config)
     save_pretrained_atomic(model.to(torch.float32), tokenizer, stage_dir / "model")
     summary = {
         "base_model": config.base_model,
@@ -441,9 +448,7 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
         "upstream": upstream_figures(run_dir),
     }
     atomic_write_json(stage_dir / "report.json", summary)
-    import shutil
-
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    checkpoints.cleanup()
     mark_done(stage_dir, key, summary)
     return summary
 

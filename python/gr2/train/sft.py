@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,41 +157,40 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
     if not force and is_current(stage_dir, key):
         return read_stage(stage_dir)["summary"]
     device = common.choose_device(config.device)
-    dtype = common.choose_dtype(device, config.dtype)
+    dtype = common.choose_dtype(device, config.dtype)  # compute dtype; parameters stay float32
     common.seed_everything(config.seed)
 
     records = load_kept_traces(run_dir, arm)
     teacher = sorted({r.get("teacher", "?") for r in records})
     train_records, heldout = split_heldout(records, config.heldout_fraction, config.seed)
     model, tokenizer = load_pretrained(run_dir / "midtrain" / "model")
-    model.to(device=device, dtype=dtype)
+    model.to(device=device, dtype=common.param_dtype(dtype))
     examples = [trace_example(tokenizer, r, config.lambda_reasoning, config.lambda_answer, config.max_length)
                 for r in train_records]
     if config.packing:
         examples = common.pack_examples(examples, config.max_length, tokenizer.eos_token_id)
-    before = heldout_nll(model, tokenizer, heldout, config, device)
+    with common.autocast(device, dtype):
+        before = heldout_nll(model, tokenizer, heldout, config, device)
 
     model = common.wrap_lora(model, config.lora)
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     optimizer = common.make_optimizer(model, config.lr, config.weight_decay)
     scheduler = common.make_scheduler(optimizer, total_steps, config.warmup_steps)
-    ckpt_dir = stage_dir / "checkpoints"
-    latest = common.latest_checkpoint(ckpt_dir)
-    if latest is not None and json.loads((latest / common.CHECKPOINT_META).read_text())["extra"].get("key") != key:
-        shutil.rmtree(ckpt_dir)
-        latest = None
-    start = common.load_checkpoint(latest, model, optimizer, scheduler)["step"] if latest else 0
+    checkpoints = common.Checkpointer(stage_dir / "checkpoints", key, keep=config.keep_checkpoints, name=STAGE)
+    resumed = checkpoints.resume(model, optimizer, scheduler)
+    start = resumed["step"] if resumed else 0
 
     t0 = time.time()
     model.train()
-    with common.MetricLogger(stage_dir, resume_step=start if latest else None) as log:
+    with common.MetricLogger(stage_dir, resume_step=start if resumed else None) as log:
         for step in tqdm(range(start, total_steps), desc=f"sft ({arm})", initial=start, total=total_steps):
             epoch, offset = divmod(step, steps_per_epoch)
             order = common.epoch_order(len(examples), config.seed, epoch)
             chosen = order[offset * config.batch_size:(offset + 1) * config.batch_size]
             batch = common.to_device(common.collate([examples[i] for i in chosen], tokenizer.pad_token_id), device)
-            loss, tokens = common.weighted_nll(model, batch)
+            with common.autocast(device, dtype):
+                loss, tokens = common.weighted_nll(model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -201,15 +199,14 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
             if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
                 log.log(step + 1, loss=loss.item(), lr=scheduler.get_last_lr()[0], tokens=tokens, epoch=epoch)
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < total_steps:
-                common.save_checkpoint(ckpt_dir / common.checkpoint_name(step + 1), model, optimizer, scheduler,
-                                       step + 1, {"key": key})
-                common.prune_checkpoints(ckpt_dir, config.keep_checkpoints)
+                checkpoints.save(step + 1, model, optimizer, scheduler)
             if on_step is not None:
                 on_step(step + 1)
     train_seconds = time.time() - t0
 
     model = common.unwrap_model(model)
-    after = heldout_nll(model, tokenizer, heldout, config, device)
+    with common.autocast(device, dtype):
+        after = heldout_nll(model, tokenizer, heldout, config, device)
     save_pretrained_atomic(model.to(torch.float32), tokenizer, stage_dir / "model")
     summary = {
         "teacher": teacher,
@@ -228,7 +225,7 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
         "heldout_after": after,
     }
     atomic_write_json(stage_dir / "report.json", summary)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    checkpoints.cleanup()
     mark_done(stage_dir, key, summary)
     return summary
 
