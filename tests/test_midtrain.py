@@ -246,3 +246,18 @@ def test_init_model_of_another_base_model_or_sid_index_is_not_reused(run_dir, tm
         run_midtrain(run, dataclasses.replace(wider, steps=2, eval_users=2))
     assert not [r for r in caplog.records if "stale" in r.getMessage()]
     assert not ckpts.exists()  # cleaned up on success
+
+
+def test_midtrain_never_trains_on_a_later_stage_training_target(run_dir):
+    """train_on="fit" (default): no (user, target) of prompts/train is a mid-training item of that
+    user; "all" (the older behaviour) does overlap, which is why it is reported, not the default."""
+    from gr2.prompt_stage import load_requests
+    from gr2.train import common
+    from gr2.train.midtrain import training_sequences
+
+    seqs = common.load_sequences(run_dir)
+    requests = load_requests(run_dir, "train")
+    for train_on, overlap in (("fit", False), ("all", True)):
+        train = training_sequences(run_dir, tiny_midtrain_config(train_on=train_on), seqs)
+        hits = [int(t) in train[int(u)] for u, t in zip(requests["user_idx"], requests["target"])]
+        assert any(hits) is overlap, train_on

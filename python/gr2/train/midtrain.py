@@ -336,6 +336,15 @@ def upstream_figures(run_dir: Path) -> dict[str, Any] | None:
 # the stage
 
 
+def training_sequences(run_dir: Path, config: MidtrainConfig, seqs: list[list[int]]) -> list[list[int]]:
+    """Per-user item lists the `next`/caption tasks train on (``config.train_on``)."""
+    if config.train_on == "fit":
+        from gr2.candidates import load_fit_sequences
+
+        return [s.tolist() for s in load_fit_sequences(run_dir, "train")]
+    return [s[:-2] for s in seqs]
+
+
 def init_key(run_dir: Path, config: MidtrainConfig) -> str:
     """The key of the extended start model: the base model (and the demo model's config), the SID
     initialisation settings, and the data + SID index it was extended with."""
@@ -380,12 +389,7 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
         return read_stage(stage_dir)["summary"]
     catalog = common.load_catalog(run_dir)
     seqs = common.load_sequences(run_dir)
-    if config.train_on == "fit":
-        from gr2.candidates import load_fit_sequences
-
-        train_seqs = [s.tolist() for s in load_fit_sequences(run_dir, "train")]
-    else:
-        train_seqs = [s[:-2] for s in seqs]
+    train_seqs = training_sequences(run_dir, config, seqs)
     device = common.choose_device(config.device)
     dtype = common.choose_dtype(device, config.dtype)  # compute dtype; parameters stay float32
     common.seed_everything(config.seed)
