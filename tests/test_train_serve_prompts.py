@@ -104,3 +104,26 @@ def test_evidence_comes_from_the_split_fit_data(run_dir):
     np.testing.assert_allclose(stored, recomputed, rtol=1e-6)
     empty = candidate_evidence(hist, cands, [np.zeros(0, np.int64)], n_items, PromptConfig(evidence="cooccur"))
     assert not empty.any()
+
+
+def test_configs_that_cannot_learn_are_rejected(tmp_path):
+    from gr2.errors import ConfigError
+    from gr2.prompt_stage import run_prompts
+
+    with pytest.raises(ConfigError, match="rl.max_reasoning_tokens"):
+        DapoConfig(reasoning=False, max_reasoning_tokens=16)
+    # evidence that the data cannot supply: fit data without any co-engagement
+    run = make_run_dir(tmp_path / "r", n_users=6)
+    import datasets
+
+    for split in ("train", "valid", "test"):
+        datasets.Dataset.from_dict({"user_idx": list(range(6)), "items": [[] for _ in range(6)]},
+                                   features=datasets.Features({"user_idx": datasets.Value("int64"),
+                                                               "items": datasets.Sequence(datasets.Value("int64"))})
+                                   ).save_to_disk(str(run / "candidates" / f"fit_{split}x"))
+        import shutil
+
+        shutil.rmtree(run / "candidates" / f"fit_{split}")
+        (run / "candidates" / f"fit_{split}x").rename(run / "candidates" / f"fit_{split}")
+    with pytest.raises(ConfigError, match="prompts.evidence"):
+        run_prompts(run, PromptConfig(evidence="cooccur"), force=True)

@@ -28,7 +28,7 @@ import numpy as np
 from gr2 import rundir
 from gr2.candidates import load_fit_sequences
 from gr2.config import from_dict, load_toml
-from gr2.errors import DataError
+from gr2.errors import ConfigError, DataError
 from gr2.prompts import PromptConfig, candidate_evidence, evidence_ranks
 from gr2.splits import SPLITS
 
@@ -83,6 +83,10 @@ def run_prompts(run_dir: str | Path, config: PromptConfig = PromptConfig(), *, f
         if config.evidence == "cooccur" and len(table):
             # evidence weighs the history the prompt shows, nothing more
             evidence = candidate_evidence(histories, candidates, load_fit_sequences(run_dir, split), n_items, config)
+            if not evidence.any():
+                raise ConfigError(f"prompts.evidence = {config.evidence!r}, but the {split} split's fit data gives no "
+                                  "candidate any co-engagement with its history (too little interaction data); "
+                                  "set prompts.evidence = \"none\"")
         else:
             evidence = np.zeros(candidates.shape, dtype=np.float32)
         targets = np.asarray(table["target"], dtype=np.int64)

@@ -156,6 +156,9 @@ class DapoConfig:
             raise ConfigError(f"need 0 <= rl.overlong_cache <= rl.overlong_max, got {self.overlong_cache}, {self.overlong_max}")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ConfigError("rl.temperature must be > 0 and rl.top_p in (0, 1]")
+        if not self.reasoning and self.max_reasoning_tokens > 0:
+            raise ConfigError(f"rl.max_reasoning_tokens = {self.max_reasoning_tokens} with rl.reasoning = false: the "
+                              "answer-only mode writes no reasoning; set it to 0 (the answer arm does this itself)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -895,7 +898,11 @@ def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig(), *, arm
     from gr2.models import save_pretrained_atomic
 
     run_dir = Path(run_dir)
-    config = dataclasses.replace(config, reasoning=arms.reasoning(arm))
+    if not arms.reasoning(arm):
+        config = dataclasses.replace(config, reasoning=False, max_reasoning_tokens=0)
+    elif not config.reasoning:
+        raise ConfigError("rl.reasoning = false in the think arm; train answer-only with the `answer` arm "
+                          "(run.arms = [\"answer\"] or `gr2 rl --arm answer`)")
     out_dir = run_dir / arms.stage_dir("rl", arm)
     key = stage_key(config, *_rl_inputs(run_dir, config, arm))
     if is_current(out_dir, key):
