@@ -68,7 +68,7 @@ def verify(texts, targets=(12, 20), **kw):
 
 
 # ---------------------------------------------------------------------------------------------
-# worked examples of DESIGN.md §1
+# worked examples of docs/DESIGN.md §1
 
 
 def test_rewards_follow_design_formulas():

@@ -1,4 +1,4 @@
-"""Verifiable rewards for rerank completions (DESIGN.md §1), computed in Rust one batch at a time.
+"""Verifiable rewards for rerank completions (docs/DESIGN.md §1), computed in Rust one batch at a time.
 
 A completion is ``<think>reasoning</think><answer>SID SID ... SID</answer>`` (think block optional).
 :func:`verify_rewards` parses every completion, checks that the answer is a permutation of the

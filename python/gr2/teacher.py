@@ -1,7 +1,7 @@
 """Teacher reasoning traces for reasoning SFT (stage 2 of GR2).
 
 A teacher reads a user's history and the K upstream candidates and writes
-``<think>reasoning</think><answer>SID ... SID</answer>``. Two modes (DESIGN.md §1):
+``<think>reasoning</think><answer>SID ... SID</answer>``. Two modes (docs/DESIGN.md §1):
 
 * ``targeted``  -- the target is revealed in the prompt; the teacher explains it and ranks it first;
 * ``rejection`` -- the target is hidden; sample up to ``attempts`` completions and keep the first
@@ -15,12 +15,20 @@ Three backends:
   JSON, and a disk cache keyed by the request's hash, so a killed run resumes without re-asking;
 * ``local``     -- a transformers model folder, sampled with ``generate``;
 * ``heuristic`` -- an offline stand-in with no LLM: it scores candidates with a transparent formula
-  (co-occurrence with the history in other users' train sequences, genre overlap with the user's
-  profile, popularity, release-year proximity), samples rankings with Gumbel noise, and writes a
-  structured rationale from those figures. Every artefact it produces says "heuristic teacher".
+  (the upstream order, the prompt's co-engagement evidence, genre overlap with the user's profile,
+  optionally co-occurrence, popularity and release year, all from the split's fit data -- the
+  interactions the list's upstream ranker saw, never the target or the user's later items),
+  samples rankings with Gumbel noise, and writes a structured rationale from those figures. Every
+  artefact it produces says "heuristic teacher". Its greedy ranking of the valid/test lists is
+  written to ``teacher/rankings_<split>.npz`` and scored by ``gr2 eval`` like any method.
 
-Stage ``run_traces(run_dir, config)`` writes ``traces/traces.jsonl`` (one record per example,
-``accepted`` marks the kept ones) and ``traces/report.json``.
+Prompts are the student's (``prompts/<split>`` rendered by :func:`gr2.prompts.request_messages`),
+for the reasoning arm or the answer-only arm (:mod:`gr2.arms`: answer-only traces are just the
+``<answer>`` block). Completions are parsed by :func:`gr2.verify_rewards`, the one grammar.
+
+Stage ``run_traces(run_dir, config, arm=...)`` writes ``traces/traces.jsonl`` (``traces_answer/``
+for the answer-only arm; one record per example, ``accepted`` marks the kept ones) and
+``traces/report.json``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-//! Batched reward verification for rerank completions (DESIGN.md §1, "Rewards").
+//! Batched reward verification for rerank completions (docs/DESIGN.md §1, "Rewards").
 //!
 //! One call verifies a whole batch: parse each completion, check that its answer is a permutation
 //! of the row's K candidates, and compute the verifiable rewards and per-row metrics. Rows are

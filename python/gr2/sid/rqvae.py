@@ -6,7 +6,7 @@ Residual quantisation: level 0 quantises ``z``; level l quantises what the level
 over, ``r_l = z - sum_{j<l} c_j``; each level picks the nearest of its K codewords (argmin of the
 squared distance). The code of an item is the L chosen indices.
 
-Codebook-balancing techniques (each a switch in :class:`RQVAEConfig`; DESIGN.md §1 lists the
+Codebook-balancing techniques (each a switch in :class:`RQVAEConfig`; docs/DESIGN.md §1 lists the
 paper's measured effect of each on SID uniqueness):
 
 * k-means initialisation: before training, level by level, the codebook is fitted with k-means

@@ -1,4 +1,4 @@
-"""Stage 3, DAPO reinforcement learning with verifiable rerank rewards (DESIGN.md §1).
+"""Stage 3, DAPO reinforcement learning with verifiable rerank rewards (docs/DESIGN.md §1).
 
 Reads ``sft/model`` (or ``midtrain/model``), ``sid/index.gr2sid``, ``data/items`` and
 ``candidates/train`` (+ ``candidates/valid`` for the periodic evaluation); writes ``rl/model``,
@@ -96,7 +96,7 @@ class DapoConfig:
     max_generation_rounds: int = 3  # cap on dynamic-sampling refills per step
     dynamic_sampling: bool = True
     outcome: str = "r_rank"  # what must vary within a group to keep it: r_rank | hit@1 | rank_re
-    # rewards (DESIGN.md §1)
+    # rewards (docs/DESIGN.md §1)
     alpha: float = 0.2
     conditional: bool = True
     invalid_reward: float = -1.0
