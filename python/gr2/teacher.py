@@ -244,25 +244,18 @@ class HeuristicTeacher:
         return think + answer_block(self.catalog, ranking)
 
     def rationale(self, example: Example, ranking: list[int], feats: dict[int, dict], targeted: bool) -> str:
+        """A short structured rationale (about 70 tokens, so it fits the serving reasoning budget):
+        the profile, then the top two candidates with the signals that placed them."""
         cat = self.catalog
-        genres = Counter(g for i in example.history for g in cat.categories[i]).most_common(3)
-        recent = example.history[-2:]
-        parts = [f"Step 1, profile: mostly {', '.join(f'{g} ({n})' for g, n in genres) or 'no genres'}; "
-                 f"latest {' and '.join(cat.sid_text(i) + ' ' + cat.titles[i] for i in recent)}."]
-        lines = []
-        for c in ranking[:3]:
+        genres = [g for g, _ in Counter(g for i in example.history for g in cat.categories[i]).most_common(2)]
+        parts = [f"Likes {' and '.join(genres) or 'varied genres'}; latest {cat.sid_text(example.history[-1])}."
+                 if example.history else "No history."]
+        picks = []
+        for c in ranking[:2]:
             f = feats[c]
-            why = [f"upstream #{f['position']}", f"co-watched rank {f['evidence_rank']}", f"genre match {f['genre_share']:.0%}"]
-            if f["cooccur"]:
-                h, n = max(f["cooccur"].items(), key=lambda kv: kv[1])
-                why.append(f"co-watched {n}x with {cat.sid_text(h)}")
-            if self.config.w_year and f["year_fit"] > 0.5:
-                why.append("same era")
-            lines.append(f"{cat.sid_text(c)} {cat.titles[c]}: {', '.join(why)}")
-        parts.append("Step 2, strongest candidates: " + "; ".join(lines) + ".")
-        top = ranking[0]
-        reason = "it is the user's actual next film and" if targeted else "it"
-        parts.append(f"Step 3, decision: {cat.sid_text(top)} first because {reason} scores best on these signals.")
+            picks.append(f"{cat.sid_text(c)} (upstream {f['position']}, co-watched {f['evidence_rank']})")
+        lead = "Target" if targeted else "Best"
+        parts.append(f"{lead}: {picks[0]}" + (f", then {picks[1]}." if len(picks) > 1 else "."))
         return THINK_OPEN + " ".join(parts) + THINK_CLOSE
 
 
