@@ -64,6 +64,8 @@ class PromptConfig:
 
     max_history: int = 20  # most recent history items shown
     priming: bool = True  # the domain-knowledge block
+    priming_text: str = ""  # "" = DEFAULT_PRIMING
+    system_prompt: str = ""  # "" = SYSTEM_PROMPT (small from-scratch tokenizers spend ~120 tokens on it)
     evidence: str = "none"  # per-candidate evidence: "none" | "cooccur" (candidates by co-engagement with the history)
     max_tokens: int = 1024  # token budget of a rendered prompt; oldest history dropped first to fit
     # item-kNN settings of the co-engagement evidence (see gr2.upstream.itemknn)
@@ -171,13 +173,14 @@ def _user_message(
         parts += ["", "Domain knowledge:", priming]
     parts += ["", f"Candidates ({len(shown)}):"]
     parts += [f"{i + 1}. {sid} {describe_item(catalog, int(item))}" for i, (item, sid) in enumerate(zip(shown, shown_sids))]
+    parts += ["", instructions(len(shown), reasoning)]
     if evidence is not None:
-        # the candidates again, most co-engaged with this history first: an order the model can
-        # copy or blend with the upstream order above
+        # the candidates again, most co-engaged with this history first, as the prompt's last line:
+        # an order the model can copy or blend with the upstream order above (last, so it sits at a
+        # fixed distance from the answer, which even a small model learns to attend to)
         by_evidence = np.argsort(-evidence, kind="stable")
         parts += ["", "Co-watched with this history by other users, most first: "
                   + " ".join(shown_sids[int(j)] for j in by_evidence)]
-    parts += ["", instructions(len(shown), reasoning)]
     return "\n".join(parts)
 
 
@@ -290,9 +293,11 @@ def request_messages(request: Mapping[str, Any], config: PromptConfig, catalog: 
     """The prompt of one materialised request (a row of ``prompts/<split>``: ``history``,
     ``candidates`` and, with evidence, ``evidence``), rendered the same way by every stage."""
     evidence = request.get("evidence") if config.evidence != "none" else None
+    priming = (config.priming_text or True) if config.priming else None
     return build_messages(request["history"][-config.max_history:], request["candidates"], catalog, index,
                           tokenizer=tokenizer, max_tokens=config.max_tokens if tokenizer is not None else None,
-                          priming=config.priming, evidence=evidence, reasoning=reasoning)
+                          priming=priming, evidence=evidence, reasoning=reasoning,
+                          system_prompt=config.system_prompt or SYSTEM_PROMPT)
 
 
 def completion_text(reasoning: str | None, ordered_sids: Sequence[Any] | np.ndarray) -> str:
