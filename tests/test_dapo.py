@@ -348,6 +348,13 @@ def test_rl_stage_end_to_end_from_the_cli(setup, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[rl]\ngroup_size = 1\n")
     assert cli_main(["rl", "--run-dir", str(run), "--config", str(bad)]) == 2  # ConfigError -> exit 2
+    # the answer-only arm: starts from sft_answer/, writes rl_answer/, decodes without <think>
+    save_pretrained_atomic(model, tokenizer, run / "sft_answer" / "model")
+    mark_done(run / "sft_answer", "sft-answer", {})
+    assert cli_main(["rl", "--run-dir", str(run), "--config", str(config), "--arm", "answer"]) == 0
+    answer = json.loads((run / "rl_answer" / "stage.json").read_text())["summary"]
+    assert answer["arm"] == "answer" and answer["base_stage"] == "sft_answer" and answer["steps"] == 2
+    assert answer["completion_length"] < record["summary"]["completion_length"]  # no reasoning tokens
 
 
 def test_lora_update_trains_adapters_only(setup):
