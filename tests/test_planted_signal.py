@@ -52,6 +52,27 @@ def _rl(weak_start, steps: int = RL_STEPS) -> tuple[float, float, list[float]]:
     return start, S.greedy_recall_at_1(model, tokenizer, task, HELDOUT), rewards
 
 
+@pytest.mark.parametrize("rule", S.RULES)
+def test_task_plants_the_signal_and_nothing_else(rule):
+    task = S.make_planted_task(400, rule=rule, seed=3)
+    again = S.make_planted_task(400, rule=rule, seed=3)
+    np.testing.assert_array_equal(task.candidates, again.candidates)  # seeded
+    a = task.codes[:, 0]
+    cand_codes = a[task.candidates.astype(np.int64)]
+    assert all(len(set(row)) == task.k for row in cand_codes)  # distinct level-a codes per list
+    target_codes = a[task.targets.astype(np.int64)]
+    if rule == "last_item":
+        np.testing.assert_array_equal(target_codes, a[task.histories[:, -1]])
+    else:
+        assert (target_codes < 2).all() and ((cand_codes < 2).sum(axis=1) == 1).all()
+    assert not (task.histories == task.targets[:, None].astype(np.int64)).any()
+    position = np.argmax(task.candidates == task.targets[:, None], axis=1)  # upstream position of the target
+    assert np.bincount(position, minlength=task.k).min() > 400 / task.k / 2  # roughly uniform
+    assert abs(S.upstream_recall_at_1(task, range(400)) - 0.1) < 0.05
+    text = task.messages(0)[1]["content"]  # the package's prompt: history then candidates, by SID
+    assert text.count("<|sid_begin|>") == task.histories.shape[1] + task.k
+
+
 def test_weak_start_is_at_chance(weak_start):
     task, *_, start = weak_start
     assert S.upstream_recall_at_1(task, HELDOUT) <= 0.25

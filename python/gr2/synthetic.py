@@ -252,7 +252,7 @@ def sft_train(model: Any, examples: Sequence[Any], pad_id: int, *, steps: int, b
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if on_step is not None:
-            on_step(step + 1, float(loss))
+            on_step(step + 1, losses[-1])
     model.eval()
     return losses
 
