@@ -106,8 +106,13 @@ def run_gr2_rl(args, task, tokenizer, sid_tokens, state, heldout, train_rows):
 
 def run_trl(args, task, tokenizer, state, heldout, train_rows):
     import datasets
-    import trl
     from transformers import TrainerCallback
+
+    try:
+        import trl
+    except ImportError as e:  # the peer is optional: say how to get it instead of skipping silently
+        raise SystemExit("this benchmark runs TRL's GRPOTrainer side by side: pip install trl==1.16.0 "
+                         "(the version measured in benches/README.md)") from e
 
     model = fresh(tokenizer, state, args)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
