@@ -86,7 +86,7 @@ def run_gr2_rl(args, task, tokenizer, sid_tokens, state, heldout, train_rows):
 
     model = fresh(tokenizer, state, args)
     config = DapoConfig(group_size=args.group, prompts_per_step=args.prompts, steps=args.steps, lr=args.lr,
-                        reasoning=False, device="cpu", tensorboard=False, rollout_batch=args.prompts,
+                        reasoning=False, max_reasoning_tokens=0, device="cpu", tensorboard=False, rollout_batch=args.prompts,
                         max_generation_rounds=1, seed=args.seed)
     trainer = DapoTrainer(model, tokenizer, S.rl_data(task, tokenizer, train_rows), config, index=task.index,
                           sid_tokens=sid_tokens, device=torch.device("cpu"))

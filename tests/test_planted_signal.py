@@ -44,7 +44,7 @@ def _model(tokenizer, state):
 def _rl(weak_start, steps: int = RL_STEPS) -> tuple[float, float, list[float]]:
     task, tokenizer, sid_tokens, state, start = weak_start
     model = _model(tokenizer, state)
-    config = DapoConfig(group_size=8, prompts_per_step=4, steps=steps, lr=3e-3, reasoning=False, device="cpu",
+    config = DapoConfig(group_size=8, prompts_per_step=4, steps=steps, lr=3e-3, reasoning=False, max_reasoning_tokens=0, device="cpu",
                         tensorboard=False, rollout_batch=4, max_generation_rounds=1, seed=0)
     trainer = DapoTrainer(model, tokenizer, S.rl_data(task, tokenizer, TRAIN), config, index=task.index,
                           sid_tokens=sid_tokens, device=torch.device("cpu"))

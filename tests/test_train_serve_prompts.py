@@ -51,7 +51,7 @@ def test_one_request_gets_one_prompt_in_every_stage(run_dir, arm, monkeypatch):
         n_prompt = int(np.argmax(np.asarray(ex.weights) > 0))
         sft_prompts.append(list(ex.input_ids[:n_prompt]))
     # RL
-    rl = load_rl_data(run_dir, "valid", tokenizer, index, DapoConfig(reasoning=arm == "think"))
+    rl = load_rl_data(run_dir, "valid", tokenizer, index, DapoConfig(reasoning=arm == "think", max_reasoning_tokens=64 if arm == "think" else 0))
     assert len(rl.prompt_ids) == len(records)
     # rerank: capture what reaches the decoder
     seen = []
