@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch
 
 from gr2 import synthetic as S
 from gr2.rewards import verify_rewards
+from gr2.rundir import save_png
 
 
 def smooth(values, n=5):
@@ -197,10 +197,7 @@ def plot(curves, path: Path, title: str):
         ax.axhline(0.1, color="grey", linestyle=":")
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    save_png(fig, path, dpi=100)
     plt.close(fig)
 
 

@@ -77,7 +77,7 @@ from gr2.config import from_dict, load_toml
 from gr2.decoding.decode import AllowedTrace
 from gr2.errors import ConfigError, DataError, InvalidInputError
 from gr2.rewards import RewardBatch, verify_rewards
-from gr2.rundir import atomic_write_json, is_current, mark_done, read_stage, stage_key
+from gr2.rundir import atomic_write_json, is_current, mark_done, read_stage, save_png, stage_key
 from gr2.train import common
 
 OUTCOMES = ("r_rank", "hit@1", "rank_re")
@@ -1024,10 +1024,7 @@ def _plot_ablation(curves: dict[str, list[dict[str, float]]], path: Path) -> Non
         ax.set_xlabel("step")
         ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
