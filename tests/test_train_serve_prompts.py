@@ -125,5 +125,11 @@ def test_configs_that_cannot_learn_are_rejected(tmp_path):
 
         shutil.rmtree(run / "candidates" / f"fit_{split}")
         (run / "candidates" / f"fit_{split}x").rename(run / "candidates" / f"fit_{split}")
+    from gr2 import rundir
+
+    record = rundir.read_stage(run / "candidates") or {}
+    assert not record, "outputs replaced behind the record's back must not count as a finished stage"
+    old = json.loads((run / "candidates" / "stage.json").read_text())
+    rundir.mark_done(run / "candidates", old["key"], old["summary"])  # a finished stage with such data
     with pytest.raises(ConfigError, match="prompts.evidence"):
         run_prompts(run, PromptConfig(evidence="cooccur"), force=True)

@@ -42,7 +42,7 @@ import numpy as np
 
 from gr2.config import from_dict, load_toml
 from gr2.errors import ConfigError, DataError
-from gr2.rundir import atomic_dir, atomic_write_json, is_current, mark_done, read_stage, stage_key
+from gr2.rundir import atomic_dir, atomic_write_json, begin_stage, mark_done, read_stage, stage_key
 from gr2.splits import PROTOCOLS, SPLITS, ProtocolSplit, Requests, leave_one_out_protocol, time_protocol
 from gr2.upstream import evaluate_full_ranking, top_k
 from gr2.upstream.itemknn import ItemKNNRanker
@@ -294,8 +294,8 @@ def run_candidates(run_dir: str | Path, config: CandidatesConfig, *, force: bool
     out = run_dir / "candidates"
     items, sequences, data_key = load_data(run_dir)
     key = stage_key(config, data_key)
-    if not force and is_current(out, key):
-        return read_stage(out)["summary"]
+    if (done := begin_stage(out, key, force=force)) is not None:
+        return done
     started = time.perf_counter()
     n_items = len(items)
     if config.k > n_items:

@@ -71,8 +71,8 @@ def run_prompts(run_dir: str | Path, config: PromptConfig = PromptConfig(), *, f
     if cand is None:
         raise DataError(f"{run_dir / 'candidates'} has no finished candidates stage; run `gr2 candidates` first")
     key = rundir.stage_key(config, cand["key"])
-    if not force and rundir.is_current(out, key):
-        return rundir.read_stage(out)["summary"]
+    if (done := rundir.begin_stage(out, key, force=force)) is not None:
+        return done
     started = time.perf_counter()
     n_items = len(load_from_disk(str(run_dir / "data" / "items")))
     report: dict[str, Any] = {"config": dataclasses.asdict(config), "splits": {}}

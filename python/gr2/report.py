@@ -196,7 +196,7 @@ def build_report(run_dir: Path, run: Any, timings: dict[str, float]) -> dict[str
     split = evaluation["meta"].get("split", "test")
     decoding = {}
     for stage in ("midtrain", "sft", "sft_answer", "rl", "rl_answer"):
-        info = _read(run_dir / stage / f"rerank_{split}.json")
+        info = (rundir.read_stage(run_dir / stage, record=f"rerank_{split}.json") or {}).get("summary")
         if info:
             decoding[stage] = {k: info[k] for k in ("latency_ms_per_list", "reasoning_tokens_mean", "reasoning_tokens_max",
                                                     "max_reasoning_tokens", "lists", "batch_size", "device")}

@@ -27,6 +27,10 @@ MODEL_STAGES = ("midtrain", "sft", "rl")
 RERANKABLE = MODEL_STAGES + ("sft_answer", "rl_answer")
 
 
+# What ``gr2 rerank`` writes into a model stage's folder: that stage's record leaves them out.
+OUTPUT_GLOBS = ("rankings_*.npz", "rerank_*.json")
+
+
 @dataclass
 class RerankConfig:
     split: str = "test"  # "test" | "valid"
@@ -79,9 +83,9 @@ def run_rerank(run_dir: str | Path, stage: str, config: RerankConfig = RerankCon
     out = run_dir / stage
     model_key = _finished(run_dir, stage)["key"]
     key = rundir.stage_key(config, model_key, _finished(run_dir, "prompts")["key"])
-    marker = out / f"rerank_{config.split}.json"
-    if not force and marker.exists() and rundir.load_json(marker).get("key") == key:
-        return rundir.load_json(marker)
+    record = f"rerank_{config.split}.json"
+    if (done := rundir.begin_stage(out, key, force=force, record=record)) is not None:
+        return done
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -117,7 +121,6 @@ def run_rerank(run_dir: str | Path, stage: str, config: RerankConfig = RerankCon
     save_rankings(out / f"rankings_{config.split}.npz", np.asarray(table["list_id"]), rankings.astype(np.int64),
                   valid, candidates.astype(np.int64))
     summary = {
-        "key": key,
         "stage": stage,
         "split": config.split,
         "lists": len(table),
@@ -131,7 +134,7 @@ def run_rerank(run_dir: str | Path, stage: str, config: RerankConfig = RerankCon
         "reasoning": reasoning,
         "valid_rate": float(valid.mean()),
     }
-    rundir.atomic_write_json(marker, summary)
+    rundir.mark_done(out, key, summary, outputs=[f"rankings_{config.split}.npz"], record=record)
     return summary
 
 

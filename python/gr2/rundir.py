@@ -2,22 +2,27 @@
 
 Stages talk only through files in a run directory (``runs/NAME/<stage>/``). Each stage writes its
 outputs under a temporary name and renames them into place, then records ``stage.json`` with the
-hash of its inputs and config; a stage whose ``stage.json`` matches the current key is skipped.
+hash of its inputs and config and the hash of every output. :func:`begin_stage` skips a stage whose
+record matches the current key and whose outputs are intact; otherwise it deletes the record before
+the stage writes anything, so a stage that fails half-way is rerun, never trusted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 STAGE_FILE = "stage.json"
+log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -86,7 +91,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             if old.exists():
                 shutil.rmtree(old)
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # put the previous folder back: a failed write loses nothing
+                raise
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
@@ -114,22 +123,99 @@ def stage_key(config: Any, *inputs: str) -> str:
     return hash_json({"config": config, "inputs": list(inputs)})
 
 
-def read_stage(stage_dir: str | os.PathLike) -> dict | None:
-    """The ``stage.json`` record of a finished stage, or None when it has not finished."""
-    path = Path(stage_dir) / STAGE_FILE
-    if not path.exists():
+def _output_files(stage_dir: Path, outputs: Iterable[str] | None, exclude: Iterable[str] = ()) -> list[Path]:
+    """The files a stage record vouches for: ``outputs`` (names relative to the stage folder,
+    folders expanded), or by default every file in it except records, hidden temporaries,
+    ``checkpoints/``, nested stages (sub-folders with their own ``stage.json``) and names matching
+    an ``exclude`` glob (files other commands write into the folder, e.g. rerank's rankings)."""
+    roots = [stage_dir / name for name in outputs] if outputs is not None else [stage_dir]
+    files: list[Path] = []
+    for root in roots:
+        if root.is_file():
+            files.append(root)
+            continue
+        if not root.is_dir():
+            raise FileNotFoundError(f"stage output {root} was not written")
+        for dirpath, dirnames, filenames in os.walk(root):
+            here = Path(dirpath)
+            dirnames[:] = sorted(
+                d for d in dirnames
+                if not d.startswith(".") and not (here / d / STAGE_FILE).exists()
+                and not (outputs is None and here == stage_dir and d == "checkpoints")
+            )
+            files.extend(here / f for f in sorted(filenames)
+                         if not f.startswith(".") and not (outputs is None and here == stage_dir and f == STAGE_FILE))
+    patterns = list(exclude)
+    return [f for f in files if not any(fnmatch.fnmatch(f.relative_to(stage_dir).as_posix(), g) for g in patterns)]
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hash_file(path)}
+
+
+def _outputs_intact(stage_dir: Path, manifest: dict[str, dict[str, Any]]) -> bool:
+    """Every recorded output exists with its recorded content. Size and mtime are compared first;
+    the content hash is recomputed only when the mtime moved (a file rewritten in place, a copy)."""
+    for name, want in manifest.items():
+        path = stage_dir / name
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        if st.st_size != want["size"]:
+            return False
+        if st.st_mtime_ns != want["mtime_ns"] and hash_file(path) != want["sha256"]:
+            return False
+    return True
+
+
+def read_stage(stage_dir: str | os.PathLike, record: str = STAGE_FILE) -> dict | None:
+    """The record of a finished stage, or None when it has not finished: no record, an unreadable
+    or keyless one, or outputs that no longer match the hashes the record holds."""
+    stage_dir = Path(stage_dir)
+    try:
+        data = json.loads((stage_dir / record).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if not isinstance(e, FileNotFoundError):
+            log.warning("ignoring unreadable stage record %s (%s): the stage counts as not done", stage_dir / record, e)
         return None
-    return json.loads(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("key"), str):
+        log.warning("ignoring stage record %s without a key: the stage counts as not done", stage_dir / record)
+        return None
+    manifest = data.get("outputs", {})
+    if not isinstance(manifest, dict) or not _outputs_intact(stage_dir, manifest):
+        log.warning("outputs of %s differ from its record %s: the stage counts as not done", stage_dir, record)
+        return None
+    return data
 
 
-def is_current(stage_dir: str | os.PathLike, key: str) -> bool:
-    record = read_stage(stage_dir)
-    return record is not None and record.get("key") == key
+def is_current(stage_dir: str | os.PathLike, key: str, record: str = STAGE_FILE) -> bool:
+    found = read_stage(stage_dir, record)
+    return found is not None and found.get("key") == key
 
 
-def mark_done(stage_dir: str | os.PathLike, key: str, summary: dict[str, Any]) -> None:
-    """Record that the stage finished with ``key``; written last, so a killed stage reruns."""
-    atomic_write_json(Path(stage_dir) / STAGE_FILE, {"key": key, "summary": summary})
+def begin_stage(stage_dir: str | os.PathLike, key: str, *, force: bool = False,
+                record: str = STAGE_FILE) -> dict | None:
+    """Start a stage: the summary of a finished run with this ``key`` whose outputs are intact (the
+    caller returns it and does nothing), else None -- and the old record is deleted *before* the
+    caller touches any output, so a stage that dies half-way through rewriting is never trusted."""
+    stage_dir = Path(stage_dir)
+    found = None if force else read_stage(stage_dir, record)
+    if found is not None and found["key"] == key:
+        return found.get("summary", {})
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(stage_dir / record)
+    return None
+
+
+def mark_done(stage_dir: str | os.PathLike, key: str, summary: dict[str, Any], *,
+              outputs: Iterable[str] | None = None, exclude: Iterable[str] = (), record: str = STAGE_FILE) -> None:
+    """Record that the stage finished with ``key``, with the size and hash of each output (see
+    :func:`_output_files`); written last, so a killed stage reruns."""
+    stage_dir = Path(stage_dir)
+    manifest = {p.relative_to(stage_dir).as_posix(): _fingerprint(p) for p in _output_files(stage_dir, outputs, exclude)}
+    atomic_write_json(stage_dir / record, {"key": key, "summary": summary, "outputs": manifest})
 
 
 def load_json(path: str | os.PathLike) -> Any:

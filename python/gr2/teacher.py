@@ -52,7 +52,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gr2.errors import ConfigError, DataError, Gr2IOError
-from gr2.rundir import atomic_write_json, atomic_write_text, is_current, mark_done, read_stage, stage_key
+from gr2.rundir import atomic_write_json, atomic_write_text, begin_stage, mark_done, read_stage, stage_key
 from gr2.tokens import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, sid_to_text
 from gr2.train import common
 
@@ -482,8 +482,8 @@ def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, 
     reasoning = arms.reasoning(arm)
     inputs = [common.input_key(run_dir, s) for s in ("data", "sid", "candidates", "prompts")]
     key = stage_key({"config": config, "arm": arm}, *inputs)
-    if not force and is_current(stage_dir, key):
-        return read_stage(stage_dir)["summary"]
+    if (done := begin_stage(stage_dir, key, force=force)) is not None:
+        return done
     catalog = common.load_catalog(run_dir)
     prompt = load_prompt_config(run_dir)
     examples = load_examples(run_dir, config.split, config.max_examples, config.seed)

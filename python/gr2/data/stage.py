@@ -83,8 +83,8 @@ def run_data(run_dir: str | Path, config: DataConfig | None = None, force: bool 
     start = time.perf_counter()
     raw = load_raw(config.format, config.path, config.items_path, config.columns)
     key = rundir.stage_key(config, *_source_fingerprint(raw.sources))
-    if not force and rundir.is_current(stage_dir, key):
-        return rundir.read_stage(stage_dir)["summary"]
+    if (done := rundir.begin_stage(stage_dir, key, force=force)) is not None:
+        return done
     processed = preprocess(
         raw,
         kcore_k=config.kcore,

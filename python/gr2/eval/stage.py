@@ -34,7 +34,7 @@ from gr2.eval.baselines import popularity_order, random_order, score_order, upst
 from gr2.eval.metrics import check_lists, evaluate_rankings, min_detectable_effect, paired_mde
 from gr2.eval.report import write_report
 from gr2.report import environment
-from gr2.rundir import atomic_write_bytes, hash_file, is_current, mark_done, read_stage, stage_key
+from gr2.rundir import atomic_write_bytes, begin_stage, hash_file, mark_done, read_stage, stage_key
 from gr2.upstream import check_items
 from gr2.upstream.itemknn import ItemKNNRanker
 from gr2.upstream.popularity import PopularityRanker
@@ -133,8 +133,8 @@ def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) ->
     method_paths = find_methods(run_dir, config)
     key = stage_key(config, data_key, cand_record["key"], f"report-format:{REPORT_FORMAT}",
                     *[f"{n}:{hash_file(p)}" for n, p in method_paths.items() if p.exists()])
-    if not force and is_current(out, key):
-        return read_stage(out)["summary"]
+    if (done := begin_stage(out, key, force=force)) is not None:
+        return done
 
     lists = load_from_disk(str(cand_dir / config.split))
     if len(lists) == 0:

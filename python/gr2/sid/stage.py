@@ -153,8 +153,8 @@ def run_sid(run_dir: str | Path, config: SidConfig | None = None, force: bool = 
     config = config or SidConfig()
     data_dir, stage_dir = _stage_dirs(run_dir)
     key = rundir.stage_key(config, _data_key(data_dir), config.embed_model or default_model_path())
-    if not force and rundir.is_current(stage_dir, key):
-        return rundir.read_stage(stage_dir)["summary"]
+    if (done := rundir.begin_stage(stage_dir, key, force=force)) is not None:
+        return done
     with _torch_threads(config.threads):
         return _run_sid(run_dir, config, key, progress)
 
@@ -217,7 +217,7 @@ def _run_sid(run_dir: str | Path, config: SidConfig, key: str, progress: bool) -
     rundir.atomic_write_json(stage_dir / "report.json", report)
     summary = {k: report[k] for k in ("items", "levels", "codebook_size", "uniqueness_before_repair", "uniqueness_after_repair")}
     summary["seconds"] = report["timings"]["total_s"]
-    rundir.mark_done(stage_dir, key, summary)
+    rundir.mark_done(stage_dir, key, summary, exclude=("ablation.*",))  # `gr2 sid --ablation` writes those
     return summary
 
 

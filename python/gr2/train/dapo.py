@@ -77,7 +77,8 @@ from gr2.config import from_dict, load_toml
 from gr2.decoding.decode import AllowedTrace
 from gr2.errors import ConfigError, DataError, InvalidInputError
 from gr2.rewards import RewardBatch, verify_rewards
-from gr2.rundir import atomic_write_json, is_current, mark_done, read_stage, save_png, stage_key
+from gr2.rerank import OUTPUT_GLOBS as RERANK_OUTPUTS
+from gr2.rundir import atomic_write_json, begin_stage, mark_done, read_stage, save_png, stage_key
 from gr2.train import common
 
 OUTCOMES = ("r_rank", "hit@1", "rank_re")
@@ -905,8 +906,8 @@ def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig(), *, arm
                           "(run.arms = [\"answer\"] or `gr2 rl --arm answer`)")
     out_dir = run_dir / arms.stage_dir("rl", arm)
     key = stage_key(config, *_rl_inputs(run_dir, config, arm))
-    if is_current(out_dir, key):
-        return read_stage(out_dir)["summary"]
+    if (done := begin_stage(out_dir, key)) is not None:
+        return done
     world = init_world()
     trainer, eval_data, info = build_trainer(run_dir, config, out_dir, world, arm)
     last = train(trainer, out_dir, eval_data, key=key)
@@ -915,7 +916,7 @@ def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig(), *, arm
     if world.rank == 0:
         save_pretrained_atomic(trainer.model, trainer.tokenizer, out_dir / "model")
         atomic_write_json(out_dir / "summary.json", summary)
-        mark_done(out_dir, key, summary)
+        mark_done(out_dir, key, summary, exclude=RERANK_OUTPUTS)
         common.Checkpointer(out_dir / "checkpoints", key).cleanup()
     return summary
 
@@ -977,7 +978,7 @@ def ablation(make: Callable[[DapoConfig, Path], tuple[DapoTrainer, RlData | None
         cfg = dataclasses.replace(config, conditional=conditional, eval_every=eval_every)
         out_dir = root / name
         key = stage_key(cfg, *inputs)
-        if not is_current(out_dir, key):
+        if begin_stage(out_dir, key) is None:
             trainer, eval_data = make(cfg, out_dir)
             if eval_data is None:
                 raise DataError("the ablation needs an evaluation set (candidates/valid)")

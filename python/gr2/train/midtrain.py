@@ -52,7 +52,8 @@ from tqdm.auto import tqdm
 
 from gr2.errors import ConfigError, DataError
 from gr2.models import DemoModelConfig, extend_with_sids, load_base_model, load_pretrained, save_pretrained_atomic
-from gr2.rundir import atomic_write_json, is_current, mark_done, read_stage, stage_key
+from gr2.rerank import OUTPUT_GLOBS as RERANK_OUTPUTS
+from gr2.rundir import atomic_write_json, begin_stage, mark_done, read_stage, stage_key
 from gr2.train import common
 
 STAGE = "midtrain"
@@ -385,8 +386,8 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
     if config.train_on == "fit":
         inputs.append(common.input_key(run_dir, "candidates"))
     key = stage_key(config, *inputs)
-    if not force and is_current(stage_dir, key):
-        return read_stage(stage_dir)["summary"]
+    if (done := begin_stage(stage_dir, key, force=force)) is not None:
+        return done
     catalog = common.load_catalog(run_dir)
     seqs = common.load_sequences(run_dir)
     train_seqs = training_sequences(run_dir, config, seqs)
@@ -453,7 +454,7 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
     }
     atomic_write_json(stage_dir / "report.json", summary)
     checkpoints.cleanup()
-    mark_done(stage_dir, key, summary)
+    mark_done(stage_dir, key, summary, exclude=RERANK_OUTPUTS)
     return summary
 
 
