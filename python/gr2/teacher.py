@@ -122,7 +122,8 @@ class TeacherConfig:
             raise ConfigError(f"teacher.split must be train, valid or test, got {self.split!r}")
         if self.attempts <= 0 or self.concurrency <= 0 or self.max_retries < 0:
             raise ConfigError("teacher.attempts and concurrency must be > 0, max_retries >= 0")
-        if not (isinstance(self.min_acceptance, (int, float)) and 0.0 <= self.min_acceptance <= 1.0):
+        if (isinstance(self.min_acceptance, bool) or not isinstance(self.min_acceptance, (int, float))
+                or not 0.0 <= self.min_acceptance <= 1.0):
             raise ConfigError(f"teacher.min_acceptance must be a share in [0, 1], got {self.min_acceptance!r}")
         if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)) or not self.backoff_s >= 0:
             raise ConfigError(f"teacher.timeout_s must be > 0 seconds and backoff_s >= 0, got "
@@ -413,9 +414,10 @@ def trace_all(examples: list[Example], trace: Callable[[Example], dict[str, Any]
     waits and in-flight requests are cut (:meth:`OpenAIChatClient.cancel`) and the exception is
     re-raised without waiting for retries; replies already received stay in the disk cache."""
     pool = ThreadPoolExecutor(max_workers=workers)
-    futures = [pool.submit(trace, ex) for ex in examples]
+    futures: list[Any] = []
     results: list[dict[str, Any]] = []
     try:
+        futures.extend(pool.submit(trace, ex) for ex in examples)
         for future in tqdm(futures, total=len(futures), desc=desc):
             results.append(future.result())
     except BaseException as e:

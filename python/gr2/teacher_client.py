@@ -176,8 +176,9 @@ class OpenAIChatClient:
             failures = dict(sorted(self.failures.items()))
         http_codes = {k[5:]: v for k, v in stats.items() if k.startswith("http_")}
         counters = {k: v for k, v in stats.items() if not k.startswith("http_")}
-        if "retry_after_s" in counters:
-            counters["retry_after_s"] = round(float(counters["retry_after_s"]), 3)
+        for key in ("retry_after_s", "rate_limited_s"):
+            if key in counters:
+                counters[key] = round(float(counters[key]), 3)
         return {"endpoint": self.url, "model": self.model, "counters": counters, "http_status": http_codes,
                 "failures": failures}
 
@@ -333,7 +334,8 @@ class OpenAIChatClient:
             if finish == "length":
                 self._count("finish_length")
             return content, reasoning
-        self.failures["gave_up"] += 1
+        with self._lock:
+            self.failures["gave_up"] += 1
         raise TeacherEndpointError(f"{self.url}: giving up after {self.max_retries + 1} tries; last error: {last_error}")
 
     def _request_failed(self, reason: str) -> None:
