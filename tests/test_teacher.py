@@ -163,10 +163,11 @@ def test_run_traces_openai_rejection_sampling_and_resume(server, run_dir):
     kept_attempts = [r["attempts"] for r in records if r["accepted"]]
     assert summary["attempts_per_kept_trace"] == pytest.approx(np.mean(kept_attempts))
     assert summary["invalid_completions"] == {"malformed": 1}
-    # resume: a rerun is served from the disk cache, no new requests
+    # resume: a rerun is served from the disk cache; only the one reply that did not parse was not
+    # cached, so it is asked again (and now answered properly)
     n = server.requests
-    assert run_traces(run_dir, config, force=True)["kept"] == summary["kept"]
-    assert server.requests == n
+    assert run_traces(run_dir, config, force=True)["kept"] in (summary["kept"], summary["kept"] + 1)
+    assert server.requests == n + 1
 
 
 def test_heuristic_rejection_and_targeted(run_dir):
@@ -246,7 +247,7 @@ def test_local_backend_with_tiny_model(tmp_path_factory):
     run_dir = make_run_dir(tmp_path_factory.mktemp("lo"), n_users=30)
     run_midtrain(run_dir, tiny_midtrain_config(steps=2))
     config = TeacherConfig(backend="local", local_model=str(run_dir / "midtrain" / "model"), attempts=2,
-                           max_examples=2, max_tokens=8)
+                           max_examples=2, max_tokens=8, min_acceptance=0.0)  # no floor: 0 kept is expected
     summary = run_traces(run_dir, config)
     # an untrained 1-layer model cannot write a valid answer: every attempt is counted as invalid
     assert summary["teacher"].startswith("local model")

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except Gr2Error as e:
         print(f"gr2 {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"gr2 {args.command}: interrupted; finished work is kept, rerun to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

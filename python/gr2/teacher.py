@@ -10,9 +10,13 @@ A teacher reads a user's history and the K upstream candidates and writes
 
 Three backends:
 
-* ``openai``    -- any OpenAI-compatible ``/chat/completions`` endpoint (vLLM, TGI, a hosted API):
-  thread-pool concurrency, retries with exponential backoff on timeouts / 429 / 5xx / malformed
-  JSON, and a disk cache keyed by the request's hash, so a killed run resumes without re-asking;
+* ``openai``    -- any OpenAI-compatible ``/chat/completions`` endpoint (vLLM, TGI, a hosted API),
+  through :class:`gr2.teacher_client.OpenAIChatClient`: thread-pool concurrency, retries with
+  backoff, ``Retry-After`` through one shared rate limiter, a per-request deadline, a disk cache
+  keyed by endpoint + request that keeps only replies that parse (a killed run resumes without
+  re-asking), vLLM's separate ``reasoning_content``, clean Ctrl-C. A request the endpoint rejects
+  for good (e.g. HTTP 400 for one over-long prompt) is recorded as that example's ``failure``
+  and the stage goes on; the client's counters go into ``report.json``;
 * ``local``     -- a transformers model folder, sampled with ``generate``;
 * ``heuristic`` -- an offline stand-in with no LLM: it scores candidates with a transparent formula
   (the upstream order, the prompt's co-engagement evidence, genre overlap with the user's profile,
@@ -28,19 +32,17 @@ for the reasoning arm or the answer-only arm (:mod:`gr2.arms`: answer-only trace
 
 Stage ``run_traces(run_dir, config, arm=...)`` writes ``traces/traces.jsonl`` (``traces_answer/``
 for the answer-only arm; one record per example, ``accepted`` marks the kept ones) and
-``traces/report.json``.
+``traces/report.json``. The stage fails with :class:`TeacherAcceptanceError` (reasons counted)
+when fewer than ``min_acceptance`` of the examples get a kept trace.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import math
-import socket
+import os
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 import dataclasses
@@ -51,13 +53,30 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from gr2.errors import ConfigError, DataError, Gr2IOError
-from gr2.rundir import atomic_write_json, atomic_write_text, begin_stage, mark_done, read_stage, stage_key
+from gr2.errors import ConfigError, DataError, Gr2Error
+from gr2.rundir import atomic_write_json, atomic_write_text, begin_stage, mark_done, stage_key
+from gr2.teacher_client import (  # noqa: F401  (re-exported: gr2.teacher.OpenAIChatClient etc.)
+    OpenAIChatClient,
+    TeacherCancelled,
+    TeacherEndpointError,
+    TeacherRequestError,
+)
 from gr2.tokens import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, sid_to_text
 from gr2.train import common
 
 STAGE = "traces"
 HEURISTIC_LABEL = "heuristic teacher"
+log = logging.getLogger(__name__)
+
+
+class TeacherAcceptanceError(Gr2Error, RuntimeError):
+    """The share of examples with a kept trace fell below ``teacher.min_acceptance``; the message
+    counts the reasons (invalid completions, rankings without the target first, failed requests).
+    ``summary`` is the stage report (also written to ``report.json``)."""
+
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclass
@@ -87,6 +106,10 @@ class TeacherConfig:
     max_retries: int = 4
     backoff_s: float = 1.0
     max_tokens: int = 512
+    # the stage fails (TeacherAcceptanceError) when fewer than this share of the examples get a
+    # kept trace: a misconfigured teacher (wrong model, chat template, reasoning parser) is caught
+    # here, not as "0 kept traces" in SFT. 0 turns the check off.
+    min_acceptance: float = 0.05
     # local backend
     local_model: str = ""
 
@@ -99,6 +122,12 @@ class TeacherConfig:
             raise ConfigError(f"teacher.split must be train, valid or test, got {self.split!r}")
         if self.attempts <= 0 or self.concurrency <= 0 or self.max_retries < 0:
             raise ConfigError("teacher.attempts and concurrency must be > 0, max_retries >= 0")
+        if (isinstance(self.min_acceptance, bool) or not isinstance(self.min_acceptance, (int, float))
+                or not 0.0 <= self.min_acceptance <= 1.0):
+            raise ConfigError(f"teacher.min_acceptance must be a share in [0, 1], got {self.min_acceptance!r}")
+        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)) or not self.backoff_s >= 0:
+            raise ConfigError(f"teacher.timeout_s must be > 0 seconds and backoff_s >= 0, got "
+                              f"{self.timeout_s!r} and {self.backoff_s!r}")
         if self.backend == "openai" and (not self.endpoint or not self.model):
             raise ConfigError("the openai backend needs teacher.endpoint and teacher.model")
         if self.backend == "local" and not self.local_model:
@@ -263,103 +292,6 @@ def answer_block(catalog: common.Catalog, ranking: Sequence[int]) -> str:
     return ANSWER_OPEN + "".join(sid_to_text(catalog.codes[i]) for i in ranking) + ANSWER_CLOSE
 
 
-# --------------------------------------------------------------------------------------------
-# OpenAI-compatible client
-
-
-class TeacherEndpointError(Gr2IOError):
-    """The endpoint kept failing (timeouts, 5xx, malformed JSON) after every retry."""
-
-
-class OpenAIChatClient:
-    """Minimal OpenAI-compatible chat client (stdlib only) with retries, backoff and a disk cache."""
-
-    RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
-
-    def __init__(self, endpoint: str, model: str, *, api_key: str | None = None, timeout_s: float = 120.0,
-                 max_retries: int = 4, backoff_s: float = 1.0, cache_dir: str | Path | None = None,
-                 sleep: Callable[[float], None] = time.sleep):
-        if not endpoint.startswith(("http://", "https://")):
-            raise ConfigError(f"endpoint must be an http(s) URL, got {endpoint!r}")
-        self.url = endpoint.rstrip("/") + "/chat/completions"
-        self.model, self.api_key, self.timeout_s = model, api_key, timeout_s
-        self.max_retries, self.backoff_s, self.sleep = max_retries, backoff_s, sleep
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.stats = Counter()
-        self._lock = threading.Lock()
-
-    def _count(self, key: str) -> None:
-        with self._lock:
-            self.stats[key] += 1
-
-    def request_key(self, payload: dict[str, Any]) -> str:
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
-
-    def complete(self, messages: list[dict[str, str]], *, temperature: float = 1.0, max_tokens: int = 512,
-                 sample_index: int = 0) -> str:
-        """The assistant text of one chat completion. ``sample_index`` makes repeated samples of
-        the same prompt distinct cache entries (and is sent as ``seed``)."""
-        payload = {"model": self.model, "messages": messages, "temperature": temperature,
-                   "max_tokens": max_tokens, "seed": sample_index}
-        key = self.request_key(payload)
-        cached = self.cache_dir / f"{key}.json" if self.cache_dir else None
-        if cached is not None and cached.exists():
-            self._count("cache_hits")
-            return json.loads(cached.read_text())["content"]
-        content = self._post_with_retries(payload)
-        if cached is not None:
-            atomic_write_json(cached, {"request": payload, "content": content})
-        return content
-
-    def _post_with_retries(self, payload: dict[str, Any]) -> str:
-        body = json.dumps(payload).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        last_error = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self._count("retries")
-                self.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    raw = response.read()
-            except urllib.error.HTTPError as e:
-                last_error = f"HTTP {e.code}"
-                self._count(f"http_{e.code}")
-                if e.code in self.RETRY_STATUS:
-                    continue
-                raise TeacherEndpointError(f"{self.url} answered HTTP {e.code}: {e.read()[:200]!r}") from e
-            except (TimeoutError, socket.timeout):
-                last_error = f"timeout after {self.timeout_s}s"
-                self._count("timeouts")
-                continue
-            except urllib.error.URLError as e:
-                if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                    last_error = f"timeout after {self.timeout_s}s"
-                    self._count("timeouts")
-                else:
-                    last_error = f"connection error: {e.reason}"
-                    self._count("connection_errors")
-                continue
-            except ConnectionError as e:
-                last_error = f"connection error: {e}"
-                self._count("connection_errors")
-                continue
-            try:
-                content = json.loads(raw)["choices"][0]["message"]["content"]
-                if not isinstance(content, str):
-                    raise TypeError("content is not a string")
-                self._count("ok")
-                return content
-            except (ValueError, KeyError, IndexError, TypeError) as e:
-                last_error = f"malformed response ({e}): {raw[:120]!r}"
-                self._count("malformed")
-                continue
-        raise TeacherEndpointError(f"{self.url}: giving up after {self.max_retries + 1} tries; last error: {last_error}")
-
-
 class LocalModelTeacher:
     """A transformers causal LM sampled with ``generate`` (chat template applied)."""
 
@@ -413,38 +345,53 @@ def load_examples(run_dir: Path, split: str, max_examples: int, seed: int) -> li
 
 
 def make_sampler(config: TeacherConfig, run_dir: Path, catalog: common.Catalog, prompt: Any, reasoning: bool,
-                 cache_dir: Path) -> tuple[str, Callable[[Example, int], str]]:
-    """(label, fn(example, attempt) -> completion text) for the configured backend."""
-    import os
-
+                 cache_dir: Path, *, purge_cache: bool = False
+                 ) -> tuple[str, Callable[[Example, int], str], OpenAIChatClient | None]:
+    """(label, fn(example, attempt) -> completion text, the OpenAI client or None) for the
+    configured backend. The OpenAI client caches a reply only when it parses with gr2's grammar
+    for that example (:func:`parse_completions`); ``purge_cache`` (``--force``) also deletes cache
+    entries it would not trust (unreadable, older format)."""
     from gr2.candidates import load_fit_sequences
 
     targeted = config.mode == "targeted"
     if config.backend == "heuristic":
         teacher = HeuristicTeacher(catalog, load_fit_sequences(run_dir, config.split), config)
-        return HEURISTIC_LABEL, lambda ex, attempt: teacher.complete(ex, attempt, targeted, reasoning)
+        return HEURISTIC_LABEL, lambda ex, attempt: teacher.complete(ex, attempt, targeted, reasoning), None
     prompt_of = lambda ex: rerank_messages(run_dir, catalog, ex, prompt, reasoning=reasoning, reveal_target=targeted)  # noqa: E731
     if config.backend == "openai":
         client = OpenAIChatClient(config.endpoint, config.model, api_key=os.environ.get(config.api_key_env),
                                   timeout_s=config.timeout_s, max_retries=config.max_retries,
                                   backoff_s=config.backoff_s, cache_dir=cache_dir)
-        return (f"openai-compatible endpoint {config.model}",
-                lambda ex, attempt: client.complete(prompt_of(ex), temperature=config.temperature,
-                                                    max_tokens=config.max_tokens, sample_index=attempt))
+        if purge_cache:
+            client.purge_cache()
+
+        def sample(ex: Example, attempt: int) -> str:
+            parses = lambda text: bool(parse_completions([text], [ex], catalog, reasoning=reasoning).valid[0])  # noqa: E731
+            return client.complete(prompt_of(ex), temperature=config.temperature, max_tokens=config.max_tokens,
+                                   sample_index=attempt, keep_reasoning=reasoning, accept=parses)
+
+        return f"openai-compatible endpoint {config.model}", sample, client
     local = LocalModelTeacher(config.local_model, config)
-    return f"local model {config.local_model}", lambda ex, attempt: local.complete(prompt_of(ex), attempt)
+    return f"local model {config.local_model}", lambda ex, attempt: local.complete(prompt_of(ex), attempt), None
 
 
 def trace_one(example: Example, sample: Callable[[Example, int], str], catalog: common.Catalog,
               config: TeacherConfig, reasoning: bool) -> dict[str, Any]:
-    """Sample until the ranking puts the target first (rejection) or once (targeted)."""
+    """Sample until the ranking puts the target first (rejection) or once (targeted). A request
+    the endpoint rejects for good (:class:`TeacherRequestError`, e.g. HTTP 400 for an over-long
+    prompt) ends this example with ``failure`` = {reason, message}; the stage goes on."""
     from gr2.rewards import REASON_NAMES
 
     budget = config.attempts if config.mode == "rejection" else 1
     invalid: Counter[str] = Counter()
-    completion, ranking = "", None
+    completion, ranking, missed = "", None, 0
     for attempt in range(budget):
-        completion = sample(example, attempt)
+        try:
+            completion = sample(example, attempt)
+        except TeacherRequestError as e:
+            return {"accepted": False, "attempts": attempt + 1, "completion": "", "ranking": None,
+                    "invalid": dict(invalid), "target_not_first": missed,
+                    "failure": {"reason": e.reason, "message": str(e)[:500]}}
         rb = parse_completions([completion], [example], catalog, reasoning=reasoning)
         if not rb.valid[0]:
             reason = REASON_NAMES[int(rb.invalid_reason[0])] if rb.invalid_reason[0] else "think block in answer-only arm"
@@ -454,9 +401,52 @@ def trace_one(example: Example, sample: Callable[[Example, int], str], catalog: 
         ranking = [int(i) for i in rb.ranking[0]]
         if ranking[0] == example.target:
             return {"accepted": True, "attempts": attempt + 1, "completion": completion, "ranking": ranking,
-                    "invalid": dict(invalid)}
+                    "invalid": dict(invalid), "target_not_first": missed}
+        missed += 1
     return {"accepted": False, "attempts": budget, "completion": completion, "ranking": ranking,
-            "invalid": dict(invalid)}
+            "invalid": dict(invalid), "target_not_first": missed}
+
+
+def trace_all(examples: list[Example], trace: Callable[[Example], dict[str, Any]], workers: int,
+              client: OpenAIChatClient | None, desc: str) -> list[dict[str, Any]]:
+    """``trace`` over the examples on ``workers`` threads, in order. On any exception -- Ctrl-C
+    (KeyboardInterrupt) or an unusable endpoint -- pending examples are cancelled, the client's
+    waits and in-flight requests are cut (:meth:`OpenAIChatClient.cancel`) and the exception is
+    re-raised without waiting for retries; replies already received stay in the disk cache."""
+    pool = ThreadPoolExecutor(max_workers=workers)
+    futures: list[Any] = []
+    results: list[dict[str, Any]] = []
+    try:
+        futures.extend(pool.submit(trace, ex) for ex in examples)
+        for future in tqdm(futures, total=len(futures), desc=desc):
+            results.append(future.result())
+    except BaseException as e:
+        if client is not None:
+            client.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        if isinstance(e, KeyboardInterrupt):
+            done = sum(f.done() and not f.cancelled() and f.exception() is None for f in futures)
+            log.info("traces: interrupted; %d of %d examples finished (their replies are cached: rerun "
+                     "to resume)", done, len(futures))
+        raise
+    pool.shutdown(wait=True)
+    return results
+
+
+def check_acceptance(summary: dict[str, Any], config: TeacherConfig, stage_dir: Path) -> None:
+    """Raise :class:`TeacherAcceptanceError` when the acceptance rate is below the floor."""
+    if summary["acceptance_rate"] >= config.min_acceptance or config.min_acceptance == 0:
+        return
+    reasons = {**{f"invalid completion: {k}": v for k, v in summary["invalid_completions"].items()},
+               **({"valid ranking without the target first": summary["target_not_first"]}
+                  if summary["target_not_first"] else {}),
+               **{f"request failed: {k}": v for k, v in summary["failures"].items()}}
+    counted = "; ".join(f"{k} x{v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])) or "none"
+    raise TeacherAcceptanceError(
+        f"traces: {summary['kept']} of {summary['examples']} examples kept (acceptance "
+        f"{summary['acceptance_rate']:.1%}), below teacher.min_acceptance = {config.min_acceptance:.1%}. "
+        f"Rejections: {counted}. Check the teacher's endpoint, model and chat template (details in "
+        f"{stage_dir / 'report.json'}; set min_acceptance = 0 to keep such a run).", summary)
 
 
 def teacher_rankings(run_dir: Path, config: TeacherConfig, catalog: common.Catalog, split: str) -> None:
@@ -487,12 +477,12 @@ def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, 
     catalog = common.load_catalog(run_dir)
     prompt = load_prompt_config(run_dir)
     examples = load_examples(run_dir, config.split, config.max_examples, config.seed)
-    label, sample = make_sampler(config, run_dir, catalog, prompt, reasoning, stage_dir / "cache")
+    label, sample, client = make_sampler(config, run_dir, catalog, prompt, reasoning, stage_dir / "cache",
+                                         purge_cache=force)
 
     workers = config.concurrency if config.backend == "openai" else 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(tqdm(pool.map(lambda ex: trace_one(ex, sample, catalog, config, reasoning), examples),
-                            total=len(examples), desc=f"traces ({label}, {arm})"))
+    results = trace_all(examples, lambda ex: trace_one(ex, sample, catalog, config, reasoning), workers, client,
+                        f"traces ({label}, {arm})")
 
     kept = [(ex, r) for ex, r in zip(examples, results) if r["accepted"]]
     lines = []
@@ -506,9 +496,11 @@ def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, 
     if config.backend == "heuristic":
         for split in ("valid", "test"):
             teacher_rankings(run_dir, config, catalog, split)
-    invalid = Counter()
+    invalid, failures = Counter(), Counter()
     for r in results:
         invalid.update(r["invalid"])
+        if "failure" in r:
+            failures[r["failure"]["reason"]] += 1
     summary = {
         "teacher": label,
         "backend": config.backend,
@@ -522,9 +514,17 @@ def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, 
         "attempts_total": int(sum(r["attempts"] for r in results)),
         "attempts_budget": config.attempts if config.mode == "rejection" else 1,
         "invalid_completions": dict(invalid),
+        "target_not_first": int(sum(r["target_not_first"] for r in results)),
+        "failed_examples": int(sum(failures.values())),
+        "failures": dict(failures),
+        "min_acceptance": config.min_acceptance,
+        "client": client.report() if client is not None else None,
         "parsed_with": "gr2.verify_rewards",
     }
+    below = 0 < config.min_acceptance and summary["acceptance_rate"] < config.min_acceptance
+    summary["status"] = "below min_acceptance" if below else "ok"
     atomic_write_json(stage_dir / "report.json", summary)
+    check_acceptance(summary, config, stage_dir)
     mark_done(stage_dir, key, summary)
     return summary
 
