@@ -57,7 +57,7 @@ fn bench(c: &mut Criterion) {
     let data = make_data();
     let bytes: usize = data.texts.iter().map(|t| t.len()).sum();
     eprintln!("{} completions, mean {} bytes", ROWS, bytes / ROWS);
-    let cands = Candidates { rows: ROWS, k: K, levels: L, items: &data.items, sids: &data.sids, targets: &data.targets, relevance: None };
+    let cands = Candidates { rows: ROWS, k: K, levels: L, items: &data.items, sids: &data.sids, targets: &data.targets, relevance: None, offsets: None };
     let trailers: Vec<String> = vec![];
     let completions = Completions::Text { texts: &data.texts, trailers: &trailers };
     let cfg = RewardConfig::default();

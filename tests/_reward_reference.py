@@ -24,18 +24,15 @@ def _skip_ws(s: str, i: int) -> int:
 
 def parse_text(s: str, levels: int, trailers: list[str]) -> list[tuple[int, ...]] | None:
     """The SIDs of the answer, or None when the completion is malformed."""
-    i = _skip_ws(s, 0)
-    if s.startswith("<think>", i):
-        end = s.find("</think>", i + 7)
-        if end < 0:
-            return None
-        body = s[i + 7 : end]
-        if "<think>" in body or "<answer>" in body or "</answer>" in body:
-            return None
-        i = _skip_ws(s, end + 8)
-    if not s.startswith("<answer>", i):
+    # The answer block is the last "<answer>"; before it only whitespace or a think block (whose
+    # body is free text, tag-like text included).
+    at = s.rfind("<answer>")
+    if at < 0:
         return None
-    i += len("<answer>")
+    prefix = s[:at].strip(WS)
+    if prefix and not (len(prefix) >= 15 and prefix.startswith("<think>") and prefix.endswith("</think>")):
+        return None
+    i = at + len("<answer>")
     sids = []
     while True:
         i = _skip_ws(s, i)
@@ -92,20 +89,22 @@ def parse_tokens(ids, levels: int, tags: dict[str, int], code_of: dict[int, tupl
             return ("trailer",)
         return ("other",)
 
-    sym = next_sym(False)
-    if sym == ("think_open",):
-        while True:
-            if i == len(ids):
-                return None
-            r = role.get(ids[i])
-            i += 1
-            if r == "think_close":
-                break
-            if r in ("think_open", "answer_open", "answer_close"):
-                return None
-        sym = next_sym(False)
-    if sym != ("answer_open",):
+    # The answer block is the last answer_open; before it only whitespace or a think block.
+    opens = [j for j, t in enumerate(ids) if role.get(t) == "answer_open"]
+    if not opens:
         return None
+
+    def is_ws(t):
+        return t in ws_ids and t not in role and t not in code_of
+
+    lo, hi = 0, opens[-1]
+    while lo < hi and is_ws(ids[lo]):
+        lo += 1
+    while hi > lo and is_ws(ids[hi - 1]):
+        hi -= 1
+    if hi > lo and not (hi - lo >= 2 and role.get(ids[lo]) == "think_open" and role.get(ids[hi - 1]) == "think_close"):
+        return None
+    i = opens[-1] + 1
     sids = []
     while True:
         sym = next_sym(False)

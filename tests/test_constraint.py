@@ -285,3 +285,83 @@ def test_select_forks_independent_copies():
     forked.advance(np.array([0, 1]), np.array([SID_END, SID_END]))
     assert forked.emitted(0).tolist() == [1] and forked.emitted(1).tolist() == [3]
     assert batch.emitted(0).tolist() == [] and len(batch.allowed_ids(0)) == 3
+
+
+# --- issue 14 / 16: ragged requests, bounded resources, typed conversion errors --------------------
+
+
+def test_ragged_requests_match_per_request_batches():
+    tm, _, _ = make_token_map([3, 3])
+    rows = [np.array([5], np.uint64), np.array([5, 6, 7], np.uint64), np.array([8, 9], np.uint64)]
+    codes = [np.array([[0, 0]]), np.array([[0, 1], [1, 0], [2, 2]]), np.array([[1, 1], [0, 2]])]
+    flat = np.concatenate(rows)
+    offsets = np.array([0, 1, 4, 6], dtype=np.int64)
+    batch = _gr2.ConstraintBatch(tm)
+    assert batch.add_rerank_ragged(flat, np.concatenate(codes).astype(np.uint16), offsets,
+                                   reasoning="disabled", repeat=2) == 0
+    assert len(batch) == 6
+    for i, (r, c) in enumerate(zip(rows, codes)):
+        alone = _gr2.ConstraintBatch(tm)
+        alone.add_rerank(r[None], c[None].astype(np.uint16), reasoning="disabled")
+        for copy in (2 * i, 2 * i + 1):
+            assert batch.allowed_ids(copy).tolist() == alone.allowed_ids(0).tolist()
+    with pytest.raises(InvalidInputError, match="request 1"):
+        batch.add_rerank_ragged(flat, np.concatenate(codes).astype(np.uint16), np.array([0, 1, 1, 6]),
+                                reasoning="disabled")
+    with pytest.raises(InvalidInputError, match="offsets"):
+        batch.add_rerank_ragged(flat, np.concatenate(codes).astype(np.uint16), np.array([0, 1, 4, 5]))
+
+
+def test_repeat_and_rows_are_bounded():
+    tm, _, _ = make_token_map([3])
+    batch = _gr2.ConstraintBatch(tm)
+    one = (np.array([[5]], np.uint64), np.array([[[0]]], np.uint16))
+    with pytest.raises(InvalidInputError, match="repeat must be in 1..=4096"):
+        batch.add_rerank(*one, repeat=4097)  # was accepted: repeat=10**9 grew to 17 GB
+    with pytest.raises(InvalidInputError, match="repeat"):
+        batch.add_rerank(*one, repeat=0)
+    assert len(batch) == 0
+    trie = _gr2.SidTrie(tm, np.array([1, 2], np.uint64), np.array([[0], [1]], np.uint16))
+    with pytest.raises(InvalidInputError, match="at most"):
+        batch.add_catalog(trie, rows=2**20 + 1)
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda b: b.emitted(-1), "row"),
+        (lambda b: b.emitted(2**64), "row"),
+        (lambda b: b.allowed_ids("0"), "row"),
+        (lambda b: b.select([2**63 * 4]), "rows"),
+        (lambda b: b.select([-1]), "rows"),
+        (lambda b: b.advance(np.array([0], np.int32), np.array([THINK_OPEN], np.int64)), "rows"),
+        (lambda b: b.advance(np.array([0], np.int64), np.array([THINK_OPEN], np.uint64)), "tokens"),
+        (lambda b: b.allowed(np.array([0], np.int32)), "rows"),
+        (lambda b: b.add_rerank(np.array([[5]], np.int64), np.array([[[0]]], np.uint16)), "candidates"),
+        (lambda b: b.add_rerank(np.array([[5]], np.uint64), np.array([[[0]]], np.int32)), "codes"),
+        (lambda b: b.add_rerank(np.array([[5]], np.uint64), np.array([[[0]]], np.uint16), repeat=-1), "repeat"),
+        (lambda b: b.add_rerank(np.array([[5]], np.uint64), np.array([[[0]]], np.uint16), max_reasoning_tokens=2**40),
+         "max_reasoning_tokens"),
+        (lambda b: b.add_rerank(np.array([[5]], np.uint64), np.array([[[0]]], np.uint16), reasoning=1), "reasoning"),
+        (lambda b: b.fill_bitmask(np.zeros((1, 2), np.int64)), "out"),
+    ],
+)
+def test_conversion_errors_name_the_argument(call, name):
+    tm, _, _ = make_token_map([3])
+    batch = _gr2.ConstraintBatch(tm)
+    batch.add_rerank(np.array([[5]], np.uint64), np.array([[[0]]], np.uint16))
+    with pytest.raises(InvalidInputError, match=f"^{name} must be"):
+        call(batch)
+
+
+def test_token_map_conversion_errors_name_the_argument():
+    codes = np.array([[17, 18]], dtype=np.int64)
+    tags = dict(sid_begin=10, sid_end=11, think_open=12, think_close=13, answer_open=14, answer_close=15, eos=16)
+    with pytest.raises(InvalidInputError, match="^code_ids must be"):
+        _gr2.TokenMap(codes.astype(np.int32), vocab_size=30, **tags)
+    with pytest.raises(InvalidInputError, match="^vocab_size must be"):
+        _gr2.TokenMap(codes, vocab_size=-3, **tags)
+    with pytest.raises(InvalidInputError, match="^eos must be"):
+        _gr2.TokenMap(codes, vocab_size=30, **{**tags, "eos": 2**63})
+    with pytest.raises(InvalidInputError, match="^item_ids must be"):
+        _gr2.SidTrie(_gr2.TokenMap(codes, vocab_size=30, **tags), np.array([1], np.int64), np.array([[0]], np.uint16))

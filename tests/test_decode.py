@@ -134,7 +134,14 @@ def test_every_output_is_a_valid_permutation(setup, k, seed, mode, reasoning, bu
     results = constrained_decode(models[seed], tokenizer, PROMPTS, cands, index=index,
                                  max_reasoning_tokens=budget, reasoning=reasoning, **kwargs)
     nrs = kwargs.get("num_return_sequences", 1)
-    assert [r.prompt_index for r in results] == [p for p in range(len(PROMPTS)) for _ in range(nrs)]
+    if mode == "beam":  # distinct permutations only: K = 1 has one, so fewer results
+        per = [[r.items.tolist() for r in results if r.prompt_index == p] for p in range(len(PROMPTS))]
+        assert [r.prompt_index for r in results] == sorted(r.prompt_index for r in results)
+        assert all(1 <= len(lists) <= nrs and len({tuple(x) for x in lists}) == len(lists) for lists in per)
+        if not reasoning and k == 1:
+            assert all(len(lists) == 1 for lists in per)
+    else:
+        assert [r.prompt_index for r in results] == [p for p in range(len(PROMPTS)) for _ in range(nrs)]
     check_valid(results, cands, sid_tokens, index, budget, reasoning)
 
 
@@ -329,3 +336,165 @@ def test_vllm_module_needs_vllm():
         pytest.skip("vllm is installed; the processor is exercised by vLLM-marked tests")
     with pytest.raises(ImportError, match="gr2\\[vllm\\]"):
         import gr2.decoding.vllm  # noqa: F401
+
+
+# --- issue 14: the guarantee on every entry point, or a loud failure -------------------------------
+
+
+def _generate(model, tokenizer, proc, prompts, **kwargs):
+    from transformers import LogitsProcessorList
+
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(0)
+    return model.generate(**enc, logits_processor=LogitsProcessorList([proc]), eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **kwargs)
+
+
+@pytest.mark.parametrize("nb", [1, 3])
+def test_processor_raises_when_generate_stops_before_the_ranking_is_complete(setup, nb):
+    tokenizer, sid_tokens, index, items, models = setup
+    cands = np.array([items[[3, 7, 1, 12, 20]], items[[5, 9, 2, 0, 11]]])
+    proc = RerankLogitsProcessor(tokenizer, cands, index=index, max_reasoning_tokens=4, num_beams=nb)
+    # think 1 + 4 + 1, answer tags 2, five SIDs of 3 codes + 2 delimiters, EOS
+    assert proc.required_max_new_tokens == 6 + 2 + 5 * 5 + 1
+    out = _generate(models[1], tokenizer, proc, PROMPTS, max_new_tokens=20, num_beams=nb, do_sample=False)
+    with pytest.raises(gr2.errors.IncompleteGenerationError, match="max_new_tokens >= 34"):
+        proc.items(out)  # was: a partial list such as [122, 111] and no error
+    if nb == 1:
+        with pytest.raises(gr2.errors.IncompleteGenerationError):
+            proc.items()
+    proc = RerankLogitsProcessor(tokenizer, cands, index=index, max_reasoning_tokens=4, num_beams=nb)
+    out = _generate(models[1], tokenizer, proc, PROMPTS, max_new_tokens=proc.required_max_new_tokens, num_beams=nb,
+                    do_sample=False)
+    got = proc.items(out)
+    assert [sorted(g.tolist()) for g in got] == [sorted(c.tolist()) for c in cands]
+
+
+@settings(max_examples=15, deadline=None)
+@given(ks=st.lists(st.integers(1, 6), min_size=2, max_size=2), mode=st.sampled_from(["greedy", "sample", "beam"]),
+       budget=st.integers(0, 3), pick_seed=st.integers(0, 10**6))
+def test_processor_with_ragged_candidates(setup, ks, mode, budget, pick_seed):
+    tokenizer, sid_tokens, index, items, models = setup
+    rng = np.random.default_rng(pick_seed)
+    cands = [rng.choice(items, size=k, replace=False).tolist() for k in ks]
+    kwargs = dict(greedy=dict(do_sample=False), sample=dict(do_sample=True, temperature=1.3),
+                  beam=dict(num_beams=2, do_sample=False))[mode]
+    proc = RerankLogitsProcessor(tokenizer, cands, index=index, max_reasoning_tokens=budget,
+                                 num_beams=kwargs.get("num_beams", 1))
+    out = _generate(models[0], tokenizer, proc, PROMPTS, max_new_tokens=proc.required_max_new_tokens, **kwargs)
+    got = proc.items(out)
+    assert [sorted(g.tolist()) for g in got] == [sorted(c) for c in cands]
+
+
+class _Params:
+    def __init__(self, extra_args):
+        self.extra_args = extra_args
+
+
+class _BatchUpdate:
+    def __init__(self, added=(), removed=(), moved=()):
+        self.added, self.removed, self.moved = list(added), list(removed), list(moved)
+
+
+def test_vllm_requests_without_gr2_args_are_rejected(setup):
+    from gr2.decoding._setup import build_token_map
+    from gr2.decoding._vllm_core import RequestTracker, request_spec
+
+    tokenizer, sid_tokens, index, items, models = setup
+    with pytest.raises(InvalidInputError, match="gr2_unconstrained"):
+        request_spec(_Params(None), index=index, allow_unconstrained=False)  # was: ran unconstrained
+    with pytest.raises(InvalidInputError, match="gr2_unconstrained"):
+        request_spec(_Params({"other": 1}), index=index, allow_unconstrained=False)
+    assert request_spec(_Params({"gr2_unconstrained": True}), index=index, allow_unconstrained=False) is None
+    assert request_spec(_Params(None), index=index, allow_unconstrained=True) is None
+    with pytest.raises(InvalidInputError, match="candidates"):
+        request_spec(_Params({"gr2": {}}), index=index, allow_unconstrained=False)
+    with pytest.raises(InvalidInputError, match="more than once"):
+        request_spec(_Params({"gr2": {"candidates": [items[0], items[0]]}}), index=index, allow_unconstrained=False)
+
+    tm = build_token_map(sid_tokens, eos=tokenizer.eos_token_id, vocab_size=len(tokenizer), tokenizer=tokenizer)
+    tracker = RequestTracker(tm, sid_tokens.levels, index=index)
+    with pytest.raises(InvalidInputError, match="gr2_unconstrained"):
+        tracker.update(_BatchUpdate(added=[(0, _Params({}), [1], [])]), lambda d: d == "swap")
+    out0, out1 = [], []
+    spec = {"candidates": [int(items[1]), int(items[4])], "reasoning": "disabled"}
+    tracker.update(_BatchUpdate(added=[(0, _Params({"gr2": spec}), [1], out0),
+                                       (1, _Params({"gr2_unconstrained": True}), [1], out1)]), lambda d: d == "swap")
+    assert list(tracker.requests) == [0]
+    logits = torch.zeros(2, len(tokenizer))
+    tracker.apply(logits, torch.as_tensor(tm.reasoning_forbidden()))
+    assert torch.isfinite(logits[0]).nonzero().view(-1).tolist() == [sid_tokens.answer_open]
+    assert torch.isfinite(logits[1]).all()  # the opted-out request is untouched
+    out0.append(sid_tokens.answer_open)
+    tracker.update(_BatchUpdate(moved=[(0, 1, "swap")]), lambda d: d == "swap")
+    assert list(tracker.requests) == [1]
+    logits = torch.zeros(2, len(tokenizer))
+    tracker.apply(logits, torch.as_tensor(tm.reasoning_forbidden()))
+    assert torch.isfinite(logits[1]).nonzero().view(-1).tolist() == [sid_tokens.sid_begin]
+
+
+def test_beam_search_returns_distinct_lists(setup):
+    tokenizer, sid_tokens, index, items, models = setup
+    # 6 beams over the 3 remaining items: was [408, 419, 397, 408, 408, 408] with equal log-probs
+    res = catalog_decode(models[0], tokenizer, PROMPTS[:1], index, n_items=1, exclude=[items[:27]], num_beams=6,
+                         num_return_sequences=6)
+    got = [int(r.items[0]) for r in res]
+    assert sorted(got) == sorted(int(i) for i in items[27:])
+    assert len({r.logprob for r in res}) == 3
+    # K = 2 has two permutations: 4 beams must not repeat one
+    res = constrained_decode(models[0], tokenizer, PROMPTS[:1], np.array([items[:2]]), index=index, num_beams=4,
+                             num_return_sequences=4, reasoning=False)
+    assert sorted(tuple(r.items.tolist()) for r in res) == sorted([tuple(items[:2].tolist()), tuple(items[1::-1].tolist())])
+
+
+def reference_permutations(k):
+    import math
+
+    return math.factorial(k)
+
+
+@settings(max_examples=25, deadline=None)
+@given(ks=st.lists(st.integers(1, 5), min_size=2, max_size=2), mode=st.sampled_from(["greedy", "sample", "beam"]),
+       reasoning=st.booleans(), budget=st.integers(0, 3), pick_seed=st.integers(0, 10**6), seed=st.integers(0, 2))
+def test_ragged_k_decode_is_valid_and_beams_distinct(setup, ks, mode, reasoning, budget, pick_seed, seed):
+    tokenizer, sid_tokens, index, items, models = setup
+    rng = np.random.default_rng(pick_seed)
+    cands = [rng.choice(items, size=k, replace=False) for k in ks]
+    kwargs = dict(greedy={}, sample=dict(do_sample=True, seed=pick_seed, num_return_sequences=2),
+                  beam=dict(num_beams=4, num_return_sequences=3))[mode]
+    results = constrained_decode(models[seed], tokenizer, PROMPTS, [c.tolist() for c in cands], index=index,
+                                 max_reasoning_tokens=budget, reasoning=reasoning, **kwargs)
+    check_valid(results, cands, sid_tokens, index, budget, reasoning)  # against the plain-Python parser
+    for p, k in enumerate(ks):
+        lists = [tuple(r.items.tolist()) for r in results if r.prompt_index == p]
+        assert 1 <= len(lists) <= kwargs.get("num_return_sequences", 1)
+        if mode == "beam":
+            assert len(set(lists)) == len(lists)
+            if not reasoning:
+                assert len(lists) == min(3, reference_permutations(k))
+    # the text and token-id verifiers agree: every decoded completion is valid on both paths
+    targets = [int(cands[r.prompt_index][0]) for r in results]
+    rows = [cands[r.prompt_index] for r in results]
+    by_tokens = gr2.verify_rewards([r.completion_ids for r in results], rows, targets, index=index,
+                                   sid_tokens=sid_tokens)
+    by_text = gr2.verify_rewards([r.text for r in results], rows, targets, index=index)
+    assert by_tokens.valid.all() and by_text.valid.all()
+    np.testing.assert_array_equal(by_tokens.ranking, by_text.ranking)
+
+
+def test_bad_requests_raise_typed_errors_naming_the_request(setup):
+    tokenizer, sid_tokens, index, items, models = setup
+    model = models[0]
+    with pytest.raises(UnknownItemError, match="request 1, candidate column 1: item 99999"):
+        constrained_decode(model, tokenizer, PROMPTS, [[int(items[0])], [int(items[1]), 99999]], index=index)
+    with pytest.raises(InvalidInputError, match="request 1 lists item .* more than once \\(columns 0 and 2\\)"):
+        constrained_decode(model, tokenizer, PROMPTS, [[int(items[0])], [int(items[1]), int(items[2]), int(items[1])]],
+                           index=index)
+    with pytest.raises(InvalidInputError, match="request 0 has no candidates"):
+        constrained_decode(model, tokenizer, PROMPTS, [[], [int(items[1])]], index=index)
+    with pytest.raises(InvalidInputError, match="request 0 has no candidates"):
+        RerankLogitsProcessor(tokenizer, np.zeros((1, 0), np.uint64), index=index)
+    small = make_model(len(tokenizer) - 5, 0)  # its vocabulary stops before the SID tokens
+    with pytest.raises(InvalidInputError, match="resize"):
+        constrained_decode(small, tokenizer, PROMPTS[:1], [[int(items[0])]], index=index)

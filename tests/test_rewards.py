@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import gr2
 from gr2.rewards import NO_ITEM, InvalidReason, rank_metrics
@@ -111,8 +111,9 @@ def test_conditional_format_reward_withholds_alpha_from_copying():
         (answer([SIDS[0][0], SIDS[0][1], [7, 7, 7], SIDS[0][3]]), InvalidReason.UNKNOWN_SID),
         (answer(SIDS[0])[:-1], InvalidReason.MALFORMED),  # truncated
         ("<think>no answer</think>", InvalidReason.MALFORMED),
-        ("<think><think></think></think>" + answer(SIDS[0]), InvalidReason.MALFORMED),
-        ("<think>" + answer(SIDS[0]) + "</think>" + answer(SIDS[0]), InvalidReason.MALFORMED),
+        ("<think>x</think>y" + answer(SIDS[0]), InvalidReason.MALFORMED),  # text between think and answer
+        ("<think>" + answer(SIDS[0]), InvalidReason.MALFORMED),  # think never closed
+        ("<think></think>" + answer(SIDS[0]) + answer(SIDS[0]), InvalidReason.MALFORMED),  # two answers
         (answer(SIDS[0]) + " thanks!", InvalidReason.MALFORMED),
         ("Sure! " + answer(SIDS[0]), InvalidReason.MALFORMED),
         (answer(SIDS[0]).replace("<s_b_0>", "<s_b_00>", 1), InvalidReason.MALFORMED),
@@ -377,3 +378,164 @@ def test_with_a_real_sid_index():
     assert ok.valid.all() and ok.ranking[0].tolist() == [12, 10, 11, 13]
     with pytest.raises(gr2.UnknownItemError):
         gr2.verify_rewards(texts, ITEMS + 1000, np.array([1012, 1020]), index)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 14 / 16: ragged K, one reasoning rule for text and token ids, validated inputs
+
+
+@st.composite
+def ragged_batch(draw):
+    """Requests with K = 1..6 each, SIDs distinct within a request, completions that are valid,
+    reordered, truncated, repeated or padded with tag-like reasoning."""
+    b = draw(st.integers(1, 5))
+    levels = 2
+    items, sids, targets, texts, rels = [], [], [], [], []
+    for row in range(b):
+        k = draw(st.integers(1, 6))
+        codes = draw(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=k, max_size=k, unique=True))
+        ids = [1000 * (row + 1) + c for c in range(k)]
+        perm = draw(st.permutations(range(k)))
+        out = [codes[c] for c in perm]
+        kind = draw(st.sampled_from(["ok", "short", "repeat", "think"]))
+        if kind == "short":
+            out = out[:-1]
+        elif kind == "repeat":
+            out = out + out[:1]
+        body = draw(st.sampled_from(["", "<answer>", "</think> x", "<think>", "</answer><answer>"]))
+        text = ("<think>" + body + "</think>" if kind == "think" else "") + answer(out)
+        items.append(ids)
+        sids.append(np.array(codes, dtype=np.uint16).reshape(k, levels))
+        targets.append(ids[draw(st.integers(0, k - 1))])
+        texts.append(text)
+        rels.append(np.array(draw(st.lists(st.integers(0, 3), min_size=k, max_size=k)), dtype=np.float32))
+    return texts, items, sids, targets, rels
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=ragged_batch(), kind=st.sampled_from(["rank", "ndcg"]))
+def test_ragged_candidates_match_reference(case, kind):
+    texts, items, sids, targets, rels = case
+    batch = gr2.verify_rewards(texts, items, targets, candidate_sids=sids, relevance=rels, reward_kind=kind)
+    width = max(len(r) for r in items)
+    assert batch.ranking.shape == (len(items), width)
+    for b, row in enumerate(items):
+        assert (batch.ranking[b, len(row):] == NO_ITEM).all()
+    trimmed = _Trimmed(batch, [len(r) for r in items])
+    rows = ref.verify_texts(texts, items, sids, targets, relevance=rels, kind=kind)
+    check_against_reference(trimmed, rows, relevance=True)
+    # each row scores as it would alone
+    for b in range(len(items)):
+        alone = gr2.verify_rewards([texts[b]], [items[b]], [targets[b]], candidate_sids=[sids[b]], relevance=[rels[b]],
+                                   reward_kind=kind)
+        assert alone.reward[0] == batch.reward[b] and alone.invalid_reason[0] == batch.invalid_reason[b]
+
+
+class _Trimmed:
+    """A RewardBatch view whose ranking rows are cut to each request's own K."""
+
+    def __init__(self, batch, sizes):
+        self._batch, self.ranking = batch, [batch.ranking[b, :k] for b, k in enumerate(sizes)]
+
+    def __getattr__(self, name):
+        return getattr(self._batch, name)
+
+
+def test_ragged_rows_with_index_and_unknown_item_names_request_and_column():
+    rows = [[12, 10], [20, 21, 22, 23], [13]]
+    texts = [answer(SIDS[0][[2, 0]]), answer(SIDS[1]), answer(SIDS[0][[3]])]
+    batch = gr2.verify_rewards(texts, rows, [12, 22, 13], index=_RealIndex.get())
+    assert batch.valid.tolist() == [True, True, True]
+    assert batch.rank_pre.tolist() == [1, 3, 1] and batch.r_rank.tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(gr2.UnknownItemError, match="request 1, candidate column 2: item 77"):
+        gr2.verify_rewards(texts, [[12, 10], [20, 21, 77, 23], [13]], [12, 22, 13], index=_RealIndex.get())
+
+
+class _RealIndex:
+    _index = None
+
+    @classmethod
+    def get(cls):
+        if cls._index is None:
+            flat = np.concatenate([ITEMS.ravel(), [99]]).astype(np.uint64)
+            cls._index = gr2.SidIndex.build(flat, np.concatenate([SIDS.reshape(-1, L), [[3, 3, 3]]]).astype(np.uint16),
+                                            codebook_size=[4, 4, 4])
+        return cls._index
+
+
+def test_reasoning_with_tag_text_agrees_on_both_paths():
+    """The demo tokenizer spells <answer> out of ordinary BPE pieces: the automaton lets reasoning
+    do that, so the text and token-id verifiers must accept the same completion."""
+    from gr2.models import train_demo_tokenizer
+
+    tok = train_demo_tokenizer(["<answer> the user liked </think> item <think> and </answer> so"] * 20, vocab_size=300)
+    plain = tok("so <answer> and </think>", add_special_tokens=False)["input_ids"]
+    st_ = gr2.add_sid_tokens(tok, level_sizes=(4, 4, 4))
+    assert st_.answer_open not in plain and st_.think_close not in plain  # spelled by plain pieces
+    perm = SIDS[0][[2, 0, 1, 3]]
+    sid_ids = []
+    for sid in perm:
+        sid_ids += [st_.sid_begin] + [int(st_.code_ids[lv, c]) for lv, c in enumerate(sid)] + [st_.sid_end]
+    ids = [st_.think_open, *plain, st_.think_close, st_.answer_open, *sid_ids, st_.answer_close, tok.eos_token_id]
+    text = tok.decode(ids, skip_special_tokens=False)
+    assert text.count("<answer>") == 2 and text.count("</think>") == 2
+    kw = dict(candidate_sids=SIDS[:1])
+    by_tokens = gr2.verify_rewards([ids], ITEMS[:1], [12], sid_tokens=st_, trailer_ids=[tok.eos_token_id], **kw)
+    by_text = gr2.verify_rewards([text], ITEMS[:1], [12], **kw)
+    assert by_tokens.valid[0] and by_text.valid[0]
+    for field in ("reward", "rank_re", "ranking", "invalid_reason"):
+        np.testing.assert_array_equal(getattr(by_tokens, field), getattr(by_text, field))
+    # the automaton accepts the same completion (replayed through a fresh rerank automaton)
+    from gr2.decoding import constraint_trace
+
+    traces = constraint_trace(tok, ITEMS[:1], [ids], len(tok), sid_tokens=st_, codes=SIDS[:1],
+                              max_reasoning_tokens=len(plain))
+    assert len(traces[0]) == len(ids)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(trailers="<|im_end|>"), "^trailers must be a list of strings"),
+        (dict(trailers=["<|im_end|>", 3]), r"trailers\[1\]"),
+        (dict(trailers=["<answer>"]), "trailers"),
+        (dict(whitespace_ids=7), "whitespace_ids"),
+        (dict(trailer_ids="x"), "trailer_ids"),
+        (dict(relevance=np.ones((2, 3))), r"relevance has shape \(2, 3\), expected \(2, 4\)"),
+        (dict(relevance=[[1, 2, 3, 4], [1, 2]]), "relevance: request 1 has shape"),
+        (dict(relevance=[["a", "b", "c", "d"]] * 2), "relevance must be numeric"),
+        (dict(metric_ks=5), "metric_ks"),
+        (dict(reward_kind="best"), "reward_kind"),
+    ],
+)
+def test_verifier_arguments_are_validated_by_name(kwargs, match):
+    with pytest.raises(gr2.InvalidInputError, match=match):
+        verify([answer(SIDS[0]), answer(SIDS[1])], **kwargs)
+
+
+def test_str_trailers_no_longer_accept_trailing_characters():
+    # was: trailers="<|im_end|>" became the characters "<", "|", "i", "m", "e", "n", "d", ... and
+    # "...</answer>dime" scored valid
+    with pytest.raises(gr2.InvalidInputError, match="trailers"):
+        verify([answer(SIDS[0]) + "dime", answer(SIDS[1])], trailers="<|im_end|>")
+
+
+def test_empty_batch_and_k_zero():
+    empty = gr2.verify_rewards([], [], [], index=INDEX)
+    assert len(empty) == 0 and empty.summary()["valid_rate"] == 0.0
+    with pytest.raises(gr2.InvalidInputError, match="request 0 has no candidates"):
+        gr2.verify_rewards(["x"], np.zeros((1, 0), np.uint64), [1], index=INDEX)
+    with pytest.raises(gr2.InvalidInputError, match="request 1 has no candidates"):
+        gr2.verify_rewards(["x", "y"], [[10], []], [10, 1], index=INDEX)
+
+
+def test_type_errors_name_the_problem():
+    with pytest.raises(gr2.InvalidInputError, match="completion 1 is int"):
+        verify([answer(SIDS[0]), 5])
+    with pytest.raises(gr2.InvalidInputError, match="single str"):
+        verify(answer(SIDS[0]))
+
+
+def test_lone_surrogate_scores_its_row_malformed():
+    batch = verify([answer(SIDS[0]) + "\ud800", answer(SIDS[1])], targets=(12, 20))
+    assert batch.reason_names == ["malformed", "ok"]

@@ -99,7 +99,17 @@ class ConstraintBatch:
         *,
         reasoning: str = "think",  # "think" | "in_think" | "disabled"
         max_reasoning_tokens: int = 128,
-        repeat: int = 1,
+        repeat: int = 1,  # 1..=MAX_REPEAT (4096); a batch holds at most 2**20 rows
+    ) -> int: ...
+    def add_rerank_ragged(
+        self,
+        items: npt.NDArray[np.uint64],  # (N,) every request's candidates, flat
+        codes: npt.NDArray[np.uint16],  # (N, L)
+        offsets: npt.NDArray[np.int64],  # (B + 1,) request i = items[offsets[i]:offsets[i + 1]]
+        *,
+        reasoning: str = "think",
+        max_reasoning_tokens: int = 128,
+        repeat: int = 1,  # 1..=MAX_REPEAT (4096); a batch holds at most 2**20 rows
     ) -> int: ...
     def add_catalog(
         self,
@@ -130,11 +140,13 @@ NO_ITEM: int
 def _verify_rewards_text(
     texts: list[str],
     trailers: list[str],
-    items: npt.NDArray[np.uint64],
-    sids: npt.NDArray[np.uint16],
+    items: npt.NDArray[np.uint64],  # (N,) flat candidates
+    sids: npt.NDArray[np.uint16],  # (N, L)
+    cand_offsets: npt.NDArray[np.int64] | None,  # (B + 1,) ragged rows; None: rows of `width`
+    width: int,  # largest K
     targets: npt.NDArray[np.uint64],
     catalog: npt.NDArray[np.uint16] | None,
-    relevance: npt.NDArray[np.float32] | None,
+    relevance: npt.NDArray[np.float32] | None,  # (N,)
     alpha: float,
     conditional: bool,
     invalid_reward: float,
@@ -149,11 +161,13 @@ def _verify_rewards_tokens(
     code_ids: npt.NDArray[np.int64],
     whitespace_ids: list[int],
     trailer_ids: list[int],
-    items: npt.NDArray[np.uint64],
-    sids: npt.NDArray[np.uint16],
+    items: npt.NDArray[np.uint64],  # (N,) flat candidates
+    sids: npt.NDArray[np.uint16],  # (N, L)
+    cand_offsets: npt.NDArray[np.int64] | None,  # (B + 1,) ragged rows; None: rows of `width`
+    width: int,  # largest K
     targets: npt.NDArray[np.uint64],
     catalog: npt.NDArray[np.uint16] | None,
-    relevance: npt.NDArray[np.float32] | None,
+    relevance: npt.NDArray[np.float32] | None,  # (N,)
     alpha: float,
     conditional: bool,
     invalid_reward: float,

@@ -42,6 +42,11 @@ class ConstraintError(Gr2Error, RuntimeError):
     """A constrained-decoding state with no allowed token, or a forbidden token fed to it."""
 
 
+class IncompleteGenerationError(ConstraintError):
+    """Generation stopped (e.g. at ``max_new_tokens``) before the constraint finished the ranking:
+    the output is not a complete permutation of the candidates."""
+
+
 class DataError(Gr2Error, ValueError):
     """Input data that cannot be used: missing columns, unknown format, empty after filtering."""
 
@@ -58,6 +63,7 @@ __all__ = [
     "CorruptFileError",
     "Gr2IOError",
     "ConstraintError",
+    "IncompleteGenerationError",
     "DataError",
     "ConfigError",
 ]

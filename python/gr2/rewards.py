@@ -17,9 +17,11 @@ row's K candidates, and returns a :class:`RewardBatch` of numpy arrays:
 
 How strict the parser is (see ``rust/src/reward.rs`` for the grammar): whitespace (space, tab,
 newline, carriage return) may appear between tags and between the tokens of a SID; text is allowed
-only inside ``<think>``; after ``</answer>`` only whitespace and end-of-sequence texts
-(``trailers``, default :data:`DEFAULT_TRAILERS`) may follow. A truncated output (no ``</answer>``)
-is malformed.
+only inside ``<think>``, and there it is free: the answer block is the *last* ``<answer>`` of the
+completion, so tag-like text in the reasoning (which a text cannot tell from tags, e.g. ``<answer>``
+spelled by ordinary BPE pieces) is reasoning on both the text and the token-id path; after
+``</answer>`` only whitespace and end-of-sequence texts (``trailers``, default
+:data:`DEFAULT_TRAILERS`) may follow. A truncated output (no ``</answer>``) is malformed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from gr2 import _gr2
+from gr2._rows import CandidateRows, candidate_rows, lookup_sids
 from gr2.errors import InvalidInputError
 
 #: End-of-sequence texts accepted after ``</answer>`` in text completions.
@@ -118,7 +121,12 @@ def rank_metrics(ranks: np.ndarray, metric_ks: Sequence[int] = (1, 3, 5)) -> tup
 
 
 def _id_array(name: str, values: Any, ndim: int) -> np.ndarray:
-    arr = np.asarray(values)
+    if isinstance(values, (str, bytes)):
+        raise InvalidInputError(f"{name} must be a {ndim}-D array of item ids, got a str")
+    try:
+        arr = np.asarray(values)
+    except ValueError as exc:
+        raise InvalidInputError(f"{name} must be a {ndim}-D array of item ids ({exc})") from None
     if arr.ndim != ndim:
         raise InvalidInputError(f"{name} must be a {ndim}-D array of item ids, got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
@@ -128,19 +136,90 @@ def _id_array(name: str, values: Any, ndim: int) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.uint64)
 
 
-def _candidate_sids(candidates: np.ndarray, index: Any, candidate_sids: Any) -> np.ndarray:
-    b, k = candidates.shape
+def _per_candidate(name: str, values: Any, rows: CandidateRows, extra_dims: int) -> np.ndarray:
+    """``values`` aligned with the candidates: a (B, K, ...) array when every request has the same
+    K, or one (K_b, ...) array per request; returned flat, (N, ...)."""
+    tail = ", L" if extra_dims else ""
+    if isinstance(values, (str, bytes)):
+        raise InvalidInputError(f"{name} must be (B, K{tail}) or one (K_b{tail}) array per request, got a str")
+    try:
+        arr = np.asarray(values)
+    except ValueError:
+        arr = None
+    if arr is not None and arr.dtype != object and arr.ndim == 2 + extra_dims:
+        if not rows.rectangular or arr.shape[:2] != (len(rows), rows.width):
+            raise InvalidInputError(f"{name} has shape {arr.shape}, expected ({len(rows)}, {rows.width}{tail}) to match "
+                                    "candidates" + ("" if rows.rectangular else " (ragged: one array per request)"))
+        return arr.reshape(-1, *arr.shape[2:])
+    try:
+        parts = [np.asarray(v) for v in values]
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{name} must be (B, K{tail}) or one (K_b{tail}) array per request ({exc})") from None
+    if len(parts) != len(rows):
+        raise InvalidInputError(f"{name} has {len(parts)} entries for {len(rows)} requests")
+    for i, (part, k) in enumerate(zip(parts, rows.sizes)):
+        if part.ndim != 1 + extra_dims or part.shape[0] != k:
+            raise InvalidInputError(f"{name}: request {i} has shape {part.shape}, expected ({int(k)}{tail}) "
+                                    "(one entry per candidate)")
+    if extra_dims and len({p.shape[1:] for p in parts}) > 1:
+        raise InvalidInputError(f"{name}: requests disagree on the number of SID levels")
+    return np.concatenate(parts)
+
+
+def _candidate_sids(rows: CandidateRows, index: Any, candidate_sids: Any) -> np.ndarray:
+    """SIDs of every candidate, flat (N, L) uint16."""
     if candidate_sids is not None:
-        sids = np.asarray(candidate_sids)
-        if sids.ndim != 3 or sids.shape[:2] != (b, k):
-            raise InvalidInputError(f"candidate_sids must have shape ({b}, {k}, L), got {sids.shape}")
+        sids = _per_candidate("candidate_sids", candidate_sids, rows, 1)
         if sids.size and (not np.issubdtype(sids.dtype, np.integer) or sids.min() < 0 or sids.max() > 65535):
             raise InvalidInputError("candidate_sids must hold integer codes in 0..65535")
         return np.ascontiguousarray(sids, dtype=np.uint16)
     if index is None:
         raise InvalidInputError("verify_rewards needs index= (a gr2.SidIndex) or candidate_sids=")
-    flat = index.sids(candidates.reshape(-1))
-    return np.ascontiguousarray(flat.reshape(b, k, -1), dtype=np.uint16)
+    return lookup_sids(index, rows)
+
+
+def _str_list(name: str, values: Any) -> list[str]:
+    if isinstance(values, (str, bytes)):
+        raise InvalidInputError(f"{name} must be a list of strings, got a single {type(values).__name__} "
+                                f"{values!r:.40}; wrap it: {name}=[{values!r:.40}]")
+    try:
+        out = list(values)
+    except TypeError:
+        raise InvalidInputError(f"{name} must be a list of strings, got {type(values).__name__}") from None
+    for i, v in enumerate(out):
+        if not isinstance(v, str):
+            raise InvalidInputError(f"{name}[{i}] must be a str, got {type(v).__name__}")
+    return out
+
+
+def _int_list(name: str, values: Any) -> list[int]:
+    if isinstance(values, (str, bytes)) or np.isscalar(values):
+        raise InvalidInputError(f"{name} must be a list of token ids, got {type(values).__name__}; wrap it in a list")
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise InvalidInputError(f"{name}[{i}] must be an int token id, got {type(v).__name__}")
+        out.append(int(v))
+    return out
+
+
+def _empty_batch(ks: list[int], width: int, graded: bool) -> RewardBatch:
+    z = lambda dt: np.zeros(0, dtype=dt)  # noqa: E731
+    return RewardBatch(
+        reward=z(np.float64), valid=z(bool), invalid_reason=z(np.uint8), rank_pre=z(np.uint32),
+        rank_re=z(np.uint32), r_rank=z(np.float64), r_fmt=z(np.float64), copied_order=z(bool),
+        top1_input_pos=z(np.uint32), n_sids=z(np.uint32), ranking=np.zeros((0, width), dtype=np.uint64),
+        recall=np.zeros((0, len(ks))), ndcg=np.zeros((0, len(ks))), metric_ks=tuple(ks),
+        graded_ndcg=z(np.float64) if graded else None, auc=z(np.float64) if graded else None,
+    )
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _flatten_token_ids(completions: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -182,38 +261,71 @@ def verify_rewards(
     completions: B texts, or B token-id sequences (lists, numpy arrays or tensors) together with
         ``sid_tokens`` (a :class:`gr2.SidTokens`); ``whitespace_ids`` are token ids treated like
         whitespace and ``trailer_ids`` (e.g. EOS, pad) are accepted after ``</answer>``.
-    candidates: uint64 (B, K) item ids in upstream order; targets: uint64 (B,), each a candidate of
-        its row (rows whose target was not retrieved must be filtered out first).
+        A str that is not valid Unicode (a lone surrogate) is scored ``malformed`` (no tokenizer
+        decodes to one); the rest of the batch is verified as usual.
+    candidates: uint64 (B, K) item ids in upstream order, or B lists of any lengths >= 1 (ragged
+        K: each row is scored against its own K; ``ranking`` is then (B, max K) with NO_ITEM
+        beyond a row's K); targets: uint64 (B,), each a candidate of its row (rows whose target
+        was not retrieved must be filtered out first). An empty batch (B = 0) returns an empty
+        RewardBatch; a request with K = 0 raises InvalidInputError.
     index: a :class:`gr2.SidIndex` giving the candidates' SIDs and, for invalid outputs, telling a
         catalog item that is not a candidate (``not_candidate``) from a SID of no item
-        (``unknown_sid``). Without an index pass ``candidate_sids`` (B, K, L) instead; every
-        non-candidate SID is then ``unknown_sid``.
-    relevance: optional float (B, K) graded relevance aligned with ``candidates`` for the graded
+        (``unknown_sid``). Without an index pass ``candidate_sids`` (B, K, L), or one (K_b, L)
+        array per request, instead; every non-candidate SID is then ``unknown_sid``.
+    relevance: optional float (B, K), or one (K_b,) array per request, graded relevance aligned
+        with ``candidates`` for the graded
         NDCG@``graded_k`` (default K) and per-list AUC fields; ``reward_kind`` ("rank", "ndcg",
         "auc") picks which reward ``reward`` holds for valid rows.
+    trailers: a list of strings (a single str is an error, not a list of characters).
+
+    Bad input raises :class:`gr2.InvalidInputError` naming the argument (and the request row and
+    candidate column where there is one); an unknown candidate raises UnknownItemError.
     """
-    candidates = _id_array("candidates", candidates, 2)
+    if isinstance(completions, (str, bytes)):
+        raise InvalidInputError("completions must be a list (one completion per request), got a single str; wrap it")
+    try:
+        n_completions = len(completions)
+    except TypeError:
+        raise InvalidInputError(f"completions must be a list, got {type(completions).__name__}") from None
+    rows = candidate_rows(candidates, "candidates", check_duplicates=False)  # Rust checks duplicates
     targets = _id_array("targets", targets, 1)
-    b = candidates.shape[0]
-    if len(completions) != b:
-        raise InvalidInputError(f"{len(completions)} completions for {b} candidate rows")
+    b = len(rows)
+    if n_completions != b:
+        raise InvalidInputError(f"{n_completions} completions for {b} candidate rows")
     if targets.shape[0] != b:
         raise InvalidInputError(f"targets has {targets.shape[0]} entries for {b} candidate rows")
-    sids = _candidate_sids(candidates, index, candidate_sids)
+    trailers = _str_list("trailers", trailers)
+    whitespace_ids = _int_list("whitespace_ids", whitespace_ids)
+    trailer_ids = _int_list("trailer_ids", trailer_ids)
+    if isinstance(metric_ks, (str, bytes)) or np.isscalar(metric_ks):
+        raise InvalidInputError(f"metric_ks must be a list of cut-offs, got {metric_ks!r}; wrap it in a list")
+    try:
+        ks = [int(k) for k in metric_ks]
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"metric_ks must be a list of int cut-offs, got {metric_ks!r}") from None
+    if not ks or min(ks) < 1:
+        raise InvalidInputError(f"metric_ks must be non-empty cut-offs >= 1, got {list(metric_ks)}")
+    if graded_k is not None and int(graded_k) < 1:
+        raise InvalidInputError(f"graded_k must be >= 1, got {graded_k}")
+    if reward_kind not in ("rank", "ndcg", "auc"):
+        raise InvalidInputError(f"reward_kind must be 'rank', 'ndcg' or 'auc', got {reward_kind!r}")
+    if b == 0:  # nothing to verify: empty fields of the right dtypes
+        return _empty_batch(ks, rows.width, relevance is not None)
+    sids = _candidate_sids(rows, index, candidate_sids)
     catalog = None
     if index is not None:
         catalog = np.ascontiguousarray(index.codes(), dtype=np.uint16)
     rel = None
     if relevance is not None:
-        rel = np.ascontiguousarray(np.asarray(relevance, dtype=np.float32))
-    ks = [int(k) for k in metric_ks]
-    if not ks or min(ks) < 1:
-        raise InvalidInputError(f"metric_ks must be non-empty cut-offs >= 1, got {list(metric_ks)}")
-    if graded_k is not None and int(graded_k) < 1:
-        raise InvalidInputError(f"graded_k must be >= 1, got {graded_k}")
+        rel_flat = _per_candidate("relevance", relevance, rows, 0)
+        if rel_flat.size and not np.issubdtype(rel_flat.dtype, np.number):
+            raise InvalidInputError(f"relevance must be numeric, got dtype {rel_flat.dtype}")
+        rel = np.ascontiguousarray(rel_flat, dtype=np.float32)
     common = dict(
-        items=candidates,
+        items=rows.flat,
         sids=sids,
+        cand_offsets=None if rows.rectangular else rows.offsets,
+        width=rows.width,
         targets=targets,
         catalog=catalog,
         relevance=rel,
@@ -224,20 +336,31 @@ def verify_rewards(
         graded_k=int(graded_k or 0),
         kind=reward_kind,
     )
-    if b == 0 or isinstance(completions[0], str):
-        # Rust checks the rest are strings too (a Python pass over 100k rows costs ~10% of the call)
+    if isinstance(completions[0], str):
+        # Rust checks the rest are strings too (a Python pass over 100k rows costs ~10% of the call);
+        # the error paths below find the offending row.
+        texts = completions if isinstance(completions, list) else list(completions)
         try:
-            out = _gr2._verify_rewards_text(completions if isinstance(completions, list) else list(completions),
-                                            list(trailers), **common)
-        except TypeError as exc:
-            raise InvalidInputError(f"completions mix strings and other values (all strings or all token-id sequences): {exc}") from None
+            out = _gr2._verify_rewards_text(texts, trailers, **common)
+        except TypeError:
+            bad = next((i for i, c in enumerate(texts) if not isinstance(c, str)), None)
+            if bad is None:
+                raise
+            raise InvalidInputError(f"completions mix strings and other values: completion {bad} is "
+                                    f"{type(texts[bad]).__name__}, not str (pass all strings or all token-id "
+                                    "sequences)") from None
+        except UnicodeEncodeError:
+            # A str that is not valid Unicode (a lone surrogate) cannot be the decoding of any model
+            # output: that row is scored malformed and the rest of the batch is verified as usual.
+            texts = [c if _encodable(c) else "" for c in texts]
+            out = _gr2._verify_rewards_text(texts, trailers, **common)
     elif any(isinstance(c, str) for c in completions):
         raise InvalidInputError("completions mix strings and token-id sequences")
     else:
         if sid_tokens is None:
             raise InvalidInputError("token-id completions need sid_tokens= (from gr2.add_sid_tokens)")
-        if sid_tokens.levels != sids.shape[2]:
-            raise InvalidInputError(f"sid_tokens has {sid_tokens.levels} levels, the candidate SIDs {sids.shape[2]}")
+        if sid_tokens.levels != sids.shape[1]:
+            raise InvalidInputError(f"sid_tokens has {sid_tokens.levels} levels, the candidate SIDs {sids.shape[1]}")
         ids, offsets = _flatten_token_ids(completions)
         tag_ids = [
             sid_tokens.think_open,
@@ -252,8 +375,8 @@ def verify_rewards(
             offsets,
             [int(t) for t in tag_ids],
             np.ascontiguousarray(sid_tokens.code_ids, dtype=np.int64),
-            [int(t) for t in whitespace_ids],
-            [int(t) for t in trailer_ids],
+            whitespace_ids,
+            trailer_ids,
             **common,
         )
     names = {f.name for f in fields(RewardBatch)}

@@ -7,25 +7,31 @@
 //! # Accepted completion format (how strict we are)
 //!
 //! ```text
-//! [ws] [<think> ANY </think>] [ws] <answer> ( [ws] SID )* [ws] </answer> ( ws | TRAILER )*
+//! [ws] [<think> ANY </think> [ws]] <answer> ( [ws] SID )* [ws] </answer> ( ws | TRAILER )*
 //! SID := <|sid_begin|> [ws] <s_a_N> [ws] <s_b_N> ... [ws] <|sid_end|>      (exactly L codes)
 //! ```
 //! * `ws` is ASCII space, tab, newline or carriage return (nothing else: a no-break space is text).
-//! * The think block is optional. Its body may contain anything (SIDs, unicode, `<` signs) except
-//!   the tags `<think>`, `<answer>`, `</answer>`; those make the completion malformed (nested or
-//!   out-of-order tags), and so does a missing `</think>`.
-//! * Only whitespace may sit between `</think>` and `<answer>`, and before the first tag.
+//! * The answer block is the **last** `<answer>` of the completion. Everything before it must be
+//!   whitespace, or whitespace + `<think>` ANY `</think>` + whitespace. The think block is free
+//!   text: ANY may hold anything, tag-like text included (`<answer>`, `</think>`, SIDs). This is
+//!   the one rule both paths can apply identically: a text completion cannot tell a tag token from
+//!   the same characters spelled by ordinary BPE pieces (demo tokenizer: `<answer>` = ids
+//!   `[31, 1993, 33]`), so the token path treats the think body as free too, and a completion
+//!   decoded by `gr2.constrained_decode` is valid on both paths (issue 14).
 //! * Inside `<answer>` only SIDs and whitespace are allowed. Code tokens are `<s_X_N>` with level
 //!   letter X matching the position in the SID (`a` first) and N a decimal number without leading
 //!   zeros that fits u16; anything else (a tag inside a SID, `<s_b_..>` in first position, 007,
 //!   99999999999, a SID with L-1 or L+1 codes) is malformed.
 //! * After `</answer>`: whitespace and the configured trailer strings only (end-of-sequence texts
-//!   such as `<|im_end|>`; none by default), repeated any number of times. A missing `</answer>`
-//!   (truncated output) or any other trailing text is malformed.
+//!   such as `<|im_end|>`; none by default; a trailer may not contain `<answer>`), repeated any
+//!   number of times. A missing `</answer>` (truncated output) or any other trailing text is
+//!   malformed.
 //!
 //! Token-id completions follow the same grammar over token ids: the tag and code ids come from a
 //! [`TokenMap`]; ids listed as whitespace are skipped where `ws` is allowed, trailer ids are
 //! accepted after `</answer>`, and every other id is "text" (allowed only inside `<think>`).
+//!
+//! Rows may have different candidate counts (ragged K, [`Candidates::offsets`]).
 //!
 //! # Validation order
 //! Malformed beats everything. Then the SIDs are checked in output order and the first problem
@@ -33,7 +39,6 @@
 //! else `UnknownSid`), then a repeated candidate (`Repeat`); finally a count other than K
 //! (`WrongCount`, which with distinct candidates can only be "too few").
 
-use memchr::memchr;
 use rayon::prelude::*;
 
 use crate::error::{Gr2Error, Result};
@@ -114,36 +119,84 @@ impl RewardConfig {
     }
 }
 
-/// One batch of rerank requests: B rows of K candidates with their L-level SIDs.
+/// One batch of rerank requests: B rows of K candidates with their L-level SIDs. Rectangular
+/// (every row K = `k`) when `offsets` is None; ragged otherwise: row `b` holds the candidates
+/// `offsets[b]..offsets[b + 1]` of the flat arrays, and `k` is the largest row (the width of
+/// `RewardOutput::ranking`).
 pub struct Candidates<'a> {
     pub rows: usize,
     pub k: usize,
     pub levels: usize,
-    /// Candidate item ids in upstream order, (B, K) row-major.
+    /// Candidate item ids in upstream order, (B, K) row-major, or (N,) with `offsets`.
     pub items: &'a [u64],
-    /// Their SIDs, (B, K, L) row-major.
+    /// Their SIDs, (B, K, L) row-major, or (N, L) with `offsets`.
     pub sids: &'a [u16],
     /// Target item per row, (B,).
     pub targets: &'a [u64],
-    /// Optional graded relevance aligned with `items`, (B, K), finite and >= 0.
+    /// Optional graded relevance aligned with `items`, (B, K) or (N,), finite and >= 0.
     pub relevance: Option<&'a [f32]>,
+    /// B + 1 row starts into the flat arrays (ragged K); None = rectangular.
+    pub offsets: Option<&'a [usize]>,
 }
 
 impl Candidates<'_> {
+    /// (first flat index, K) of `row`.
+    #[inline]
+    fn span(&self, row: usize) -> (usize, usize) {
+        match self.offsets {
+            Some(o) => (o[row], o[row + 1] - o[row]),
+            None => (row * self.k, self.k),
+        }
+    }
+
+    /// Number of candidates over all rows.
+    fn total(&self) -> usize {
+        match self.offsets {
+            Some(o) => o.last().copied().unwrap_or(0),
+            None => self.rows * self.k,
+        }
+    }
+
+    /// (row, column) of a flat candidate index.
+    fn position(&self, flat: usize) -> (usize, usize) {
+        match self.offsets {
+            Some(o) => {
+                let row = o.partition_point(|&start| start <= flat) - 1;
+                (row, flat - o[row])
+            }
+            None => (flat / self.k.max(1), flat % self.k.max(1)),
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         let (b, k, l) = (self.rows, self.k, self.levels);
-        if k == 0 {
+        if let Some(o) = self.offsets {
+            if o.len() != b + 1 || o[0] != 0 {
+                return Err(Gr2Error::invalid(format!("candidate offsets must be B + 1 = {} row starts from 0", b + 1)));
+            }
+            if let Some(row) = o.windows(2).position(|w| w[1] <= w[0]) {
+                return Err(Gr2Error::invalid(format!(
+                    "request {row} has {} candidates; every request needs K >= 1",
+                    o[row + 1].saturating_sub(o[row])
+                )));
+            }
+            let widest = o.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+            if widest != k {
+                return Err(Gr2Error::invalid(format!("k = {k} must be the largest row ({widest})")));
+            }
+        } else if k == 0 {
             return Err(Gr2Error::invalid("candidates must have K >= 1 columns"));
         }
         if l == 0 || l > 26 {
             return Err(Gr2Error::invalid(format!("SIDs must have 1..=26 levels, got {l}")));
         }
-        if self.items.len() != b * k {
-            return Err(Gr2Error::invalid(format!("candidates hold {} ids, expected B*K = {}", self.items.len(), b * k)));
+        let n = self.total();
+        if self.items.len() != n {
+            return Err(Gr2Error::invalid(format!("candidates hold {} ids, expected {n}", self.items.len())));
         }
-        if self.sids.len() != b * k * l {
+        if self.sids.len() != n * l {
             return Err(Gr2Error::invalid(format!(
-                "candidate SIDs hold {} codes, expected B*K*L = {b}*{k}*{l}",
+                "candidate SIDs hold {} codes, expected {n} candidates x {l} levels",
                 self.sids.len()
             )));
         }
@@ -151,14 +204,13 @@ impl Candidates<'_> {
             return Err(Gr2Error::invalid(format!("targets has {} entries, expected B = {b}", self.targets.len())));
         }
         if let Some(rel) = self.relevance {
-            if rel.len() != b * k {
-                return Err(Gr2Error::invalid(format!("relevance has {} entries, expected B*K = {}", rel.len(), b * k)));
+            if rel.len() != n {
+                return Err(Gr2Error::invalid(format!("relevance has {} entries, expected one per candidate ({n})", rel.len())));
             }
             if let Some(pos) = rel.iter().position(|r| !r.is_finite() || *r < 0.0) {
+                let (row, col) = self.position(pos);
                 return Err(Gr2Error::invalid(format!(
-                    "relevance must be finite and >= 0; row {} column {} is {}",
-                    pos / k,
-                    pos % k,
+                    "relevance must be finite and >= 0; row {row} column {col} is {}",
                     rel[pos]
                 )));
             }
@@ -172,8 +224,8 @@ impl Candidates<'_> {
 
     /// Distinct items, distinct SIDs and a target among the candidates, for one row.
     fn validate_row(&self, row: usize) -> Result<()> {
-        let k = self.k;
-        let items = &self.items[row * k..(row + 1) * k];
+        let (start, k) = self.span(row);
+        let items = &self.items[start..start + k];
         // SIDs of up to 4 levels compare as one u64 each (a slice `==` per pair would call
         // memcmp); K <= 64 keeps the keys on the stack
         let mut keys = [0u64; 64];
@@ -215,7 +267,7 @@ impl Candidates<'_> {
     #[inline]
     fn sid(&self, row: usize, col: usize) -> &[u16] {
         let l = self.levels;
-        let start = (row * self.k + col) * l;
+        let start = (self.span(row).0 + col) * l;
         &self.sids[start..start + l]
     }
 }
@@ -362,9 +414,9 @@ enum Sym {
 }
 
 trait Lexer {
-    /// Called right after `<think>`: skip to just past the matching `</think>`. Err on a nested
-    /// `<think>`, an `<answer>`/`</answer>` inside, or the end of input.
-    fn skip_think(&mut self) -> std::result::Result<(), ()>;
+    /// Position the lexer just after the **last** answer-open tag and check that everything
+    /// before it is `ws* [<think> ANY </think> ws*]` (module docs). Err(()) = malformed.
+    fn open_answer(&mut self) -> std::result::Result<(), ()>;
     /// Next symbol after skipping whitespace; trailers are recognised only when `after_answer`.
     fn next_sym(&mut self, after_answer: bool) -> Sym;
 
@@ -391,14 +443,7 @@ fn sid_body_by_symbols<X: Lexer + ?Sized>(lx: &mut X, levels: usize, out: &mut V
 
 /// Parse one completion into `out` (flat L codes per SID). Err(()) = malformed.
 fn parse<X: Lexer>(lx: &mut X, levels: usize, out: &mut Vec<u16>) -> std::result::Result<(), ()> {
-    let mut sym = lx.next_sym(false);
-    if sym == Sym::ThinkOpen {
-        lx.skip_think()?;
-        sym = lx.next_sym(false);
-    }
-    if sym != Sym::AnswerOpen {
-        return Err(());
-    }
+    lx.open_answer()?;
     loop {
         match lx.next_sym(false) {
             Sym::AnswerClose => break,
@@ -528,20 +573,23 @@ impl Lexer for TextLexer<'_> {
         sid_body_by_symbols(self, levels, out)
     }
 
-    fn skip_think(&mut self) -> std::result::Result<(), ()> {
-        loop {
-            let at = memchr(b'<', &self.s[self.pos..]).ok_or(())?;
-            self.pos += at;
-            let (s, p) = (self.s, self.pos);
-            if has_lit(s, p, b"</think>") {
-                self.pos += 8;
-                return Ok(());
-            }
-            if has_lit(s, p, b"<think>") || has_lit(s, p, b"<answer>") || has_lit(s, p, b"</answer>") {
-                return Err(());
-            }
-            self.pos += 1;
+    fn open_answer(&mut self) -> std::result::Result<(), ()> {
+        let s = self.s;
+        let at = memchr::memmem::rfind(s, b"<answer>").ok_or(())?;
+        let mut lo = 0;
+        while lo < at && is_ws(s[lo]) {
+            lo += 1;
         }
+        let mut hi = at;
+        while hi > lo && is_ws(s[hi - 1]) {
+            hi -= 1;
+        }
+        // `<think>` (7 bytes) then `</think>` (8 bytes), not overlapping
+        if lo != hi && !(hi - lo >= 15 && has_lit(s, lo, b"<think>") && has_lit(s, hi - 8, b"</think>")) {
+            return Err(());
+        }
+        self.pos = at + 8;
+        Ok(())
     }
 
     fn next_sym(&mut self, after_answer: bool) -> Sym {
@@ -580,17 +628,22 @@ struct TokenLexer<'a> {
 }
 
 impl Lexer for TokenLexer<'_> {
-    fn skip_think(&mut self) -> std::result::Result<(), ()> {
-        while self.pos < self.ids.len() {
-            let sym = self.map.symbol(self.ids[self.pos]);
-            self.pos += 1;
-            match sym {
-                SYM_THINK_CLOSE => return Ok(()),
-                SYM_THINK_OPEN | SYM_ANSWER_OPEN | SYM_ANSWER_CLOSE => return Err(()),
-                _ => {}
-            }
+    fn open_answer(&mut self) -> std::result::Result<(), ()> {
+        let sym = |i: usize| self.map.symbol(self.ids[i]);
+        let at = (0..self.ids.len()).rev().find(|&i| sym(i) == SYM_ANSWER_OPEN).ok_or(())?;
+        let mut lo = 0;
+        while lo < at && sym(lo) == SYM_WS {
+            lo += 1;
         }
-        Err(())
+        let mut hi = at;
+        while hi > lo && sym(hi - 1) == SYM_WS {
+            hi -= 1;
+        }
+        if lo != hi && !(hi - lo >= 2 && sym(lo) == SYM_THINK_OPEN && sym(hi - 1) == SYM_THINK_CLOSE) {
+            return Err(());
+        }
+        self.pos = at + 1;
+        Ok(())
     }
 
     fn next_sym(&mut self, after_answer: bool) -> Sym {
@@ -634,7 +687,10 @@ impl<S: AsRef<str> + Sync> Completions<'_, S> {
         match self {
             Completions::Text { trailers, .. } => {
                 if trailers.iter().any(|t| t.is_empty()) {
-                    return Err(Gr2Error::invalid("trailer strings must be non-empty"));
+                    return Err(Gr2Error::invalid("trailers: trailer strings must be non-empty"));
+                }
+                if let Some(t) = trailers.iter().find(|t| t.contains("<answer>")) {
+                    return Err(Gr2Error::invalid(format!("trailers: {t:?} contains <answer>, which opens the answer block")));
                 }
             }
             Completions::Tokens { ids, offsets, .. } => {
@@ -775,7 +831,8 @@ pub fn verify<S: AsRef<str> + Sync>(
         return Err(Gr2Error::invalid("graded rewards (ndcg, auc) need a relevance array"));
     }
     let nk = cfg.metric_ks.len();
-    let graded_k = if cfg.graded_k == 0 { k } else { cfg.graded_k };
+    // 0 = each row's own K
+    let graded_k = cfg.graded_k;
 
     let mut rows = vec![RowResult::default(); b];
     let mut ranking = vec![NO_ITEM; b * k];
@@ -784,7 +841,7 @@ pub fn verify<S: AsRef<str> + Sync>(
     let new_scratch = || Scratch { keys: Vec::with_capacity(k), codes: Vec::new(), order: Vec::with_capacity(k), seen: vec![false; k], floats: Vec::new() };
 
     rows.par_iter_mut()
-        .zip(ranking.par_chunks_mut(k))
+        .zip(ranking.par_chunks_mut(k.max(1)))
         .zip(recall.par_chunks_mut(nk))
         .zip(ndcg.par_chunks_mut(nk))
         .enumerate()
@@ -818,9 +875,10 @@ pub fn verify<S: AsRef<str> + Sync>(
 
 /// Map the parsed SIDs onto candidate columns; the first problem in output order wins.
 fn validate_sids(cands: &Candidates<'_>, catalog: Option<&Catalog<'_>>, row: usize, scratch: &mut Scratch) -> InvalidReason {
-    let (k, levels) = (cands.k, cands.levels);
+    let (k, levels) = (cands.span(row).1, cands.levels);
     scratch.order.clear();
-    scratch.seen.iter_mut().for_each(|s| *s = false);
+    scratch.seen.clear();
+    scratch.seen.resize(k, false);
     // SIDs of up to 4 levels compare as one u64 (the common case); longer ones code by code
     let packed = levels <= 4;
     if packed {
@@ -866,8 +924,8 @@ fn verify_row<S: AsRef<str> + Sync>(
     recall_out: &mut [f64],
     ndcg_out: &mut [f64],
 ) {
-    let (k, levels) = (cands.k, cands.levels);
-    let items = &cands.items[row * k..(row + 1) * k];
+    let ((start, k), levels) = (cands.span(row), cands.levels);
+    let items = &cands.items[start..start + k];
     let target_col = items.iter().position(|&it| it == cands.targets[row]).expect("validated: target is a candidate");
     res.rank_pre = target_col as u32 + 1;
 
@@ -906,10 +964,11 @@ fn verify_row<S: AsRef<str> + Sync>(
     }
 
     if let Some(rel_all) = cands.relevance {
-        let rel = &rel_all[row * k..(row + 1) * k];
+        let rel = &rel_all[start..start + k];
         let input_optimal = rel.windows(2).all(|w| w[0] >= w[1]);
         if !(res.copied && !input_optimal) {
-            res.graded_ndcg = graded_ndcg(order, rel, graded_k, &mut scratch.floats);
+            let cut = if graded_k == 0 { k } else { graded_k };
+            res.graded_ndcg = graded_ndcg(order, rel, cut, &mut scratch.floats);
             res.auc = pair_auc(order, rel);
         }
     }

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from gr2 import _gr2
+from gr2._rows import CandidateRows, candidate_rows, lookup_sids
 from gr2.errors import InvalidInputError
 from gr2.tokens import LEVEL_LETTERS, TAGS, SidTokens, code_token
 
@@ -103,38 +104,18 @@ def build_token_map(
     )
 
 
-def as_candidates(candidates: Any) -> np.ndarray:
-    """Validate a (B, K) array of item ids: integers >= 0, no duplicates within a row."""
-    arr = np.asarray(candidates)
-    if arr.ndim == 1:
-        raise InvalidInputError("candidates must be 2-D (one row of K item ids per prompt); wrap a single row")
-    if arr.ndim != 2 or arr.shape[1] == 0:
-        raise InvalidInputError(f"candidates must be (B, K) with K >= 1, got shape {arr.shape}")
-    if arr.dtype.kind not in "iu":
-        raise InvalidInputError(f"candidates must be integer item ids, got dtype {arr.dtype}")
-    if arr.dtype.kind == "i" and (arr < 0).any():
-        raise InvalidInputError("candidate item ids must be >= 0")
-    arr = np.ascontiguousarray(arr, dtype=np.uint64)
-    ordered = np.sort(arr, axis=1)
-    dup_rows = np.nonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))[0]
-    if dup_rows.size:
-        row = int(dup_rows[0])
-        seen = ordered[row][1:][ordered[row][1:] == ordered[row][:-1]]
-        raise InvalidInputError(
-            f"candidates row {row} lists item {int(seen[0])} more than once; a rerank request needs distinct items"
-        )
-    return arr
+def as_candidates(candidates: Any) -> CandidateRows:
+    """Validate per-request candidate lists: a (B, K) array or B lists of item ids (ragged K
+    allowed); integers >= 0, K >= 1 and no duplicates within a request (errors name the request)."""
+    return candidate_rows(candidates, "candidates")
 
 
-def candidate_codes(index: Any, candidates: np.ndarray, levels: int) -> np.ndarray:
-    """SIDs of every candidate, (B, K, L) uint16. Unknown items raise UnknownItemError (from the index)."""
+def candidate_codes(index: Any, candidates: CandidateRows, levels: int) -> np.ndarray:
+    """SIDs of every candidate, flat (N, L) uint16. An item the index lacks raises
+    UnknownItemError naming its request row and candidate column."""
     if index is None:
         raise InvalidInputError("index= (a gr2.SidIndex) is required to look up the candidates' SIDs")
-    b, k = candidates.shape
-    codes = np.asarray(index.sids(candidates.reshape(-1)))
-    if codes.shape != (b * k, levels):
-        raise InvalidInputError(f"index.sids returned shape {codes.shape}, expected {(b * k, levels)}")
-    return np.ascontiguousarray(codes.reshape(b, k, levels), dtype=np.uint16)
+    return lookup_sids(index, candidates, levels)
 
 
 def prompt_texts(tokenizer: Any, prompts: Sequence[Any]) -> list[str]:
@@ -153,3 +134,21 @@ def prompt_texts(tokenizer: Any, prompts: Sequence[Any]) -> list[str]:
         else:
             raise InvalidInputError(f"prompt {i} is neither a string nor a list of chat messages")
     return out
+
+
+def add_rerank_rows(batch: Any, rows: CandidateRows, codes: np.ndarray, *, reasoning: str,
+                    max_reasoning_tokens: int, repeat: int = 1) -> int:
+    """Add one rerank automaton per request of ``rows`` (ragged K allowed) to ``batch``."""
+    return batch.add_rerank_ragged(rows.flat, np.ascontiguousarray(codes, dtype=np.uint16), rows.offsets,
+                                   reasoning=reasoning, max_reasoning_tokens=int(max_reasoning_tokens),
+                                   repeat=int(repeat))
+
+
+def completion_length(k: int, levels: int, reasoning: str, max_reasoning_tokens: int, *, answer_tags: bool = True,
+                      eos: bool = True) -> int:
+    """The most tokens a constrained completion of ``k`` items can take: the think span with its
+    whole budget, the tags, ``k`` SIDs of ``levels`` codes plus their delimiters, and EOS."""
+    think = {"think": 2, "in_think": 1, "disabled": 0}[reasoning]
+    if reasoning != "disabled":
+        think += int(max_reasoning_tokens)
+    return think + (2 if answer_tags else 0) + int(k) * (int(levels) + 2) + (1 if eos else 0)

@@ -30,6 +30,7 @@ import torch
 from gr2 import _gr2
 from gr2.decoding._model import StepModel
 from gr2.decoding._setup import (
+    add_rerank_rows,
     as_candidates,
     build_token_map,
     candidate_codes,
@@ -246,16 +247,21 @@ def constrained_decode(
     *,
     eos_token_id: int | None = None,
 ) -> list[RerankResult]:
-    """Rerank ``candidates`` (B, K) for ``prompts`` (B) with a causal LM; every result is a valid
-    permutation of its row's candidates.
+    """Rerank ``candidates`` for ``prompts`` (B) with a causal LM; every result is a valid
+    permutation of its row's candidates. ``candidates`` is a (B, K) array or B lists of item ids
+    of any lengths >= 1 (ragged K: requests with different candidate counts in one batch).
 
     ``reasoning``: True opens with ``<think>`` and allows up to ``max_reasoning_tokens`` of free text
     before ``</think>`` is forced; ``'in_think'`` when the prompt already ends with ``<think>``; False
     starts at ``<answer>``. Greedy by default; ``do_sample`` (temperature, top_p, ``seed``) or
     ``num_beams > 1`` (beam search on the constrained log-probabilities); ``seed`` is an int or one
     int per prompt (each prompt then samples from its own generator). Returns
-    ``num_return_sequences`` results per prompt, prompt by prompt. Duplicate candidates in a row
-    raise InvalidInputError; an item the index lacks raises UnknownItemError.
+    ``num_return_sequences`` results per prompt, prompt by prompt. Beam search returns distinct
+    permutations only: when fewer than ``num_return_sequences`` distinct ones survive the beam
+    (e.g. K = 2 has two), a prompt gets fewer results (check ``prompt_index``). Duplicate
+    candidates in a row raise InvalidInputError; an item the index lacks raises
+    UnknownItemError naming the request and the candidate column; an empty row raises
+    InvalidInputError.
     """
     settings = _check_settings(do_sample, temperature, top_p, num_beams, num_return_sequences, seed)
     if not (isinstance(max_reasoning_tokens, (int, np.integer)) and max_reasoning_tokens >= 0):
@@ -263,8 +269,8 @@ def constrained_decode(
     mode = _reasoning_mode(reasoning)
     texts = prompt_texts(tokenizer, prompts)
     cands = as_candidates(candidates)
-    if cands.shape[0] != len(texts):
-        raise InvalidInputError(f"{len(texts)} prompts but {cands.shape[0]} candidate rows")
+    if len(cands) != len(texts):
+        raise InvalidInputError(f"{len(texts)} prompts but {len(cands)} candidate rows")
     _check_seeds(settings, len(texts))
     tokens = resolve_sid_tokens(tokenizer, index, sid_tokens)
     codes = candidate_codes(index, cands, tokens.levels)
@@ -274,11 +280,12 @@ def constrained_decode(
     token_map = build_token_map(tokens, eos=eos, vocab_size=step_model.vocab_size, tokenizer=tokenizer)
     scorer = _Scorer(step_model, token_map.reasoning_forbidden())
     input_ids, attention_mask = _encode(tokenizer, texts, step_model.device, eos)
-    max_steps = _max_steps(cands.shape[1], tokens.levels, int(max_reasoning_tokens))
+    max_steps = _max_steps(cands.width, tokens.levels, int(max_reasoning_tokens))
 
     def make_batch(repeat: int):
         batch = _gr2.ConstraintBatch(token_map)
-        batch.add_rerank(cands, codes, reasoning=mode, max_reasoning_tokens=int(max_reasoning_tokens), repeat=repeat)
+        add_rerank_rows(batch, cands, codes, reasoning=mode, max_reasoning_tokens=int(max_reasoning_tokens),
+                        repeat=repeat)
         return batch
 
     return _run(model, tokenizer, tokens, step_model, scorer, make_batch, len(texts), input_ids, attention_mask,
@@ -298,24 +305,29 @@ def constraint_trace(
     codes: Any = None,
     eos_token_id: int | None = None,
 ) -> list[AllowedTrace]:
-    """Replay ``completions`` (one per row of ``candidates`` (N, K); token ids as
+    """Replay ``completions`` (one per row of ``candidates``, (N, K) or ragged; token ids as
     :func:`constrained_decode` produced them, optionally ending with EOS) through fresh rerank
     automata and return, per completion, the allowed ids behind each token. ``reasoning`` and
     ``max_reasoning_tokens`` must be those of the decode call; ``vocab_size`` is the number of the
-    model's logits. ``codes`` (N, K, L) replaces the index lookup. A token the automaton would not
+    model's logits. ``codes`` (N, K, L), or (total candidates, L) when ragged, replaces the index lookup. A token the automaton would not
     have allowed raises ConstraintError."""
     mode = _reasoning_mode(reasoning)
     cands = as_candidates(candidates)
-    if cands.shape[0] != len(completions):
-        raise InvalidInputError(f"{len(completions)} completions but {cands.shape[0]} candidate rows")
+    if len(cands) != len(completions):
+        raise InvalidInputError(f"{len(completions)} completions but {len(cands)} candidate rows")
     tokens = resolve_sid_tokens(tokenizer, index, sid_tokens)
     if codes is None:
         codes = candidate_codes(index, cands, tokens.levels)
-    codes = np.ascontiguousarray(np.asarray(codes).reshape(cands.shape[0], cands.shape[1], tokens.levels), dtype=np.uint16)
+    else:
+        codes = np.asarray(codes)
+        if codes.size != cands.flat.size * tokens.levels:
+            raise InvalidInputError(f"codes hold {codes.size} values, expected {cands.flat.size} candidates x "
+                                    f"{tokens.levels} levels")
+    codes = np.ascontiguousarray(codes.reshape(-1, tokens.levels), dtype=np.uint16)
     token_map = build_token_map(tokens, eos=eos_id(tokenizer, eos_token_id), vocab_size=int(vocab_size), tokenizer=tokenizer)
     forbidden = np.asarray(token_map.reasoning_forbidden(), dtype=np.int64)
     batch = _gr2.ConstraintBatch(token_map)
-    batch.add_rerank(cands, codes, reasoning=mode, max_reasoning_tokens=int(max_reasoning_tokens))
+    add_rerank_rows(batch, cands, codes, reasoning=mode, max_reasoning_tokens=int(max_reasoning_tokens))
     seqs = [np.asarray(c, dtype=np.int64) for c in completions]
     lengths = np.array([len(c) for c in seqs], dtype=np.int64)
     n = len(seqs)
@@ -472,12 +484,23 @@ def _beam_search(sm, scorer, make_batch, n_prompts, input_ids, attention_mask, s
         out = sm.step(new_token.to(sm.device))
     else:
         raise ConstraintError(f"beam search did not finish within {max_steps} steps; this is a gr2 bug")
+    # Slots whose score is -inf are dead (fewer distinct continuations than beams: they only
+    # mirror a live beam) and never returned; beams that reached the same items with different
+    # reasoning count once (the best). So a prompt may get fewer than num_return_sequences.
     results = []
     for p in range(b):
         order = torch.argsort(scores[p], descending=True, stable=True)
-        for beam in order[: settings.num_return_sequences].tolist():
+        seen: set[tuple[int, ...]] = set()
+        for beam in order.tolist():
+            if len(seen) == settings.num_return_sequences or not bool(torch.isfinite(scores[p, beam])):
+                break
             r = p * nb + beam
-            results.append((p, batch.emitted(r), history[r], logprobs[r]))
+            items = batch.emitted(r)
+            key = tuple(items.tolist())
+            if key in seen:
+                continue
+            seen.add(key)
+            results.append((p, items, history[r], logprobs[r]))
     return results
 
 
@@ -542,7 +565,9 @@ def catalog_decode(
     ``exclude[i]`` (e.g. the user's history). By default the completion is just the SIDs then EOS;
     ``answer_tags`` wraps them in ``<answer>..</answer>`` and ``reasoning`` adds a think span as in
     :func:`constrained_decode`. ``index`` must offer ``item_ids()`` and ``codes()`` (gr2.SidIndex).
-    Results are :class:`RerankResult` with ``items`` = the generated catalog items."""
+    Results are :class:`RerankResult` with ``items`` = the generated catalog items. Beam search
+    returns distinct item lists only, so a prompt gets fewer than ``num_return_sequences`` results
+    when fewer distinct lists exist (e.g. 6 beams over 3 remaining items and ``n_items=1``)."""
     settings = _check_settings(do_sample, temperature, top_p, num_beams, num_return_sequences, seed)
     if not (isinstance(n_items, (int, np.integer)) and n_items >= 1):
         raise InvalidInputError(f"n_items must be an int >= 1, got {n_items!r}")

@@ -2,11 +2,18 @@
 
     proc = RerankLogitsProcessor(tokenizer, candidates, index=index, num_beams=1)
     out = model.generate(**inputs, logits_processor=LogitsProcessorList([proc]), max_new_tokens=...)
-    proc.items()   # the reranked candidates of each returned row
+    proc.items(out)   # the reranked candidates of each returned row (raises if one is cut short)
 
 One processor serves one ``generate`` call (it remembers the prompt length from its first call).
 Rows of the batch belong to prompts in the order transformers lays them out: prompt ``i`` owns rows
 ``i * n .. i * n + n - 1`` with ``n = rows / len(candidates)`` (beams or returned sequences).
+``candidates`` may be ragged (a list of per-prompt id lists of different lengths).
+
+``generate`` stops at ``max_new_tokens`` whatever the constraint says, so a too-small budget cuts a
+ranking short. :attr:`RerankLogitsProcessor.required_max_new_tokens` is the budget that always
+suffices (the whole reasoning budget, every tag, every SID, EOS); :meth:`items` raises
+:class:`gr2.errors.IncompleteGenerationError` for a row whose ranking is not complete instead of
+returning a partial list.
 """
 
 from __future__ import annotations
@@ -18,13 +25,15 @@ import torch
 
 from gr2 import _gr2
 from gr2.decoding._setup import (
+    add_rerank_rows,
     as_candidates,
+    completion_length,
     build_token_map,
     candidate_codes,
     eos_id,
     resolve_sid_tokens,
 )
-from gr2.errors import ConstraintError, InvalidInputError
+from gr2.errors import ConstraintError, IncompleteGenerationError, InvalidInputError
 from gr2.tokens import SidTokens
 
 try:  # transformers is a hard dependency, but keep the import error readable
@@ -94,16 +103,29 @@ class RerankLogitsProcessor(LogitsProcessor):
         self._keys: dict[tuple, int] = {}
         self._forbidden: torch.Tensor | None = None
 
+    @property
+    def required_max_new_tokens(self) -> int:
+        """The smallest ``max_new_tokens`` that lets every request finish whatever the model does:
+        the full reasoning budget, every tag, every SID of the largest request, and EOS. With less,
+        ``generate`` may stop mid-ranking and :meth:`items` raises IncompleteGenerationError."""
+        return completion_length(self.candidates.width, self.sid_tokens.levels, self.mode, self.max_reasoning_tokens)
+
+    def required_new_tokens(self) -> np.ndarray:
+        """Per request, the most new tokens its completion can take (int64, B)."""
+        return np.array([completion_length(int(k), self.sid_tokens.levels, self.mode, self.max_reasoning_tokens)
+                         for k in self.candidates.sizes], dtype=np.int64)
+
     def _start(self, input_ids: torch.Tensor, vocab_size: int) -> None:
-        rows, b = input_ids.shape[0], self.candidates.shape[0]
+        rows, b = input_ids.shape[0], len(self.candidates)
         if rows % b:
             raise InvalidInputError(f"generate runs {rows} rows for {b} candidate rows; they must divide")
         self._rows_per_prompt = rows // b
         token_map = build_token_map(self.sid_tokens, eos=self.eos, vocab_size=vocab_size, tokenizer=self.tokenizer)
         self._forbidden = torch.as_tensor(token_map.reasoning_forbidden(), dtype=torch.long)
         self._batch = _gr2.ConstraintBatch(token_map)
-        self._batch.add_rerank(self.candidates, self.codes, reasoning=self.mode,
-                               max_reasoning_tokens=self.max_reasoning_tokens, repeat=self._rows_per_prompt)
+        add_rerank_rows(self._batch, self.candidates, self.codes, reasoning=self.mode,
+                        max_reasoning_tokens=self.max_reasoning_tokens, repeat=self._rows_per_prompt)
+        self._token_map = token_map
         self._prompt_len = input_ids.shape[1]
         self._keys = {(r, ()): r for r in range(rows)} if self.num_beams > 1 else {}
 
@@ -137,8 +159,69 @@ class RerankLogitsProcessor(LogitsProcessor):
         assert self._forbidden is not None
         return apply_allowed(scores, self._batch.allowed(), self._forbidden)
 
-    def items(self) -> list[np.ndarray]:
-        """Items emitted so far by each row (complete after generate returns)."""
+    def items(self, sequences: Any = None) -> list[np.ndarray]:
+        """The reranked candidates of each row, each a complete permutation of its request.
+
+        ``sequences``: the ``generate`` output (prompt + new tokens, one row per returned
+        sequence). The new tokens of each row are replayed through a fresh automaton of its
+        prompt; this is exact for every decoding mode and required with ``num_beams > 1`` (beam
+        search returns finished hypotheses, not the rows the processor followed last). Without it
+        the rows the processor followed are read (greedy and sampling only).
+
+        Raises IncompleteGenerationError when a row's ranking is not complete (``generate`` hit
+        ``max_new_tokens`` first; see :attr:`required_max_new_tokens`) and ConstraintError when a
+        row holds a token the constraint forbids (the processor was not applied to it)."""
         if self._batch is None:
-            return []
-        return [self._batch.emitted(r) for r in range(len(self._batch))]
+            raise InvalidInputError("items() before generate: the processor has not seen any step")
+        k = self.candidates.sizes
+        if sequences is None:
+            if self.num_beams > 1:
+                raise InvalidInputError("with num_beams > 1 pass the generate output: proc.items(out)")
+            out = []
+            for r in range(len(self._batch)):
+                emitted = self._batch.emitted(r)
+                p = r // self._rows_per_prompt
+                self._check_complete(r, p, emitted.size, int(k[p]))
+                out.append(emitted)
+            return out
+        seqs = sequences.sequences if hasattr(sequences, "sequences") else sequences
+        seqs = seqs.detach().cpu().numpy() if hasattr(seqs, "detach") else np.asarray(seqs)
+        if seqs.ndim != 2 or seqs.shape[1] < self._prompt_len:
+            raise InvalidInputError(f"sequences must be the (rows, prompt + new) generate output, got shape {seqs.shape}")
+        n_rows = seqs.shape[0]
+        b = len(self.candidates)
+        if n_rows % b:
+            raise InvalidInputError(f"{n_rows} sequences for {b} requests; they must divide")
+        per = n_rows // b
+        gen = seqs[:, self._prompt_len:].astype(np.int64)
+        batch = _gr2.ConstraintBatch(self._token_map)
+        add_rerank_rows(batch, self.candidates, self.codes, reasoning=self.mode,
+                        max_reasoning_tokens=self.max_reasoning_tokens, repeat=per)
+        for t in range(gen.shape[1]):
+            live = np.nonzero(batch.phases() != 3)[0].astype(np.int64)
+            if live.size == 0:
+                break
+            try:
+                batch.advance(live, gen[live, t])
+            except ConstraintError as exc:
+                raise ConstraintError(f"sequence {exc} (new token {t}); was this processor applied to the "
+                                      "generate call?") from None
+        out = []
+        for r in range(n_rows):
+            emitted = batch.emitted(r)
+            # finished, or only EOS left (</answer> was generated)
+            closed = batch.phases()[r] == 3 or batch.allowed_ids(r).tolist() == [self.eos]
+            self._check_complete(r, r // per, emitted.size, int(k[r // per]), closed=closed, new=gen.shape[1])
+            out.append(emitted)
+        return out
+
+    def _check_complete(self, row: int, prompt: int, n: int, k: int, closed: bool = True, new: int | None = None) -> None:
+        """Raise unless row ``row`` emitted all ``k`` items (and, when replayed, its ``</answer>``)."""
+        if n < k or not closed:
+            what = f"stopped after {n} of its {k} items" if n < k else "stopped before </answer>"
+            raise IncompleteGenerationError(
+                f"row {row} (request {prompt}) {what}"
+                + (f" in {new} new tokens" if new is not None else "")
+                + "; generate ended before the constraint finished. Pass max_new_tokens >= "
+                f"{self.required_max_new_tokens} (RerankLogitsProcessor.required_max_new_tokens)"
+            )

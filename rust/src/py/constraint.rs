@@ -20,6 +20,48 @@ fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
     a.as_slice().map_err(|_| Gr2Error::invalid(format!("{name} must be a C-contiguous array")))
 }
 
+/// Most rows one `ConstraintBatch` may hold, and most copies `add_rerank(repeat=)` makes of each
+/// request: resource bounds, so a wrong argument fails fast instead of allocating gigabytes.
+pub const MAX_ROWS: usize = 1 << 20;
+pub const MAX_REPEAT: usize = 4096;
+
+/// A short description of a Python value for error messages ("a 2-D int64 ndarray", "str 'x'").
+fn describe(obj: &Bound<'_, PyAny>) -> String {
+    let ty = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+    if let (Ok(dtype), Ok(ndim)) = (obj.getattr("dtype"), obj.getattr("ndim")) {
+        return format!("a {ndim}-D {dtype} {ty}");
+    }
+    match obj.repr() {
+        Ok(r) if r.to_string().len() <= 40 => format!("{ty} {r}"),
+        _ => ty,
+    }
+}
+
+/// Extract argument `name`; any conversion failure (wrong type or dtype, overflow, a negative
+/// value for an unsigned parameter) becomes an InvalidInputError naming the argument.
+fn arg<'a, 'py, T: FromPyObject<'a, 'py>>(obj: &'a Bound<'py, PyAny>, name: &str, expected: &str) -> PyResult<T> {
+    obj.extract::<T>().map_err(|e| {
+        let e: PyErr = e.into();
+        Gr2Error::invalid(format!("{name} must be {expected}, got {} ({e})", describe(obj))).into()
+    })
+}
+
+fn opt_arg<'a, 'py, T: FromPyObject<'a, 'py>>(
+    obj: Option<&'a Bound<'py, PyAny>>,
+    name: &str,
+    expected: &str,
+    default: T,
+) -> PyResult<T> {
+    match obj {
+        Some(o) if !o.is_none() => arg(o, name, expected),
+        _ => Ok(default),
+    }
+}
+
+fn row_index(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<usize> {
+    arg::<usize>(obj, name, "a row index (an int >= 0)")
+}
+
 fn reasoning_start(name: &str) -> Result<ReasoningStart, Gr2Error> {
     match name {
         "think" => Ok(ReasoningStart::Think),
@@ -29,6 +71,26 @@ fn reasoning_start(name: &str) -> Result<ReasoningStart, Gr2Error> {
             "reasoning must be 'think', 'in_think' or 'disabled', got {other:?}"
         ))),
     }
+}
+
+fn framing_args(
+    reasoning: Option<&Bound<'_, PyAny>>,
+    max_reasoning_tokens: Option<&Bound<'_, PyAny>>,
+    default_reasoning: &str,
+    default_budget: u32,
+    answer_tags: bool,
+) -> PyResult<Framing> {
+    let name: String = opt_arg(reasoning, "reasoning", "a str", default_reasoning.to_string())?;
+    let budget: u32 = opt_arg(max_reasoning_tokens, "max_reasoning_tokens", "an int in 0..2^32", default_budget)?;
+    Ok(Framing { reasoning: reasoning_start(&name)?, max_reasoning_tokens: budget, answer_tags })
+}
+
+fn repeat_arg(repeat: Option<&Bound<'_, PyAny>>) -> PyResult<usize> {
+    let repeat: usize = opt_arg(repeat, "repeat", "an int >= 1", 1)?;
+    if repeat == 0 || repeat > MAX_REPEAT {
+        return Err(Gr2Error::invalid(format!("repeat must be in 1..={MAX_REPEAT}, got {repeat}")).into());
+    }
+    Ok(repeat)
 }
 
 /// Token ids of the SID vocabulary and the format tags (see gr2.tokens.SidTokens).
@@ -44,18 +106,33 @@ impl PyTokenMap {
                         vocab_size, reasoning_vocab=None, forbidden_in_reasoning=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        code_ids: PyReadonlyArray2<'_, i64>,
-        sid_begin: i64,
-        sid_end: i64,
-        think_open: i64,
-        think_close: i64,
-        answer_open: i64,
-        answer_close: i64,
-        eos: i64,
-        vocab_size: usize,
-        reasoning_vocab: Option<usize>,
-        forbidden_in_reasoning: Option<Vec<i64>>,
+        code_ids: &Bound<'_, PyAny>,
+        sid_begin: &Bound<'_, PyAny>,
+        sid_end: &Bound<'_, PyAny>,
+        think_open: &Bound<'_, PyAny>,
+        think_close: &Bound<'_, PyAny>,
+        answer_open: &Bound<'_, PyAny>,
+        answer_close: &Bound<'_, PyAny>,
+        eos: &Bound<'_, PyAny>,
+        vocab_size: &Bound<'_, PyAny>,
+        reasoning_vocab: Option<&Bound<'_, PyAny>>,
+        forbidden_in_reasoning: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let code_ids = arg::<PyReadonlyArray2<'_, i64>>(code_ids, "code_ids", "a (levels, codes) int64 array")?;
+        let id = |obj: &Bound<'_, PyAny>, name: &str| arg::<i64>(obj, name, "a token id (int)");
+        let (sid_begin, sid_end) = (id(sid_begin, "sid_begin")?, id(sid_end, "sid_end")?);
+        let (think_open, think_close) = (id(think_open, "think_open")?, id(think_close, "think_close")?);
+        let (answer_open, answer_close) = (id(answer_open, "answer_open")?, id(answer_close, "answer_close")?);
+        let eos = id(eos, "eos")?;
+        let vocab_size: usize = arg(vocab_size, "vocab_size", "an int >= 1")?;
+        let reasoning_vocab: Option<usize> = match reasoning_vocab {
+            Some(r) if !r.is_none() => Some(arg(r, "reasoning_vocab", "an int >= 1")?),
+            _ => None,
+        };
+        let forbidden_in_reasoning: Option<Vec<i64>> = match forbidden_in_reasoning {
+            Some(f) if !f.is_none() => Some(arg(f, "forbidden_in_reasoning", "a list of token ids")?),
+            _ => None,
+        };
         let arr = code_ids.as_array();
         let rows = arr.outer_iter().map(|r| r.to_vec()).collect();
         let inner = core::TokenMap::new(TokenMapSpec {
@@ -110,7 +187,9 @@ pub struct PySidTrie {
 #[pymethods]
 impl PySidTrie {
     #[new]
-    fn new(py: Python<'_>, token_map: &PyTokenMap, item_ids: PyReadonlyArray1<'_, u64>, codes: PyReadonlyArray2<'_, u16>) -> PyResult<Self> {
+    fn new(py: Python<'_>, token_map: &PyTokenMap, item_ids: &Bound<'_, PyAny>, codes: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let item_ids = arg::<PyReadonlyArray1<'_, u64>>(item_ids, "item_ids", "a 1-D uint64 array")?;
+        let codes = arg::<PyReadonlyArray2<'_, u16>>(codes, "codes", "an (n, L) uint16 array")?;
         let items = contiguous(&item_ids, "item_ids")?;
         let flat = contiguous(&codes, "codes")?;
         let shape = codes.shape();
@@ -147,10 +226,11 @@ pub struct PyConstraintBatch {
 }
 
 impl PyConstraintBatch {
-    fn rows_or_all(&self, rows: Option<PyReadonlyArray1<'_, i64>>) -> PyResult<Vec<usize>> {
+    fn rows_or_all(&self, rows: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<usize>> {
         match rows {
             None => Ok((0..self.states.len()).collect()),
-            Some(r) => r
+            Some(r) if r.is_none() => Ok((0..self.states.len()).collect()),
+            Some(r) => arg::<PyReadonlyArray1<'_, i64>>(r, "rows", "a 1-D int64 array")?
                 .as_array()
                 .iter()
                 .map(|&x| {
@@ -162,6 +242,56 @@ impl PyConstraintBatch {
                 })
                 .collect(),
         }
+    }
+
+    fn check_capacity(&self, new_rows: usize) -> PyResult<()> {
+        if new_rows > MAX_ROWS.saturating_sub(self.states.len()) {
+            return Err(Gr2Error::invalid(format!(
+                "a ConstraintBatch holds at most {MAX_ROWS} rows; it has {} and {new_rows} more were asked for",
+                self.states.len()
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Build request `i` from `cand[offsets[i]..offsets[i + 1]]` and push it `repeat` times.
+    fn push_rerank(
+        &mut self,
+        py: Python<'_>,
+        cand: &[u64],
+        flat: &[u16],
+        offsets: &[usize],
+        framing: Framing,
+        repeat: usize,
+    ) -> PyResult<usize> {
+        let b = offsets.len() - 1;
+        self.check_capacity(b.saturating_mul(repeat))?;
+        let l = self.tokens.levels;
+        let tm = self.tokens.clone();
+        let built: Vec<DecodeState> = py.detach(|| {
+            use rayon::prelude::*;
+            let build = |i: usize| {
+                let (lo, hi) = (offsets[i], offsets[i + 1]);
+                DecodeState::rerank(tm.clone(), &cand[lo..hi], &flat[lo * l..hi * l], framing).map_err(|e| match e {
+                    Gr2Error::InvalidInput(m) => Gr2Error::invalid(format!("request {i}: {m}")),
+                    Gr2Error::UnknownItem(m) => Gr2Error::UnknownItem(format!("request {i}: {m}")),
+                    other => other,
+                })
+            };
+            if b < core::PARALLEL_MIN_ROWS {
+                (0..b).map(build).collect::<Result<Vec<_>, _>>()
+            } else {
+                (0..b).into_par_iter().map(build).collect::<Result<Vec<_>, _>>()
+            }
+        })?;
+        let first = self.states.len();
+        for s in built {
+            for _ in 0..repeat {
+                self.states.push(s.clone());
+            }
+        }
+        Ok(first)
     }
 
     fn state(&self, row: usize) -> PyResult<&DecodeState> {
@@ -184,17 +314,20 @@ impl PyConstraintBatch {
 
     /// Add one rerank automaton per row of `candidates` (B, K) uint64 with SIDs `codes`
     /// (B, K, L) uint16, each repeated `repeat` times (consecutive rows). Returns the first new row.
-    #[pyo3(signature = (candidates, codes, *, reasoning="think", max_reasoning_tokens=128, repeat=1))]
+    #[pyo3(signature = (candidates, codes, *, reasoning=None, max_reasoning_tokens=None, repeat=None))]
     fn add_rerank(
         &mut self,
         py: Python<'_>,
-        candidates: PyReadonlyArray2<'_, u64>,
-        codes: PyReadonlyArray3<'_, u16>,
-        reasoning: &str,
-        max_reasoning_tokens: u32,
-        repeat: usize,
+        candidates: &Bound<'_, PyAny>,
+        codes: &Bound<'_, PyAny>,
+        reasoning: Option<&Bound<'_, PyAny>>,
+        max_reasoning_tokens: Option<&Bound<'_, PyAny>>,
+        repeat: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
-        let framing = Framing { reasoning: reasoning_start(reasoning)?, max_reasoning_tokens, answer_tags: true };
+        let framing = framing_args(reasoning, max_reasoning_tokens, "think", 128, true)?;
+        let repeat = repeat_arg(repeat)?;
+        let candidates = arg::<PyReadonlyArray2<'_, u64>>(candidates, "candidates", "a (B, K) uint64 array")?;
+        let codes = arg::<PyReadonlyArray3<'_, u16>>(codes, "codes", "a (B, K, L) uint16 array")?;
         let (b, k) = (candidates.shape()[0], candidates.shape()[1]);
         let cs = codes.shape();
         if cs[0] != b || cs[1] != k || cs[2] != self.tokens.levels {
@@ -204,72 +337,112 @@ impl PyConstraintBatch {
             ))
             .into());
         }
-        if repeat == 0 {
-            return Err(Gr2Error::invalid("repeat must be >= 1").into());
-        }
         let cand = contiguous(&candidates, "candidates")?;
         let flat = contiguous(&codes, "codes")?;
-        let l = self.tokens.levels;
-        let tm = self.tokens.clone();
-        let built: Vec<DecodeState> = py.detach(|| {
-            use rayon::prelude::*;
-            let build = |i: usize| {
-                    DecodeState::rerank(tm.clone(), &cand[i * k..(i + 1) * k], &flat[i * k * l..(i + 1) * k * l], framing)
-                        .map_err(|e| match e {
-                            Gr2Error::InvalidInput(m) => Gr2Error::invalid(format!("request {i}: {m}")),
-                            other => other,
-                        })
-            };
-            if b < core::PARALLEL_MIN_ROWS {
-                (0..b).map(build).collect::<Result<Vec<_>, _>>()
-            } else {
-                (0..b).into_par_iter().map(build).collect::<Result<Vec<_>, _>>()
-            }
-        })?;
-        let first = self.states.len();
-        for s in built {
-            for _ in 0..repeat {
-                self.states.push(s.clone());
-            }
+        let offsets: Vec<usize> = (0..=b).map(|i| i * k).collect();
+        self.push_rerank(py, cand, flat, &offsets, framing, repeat)
+    }
+
+    /// Ragged `add_rerank`: request `i` has the candidates `items[offsets[i]:offsets[i + 1]]`
+    /// (uint64, flat (N,)) with SIDs `codes` (N, L) uint16; `offsets` int64 (B + 1,) from 0.
+    #[pyo3(signature = (items, codes, offsets, *, reasoning=None, max_reasoning_tokens=None, repeat=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn add_rerank_ragged(
+        &mut self,
+        py: Python<'_>,
+        items: &Bound<'_, PyAny>,
+        codes: &Bound<'_, PyAny>,
+        offsets: &Bound<'_, PyAny>,
+        reasoning: Option<&Bound<'_, PyAny>>,
+        max_reasoning_tokens: Option<&Bound<'_, PyAny>>,
+        repeat: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<usize> {
+        let framing = framing_args(reasoning, max_reasoning_tokens, "think", 128, true)?;
+        let repeat = repeat_arg(repeat)?;
+        let items = arg::<PyReadonlyArray1<'_, u64>>(items, "items", "a 1-D uint64 array")?;
+        let codes = arg::<PyReadonlyArray2<'_, u16>>(codes, "codes", "an (N, L) uint16 array")?;
+        let offsets = arg::<PyReadonlyArray1<'_, i64>>(offsets, "offsets", "a 1-D int64 array")?;
+        let n = items.len();
+        if codes.shape() != [n, self.tokens.levels] {
+            return Err(Gr2Error::invalid(format!(
+                "codes must be ({n}, {}) to match items, got {:?}",
+                self.tokens.levels,
+                codes.shape()
+            ))
+            .into());
         }
-        Ok(first)
+        let raw = contiguous(&offsets, "offsets")?;
+        if raw.first() != Some(&0) || *raw.last().unwrap() != n as i64 || raw.windows(2).any(|w| w[1] < w[0]) {
+            return Err(Gr2Error::invalid(format!(
+                "offsets must rise from 0 to len(items) = {n} (B + 1 row starts)"
+            ))
+            .into());
+        }
+        let offs: Vec<usize> = raw.iter().map(|&o| o as usize).collect();
+        let cand = contiguous(&items, "items")?;
+        let flat = contiguous(&codes, "codes")?;
+        self.push_rerank(py, cand, flat, &offs, framing, repeat)
     }
 
     /// Add `len(exclude)` catalog automata (or `rows` when exclude is None): each emits `n_items`
     /// distinct catalog items not in its exclude array. Returns the first new row.
-    #[pyo3(signature = (trie, *, rows=None, n_items=1, exclude=None, reasoning="disabled",
-                        max_reasoning_tokens=0, answer_tags=false))]
+    #[pyo3(signature = (trie, *, rows=None, n_items=None, exclude=None, reasoning=None,
+                        max_reasoning_tokens=None, answer_tags=false))]
     #[allow(clippy::too_many_arguments)]
     fn add_catalog(
         &mut self,
         trie: &PySidTrie,
-        rows: Option<usize>,
-        n_items: usize,
-        exclude: Option<Vec<PyReadonlyArray1<'_, u64>>>,
-        reasoning: &str,
-        max_reasoning_tokens: u32,
+        rows: Option<&Bound<'_, PyAny>>,
+        n_items: Option<&Bound<'_, PyAny>>,
+        exclude: Option<&Bound<'_, PyAny>>,
+        reasoning: Option<&Bound<'_, PyAny>>,
+        max_reasoning_tokens: Option<&Bound<'_, PyAny>>,
         answer_tags: bool,
     ) -> PyResult<usize> {
-        let framing = Framing { reasoning: reasoning_start(reasoning)?, max_reasoning_tokens, answer_tags };
-        let excludes: Vec<Vec<u64>> = match (exclude, rows) {
-            (Some(ex), None) => ex.iter().map(|a| a.as_array().to_vec()).collect(),
-            (Some(ex), Some(r)) if ex.len() == r => ex.iter().map(|a| a.as_array().to_vec()).collect(),
+        let framing = framing_args(reasoning, max_reasoning_tokens, "disabled", 0, answer_tags)?;
+        let rows: Option<usize> = match rows {
+            Some(r) if !r.is_none() => Some(arg(r, "rows", "an int >= 0")?),
+            _ => None,
+        };
+        let n_items: usize = opt_arg(n_items, "n_items", "an int >= 1", 1)?;
+        let exclude: Option<Vec<PyReadonlyArray1<'_, u64>>> = match exclude {
+            Some(e) if !e.is_none() => Some(arg(e, "exclude", "a list of 1-D uint64 arrays")?),
+            _ => None,
+        };
+        let n_rows = match (&exclude, rows) {
+            (Some(ex), None) => ex.len(),
+            (Some(ex), Some(r)) if ex.len() == r => r,
             (Some(ex), Some(r)) => {
                 return Err(Gr2Error::invalid(format!("rows={r} but {} exclude arrays", ex.len())).into())
             }
-            (None, r) => vec![Vec::new(); r.unwrap_or(1)],
+            (None, r) => r.unwrap_or(1),
+        };
+        self.check_capacity(n_rows)?;
+        let excludes: Vec<Vec<u64>> = match exclude {
+            Some(ex) => ex.iter().map(|a| a.as_array().to_vec()).collect(),
+            None => vec![Vec::new(); n_rows],
         };
         let first = self.states.len();
         let mut built = Vec::with_capacity(excludes.len());
-        for ex in &excludes {
-            built.push(DecodeState::catalog(self.tokens.clone(), trie.inner.clone(), n_items, ex, framing)?);
+        for (i, ex) in excludes.iter().enumerate() {
+            built.push(
+                DecodeState::catalog(self.tokens.clone(), trie.inner.clone(), n_items, ex, framing).map_err(|e| match e {
+                    Gr2Error::InvalidInput(m) => Gr2Error::invalid(format!("request {i}: {m}")),
+                    Gr2Error::Constraint(m) => Gr2Error::Constraint(format!("request {i}: {m}")),
+                    other => other,
+                })?,
+            );
         }
         self.states.extend(built);
         Ok(first)
     }
 
     /// A new batch holding copies of `rows` in that order (beam reordering, forking).
-    fn select(&self, rows: Vec<usize>) -> PyResult<Self> {
+    fn select(&self, rows: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let rows: Vec<usize> = arg(rows, "rows", "a list of row indices (ints >= 0)")?;
+        if rows.len() > MAX_ROWS {
+            return Err(Gr2Error::invalid(format!("a ConstraintBatch holds at most {MAX_ROWS} rows, select got {}", rows.len())).into());
+        }
         let mut states = Vec::with_capacity(rows.len());
         for r in rows {
             states.push(self.state(r)?.clone());
@@ -278,9 +451,9 @@ impl PyConstraintBatch {
     }
 
     /// Feed `tokens[i]` to row `rows[i]`. Any forbidden token raises ConstraintError and no row changes.
-    fn advance(&mut self, py: Python<'_>, rows: PyReadonlyArray1<'_, i64>, tokens: PyReadonlyArray1<'_, i64>) -> PyResult<()> {
+    fn advance(&mut self, py: Python<'_>, rows: &Bound<'_, PyAny>, tokens: &Bound<'_, PyAny>) -> PyResult<()> {
         let rows = self.rows_or_all(Some(rows))?;
-        let toks = tokens.as_array().to_vec();
+        let toks = arg::<PyReadonlyArray1<'_, i64>>(tokens, "tokens", "a 1-D int64 array")?.as_array().to_vec();
         let states = &mut self.states;
         py.detach(|| core::advance_rows(states, &rows, &toks))?;
         Ok(())
@@ -288,8 +461,9 @@ impl PyConstraintBatch {
 
     /// Fill `out` (R, ceil(V/32)) int32 with the masks of `rows` (default: all rows, in order).
     #[pyo3(signature = (out, rows=None))]
-    fn fill_bitmask(&self, py: Python<'_>, mut out: PyReadwriteArray2<'_, i32>, rows: Option<PyReadonlyArray1<'_, i64>>) -> PyResult<()> {
+    fn fill_bitmask(&self, py: Python<'_>, out: &Bound<'_, PyAny>, rows: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
         let rows = self.rows_or_all(rows)?;
+        let mut out = arg::<PyReadwriteArray2<'_, i32>>(out, "out", "a writable (R, words) int32 array")?;
         let words = self.tokens.words();
         if out.shape() != [rows.len(), words] {
             return Err(Gr2Error::invalid(format!(
@@ -306,8 +480,7 @@ impl PyConstraintBatch {
             .as_slice_mut()
             .map_err(|_| Gr2Error::invalid("out must be a C-contiguous int32 array"))?;
         // i32 and u32 share size and alignment; the bit pattern is what xgrammar/vLLM read.
-        let words_u32: &mut [u32] =
-            unsafe { std::slice::from_raw_parts_mut(slice.as_mut_ptr() as *mut u32, slice.len()) };
+        let words_u32: &mut [u32] = bytemuck::cast_slice_mut(slice);
         let states = &self.states;
         py.detach(|| core::fill_bitmask(states, &rows, words_u32, words))?;
         Ok(())
@@ -320,7 +493,7 @@ impl PyConstraintBatch {
     fn allowed<'py>(
         &self,
         py: Python<'py>,
-        rows: Option<PyReadonlyArray1<'_, i64>>,
+        rows: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i32>>, Bound<'py, PyArray1<bool>>)> {
         let rows = self.rows_or_all(rows)?;
         let states = &self.states;
@@ -329,8 +502,8 @@ impl PyConstraintBatch {
     }
 
     /// Every allowed id of one row (the whole reasoning vocabulary for a free row).
-    fn allowed_ids<'py>(&self, py: Python<'py>, row: usize) -> PyResult<Bound<'py, PyArray1<i64>>> {
-        let ids = self.state(row)?.allowed()?;
+    fn allowed_ids<'py>(&self, py: Python<'py>, row: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let ids = self.state(row_index(row, "row")?)?.allowed()?;
         Ok(ids.into_iter().map(|t| t as i64).collect::<Vec<_>>().into_pyarray(py))
     }
 
@@ -354,12 +527,12 @@ impl PyConstraintBatch {
     }
 
     /// Items emitted so far by `row`, in order.
-    fn emitted<'py>(&self, py: Python<'py>, row: usize) -> PyResult<Bound<'py, PyArray1<u64>>> {
-        Ok(self.state(row)?.emitted().to_vec().into_pyarray(py))
+    fn emitted<'py>(&self, py: Python<'py>, row: &Bound<'_, PyAny>) -> PyResult<Bound<'py, PyArray1<u64>>> {
+        Ok(self.state(row_index(row, "row")?)?.emitted().to_vec().into_pyarray(py))
     }
 
-    fn reasoning_tokens(&self, row: usize) -> PyResult<u32> {
-        Ok(self.state(row)?.reasoning_tokens())
+    fn reasoning_tokens(&self, row: &Bound<'_, PyAny>) -> PyResult<u32> {
+        Ok(self.state(row_index(row, "row")?)?.reasoning_tokens())
     }
 }
 

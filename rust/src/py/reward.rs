@@ -2,7 +2,7 @@
 //! `gr2.rewards.verify_rewards` prepares contiguous arrays and calls one of the two functions here;
 //! the result is a dict of numpy arrays.
 
-use numpy::{IntoPyArray, PyArrayMethods, PyUntypedArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3};
+use numpy::{IntoPyArray, PyArrayMethods, PyUntypedArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
 use pyo3::types::PyDict;
@@ -33,41 +33,55 @@ fn config(alpha: f64, conditional: bool, invalid_reward: f64, metric_ks: Vec<usi
     Ok(RewardConfig { alpha, conditional, invalid_reward, metric_ks, graded_k, kind })
 }
 
-/// Views of the candidate-side arrays, borrowed for the duration of one call.
+/// Views of the candidate-side arrays, borrowed for the duration of one call. The candidates are
+/// flat (N,) with their SIDs (N, L): rectangular rows of `k` when `offsets` is None, else ragged
+/// rows `offsets[b]..offsets[b + 1]`.
 struct Inputs<'py> {
-    items: PyReadonlyArray2<'py, u64>,
-    sids: PyReadonlyArray3<'py, u16>,
+    items: PyReadonlyArray1<'py, u64>,
+    sids: PyReadonlyArray2<'py, u16>,
+    offsets: Option<PyReadonlyArray1<'py, i64>>,
+    k: usize,
     targets: PyReadonlyArray1<'py, u64>,
     catalog: Option<PyReadonlyArray2<'py, u16>>,
-    relevance: Option<PyReadonlyArray2<'py, f32>>,
+    relevance: Option<PyReadonlyArray1<'py, f32>>,
 }
 
 impl Inputs<'_> {
     fn run<S: AsRef<str> + Sync>(&self, py: Python<'_>, completions: &Completions<'_, S>, cfg: &RewardConfig) -> PyResult<reward::RewardOutput> {
-        let (b, k) = (self.items.shape()[0], self.items.shape()[1]);
+        let b = self.targets.len();
         let sid_shape = self.sids.shape();
-        if sid_shape[0] != b || sid_shape[1] != k {
-            return Err(Gr2Error::invalid(format!("candidate SIDs have shape {sid_shape:?}, expected ({b}, {k}, L)")).into());
+        if sid_shape[0] != self.items.len() {
+            return Err(Gr2Error::invalid(format!(
+                "candidate SIDs have shape {sid_shape:?}, expected ({}, L)",
+                self.items.len()
+            ))
+            .into());
         }
+        let offsets: Option<Vec<usize>> = match &self.offsets {
+            Some(o) => {
+                let raw = contiguous("candidate offsets", o)?;
+                if let Some(bad) = raw.iter().find(|&&x| x < 0) {
+                    return Err(Gr2Error::invalid(format!("candidate offsets must be >= 0, got {bad}")).into());
+                }
+                Some(raw.iter().map(|&x| x as usize).collect())
+            }
+            None => None,
+        };
         let cands = Candidates {
             rows: b,
-            k,
-            levels: sid_shape[2],
+            k: self.k,
+            levels: sid_shape[1],
             items: contiguous("candidates", &self.items)?,
             sids: contiguous("candidate SIDs", &self.sids)?,
             targets: contiguous("targets", &self.targets)?,
             relevance: match &self.relevance {
-                Some(r) => {
-                    if r.shape() != [b, k] {
-                        return Err(Gr2Error::invalid(format!("relevance has shape {:?}, expected ({b}, {k})", r.shape())).into());
-                    }
-                    Some(contiguous("relevance", &r)?)
-                }
+                Some(r) => Some(contiguous("relevance", r)?),
                 None => None,
             },
+            offsets: offsets.as_deref(),
         };
         let catalog = match &self.catalog {
-            Some(c) => Some(Catalog::new(contiguous("catalog codes", &c)?, c.shape()[1])?),
+            Some(c) => Some(Catalog::new(contiguous("catalog codes", c)?, c.shape()[1])?),
             None => None,
         };
         let out = py.detach(|| reward::verify(completions, &cands, catalog.as_ref(), cfg))?;
@@ -99,17 +113,19 @@ fn to_dict<'py>(py: Python<'py>, out: reward::RewardOutput, b: usize, k: usize, 
 
 /// Verify text completions. See `gr2.rewards.verify_rewards` for the meaning of each argument.
 #[pyfunction]
-#[pyo3(signature = (texts, trailers, items, sids, targets, catalog, relevance, alpha, conditional, invalid_reward, metric_ks, graded_k, kind))]
+#[pyo3(signature = (texts, trailers, items, sids, cand_offsets, width, targets, catalog, relevance, alpha, conditional, invalid_reward, metric_ks, graded_k, kind))]
 #[allow(clippy::too_many_arguments)]
 fn _verify_rewards_text<'py>(
     py: Python<'py>,
     texts: Vec<PyBackedStr>,
     trailers: Vec<String>,
-    items: PyReadonlyArray2<'py, u64>,
-    sids: PyReadonlyArray3<'py, u16>,
+    items: PyReadonlyArray1<'py, u64>,
+    sids: PyReadonlyArray2<'py, u16>,
+    cand_offsets: Option<PyReadonlyArray1<'py, i64>>,
+    width: usize,
     targets: PyReadonlyArray1<'py, u64>,
     catalog: Option<PyReadonlyArray2<'py, u16>>,
-    relevance: Option<PyReadonlyArray2<'py, f32>>,
+    relevance: Option<PyReadonlyArray1<'py, f32>>,
     alpha: f64,
     conditional: bool,
     invalid_reward: f64,
@@ -117,9 +133,9 @@ fn _verify_rewards_text<'py>(
     graded_k: usize,
     kind: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let (b, k, nk) = (items.shape()[0], items.shape()[1], metric_ks.len());
+    let (b, k, nk) = (targets.len(), width, metric_ks.len());
     let cfg = config(alpha, conditional, invalid_reward, metric_ks, graded_k, kind)?;
-    let inputs = Inputs { items, sids, targets, catalog, relevance };
+    let inputs = Inputs { items, sids, offsets: cand_offsets, k, targets, catalog, relevance };
     let completions = Completions::Text { texts: &texts, trailers: &trailers };
     let out = inputs.run(py, &completions, &cfg)?;
     to_dict(py, out, b, k, nk)
@@ -127,7 +143,7 @@ fn _verify_rewards_text<'py>(
 
 /// Verify token-id completions given flat ids and B+1 offsets.
 #[pyfunction]
-#[pyo3(signature = (ids, offsets, tag_ids, code_ids, whitespace_ids, trailer_ids, items, sids, targets, catalog, relevance, alpha, conditional, invalid_reward, metric_ks, graded_k, kind))]
+#[pyo3(signature = (ids, offsets, tag_ids, code_ids, whitespace_ids, trailer_ids, items, sids, cand_offsets, width, targets, catalog, relevance, alpha, conditional, invalid_reward, metric_ks, graded_k, kind))]
 #[allow(clippy::too_many_arguments)]
 fn _verify_rewards_tokens<'py>(
     py: Python<'py>,
@@ -137,11 +153,13 @@ fn _verify_rewards_tokens<'py>(
     code_ids: PyReadonlyArray2<'py, i64>,
     whitespace_ids: Vec<i64>,
     trailer_ids: Vec<i64>,
-    items: PyReadonlyArray2<'py, u64>,
-    sids: PyReadonlyArray3<'py, u16>,
+    items: PyReadonlyArray1<'py, u64>,
+    sids: PyReadonlyArray2<'py, u16>,
+    cand_offsets: Option<PyReadonlyArray1<'py, i64>>,
+    width: usize,
     targets: PyReadonlyArray1<'py, u64>,
     catalog: Option<PyReadonlyArray2<'py, u16>>,
-    relevance: Option<PyReadonlyArray2<'py, f32>>,
+    relevance: Option<PyReadonlyArray1<'py, f32>>,
     alpha: f64,
     conditional: bool,
     invalid_reward: f64,
@@ -149,7 +167,7 @@ fn _verify_rewards_tokens<'py>(
     graded_k: usize,
     kind: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let (b, k, nk) = (items.shape()[0], items.shape()[1], metric_ks.len());
+    let (b, k, nk) = (targets.len(), width, metric_ks.len());
     let cfg = config(alpha, conditional, invalid_reward, metric_ks, graded_k, kind)?;
     let map = TokenMap::new(
         &TagIds(tag_ids),
@@ -163,7 +181,7 @@ fn _verify_rewards_tokens<'py>(
         return Err(Gr2Error::invalid(format!("token offsets must be >= 0, got {bad}")).into());
     }
     let offsets: Vec<usize> = offsets_raw.iter().map(|&o| o as usize).collect();
-    let inputs = Inputs { items, sids, targets, catalog, relevance };
+    let inputs = Inputs { items, sids, offsets: cand_offsets, k, targets, catalog, relevance };
     let completions: Completions<'_, &str> = Completions::Tokens { ids: contiguous("token ids", &ids)?, offsets: &offsets, map: &map };
     let out = inputs.run(py, &completions, &cfg)?;
     to_dict(py, out, b, k, nk)

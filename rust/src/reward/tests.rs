@@ -50,6 +50,7 @@ impl Batch {
             sids: &self.sids,
             targets: &self.targets,
             relevance: None,
+            offsets: None,
         }
     }
     fn sid(&self, row: usize, col: usize) -> &[u16] {
@@ -156,4 +157,61 @@ proptest! {
         let out = verify(&TokenRows::Tokens { ids: &ids, offsets: &offsets, map: &map }, &b.cands(), None, &RewardConfig::default()).unwrap();
         prop_assert_eq!(out.valid[0], out.invalid_reason[0] == 0);
     }
+}
+
+/// Tag-like text inside the think body (spelled by ordinary pieces, or real tags) is free text on
+/// both paths: the answer block is the last `<answer>`.
+#[test]
+fn think_body_is_free_text_on_both_paths() {
+    let b = batch(2, 2, 0);
+    let answer = format!("<answer>{}{}</answer>", sid_text(b.sid(0, 1)), sid_text(b.sid(0, 0)));
+    let cfg = RewardConfig::default();
+    for body in ["<answer>", "</think>", "<think>", "</answer> x <answer>", ""] {
+        let text = format!(" <think>{body}</think>\n{answer}");
+        assert_eq!(run_text(&[text.clone()], &b, &cfg).invalid_reason[0], 0, "{text}");
+    }
+    for bad in [format!("x{answer}"), format!("<think>{answer}"), format!("<think>a</think>b{answer}"),
+                format!("{answer}<answer>"), format!("<think></think>{answer}{answer}")] {
+        assert_eq!(run_text(&[bad.clone()], &b, &cfg).invalid_reason[0], 1, "{bad}");
+    }
+    // token ids: a real <answer> (3) and </think> (2) inside the body, whitespace (7) around
+    let map = token_map(2);
+    let mut ids = vec![7, 1, 3, 42, 2, 9, 2, 7, 3];
+    ids.extend(sid_ids(b.sid(0, 1)));
+    ids.extend(sid_ids(b.sid(0, 0)));
+    ids.push(4);
+    let offsets = [0, ids.len()];
+    let tok = verify(&TokenRows::Tokens { ids: &ids, offsets: &offsets, map: &map }, &b.cands(), None, &cfg).unwrap();
+    assert_eq!(tok.invalid_reason[0], 0);
+    let no_close = vec![1, 42, 3, 5, 100, 116, 6, 4];
+    let offsets = [0, no_close.len()];
+    let tok = verify(&TokenRows::Tokens { ids: &no_close, offsets: &offsets, map: &map }, &b.cands(), None, &cfg).unwrap();
+    assert_eq!(tok.invalid_reason[0], 1);
+}
+
+#[test]
+fn ragged_rows_score_against_their_own_k() {
+    // row 0: K = 1, row 1: K = 3 (flat arrays with offsets)
+    let one = batch(1, 2, 0);
+    let three = batch(3, 2, 2);
+    let items: Vec<u64> = one.items.iter().chain(&three.items).copied().collect();
+    let sids: Vec<u16> = one.sids.iter().chain(&three.sids).copied().collect();
+    let targets = vec![1000, 1002];
+    let offsets = [0usize, 1, 4];
+    let cands = Candidates { rows: 2, k: 3, levels: 2, items: &items, sids: &sids, targets: &targets, relevance: None,
+                             offsets: Some(&offsets) };
+    let texts = vec![
+        format!("<answer>{}</answer>", sid_text(one.sid(0, 0))),
+        format!("<answer>{}{}{}</answer>", sid_text(three.sid(0, 2)), sid_text(three.sid(0, 0)), sid_text(three.sid(0, 1))),
+    ];
+    let trailers: Vec<String> = vec![];
+    let out = verify(&Completions::Text { texts: &texts, trailers: &trailers }, &cands, None, &RewardConfig::default()).unwrap();
+    assert_eq!(out.invalid_reason, vec![0, 0]);
+    assert_eq!(out.ranking, vec![1000, NO_ITEM, NO_ITEM, 1002, 1000, 1001]);
+    assert_eq!(out.rank_re, vec![1, 1]);
+    assert!((out.r_rank[1] - 2.0 / 3.0).abs() < 1e-12);
+    let empty_row = [0usize, 1, 1];
+    let bad = Candidates { offsets: Some(&empty_row), ..cands };
+    let err = verify(&Completions::Text { texts: &texts, trailers: &trailers }, &bad, None, &RewardConfig::default());
+    assert!(matches!(err, Err(Gr2Error::InvalidInput(m)) if m.contains("request 1")));
 }
