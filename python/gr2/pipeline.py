@@ -15,6 +15,8 @@ from their last checkpoint, so rerunning a killed ``gr2 run`` continues where it
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -99,7 +101,16 @@ def build_run_config(table: dict[str, Any]) -> RunConfig:
     classes = _configs()
     table = dict(table)
     stage_tables = {name: table.pop(name, {}) for name in classes}
+    run_fields = {f.name for f in dataclasses.fields(RunConfig)} - {"stage_configs"}
+    for key, value in table.items():
+        if key not in run_fields and isinstance(value, dict):
+            hint = difflib.get_close_matches(key, list(classes), n=1)
+            raise ConfigError(f"unknown stage table [{key}]{f' (did you mean [{hint[0]}]?)' if hint else ''}; "
+                              f"stage tables: {list(classes)}")
+    if "stage_configs" in table:
+        raise ConfigError("stage_configs is not a config key: give each stage its own table, e.g. [sft]")
     run = from_dict(RunConfig, table, where="run")
+    _check_name(run.name)
     unknown = [s for s in run.stages if s not in STAGE_ORDER]
     if unknown:
         raise ConfigError(f"run.stages: unknown stage(s) {unknown}; known: {list(STAGE_ORDER)}")
@@ -116,6 +127,14 @@ def build_run_config(table: dict[str, Any]) -> RunConfig:
             raise ConfigError(f"[{name}] must be a table")
         run.stage_configs[name] = from_dict(cls, stage_tables[name], where=name)
     return run
+
+
+def _check_name(name: str) -> None:
+    """A run name is one folder under runs/: no separators, no "..", nothing hidden (run_dir is the
+    way to put a run somewhere else)."""
+    if not name or name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0:"):
+        raise ConfigError(f"run.name must be a plain folder name (letters, digits, -, _), got {name!r}; "
+                          "use run_dir (or --run-dir) to choose where the run goes")
 
 
 def preset_path(name: str) -> Path:

@@ -114,7 +114,14 @@ def _to_int64(values: pd.Series, what: str, path: Path) -> np.ndarray:
     if bad.any():
         first = values[bad].iloc[0]
         raise DataError(f"{path}: {int(bad.sum())} {what} value(s) are not numbers (first: {first!r})")
-    return np.asarray(numbers, dtype=np.float64).astype(np.int64)
+    floats = np.asarray(numbers, dtype=np.float64)
+    # int64 covers +-9.2e18; beyond that (inf, 1e30) numpy's cast gives INT64_MIN, which sorts first
+    out_of_range = ~np.isfinite(floats) | (np.abs(floats) >= 2.0**63)
+    if out_of_range.any():
+        row = int(np.flatnonzero(out_of_range)[0])
+        raise DataError(f"{path}: {int(out_of_range.sum())} {what} value(s) are infinite or outside int64 "
+                        f"(first: {values.iloc[row]!r} at data row {row + 1})")
+    return floats.astype(np.int64)
 
 
 def _year_from(value: Any) -> int:
@@ -479,7 +486,12 @@ def _read_table(path: Path) -> pd.DataFrame:
         return pd.read_parquet(path)
     if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt")):
         sep = "\t" if ".tsv" in name or name.endswith(".txt") else ","
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding_errors="replace")
+        try:
+            return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding_errors="replace")
+        except pd.errors.EmptyDataError:
+            raise DataError(f"{path}: the file is empty (expected a header row and data rows)") from None
+        except pd.errors.ParserError as e:
+            raise DataError(f"{path}: not a valid {'TSV' if sep == chr(9) else 'CSV'} table: {e}") from None
     raise DataError(f"{path}: unknown table format (use .parquet, .csv or .tsv, optionally .gz)")
 
 
