@@ -117,6 +117,12 @@ def test_sft_bad_inputs(run_dir, tmp_path):
         run_sft(tmp_path / "none", config())
     broken = copy_run(run_dir, tmp_path / "broken")
     (broken / "traces" / "traces.jsonl").write_text('{"accepted": true}\nnot json\n')
+    with pytest.raises(DataError, match="`traces` has not finished"):  # outputs changed behind the record's back
+        run_sft(broken, config(), force=True)
+    from gr2 import rundir
+
+    old = json.loads((broken / "traces" / "stage.json").read_text())
+    rundir.mark_done(broken / "traces", old["key"], old["summary"])  # a finished traces stage that wrote junk
     with pytest.raises(DataError, match="not JSON"):
         run_sft(broken, config(), force=True)
     with pytest.raises(DataError):

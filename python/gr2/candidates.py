@@ -361,28 +361,17 @@ def run_candidates(run_dir: str | Path, config: CandidatesConfig, *, force: bool
     return summary
 
 
-def config_from_file(path: str | None, table: str = "candidates") -> dict[str, Any]:
-    if path is None:
-        return {}
-    data = load_toml(path)
-    return data.get(table, {})
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", required=True, help="run directory (holds data/)")
-    parser.add_argument("--config", help="TOML file; its [candidates] table sets the config")
+    """``gr2 candidates``' own shortcuts (the common flags come from gr2.stages)."""
     parser.add_argument("--upstream", choices=UPSTREAMS, help="upstream ranker")
     parser.add_argument("--k", type=int, help="candidates per list")
-    parser.add_argument("--force", action="store_true", help="rerun even if the outputs are current")
 
 
-def main(args: argparse.Namespace) -> int:
-    values = config_from_file(args.config)
-    if args.upstream is not None:
-        values["upstream"] = args.upstream
-    if args.k is not None:
-        values["k"] = args.k
-    config = from_dict(CandidatesConfig, values, where="candidates")
+def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in {"upstream": args.upstream, "k": args.k}.items() if v is not None}
+
+
+def main(args: argparse.Namespace, config: CandidatesConfig) -> int:
     summary = run_candidates(args.run_dir, config, force=args.force)
     cov = summary["coverage"]
     print(f"candidates ({summary['upstream']}): coverage train {cov['train']:.3f} valid {cov['valid']:.3f} test {cov['test']:.3f}")

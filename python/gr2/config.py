@@ -102,3 +102,30 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"sft.lambda_r=0.5"`` -> (["sft", "lambda_r"], 0.5); values are TOML, bare words are strings."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects stage.key=value, got {text!r}")
+    dotted, raw = text.split("=", 1)
+    keys = [k.strip() for k in dotted.split(".") if k.strip()]
+    if not keys:
+        raise ConfigError(f"--set expects stage.key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return keys, value
+
+
+def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = table
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: {k} is not a table")
+        node[keys[-1]] = value
+    return table

@@ -25,31 +25,17 @@ from typing import Any, Callable
 
 from gr2 import rundir
 from gr2.arms import ARM_STAGES, stage_dir
-from gr2.config import from_dict, load_toml, tomllib
+from gr2.config import apply_overrides, from_dict, load_toml, parse_override  # noqa: F401 (re-exported)
 from gr2.errors import ConfigError
-from gr2.rerank import MODEL_STAGES, RerankConfig
+from gr2.rerank import MODEL_STAGES, RerankConfig  # noqa: F401
+from gr2.stages import STAGE_ORDER, STAGES
 
 PRESET_DIR = Path(__file__).parent / "presets"
-STAGE_ORDER = ("data", "sid", "candidates", "prompts", "midtrain", "traces", "sft", "rl", "rerank", "eval")
 
 
 def _configs() -> dict[str, type]:
     """Config dataclass of every stage (imported here: they pull in torch and friends)."""
-    from gr2.candidates import CandidatesConfig
-    from gr2.data.stage import DataConfig
-    from gr2.eval.stage import EvalConfig
-    from gr2.prompts import PromptConfig
-    from gr2.sid.stage import SidConfig
-    from gr2.teacher import TeacherConfig
-    from gr2.train.dapo import DapoConfig
-    from gr2.train.midtrain import MidtrainConfig
-    from gr2.train.sft import SftConfig
-
-    return {
-        "data": DataConfig, "sid": SidConfig, "candidates": CandidatesConfig, "prompts": PromptConfig,
-        "midtrain": MidtrainConfig,
-        "traces": TeacherConfig, "sft": SftConfig, "rl": DapoConfig, "rerank": RerankConfig, "eval": EvalConfig,
-    }
+    return {name: stage.config_class() for name, stage in STAGES.items()}
 
 
 @dataclass
@@ -67,33 +53,6 @@ class RunConfig:
     @property
     def path(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"sft.lambda_r=0.5"`` -> (["sft", "lambda_r"], 0.5); values are TOML, bare words are strings."""
-    if "=" not in text:
-        raise ConfigError(f"--set expects stage.key=value, got {text!r}")
-    dotted, raw = text.split("=", 1)
-    keys = [k.strip() for k in dotted.split(".") if k.strip()]
-    if not keys:
-        raise ConfigError(f"--set expects stage.key=value, got {text!r}")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return keys, value
-
-
-def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = table
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {text}: {k} is not a table")
-        node[keys[-1]] = value
-    return table
 
 
 def build_run_config(table: dict[str, Any]) -> RunConfig:
@@ -145,24 +104,6 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def _stage_runners() -> dict[str, Callable[[Path, Any], dict]]:
-    from gr2.candidates import run_candidates
-    from gr2.data.stage import run_data
-    from gr2.eval.stage import run_eval
-    from gr2.prompt_stage import run_prompts
-    from gr2.sid.stage import run_sid
-    from gr2.teacher import run_traces
-    from gr2.train.dapo import run_rl
-    from gr2.train.midtrain import run_midtrain
-    from gr2.train.sft import run_sft
-
-    return {
-        "data": run_data, "sid": run_sid, "candidates": run_candidates, "prompts": run_prompts,
-        "midtrain": run_midtrain,
-        "traces": run_traces, "sft": run_sft, "rl": run_rl, "eval": run_eval,
-    }
-
-
 def _one_line(summary: Any, limit: int = 160) -> str:
     if not isinstance(summary, dict):
         return str(summary)[:limit]
@@ -197,7 +138,6 @@ def run_pipeline(run: RunConfig, *, log: Callable[[str], None] = print) -> dict[
         "name": run.name, "description": run.description, "stages": run.stages,
         "rerank_models": run.rerank_models, "arms": run.arms, **{k: v for k, v in run.stage_configs.items()},
     })
-    runners = _stage_runners()
     timings: dict[str, float] = {}
     for stage in STAGE_ORDER:
         if stage not in run.stages:
@@ -207,14 +147,13 @@ def run_pipeline(run: RunConfig, *, log: Callable[[str], None] = print) -> dict[
             label = f"rerank:{target}" if stage == "rerank" else stage_dir(stage, arm)
             log(f"[gr2 run] {label} ...")
             start = time.perf_counter()
+            run_stage = STAGES[stage].run_function()
             if stage == "rerank":
-                from gr2.rerank import run_rerank
-
-                summary = run_rerank(run_dir, target, config)
+                summary = run_stage(run_dir, target, config)
             elif stage in ARM_STAGES:
-                summary = runners[stage](run_dir, config, arm=arm)
+                summary = run_stage(run_dir, config, arm=arm)
             else:
-                summary = runners[stage](run_dir, config)
+                summary = run_stage(run_dir, config)
             timings[label] = round(time.perf_counter() - start, 1)
             log(f"[gr2 run] {label} done in {timings[label]:.1f}s: {_one_line(summary)}")
     if "eval" not in run.stages:

@@ -110,14 +110,7 @@ def run_prompts(run_dir: str | Path, config: PromptConfig = PromptConfig(), *, f
     return summary
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", required=True, help="run directory (holds candidates/)")
-    parser.add_argument("--config", help="TOML file; its [prompts] table sets the config")
-    parser.add_argument("--force", action="store_true", help="rerun even if the outputs are current")
-
-
-def main(args: argparse.Namespace) -> int:
-    table = load_toml(args.config).get("prompts", {}) if args.config else {}
-    summary = run_prompts(args.run_dir, from_dict(PromptConfig, table, where="prompts"), force=args.force)
+def main(args: argparse.Namespace, config: PromptConfig) -> int:
+    summary = run_prompts(args.run_dir, config, force=args.force)
     print(f"prompts: {summary}")
     return 0

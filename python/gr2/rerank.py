@@ -139,21 +139,17 @@ def run_rerank(run_dir: str | Path, stage: str, config: RerankConfig = RerankCon
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", required=True, help="run directory (holds sid/, candidates/ and the model stage)")
+    """``gr2 rerank``'s own flags (the common ones come from gr2.stages)."""
     parser.add_argument("--stage", required=True, choices=RERANKABLE, help="whose model/ reranks")
-    parser.add_argument("--config", help="TOML file; its [rerank] table sets the config")
     parser.add_argument("--split", choices=("test", "valid"))
     parser.add_argument("--max-lists", type=int)
-    parser.add_argument("--force", action="store_true", help="rerun even if the outputs are current")
 
 
-def main(args: argparse.Namespace) -> int:
-    table = load_toml(args.config).get("rerank", {}) if args.config else {}
-    config = from_dict(RerankConfig, table, where="rerank")
-    if args.split:
-        config.split = args.split
-    if args.max_lists is not None:
-        config.max_lists = args.max_lists
+def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in {"split": args.split, "max_lists": args.max_lists}.items() if v is not None}
+
+
+def main(args: argparse.Namespace, config: RerankConfig) -> int:
     summary = run_rerank(args.run_dir, args.stage, config, force=args.force)
     print(f"rerank {args.stage}: {summary['lists']} lists, {summary['latency_ms_per_list']} ms/list, "
           f"reasoning {summary['reasoning_tokens_mean']:.1f} tokens on average")

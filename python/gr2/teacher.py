@@ -529,14 +529,8 @@ def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, 
     return summary
 
 
-def add_arguments(parser: Any) -> None:
-    common.add_common_arguments(parser)
-    parser.add_argument("--arm", default="think", choices=("think", "answer"),
-                        help="reasoning arm: think (<think> + answer) or answer-only (see gr2.arms)")
-
-
-def main(args: Any) -> int:
-    config = common.config_from_args(TeacherConfig, args, STAGE)
-    summary = run_traces(args.run_dir, config, arm=getattr(args, "arm", "think"), force=args.force)
+def main(args: Any, config: TeacherConfig) -> int:
+    """``gr2 traces`` (flags: gr2.stages)."""
+    summary = run_traces(args.run_dir, config, arm=args.arm, force=args.force)
     print(json.dumps(summary, indent=2))
     return 0

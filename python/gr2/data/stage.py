@@ -113,24 +113,21 @@ def config_from_file(path: str | None) -> DataConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", required=True, help="run directory (outputs go to RUN_DIR/data)")
-    parser.add_argument("--config", help="TOML file; its [data] table is read")
+    """``gr2 data``'s own shortcuts (the common flags come from gr2.stages)."""
     parser.add_argument("--format", choices=["recbole", "movielens", "amazon", "table"])
     parser.add_argument("--path", help="dataset folder or interactions file (default: bundled ml-100k)")
     parser.add_argument("--items-path", help="item metadata file (amazon) or items table (table)")
     parser.add_argument("--kcore", type=int)
     parser.add_argument("--max-seq-len", type=int)
-    parser.add_argument("--force", action="store_true", help="rerun even when cached")
 
 
-def main(args: argparse.Namespace) -> int:
-    config = config_from_file(args.config)
-    overrides = {
-        "format": args.format, "path": args.path, "items_path": args.items_path,
-        "kcore": args.kcore, "max_seq_len": args.max_seq_len,
-    }
-    data = {**{k: v for k, v in vars(config).items()}, **{k: v for k, v in overrides.items() if v is not None}}
-    config = from_dict(DataConfig, data, where="data")
+def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values = {"format": args.format, "path": args.path, "items_path": args.items_path,
+              "kcore": args.kcore, "max_seq_len": args.max_seq_len}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def main(args: argparse.Namespace, config: DataConfig) -> int:
     summary = run_data(args.run_dir, config, force=args.force)
     print(
         f"data: {summary['users']} users, {summary['items']} items, {summary['interactions']} interactions, "

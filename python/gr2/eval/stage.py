@@ -246,24 +246,23 @@ def mde_meta(results: dict[str, dict], lists: int, alpha: float = 0.05, power: f
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", required=True, help="run directory (holds data/ and candidates/)")
-    parser.add_argument("--config", help="TOML file; its [eval] table sets the config")
+    """``gr2 eval``'s own flags (the common ones come from gr2.stages)."""
     parser.add_argument("--split", choices=("test", "valid"), help="which candidate lists to score")
     parser.add_argument("--method", action="append", default=[], metavar="NAME=PATH",
                         help="a rankings .npz to score (repeatable; path relative to the run dir)")
-    parser.add_argument("--force", action="store_true", help="rerun even if the outputs are current")
 
 
-def main(args: argparse.Namespace) -> int:
-    values = load_toml(args.config).get("eval", {}) if args.config else {}
-    if args.split:
-        values["split"] = args.split
+def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {"split": args.split} if args.split else {}
     for spec in args.method:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--method expects NAME=PATH, got {spec!r}")
-        values.setdefault("methods", {})[name] = path
-    config = from_dict(EvalConfig, values, where="eval")
+        values[f"methods.{name}"] = path
+    return values
+
+
+def main(args: argparse.Namespace, config: EvalConfig) -> int:
     summary = run_eval(args.run_dir, config, force=args.force)
     for name, m in summary.items():
         print(f"{name:>12}: R@1 {m['recall@1']:.4f}  NDCG@5 {m['ndcg@5']:.4f}  valid {m['validity']:.3f}")

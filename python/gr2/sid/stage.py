@@ -355,25 +355,23 @@ def config_from_file(path: str | None) -> SidConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", required=True, help="run directory (reads RUN_DIR/data, writes RUN_DIR/sid)")
-    parser.add_argument("--config", help="TOML file; its [sid] table (and [sid.rqvae]) is read")
+    """``gr2 sid``'s own flags (the common ones come from gr2.stages)."""
     parser.add_argument("--levels", type=int, help="RQ levels L (default 4)")
     parser.add_argument("--codebook-size", type=int, help="codes per level K (default 256)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--embed-model", help="sentence encoder folder (default: offline all-MiniLM-L6-v2)")
     parser.add_argument("--cache-dir", help="embedding cache (default RUN_DIR/../.cache/embeddings)")
     parser.add_argument("--ablation", action="store_true", help="write sid/ablation.{json,md} instead of the index")
-    parser.add_argument("--force", action="store_true", help="rerun even when cached")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def main(args: argparse.Namespace) -> int:
-    config = config_from_file(args.config)
-    rq_overrides = {"levels": args.levels, "codebook_size": args.codebook_size, "epochs": args.epochs}
-    rq = from_dict(RQVAEConfig, {**dataclasses.asdict(config.rqvae),
-                                 **{k: v for k, v in rq_overrides.items() if v is not None}}, where="sid.rqvae")
-    config = dataclasses.replace(config, rqvae=rq, embed_model=args.embed_model or config.embed_model,
-                                 cache_dir=args.cache_dir or config.cache_dir)
+def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values = {"rqvae.levels": args.levels, "rqvae.codebook_size": args.codebook_size, "rqvae.epochs": args.epochs,
+              "embed_model": args.embed_model, "cache_dir": args.cache_dir}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def main(args: argparse.Namespace, config: SidConfig) -> int:
     if args.ablation:
         result = run_ablation(args.run_dir, config, progress=not args.quiet)
         print(ablation_markdown(result))

@@ -695,35 +695,3 @@ def input_key(run_dir: str | os.PathLike, stage: str) -> str:
     if record is None:
         raise DataError(f"stage `{stage}` has not finished in {run_dir}; run it first")
     return str(record["key"])
-
-
-def add_common_arguments(parser: Any) -> None:
-    """CLI flags every training stage takes."""
-    parser.add_argument("--run-dir", required=True, help="run directory (runs/NAME)")
-    parser.add_argument("--config", help="TOML file; the stage reads its own table from it")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config field (value parsed as TOML), repeatable")
-    parser.add_argument("--force", action="store_true", help="rerun even when the stage is current")
-
-
-def config_from_args(cls: type, args: Any, table: str) -> Any:
-    """Build config ``cls`` from ``--config`` (table ``[table]``) and ``--set`` overrides."""
-    from gr2.config import from_dict, load_toml, tomllib
-
-    data: dict[str, Any] = {}
-    if args.config:
-        data = dict(load_toml(args.config).get(table, {}))
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            parsed = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            parsed = value  # a bare string
-        target = data
-        *parents, leaf = key.strip().split(".")
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = parsed
-    return from_dict(cls, data, where=table)

@@ -892,7 +892,8 @@ def build_trainer(run_dir: Path, config: DapoConfig, out_dir: Path, world: World
     return trainer, eval_data, info
 
 
-def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig(), *, arm: str = "think") -> dict[str, Any]:
+def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig(), *, arm: str = "think",
+           force: bool = False) -> dict[str, Any]:
     """The ``rl`` stage of ``arm`` (:mod:`gr2.arms`): DAPO from sft/model (or midtrain/model) on
     prompts/train -> rl/model (``rl_answer/`` for the answer-only arm, which sets rl.reasoning off)."""
     from gr2 import arms
@@ -906,7 +907,7 @@ def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig(), *, arm
                           "(run.arms = [\"answer\"] or `gr2 rl --arm answer`)")
     out_dir = run_dir / arms.stage_dir("rl", arm)
     key = stage_key(config, *_rl_inputs(run_dir, config, arm))
-    if (done := begin_stage(out_dir, key)) is not None:
+    if (done := begin_stage(out_dir, key, force=force)) is not None:
         return done
     world = init_world()
     trainer, eval_data, info = build_trainer(run_dir, config, out_dir, world, arm)
@@ -1034,31 +1035,22 @@ def _plot_ablation(curves: dict[str, list[dict[str, float]]], path: Path) -> Non
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", required=True, help="the run directory (runs/NAME)")
-    parser.add_argument("--config", help="TOML file with an [rl] table")
+    """``gr2 rl``'s own flags (the common ones come from gr2.stages)."""
     parser.add_argument("--steps", type=int, help="override rl.steps")
     parser.add_argument("--unconditional", action="store_true", help="unconditional format reward (the hack)")
     parser.add_argument("--ablation", action="store_true",
                         help="conditional vs unconditional reward from the same start model; writes rl_ablation/")
-    parser.add_argument("--arm", default="think", choices=("think", "answer"),
-                        help="reasoning arm: think (<think> + answer) or answer-only (see gr2.arms)")
 
 
-def config_from_args(args: argparse.Namespace) -> DapoConfig:
-    table = load_toml(args.config).get("rl", {}) if args.config else {}
-    config = from_dict(DapoConfig, table, where="rl")
-    if args.steps is not None:
-        config = dataclasses.replace(config, steps=args.steps)
-    if args.unconditional:
-        config = dataclasses.replace(config, conditional=False)
-    return config
+def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {} if args.steps is None else {"steps": args.steps}
+    return {**values, "conditional": False} if args.unconditional else values
 
 
-def main(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+def main(args: argparse.Namespace, config: DapoConfig) -> int:
     if args.ablation:
         result = run_ablation(args.run_dir, config)
         print(json.dumps(result["final"], indent=2))
     else:
-        print(json.dumps(run_rl(args.run_dir, config, arm=args.arm), indent=2))
+        print(json.dumps(run_rl(args.run_dir, config, arm=args.arm, force=args.force), indent=2))
     return 0

@@ -458,12 +458,8 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
     return summary
 
 
-def add_arguments(parser: Any) -> None:
-    common.add_common_arguments(parser)
-
-
-def main(args: Any) -> int:
-    config = common.config_from_args(MidtrainConfig, args, STAGE)
+def main(args: Any, config: MidtrainConfig) -> int:
+    """``gr2 midtrain`` (flags: gr2.stages)."""
     summary = run_midtrain(args.run_dir, config, force=args.force)
     print(json.dumps(summary["eval"], indent=2))
     return 0

@@ -231,14 +231,8 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
     return summary
 
 
-def add_arguments(parser: Any) -> None:
-    common.add_common_arguments(parser)
-    parser.add_argument("--arm", default="think", choices=("think", "answer"),
-                        help="reasoning arm: think (<think> + answer) or answer-only (see gr2.arms)")
-
-
-def main(args: Any) -> int:
-    config = common.config_from_args(SftConfig, args, STAGE)
-    summary = run_sft(args.run_dir, config, arm=getattr(args, "arm", "think"), force=args.force)
+def main(args: Any, config: SftConfig) -> int:
+    """``gr2 sft`` (flags: gr2.stages)."""
+    summary = run_sft(args.run_dir, config, arm=args.arm, force=args.force)
     print(json.dumps(summary, indent=2))
     return 0
