@@ -502,6 +502,23 @@ fn pid_may_be_alive(pid: u32) -> bool {
     }
 }
 
+/// Takes an exclusive advisory lock (`flock`) without waiting; false when another open file
+/// description holds one (or locks are unavailable). Released when `file` is closed.
+/// (`File::try_lock` needs Rust 1.89; the crate's MSRV is 1.85.)
+pub(crate) fn try_lock(file: &File) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = file;
+        false
+    }
+}
+
 /// Removes the temporary files that killed saves to `file_name` in `dir` left behind. A file
 /// counts as stale only when its name is exactly `{temp_prefix}{pid}-{nonce}` (digits), its
 /// writer `pid` no longer exists, and nobody holds the lock every writer keeps on it while it
@@ -527,7 +544,7 @@ fn remove_stale_temp_files(dir: &Path, file_name: &std::ffi::OsStr) {
         }
         let path = entry.path();
         let Ok(file) = OpenOptions::new().read(true).open(&path) else { continue };
-        if file.try_lock().is_ok() {
+        if try_lock(&file) {
             let _ = std::fs::remove_file(&path);
         }
     }
@@ -555,7 +572,7 @@ pub(crate) fn atomic_write(path: &Path, write: impl FnOnce(&mut File) -> std::io
     let result = (|| {
         let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| io("create a temporary file for", e))?;
         // Held until the file is closed: tells `remove_stale_temp_files` the writer is alive.
-        let _ = file.try_lock();
+        try_lock(&file);
         write(&mut file).map_err(|e| io("write", e))?;
         file.sync_all().map_err(|e| io("fsync", e))?;
         drop(file);

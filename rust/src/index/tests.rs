@@ -429,6 +429,7 @@ fn directories_are_refused_with_a_clear_message() {
     assert!(index.save(dir.path()).unwrap_err().to_string().contains("is a directory"));
 }
 
+#[cfg(target_os = "linux")]
 #[test]
 fn save_removes_only_provably_stale_temporary_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -439,7 +440,7 @@ fn save_removes_only_provably_stale_temporary_files() {
     let names = [
         format!(".i.gr2sid.tmp-{dead}-1"),                       // stale: removed
         format!(".i.gr2sid.tmp-{}-2", std::process::id()),      // ours (maybe another thread)
-        format!(".i.gr2sid.tmp-1-3"),                            // pid 1 is alive
+        ".i.gr2sid.tmp-1-3".to_string(),                         // pid 1 is alive
         format!(".j.gr2sid.tmp-{dead}-4"),                       // another target
         format!(".i.gr2sid.tmp-{dead}-x"),                       // not our pattern
     ];
@@ -449,7 +450,7 @@ fn save_removes_only_provably_stale_temporary_files() {
     // A stale-looking file whose lock is held (a writer in another PID namespace) is kept.
     let locked_name = format!(".i.gr2sid.tmp-{dead}-5");
     let locked = std::fs::File::create(dir.path().join(&locked_name)).unwrap();
-    locked.try_lock().unwrap();
+    assert!(file::try_lock(&locked));
     SidIndex::build(&[1, 2], &[1, 2], 1, None).unwrap().save(&path).unwrap();
     let mut left: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     left.sort();

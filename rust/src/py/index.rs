@@ -198,10 +198,7 @@ impl PySidIndex {
     /// The bytes `save` would write (the file format).
     fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let inner = &self.inner;
-        PyBytes::new_with(py, inner.file_len(), |buf| {
-            buf.fill(0);
-            inner.write_bytes_into(buf).map_err(PyErr::from)
-        })
+        PyBytes::new_with(py, inner.file_len(), |buf| inner.write_bytes_into(buf).map_err(PyErr::from))
     }
 
     /// An index from the bytes of a saved file (`to_bytes`), validated like `load`.
