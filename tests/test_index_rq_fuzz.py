@@ -369,3 +369,67 @@ def test_encode_npy_any_argument(tmp_path_factory, x, chunk_size, beam, data):
         assert status == "ok"
         np.testing.assert_array_equal(np.load(folder / "codes.npy"), cb.encode(x, beam=beam))
     assert sorted(p.name for p in folder.iterdir()) in (["x.npy"], ["codes.npy", "x.npy"])
+
+
+# --------------------------------------------------------------------------------------------
+# Audit: every public SidIndex / RQCodebooks entry point, called with wrongly typed arguments.
+
+BAD_VALUES = [object(), None, 2.5, "x", b"x", 2**70, -1, [object()], np.zeros((2, 2, 2), np.complex64)]
+INDEX_CALLS = {  # name -> how to call it with one bad argument
+    "build": lambda bad: SidIndex.build(bad, bad),
+    "load": lambda bad: SidIndex.load(bad),
+    "from_bytes": lambda bad: SidIndex.from_bytes(bad),
+    "save": lambda bad: _audit_index().save(bad),
+    "sids": lambda bad: _audit_index().sids(bad),
+    "items": lambda bad: _audit_index().items(bad),
+    "children": lambda bad: _audit_index().children(bad),
+    "prefix_range": lambda bad: _audit_index().prefix_range(bad),
+    "__contains__": lambda bad: bad in _audit_index(),
+}
+INDEX_NO_ARGS = {"item_ids", "codes", "repair_report", "to_bytes", "levels", "level_sizes", "uniqueness_before_repair", "nbytes", "is_mapped"}
+RQ_CALLS = {
+    "__init__": lambda bad: RQCodebooks(bad),
+    "encode": lambda bad: _audit_rq().encode(bad),
+    "encode beam": lambda bad: _audit_rq().encode(np.zeros((1, 2), np.float32), beam=bad),
+    "encode row_offset": lambda bad: _audit_rq().encode(np.zeros((1, 2), np.float32), row_offset=bad),
+    "decode": lambda bad: _audit_rq().decode(bad),
+}
+RQ_NO_ARGS = {"levels", "codebook_size", "dim", "codebooks"}
+
+
+def _audit_index():
+    return SidIndex.build(np.arange(3, dtype=np.uint64), np.arange(3, dtype=np.uint16).reshape(3, 1))
+
+
+def _audit_rq():
+    return RQCodebooks(np.ones((1, 2, 2), np.float32))
+
+
+def test_audit_lists_every_public_entry_point():
+    public = {n for n in dir(SidIndex) if not n.startswith("_")} | {"__contains__"}
+    assert public == set(INDEX_CALLS) | INDEX_NO_ARGS, "a new SidIndex method needs an audit entry"
+    public = {n for n in dir(RQCodebooks) if not n.startswith("_")}
+    assert public == {n.split()[0] for n in RQ_CALLS if n != "__init__"} | RQ_NO_ARGS
+
+
+@pytest.mark.parametrize("name", [*INDEX_CALLS, *RQ_CALLS])
+def test_audit_bad_arguments_raise_gr2_errors(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # save("x") and friends write here
+    call = {**INDEX_CALLS, **RQ_CALLS}[name]
+    for bad in BAD_VALUES:
+        status, _ = outcome(lambda: call(bad))
+        is_int = type(bad) is int
+        if name == "__contains__" and is_int:
+            assert status == "ok"  # integers outside uint64 are simply not contained
+        elif name == "save" and isinstance(bad, str):
+            assert status == "ok"  # a valid path
+        elif name in ("children", "prefix_range") and isinstance(bad, bytes):
+            assert status == "ok"  # bytes are a sequence of small ints: a valid prefix
+        elif name in ("encode beam", "encode row_offset") and bad is None:
+            assert status == "ok"  # None means the default (beam 1, row_offset 0)
+        else:
+            assert status == "error", (name, bad)
+    for no_arg in INDEX_NO_ARGS:
+        value = getattr(_audit_index(), no_arg)
+        if callable(value):
+            value()

@@ -41,6 +41,8 @@ class RQCodebooks:
         """Encodes float32 (n, D) rows into uint16 (n, L) codes.
 
         ``row_offset``: the row number of ``x[0]`` in error messages, for chunks of a larger array.
+        ``None`` for either means its default. A non-integer or out-of-range ``beam``/``row_offset``
+        (``2.5``, ``2**63``) is an InvalidInputError naming the argument.
 
         ``beam == 1`` is greedy. ``beam = B > 1`` (at most 1024) keeps the B partial paths with the
         smallest squared error after each level and returns the best final one, or the greedy
