@@ -677,6 +677,13 @@ def test_conversion_errors_on_methods_name_the_argument(tmp_path):
         index.sids(np.array([-1, 2]))
 
 
+def test_plain_constructor_says_what_to_use():
+    with pytest.raises(gr2.InvalidInputError, match="SidIndex.build"):
+        SidIndex()
+    with pytest.raises(gr2.InvalidInputError, match="SidIndex.load"):
+        SidIndex(np.arange(3, dtype=np.uint64))
+
+
 def test_error_mapping_fallback_keeps_the_message():
     """Without gr2.errors (a broken install), the original message must still reach the caller."""
     script = """

@@ -10,7 +10,7 @@ use numpy::{dtype, Element, PyArray1, PyArray2, PyUntypedArray};
 use pyo3::exceptions::PyOverflowError;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 
 use super::errors::{extract_arg, int_arg, short_repr};
 use crate::error::Gr2Error;
@@ -142,6 +142,17 @@ pub struct PySidIndex {
 
 #[pymethods]
 impl PySidIndex {
+    /// There is no plain constructor; say which ones exist (instead of PyO3's bare TypeError).
+    #[new]
+    #[pyo3(signature = (*_args, **_kwargs))]
+    fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        Err(Gr2Error::invalid(
+            "SidIndex() has no constructor: use SidIndex.build(item_ids, codes), SidIndex.load(path) \
+             or SidIndex.from_bytes(data)",
+        )
+        .into())
+    }
+
     /// Builds an index; `codes[i]` is the SID of `item_ids[i]`. Colliding SIDs are repaired.
     #[staticmethod]
     #[pyo3(signature = (item_ids, codes, codebook_size=None))]
