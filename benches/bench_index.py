@@ -150,9 +150,11 @@ def main(argv=None) -> int:
         for p, a in zip(np_paths, np_index.arrays()):
             np.save(p, a)
         t_np_load, _ = best_of(args.repeat, lambda: [np.load(p) for p in np_paths])
+        t_load_mmap, _ = best_of(args.repeat, lambda: gr2.SidIndex.load(path, mmap=True))
         t_load, loaded = best_of(args.repeat, lambda: gr2.SidIndex.load(path))
         report("numpy np.load of 4 arrays", t_np_load, n)
-        report("gr2 load (mmap+checksum+checks)", t_load, n, t_np_load)
+        report("gr2 load (copy-in+checksum+checks, default)", t_load, n, t_np_load)
+        report("gr2 load (mmap=True+checksum+checks)", t_load_mmap, n, t_np_load)
         t_loaded_sids, loaded_sids = best_of(args.repeat, lambda: loaded.sids(queries))
         report("gr2 ids->SIDs on loaded index", t_loaded_sids, n, t_np_sids)
         assert np.array_equal(loaded_sids, sids)

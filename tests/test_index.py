@@ -177,7 +177,9 @@ def test_empty_and_single():
     one = SidIndex.build(np.array([2**64 - 1], np.uint64), np.array([[7, 0, 3]], np.uint16))
     assert one.sids(np.array([2**64 - 1], np.uint64)).tolist() == [[7, 0, 3]]
     assert one.items(np.array([[7, 0, 3]], np.uint16)).tolist() == [2**64 - 1]
-    assert 2**64 - 1 in one and 0 not in one and -1 not in one and "x" not in one
+    assert 2**64 - 1 in one and 0 not in one and -1 not in one
+    with pytest.raises(gr2.InvalidInputError, match="item_id must be an int"):
+        "x" in one  # noqa: B015
 
 
 def test_children_and_prefix_range_match_sorted_view():
@@ -518,3 +520,209 @@ def test_reads_version_1_files():
     np.testing.assert_array_equal(index.sids(ids), sids)
     np.testing.assert_array_equal(index.items(sids), ids)
     assert index.repair_report()["items_moved"] == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 16/15 regressions: a loaded index stays what was loaded, build and load agree on the
+# level limit, clear errors at the boundary, pickling.
+
+
+def _distinct_index(seed, n=2000):
+    """An index without collisions, so two of them with the same n have the same file size."""
+    rng = np.random.default_rng(seed)
+    flat = rng.choice(256 * 256, size=n, replace=False)
+    codes = np.stack([flat // 256, flat % 256], axis=1).astype(np.uint16)
+    return np.arange(n, dtype=np.uint64), codes, SidIndex.build(np.arange(n, dtype=np.uint64), codes)
+
+
+def test_loaded_index_ignores_in_place_overwrite(tmp_path):
+    ids, codes_a, a = _distinct_index(1)
+    _, codes_b, b = _distinct_index(2)
+    path_a, path_b = tmp_path / "a.gr2sid", tmp_path / "b.gr2sid"
+    a.save(path_a)
+    b.save(path_b)
+    assert path_a.stat().st_size == path_b.stat().st_size
+    loaded = SidIndex.load(path_a)
+    assert not loaded.is_mapped
+    with open(path_a, "r+b") as f:  # in place, same inode (what `cp b a` does)
+        f.write(path_b.read_bytes())
+    np.testing.assert_array_equal(loaded.sids(ids), codes_a)
+    np.testing.assert_array_equal(SidIndex.load(path_a).sids(ids), codes_b)
+
+
+def test_loaded_index_survives_truncation(tmp_path):
+    """On main this killed the process with SIGBUS (rc 135): run it in a child."""
+    path = tmp_path / "i.gr2sid"
+    script = f"""
+import os, numpy as np, gr2
+n = 200_000
+codes = np.stack([np.arange(n) % 65536, np.arange(n) // 65536], axis=1).astype(np.uint16)
+gr2.SidIndex.build(np.arange(n, dtype=np.uint64), codes, codebook_size=65536).save({str(path)!r})
+index = gr2.SidIndex.load({str(path)!r})
+os.truncate({str(path)!r}, 0)
+assert (index.sids(np.arange(n, dtype=np.uint64)) == codes).all()
+assert (index.items(codes) == np.arange(n)).all()
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, (result.returncode, result.stderr)
+
+
+def test_mmap_mode_is_opt_in_and_keeps_the_old_inode(tmp_path):
+    ids, codes_a, a = _distinct_index(3)
+    _, codes_b, b = _distinct_index(4)
+    path = tmp_path / "i.gr2sid"
+    a.save(path)
+    mapped = SidIndex.load(path, mmap=True)
+    assert mapped.is_mapped and not a.is_mapped
+    np.testing.assert_array_equal(mapped.sids(ids), codes_a)
+    np.testing.assert_array_equal(mapped.items(codes_a), ids)
+    inode = path.stat().st_ino
+    b.save(path)  # save renames a new file into place: the mapped index keeps the old inode
+    assert path.stat().st_ino != inode
+    np.testing.assert_array_equal(mapped.sids(ids), codes_a)
+    np.testing.assert_array_equal(SidIndex.load(path, mmap=True).sids(ids), codes_b)
+    np.testing.assert_array_equal(SidIndex.load(path, mmap=False).sids(ids), codes_b)
+    with pytest.raises(gr2.InvalidInputError, match="mmap"):
+        SidIndex.load(path, mmap="yes")
+
+
+def _dead_pid():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_save_removes_stale_temporary_files(tmp_path):
+    path = tmp_path / "index.gr2sid"
+    dead = tmp_path / f".index.gr2sid.tmp-{_dead_pid()}-123"
+    live = tmp_path / f".index.gr2sid.tmp-{os.getppid()}-456"  # a running process: maybe mid-save
+    other = tmp_path / f".other.gr2sid.tmp-{_dead_pid()}-789"  # another target's: not ours to touch
+    unrelated = tmp_path / ".index.gr2sid.tmp-notapid"
+    for p in (dead, live, other, unrelated):
+        p.write_bytes(b"half-written")
+    SidIndex.build(np.arange(3, dtype=np.uint64), np.zeros((3, 1), np.uint16) + np.arange(3, dtype=np.uint16)[:, None]).save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name, other.name, unrelated.name])
+    assert SidIndex.load(path).sids(np.array([2], np.uint64)).tolist() == [[2]]
+
+
+def test_64_levels_with_collisions_is_refused_at_build(tmp_path):
+    ids = np.arange(2, dtype=np.uint64)
+    with pytest.raises(gr2.InvalidInputError, match="64 levels"):
+        SidIndex.build(ids, np.zeros((2, 64), np.uint16), codebook_size=1)
+    with pytest.raises(gr2.InvalidInputError, match="64 levels"):
+        SidIndex.build(ids, np.zeros((2, 65), np.uint16), codebook_size=1)
+    # 64 levels without a collision: builds, saves and loads back.
+    codes = np.zeros((2, 64), np.uint16)
+    codes[1, 63] = 1
+    index = SidIndex.build(ids, codes, codebook_size=[1] * 63 + [2])
+    index.save(tmp_path / "i.gr2sid")
+    np.testing.assert_array_equal(SidIndex.load(tmp_path / "i.gr2sid").sids(ids), codes)
+    # 63 levels with collisions: the appended level makes 64, which load accepts.
+    index = SidIndex.build(ids, np.zeros((2, 63), np.uint16), codebook_size=1)
+    assert index.levels == 64
+    index.save(tmp_path / "j.gr2sid")
+    assert SidIndex.load(tmp_path / "j.gr2sid").levels == 64
+
+
+def test_load_of_a_directory_says_so(tmp_path):
+    with pytest.raises(gr2.Gr2IOError, match="directory") as info:
+        SidIndex.load(tmp_path)
+    assert str(tmp_path) in str(info.value)
+    with pytest.raises(gr2.Gr2IOError, match="directory"):
+        SidIndex.load(tmp_path, mmap=True)
+    index = SidIndex.build(np.arange(2, dtype=np.uint64), np.zeros((2, 1), np.uint16))
+    with pytest.raises(gr2.Gr2Error, match="directory"):
+        index.save(tmp_path)
+
+
+def test_contains_refuses_non_integers():
+    index = SidIndex.build(np.array([3, 10], np.uint64), np.array([[0], [1]], np.uint16))
+    assert 10 in index and np.uint64(10) in index and np.int64(3) in index
+    assert -1 not in index and 2**70 not in index and 4 not in index
+    for bad in (10.0, np.float64(10), "10", None, [10]):
+        with pytest.raises(gr2.InvalidInputError, match="item_id"):
+            bad in index  # noqa: B015
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: SidIndex.load(123), "path"),
+        (lambda: SidIndex.load(None), "path"),
+        (lambda: SidIndex.build(np.arange(2, dtype=np.uint64), np.zeros((2, 1), np.uint16), codebook_size=2**70), "codebook_size"),
+        (lambda: SidIndex.build(np.arange(2, dtype=np.uint64), np.zeros((2, 1), np.uint16), codebook_size=-3), "codebook_size"),
+        (lambda: SidIndex.build(np.arange(2, dtype=np.int64), np.zeros((2, 1), np.uint16)), "item_ids"),
+        (lambda: SidIndex.build(np.arange(2, dtype=np.uint64), np.zeros((2, 1), np.int32)), "codes"),
+        (lambda: SidIndex.from_bytes("not bytes"), "data"),
+    ],
+)
+def test_conversion_errors_are_invalid_input_naming_the_argument(call, name):
+    with pytest.raises(gr2.InvalidInputError, match=name):
+        call()
+
+
+def test_conversion_errors_on_methods_name_the_argument(tmp_path):
+    index = SidIndex.build(np.arange(4, dtype=np.uint64), np.arange(8, dtype=np.uint16).reshape(4, 2))
+    with pytest.raises(gr2.InvalidInputError, match="path"):
+        index.save(3.5)
+    with pytest.raises(gr2.InvalidInputError, match="prefix"):
+        index.children([2**70])
+    with pytest.raises(gr2.InvalidInputError, match="prefix"):
+        index.prefix_range([-1])
+    with pytest.raises(gr2.InvalidInputError, match="item_ids"):
+        index.sids(np.arange(2, dtype=np.int64))
+    with pytest.raises(gr2.InvalidInputError, match="item_ids"):
+        index.sids(np.array([-1, 2]))
+
+
+def test_plain_constructor_says_what_to_use():
+    with pytest.raises(gr2.InvalidInputError, match="SidIndex.build"):
+        SidIndex()
+    with pytest.raises(gr2.InvalidInputError, match="SidIndex.load"):
+        SidIndex(np.arange(3, dtype=np.uint64))
+
+
+def test_error_mapping_fallback_keeps_the_message():
+    """Without gr2.errors (a broken install), the original message must still reach the caller."""
+    script = """
+import sys, types
+import gr2
+sys.modules["gr2.errors"] = types.ModuleType("gr2.errors")
+try:
+    gr2.SidIndex.load("/nonexistent/where.gr2sid")
+except Exception as err:
+    print(type(err).__name__, err)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert "/nonexistent/where.gr2sid" in result.stdout, result.stdout + result.stderr
+    assert result.stdout.startswith("OSError"), result.stdout
+
+
+def test_pickle_round_trip(tmp_path):
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(11)
+    ids, codes = random_dataset(rng, 3000, 2, 16)
+    codes[:, 1] %= 4
+    index = SidIndex.build(ids, codes, codebook_size=[16, 4])
+    index.save(tmp_path / "i.gr2sid")
+    assert index.to_bytes() == (tmp_path / "i.gr2sid").read_bytes()
+    for source in (index, SidIndex.load(tmp_path / "i.gr2sid"), SidIndex.load(tmp_path / "i.gr2sid", mmap=True)):
+        for again in (pickle.loads(pickle.dumps(source)), copy.deepcopy(source), SidIndex.from_bytes(source.to_bytes())):
+            assert again.level_sizes == index.level_sizes
+            assert again.repair_report() == index.repair_report()
+            np.testing.assert_array_equal(again.codes(), index.codes())
+            np.testing.assert_array_equal(again.item_ids(), index.item_ids())
+            np.testing.assert_array_equal(again.sids(ids), index.sids(ids))
+    empty = SidIndex.build(np.zeros(0, np.uint64), np.zeros((0, 3), np.uint16))
+    assert len(pickle.loads(pickle.dumps(empty))) == 0
+    raw = bytearray(index.to_bytes())
+    raw[300] ^= 1
+    with pytest.raises(gr2.CorruptFileError, match="checksum"):
+        SidIndex.from_bytes(bytes(raw))
+    with pytest.raises(gr2.CorruptFileError):
+        SidIndex.from_bytes(b"")

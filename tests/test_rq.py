@@ -345,12 +345,84 @@ def test_encode_npy_errors(tmp_path):
     bad = np.zeros((50, 4), np.float32)
     bad[37, 1] = np.nan
     np.save(tmp_path / "nan.npy", bad)
-    with pytest.raises(InvalidInputError, match=r"rows 30\.\.39: x contains a non-finite value \(NaN\) at row 7, column 1"):
+    with pytest.raises(InvalidInputError, match=r"nan\.npy: x contains a non-finite value \(NaN\) at row 37, column 1"):
         encode_npy(cb, tmp_path / "nan.npy", dst, chunk_size=10, progress=False)
     with pytest.raises(InvalidInputError, match="chunk_size"):
         encode_npy(cb, tmp_path / "d5.npy", dst, chunk_size=0, progress=False)
     assert not dst.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_encode_npy_reports_the_file_row_in_every_chunk(tmp_path):
+    cb = RQCodebooks(np.zeros((2, 3, 4), np.float32))
+    for row in (0, 9, 10, 49):
+        bad = np.zeros((50, 4), np.float32)
+        bad[row, 2] = np.inf
+        np.save(tmp_path / "bad.npy", bad)
+        with pytest.raises(InvalidInputError, match=rf"at row {row}, column 2"):
+            encode_npy(cb, tmp_path / "bad.npy", tmp_path / "codes.npy", chunk_size=10, progress=False)
+
+
+def test_encode_npy_refuses_to_overwrite_its_input(tmp_path):
+    import os
+
+    cb = RQCodebooks(np.random.default_rng(3).standard_normal((2, 3, 4)).astype(np.float32))
+    x = np.random.default_rng(4).standard_normal((20, 4)).astype(np.float32)
+    src = tmp_path / "x.npy"
+    np.save(src, x)
+    link = tmp_path / "link.npy"
+    os.link(src, link)
+    for out in (src, str(src), tmp_path / "." / "x.npy", link):
+        with pytest.raises(InvalidInputError, match="input"):
+            encode_npy(cb, src, out, progress=False)
+    (tmp_path / "sub").mkdir()
+    os.symlink(src, tmp_path / "sub" / "sym.npy")
+    with pytest.raises(InvalidInputError, match="input"):
+        encode_npy(cb, tmp_path / "sub" / "sym.npy", src, progress=False)
+    np.testing.assert_array_equal(np.load(src), x)
+
+
+def test_encode_npy_removes_stale_temporary_files(tmp_path):
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    cb = RQCodebooks(np.zeros((2, 3, 4), np.float32))
+    np.save(tmp_path / "x.npy", np.zeros((5, 4), np.float32))
+    stale = tmp_path / f".codes.npy.tmp-{child.pid}-abc"
+    stale.write_bytes(b"half")
+    encode_npy(cb, tmp_path / "x.npy", tmp_path / "codes.npy", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.npy", "x.npy"]
+
+
+@pytest.mark.parametrize("beam", [2**63, 2**64, -(2**63) - 1, 0, 1025, 2.5, "3", [2]])
+def test_encode_beam_conversion_errors_name_the_argument(beam):
+    cb = RQCodebooks(np.zeros((2, 3, 4), np.float32))
+    with pytest.raises(InvalidInputError, match="beam"):
+        cb.encode(np.zeros((2, 4), np.float32), beam=beam)
+    with pytest.raises(InvalidInputError, match="beam"):
+        cb.encode(np.zeros((0, 4), np.float32), beam=beam)
+
+
+def test_encode_npy_checks_beam_even_for_an_empty_file(tmp_path):
+    cb = RQCodebooks(np.zeros((2, 3, 4), np.float32))
+    np.save(tmp_path / "x.npy", np.zeros((0, 4), np.float32))
+    with pytest.raises(InvalidInputError, match="beam"):
+        encode_npy(cb, tmp_path / "x.npy", tmp_path / "codes.npy", beam=0, progress=False)
+    assert not (tmp_path / "codes.npy").exists()
+
+
+def test_encode_row_offset_numbers_error_rows():
+    cb = RQCodebooks(np.zeros((2, 3, 4), np.float32))
+    x = np.zeros((5, 4), np.float32)
+    x[3, 1] = np.nan
+    with pytest.raises(InvalidInputError, match="at row 3, column 1"):
+        cb.encode(x)
+    with pytest.raises(InvalidInputError, match="at row 1003, column 1"):
+        cb.encode(x, row_offset=1000)
+    with pytest.raises(InvalidInputError, match="row_offset"):
+        cb.encode(x, row_offset=-1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,8 +37,12 @@ class RQCodebooks:
     @property
     def codebooks(self) -> npt.NDArray[np.float32]:
         """A float32 (L, K, D) copy of the codebooks."""
-    def encode(self, x: npt.NDArray[np.float32], beam: int = 1) -> npt.NDArray[np.uint16]:
+    def encode(self, x: npt.NDArray[np.float32], beam: int = 1, *, row_offset: int = 0) -> npt.NDArray[np.uint16]:
         """Encodes float32 (n, D) rows into uint16 (n, L) codes.
+
+        ``row_offset``: the row number of ``x[0]`` in error messages, for chunks of a larger array.
+        ``None`` for either means its default. A non-integer or out-of-range ``beam``/``row_offset``
+        (``2.5``, ``2**63``) is an InvalidInputError naming the argument.
 
         ``beam == 1`` is greedy. ``beam = B > 1`` (at most 1024) keeps the B partial paths with the
         smallest squared error after each level and returns the best final one, or the greedy
@@ -185,8 +189,11 @@ class SidIndex:
     keeps the SID; every other item moves to the nearest free last-level code under the same
     prefix (ties to the lower code), in ascending (SID, item id) order. Only when a prefix's last
     level is full is one disambiguation level appended to every SID (0 for items that need none;
-    the items still sharing a SID are numbered 0, 1, 2, ... by ascending id). Immutable and safe
-    to share between threads; ``load`` memory-maps the file.
+    the items still sharing a SID are numbered 0, 1, 2, ... by ascending id). SIDs have at most
+    64 levels, the appended one included (``build`` refuses more, so every index that builds also
+    saves and loads). Immutable, safe to share between threads, and picklable (as the bytes of the
+    file format). Every error is a :class:`gr2.Gr2Error` subclass; a wrongly typed argument is an
+    InvalidInputError naming it.
     """
 
     @staticmethod
@@ -201,10 +208,30 @@ class SidIndex:
         level; default ``max(256, codes.max() + 1)``. Raises InvalidInputError on wrong
         dtype/shape, duplicate ids, or a code >= codebook_size."""
     @staticmethod
-    def load(path: str | os.PathLike[str]) -> SidIndex:
-        """Memory-maps and validates a saved index (CorruptFileError, Gr2IOError)."""
+    def load(path: str | os.PathLike[str], mmap: bool = False) -> SidIndex:
+        """Loads and validates a saved index (CorruptFileError, Gr2IOError; a directory is a
+        Gr2IOError saying so).
+
+        By default the whole file is read into memory the index owns and its checksum verified:
+        the loaded index never changes, whatever later happens to the file (the right mode for
+        long-lived servers). ``mmap=True`` memory-maps the file instead (validated once at load,
+        pages shared with the page cache): the file must then **not be modified in place** while
+        the index is alive: overwriting it changes the answers of the loaded index and truncating
+        it kills the process with SIGBUS; only a change during the load itself is detected.
+        Replacing the file by rename (what ``save`` does) is safe: the map keeps the old inode."""
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Writes the index atomically (temporary file in the same folder, fsync, rename)."""
+        """Writes the index atomically: a temporary file ``.{name}.tmp-{pid}-{nonce}`` in the same
+        folder, fsync, rename over ``path``. The old file is never modified in place (an index
+        loaded from it with ``mmap=True`` keeps seeing it). Temporary files left by killed saves
+        to the same path (writer pid gone, lock free) are removed first."""
+    def to_bytes(self) -> bytes:
+        """The bytes ``save`` writes (the file format, checksummed)."""
+    @staticmethod
+    def from_bytes(data: bytes | bytearray) -> SidIndex:
+        """An index from ``to_bytes()`` output, copied and validated like ``load``."""
+    @property
+    def is_mapped(self) -> bool:
+        """Whether the index was loaded with ``mmap=True``."""
     def sids(self, item_ids: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint16]:
         """uint64 (m,) -> uint16 (m, levels); UnknownItemError names the first unknown id and row."""
     def items(self, sids: npt.NDArray[np.uint16]) -> npt.NDArray[np.uint64]:
@@ -235,4 +262,7 @@ class SidIndex:
         """Bytes held for lookups: 20 per item when a packed SID fits 32 bits (e.g. 4 levels of 256
         codes), else 24, plus two bucket tables of 1/8 byte per item each."""
     def __len__(self) -> int: ...
-    def __contains__(self, item_id: object) -> bool: ...
+    def __contains__(self, item_id: int | np.integer) -> bool:
+        """Membership of an integer id (ints outside the uint64 range are never contained);
+        anything that is not an integer (a float such as ``10.0``, a str) is InvalidInputError."""
+    def __reduce__(self) -> tuple[object, tuple[bytes]]: ...

@@ -3,15 +3,23 @@
 :class:`gr2.RQCodebooks` (native, ``rust/src/rq``) encodes arrays in memory. :func:`encode_npy`
 streams a float32 ``.npy`` file through it chunk by chunk: the input is memory-mapped (pages are
 read on demand and can be evicted), the uint16 codes go into a memory-mapped ``.npy`` written
-under a temporary name and renamed into place, so a reader never sees a half-written file.
+under a temporary name (``.{name}.tmp-{pid}-{random}``, locked while written) and renamed into
+place, so a reader never sees a half-written file. Temporary files of killed runs writing the
+same output are removed by the next run (writer pid gone and lock free).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks, no clean-up of stale temporary files
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 from numpy.lib.format import open_memmap
@@ -43,6 +51,55 @@ def _open_input(path: Path) -> np.ndarray:
     return array
 
 
+def _temp_prefix(output_path: Path) -> str:
+    return f".{output_path.name}.tmp-"
+
+
+def _pid_may_be_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError, OSError):
+        return True
+    return True
+
+
+def _remove_stale_temp_files(output_path: Path) -> None:
+    """Removes temporary files of killed runs writing ``output_path`` (see the module docs)."""
+    if fcntl is None:
+        return
+    prefix = _temp_prefix(output_path)
+    pattern = re.compile(re.escape(prefix) + r"(\d+)-[A-Za-z0-9_]+")
+    try:
+        entries = list(os.scandir(output_path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or not entry.is_file(follow_symlinks=False):
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or _pid_may_be_alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            fd = os.open(entry.path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a writer (perhaps in another PID namespace) still holds it
+            finally:
+                os.close(fd)
+            os.unlink(entry.path)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def encode_npy(
     codebooks: RQCodebooks | np.ndarray,
     input_path: str | os.PathLike,
@@ -58,13 +115,22 @@ def encode_npy(
     The output is written to a temporary file next to ``output_path`` and renamed into place
     only when complete. Returns the output path.
 
-    Raises InvalidInputError (wrong dtype/shape, NaN/inf, bad chunk_size/beam), Gr2IOError
-    (missing or unreadable input) and CorruptFileError (not a .npy file).
+    Raises InvalidInputError (wrong dtype/shape, NaN/inf with the file row and column, bad
+    chunk_size/beam, ``output_path`` naming the input file itself, also through a link),
+    Gr2IOError (missing or unreadable input) and CorruptFileError (not a .npy file).
     """
     cb = _as_codebooks(codebooks)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise InvalidInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    input_path, output_path = Path(input_path), Path(output_path)
+    try:
+        input_path, output_path = Path(input_path), Path(output_path)
+    except TypeError as e:
+        raise InvalidInputError(f"input_path and output_path must be str or os.PathLike: {e}") from e
+    if input_path.absolute() == output_path.absolute() or _same_file(input_path, output_path):
+        raise InvalidInputError(
+            f"output_path {output_path} is the input file {input_path}: encoding in place would replace "
+            "the embeddings with codes; write the codes to another file"
+        )
     x = _open_input(input_path)
     if x.dtype != np.float32:
         raise InvalidInputError(
@@ -74,20 +140,23 @@ def encode_npy(
     if x.ndim != 2 or x.shape[1] != cb.dim:
         raise InvalidInputError(f"{input_path} has shape {x.shape}; expected (n, {cb.dim}) to match the codebooks")
     n = x.shape[0]
+    cb.encode(np.zeros((0, cb.dim), np.float32), beam=beam)  # checks beam even when n == 0
 
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".tmp", dir=output_path.parent)
-    os.close(fd)
+    _remove_stale_temp_files(output_path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{_temp_prefix(output_path)}{os.getpid()}-", dir=output_path.parent)
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until fd is closed
     try:
         codes = open_memmap(tmp_name, mode="w+", dtype=np.uint16, shape=(n, cb.levels))
         with tqdm(total=n, unit="item", desc="rq encode", disable=not progress) as bar:
             for start in range(0, n, int(chunk_size)):
                 stop = min(start + int(chunk_size), n)
                 try:
-                    codes[start:stop] = cb.encode(x[start:stop], beam=beam)
+                    codes[start:stop] = cb.encode(x[start:stop], beam=beam, row_offset=start)
                 except InvalidInputError as e:
-                    # Row numbers in the message are relative to the chunk; say where it starts.
-                    raise InvalidInputError(f"{input_path}, rows {start}..{stop - 1}: {e}") from e
+                    raise InvalidInputError(f"{input_path}: {e}") from e
                 bar.update(stop - start)
         codes.flush()
         del codes
@@ -98,6 +167,8 @@ def encode_npy(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+    finally:
+        os.close(fd)
     return output_path
 
 

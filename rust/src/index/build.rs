@@ -341,7 +341,11 @@ fn append_disambiguation_level(by_sid: &mut [Entry], layout: &KeyLayout) -> Resu
         )));
     }
     let wider = layout.with_level(largest as u32).map_err(|err| {
-        Gr2Error::invalid(format!("collision repair needs a disambiguation level of size {largest}, but {err}"))
+        Gr2Error::invalid(format!(
+            "collision repair needs a disambiguation level of size {largest} after the {} input levels, \
+             but {err}; use fewer levels or a larger last-level codebook",
+            layout.levels()
+        ))
     })?;
     let extra_bits = wider.bits(layout.levels());
     let mut disambiguated = 0;

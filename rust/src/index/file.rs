@@ -22,24 +22,33 @@
 //!               item_pos     u32 x n     id-order position of each SID of sorted_keys
 //! ```
 //!
-//! Saving writes a temporary file in the target's directory, fsyncs it, renames it over the
-//! target and fsyncs the directory, so a reader sees the old file or the new one, never a mix.
-//! Loading memory-maps the file and checks magic, version, length, checksum, section layout and
-//! finally the arrays themselves (sorted, in range, the two position arrays inverse to each
-//! other), so a damaged file fails with `CorruptFile` instead of answering wrong.
+//! Saving writes a temporary file `.{name}.tmp-{pid}-{nonce}` in the target's directory (locked
+//! while written), fsyncs it, renames it over the target and fsyncs the directory, so a reader
+//! sees the old file or the new one, never a mix, and the target is never modified in place (an
+//! index memory-mapped from the old file keeps the old inode). Temporary files of killed saves to
+//! the same target are removed by the next save (writer pid gone and lock free).
+//!
+//! Loading reads the whole file into memory the index owns ([`LoadMode::Copy`], the default) or
+//! memory-maps it ([`LoadMode::Mmap`]), then checks magic, version, length, checksum, section
+//! layout and finally the arrays themselves (sorted, in range, the two position arrays inverse to
+//! each other), so a damaged file fails with `CorruptFile` instead of answering wrong. A copied-in
+//! index never changes afterwards; a mapped one reflects in-place writes to the file and dies
+//! with SIGBUS when the file is truncated under it (only a change during the load itself is
+//! detected), so map only files that are replaced by rename, never rewritten.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::{Mmap, MmapOptions};
+use memmap2::MmapOptions;
 use rayon::prelude::*;
 use xxhash_rust::xxh3::{xxh3_64, Xxh3Default};
 
 use super::search::{wide, Key};
-use super::{Buf, KeyLayout, Keys, RepairReport, SidIndex};
+use super::layout::MAX_LEVELS;
+use super::{huge_page_vec, Buf, FileBytes, KeyLayout, Keys, LoadMode, RepairReport, SidIndex};
 use crate::error::{Gr2Error, Result};
 
 const MAGIC: [u8; 8] = *b"GR2SIDX\0";
@@ -80,16 +89,40 @@ fn encode_report(report: &RepairReport) -> Vec<u64> {
     words
 }
 
+
+/// Where every section of a saved index goes, and its header (checksum still zero).
+struct Plan<'a> {
+    header: Vec<u8>,
+    offsets: [usize; SECTIONS],
+    sections: [&'a [u8]; SECTIONS],
+    len: usize,
+}
+
+impl Plan<'_> {
+    /// Writes the file image to `out`, returning the checksum to store at offset 16.
+    fn write<W: Write>(&self, out: &mut W) -> std::io::Result<u64> {
+        let mut hasher = Xxh3Default::new();
+        out.write_all(&self.header)?;
+        hasher.update(&self.header[CHECKSUMMED_FROM..]);
+        let mut written = HEADER_LEN;
+        let padding = [0u8; ALIGN];
+        for (offset, section) in self.offsets.iter().zip(&self.sections) {
+            let pad = &padding[..offset - written];
+            out.write_all(pad)?;
+            hasher.update(pad);
+            out.write_all(section)?;
+            hasher.update(section);
+            written = offset + section.len();
+        }
+        Ok(hasher.digest())
+    }
+}
+
 impl SidIndex {
-    /// Writes the index to `path` atomically (see the module docs).
-    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        check_little_endian()?;
-        let path = path.as_ref();
-        let level_sizes: &[u32] = self.level_sizes();
-        let report = encode_report(&self.report);
+    fn plan<'a>(&'a self, report: &'a [u64]) -> Plan<'a> {
         let sections: [&[u8]; SECTIONS] = [
-            bytemuck::cast_slice(level_sizes),
-            bytemuck::cast_slice(&report),
+            bytemuck::cast_slice(self.level_sizes()),
+            bytemuck::cast_slice(report),
             bytemuck::cast_slice(self.sorted_ids.as_slice()),
             bytemuck::cast_slice(self.sid_pos.as_slice()),
             with_keys!(self.sorted_keys, |keys| bytemuck::cast_slice(keys)),
@@ -105,7 +138,7 @@ impl SidIndex {
         header.extend_from_slice(&MAGIC);
         header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         header.extend_from_slice(&(HEADER_LEN as u32).to_le_bytes());
-        header.extend_from_slice(&0u64.to_le_bytes()); // checksum, patched below
+        header.extend_from_slice(&0u64.to_le_bytes()); // checksum, patched once known
         header.extend_from_slice(&(end as u64).to_le_bytes());
         header.extend_from_slice(&(self.len() as u64).to_le_bytes());
         header.extend_from_slice(&(self.levels() as u32).to_le_bytes());
@@ -115,70 +148,183 @@ impl SidIndex {
             header.extend_from_slice(&(section.len() as u64).to_le_bytes());
         }
         debug_assert_eq!(header.len(), HEADER_LEN);
+        Plan { header, offsets, sections, len: end }
+    }
 
-        atomic_write(path, |file| {
+    /// Size in bytes of the file [`save`](Self::save) writes (and of [`to_bytes`](Self::to_bytes)).
+    pub fn file_len(&self) -> usize {
+        self.plan(&encode_report(&self.report)).len
+    }
+
+    /// Writes the index to `path` atomically (see the module docs). Temporary files that an
+    /// earlier, killed save to the same path left behind are removed first.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        check_little_endian()?;
+        let report = encode_report(&self.report);
+        let plan = self.plan(&report);
+        atomic_write(path.as_ref(), |file| {
             let mut out = BufWriter::with_capacity(1 << 20, &mut *file);
-            let mut hasher = Xxh3Default::new();
-            out.write_all(&header)?;
-            hasher.update(&header[CHECKSUMMED_FROM..]);
-            let mut written = HEADER_LEN;
-            let padding = [0u8; ALIGN];
-            for (offset, section) in offsets.iter().zip(&sections) {
-                let pad = &padding[..offset - written];
-                out.write_all(pad)?;
-                hasher.update(pad);
-                out.write_all(section)?;
-                hasher.update(section);
-                written = offset + section.len();
-            }
+            let checksum = plan.write(&mut out)?;
             out.flush()?;
             drop(out);
             file.seek(SeekFrom::Start(16))?;
-            file.write_all(&hasher.digest().to_le_bytes())?;
+            file.write_all(&checksum.to_le_bytes())?;
             Ok(())
         })
     }
 
-    /// Memory-maps and validates a file written by [`save`](Self::save).
+    /// Writes the file image of [`save`](Self::save) into `out`, which must hold exactly
+    /// [`file_len`](Self::file_len) bytes.
+    pub fn write_bytes_into(&self, out: &mut [u8]) -> Result<()> {
+        check_little_endian()?;
+        let report = encode_report(&self.report);
+        let plan = self.plan(&report);
+        if out.len() != plan.len {
+            return Err(Gr2Error::invalid(format!("the index needs {} bytes, the buffer holds {}", plan.len, out.len())));
+        }
+        let mut cursor = std::io::Cursor::new(&mut *out);
+        let checksum = plan.write(&mut cursor).map_err(|e| Gr2Error::io("cannot serialise the SID index", e))?;
+        out[16..24].copy_from_slice(&checksum.to_le_bytes());
+        Ok(())
+    }
+
+    /// The bytes [`save`](Self::save) would write (the portable form used for pickling).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.file_len()];
+        self.write_bytes_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// An index from the bytes of a file written by [`save`](Self::save) (or [`to_bytes`]
+    /// (Self::to_bytes)), copied and validated exactly as [`load`](Self::load) does.
+    pub fn from_bytes(bytes: &[u8]) -> Result<SidIndex> {
+        check_little_endian()?;
+        let mut words = huge_page_vec::<u64>(bytes.len().div_ceil(8));
+        words.resize(bytes.len().div_ceil(8), 0);
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        let file = FileBytes::Owned { words, len: bytes.len() };
+        from_file_bytes(file, |msg| Gr2Error::CorruptFile(format!("SID index bytes: {msg}")))
+    }
+
+    /// Reads a file written by [`save`](Self::save) into memory and validates it
+    /// ([`LoadMode::Copy`]): the index never changes afterwards, whatever happens to the file.
     pub fn load(path: impl AsRef<Path>) -> Result<SidIndex> {
+        Self::load_with(path, LoadMode::Copy)
+    }
+
+    /// Loads and validates a file written by [`save`](Self::save), copied in or memory-mapped
+    /// (see [`LoadMode`] for what a mapped index demands of the file).
+    pub fn load_with(path: impl AsRef<Path>, mode: LoadMode) -> Result<SidIndex> {
         check_little_endian()?;
         let path = path.as_ref();
         let io = |what: &str, err| Gr2Error::io(format!("cannot {what} SID index {}", path.display()), err);
-        let file = File::open(path).map_err(|e| io("open", e))?;
-        let file_len = file.metadata().map_err(|e| io("stat", e))?.len() as usize;
         let corrupt = |msg: String| Gr2Error::CorruptFile(format!("SID index {}: {msg}", path.display()));
+        // Checked before open: opening a FIFO would block, and a directory opens fine but cannot
+        // be read or mapped ("No such device").
+        let meta = std::fs::metadata(path).map_err(|e| io("open", e))?;
+        check_regular(path, &meta)?;
+        let mut file = File::open(path).map_err(|e| io("open", e))?;
+        let meta = file.metadata().map_err(|e| io("stat", e))?;
+        check_regular(path, &meta)?;
+        let file_len = usize::try_from(meta.len()).map_err(|_| corrupt(format!("{} bytes is too large", meta.len())))?;
         if file_len == 0 {
             return Err(corrupt("the file is empty".into()));
         }
-        let mut options = MmapOptions::new();
-        #[cfg(target_os = "linux")]
-        options.populate();
-        // SAFETY: the map is read-only; like every mmap-based reader we assume nobody truncates or
-        // rewrites the file in place while it is loaded (gr2 itself only ever replaces files by rename).
-        let map = unsafe { options.map(&file) }.map_err(|e| io("memory-map", e))?;
-        let layout = parse(&map, file_len).map_err(corrupt)?;
-        let map = Arc::new(map);
-        let section = |i: usize| layout.sections[i].clone();
-        let narrow_keys = layout.key_width == 4;
-        let index = SidIndex::from_parts(
-            layout.key_layout,
-            layout.report,
-            mapped(&map, section(2)),
-            mapped(&map, section(3)),
-            if narrow_keys {
-                Keys::Narrow(mapped(&map, section(4)))
-            } else {
-                Keys::Wide(mapped(&map, section(4)))
-            },
-            mapped(&map, section(5)),
-        );
-        check_arrays(&index).map_err(corrupt)?;
+        let bytes = match mode {
+            LoadMode::Copy => {
+                let mut words = huge_page_vec::<u64>(file_len.div_ceil(8));
+                words.resize(file_len.div_ceil(8), 0);
+                let buf = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..file_len];
+                file.read_exact(buf).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::UnexpectedEof => corrupt(format!("the file shrank below {file_len} bytes while it was read")),
+                    _ => io("read", e),
+                })?;
+                let mut probe = [0u8; 1];
+                if file.read(&mut probe).map_err(|e| io("read", e))? != 0 {
+                    return Err(corrupt(format!("the file grew past {file_len} bytes while it was read")));
+                }
+                FileBytes::Owned { words, len: file_len }
+            }
+            LoadMode::Mmap => {
+                let mut options = MmapOptions::new();
+                options.len(file_len);
+                #[cfg(target_os = "linux")]
+                options.populate();
+                // SAFETY: the map is read-only. Modifying the file in place while the index is
+                // alive is documented as unsupported for this mode (see `LoadMode::Mmap`);
+                // gr2 itself only ever replaces files by rename.
+                let map = unsafe { options.map(&file) }.map_err(|e| io("memory-map", e))?;
+                FileBytes::Mapped(map)
+            }
+        };
+        let index = from_file_bytes(bytes, corrupt)?;
+        if mode == LoadMode::Mmap {
+            // What can be checked cheaply: the file did not change size or mtime while it was
+            // being validated (a concurrent in-place writer), and the path still names it.
+            let after = file.metadata().map_err(|e| io("stat", e))?;
+            let still_there = std::fs::metadata(path).ok().is_some_and(|m| same_file(&m, &after));
+            if after.len() != meta.len() || after.modified().ok() != meta.modified().ok() || !still_there {
+                return Err(corrupt("the file changed while it was being loaded; load it again".into()));
+            }
+        }
         Ok(index)
     }
 }
 
-fn mapped<T>(map: &Arc<Mmap>, bytes: Range<usize>) -> Buf<T> {
-    Buf::Mapped { map: Arc::clone(map), bytes }
+/// A directory or other non-regular file at `path` is refused with a message saying so.
+fn check_regular(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
+    if meta.is_dir() {
+        let source = std::io::Error::new(std::io::ErrorKind::IsADirectory, "Is a directory");
+        return Err(Gr2Error::io(format!("cannot load SID index {}: it is a directory, not an index file", path.display()), source));
+    }
+    if !meta.is_file() {
+        return Err(Gr2Error::invalid(format!(
+            "cannot load SID index {}: not a regular file (a device, FIFO or socket)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+#[cfg(not(unix))]
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    a.len() == b.len()
+}
+
+/// Parses and validates the bytes of a whole file into an index viewing them.
+fn from_file_bytes(file: FileBytes, corrupt: impl Fn(String) -> Gr2Error) -> Result<SidIndex> {
+    let bytes = file.bytes();
+    if bytes.is_empty() {
+        return Err(corrupt("the file is empty".into()));
+    }
+    let layout = parse(bytes, bytes.len()).map_err(&corrupt)?;
+    let file = Arc::new(file);
+    let section = |i: usize| layout.sections[i].clone();
+    let narrow_keys = layout.key_width == 4;
+    let index = SidIndex::from_parts(
+        layout.key_layout,
+        layout.report,
+        in_file(&file, section(2)),
+        in_file(&file, section(3)),
+        if narrow_keys {
+            Keys::Narrow(in_file(&file, section(4)))
+        } else {
+            Keys::Wide(in_file(&file, section(4)))
+        },
+        in_file(&file, section(5)),
+    );
+    check_arrays(&index).map_err(corrupt)?;
+    Ok(index)
+}
+
+fn in_file<T>(file: &Arc<FileBytes>, bytes: Range<usize>) -> Buf<T> {
+    Buf::File { file: Arc::clone(file), bytes }
 }
 
 struct Parsed {
@@ -234,8 +380,8 @@ fn parse(bytes: &[u8], file_len: usize) -> std::result::Result<Parsed, String> {
     if n >= u64::from(u32::MAX) {
         return Err(format!("item count {n} is too large"));
     }
-    if levels == 0 || levels > 64 {
-        return Err(format!("{levels} levels (expected 1 to 64)"));
+    if levels == 0 || levels > MAX_LEVELS {
+        return Err(format!("{levels} levels (expected 1 to {MAX_LEVELS})"));
     }
     let mut sections: [Range<usize>; SECTIONS] = Default::default();
     let mut previous_end = HEADER_LEN;
@@ -331,21 +477,102 @@ fn check_arrays(index: &SidIndex) -> std::result::Result<(), String> {
     Ok(())
 }
 
+
+/// The prefix of the temporary files [`atomic_write`] creates for `file_name`; the full name is
+/// `{prefix}{pid}-{nonce}`.
+fn temp_prefix(file_name: &std::ffi::OsStr) -> String {
+    format!(".{}.tmp-", file_name.to_string_lossy())
+}
+
+/// Whether process `pid` may still be running (true when it cannot be told).
+fn pid_may_be_alive(pid: u32) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else { return true };
+        // SAFETY: signal 0 only checks that the process exists and may be signalled.
+        if unsafe { libc::kill(pid, 0) } == 0 {
+            return true;
+        }
+        std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// Takes an exclusive advisory lock (`flock`) without waiting; false when another open file
+/// description holds one (or locks are unavailable). Released when `file` is closed.
+/// (`File::try_lock` needs Rust 1.89; the crate's MSRV is 1.85.)
+pub(crate) fn try_lock(file: &File) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = file;
+        false
+    }
+}
+
+/// Removes the temporary files that killed saves to `file_name` in `dir` left behind. A file
+/// counts as stale only when its name is exactly `{temp_prefix}{pid}-{nonce}` (digits), its
+/// writer `pid` no longer exists, and nobody holds the lock every writer keeps on it while it
+/// writes (the lock also covers a writer in another PID namespace). Errors are ignored: this is
+/// housekeeping, never a reason to fail a save.
+fn remove_stale_temp_files(dir: &Path, file_name: &std::ffi::OsStr) {
+    let prefix = temp_prefix(file_name);
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix.as_str())) else { continue };
+        let Some((pid, nonce)) = rest.split_once('-') else { continue };
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(pid) || !digits(nonce) {
+            continue;
+        }
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if pid == std::process::id() || pid_may_be_alive(pid) {
+            continue;
+        }
+        if !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(file) = OpenOptions::new().read(true).open(&path) else { continue };
+        if try_lock(&file) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
 /// Writes a file next to `path`, fsyncs it and renames it over `path`; on any failure the
-/// temporary file is removed and `path` is left as it was.
+/// temporary file is removed and `path` is left as it was. The target is never modified in place,
+/// so a reader that memory-mapped the old file keeps seeing it (the old inode).
 pub(crate) fn atomic_write(path: &Path, write: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<()> {
     let io = |what: &str, err| Gr2Error::io(format!("cannot {what} {}", path.display()), err);
     let file_name = path
         .file_name()
         .ok_or_else(|| Gr2Error::invalid(format!("cannot save to {}: not a file path", path.display())))?;
+    if path.is_dir() {
+        let source = std::io::Error::new(std::io::ErrorKind::IsADirectory, "Is a directory");
+        return Err(Gr2Error::io(format!("cannot save to {}: it is a directory", path.display()), source));
+    }
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    remove_stale_temp_files(&dir, file_name);
     let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    let tmp = dir.join(format!(".{}.tmp-{}-{nonce}", file_name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!("{}{}-{nonce}", temp_prefix(file_name), std::process::id()));
     let result = (|| {
         let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| io("create a temporary file for", e))?;
+        // Held until the file is closed: tells `remove_stale_temp_files` the writer is alive.
+        try_lock(&file);
         write(&mut file).map_err(|e| io("write", e))?;
         file.sync_all().map_err(|e| io("fsync", e))?;
         drop(file);

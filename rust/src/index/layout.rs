@@ -8,6 +8,9 @@ use crate::error::{Gr2Error, Result};
 
 /// The largest level size a `u16` code can address.
 pub const MAX_LEVEL_SIZE: u32 = 1 << 16;
+/// The most levels a SID may have, the disambiguation level included. `build` and `load` both
+/// enforce it (through [`KeyLayout::new`]), so every index that builds can be saved and read back.
+pub const MAX_LEVELS: usize = 64;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyLayout {
@@ -39,6 +42,12 @@ impl KeyLayout {
     pub fn new(sizes: &[u32]) -> Result<Self> {
         if sizes.is_empty() {
             return Err(Gr2Error::invalid("a SID needs at least one level (got 0 levels)"));
+        }
+        if sizes.len() > MAX_LEVELS {
+            return Err(Gr2Error::invalid(format!(
+                "SIDs of {} levels are not supported: an index holds at most {MAX_LEVELS} levels",
+                sizes.len()
+            )));
         }
         if let Some((level, &size)) =
             sizes.iter().enumerate().find(|(_, &s)| s == 0 || s > MAX_LEVEL_SIZE)
@@ -159,6 +168,10 @@ mod tests {
         assert!(KeyLayout::new(&[65537]).is_err());
         assert!(KeyLayout::new(&[65536; 5]).is_err());
         assert!(KeyLayout::new(&[65536; 4]).is_ok());
+        assert!(KeyLayout::new(&[1; MAX_LEVELS]).is_ok());
+        let err = KeyLayout::new(&[1; MAX_LEVELS + 1]).unwrap_err().to_string();
+        assert!(err.contains("at most 64 levels"), "{err}");
+        assert!(KeyLayout::new(&[1; MAX_LEVELS]).unwrap().with_level(2).is_err());
     }
 
     fn layout_and_codes() -> impl Strategy<Value = (Vec<u32>, Vec<u16>, Vec<u16>)> {

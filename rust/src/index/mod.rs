@@ -1,7 +1,8 @@
 //! The semantic-ID index: a bijection between item ids (`u64`) and semantic IDs (one `u16` code
 //! per level), built with deterministic collision repair (see [`build`](self::build) module docs),
-//! looked up in large batches in both directions, and saved to / memory-mapped from a checksummed
-//! file (see the `file` module).
+//! looked up in large batches in both directions, and saved to / loaded from a checksummed file
+//! (see the `file` module; loading copies the file into memory unless memory-mapping is asked for,
+//! see [`LoadMode`]).
 //!
 //! Storage, 20 bytes per item when a packed SID fits 32 bits (e.g. up to 4 levels of 256 codes),
 //! else 24, plus a bucket table of 1/8 byte per item per direction:
@@ -43,7 +44,7 @@ use rayon::prelude::*;
 
 pub use build::DEFAULT_LEVEL_SIZE;
 pub use file::FORMAT_VERSION;
-pub use layout::KeyLayout;
+pub use layout::{KeyLayout, MAX_LEVELS};
 use search::{wide, Key, SortedLookup, NOT_FOUND};
 
 use crate::error::{Gr2Error, Result};
@@ -119,10 +120,28 @@ pub struct Child {
     pub items: Range<usize>,
 }
 
-/// An array that is either owned (fresh from `build`) or a section of a memory-mapped file.
+/// The bytes of a whole index file: read into memory the index owns (the default, see
+/// [`LoadMode`]) or memory-mapped.
+enum FileBytes {
+    /// Held as `u64` words so every 64-byte-aligned section can be viewed as `u64`/`u32`.
+    Owned { words: Vec<u64>, len: usize },
+    Mapped(Mmap),
+}
+
+impl FileBytes {
+    #[inline]
+    fn bytes(&self) -> &[u8] {
+        match self {
+            FileBytes::Owned { words, len } => &bytemuck::cast_slice(words)[..*len],
+            FileBytes::Mapped(map) => map,
+        }
+    }
+}
+
+/// An array that is either owned (fresh from `build`) or a section of a loaded file.
 enum Buf<T> {
     Owned(Vec<T>),
-    Mapped { map: Arc<Mmap>, bytes: Range<usize> },
+    File { file: Arc<FileBytes>, bytes: Range<usize> },
 }
 
 impl<T: bytemuck::Pod> Buf<T> {
@@ -131,9 +150,23 @@ impl<T: bytemuck::Pod> Buf<T> {
         match self {
             Buf::Owned(v) => v,
             // Sections are validated at load to be in bounds and 64-byte aligned.
-            Buf::Mapped { map, bytes } => bytemuck::cast_slice(&map[bytes.clone()]),
+            Buf::File { file, bytes } => bytemuck::cast_slice(&file.bytes()[bytes.clone()]),
         }
     }
+}
+
+/// How [`SidIndex::load_with`] holds the file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoadMode {
+    /// Read the whole file into memory the index owns and verify it (the default). The loaded
+    /// index never changes, whatever later happens to the file.
+    #[default]
+    Copy,
+    /// Memory-map the file (validated once at load; pages shared with the page cache and other
+    /// processes). The file must then not be modified in place while the index is alive:
+    /// rewriting it changes the index's answers and truncating it kills the process with SIGBUS.
+    /// Replacing it by rename (as [`SidIndex::save`] does) is safe: the map keeps the old inode.
+    Mmap,
 }
 
 /// The packed SIDs in SID order, 4 bytes each when the layout needs at most 32 bits, else 8:
@@ -259,6 +292,11 @@ impl SidIndex {
 
     pub fn uniqueness_before_repair(&self) -> f64 {
         self.report.uniqueness_before_repair()
+    }
+
+    /// Whether the arrays live in a memory-mapped file ([`LoadMode::Mmap`]).
+    pub fn is_mapped(&self) -> bool {
+        matches!(&self.sorted_ids, Buf::File { file, .. } if matches!(**file, FileBytes::Mapped(_)))
     }
 
     /// Bytes held for lookups: the four arrays plus the two bucket tables.

@@ -165,10 +165,17 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.gr2sid");
         index.save(&path).unwrap();
-        let loaded = SidIndex::load(&path).unwrap();
-        prop_assert_eq!(loaded.repair_report(), index.repair_report());
-        prop_assert_eq!(loaded.level_sizes(), index.level_sizes());
-        check_index(&loaded, &ids, &codes, levels, &sizes);
+        let bytes = std::fs::read(&path).unwrap();
+        prop_assert_eq!(&index.to_bytes().unwrap(), &bytes);
+        for loaded in [
+            SidIndex::load(&path).unwrap(),
+            SidIndex::load_with(&path, LoadMode::Mmap).unwrap(),
+            SidIndex::from_bytes(&bytes).unwrap(),
+        ] {
+            prop_assert_eq!(loaded.repair_report(), index.repair_report());
+            prop_assert_eq!(loaded.level_sizes(), index.level_sizes());
+            check_index(&loaded, &ids, &codes, levels, &sizes);
+        }
     }
 
     #[test]
@@ -188,6 +195,8 @@ proptest! {
         garbled[where_.index(bytes.len())] ^= flip;
         std::fs::write(&path, &garbled).unwrap();
         prop_assert!(matches!(SidIndex::load(&path), Err(Gr2Error::CorruptFile(_))));
+        prop_assert!(matches!(SidIndex::load_with(&path, LoadMode::Mmap), Err(Gr2Error::CorruptFile(_))));
+        prop_assert!(matches!(SidIndex::from_bytes(&garbled), Err(Gr2Error::CorruptFile(_))));
 
         let truncated = &bytes[..cut.index(bytes.len())];
         std::fs::write(&path, truncated).unwrap();
@@ -369,4 +378,83 @@ fn wrong_magic_and_version() {
     assert!(message(SidIndex::load(&path).unwrap_err()).contains("truncated"));
     std::fs::write(&path, b"").unwrap();
     assert!(message(SidIndex::load(&path).unwrap_err()).contains("empty"));
+}
+
+#[test]
+fn copied_in_index_ignores_later_writes_to_the_file() {
+    let ids: Vec<u64> = (0..1000).collect();
+    let a: Vec<u16> = (0..1000u16).flat_map(|i| [i / 256, i % 256]).collect();
+    let b: Vec<u16> = (0..1000u16).flat_map(|i| [(999 - i) / 256, (999 - i) % 256]).collect();
+    let (ia, ib) = (SidIndex::build(&ids, &a, 2, None).unwrap(), SidIndex::build(&ids, &b, 2, None).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("i.gr2sid");
+    ia.save(&path).unwrap();
+    let loaded = SidIndex::load(&path).unwrap();
+    let mapped = SidIndex::load_with(&path, LoadMode::Mmap).unwrap();
+    assert!(!loaded.is_mapped() && mapped.is_mapped() && !ia.is_mapped());
+    // Replaced by rename (save): both keep the old contents.
+    ib.save(&path).unwrap();
+    assert_eq!(loaded.sids(&ids).unwrap(), a);
+    assert_eq!(mapped.sids(&ids).unwrap(), a);
+    // Rewritten in place and then truncated: the copied-in index does not notice.
+    let loaded = SidIndex::load(&path).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(0).unwrap();
+    assert_eq!(loaded.sids(&ids).unwrap(), b);
+    assert_eq!(loaded.items(&b).unwrap(), ids);
+}
+
+#[test]
+fn level_limit_is_the_same_for_build_and_load() {
+    let ids = [1u64, 2];
+    let err = SidIndex::build(&ids, &[0; 128], 64, Some(&[1; 64])).unwrap_err();
+    assert!(matches!(err, Gr2Error::InvalidInput(_)) && err.to_string().contains("at most 64 levels"), "{err}");
+    let err = SidIndex::build(&ids, &[0; 130], 65, Some(&[1; 65])).unwrap_err();
+    assert!(err.to_string().contains("at most 64 levels"), "{err}");
+    // 63 levels + the disambiguation level = 64: saved and read back.
+    let index = SidIndex::build(&ids, &[0; 126], 63, Some(&[1; 63])).unwrap();
+    assert_eq!(index.levels(), MAX_LEVELS);
+    let back = SidIndex::from_bytes(&index.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.sids(&ids).unwrap(), index.sids(&ids).unwrap());
+}
+
+#[test]
+fn directories_are_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    for mode in [LoadMode::Copy, LoadMode::Mmap] {
+        let err = SidIndex::load_with(dir.path(), mode).unwrap_err();
+        assert!(matches!(err, Gr2Error::Io { .. }), "{err}");
+        assert!(err.to_string().contains("is a directory"), "{err}");
+    }
+    let index = SidIndex::build(&[1], &[1], 1, None).unwrap();
+    assert!(index.save(dir.path()).unwrap_err().to_string().contains("is a directory"));
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn save_removes_only_provably_stale_temporary_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("i.gr2sid");
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    child.wait().unwrap();
+    let dead = child.id();
+    let names = [
+        format!(".i.gr2sid.tmp-{dead}-1"),                       // stale: removed
+        format!(".i.gr2sid.tmp-{}-2", std::process::id()),      // ours (maybe another thread)
+        ".i.gr2sid.tmp-1-3".to_string(),                         // pid 1 is alive
+        format!(".j.gr2sid.tmp-{dead}-4"),                       // another target
+        format!(".i.gr2sid.tmp-{dead}-x"),                       // not our pattern
+    ];
+    for name in &names {
+        std::fs::write(dir.path().join(name), b"partial").unwrap();
+    }
+    // A stale-looking file whose lock is held (a writer in another PID namespace) is kept.
+    let locked_name = format!(".i.gr2sid.tmp-{dead}-5");
+    let locked = std::fs::File::create(dir.path().join(&locked_name)).unwrap();
+    assert!(file::try_lock(&locked));
+    SidIndex::build(&[1, 2], &[1, 2], 1, None).unwrap().save(&path).unwrap();
+    let mut left: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    left.sort();
+    let mut expected: Vec<String> = names[1..].iter().cloned().chain([locked_name, "i.gr2sid".into()]).collect();
+    expected.sort();
+    assert_eq!(left, expected);
 }

@@ -7,11 +7,14 @@ use std::path::PathBuf;
 use numpy::ndarray::Array2;
 use numpy::prelude::*;
 use numpy::{dtype, Element, PyArray1, PyArray2, PyUntypedArray};
+use pyo3::exceptions::PyOverflowError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::pybacked::PyBackedBytes;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 
+use super::errors::{extract_arg, int_arg, short_repr};
 use crate::error::Gr2Error;
-use crate::index::SidIndex;
+use crate::index::{LoadMode, SidIndex};
 
 /// A numpy array's data as a row-major slice: borrowed when C-contiguous, copied in logical
 /// order otherwise (`as_slice` alone also accepts Fortran order, whose memory order would be
@@ -91,42 +94,47 @@ fn borrow_error(name: &str) -> impl Fn(numpy::BorrowError) -> PyErr + '_ {
 /// `codebook_size`: None, one int for every level, or a sequence with one int per level.
 fn level_sizes(codebook_size: Option<&Bound<'_, PyAny>>, levels: usize) -> PyResult<Option<Vec<u32>>> {
     let Some(obj) = codebook_size else { return Ok(None) };
-    let values: Vec<i64> = if let Ok(k) = obj.extract::<i64>() {
-        vec![k; levels]
-    } else if let Ok(ks) = obj.extract::<Vec<i64>>() {
-        ks
+    if obj.is_none() {
+        return Ok(None);
+    }
+    let limit = i64::from(crate::index::layout::MAX_LEVEL_SIZE);
+    let is_int = |o: &Bound<'_, PyAny>| o.extract::<i64>().is_ok() || o.extract::<i64>().is_err_and(|e| e.is_instance_of::<PyOverflowError>(o.py()));
+    let values: Vec<i64> = if is_int(obj) {
+        vec![int_arg(obj, "codebook_size", 1, limit)?; levels]
+    } else if let Ok(items) = obj.extract::<Vec<Bound<'_, PyAny>>>() {
+        items
+            .iter()
+            .enumerate()
+            .map(|(l, k)| int_arg(k, &format!("codebook_size[{l}]"), 1, limit))
+            .collect::<PyResult<_>>()?
     } else {
         return Err(Gr2Error::invalid(format!(
             "codebook_size must be None, an int, or a list of ints (one per level), got {}",
-            obj.repr().map(|r| r.to_string()).unwrap_or_default()
+            short_repr(obj)
         ))
         .into());
     };
-    let limit = i64::from(crate::index::layout::MAX_LEVEL_SIZE);
-    if let Some(bad) = values.iter().find(|&&k| !(1..=limit).contains(&k)) {
-        return Err(Gr2Error::invalid(format!("codebook_size {bad} is out of range: must be in 1..={limit}")).into());
-    }
     Ok(Some(values.into_iter().map(|k| k as u32).collect()))
 }
 
 /// A SID prefix given as a list/tuple/array of ints.
 fn prefix_codes(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u16>> {
-    let values: Vec<i64> = obj.extract().map_err(|_| {
-        Gr2Error::invalid(format!(
-            "prefix must be a sequence of ints (codes), got {}",
-            obj.repr().map(|r| r.to_string()).unwrap_or_default()
-        ))
-    })?;
+    let values: Vec<Bound<'_, PyAny>> = extract_arg(obj, "prefix", "a sequence of ints (codes)")?;
     values
         .iter()
-        .map(|&c| {
-            u16::try_from(c).map_err(|_| Gr2Error::invalid(format!("prefix code {c} is not in 0..=65535")).into())
-        })
+        .enumerate()
+        .map(|(i, c)| Ok(int_arg(c, &format!("prefix[{i}]"), 0, i64::from(u16::MAX))? as u16))
         .collect()
 }
 
+/// A `path` argument: str or os.PathLike.
+fn path_arg(obj: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
+    extract_arg(obj, "path", "a str or os.PathLike")
+}
+
 /// Bijection between item ids (uint64) and semantic IDs (one uint16 code per level), with
-/// deterministic collision repair, batched lookups both ways, and a memory-mapped file format.
+/// deterministic collision repair, batched lookups both ways, and a checksummed file format
+/// (loaded into owned memory, or memory-mapped on request).
 #[pyclass(frozen, module = "gr2._gr2", name = "SidIndex")]
 pub struct PySidIndex {
     inner: SidIndex,
@@ -134,6 +142,17 @@ pub struct PySidIndex {
 
 #[pymethods]
 impl PySidIndex {
+    /// There is no plain constructor; say which ones exist (instead of PyO3's bare TypeError).
+    #[new]
+    #[pyo3(signature = (*_args, **_kwargs))]
+    fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        Err(Gr2Error::invalid(
+            "SidIndex() has no constructor: use SidIndex.build(item_ids, codes), SidIndex.load(path) \
+             or SidIndex.from_bytes(data)",
+        )
+        .into())
+    }
+
     /// Builds an index; `codes[i]` is the SID of `item_ids[i]`. Colliding SIDs are repaired.
     #[staticmethod]
     #[pyo3(signature = (item_ids, codes, codebook_size=None))]
@@ -159,16 +178,59 @@ impl PySidIndex {
         Ok(PySidIndex { inner })
     }
 
-    /// Memory-maps and validates an index file written by `save`.
+    /// Loads and validates an index file written by `save`: read into memory the index owns
+    /// (default), or memory-mapped with `mmap=True` (the file must then never be modified in
+    /// place while the index is alive; replacing it by rename, as `save` does, is safe).
     #[staticmethod]
-    fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let inner = py.detach(|| SidIndex::load(&path))?;
+    #[pyo3(signature = (path, mmap=None))]
+    fn load(py: Python<'_>, path: &Bound<'_, PyAny>, mmap: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        let path = path_arg(path)?;
+        let mode = match mmap {
+            None => LoadMode::Copy,
+            Some(flag) if flag.is_none() => LoadMode::Copy,
+            Some(flag) => {
+                if extract_arg::<bool>(flag, "mmap", "a bool")? {
+                    LoadMode::Mmap
+                } else {
+                    LoadMode::Copy
+                }
+            }
+        };
+        let inner = py.detach(|| SidIndex::load_with(&path, mode))?;
         Ok(PySidIndex { inner })
     }
 
     /// Writes the index atomically (temporary file, fsync, rename).
-    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+    fn save(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
+        let path = path_arg(path)?;
         Ok(py.detach(|| self.inner.save(&path))?)
+    }
+
+    /// The bytes `save` would write (the file format).
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let inner = &self.inner;
+        PyBytes::new_with(py, inner.file_len(), |buf| inner.write_bytes_into(buf).map_err(PyErr::from))
+    }
+
+    /// An index from the bytes of a saved file (`to_bytes`), validated like `load`.
+    #[staticmethod]
+    fn from_bytes(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let bytes: PyBackedBytes = extract_arg(data, "data", "bytes or bytearray")?;
+        let inner = py.detach(|| SidIndex::from_bytes(&bytes))?;
+        Ok(PySidIndex { inner })
+    }
+
+    /// Pickle support (multiprocessing, Ray): rebuilt from the bytes of the file format.
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
+        let py = slf.py();
+        let from_bytes = slf.get_type().getattr("from_bytes")?;
+        Ok((from_bytes, (slf.get().to_bytes(py)?,)))
+    }
+
+    /// Whether the index was loaded with `mmap=True` (its arrays live in the mapped file).
+    #[getter]
+    fn is_mapped(&self) -> bool {
+        self.inner.is_mapped()
     }
 
     /// SIDs of the given items: uint64 (m,) -> uint16 (m, levels).
@@ -270,9 +332,18 @@ impl PySidIndex {
         self.inner.len()
     }
 
-    /// `item_id in index`; anything that is not a uint64-range integer is simply not contained.
-    fn __contains__(&self, item_id: &Bound<'_, PyAny>) -> bool {
-        item_id.extract::<u64>().is_ok_and(|id| self.inner.contains(id))
+    /// `item_id in index` for an integer (int, numpy integer); integers outside the uint64 range
+    /// are not contained; anything else (a float such as 10.0, a str) is an InvalidInputError.
+    fn __contains__(&self, item_id: &Bound<'_, PyAny>) -> PyResult<bool> {
+        match item_id.extract::<u64>() {
+            Ok(id) => Ok(self.inner.contains(id)),
+            Err(err) if err.is_instance_of::<PyOverflowError>(item_id.py()) => Ok(false),
+            Err(err) => Err(Gr2Error::invalid(format!(
+                "item_id must be an int (item ids are uint64), got {}: {err}",
+                short_repr(item_id)
+            ))
+            .into()),
+        }
     }
 
     fn __repr__(&self) -> String {

@@ -7,8 +7,9 @@ use numpy::prelude::*;
 use numpy::{dtype, Element, PyArray, PyArray2, PyArray3, PyUntypedArray};
 use pyo3::prelude::*;
 
+use super::errors::int_arg;
 use crate::error::Gr2Error;
-use crate::rq::RqCodebooks;
+use crate::rq::{RqCodebooks, MAX_BEAM};
 
 /// `obj` as a numpy array of element type `T` and `ndim` dimensions, or InvalidInputError
 /// saying what was expected, what was given and how to fix it.
@@ -128,13 +129,23 @@ impl PyRqCodebooks {
     }
 
     /// Encodes float32 (n, D) embeddings into uint16 (n, L) codes (greedy when beam == 1).
-    #[pyo3(signature = (x, beam = 1))]
+    /// `row_offset`: the row number of `x[0]` in error messages (when `x` is a chunk of a file).
+    #[pyo3(signature = (x, beam = None, *, row_offset = None))]
     fn encode<'py>(
         &self,
         py: Python<'py>,
         x: &Bound<'py, PyAny>,
-        beam: i64,
+        beam: Option<&Bound<'py, PyAny>>,
+        row_offset: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArray2<u16>>> {
+        let beam = match beam {
+            Some(b) if !b.is_none() => int_arg(b, "beam", 1, MAX_BEAM as i64)?,
+            _ => 1,
+        };
+        let first_row = match row_offset {
+            Some(r) if !r.is_none() => int_arg(r, "row_offset", 0, i64::MAX)? as usize,
+            _ => 0,
+        };
         let array = typed_array::<f32, numpy::Ix2>(x, "x", "float32", "(n, D)")?;
         let view = array
             .try_readonly()
@@ -147,23 +158,24 @@ impl PyRqCodebooks {
                 self.inner.dim()
             )));
         }
-        if beam < 1 {
-            return Err(shape_error(format!("beam must be >= 1, got {beam}")));
-        }
-        let beam = usize::try_from(beam).unwrap_or(usize::MAX);
+        let beam = beam as usize;
         let inner = &self.inner;
+        let levels = self.inner.levels();
+        let encode = |x: &[f32]| {
+            let mut codes = vec![0u16; n * levels];
+            inner.encode_rows_into(x, beam, &mut codes, first_row).map(|()| codes)
+        };
         let codes = match c_contiguous_slice(&view) {
-            Some(slice) => py.detach(|| inner.encode(slice, beam))?,
+            Some(slice) => py.detach(|| encode(slice))?,
             None => {
                 // Not C-contiguous (a slice with a step, a transpose, Fortran order): copy once.
                 let strided = view.as_array();
                 py.detach(|| {
                     let values: Vec<f32> = strided.iter().copied().collect();
-                    inner.encode(&values, beam)
+                    encode(&values)
                 })?
             }
         };
-        let levels = self.inner.levels();
         let array = Array2::from_shape_vec((n, levels), codes)
             .map_err(|e| shape_error(format!("internal shape error: {e}")))?;
         Ok(array.into_pyarray(py))

@@ -76,15 +76,18 @@ impl EncodeProblem {
         }
     }
 
-    fn into_error(self) -> Gr2Error {
+    /// The error, with rows numbered from `first_row` (the caller's row of `x[0]`).
+    fn into_error(self, first_row: usize) -> Gr2Error {
         match self {
             EncodeProblem::NonFinite { row, col, value } => Gr2Error::invalid(format!(
-                "x contains a non-finite value ({value}) at row {row}, column {col}; \
-                 drop or repair such rows before encoding"
+                "x contains a non-finite value ({value}) at row {}, column {col}; \
+                 drop or repair such rows before encoding",
+                first_row + row
             )),
             EncodeProblem::Overflow { row, level } => Gr2Error::invalid(format!(
-                "squared distances overflow float32 for row {row} at level {level}: the values of x \
-                 or of the codebooks are too large; rescale the embeddings"
+                "squared distances overflow float32 for row {} at level {level}: the values of x \
+                 or of the codebooks are too large; rescale the embeddings",
+                first_row + row
             )),
         }
     }
@@ -265,6 +268,12 @@ impl RqCodebooks {
 
     /// As [`RqCodebooks::encode`], writing into `out` (n * L values).
     pub fn encode_into(&self, x: &[f32], beam: usize, out: &mut [u16]) -> Result<()> {
+        self.encode_rows_into(x, beam, out, 0)
+    }
+
+    /// As [`RqCodebooks::encode_into`] for rows `first_row..` of a larger array (a chunk of a
+    /// file): error messages name the row in that array.
+    pub fn encode_rows_into(&self, x: &[f32], beam: usize, out: &mut [u16], first_row: usize) -> Result<()> {
         Self::check_beam(beam)?;
         let n = self.rows_of(x, "x")?;
         if out.len() != n * self.levels {
@@ -274,14 +283,14 @@ impl RqCodebooks {
                 self.levels
             )));
         }
-        self.encode_greedy(x, out)?;
+        self.encode_greedy(x, out).map_err(|problem| problem.into_error(first_row))?;
         if beam > 1 {
             self.refine_with_beam(x, beam, out);
         }
         Ok(())
     }
 
-    fn encode_greedy(&self, x: &[f32], out: &mut [u16]) -> Result<()> {
+    fn encode_greedy(&self, x: &[f32], out: &mut [u16]) -> std::result::Result<(), EncodeProblem> {
         let problem = out
             .par_chunks_mut(GREEDY_BLOCK * self.levels)
             .enumerate()
@@ -296,7 +305,7 @@ impl RqCodebooks {
             })
             .reduce(|| None, first_problem);
         match problem {
-            Some(problem) => Err(problem.into_error()),
+            Some(problem) => Err(problem),
             None => Ok(()),
         }
     }

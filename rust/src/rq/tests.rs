@@ -160,6 +160,9 @@ fn empty_input_and_validation_errors() {
     let mut x = vec![0.0f32; 4 * 600];
     x[4 * 517 + 3] = f32::INFINITY;
     assert!(msg(cb.encode(&x, 1)).contains("row 517, column 3"));
+    let mut out = vec![0u16; 600 * 2];
+    let err = cb.encode_rows_into(&x, 1, &mut out, 1_000_000).unwrap_err().to_string();
+    assert!(err.contains("row 1000517, column 3"), "{err}");
     assert!(msg(cb.encode(&[0.0; 4], 0)).contains("beam"));
     assert!(cb
         .decode(&[0, 3])
