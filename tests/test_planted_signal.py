@@ -63,14 +63,19 @@ def test_task_plants_the_signal_and_nothing_else(rule):
     target_codes = a[task.targets.astype(np.int64)]
     if rule == "last_item":
         np.testing.assert_array_equal(target_codes, a[task.histories[:, -1]])
-    else:
+    elif rule == "prior":
         assert (target_codes < 2).all() and ((cand_codes < 2).sum(axis=1) == 1).all()
+    else:  # the evidence line leads with the target; its code is uniform, so only the line tells
+        assert task.evidence.shape == task.candidates.shape
+        np.testing.assert_array_equal(task.candidates[np.arange(400), task.evidence.argmax(1)], task.targets)
+        assert abs((target_codes < 2).mean() - 2 / 16) < 0.06
     assert not (task.histories == task.targets[:, None].astype(np.int64)).any()
     position = np.argmax(task.candidates == task.targets[:, None], axis=1)  # upstream position of the target
     assert np.bincount(position, minlength=task.k).min() > 400 / task.k / 2  # roughly uniform
     assert abs(S.upstream_recall_at_1(task, range(400)) - 0.1) < 0.05
     text = task.messages(0)[1]["content"]  # the package's prompt: history then candidates, by SID
-    assert text.count("<|sid_begin|>") == task.histories.shape[1] + task.k
+    shown = task.histories.shape[1] + task.k * (2 if rule == "evidence" else 1)  # + the evidence line
+    assert text.count("<|sid_begin|>") == shown
 
 
 def test_weak_start_is_at_chance(weak_start):

@@ -41,7 +41,7 @@ from gr2.errors import InvalidInputError
 from gr2.tokens import answer_text, code_token, sid_to_text
 
 LEVEL_SIZES = (16, 4, 4, 4)
-RULES = ("last_item", "prior")
+RULES = ("last_item", "prior", "evidence")
 
 
 @dataclass
@@ -56,6 +56,7 @@ class PlantedTask:
     candidates: np.ndarray  # uint64 (n_lists, K), upstream (random) order
     targets: np.ndarray  # uint64 (n_lists,)
     rule: str = "last_item"
+    evidence: np.ndarray | None = None  # float (n_lists, K), rule "evidence": the prompt's evidence scores
 
     @property
     def k(self) -> int:
@@ -68,8 +69,9 @@ class PlantedTask:
         """The chat messages of list ``row`` (gr2.prompts.build_messages)."""
         from gr2.prompts import build_messages
 
+        evidence = None if self.evidence is None else self.evidence[row]
         return build_messages(self.histories[row], self.candidates[row].astype(np.int64), self.catalog,
-                              self.index).messages
+                              self.index, evidence=evidence).messages
 
     def prompt_text(self, tokenizer: Any, row: int) -> str:
         return tokenizer.apply_chat_template(self.messages(row), tokenize=False, add_generation_prompt=True)
@@ -109,7 +111,10 @@ def make_planted_task(n_lists: int = 512, *, k: int = 10, history_len: int = 3, 
     ``rule``: ``"last_item"`` (the target shares the level-a code of the last history item; the
     contextual task) or ``"prior"`` (the target is the one candidate whose level-a code is among
     the first ``favoured`` codes; a context-free preference, the history is noise -- the
-    quickest thing a policy can learn, used by the fast test).
+    quickest thing a policy can learn, used by the fast test) or ``"evidence"`` (the target is a
+    uniformly random candidate that leads the prompt's evidence line, :func:`gr2.prompts.build_messages`
+    ``evidence=``; codes and history are noise: the student must *copy* from its prompt, which is
+    what the MovieLens prompts' co-engagement line asks of it).
     ``matching`` (``last_item``): how many of the most recent history items share the target's level-a code (1:
     only the last one; ``history_len``: the whole history -- a stronger, easier signal).
     ``distractors``: the earlier history items may share their level-a code with a negative
@@ -169,6 +174,10 @@ def make_planted_task(n_lists: int = 512, *, k: int = 10, history_len: int = 3, 
                 pool = np.flatnonzero(~np.isin(codes[:, 0], np.append(others, a_star)))
             earlier = rng.choice(pool, size=history_len - matching, replace=False)
             history = np.concatenate([earlier, recent]).astype(np.int64)
+        elif rule == "evidence":  # any candidate may be the target; only the evidence line says which
+            a_star = int(rng.integers(n_a))
+            others = rng.choice(np.setdiff1d(np.arange(n_a), [a_star]), size=k - 1, replace=False)
+            history = rng.choice(n_items, size=history_len, replace=False).astype(np.int64)
         else:  # "prior": a favoured level-a code marks the target; the history is noise
             a_star = int(rng.integers(n_favoured))
             others = rng.choice(np.arange(n_favoured, n_a), size=k - 1, replace=False)
@@ -179,7 +188,11 @@ def make_planted_task(n_lists: int = 512, *, k: int = 10, history_len: int = 3, 
         histories[row] = history
         candidates[row] = cands[rng.permutation(k)]
         targets[row] = target
-    return PlantedTask(ItemCatalog(items), index, codes, level_sizes, histories, candidates, targets, rule)
+    evidence = None
+    if rule == "evidence":  # scores in [0, 1) for the negatives, 2 for the target: it leads the line
+        evidence = rng.random((n_lists, k))
+        evidence[candidates == targets[:, None]] = 2.0
+    return PlantedTask(ItemCatalog(items), index, codes, level_sizes, histories, candidates, targets, rule, evidence)
 
 
 # --------------------------------------------------------------------------------------------
