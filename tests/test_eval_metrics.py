@@ -199,3 +199,48 @@ def test_minimum_detectable_effect_has_the_stated_power():
         min_detectable_effect(1.5, 10)
     with pytest.raises(InvalidInputError):
         min_detectable_effect(0.2, 0)
+
+
+@given(st.lists(st.integers(0, 30), min_size=1, max_size=40), st.lists(st.integers(1, 12), min_size=1, max_size=4))
+def test_rank_metrics_matches_a_plain_loop(ranks, ks):
+    from gr2.eval.metrics import rank_metrics
+
+    got = rank_metrics(np.array(ranks, dtype=np.int64), ks)
+    for k in ks:
+        assert got[f"recall@{k}"].tolist() == [1.0 if 1 <= r <= k else 0.0 for r in ranks]
+        assert np.allclose(got[f"ndcg@{k}"], [1 / math.log2(r + 1) if 1 <= r <= k else 0.0 for r in ranks])
+
+
+def test_every_stage_scores_through_the_one_metric_implementation():
+    """Mid-training's beams, the upstream rankers' full rankings, the reward batch's input-order
+    metrics and reranked lists give the same numbers for the same target ranks, and no module
+    but gr2.eval.metrics spells the NDCG discount (a second copy is a bug waiting to happen)."""
+    from pathlib import Path
+
+    import gr2
+    from gr2.rewards import rank_metrics as reward_rank_metrics
+    from gr2.train.midtrain import per_user_metrics
+    from gr2.upstream import ranking_metrics
+
+    ranks = np.array([1, 2, 3, 5, 4, 1, 0])  # 0: the target is not ranked
+    k = 5
+    candidates = np.tile(np.arange(10, 20), (len(ranks), 1))
+    targets = np.full(len(ranks), 10)
+    rankings = candidates.copy()
+    for row, r in enumerate(ranks):
+        if r:  # move the target to position r
+            rest = [c for c in candidates[row] if c != 10]
+            rankings[row] = rest[: r - 1] + [10] + rest[r - 1:]
+    valid = ranks > 0
+    listed = per_list_metrics(rankings, valid, candidates, targets)
+    beams = [[int(x) for x in row] if v else [int(x) for x in row if x != 10] for row, v in zip(rankings, valid)]
+    midtrain = per_user_metrics(beams, targets.tolist(), [k])
+    hit, ndcg = reward_rank_metrics(ranks, (k,))
+    full = ranking_metrics(np.where(ranks > 0, ranks, 10_000), k)
+    for name, values in (("recall", hit[:, 0]), ("ndcg", ndcg[:, 0])):
+        assert np.allclose(listed[f"{name}@{k}"], values)
+        assert np.allclose(midtrain[f"{name}@{k}"], values)
+        assert math.isclose(full[f"{name}@{k}"], values.mean())
+    package = Path(gr2.__file__).parent
+    spelled = [p.relative_to(package).as_posix() for p in package.rglob("*.py") if "log2(" in p.read_text()]
+    assert spelled == ["eval/metrics.py"]

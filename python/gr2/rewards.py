@@ -112,12 +112,13 @@ class RewardBatch:
 
 
 def rank_metrics(ranks: np.ndarray, metric_ks: Sequence[int] = (1, 3, 5)) -> tuple[np.ndarray, np.ndarray]:
-    """Recall@k and NDCG@k per row from 1-based target ranks (0 = target absent / invalid)."""
-    ranks = np.asarray(ranks, dtype=np.float64)[:, None]
-    ks = np.asarray(metric_ks, dtype=np.float64)[None, :]
-    hit = (ranks >= 1) & (ranks <= ks)
-    ndcg = np.where(hit, 1.0 / np.log2(np.maximum(ranks, 1.0) + 1.0), 0.0)
-    return hit.astype(np.float64), ndcg
+    """Recall@k and NDCG@k per row from 1-based target ranks (0 = target absent / invalid), as
+    (B, len(metric_ks)) arrays: :func:`gr2.eval.metrics.rank_metrics`, column per k."""
+    from gr2.eval.metrics import rank_metrics as per_k
+
+    by_k = per_k(np.asarray(ranks).astype(np.int64), metric_ks)
+    return (np.stack([by_k[f"recall@{k}"] for k in metric_ks], axis=1),
+            np.stack([by_k[f"ndcg@{k}"] for k in metric_ks], axis=1))
 
 
 def _id_array(name: str, values: Any, ndim: int) -> np.ndarray:

@@ -6,7 +6,9 @@ A teacher reads a user's history and the K upstream candidates and writes
 * ``targeted``  -- the target is revealed in the prompt; the teacher explains it and ranks it first;
 * ``rejection`` -- the target is hidden; sample up to ``attempts`` completions and keep the first
   whose ranking puts the target first (the better mode in the paper). Acceptance rate and attempts
-  per kept trace are reported.
+  per kept trace are reported. ``accept_rank`` relaxes "first" to "within the first
+  ``accept_rank`` positions": more, noisier traces; ``accept_rank = K`` keeps every valid greedy
+  ranking (plain distillation of the teacher, no selection on the label).
 
 Three backends:
 
@@ -86,6 +88,9 @@ class TeacherConfig:
     split: str = "train"  # which candidates split to write traces for
     max_examples: int = 0  # 0 = every user of the split whose target is among the candidates
     attempts: int = 8  # rejection-sampling budget per example
+    # rejection keeps a sample whose ranking puts the target within the first accept_rank
+    # positions: 1 is the paper's rule; >= K keeps the first valid sample of every list
+    accept_rank: int = 1
     temperature: float = 1.0
     seed: int = 0
     # heuristic teacher: weights of the transparent score (see HeuristicTeacher)
@@ -120,6 +125,8 @@ class TeacherConfig:
             raise ConfigError(f"teacher.mode must be rejection or targeted, got {self.mode!r}")
         if self.split not in ("train", "valid", "test"):
             raise ConfigError(f"teacher.split must be train, valid or test, got {self.split!r}")
+        if isinstance(self.accept_rank, bool) or not isinstance(self.accept_rank, int) or self.accept_rank < 1:
+            raise ConfigError(f"teacher.accept_rank must be an integer >= 1 (1: target first), got {self.accept_rank!r}")
         if self.attempts <= 0 or self.concurrency <= 0 or self.max_retries < 0:
             raise ConfigError("teacher.attempts and concurrency must be > 0, max_retries >= 0")
         if (isinstance(self.min_acceptance, bool) or not isinstance(self.min_acceptance, (int, float))
@@ -377,7 +384,8 @@ def make_sampler(config: TeacherConfig, run_dir: Path, catalog: common.Catalog, 
 
 def trace_one(example: Example, sample: Callable[[Example, int], str], catalog: common.Catalog,
               config: TeacherConfig, reasoning: bool) -> dict[str, Any]:
-    """Sample until the ranking puts the target first (rejection) or once (targeted). A request
+    """Sample until the ranking puts the target within the first ``accept_rank`` positions
+    (rejection; 1 = first) or once (targeted). A request
     the endpoint rejects for good (:class:`TeacherRequestError`, e.g. HTTP 400 for an over-long
     prompt) ends this example with ``failure`` = {reason, message}; the stage goes on."""
     from gr2.rewards import REASON_NAMES
@@ -399,7 +407,7 @@ def trace_one(example: Example, sample: Callable[[Example, int], str], catalog: 
             ranking = None
             continue
         ranking = [int(i) for i in rb.ranking[0]]
-        if ranking[0] == example.target:
+        if example.target in ranking[:config.accept_rank]:
             return {"accepted": True, "attempts": attempt + 1, "completion": completion, "ranking": ranking,
                     "invalid": dict(invalid), "target_not_first": missed}
         missed += 1
@@ -513,6 +521,7 @@ def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, 
         "attempts_per_kept_trace": float(np.mean([r["attempts"] for _, r in kept])) if kept else None,
         "attempts_total": int(sum(r["attempts"] for r in results)),
         "attempts_budget": config.attempts if config.mode == "rejection" else 1,
+        "accept_rank": config.accept_rank,
         "invalid_completions": dict(invalid),
         "target_not_first": int(sum(r["target_not_first"] for r in results)),
         "failed_examples": int(sum(failures.values())),

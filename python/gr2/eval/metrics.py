@@ -1,4 +1,6 @@
-"""Metrics of reranked K-candidate lists, with percentile-bootstrap confidence intervals.
+"""Ranking metrics, the one implementation every stage uses: reranked K-candidate lists (this
+module's ``evaluate_rankings``), mid-training's next-item beams and the upstream rankers' full
+rankings all score through :func:`rank_metrics`, with percentile-bootstrap confidence intervals.
 
 A *method* is a ranking array: item ids (B, K), one row per list, plus a validity mask (B,) (False
 where the model's output did not parse into a permutation of the candidates). Every list has
@@ -91,6 +93,23 @@ def check_rankings(rankings, valid, candidates: np.ndarray) -> tuple[np.ndarray,
     return rankings, valid
 
 
+def rank_metrics(ranks, ks) -> dict[str, np.ndarray]:
+    """Recall@k and NDCG@k (one relevant item, ideal DCG 1: ``1 / log2(rank + 1)``) of each row,
+    float64 (B,) per metric, from the 1-based rank of its relevant item; rank 0 means "not ranked"
+    (a miss at every k)."""
+    rank = np.asarray(ranks)
+    if rank.ndim != 1 or (rank.size and not np.issubdtype(rank.dtype, np.integer)):
+        raise InvalidInputError(f"ranks must be a 1-D integer array, got {rank.dtype} {rank.shape}")
+    if rank.size and rank.min() < 0:
+        raise InvalidInputError(f"ranks are 1-based (0 = not ranked), got {int(rank.min())}")
+    out: dict[str, np.ndarray] = {}
+    for k in ks:
+        hit = (rank >= 1) & (rank <= k)
+        out[f"recall@{k}"] = hit.astype(np.float64)
+        out[f"ndcg@{k}"] = np.where(hit, 1.0 / np.log2(np.maximum(rank, 1) + 1.0), 0.0)
+    return out
+
+
 def per_list_metrics(rankings, valid, candidates, targets, *, invalid: str = "miss") -> dict[str, np.ndarray]:
     """Per-list metric values (float64 (B,) each) and the top-1 input positions (-1 if invalid)."""
     if invalid not in ("miss", "upstream"):
@@ -99,12 +118,10 @@ def per_list_metrics(rankings, valid, candidates, targets, *, invalid: str = "mi
     rankings, valid = check_rankings(rankings, valid, candidates)
     scored = rankings if invalid == "miss" else np.where(valid[:, None], rankings, candidates)
     counts = valid if invalid == "miss" else np.ones_like(valid)
-    rank = np.argmax(scored == targets[:, None], axis=1) + 1  # 1-based
-    out: dict[str, np.ndarray] = {}
-    for k in RECALL_KS:
-        out[f"recall@{k}"] = ((rank <= k) & counts).astype(np.float64)
-    for k in NDCG_KS:
-        out[f"ndcg@{k}"] = np.where((rank <= k) & counts, 1.0 / np.log2(rank + 1.0), 0.0)
+    rank = np.where(counts, np.argmax(scored == targets[:, None], axis=1) + 1, 0)  # 1-based, 0 = a miss
+    by_k = rank_metrics(rank, sorted(set(RECALL_KS) | set(NDCG_KS)))
+    out: dict[str, np.ndarray] = {f"recall@{k}": by_k[f"recall@{k}"] for k in RECALL_KS}
+    out.update({f"ndcg@{k}": by_k[f"ndcg@{k}"] for k in NDCG_KS})
     out["validity"] = valid.astype(np.float64)
     out["order_copy"] = (valid & (rankings == candidates).all(axis=1)).astype(np.float64)
     top1_position = np.argmax(candidates == rankings[:, :1], axis=1)

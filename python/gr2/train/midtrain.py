@@ -40,7 +40,6 @@ last checkpoint (``midtrain/checkpoints``).
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -252,13 +251,12 @@ def next_item_rankings(model: Any, tokenizer: Any, sid_tokens: Any, index: Any, 
 
 
 def per_user_metrics(rankings: list[list[int]], targets: list[int], ks: list[int]) -> dict[str, np.ndarray]:
-    """Recall@k and NDCG@k (one relevant item: 1/log2(rank+1)) of each user, float64 arrays."""
-    out: dict[str, np.ndarray] = {}
-    for k in ks:
-        hits = [r[:k].index(t) + 1 if t in r[:k] else 0 for r, t in zip(rankings, targets)]
-        out[f"recall@{k}"] = np.array([float(h > 0) for h in hits])
-        out[f"ndcg@{k}"] = np.array([1 / math.log2(h + 1) if h else 0.0 for h in hits])
-    return out
+    """Recall@k and NDCG@k of each user's beam ranking (:func:`gr2.eval.metrics.rank_metrics`;
+    a target outside the ranking is a miss), float64 arrays."""
+    from gr2.eval.metrics import rank_metrics
+
+    ranks = np.array([r.index(t) + 1 if t in r else 0 for r, t in zip(rankings, targets)], dtype=np.int64)
+    return rank_metrics(ranks, ks)
 
 
 def bootstrap_cis(model: dict[str, np.ndarray], baseline: dict[str, np.ndarray], seed: int,

@@ -118,11 +118,10 @@ def target_ranks(
 
 
 def ranking_metrics(ranks: np.ndarray, k: int = 10) -> dict[str, float]:
-    """Recall@k and NDCG@k (one relevant item: 1/log2(rank+1)) from 1-based ranks."""
-    ranks = np.asarray(ranks)
-    hit = ranks <= k
-    ndcg = np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0)
-    return {f"recall@{k}": float(hit.mean()), f"ndcg@{k}": float(ndcg.mean())}
+    """Mean Recall@k and NDCG@k from 1-based full-ranking ranks (:func:`gr2.eval.metrics.rank_metrics`)."""
+    from gr2.eval.metrics import rank_metrics
+
+    return {name: float(values.mean()) for name, values in rank_metrics(np.asarray(ranks), [k]).items()}
 
 
 def evaluate_full_ranking(
