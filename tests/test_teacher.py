@@ -193,6 +193,23 @@ def test_heuristic_rejection_and_targeted(run_dir):
     assert (run_dir / "teacher" / "rankings_test.npz").exists()
 
 
+def test_accept_rank_relaxes_rejection_to_the_top_positions(run_dir):
+    """accept_rank = 3 keeps every sample with the target in the first 3 positions (more traces
+    than target-first, each still meeting its rule); accept_rank = K keeps every list's greedy
+    ranking (plain distillation: one attempt each)."""
+    strict = run_traces(run_dir, TeacherConfig(attempts=2), force=True)
+    top3 = run_traces(run_dir, TeacherConfig(attempts=2, accept_rank=3), force=True)
+    records = [json.loads(x) for x in (run_dir / "traces" / "traces.jsonl").read_text().splitlines()]
+    assert strict["kept"] < top3["kept"] and top3["accept_rank"] == 3
+    assert all(r["target"] in r["ranking"][:3] for r in records if r["accepted"])
+    assert any(r["ranking"][0] != r["target"] for r in records if r["accepted"])
+    k = len(records[0]["candidates"])
+    distill = run_traces(run_dir, TeacherConfig(attempts=4, accept_rank=k), force=True)
+    assert distill["acceptance_rate"] == 1.0 and distill["attempts_per_kept_trace"] == 1.0
+    with pytest.raises(ConfigError, match="accept_rank"):
+        TeacherConfig(accept_rank=0)
+
+
 def test_answer_only_arm(run_dir):
     summary = run_traces(run_dir, TeacherConfig(mode="rejection", attempts=6), arm="answer", force=True)
     records = [json.loads(x) for x in (run_dir / "traces_answer" / "traces.jsonl").read_text().splitlines()]
