@@ -14,9 +14,7 @@ from hypothesis import strategies as st
 from gr2.data import (
     DataConfig,
     ItemCatalog,
-    iter_split,
     kcore,
-    leave_one_out,
     load_items,
     load_raw,
     load_sequences,
@@ -26,6 +24,7 @@ from gr2.data import (
 )
 from gr2.data.formats import RawData
 from gr2.errors import ConfigError, DataError, UnknownItemError
+from gr2.splits import leave_one_out, train_sequences
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
@@ -124,16 +123,15 @@ def test_min_rating_without_ratings():
         preprocess(make_raw([("u", "a", 1), ("u", "b", 2), ("u", "c", 3)]), kcore_k=1, min_rating=4)
 
 
-def test_leave_one_out_and_history_cap():
-    items = [5, 6, 7, 8, 9]
-    assert leave_one_out(items, "train") == ([5, 6, 7], None)
-    assert leave_one_out(items, "valid") == ([5, 6, 7], 8)
-    assert leave_one_out(items, "test") == ([5, 6, 7, 8], 9)
-    assert leave_one_out(items, "test", max_history=2) == ([7, 8], 9)
-    with pytest.raises(DataError, match="unknown split"):
-        leave_one_out(items, "dev")
-    with pytest.raises(DataError, match="too short"):
-        leave_one_out([1, 2], "test")
+def test_leave_one_out_split_of_the_data_stage_output():
+    """The one split (gr2.splits) over data/sequences-shaped input: train items[:-2], valid
+    items[-2], test items[-1]; users under 3 items are listed, not dropped silently."""
+    split = leave_one_out([0, 1], [[5, 6, 7, 8, 9], [1, 2]])
+    assert split.user_idx.tolist() == [0] and split.skipped_users.tolist() == [1]
+    assert split.train[0].tolist() == [5, 6, 7]
+    assert split.valid_targets.tolist() == [8] and split.test_targets.tolist() == [9]
+    assert split.test_histories()[0].tolist() == [5, 6, 7, 8]
+    assert [t.tolist() for t in train_sequences({"items": [[5, 6, 7, 8, 9]]})] == [[5, 6, 7]]
 
 
 def test_config_validation():
@@ -165,8 +163,12 @@ def test_run_data_schema_caching_and_catalog(tmp_path):
         catalog.title(3)
     with pytest.raises(UnknownItemError):
         catalog.index_of("nope")
-    splits = {s: list(iter_split(sequences, s)) for s in ("valid", "test")}
-    assert splits["test"][0][2] == sequences["items"][0][-1]
+    split = leave_one_out(sequences["user_idx"], sequences["items"])
+    assert split.test_targets[0] == sequences["items"][0][-1]
+    year = catalog.years[catalog.index_of("1")]
+    assert year == 1995 and isinstance(year, int)
+    with pytest.raises(DataError, match="without a SID index"):
+        catalog.codes
 
 
 def test_missing_run_dir_outputs(tmp_path):
@@ -191,3 +193,24 @@ def test_ml100k_default_stats(tmp_path):
     stats = json.loads((tmp_path / "data" / "stats.json").read_text())
     assert 0.7 < stats["same_timestamp_share"] < 0.8
     assert stats["dropped"] == {"items_without_kept_interactions": 333, "kcore": 713}
+
+
+def test_item_catalog_with_sids(tmp_path):
+    """The one catalog class carries the run's SIDs when built with its index, and refuses an
+    index that does not cover exactly its items."""
+    import gr2
+
+    run_data(tmp_path, DataConfig(format="movielens", path=str(FIXTURES / "ml-1m"), kcore=3))
+    items = load_items(tmp_path)
+    codes = np.array([[i, 0] for i in range(len(items))], dtype=np.uint16)
+    index = gr2.SidIndex.build(np.arange(len(items), dtype=np.uint64), codes, 16)
+    catalog = ItemCatalog(items, index)
+    assert catalog.codes.tolist() == codes.tolist() and catalog.level_sizes == (16, 16)
+    assert catalog.item_of_sid()[(1, 0)] == 1
+    assert catalog.sid_text(1) == gr2.tokens.sid_to_text(codes[1])
+    assert catalog.item_text(0).startswith(catalog.title(0))
+    short = gr2.SidIndex.build(np.arange(1, dtype=np.uint64), codes[:1], 16)
+    with pytest.raises(DataError, match="SID index holds 1 items"):
+        ItemCatalog(items, short)
+    with pytest.raises(DataError, match="run the sid stage"):
+        ItemCatalog.from_run_dir(tmp_path, sids=True)

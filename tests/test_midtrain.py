@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_midtrain_fixtures import make_run_dir, tiny_midtrain_config
 
+from gr2.data.catalog import ItemCatalog
 from gr2.errors import ConfigError, DataError
 from gr2.models import load_pretrained, sid_tokens_of
 from gr2.train import common
@@ -36,7 +37,7 @@ def test_midtrain_trains_evaluates_and_saves(run_dir):
     assert 0 <= ev["model"]["recall@1"] <= ev["model"]["recall@4"] <= 1
     assert ev["mean_items_returned"] == 4  # every beam spelled a distinct catalog item
     model, tok = load_pretrained(run_dir / "midtrain" / "model")
-    catalog = common.load_catalog(run_dir)
+    catalog = ItemCatalog.from_run_dir(run_dir, sids=True)
     st = sid_tokens_of(tok, catalog.level_sizes)
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
     assert tok(catalog.sid_text(3), add_special_tokens=False)["input_ids"] == st.sid_token_ids(catalog.codes[3])
@@ -147,7 +148,7 @@ def test_next_example_history_sid_weights(run_dir):
     from gr2.models import build_demo_model, extend_with_sids, train_demo_tokenizer
     from gr2.train.midtrain import TaskSampler, demo_corpus
 
-    catalog = common.load_catalog(run_dir)
+    catalog = ItemCatalog.from_run_dir(run_dir, sids=True)
     train_seqs = [s[:-2] for s in common.load_sequences(run_dir)]
     config = tiny_midtrain_config(max_history=3, history_weight=0.5)
     tok = train_demo_tokenizer(demo_corpus(catalog), 400)

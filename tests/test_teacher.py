@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from test_midtrain_fixtures import make_run_dir, tiny_midtrain_config
 
+from gr2.data.catalog import ItemCatalog
 from gr2.errors import ConfigError, DataError
 from gr2.teacher import (
     HEURISTIC_LABEL,
@@ -24,7 +25,6 @@ from gr2.teacher import (
     run_traces,
 )
 from gr2.tokens import answer_text
-from gr2.train import common
 
 SID_RE = re.compile(r"<\|sid_begin\|>(?:<s_[a-z]_\d+>)+<\|sid_end\|>")
 
@@ -171,7 +171,7 @@ def test_run_traces_openai_rejection_sampling_and_resume(server, run_dir):
 
 
 def test_heuristic_rejection_and_targeted(run_dir):
-    catalog = common.load_catalog(run_dir)
+    catalog = ItemCatalog.from_run_dir(run_dir, sids=True)
     rej = run_traces(run_dir, TeacherConfig(mode="rejection", attempts=6), force=True)
     records = [json.loads(x) for x in (run_dir / "traces" / "traces.jsonl").read_text().splitlines()]
     assert rej["teacher"] == HEURISTIC_LABEL and all(r["teacher"] == HEURISTIC_LABEL for r in records)
@@ -227,7 +227,7 @@ def test_teacher_statistics_exclude_the_target(run_dir):
     from gr2.candidates import load_fit_sequences
     from gr2.teacher import HeuristicTeacher
 
-    catalog = common.load_catalog(run_dir)
+    catalog = ItemCatalog.from_run_dir(run_dir, sids=True)
     fit = load_fit_sequences(run_dir, "train")
     teacher = HeuristicTeacher(catalog, fit, TeacherConfig(w_cooccur=1.0))
     for e in load_examples(run_dir, "train", 0, 0):
@@ -239,7 +239,7 @@ def test_teacher_statistics_exclude_the_target(run_dir):
 def test_parse_completions_rejects_malformed(run_dir):
     from gr2.teacher import Example
 
-    catalog = common.load_catalog(run_dir)
+    catalog = ItemCatalog.from_run_dir(run_dir, sids=True)
     ex = Example(0, 0, [3], [0, 1, 2], 2, [0.0, 0.0, 0.0])
     good = "<think>x</think>" + answer_text(catalog.codes[[2, 0, 1]])
     rb = parse_completions([good], [ex], catalog, reasoning=True)

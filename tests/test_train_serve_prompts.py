@@ -15,11 +15,11 @@ import pytest
 from test_midtrain_fixtures import make_run_dir, tiny_midtrain_config
 
 import gr2
+from gr2.data.catalog import ItemCatalog
 from gr2.prompts import PromptConfig
 from gr2.rerank import RerankConfig, run_rerank
 from gr2.rundir import mark_done
 from gr2.teacher import TeacherConfig, run_traces
-from gr2.train import common
 from gr2.train.dapo import DapoConfig, load_rl_data
 from gr2.train.sft import trace_example
 
@@ -95,7 +95,7 @@ def test_evidence_comes_from_the_split_fit_data(run_dir):
     from gr2.prompts import candidate_evidence
 
     table = load_requests(run_dir, "test")
-    n_items = len(common.load_catalog(run_dir))
+    n_items = len(ItemCatalog.from_run_dir(run_dir, sids=True))
     hist = [np.asarray(h) for h in table["history"]]
     cands = np.asarray(table["candidates"])
     stored = np.asarray(table["evidence"])

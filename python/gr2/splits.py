@@ -194,10 +194,20 @@ def time_protocol(user_idx: Sequence[int], sequences: Sequence[Sequence[int]], t
     )
 
 
+def train_sequences(sequences) -> list[np.ndarray]:
+    """Every user's leave-one-out training prefix ``items[:-2]`` of a ``data/sequences`` dataset.
+
+    What the sid stage's co-engagement loss may see. Under the time protocol this is looser than
+    the per-split fit data (the prefix can reach past the time cutoff); the contrastive weight is 0
+    by default, so no default run is affected.
+    """
+    return [np.asarray(items[:-2], dtype=np.int64) for items in sequences["items"]]
+
+
 def fit_of_user(split: ProtocolSplit, name: str) -> dict[int, np.ndarray]:
     """user_idx -> fit sequence of split ``name``."""
     return {int(u): s for u, s in zip(split.users, split.fit[name])}
 
 
 __all__ = ["PROTOCOLS", "SPLITS", "LeaveOneOut", "ProtocolSplit", "Requests", "fit_of_user", "leave_one_out",
-           "leave_one_out_protocol", "time_protocol"]
+           "leave_one_out_protocol", "time_protocol", "train_sequences"]

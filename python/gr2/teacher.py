@@ -55,6 +55,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from gr2.data.catalog import ItemCatalog
 from gr2.errors import ConfigError, DataError, Gr2Error
 from gr2.rundir import atomic_write_json, atomic_write_text, begin_stage, mark_done, stage_key
 from gr2.teacher_client import (  # noqa: F401  (re-exported: gr2.teacher.OpenAIChatClient etc.)
@@ -157,16 +158,15 @@ class Example:
 # prompts and answers
 
 
-def rerank_messages(run_dir: Path, catalog: common.Catalog, example: Example, prompt: Any, *, reasoning: bool,
+def rerank_messages(run_dir: Path, catalog: ItemCatalog, example: Example, prompt: Any, *, reasoning: bool,
                     reveal_target: bool = False) -> list[dict[str, str]]:
     """The chat prompt of one example: the student's prompt (:func:`gr2.prompts.request_messages`,
     the same the SFT, RL and rerank stages show the model), plus, in targeted mode, a line
     revealing the target that only the teacher sees."""
-    from gr2.data import ItemCatalog
     from gr2.prompts import request_messages
 
     request = {"history": example.history, "candidates": example.candidates, "evidence": example.evidence}
-    messages = request_messages(request, prompt, _item_catalog(run_dir, ItemCatalog), catalog.index,
+    messages = request_messages(request, prompt, catalog, catalog.index,
                                 reasoning=reasoning).messages
     if reveal_target:
         messages[-1] = dict(messages[-1])
@@ -175,18 +175,7 @@ def rerank_messages(run_dir: Path, catalog: common.Catalog, example: Example, pr
     return messages
 
 
-_ITEM_CATALOGS: dict[str, Any] = {}
-
-
-def _item_catalog(run_dir: Path, cls: Any) -> Any:
-    """gr2.data.ItemCatalog of the run, read once per process (prompts are built per example)."""
-    key = str(Path(run_dir).resolve())
-    if key not in _ITEM_CATALOGS:
-        _ITEM_CATALOGS[key] = cls.from_run_dir(run_dir)
-    return _ITEM_CATALOGS[key]
-
-
-def parse_completions(completions: list[str], examples: list[Example], catalog: common.Catalog, *,
+def parse_completions(completions: list[str], examples: list[Example], catalog: ItemCatalog, *,
                       reasoning: bool) -> Any:
     """Parse and score teacher completions with :func:`gr2.verify_rewards` -- the one completion
     grammar (in Rust) that the RL rewards and the decoders use. In the answer-only arm a
@@ -223,7 +212,7 @@ class HeuristicTeacher:
 
     label = HEURISTIC_LABEL
 
-    def __init__(self, catalog: common.Catalog, fit_seqs: Sequence[Sequence[int]], config: TeacherConfig):
+    def __init__(self, catalog: ItemCatalog, fit_seqs: Sequence[Sequence[int]], config: TeacherConfig):
         self.catalog, self.config = catalog, config
         self.popularity = np.bincount(np.concatenate([np.asarray(s, np.int64) for s in fit_seqs if len(s)] or
                                                      [np.zeros(0, np.int64)]), minlength=len(catalog))
@@ -295,7 +284,7 @@ class HeuristicTeacher:
         return THINK_OPEN + " ".join(parts) + THINK_CLOSE
 
 
-def answer_block(catalog: common.Catalog, ranking: Sequence[int]) -> str:
+def answer_block(catalog: ItemCatalog, ranking: Sequence[int]) -> str:
     return ANSWER_OPEN + "".join(sid_to_text(catalog.codes[i]) for i in ranking) + ANSWER_CLOSE
 
 
@@ -351,7 +340,7 @@ def load_examples(run_dir: Path, split: str, max_examples: int, seed: int) -> li
     return examples
 
 
-def make_sampler(config: TeacherConfig, run_dir: Path, catalog: common.Catalog, prompt: Any, reasoning: bool,
+def make_sampler(config: TeacherConfig, run_dir: Path, catalog: ItemCatalog, prompt: Any, reasoning: bool,
                  cache_dir: Path, *, purge_cache: bool = False
                  ) -> tuple[str, Callable[[Example, int], str], OpenAIChatClient | None]:
     """(label, fn(example, attempt) -> completion text, the OpenAI client or None) for the
@@ -382,7 +371,7 @@ def make_sampler(config: TeacherConfig, run_dir: Path, catalog: common.Catalog, 
     return f"local model {config.local_model}", lambda ex, attempt: local.complete(prompt_of(ex), attempt), None
 
 
-def trace_one(example: Example, sample: Callable[[Example, int], str], catalog: common.Catalog,
+def trace_one(example: Example, sample: Callable[[Example, int], str], catalog: ItemCatalog,
               config: TeacherConfig, reasoning: bool) -> dict[str, Any]:
     """Sample until the ranking puts the target within the first ``accept_rank`` positions
     (rejection; 1 = first) or once (targeted). A request
@@ -457,7 +446,7 @@ def check_acceptance(summary: dict[str, Any], config: TeacherConfig, stage_dir: 
         f"{stage_dir / 'report.json'}; set min_acceptance = 0 to keep such a run).", summary)
 
 
-def teacher_rankings(run_dir: Path, config: TeacherConfig, catalog: common.Catalog, split: str) -> None:
+def teacher_rankings(run_dir: Path, config: TeacherConfig, catalog: ItemCatalog, split: str) -> None:
     """The heuristic teacher's greedy ranking of ``prompts/<split>``, written as
     ``teacher/rankings_<split>.npz`` so ``gr2 eval`` scores the teacher like any method."""
     from gr2.candidates import load_fit_sequences
@@ -482,7 +471,7 @@ def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, 
     key = stage_key({"config": config, "arm": arm}, *inputs)
     if (done := begin_stage(stage_dir, key, force=force)) is not None:
         return done
-    catalog = common.load_catalog(run_dir)
+    catalog = ItemCatalog.from_run_dir(run_dir, sids=True)
     prompt = load_prompt_config(run_dir)
     examples = load_examples(run_dir, config.split, config.max_examples, config.seed)
     label, sample, client = make_sampler(config, run_dir, catalog, prompt, reasoning, stage_dir / "cache",

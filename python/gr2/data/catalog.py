@@ -1,18 +1,16 @@
-"""Readers of the data stage's outputs for later stages: items, sequences, leave-one-out splits."""
+"""Readers of the data stage's outputs for later stages: items (the one :class:`ItemCatalog`),
+sequences and stats. Splits live in :mod:`gr2.splits`."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import datasets
 import numpy as np
 
 from gr2.errors import DataError, UnknownItemError
-
-SPLITS = ("train", "valid", "test")
-
 
 def _load(run_dir: str | Path, name: str) -> datasets.Dataset:
     path = Path(run_dir) / "data" / name
@@ -39,22 +37,52 @@ def load_stats(run_dir: str | Path) -> dict:
 
 
 class ItemCatalog:
-    """Item metadata by dense ``item_idx``: titles, categories, years, embedding texts, external ids."""
+    """The items of a run by dense ``item_idx``: titles, categories, years, embedding texts, external
+    ids and, when built with the run's SID index, every item's SID.
 
-    def __init__(self, items: datasets.Dataset):
+    The one catalog class: prompts, the teacher, mid-training, SFT, RL and rerank all read items
+    through it. ``ItemCatalog.from_run_dir(run_dir, sids=True)`` also loads ``sid/index.gr2sid``
+    and checks that it covers exactly the items of ``data/items``.
+    """
+
+    REQUIRED_COLUMNS = ("item_idx", "item_id", "title", "categories", "year", "text")
+
+    def __init__(self, items: datasets.Dataset, index: Any = None):
+        missing = sorted(set(self.REQUIRED_COLUMNS) - set(items.column_names))
+        if missing:
+            raise DataError(f"items dataset lacks column(s) {missing}")
         columns = items.to_dict()
-        self.item_ids: list[str] = columns["item_id"]
-        self.titles: list[str] = columns["title"]
-        self.categories: list[list[str]] = columns["categories"]
-        self.years: list[int] = columns["year"]
-        self.texts: list[str] = columns["text"]
-        if list(columns["item_idx"]) != list(range(len(self.item_ids))):
+        if list(columns["item_idx"]) != list(range(len(columns["item_id"]))):
             raise DataError("items dataset is not indexed densely 0..n-1 in order")
+        self.item_ids: list[str] = [str(i) for i in columns["item_id"]]
+        self.titles: list[str] = columns["title"]
+        self.categories: list[list[str]] = [list(c) for c in columns["categories"]]
+        self.years: list[int] = [int(y) for y in columns["year"]]  # -1 = unknown
+        self.texts: list[str] = columns["text"]
         self._by_external = {item_id: i for i, item_id in enumerate(self.item_ids)}
+        self.index = index
+        self._codes: np.ndarray | None = None
+        if index is not None:
+            if len(index) != len(self.item_ids):
+                raise DataError(f"SID index holds {len(index)} items, the catalog {len(self.item_ids)}; "
+                                "rerun the sid stage")
+            try:
+                self._codes = np.asarray(index.sids(np.arange(len(self.item_ids), dtype=np.uint64)), dtype=np.uint16)
+            except KeyError as e:
+                raise UnknownItemError(f"SID index lacks an item of the catalog: {e}") from e
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path) -> "ItemCatalog":
-        return cls(load_items(run_dir))
+    def from_run_dir(cls, run_dir: str | Path, sids: bool = False) -> "ItemCatalog":
+        """``data/items`` of a run; with ``sids`` also ``sid/index.gr2sid``."""
+        items = load_items(run_dir)
+        if not sids:
+            return cls(items)
+        import gr2
+
+        index_path = Path(run_dir) / "sid" / "index.gr2sid"
+        if not index_path.exists():
+            raise DataError(f"{index_path} does not exist; run the sid stage first (`gr2 sid --run-dir {run_dir}`)")
+        return cls(items, gr2.SidIndex.load(str(index_path)))
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -82,36 +110,32 @@ class ItemCatalog:
         except KeyError:
             raise UnknownItemError(f"item id {item_id!r} is not in the catalog") from None
 
+    def item_text(self, item: int) -> str:
+        """``Title (year) | genre, genre`` -- the text SID rows are initialised from and captioned to."""
+        item = self._check(item)
+        year = f" ({self.years[item]})" if self.years[item] >= 0 else ""
+        genres = ", ".join(self.categories[item]) or "unknown genre"
+        return f"{self.titles[item]}{year} | {genres}"
 
-def leave_one_out(items: list[int], split: str, max_history: int = 0) -> tuple[list[int], int | None]:
-    """(history, target) of one user sequence for ``split``.
+    # -- SIDs (a catalog built with the run's index) --------------------------------------------
 
-    train: history = items[:-2] (no target: the whole prefix is training data, target None);
-    valid: history = items[:-2], target = items[-2]; test: history = items[:-1], target = items[-1].
-    ``max_history`` > 0 keeps only the most recent items of the history.
-    """
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
-    if len(items) < 3:
-        raise DataError(f"a sequence of {len(items)} items is too short for leave-one-out (needs 3)")
-    if split == "train":
-        history, target = list(items[:-2]), None
-    elif split == "valid":
-        history, target = list(items[:-2]), int(items[-2])
-    else:
-        history, target = list(items[:-1]), int(items[-1])
-    if max_history > 0:
-        history = history[-max_history:]
-    return history, target
+    @property
+    def codes(self) -> np.ndarray:
+        """uint16 (n, L): the SID of item i in row i."""
+        if self._codes is None:
+            raise DataError("this catalog was built without a SID index; use ItemCatalog.from_run_dir(run_dir, sids=True)")
+        return self._codes
 
+    @property
+    def level_sizes(self) -> tuple[int, ...]:
+        if self.index is None:
+            raise DataError("this catalog was built without a SID index; use ItemCatalog.from_run_dir(run_dir, sids=True)")
+        return tuple(int(s) for s in self.index.level_sizes)
 
-def iter_split(sequences: datasets.Dataset, split: str, max_history: int = 0) -> Iterator[tuple[int, list[int], int | None]]:
-    """(user_idx, history, target) for every user in ``split``."""
-    for user_idx, items in zip(sequences["user_idx"], sequences["items"]):
-        history, target = leave_one_out(items, split, max_history)
-        yield int(user_idx), history, target
+    def sid_text(self, item: int) -> str:
+        from gr2.tokens import sid_to_text
 
+        return sid_to_text(self.codes[self._check(item)])
 
-def train_sequences(sequences: datasets.Dataset) -> list[np.ndarray]:
-    """Every user's training prefix items[:-2] (what co-engagement and upstream models may see)."""
-    return [np.asarray(items[:-2], dtype=np.int64) for items in sequences["items"]]
+    def item_of_sid(self) -> dict[tuple[int, ...], int]:
+        return {tuple(int(c) for c in row): i for i, row in enumerate(self.codes)}

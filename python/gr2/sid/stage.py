@@ -41,9 +41,10 @@ from gr2 import rundir
 from gr2.config import from_dict, load_toml
 
 log = logging.getLogger(__name__)
-from gr2.data.catalog import load_items, load_sequences, train_sequences
+from gr2.data.catalog import load_items, load_sequences
 from gr2.embed import default_model_path, embed_texts
 from gr2.errors import ConfigError, DataError
+from gr2.splits import train_sequences
 from gr2.sid.rqvae import (
     RQVAEConfig,
     codebooks_array,

@@ -609,68 +609,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 # run-directory inputs shared by the recipes and the teacher
 
 
-@dataclass
-class Catalog:
-    """The items of a run with their SIDs, indexed by dense ``item_idx`` (0..n-1)."""
-
-    titles: list[str]
-    categories: list[list[str]]
-    years: np.ndarray  # int64 (n,), -1 unknown
-    codes: np.ndarray  # uint16 (n, L): SID of item i in row i
-    level_sizes: tuple[int, ...]
-    index: Any  # the gr2.SidIndex it came from
-
-    def __len__(self) -> int:
-        return len(self.titles)
-
-    def item_text(self, item: int) -> str:
-        """``Title (year) | genre, genre`` -- the text SID rows are initialised from and captioned to."""
-        year = f" ({int(self.years[item])})" if self.years[item] >= 0 else ""
-        genres = ", ".join(self.categories[item]) or "unknown genre"
-        return f"{self.titles[item]}{year} | {genres}"
-
-    def sid_text(self, item: int) -> str:
-        from gr2.tokens import sid_to_text
-
-        return sid_to_text(self.codes[item])
-
-    def item_of_sid(self) -> dict[tuple[int, ...], int]:
-        return {tuple(int(c) for c in row): i for i, row in enumerate(self.codes)}
-
-
-def load_catalog(run_dir: str | os.PathLike) -> Catalog:
-    """Read ``data/items`` and ``sid/index.gr2sid`` of a run into a :class:`Catalog`."""
-    import datasets
-
-    import gr2
-    from gr2.errors import DataError, UnknownItemError
-
-    run_dir = Path(run_dir)
-    items_path, index_path = run_dir / "data" / "items", run_dir / "sid" / "index.gr2sid"
-    for path, stage in ((items_path, "data"), (index_path, "sid")):
-        if not path.exists():
-            raise DataError(f"{path} is missing; run the `{stage}` stage first")
-    items = datasets.load_from_disk(str(items_path))
-    missing = {"item_idx", "title", "categories", "year"} - set(items.column_names)
-    if missing:
-        raise DataError(f"{items_path} lacks column(s) {sorted(missing)}")
-    idx = np.asarray(items["item_idx"], dtype=np.int64)
-    if not np.array_equal(np.sort(idx), np.arange(len(idx))):
-        raise DataError(f"{items_path}: item_idx must be dense 0..n-1")
-    order = np.argsort(idx)
-    titles = [items["title"][i] for i in order]
-    categories = [list(items["categories"][i]) for i in order]
-    years = np.asarray(items["year"], dtype=np.int64)[order]
-    index = gr2.SidIndex.load(str(index_path))
-    if len(index) != len(titles):
-        raise DataError(f"SID index holds {len(index)} items, data/items {len(titles)}; rerun the sid stage")
-    try:
-        codes = np.asarray(index.sids(np.arange(len(titles), dtype=np.uint64)), dtype=np.uint16)
-    except KeyError as e:
-        raise UnknownItemError(f"SID index lacks an item of data/items: {e}") from e
-    return Catalog(titles, categories, years, codes, tuple(int(s) for s in index.level_sizes), index)
-
-
 def load_sequences(run_dir: str | os.PathLike) -> list[list[int]]:
     """Chronological item lists of ``data/sequences`` (one per user, ordered by user_idx)."""
     import datasets

@@ -49,10 +49,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gr2.data.catalog import ItemCatalog
 from gr2.errors import ConfigError, DataError
 from gr2.models import DemoModelConfig, extend_with_sids, load_base_model, load_pretrained, save_pretrained_atomic
 from gr2.rerank import OUTPUT_GLOBS as RERANK_OUTPUTS
-from gr2.rundir import atomic_write_json, begin_stage, mark_done, read_stage, stage_key
+from gr2.rundir import atomic_write_json, begin_stage, mark_done, stage_key
 from gr2.train import common
 
 STAGE = "midtrain"
@@ -136,25 +137,25 @@ class MidtrainConfig:
 # the task texts
 
 
-def next_prompt(catalog: common.Catalog, history: list[int]) -> str:
+def next_prompt(catalog: ItemCatalog, history: list[int]) -> str:
     return "A user watched, oldest first: " + "".join(catalog.sid_text(i) for i in history) + "\nNext item?"
 
 
-def caption_prompt(catalog: common.Catalog, item: int) -> str:
+def caption_prompt(catalog: ItemCatalog, item: int) -> str:
     return f"What is item {catalog.sid_text(item)}?"
 
 
-def ground_prompt(catalog: common.Catalog, item: int) -> str:
+def ground_prompt(catalog: ItemCatalog, item: int) -> str:
     return f"Semantic ID of: {catalog.item_text(item)}"
 
 
-def replay_text(catalog: common.Catalog, item: int) -> str:
+def replay_text(catalog: ItemCatalog, item: int) -> str:
     year = f", released in {int(catalog.years[item])}" if catalog.years[item] >= 0 else ""
     genres = " and ".join(catalog.categories[item]) or "uncategorised"
     return f"{catalog.titles[item]} is a {genres} title{year}."
 
 
-def demo_corpus(catalog: common.Catalog) -> list[str]:
+def demo_corpus(catalog: ItemCatalog) -> list[str]:
     """Texts the demo tokenizer is trained on: item texts, replay sentences and the templates."""
     texts = [catalog.item_text(i) for i in range(len(catalog))] + [replay_text(catalog, i) for i in range(len(catalog))]
     from gr2.prompts import DEFAULT_PRIMING, SYSTEM_PROMPT, instructions
@@ -167,7 +168,7 @@ def demo_corpus(catalog: common.Catalog) -> list[str]:
 class TaskSampler:
     """Builds the training example for batch slot ``(step, slot)`` -- deterministic in (seed, step)."""
 
-    def __init__(self, catalog: common.Catalog, train_seqs: list[list[int]], tokenizer: Any, config: MidtrainConfig,
+    def __init__(self, catalog: ItemCatalog, train_seqs: list[list[int]], tokenizer: Any, config: MidtrainConfig,
                  sid_tokens: Any = None):
         self.catalog, self.tokenizer, self.config = catalog, tokenizer, config
         self.code_token_ids: frozenset[int] = frozenset()
@@ -296,7 +297,7 @@ def eval_split(seqs: list[list[int]], split: str) -> tuple[list[list[int]], list
     return [h for h, _ in pairs], [t for _, t in pairs]
 
 
-def evaluate(model: Any, tokenizer: Any, sid_tokens: Any, catalog: common.Catalog, seqs: list[list[int]],
+def evaluate(model: Any, tokenizer: Any, sid_tokens: Any, catalog: ItemCatalog, seqs: list[list[int]],
              config: MidtrainConfig) -> dict[str, Any]:
     histories, targets = eval_split(seqs, config.eval_split)
     if config.eval_users and config.eval_users < len(targets):
@@ -352,7 +353,7 @@ def init_key(run_dir: Path, config: MidtrainConfig) -> str:
     return stage_key(what, common.input_key(run_dir, "data"), common.input_key(run_dir, "sid"))
 
 
-def prepare_model(run_dir: Path, config: MidtrainConfig, catalog: common.Catalog,
+def prepare_model(run_dir: Path, config: MidtrainConfig, catalog: ItemCatalog,
                   checkpoints: common.Checkpointer | None = None) -> tuple[Any, Any, Any]:
     """Base model extended with the SID vocabulary, saved once as ``checkpoints/init`` for resume
     and reused only while its key (:func:`init_key`) is current."""
@@ -386,7 +387,7 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
     key = stage_key(config, *inputs)
     if (done := begin_stage(stage_dir, key, force=force)) is not None:
         return done
-    catalog = common.load_catalog(run_dir)
+    catalog = ItemCatalog.from_run_dir(run_dir, sids=True)
     seqs = common.load_sequences(run_dir)
     train_seqs = training_sequences(run_dir, config, seqs)
     device = common.choose_device(config.device)
