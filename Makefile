@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup develop demo test test-rust test-python bench clean lock inplace
+.PHONY: setup develop demo test test-rust test-python bench clean lock inplace wheel
 
 # Installs the pinned versions of $(LOCK) (pip -c: a constraint, not an extra requirement), so
 # `make test` and `make demo` run in the environment the README's figures came from; rerunning is a
@@ -31,6 +31,11 @@ setup: $(STAMP)
 # Rebuild the Rust extension in release mode (incremental; seconds when nothing changed).
 develop: setup
 	$(VENV)/bin/maturin develop --release -q
+
+# The abi3 wheel and the sdist into dist/ (tests/test_wheel.py installs the wheel into a fresh venv).
+wheel: setup
+	$(VENV)/bin/maturin build --release --out dist
+	$(VENV)/bin/maturin sdist --out dist
 
 demo: develop
 	$(VENV)/bin/gr2 run --preset demo
