@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup develop demo test test-rust test-python bench clean lock inplace wheel
+.PHONY: setup develop demo test test-rust test-python bench clean lock inplace wheel fuzz
 
 # Installs the pinned versions of $(LOCK) (pip -c: a constraint, not an extra requirement), so
 # `make test` and `make demo` run in the environment the README's figures came from; rerunning is a
@@ -47,6 +47,15 @@ test-python: develop
 	$(PY) -m pytest -q
 
 test: test-rust test-python
+
+# The fuzz and fault suite at a larger budget than `make test` (docs/fuzzing.md): every Rust
+# proptest x GR2_FUZZ_SCALE cases, the hypothesis suites at GR2_FUZZ_EXAMPLES examples.
+FUZZ_SCALE ?= 50
+FUZZ_EXAMPLES ?= 2000
+fuzz: develop
+	GR2_FUZZ_SCALE=$(FUZZ_SCALE) cargo test --release -q
+	GR2_FUZZ=1 GR2_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_index_rq_fuzz.py \
+	  tests/test_input_validation.py tests/test_rewards.py tests/test_constraint.py tests/test_stage_commits.py
 
 bench: develop
 	cargo bench

@@ -919,6 +919,8 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(256)))]
+
         #[test]
         fn rerank_matches_reference(
             levels in 1usize..4,

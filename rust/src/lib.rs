@@ -10,5 +10,16 @@ pub mod rq;
 
 pub use error::{Gr2Error, Result};
 
+#[cfg(test)]
+mod fuzz_tests;
+
+/// Case count of a property test: `base` times `GR2_FUZZ_SCALE` (default 1). `cargo test` runs
+/// the bounded CI budget; `make fuzz` sets a large scale (docs/fuzzing.md).
+#[cfg(test)]
+pub(crate) fn fuzz_cases(base: u32) -> u32 {
+    let scale = std::env::var("GR2_FUZZ_SCALE").ok().and_then(|s| s.parse::<u32>().ok()).unwrap_or(1);
+    base.saturating_mul(scale.max(1))
+}
+
 #[cfg(feature = "python")]
 mod py;

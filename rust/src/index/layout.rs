@@ -183,6 +183,8 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(256)))]
+
         #[test]
         fn pack_roundtrips_and_preserves_order((sizes, a, b) in layout_and_codes()) {
             let layout = KeyLayout::new(&sizes).unwrap();

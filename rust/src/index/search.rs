@@ -167,6 +167,8 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(256)))]
+
         #[test]
         fn matches_binary_search(
             set in proptest::collection::btree_set(any::<u64>(), 0..300),

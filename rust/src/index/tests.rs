@@ -151,7 +151,7 @@ fn check_index(index: &SidIndex, ids: &[u64], codes: &[u16], levels: usize, size
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(200))]
+    #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(200)))]
 
     #[test]
     fn build_matches_reference((ids, codes, levels, sizes) in dataset()) {

@@ -97,7 +97,7 @@ fn errors_for_bad_inputs() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(200)))]
 
     #[test]
     fn permutations_score_per_formula(k in 1usize..8, levels in 1usize..4, seed in any::<u64>(), target in 0usize..8, conditional in any::<bool>()) {

@@ -244,7 +244,7 @@ fn codebook_strategy() -> impl Strategy<Value = (usize, usize, usize, Vec<f32>)>
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(64)))]
 
     #[test]
     fn prop_greedy_near_reference((l, k, d, cbv) in codebook_strategy(), n in 0usize..40, seed in any::<u64>()) {
