@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from gr2.errors import ConfigError, DataError
 from gr2.models import load_pretrained, save_pretrained_atomic
 from gr2.rerank import OUTPUT_GLOBS as RERANK_OUTPUTS
-from gr2.rundir import atomic_write_json, begin_stage, mark_done, read_stage, stage_key
+from gr2.rundir import atomic_write_json, begin_stage, mark_done, stage_key
 from gr2.tokens import ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
 from gr2.train import common
 
