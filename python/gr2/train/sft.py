@@ -157,7 +157,7 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
     key = stage_key(config, common.input_key(run_dir, "midtrain"), common.input_key(run_dir, arms.stage_dir("traces", arm)))
     if (done := begin_stage(stage_dir, key, force=force)) is not None:
         return done
-    device = common.choose_device(config.device)
+    device = common.local_device(config.device)
     dtype = common.choose_dtype(device, config.dtype)  # compute dtype; parameters stay float32
     common.seed_everything(config.seed)
 

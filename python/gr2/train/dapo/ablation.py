@@ -30,7 +30,7 @@ def run_ablation(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig()) 
     paper's setting, where the format reward can be missed, is ``rl.constrained = false``; the demo
     run's result in that setting: benches/README.md, "RL reward ablation"."""
     run_dir = Path(run_dir)
-    world = init_world()
+    world = init_world(common.local_device(config.device))
 
     def make(cfg: DapoConfig, out_dir: Path) -> tuple[DapoTrainer, RlData | None]:
         trainer, eval_data, _ = build_trainer(run_dir, cfg, world)

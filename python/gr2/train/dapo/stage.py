@@ -58,7 +58,7 @@ def build_trainer(run_dir: Path, config: DapoConfig, world: World,
 
     common.seed_everything(config.seed)
     model_dir, base_stage = _start_model_dir(run_dir, config.base, arm)
-    device = common.choose_device(config.device)
+    device = common.local_device(config.device)
     dtype = common.choose_dtype(device, config.dtype)
     model, tokenizer = load_pretrained(model_dir, dtype=common.param_dtype(dtype))  # float32 master weights
     index = SidIndex.load(run_dir / "sid" / "index.gr2sid")
@@ -95,7 +95,7 @@ def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig(), *, arm
     key = stage_key(config, *_rl_inputs(run_dir, config, arm))
     if (done := begin_stage(out_dir, key, force=force)) is not None:
         return done
-    world = init_world()
+    world = init_world(common.local_device(config.device))
     trainer, eval_data, info = build_trainer(run_dir, config, world, arm)
     last = train(trainer, out_dir, eval_data, key=key)
     summary = {**info, "arm": arm, "steps": trainer.step_count, "world_size": world.size,

@@ -125,7 +125,10 @@ class DapoTrainer:
         self.config, self.data, self.world = config, data, world
         if config.k and data.candidates.shape[1] != config.k:
             raise ConfigError(f"rl.k = {config.k} but the data has K = {data.candidates.shape[1]}")
-        self.device = device or common.choose_device(config.device)
+        self.device = device or common.local_device(config.device)
+        if world.distributed and world.device.type == "cuda" and self.device != world.device:
+            raise ConfigError(f"the process group reduces on {world.device} but this rank trains on {self.device}; "
+                              "keep rl.device = auto (cuda:LOCAL_RANK) under torchrun with nccl")
         self.precision = common.choose_dtype(self.device, config.dtype)  # compute dtype (autocast)
         self.tokenizer = tokenizer
         # float32 master weights whatever the compute dtype (bf16 parameters round small steps away)
