@@ -279,7 +279,6 @@ def _rollout_stats(parts: list[RewardBatch], lengths: list[int], world: World) -
             "completion_length": totals["length"] / n}
 
 
-
 def evaluate(trainer: DapoTrainer, data: RlData) -> dict[str, float]:
     """Greedy reranking of ``data`` (one completion per prompt): R@1, NDCG@5, copy and validity rates."""
     cfg = trainer.config
