@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,16 +36,15 @@ def main() -> None:
         except json.JSONDecodeError:
             table[key] = value
     config = from_dict(DapoConfig, table, where="rl")
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer, _, _ = build_trainer(Path(args.run_dir), config, Path(tmp), World())
-        times, groups, lengths = [], [], []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            batch = trainer.collect()
-            times.append(time.perf_counter() - t0)
-            groups.append(batch.stats["generated_groups"])
-            lengths.append(batch.stats["completion_length"])
-            trainer.step_count += 1
+    trainer, _, _ = build_trainer(Path(args.run_dir), config, World())
+    times, groups, lengths = [], [], []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        batch = trainer.collect()
+        times.append(time.perf_counter() - t0)
+        groups.append(batch.stats["generated_groups"])
+        lengths.append(batch.stats["completion_length"])
+        trainer.step_count += 1
     total = sum(times)
     print(json.dumps({"overrides": args.set, "constrained": config.constrained, "steps": args.steps,
                       "seconds_per_step": [round(t, 2) for t in times], "mean_seconds_per_step": round(total / args.steps, 2),

@@ -50,7 +50,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("traces", "gr2.teacher", "TeacherConfig", "run_traces",
           "teacher reasoning traces (targeted or rejection sampling)", arms=True),
     Stage("sft", "gr2.train.sft", "SftConfig", "run_sft", "stage 2: reasoning SFT on the kept teacher traces", arms=True),
-    Stage("rl", "gr2.train.dapo", "DapoConfig", "run_rl",
+    Stage("rl", "gr2.train.dapo.stage", "DapoConfig", "run_rl",
           "DAPO reinforcement learning with verifiable rerank rewards (--ablation: conditional vs unconditional)",
           arms=True),
     Stage("rerank", "gr2.rerank", "RerankConfig", "run_rerank",

@@ -1,1 +1,1 @@
-"""Training recipes, one file per stage: midtrain, sft, dapo."""
+"""Training recipes, one per stage: midtrain, sft (modules) and dapo (a package, one file per concern)."""

@@ -66,6 +66,23 @@ def choose_device(preference: str = "auto") -> torch.device:
     return device
 
 
+def local_device(preference: str = "auto") -> torch.device:
+    """:func:`choose_device`, per process: under ``torchrun`` (``LOCAL_RANK`` set) a CUDA choice
+    without an index becomes ``cuda:LOCAL_RANK``, made the current device (``torch.cuda.set_device``,
+    which NCCL collectives rely on), so every rank of a node gets its own GPU. An explicit index
+    (``cuda:1``) is kept as given. A ``LOCAL_RANK`` beyond the visible GPUs is a ConfigError."""
+    device = choose_device(preference)
+    local = os.environ.get("LOCAL_RANK")
+    if device.type != "cuda" or device.index is not None or local is None:
+        return device
+    rank, count = int(local), torch.cuda.device_count()
+    if rank >= count:
+        raise ConfigError(f"LOCAL_RANK = {rank} but only {count} CUDA device(s) are visible; start at most {count} "
+                          "processes per node (torchrun --nproc_per_node) or check CUDA_VISIBLE_DEVICES")
+    torch.cuda.set_device(rank)
+    return torch.device("cuda", rank)
+
+
 def choose_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
     """The compute dtype: ``"auto"`` -> bfloat16 on CUDA (when supported), float32 on CPU (bf16
     matmuls are slow there). Training keeps parameters in :func:`param_dtype` (float32) and applies

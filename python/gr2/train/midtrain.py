@@ -390,7 +390,7 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
     catalog = ItemCatalog.from_run_dir(run_dir, sids=True)
     seqs = common.load_sequences(run_dir)
     train_seqs = training_sequences(run_dir, config, seqs)
-    device = common.choose_device(config.device)
+    device = common.local_device(config.device)
     dtype = common.choose_dtype(device, config.dtype)  # compute dtype; parameters stay float32
     common.seed_everything(config.seed)
 

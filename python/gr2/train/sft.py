@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from gr2.errors import ConfigError, DataError
 from gr2.models import load_pretrained, save_pretrained_atomic
 from gr2.rerank import OUTPUT_GLOBS as RERANK_OUTPUTS
-from gr2.rundir import atomic_write_json, begin_stage, mark_done, read_stage, stage_key
+from gr2.rundir import atomic_write_json, begin_stage, mark_done, stage_key
 from gr2.tokens import ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
 from gr2.train import common
 
@@ -157,7 +157,7 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
     key = stage_key(config, common.input_key(run_dir, "midtrain"), common.input_key(run_dir, arms.stage_dir("traces", arm)))
     if (done := begin_stage(stage_dir, key, force=force)) is not None:
         return done
-    device = common.choose_device(config.device)
+    device = common.local_device(config.device)
     dtype = common.choose_dtype(device, config.dtype)  # compute dtype; parameters stay float32
     common.seed_everything(config.seed)
 

@@ -1,0 +1,344 @@
+"""The trainer: one step is rollouts -> rewards -> dynamic sampling -> advantages -> update.
+
+1. **Rollouts.** Take the next prompts (a fixed shuffled order per epoch, so resume is exact) and
+   sample G completions each (``rollout_fn``; default
+   :func:`~gr2.train.dapo.rollouts.constrained_rollouts`), ``rl.rollout_batch`` prompts per call
+   (0 = auto: all of a rank's prompts of the round in one call on CUDA, one per call on CPU, where
+   batching measured no faster: benches/README.md, "RL rollout batching").
+2. **Rewards.** :func:`gr2.verify_rewards` on the completion token ids: R_rank + conditional (or
+   unconditional) format reward, invalid outputs -1; plus the optional soft overlong penalty.
+3. **Dynamic sampling.** Drop groups whose *outcome* (``outcome``: R_rank by default, not the
+   shaped total) is the same for all G completions -- they carry no signal -- and draw further
+   prompts until ``prompts_per_step`` groups are kept or ``max_generation_rounds`` rounds ran.
+4. **Advantages** per group (:func:`~gr2.train.dapo.loss.group_advantages`).
+5. **Update** (:func:`dapo_update`): ``updates_per_batch`` optimizer steps per rollout batch, each
+   with ``grad_accum`` micro-batches, on :func:`~gr2.train.dapo.loss.dapo_loss`.
+
+:func:`train` is the loop around it (resume, metrics, periodic greedy :func:`evaluate`,
+checkpoints through :class:`gr2.train.common.Checkpointer`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gr2.errors import ConfigError, InvalidInputError
+from gr2.rewards import RewardBatch, verify_rewards
+from gr2.rundir import stage_key
+from gr2.train import common
+from gr2.train.dapo.config import DapoConfig
+from gr2.train.dapo.data import RlData
+from gr2.train.dapo.loss import (dapo_loss, group_advantages, informative_groups, outcome_of, overlong_penalty,
+                                 pack_rollouts, token_logprobs)
+from gr2.train.dapo.rollouts import Completion, Rollout, RolloutFn, constrained_rollouts, hash_seed, sampled_rollouts
+from gr2.train.dapo.world import World
+
+EVAL_BATCH = 16  # prompts per decoding call during evaluation
+
+
+def dapo_update(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rollouts: Sequence[Rollout],
+    config: DapoConfig,
+    pad_id: int,
+    world: World = World(),
+    ref_model: torch.nn.Module | None = None,
+    device: torch.device = torch.device("cpu"),
+    precision: torch.dtype = torch.float32,
+) -> dict[str, float]:
+    """One rollout batch -> ``updates_per_batch`` optimizer steps. ``rollouts`` are THIS rank's
+    rollouts (with advantages); every rank must call this the same number of times. Forward passes
+    run under ``common.autocast(device, precision)`` (parameters stay float32).
+
+    Dropout is switched off (``model.eval()``) for the old and the new log-probabilities alike:
+    with dropout the ratio would differ from 1 by noise alone and the clip would act on it."""
+    was_training = model.training
+    model.eval()
+    temp = config.temperature
+    micro = [list(rollouts[i::config.updates_per_batch]) for i in range(config.updates_per_batch)]
+    # old log-probs: the policy that generated the batch, before any update of this batch
+    old: list[list[torch.Tensor]] = []
+    refs: list[list[torch.Tensor | None]] = []
+    chunks = [[mb[j::config.grad_accum] for j in range(config.grad_accum)] for mb in micro]
+    with torch.no_grad(), common.autocast(device, precision):
+        for mb_chunks in chunks:
+            old.append([token_logprobs(model, common.to_device(pack_rollouts(c, pad_id), device), temp) if c else None
+                        for c in mb_chunks])
+            refs.append([token_logprobs(ref_model, common.to_device(pack_rollouts(c, pad_id), device), temp)
+                         if c and ref_model is not None and config.kl_coef > 0 else None for c in mb_chunks])
+    stats = {"loss": 0.0, "clipped_tokens": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+    for u, mb_chunks in enumerate(chunks):
+        local_tokens = sum(sum(len(r.completion_ids) for r in c) for c in mb_chunks)
+        total_tokens = world.all_sum(float(local_tokens))
+        if total_tokens == 0:
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        for j, chunk in enumerate(mb_chunks):
+            if not chunk:
+                continue
+            batch = common.to_device(pack_rollouts(chunk, pad_id), device)
+            with common.autocast(device, precision):
+                logp = token_logprobs(model, batch, temp)
+                loss, s = dapo_loss(logp, old[u][j], batch["advantages"], batch["completion_mask"], total_tokens,
+                                    config.eps_low, config.eps_high, refs[u][j], config.kl_coef)
+            loss.backward()
+            stats["loss"] += float(loss.detach())
+            stats["clipped_tokens"] += s["clipped_tokens"]
+            stats["tokens"] += s["tokens"]
+        world.sum_gradients(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:  # ranks without a chunk in this mini-batch still join the step
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        stats["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    model.train(was_training)
+    stats["loss"] = world.all_sum(stats["loss"]) / config.updates_per_batch
+    clipped, tokens = world.all_sum(stats["clipped_tokens"]), world.all_sum(stats["tokens"])
+    return {"loss": stats["loss"], "clip_fraction": clipped / max(tokens, 1.0), "completion_tokens": tokens,
+            "grad_norm": stats["grad_norm"] / config.updates_per_batch}
+
+
+@dataclass
+class RolloutBatch:
+    rollouts: list[Rollout]  # this rank's kept rollouts (G per kept group)
+    stats: dict[str, float]
+
+
+class DapoTrainer:
+    """Holds model, optimizer and data; :meth:`step` runs one rollout batch and its updates."""
+
+    def __init__(self, model, tokenizer, data: RlData, config: DapoConfig, *, index=None, sid_tokens=None,
+                 rollout_fn: RolloutFn | None = None, world: World = World(), ref_model=None,
+                 device: torch.device | None = None, candidate_sids: np.ndarray | None = None):
+        self.config, self.data, self.world = config, data, world
+        if config.k and data.candidates.shape[1] != config.k:
+            raise ConfigError(f"rl.k = {config.k} but the data has K = {data.candidates.shape[1]}")
+        self.device = device or common.local_device(config.device)
+        if world.distributed and world.device.type == "cuda" and self.device != world.device:
+            raise ConfigError(f"the process group reduces on {world.device} but this rank trains on {self.device}; "
+                              "keep rl.device = auto (cuda:LOCAL_RANK) under torchrun with nccl")
+        self.precision = common.choose_dtype(self.device, config.dtype)  # compute dtype (autocast)
+        self.tokenizer = tokenizer
+        # float32 master weights whatever the compute dtype (bf16 parameters round small steps away)
+        self.model = common.wrap_lora(model, config.lora).to(self.device, dtype=common.param_dtype(self.precision))
+        self.ref_model = ref_model
+        self.optimizer = common.make_optimizer(self.model, config.lr, config.weight_decay)
+        updates = config.steps * config.updates_per_batch
+        self.scheduler = common.make_scheduler(self.optimizer, updates, config.warmup_steps, kind="constant")
+        self.rollout_fn = rollout_fn or (constrained_rollouts if config.constrained else sampled_rollouts)
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        if index is None and candidate_sids is None:
+            raise ConfigError("the DAPO trainer needs a SidIndex (index=) or the candidates' SIDs (candidate_sids=)")
+        self.ctx = {"index": index, "sid_tokens": sid_tokens, "eos_id": int(eos), "pad_id": int(pad), "device": self.device,
+                    "candidate_sids": candidate_sids}
+        self.index, self.sid_tokens = index, sid_tokens
+        self.step_count = 0
+        self.cursor = 0  # prompts drawn so far, over all epochs
+
+    # -- data order: a pure function of (seed, position), so resume needs only the cursor
+    def _prompt_at(self, position: int) -> int:
+        n = len(self.data.targets)
+        epoch, offset = divmod(position, n)
+        return int(common.epoch_order(n, self.config.seed, epoch)[offset])
+
+    def _rewards(self, completions: list[list[int]], rows: list[int]) -> RewardBatch:
+        kwargs = dict(sid_tokens=self.sid_tokens, alpha=self.config.alpha, conditional=self.config.conditional,
+                      invalid_reward=self.config.invalid_reward, trailer_ids=sorted({self.ctx["eos_id"], self.ctx["pad_id"]}))
+        cands, targets = self.data.candidates[rows], self.data.targets[rows]
+        if self.index is not None:
+            return verify_rewards(completions, cands, targets, self.index, **kwargs)
+        return verify_rewards(completions, cands, targets, candidate_sids=self.ctx["candidate_sids"][rows], **kwargs)
+
+    def _group(self, pos: int, row: int, outputs: list[Any], parts: list[RewardBatch],
+               lengths: list[int]) -> tuple[int, list[Rollout], bool]:
+        """Rewards, keep decision and advantages of one prompt's G completions."""
+        cfg, g = self.config, self.config.group_size
+        if len(outputs) != g:
+            raise InvalidInputError(f"rollout function returned {len(outputs)} completions, expected {g}")
+        done = [o if isinstance(o, Completion) else Completion(list(o)) for o in outputs]
+        for c in done:
+            if not c.ids:
+                if c.allowed is not None:
+                    raise InvalidInputError("a constrained rollout returned an empty completion")
+                c.ids = [self.ctx["eos_id"]]
+        completions = [c.ids for c in done]
+        rb = self._rewards(completions, [row] * g)
+        rewards = rb.reward + overlong_penalty(np.array([len(c) for c in completions]), cfg.overlong_max,
+                                               cfg.overlong_cache)
+        keep = bool(informative_groups(outcome_of(rb, cfg.outcome)[None, :])[0]) or not cfg.dynamic_sampling
+        adv = group_advantages(rewards[None, :], cfg.std_eps)[0]
+        group = [Rollout(self.data.prompt_ids[row], c.ids, float(r), float(a), c.allowed)
+                 for c, r, a in zip(done, rewards, adv)]
+        parts.append(rb)
+        lengths.extend(len(c) for c in completions)
+        return pos, group, keep
+
+    def collect(self) -> RolloutBatch:
+        """Rollouts for one step with dynamic sampling (refill rounds up to the cap)."""
+        cfg, world = self.config, self.world
+        g = cfg.group_size
+        kept: list[Rollout] = []
+        kept_groups = 0
+        seen_groups = 0
+        parts: list[RewardBatch] = []
+        lengths: list[int] = []
+        for round_ in range(cfg.max_generation_rounds):
+            need = cfg.prompts_per_step - kept_groups
+            positions = list(range(self.cursor, self.cursor + need))
+            self.cursor += need
+            mine = positions[world.rank::world.size]
+            local: list[tuple[int, list[Rollout], bool]] = []
+            per_call = cfg.rollout_batch or (max(len(mine), 1) if self.device.type == "cuda" else 1)
+            for at in range(0, len(mine), per_call):
+                chunk = mine[at:at + per_call]
+                rows = [self._prompt_at(pos) for pos in chunk]
+                seeds = [hash_seed(cfg.seed, self.step_count, pos) for pos in chunk]
+                with common.autocast(self.device, self.precision):
+                    outputs = self.rollout_fn(self.model, self.tokenizer, [self.data.prompt_texts[r] for r in rows],
+                                              self.data.candidates[rows], g, seeds, cfg, self.ctx)
+                if len(outputs) != len(rows):
+                    raise InvalidInputError(f"rollout function returned {len(outputs)} groups for {len(rows)} prompts")
+                for pos, row, group_out in zip(chunk, rows, outputs):
+                    local.append(self._group(pos, row, group_out, parts, lengths))
+            # every rank learns which groups were kept, in global prompt order
+            decisions = sorted(d for rank_decisions in world.all_gather([(p, k) for p, _, k in local]) for d in rank_decisions)
+            seen_groups += len(decisions)
+            allowed = {p for p, k in decisions if k}
+            allowed = set(sorted(allowed)[: cfg.prompts_per_step - kept_groups])
+            kept_groups += len(allowed)
+            kept.extend(r for p, group, _ in local if p in allowed for r in group)
+            if kept_groups >= cfg.prompts_per_step:
+                break
+        stats = _rollout_stats(parts, lengths, world)
+        stats.update(kept_groups=kept_groups, generated_groups=seen_groups, kept_share=kept_groups / max(seen_groups, 1),
+                     generation_rounds=round_ + 1)
+        return RolloutBatch(kept, stats)
+
+    def step(self) -> dict[str, float]:
+        t0 = time.time()
+        batch = self.collect()
+        stats = dict(batch.stats)
+        if batch.stats["kept_groups"] > 0:
+            # ranks may hold zero kept rollouts; dapo_update still joins the collective calls
+            stats.update(dapo_update(self.model, self.optimizer, self.scheduler, batch.rollouts, self.config,
+                                     self.ctx["pad_id"], self.world, self.ref_model, self.device, self.precision))
+        else:
+            stats["skipped_update"] = 1.0
+        self.step_count += 1
+        stats["lr"] = self.scheduler.get_last_lr()[0]
+        stats["seconds"] = time.time() - t0
+        return stats
+
+    # -- checkpoints: weights + optimizer + scheduler + RNG + step + data cursor
+    def save(self, checkpoints: common.Checkpointer) -> Path:
+        """Checkpoint the current step (rank 0 writes and prunes; every rank waits for it)."""
+        path = checkpoints.save(self.step_count, self.model, self.optimizer, self.scheduler,
+                                extra={"cursor": self.cursor})
+        if self.world.distributed:
+            torch.distributed.barrier()
+        return path
+
+    def resume(self, checkpoints: common.Checkpointer) -> bool:
+        """Load the newest checkpoint of ``checkpoints``' key, if any; whether one was loaded."""
+        meta = checkpoints.resume(self.model, self.optimizer, self.scheduler)
+        if meta is None:
+            return False
+        self.step_count = int(meta["step"])
+        self.cursor = int(meta["extra"]["cursor"])
+        return True
+
+
+def _rollout_stats(parts: list[RewardBatch], lengths: list[int], world: World) -> dict[str, float]:
+    sums = {"reward": 0.0, "r_rank": 0.0, "r_fmt": 0.0, "valid": 0.0, "copied": 0.0, "top1_first": 0.0,
+            "length": float(sum(lengths)), "n": 0.0}
+    for rb in parts:
+        sums["reward"] += float(rb.reward.sum())
+        sums["r_rank"] += float(rb.r_rank.sum())
+        sums["r_fmt"] += float(rb.r_fmt.sum())
+        sums["valid"] += float(rb.valid.sum())
+        sums["copied"] += float(rb.copied_order.sum())
+        sums["top1_first"] += float((rb.top1_input_pos == 1).sum())  # position bias: top-1 = the input's first
+        sums["n"] += len(rb)
+    totals = {k: world.all_sum(v) for k, v in sums.items()}
+    n = max(totals["n"], 1.0)
+    return {"reward_mean": totals["reward"] / n, "r_rank_mean": totals["r_rank"] / n, "r_fmt_mean": totals["r_fmt"] / n,
+            "valid_rate": totals["valid"] / n, "copy_rate": totals["copied"] / n, "top1_is_input_first": totals["top1_first"] / n,
+            "completion_length": totals["length"] / n}
+
+
+def evaluate(trainer: DapoTrainer, data: RlData) -> dict[str, float]:
+    """Greedy reranking of ``data`` (one completion per prompt): R@1, NDCG@5, copy and validity rates."""
+    cfg = trainer.config
+    completions = []
+    if cfg.constrained:
+        from gr2 import constrained_decode
+
+        for start in range(0, len(data.targets), EVAL_BATCH):
+            rows = slice(start, start + EVAL_BATCH)
+            results = constrained_decode(trainer.model, trainer.tokenizer, data.prompt_texts[rows], data.candidates[rows],
+                                         index=trainer.index, sid_tokens=trainer.sid_tokens, reasoning=cfg.reasoning,
+                                         max_reasoning_tokens=cfg.max_reasoning_tokens)
+            completions.extend(list(r.completion_ids) + [trainer.ctx["eos_id"]] for r in results)
+    else:
+        for start in range(0, len(data.targets), EVAL_BATCH):
+            rows = slice(start, start + EVAL_BATCH)
+            groups = sampled_rollouts(trainer.model, trainer.tokenizer, data.prompt_texts[rows], data.candidates[rows],
+                                      1, [0], cfg, trainer.ctx, greedy=True)
+            completions.extend(group[0] for group in groups)
+    rb = verify_rewards(completions, data.candidates, data.targets, trainer.index, sid_tokens=trainer.sid_tokens,
+                        alpha=cfg.alpha, conditional=cfg.conditional,
+                        trailer_ids=sorted({trainer.ctx["eos_id"], trainer.ctx["pad_id"]}), metric_ks=(1, 5))
+    s = rb.summary()
+    return {"eval_recall@1": s["recall@1"], "eval_ndcg@5": s["ndcg@5"], "eval_copy_rate": s["copy_rate"],
+            "eval_valid_rate": s["valid_rate"], "eval_pre_recall@1": s["pre_recall@1"], "eval_pre_ndcg@5": s["pre_ndcg@5"]}
+
+
+def train(trainer: DapoTrainer, out_dir: Path, eval_data: RlData | None = None, resume: bool = True,
+          key: str | None = None) -> dict[str, Any]:
+    """The loop: resume from the newest checkpoint of this ``key`` (default: the hash of the
+    trainer's config; the stage passes config + inputs), step, log, evaluate, checkpoint. A
+    checkpoint of another key is never resumed (removed, one log line); the current config's lr
+    applies on resume."""
+    cfg = trainer.config
+    key = key if key is not None else stage_key(cfg)
+    checkpoints = common.Checkpointer(out_dir / "checkpoints", key, keep=cfg.keep_checkpoints,
+                                      writer=trainer.world.rank == 0, name=out_dir.name)
+    resumed = trainer.resume(checkpoints) if resume else False
+    logger = common.MetricLogger(out_dir, resume_step=trainer.step_count if resumed else None,
+                                 tensorboard=cfg.tensorboard) if trainer.world.rank == 0 else None
+    last: dict[str, float] = {}
+    try:
+        if eval_data is not None and cfg.eval_every and trainer.step_count == 0 and logger:
+            with common.autocast(trainer.device, trainer.precision):
+                logger.log(0, **evaluate(trainer, eval_data))
+        bar = tqdm(range(trainer.step_count, cfg.steps), desc="rl (dapo)", disable=trainer.world.rank != 0)
+        for _ in bar:
+            last = trainer.step()
+            step = trainer.step_count
+            if eval_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and trainer.world.rank == 0:
+                with common.autocast(trainer.device, trainer.precision):
+                    last.update(evaluate(trainer, eval_data))
+            if logger:
+                logger.log(step, **last)
+            bar.set_postfix(reward=f"{last.get('reward_mean', 0):.3f}", kept=f"{last.get('kept_share', 0):.2f}")
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                trainer.save(checkpoints)
+    finally:
+        if logger:
+            logger.close()
+    return last
+
+

@@ -1,0 +1,101 @@
+"""Per-rank devices under torchrun (issue 13.3), without a GPU: torch.cuda and torch.distributed are
+monkeypatched, so these check the mapping LOCAL_RANK -> cuda:LOCAL_RANK, its error, the backend
+init_world picks and the device the DAPO World builds its collective tensors on. The real
+multi-process run (2 gloo ranks) is tests/test_dapo.py::test_two_processes_give_the_same_update_as_one."""
+
+import pytest
+import torch
+
+from gr2.errors import ConfigError
+from gr2.train import common
+from gr2.train.dapo import World, init_world
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Two visible "GPUs"; returns the list of set_device calls."""
+    calls: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(int(d)))
+    return calls
+
+
+def test_local_rank_picks_its_own_gpu(fake_cuda, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert common.local_device("auto") == torch.device("cuda", 1)
+    assert common.local_device("cuda") == torch.device("cuda", 1)
+    assert fake_cuda == [1, 1]
+    assert common.local_device("cuda:0") == torch.device("cuda", 0)  # an explicit index is kept
+    assert common.local_device("cpu") == torch.device("cpu")
+    assert fake_cuda == [1, 1]
+
+
+def test_without_torchrun_the_device_is_plain(fake_cuda, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert common.local_device("auto") == torch.device("cuda")
+    assert fake_cuda == []
+
+
+def test_local_rank_beyond_the_visible_gpus_is_a_config_error(fake_cuda, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK = 2 .*only 2 CUDA device"):
+        common.local_device("auto")
+    assert fake_cuda == []
+
+
+def test_world_builds_its_collective_tensors_on_its_device(monkeypatch):
+    made: list[tuple[torch.device, torch.dtype]] = []
+    real_tensor = torch.tensor
+
+    def spy(data, *, dtype=None, device=None):  # record where the world asked for it; build it on the CPU
+        made.append((torch.device(device), dtype))
+        return real_tensor(data, dtype=dtype)
+
+    reduced: list[torch.Tensor] = []
+
+    def all_reduce(t):  # two ranks holding the same value
+        reduced.append(t)
+        t.mul_(2)
+
+    monkeypatch.setattr(torch, "tensor", spy)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    world = World(rank=1, size=2, device=torch.device("cuda", 1))
+    assert world.all_sum(3.0) == 6.0
+    assert made == [(torch.device("cuda", 1), torch.float64)] and len(reduced) == 1
+    made.clear()
+    assert World().all_sum(3.0) == 3.0 and made == []  # one process: no collective, no tensor
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_init_world_picks_backend_and_device(fake_cuda, monkeypatch, cuda):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    backends: list[str] = []
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(backends))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: backends.append(backend))
+    monkeypatch.setattr(dist, "get_backend", lambda: backends[-1])
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    world = init_world(None if cuda else torch.device("cpu"))
+    assert (world.rank, world.size) == (1, 2)
+    if cuda:  # default: this rank's GPU, nccl, collectives on that GPU
+        assert backends == ["nccl"] and world.device == torch.device("cuda", 1) and fake_cuda == [1]
+    else:  # a CPU run on a GPU machine still uses gloo, on the CPU
+        assert backends == ["gloo"] and world.device == torch.device("cpu") and fake_cuda == []
+
+
+def test_trainer_refuses_a_device_other_than_the_nccl_groups():
+    import _dapo_fixtures as fx
+    from gr2.train.dapo import DapoTrainer
+
+    model, tokenizer, sid_tokens = fx.tiny_policy()
+    data, sids = fx.tiny_data(tokenizer)
+    world = World(rank=1, size=2, device=torch.device("cuda", 1))
+    with pytest.raises(ConfigError, match="cuda:1"):
+        DapoTrainer(model, tokenizer, data, fx.small_config(), sid_tokens=sid_tokens, candidate_sids=sids, world=world,
+                    device=torch.device("cpu"))
