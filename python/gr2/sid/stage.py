@@ -8,7 +8,9 @@ Reads ``<run_dir>/data/items`` (and ``data/sequences`` for the optional contrast
   ``input_scale``); the RQ-VAE config is in the safetensors metadata;
 * ``index.gr2sid``           gr2.SidIndex over item ids = item_idx (uint64), every SID unique;
 * ``report.json``            uniqueness before/after repair, utilisation, reconstruction error,
-  collision group sizes, repair report, timings.
+  collision group sizes, repair report, timings, and ``diagnostics`` (gr2.sid.diagnostics:
+  code usage, aliasing, fan-out, neighbour agreement, popularity by code);
+* ``diagnostics.png``        those diagnostics plotted (docs/sid-diagnostics.md).
 
 Assignment: the latent of every item goes through the Rust encoder (``gr2.RQCodebooks.encode``,
 greedy argmin). With ``random_last_level`` the last level is then overwritten by codes drawn
@@ -40,10 +42,10 @@ import gr2
 from gr2 import rundir
 from gr2.config import from_dict, load_toml
 
-log = logging.getLogger(__name__)
 from gr2.data.catalog import load_items, load_sequences
 from gr2.embed import default_model_path, embed_texts
 from gr2.errors import ConfigError, DataError
+from gr2.sid.diagnostics import plot_diagnostics, sid_diagnostics
 from gr2.splits import train_sequences
 from gr2.sid.rqvae import (
     RQVAEConfig,
@@ -56,6 +58,8 @@ from gr2.sid.rqvae import (
     uniqueness,
     utilisation,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,8 +76,17 @@ class SidConfig:
     ablation_diversity_weight: float = 0.1
     ablation_contrastive_weight: float = 0.1
     ablation_seeds: list[int] = field(default_factory=lambda: [0])
+    # diagnostics (report.json["diagnostics"], sid/diagnostics.png): neighbour agreement over
+    # this many sampled items (0 = skip it) and their k nearest embedding neighbours
+    diagnostics_sample: int = 1000
+    diagnostics_k: int = 10
+    diagnostics_seed: int = 0
 
     def __post_init__(self) -> None:
+        for name, minimum in (("diagnostics_sample", 0), ("diagnostics_k", 1), ("diagnostics_seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"sid.{name} must be an integer >= {minimum}, got {value!r}")
         if self.threads < 0:
             raise ConfigError(f"sid.threads must be >= 0 (0 = torch default), got {self.threads}")
         if not self.ablation_seeds:
@@ -103,6 +116,20 @@ def item_embeddings(run_dir: str | Path, config: SidConfig, progress: bool = Tru
         config.embed_max_length, progress,
     )
     return vectors, texts
+
+
+def item_popularity(run_dir: str | Path, n_items: int) -> np.ndarray | None:
+    """Interactions per item_idx over every user's whole sequence in ``data/sequences``; None when
+    the data stage wrote no sequences."""
+    try:
+        sequences = load_sequences(run_dir)
+    except DataError:
+        return None
+    rows = [np.asarray(items, dtype=np.int64) for items in sequences["items"]]
+    flat = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    if len(flat) and (flat.min() < 0 or flat.max() >= n_items):
+        raise DataError(f"data/sequences hold item_idx outside 0..{n_items - 1}; rerun the data stage")
+    return np.bincount(flat, minlength=n_items).astype(np.float64)
 
 
 def assign_codes(model, embeddings: np.ndarray, config: RQVAEConfig, assign_seed: int) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -188,6 +215,13 @@ def _run_sid(run_dir: str | Path, config: SidConfig, key: str, progress: bool) -
     timings["total_s"] = time.perf_counter() - start
 
     final_codes = index.sids(item_ids)
+    t = time.perf_counter()
+    diagnostics = sid_diagnostics(
+        codes, final_codes, rq.codebook_size, embeddings=embeddings, popularity=item_popularity(run_dir, len(texts)),
+        sample=config.diagnostics_sample, k=config.diagnostics_k, seed=config.diagnostics_seed,
+    )
+    plot_diagnostics(diagnostics, stage_dir / "diagnostics.png")
+    timings["diagnostics_s"] = time.perf_counter() - t
     report = {
         "items": len(texts),
         "levels": rq.levels,
@@ -212,6 +246,7 @@ def _run_sid(run_dir: str | Path, config: SidConfig, key: str, progress: bool) -
         "repair": index.repair_report(),
         "train": {"final_loss": log["loss"][-1], "final_reconstruction": log["reconstruction"][-1],
                   "dead_codes_reset": log["dead_codes_reset"], "epochs": rq.epochs},
+        "diagnostics": diagnostics,
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "config": config,
     }
