@@ -40,7 +40,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gr2.config import from_dict, load_toml
 from gr2.errors import ConfigError, DataError
 from gr2.rundir import atomic_dir, atomic_write_json, begin_stage, mark_done, read_stage, stage_key
 from gr2.splits import PROTOCOLS, SPLITS, ProtocolSplit, Requests, leave_one_out_protocol, time_protocol

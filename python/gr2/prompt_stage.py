@@ -27,7 +27,7 @@ import numpy as np
 
 from gr2 import rundir
 from gr2.candidates import load_fit_sequences
-from gr2.config import from_dict, load_toml
+from gr2.config import from_dict
 from gr2.errors import ConfigError, DataError
 from gr2.prompts import PromptConfig, candidate_evidence, evidence_ranks
 from gr2.splits import SPLITS

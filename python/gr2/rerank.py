@@ -19,7 +19,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gr2 import rundir
-from gr2.config import from_dict, load_toml
 from gr2.errors import ConfigError, DataError
 
 MODEL_STAGES = ("midtrain", "sft", "rl")

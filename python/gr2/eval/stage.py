@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 
 from gr2.candidates import ItemKNNConfig, load_data, load_fit_sequences
-from gr2.config import from_dict, load_toml
 from gr2.errors import ConfigError, CorruptFileError, DataError, InvalidInputError
 from gr2.eval.baselines import popularity_order, random_order, score_order, upstream_order
 from gr2.eval.metrics import check_lists, evaluate_rankings, min_detectable_effect, paired_mde
