@@ -18,20 +18,12 @@ import _reward_reference as ref
 # helpers
 
 
-class ArrayIndex:
-    """Duck-typed stand-in for gr2.SidIndex over explicit arrays (sids / codes only)."""
-
-    def __init__(self, item_ids, codes):
-        order = np.lexsort(np.asarray(codes).T[::-1])
-        self._items = np.asarray(item_ids, dtype=np.uint64)[order]
-        self._codes = np.asarray(codes, dtype=np.uint16)[order]
-        self._row = {int(i): r for r, i in enumerate(self._items)}
-
-    def sids(self, item_ids):
-        return self._codes[[self._row[int(i)] for i in item_ids]].reshape(len(item_ids), -1)
-
-    def codes(self):
-        return self._codes
+def ArrayIndex(item_ids, codes):
+    """A real gr2.SidIndex over explicit, already unique SIDs (the verifier looks non-candidate
+    SIDs up in it directly)."""
+    index = gr2.SidIndex.build(np.asarray(item_ids, dtype=np.uint64), np.asarray(codes, dtype=np.uint16))
+    assert index.uniqueness_before_repair == 1.0
+    return index
 
 
 def answer(sids, sep=""):
@@ -539,3 +531,15 @@ def test_type_errors_name_the_problem():
 def test_lone_surrogate_scores_its_row_malformed():
     batch = verify([answer(SIDS[0]) + "\ud800", answer(SIDS[1])], targets=(12, 20))
     assert batch.reason_names == ["malformed", "ok"]
+
+
+def test_index_must_be_a_sid_index():
+    """The verifier looks non-candidate SIDs up in the gr2.SidIndex itself; a stand-in object
+    would silently turn not_candidate into unknown_sid, so it is refused."""
+
+    class Lookalike:
+        def sids(self, item_ids):
+            return INDEX.sids(np.asarray(item_ids, dtype=np.uint64))
+
+    with pytest.raises(gr2.InvalidInputError, match="index must be a gr2.SidIndex"):
+        verify([answer(SIDS[0]), answer(SIDS[1])], index=Lookalike())

@@ -149,7 +149,7 @@ def _verify_rewards_text(
     cand_offsets: npt.NDArray[np.int64] | None,  # (B + 1,) ragged rows; None: rows of `width`
     width: int,  # largest K
     targets: npt.NDArray[np.uint64],
-    catalog: npt.NDArray[np.uint16] | None,
+    catalog: SidIndex | None,
     relevance: npt.NDArray[np.float32] | None,  # (N,)
     alpha: float,
     conditional: bool,
@@ -170,7 +170,7 @@ def _verify_rewards_tokens(
     cand_offsets: npt.NDArray[np.int64] | None,  # (B + 1,) ragged rows; None: rows of `width`
     width: int,  # largest K
     targets: npt.NDArray[np.uint64],
-    catalog: npt.NDArray[np.uint16] | None,
+    catalog: SidIndex | None,
     relevance: npt.NDArray[np.float32] | None,  # (N,)
     alpha: float,
     conditional: bool,

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from gr2 import _gr2
+from gr2._gr2 import SidIndex
 from gr2._rows import CandidateRows, candidate_rows, lookup_sids
 from gr2.errors import InvalidInputError
 
@@ -179,6 +180,11 @@ def _candidate_sids(rows: CandidateRows, index: Any, candidate_sids: Any) -> np.
     return lookup_sids(index, rows)
 
 
+def _check_index(index: Any) -> None:
+    if index is not None and not isinstance(index, SidIndex):
+        raise InvalidInputError(f"index must be a gr2.SidIndex (or None with candidate_sids=), got {type(index).__name__}")
+
+
 def _str_list(name: str, values: Any) -> list[str]:
     if isinstance(values, (str, bytes)):
         raise InvalidInputError(f"{name} must be a list of strings, got a single {type(values).__name__} "
@@ -288,6 +294,7 @@ def verify_rewards(
         n_completions = len(completions)
     except TypeError:
         raise InvalidInputError(f"completions must be a list, got {type(completions).__name__}") from None
+    _check_index(index)
     rows = candidate_rows(candidates, "candidates", check_duplicates=False)  # Rust checks duplicates
     targets = _id_array("targets", targets, 1)
     b = len(rows)
@@ -313,9 +320,7 @@ def verify_rewards(
     if b == 0:  # nothing to verify: empty fields of the right dtypes
         return _empty_batch(ks, rows.width, relevance is not None)
     sids = _candidate_sids(rows, index, candidate_sids)
-    catalog = None
-    if index is not None:
-        catalog = np.ascontiguousarray(index.codes(), dtype=np.uint16)
+    catalog = index  # non-candidate SIDs are looked up in the index itself (Rust), no codes() copy
     rel = None
     if relevance is not None:
         rel_flat = _per_candidate("relevance", relevance, rows, 0)

@@ -42,6 +42,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Gr2Error, Result};
+use crate::index::SidIndex;
 
 /// Item id written into `ranking` for rows whose output is not a valid permutation.
 pub const NO_ITEM: u64 = u64::MAX;
@@ -272,14 +273,16 @@ impl Candidates<'_> {
     }
 }
 
-/// The SIDs of the whole catalog, sorted ascending (as `SidIndex.codes()` returns them); used to
-/// tell "a catalog item that is not a candidate" from "a SID of no item".
-pub struct Catalog<'a> {
-    levels: usize,
-    codes: &'a [u16],
+/// The SIDs of the whole catalog; used to tell "a catalog item that is not a candidate" from "a
+/// SID of no item". Either a loaded [`SidIndex`] (what the Python layer passes: no copy of its
+/// codes per call) or a plain table of SIDs sorted ascending.
+pub enum Catalog<'a> {
+    Index(&'a SidIndex),
+    Sorted { levels: usize, codes: &'a [u16] },
 }
 
 impl<'a> Catalog<'a> {
+    /// A sorted, unique (rows, levels) table of SIDs (as `SidIndex::codes_by_sid` returns them).
     pub fn new(codes: &'a [u16], levels: usize) -> Result<Self> {
         if levels == 0 || codes.len() % levels != 0 {
             return Err(Gr2Error::invalid(format!("catalog codes ({} values) are not rows of {levels} levels", codes.len())));
@@ -293,15 +296,28 @@ impl<'a> Catalog<'a> {
                 )));
             }
         }
-        Ok(Catalog { levels, codes })
+        Ok(Catalog::Sorted { levels, codes })
+    }
+
+    pub fn levels(&self) -> usize {
+        match self {
+            Catalog::Index(index) => index.levels(),
+            Catalog::Sorted { levels, .. } => *levels,
+        }
     }
 
     pub fn contains(&self, sid: &[u16]) -> bool {
-        let l = self.levels;
-        let (mut lo, mut hi) = (0usize, self.codes.len() / l);
+        let (l, codes) = match self {
+            Catalog::Index(index) => return index.position_of_sid(sid).is_some(),
+            Catalog::Sorted { levels, codes } => (*levels, *codes),
+        };
+        if sid.len() != l {
+            return false;
+        }
+        let (mut lo, mut hi) = (0usize, codes.len() / l);
         while lo < hi {
             let mid = (lo + hi) / 2;
-            match self.codes[mid * l..(mid + 1) * l].cmp(sid) {
+            match codes[mid * l..(mid + 1) * l].cmp(sid) {
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,
                 std::cmp::Ordering::Equal => return true,
@@ -823,8 +839,8 @@ pub fn verify<S: AsRef<str> + Sync>(
         return Err(Gr2Error::invalid(format!("{} completions for {b} candidate rows", completions.len())));
     }
     if let Some(cat) = catalog {
-        if cat.levels != levels {
-            return Err(Gr2Error::invalid(format!("catalog SIDs have {} levels, candidate SIDs {levels}", cat.levels)));
+        if cat.levels() != levels {
+            return Err(Gr2Error::invalid(format!("catalog SIDs have {} levels, candidate SIDs {levels}", cat.levels())));
         }
     }
     if cfg.kind != RewardKind::Rank && cands.relevance.is_none() {

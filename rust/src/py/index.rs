@@ -140,6 +140,13 @@ pub struct PySidIndex {
     inner: SidIndex,
 }
 
+impl PySidIndex {
+    /// The Rust index, for the other bindings (reward verification looks SIDs up in it directly).
+    pub(crate) fn sid_index(&self) -> &SidIndex {
+        &self.inner
+    }
+}
+
 #[pymethods]
 impl PySidIndex {
     /// There is no plain constructor; say which ones exist (instead of PyO3's bare TypeError).

@@ -8,6 +8,7 @@ use pyo3::pybacked::PyBackedStr;
 use pyo3::types::PyDict;
 
 use crate::error::Gr2Error;
+use crate::py::index::PySidIndex;
 use crate::reward::{self, Candidates, Catalog, Completions, InvalidReason, RewardConfig, RewardKind, TagIds, TokenMap};
 
 /// The array's memory as a row-major slice; C order only (`as_slice` alone also accepts Fortran
@@ -42,7 +43,9 @@ struct Inputs<'py> {
     offsets: Option<PyReadonlyArray1<'py, i64>>,
     k: usize,
     targets: PyReadonlyArray1<'py, u64>,
-    catalog: Option<PyReadonlyArray2<'py, u16>>,
+    /// The run's index: SIDs of no candidate are told apart (catalog item vs unknown SID) by
+    /// looking them up in it directly, without copying its codes out.
+    catalog: Option<Bound<'py, PySidIndex>>,
     relevance: Option<PyReadonlyArray1<'py, f32>>,
 }
 
@@ -80,10 +83,7 @@ impl Inputs<'_> {
             },
             offsets: offsets.as_deref(),
         };
-        let catalog = match &self.catalog {
-            Some(c) => Some(Catalog::new(contiguous("catalog codes", c)?, c.shape()[1])?),
-            None => None,
-        };
+        let catalog = self.catalog.as_ref().map(|index| Catalog::Index(index.get().sid_index()));
         let out = py.detach(|| reward::verify(completions, &cands, catalog.as_ref(), cfg))?;
         Ok(out)
     }
@@ -124,7 +124,7 @@ fn _verify_rewards_text<'py>(
     cand_offsets: Option<PyReadonlyArray1<'py, i64>>,
     width: usize,
     targets: PyReadonlyArray1<'py, u64>,
-    catalog: Option<PyReadonlyArray2<'py, u16>>,
+    catalog: Option<Bound<'py, PySidIndex>>,
     relevance: Option<PyReadonlyArray1<'py, f32>>,
     alpha: f64,
     conditional: bool,
@@ -158,7 +158,7 @@ fn _verify_rewards_tokens<'py>(
     cand_offsets: Option<PyReadonlyArray1<'py, i64>>,
     width: usize,
     targets: PyReadonlyArray1<'py, u64>,
-    catalog: Option<PyReadonlyArray2<'py, u16>>,
+    catalog: Option<Bound<'py, PySidIndex>>,
     relevance: Option<PyReadonlyArray1<'py, f32>>,
     alpha: f64,
     conditional: bool,
