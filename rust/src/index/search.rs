@@ -19,9 +19,23 @@ pub const NOT_FOUND: u32 = u32::MAX;
 
 /// An element of a searched array: item ids are `u64`; packed SIDs are stored as `u32` when the
 /// layout needs at most 32 bits, else `u64`. Queries are always `u64`.
-pub trait Key: bytemuck::Pod + Ord + Into<u64> + Send + Sync {}
-impl Key for u32 {}
-impl Key for u64 {}
+pub trait Key: bytemuck::Pod + Ord + Into<u64> + Send + Sync {
+    /// The key of a packed SID known to fit this width.
+    fn from_wide(x: u64) -> Self;
+}
+impl Key for u32 {
+    #[inline(always)]
+    fn from_wide(x: u64) -> Self {
+        debug_assert!(x <= u64::from(u32::MAX));
+        x as u32
+    }
+}
+impl Key for u64 {
+    #[inline(always)]
+    fn from_wide(x: u64) -> Self {
+        x
+    }
+}
 
 #[inline(always)]
 pub fn wide<T: Key>(x: T) -> u64 {
