@@ -99,6 +99,22 @@ impl SortedLookup {
         (start, self.starts[bucket + 1] as usize - start)
     }
 
+    /// How many entries of `sorted` (the array this table was built from) are < `x`.
+    #[inline]
+    pub fn lower_bound<T: Key>(&self, sorted: &[T], x: u64) -> usize {
+        let Some(offset) = x.checked_sub(self.first) else { return 0 };
+        if self.dense || self.len == 0 {
+            return offset.min(self.len as u64) as usize;
+        }
+        let bucket = (offset >> self.shift) as usize;
+        if bucket + 1 >= self.starts.len() {
+            return self.len;
+        }
+        // entries of earlier buckets are < x, of later ones > x
+        let (start, end) = (self.starts[bucket] as usize, self.starts[bucket + 1] as usize);
+        start + sorted[start..end].partition_point(|&k| wide(k) < x)
+    }
+
     /// Position of `x` in `sorted` (the array this table was built from).
     #[inline]
     pub fn find<T: Key>(&self, sorted: &[T], x: u64) -> Option<usize> {

@@ -23,11 +23,12 @@
 //! again, so extending by m items costs O(n + m log m) instead of build's O(n log n).
 
 use std::collections::HashSet;
+use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
 use super::build::nearest_free;
-use super::search::{wide, Key};
+use super::search::{wide, Key, SortedLookup};
 use super::{huge_page_vec, Buf, KeyLayout, Keys, SidIndex};
 use crate::error::{Gr2Error, Result};
 
@@ -165,7 +166,7 @@ impl SidIndex {
             .map(|(row, (codes, &id))| (self.layout.pack(codes), id, row as u32))
             .collect();
         new.par_sort_unstable();
-        let tally = with_keys!(self.sorted_keys, |keys| repair_new(keys, &mut new, &Geometry::of(self)))
+        let tally = with_keys!(self.sorted_keys, |keys| repair_new(keys, &self.key_lookup, &mut new, &Geometry::of(self)))
             .map_err(|(_, err)| err)?;
         Ok(with_keys!(self.sorted_keys, |keys| self.merged(keys, new, tally, generation)))
     }
@@ -202,16 +203,20 @@ impl SidIndex {
         gone_keys.par_sort_unstable();
 
         let n = self.len() - gone_ids.len();
-        let id_map = shrink_map(self.len(), &gone_ids);
-        let key_map = shrink_map(self.len(), &gone_keys);
+        // a kept element j moves down by #{removed elements before it}
+        let (id_shift, key_shift) = (StepCount::new(&gone_ids, self.len()), StepCount::new(&gone_keys, self.len()));
         let item_pos = self.item_pos.as_slice();
-        let sorted_ids = compress(&gone_ids, self.len(), |j| ids[j]);
-        let sorted_keys = with_keys!(self.sorted_keys, |keys| {
-            let kept = compress(&gone_keys, self.len(), |p| keys[p]);
-            OwnedKeys::owned(kept)
+        let (sorted_ids, new_sid_pos) = compress_pairs(&gone_ids, self.len(), |j| {
+            let p = sid_pos[j] as usize;
+            (ids[j], (p - key_shift.at_most(p)) as u32)
         });
-        let new_item_pos = compress(&gone_keys, self.len(), |p| id_map[item_pos[p] as usize]);
-        let new_sid_pos = compress(&gone_ids, self.len(), |j| key_map[sid_pos[j] as usize]);
+        let (sorted_keys, new_item_pos) = with_keys!(self.sorted_keys, |keys| {
+            let (kept, item_pos) = compress_pairs(&gone_keys, self.len(), |p| {
+                let j = item_pos[p] as usize;
+                (keys[p], (j - id_shift.at_most(j)) as u32)
+            });
+            (OwnedKeys::owned(kept), item_pos)
+        });
         let mut report = self.report.clone();
         report.items = n as u64;
         report.unique_items_before = report.unique_items_before.min(n as u64);
@@ -249,20 +254,33 @@ impl SidIndex {
             id_rank[k as usize] = i as u32;
         }
 
-        let id_before: Vec<usize> = by_id.par_iter().map(|&(id, _)| ids.partition_point(|&x| x < id)).collect();
-        let key_before: Vec<usize> =
-            new.par_iter().map(|&(key, _, _)| keys.partition_point(|&x| wide(x) < key)).collect();
+        let id_before: Vec<usize> = by_id.par_iter().map(|&(id, _)| self.id_lookup.lower_bound(ids, id)).collect();
+        let key_before: Vec<usize> = new.par_iter().map(|&(key, _, _)| self.key_lookup.lower_bound(keys, key)).collect();
         let new_id_at: Vec<u32> = id_before.iter().enumerate().map(|(i, &b)| (b + i) as u32).collect();
         let new_key_at: Vec<u32> = key_before.iter().enumerate().map(|(k, &b)| (b + k) as u32).collect();
-        let id_map = grow_map(n, &id_before);
-        let key_map = grow_map(n, &key_before);
+        // old element j lands at j + #{new elements before it}
+        let (id_shift, key_shift) = (StepCount::new(&id_before, n), StepCount::new(&key_before, n));
 
-        let sorted_ids = interleave(&id_before, n, |j| ids[j], |i| by_id[i].0);
-        let sorted_keys = K::owned(interleave(&key_before, n, |p| keys[p], |k| K::from_wide(new[k].0)));
-        let new_item_pos =
-            interleave(&key_before, n, |p| id_map[item_pos[p] as usize], |k| new_id_at[id_rank[k] as usize]);
-        let new_sid_pos =
-            interleave(&id_before, n, |j| key_map[sid_pos[j] as usize], |i| new_key_at[by_id[i].1 as usize]);
+        // id order: (item id, SID position); SID order: (key, id position)
+        let (sorted_ids, new_sid_pos) = interleave_pairs(
+            &id_before,
+            n,
+            |j| {
+                let p = sid_pos[j] as usize;
+                (ids[j], (p + key_shift.at_most(p)) as u32)
+            },
+            |i| (by_id[i].0, new_key_at[by_id[i].1 as usize]),
+        );
+        let (sorted_keys, new_item_pos) = interleave_pairs(
+            &key_before,
+            n,
+            |p| {
+                let j = item_pos[p] as usize;
+                (keys[p], (j + id_shift.at_most(j)) as u32)
+            },
+            |k| (K::from_wide(new[k].0), new_id_at[id_rank[k] as usize]),
+        );
+        let sorted_keys = K::owned(sorted_keys);
 
         let mut report = self.report.clone();
         let mut groups: std::collections::BTreeMap<u64, u64> = report.collision_group_sizes.iter().copied().collect();
@@ -327,14 +345,19 @@ fn check_new_ids(index: &SidIndex, item_ids: &[u64]) -> Result<()> {
 }
 
 /// Repairs the new items (sorted by SID) against the existing keys, prefix block by block.
-fn repair_new<K: Key>(keys: &[K], new: &mut [NewItem], geo: &Geometry) -> std::result::Result<Tally, RowError> {
+fn repair_new<K: Key>(
+    keys: &[K],
+    lookup: &SortedLookup,
+    new: &mut [NewItem],
+    geo: &Geometry,
+) -> std::result::Result<Tally, RowError> {
     let mut blocks: Vec<&mut [NewItem]> = new.chunk_by_mut(|a, b| geo.block(a.0) == geo.block(b.0)).collect();
     let results: Vec<std::result::Result<Tally, RowError>> = blocks
         .par_iter_mut()
         .map(|block| {
             let (lo, hi) = geo.block_range(block[0].0);
-            let start = keys.partition_point(|&k| wide(k) < lo);
-            let end = start + keys[start..].partition_point(|&k| wide(k) <= hi);
+            let start = lookup.lower_bound(keys, lo);
+            let end = hi.checked_add(1).map_or(keys.len(), |after| lookup.lower_bound(keys, after));
             repair_block(&keys[start..end], block, geo)
         })
         .collect();
@@ -449,88 +472,111 @@ impl OwnedKeys for u64 {
     }
 }
 
+/// Two arrays of `len` elements written in parallel chunks: `fill(first, a, b)` must write every
+/// slot of the chunks `a`, `b` that start at position `first` (no zero-filling pass first: at 10M
+/// items that pass alone costs a sizeable share of an extension).
+fn fill_pairs<A: Send, B: Send>(
+    len: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<A>], &mut [MaybeUninit<B>]) + Sync,
+) -> (Vec<A>, Vec<B>) {
+    let (mut a, mut b) = (huge_page_vec::<A>(len), huge_page_vec::<B>(len));
+    a.spare_capacity_mut()[..len]
+        .par_chunks_mut(FILL_CHUNK)
+        .zip(b.spare_capacity_mut()[..len].par_chunks_mut(FILL_CHUNK))
+        .enumerate()
+        .for_each(|(c, (ca, cb))| fill(c * FILL_CHUNK, ca, cb));
+    // SAFETY: every chunk of both buffers was handed to `fill`, which writes all of its slots
+    // (the callers below loop over every slot); a panic in `fill` propagates before this line.
+    unsafe {
+        a.set_len(len);
+        b.set_len(len);
+    }
+    (a, b)
+}
+
 /// The `n + before.len()` elements of two sorted, disjoint sequences merged: `old(j)` for
 /// `j < n` and `new(i)`, where `before[i]` (non-decreasing) is how many old elements precede new
-/// element `i`. Filled in parallel chunks of the output.
-fn interleave<T: bytemuck::Pod + Send + Sync>(
+/// element `i`. Each element is a pair, written to two arrays.
+fn interleave_pairs<A: Send, B: Send>(
     before: &[usize],
     n: usize,
-    old: impl Fn(usize) -> T + Sync,
-    new: impl Fn(usize) -> T + Sync,
-) -> Vec<T> {
-    let len = n + before.len();
-    let mut out = huge_page_vec::<T>(len);
-    out.resize(len, T::zeroed());
-    out.par_chunks_mut(FILL_CHUNK).enumerate().for_each(|(c, chunk)| {
-        let first = c * FILL_CHUNK;
+    old: impl Fn(usize) -> (A, B) + Sync,
+    new: impl Fn(usize) -> (A, B) + Sync,
+) -> (Vec<A>, Vec<B>) {
+    fill_pairs(n + before.len(), |first, a, b| {
         // new element i sits at before[i] + i (strictly increasing)
         let mut i = partition_index(before.len(), |i| before[i] + i < first);
         let mut j = first - i;
-        for (q, slot) in (first..).zip(chunk.iter_mut()) {
-            if i < before.len() && before[i] + i == q {
-                *slot = new(i);
+        for (q, (sa, sb)) in (first..).zip(a.iter_mut().zip(b.iter_mut())) {
+            let (x, y) = if i < before.len() && before[i] + i == q {
                 i += 1;
+                new(i - 1)
             } else {
-                *slot = old(j);
                 j += 1;
-            }
+                old(j - 1)
+            };
+            sa.write(x);
+            sb.write(y);
         }
-    });
-    out
+    })
 }
 
-/// Where each of the `n` old elements lands after [`interleave`]: `j + #{i : before[i] <= j}`.
-fn grow_map(n: usize, before: &[usize]) -> Vec<u32> {
-    let mut map = huge_page_vec::<u32>(n);
-    map.resize(n, 0);
-    map.par_chunks_mut(FILL_CHUNK).enumerate().for_each(|(c, chunk)| {
-        let first = c * FILL_CHUNK;
-        let mut i = before.partition_point(|&b| b < first);
-        for (j, slot) in (first..).zip(chunk.iter_mut()) {
-            while i < before.len() && before[i] <= j {
+/// `#{i : steps[i] <= x}` for a sorted `steps` with values in `0..=n`, answered from a table of
+/// one count per [`STEP_STRIDE`] values (n / 4 bytes, small enough to stay in cache while the
+/// merged arrays are streamed, unlike an n-entry map) plus a search among the few steps inside
+/// one stride.
+struct StepCount<'a> {
+    steps: &'a [usize],
+    /// `table[b]` = `#{i : steps[i] < b * STEP_STRIDE}`
+    table: Vec<u32>,
+}
+
+const STEP_STRIDE: usize = 16;
+
+impl<'a> StepCount<'a> {
+    fn new(steps: &'a [usize], n: usize) -> Self {
+        let buckets = n / STEP_STRIDE + 2;
+        let mut table = Vec::with_capacity(buckets);
+        let mut i = 0;
+        for b in 0..buckets {
+            while i < steps.len() && steps[i] < b * STEP_STRIDE {
                 i += 1;
             }
-            *slot = (j + i) as u32;
+            table.push(i as u32);
         }
-    });
-    map
+        StepCount { steps, table }
+    }
+
+    #[inline]
+    fn at_most(&self, x: usize) -> usize {
+        let b = x / STEP_STRIDE;
+        let (lo, hi) = (self.table[b] as usize, self.table[b + 1] as usize);
+        if lo == hi {
+            return lo; // most strides hold no step
+        }
+        lo + self.steps[lo..hi].partition_point(|&s| s <= x)
+    }
 }
 
-/// Where each of `n` elements lands once the sorted positions `gone` are dropped:
-/// `j - #{g in gone : g < j}` (meaningless for the dropped ones).
-fn shrink_map(n: usize, gone: &[usize]) -> Vec<u32> {
-    let mut map = huge_page_vec::<u32>(n);
-    map.resize(n, 0);
-    map.par_chunks_mut(FILL_CHUNK).enumerate().for_each(|(c, chunk)| {
-        let first = c * FILL_CHUNK;
-        let mut r = gone.partition_point(|&g| g < first);
-        for (j, slot) in (first..).zip(chunk.iter_mut()) {
-            while r < gone.len() && gone[r] < j {
-                r += 1;
-            }
-            *slot = (j - r) as u32;
-        }
-    });
-    map
-}
-
-/// `old(j)` for every `j < n` not in the sorted, duplicate-free `gone`, in order.
-fn compress<T: bytemuck::Pod + Send + Sync>(gone: &[usize], n: usize, old: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    let len = n - gone.len();
-    let mut out = huge_page_vec::<T>(len);
-    out.resize(len, T::zeroed());
-    out.par_chunks_mut(FILL_CHUNK).enumerate().for_each(|(c, chunk)| {
-        let first = c * FILL_CHUNK;
+/// `old(j)` for every `j < n` not in the sorted, duplicate-free `gone`, in order; each element is
+/// a pair, written to two arrays.
+fn compress_pairs<A: Send, B: Send>(
+    gone: &[usize],
+    n: usize,
+    old: impl Fn(usize) -> (A, B) + Sync,
+) -> (Vec<A>, Vec<B>) {
+    fill_pairs(n - gone.len(), |first, a, b| {
         // kept element q comes from j = q + #{r : gone[r] - r <= q}
         let mut r = partition_index(gone.len(), |r| gone[r] - r <= first);
-        for (q, slot) in (first..).zip(chunk.iter_mut()) {
+        for (q, (sa, sb)) in (first..).zip(a.iter_mut().zip(b.iter_mut())) {
             while r < gone.len() && gone[r] - r <= q {
                 r += 1;
             }
-            *slot = old(q + r);
+            let (x, y) = old(q + r);
+            sa.write(x);
+            sb.write(y);
         }
-    });
-    out
+    })
 }
 
 /// The first `i` in `0..len` for which the monotone predicate `pred` is false.
