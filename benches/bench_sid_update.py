@@ -6,7 +6,10 @@
 Times ``SidIndex.build`` over all n + m items (what a full rebuild costs, and the only way to add
 items before ``extend``), ``index.extend`` of the m new items onto the index of the n old ones,
 and ``index.remove`` of m items; prints the best of --repeat runs (wall and CPU seconds), the
-extend / build ratio, and checks that every old SID survived and all SIDs are unique.
+extend / build ratio, and checks that every old SID survived and all SIDs are unique. With
+``--latent-dim D`` (default 32; 0 skips it) it also times what each path must encode with
+``gr2.RQCodebooks`` first (a rebuild re-encodes all n + m latents, an update only the m new ones),
+once each, and prints the end-to-end ratio.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def main() -> None:
     parser.add_argument("--codebook-size", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--latent-dim", type=int, default=32, help="also time RQ encoding of the latents (0: skip)")
     args = parser.parse_args()
 
     rng = np.random.default_rng(args.seed)
@@ -56,6 +60,14 @@ def main() -> None:
     (extend, extend_cpu), after = best_of(args.repeat, lambda: base.extend(new_ids, codes[n:]))
     (remove, remove_cpu), _ = best_of(args.repeat, lambda: after.remove(new_ids))
 
+    encode_all = encode_new = 0.0
+    if args.latent_dim:
+        codebooks = gr2.RQCodebooks(rng.standard_normal((args.levels, args.codebook_size, args.latent_dim), dtype=np.float32))
+        latent = rng.standard_normal((n + m, args.latent_dim), dtype=np.float32)
+        (encode_all, _), _ = best_of(1, lambda: codebooks.encode(latent))
+        (encode_new, _), _ = best_of(1, lambda: codebooks.encode(latent[n:]))
+        del latent
+
     sample = old_ids[rng.choice(n, size=min(n, 1_000_000), replace=False)]
     kept = bool(np.array_equal(after.sids(sample), base.sids(sample)))
     all_sids = after.sids(ids)
@@ -65,6 +77,10 @@ def main() -> None:
     print(f"{'build, all n + m items':<34} {build_all:>8.3f} {build_all_cpu:>8.3f} {1:>8.1%}")
     print(f"{'extend by m (old index kept)':<34} {extend:>8.3f} {extend_cpu:>8.3f} {extend / build_all:>8.1%}")
     print(f"{'remove m':<34} {remove:>8.3f} {remove_cpu:>8.3f} {remove / build_all:>8.1%}")
+    if args.latent_dim:
+        full, update = encode_all + build_all, encode_new + extend
+        print(f"{'encode n + m, build (rebuild)':<34} {full:>8.3f} {'':>8} {1:>8.1%}")
+        print(f"{'encode m, extend (update)':<34} {update:>8.3f} {'':>8} {update / full:>8.1%}")
     print(f"old SIDs identical (1M-item sample): {kept}; all SIDs unique: {unique}; "
           f"new items moved by repair: {report['items_moved'] - base.repair_report()['items_moved']}")
 
