@@ -45,15 +45,20 @@ def main() -> None:
     parser.add_argument("--codebook-size", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--new-ids", choices=("random", "appended"), default="random",
+                        help="new ids scattered among the old ones, or all above them (new item_idx values)")
     parser.add_argument("--latent-dim", type=int, default=32, help="also time RQ encoding of the latents (0: skip)")
     args = parser.parse_args()
 
     rng = np.random.default_rng(args.seed)
     n, m = args.n, max(1, int(args.n * args.add))
-    ids = rng.permutation(np.uint64(4) * np.arange(n + m, dtype=np.uint64))  # sparse, shuffled
+    ids = np.uint64(4) * np.arange(n + m, dtype=np.uint64)  # sparse
+    if args.new_ids == "random":
+        ids = rng.permutation(ids)
     codes = rng.integers(0, args.codebook_size, size=(n + m, args.levels), dtype=np.uint16)
     old_ids, new_ids = ids[:n], ids[n:]
-    print(f"n = {n:,} old items + m = {m:,} new ({args.add:.1%}), L = {args.levels}, K = {args.codebook_size}")
+    print(f"n = {n:,} old items + m = {m:,} new ({args.add:.1%}, ids {args.new_ids}), L = {args.levels}, "
+          f"K = {args.codebook_size}")
 
     (build_all, build_all_cpu), _ = best_of(args.repeat, lambda: gr2.SidIndex.build(ids, codes, args.codebook_size))
     base = gr2.SidIndex.build(old_ids, codes[:n], args.codebook_size)
