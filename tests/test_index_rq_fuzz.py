@@ -385,8 +385,10 @@ INDEX_CALLS = {  # name -> how to call it with one bad argument
     "children": lambda bad: _audit_index().children(bad),
     "prefix_range": lambda bad: _audit_index().prefix_range(bad),
     "__contains__": lambda bad: bad in _audit_index(),
+    "extend": lambda bad: _audit_index().extend(bad, bad),
+    "remove": lambda bad: _audit_index().remove(bad),
 }
-INDEX_NO_ARGS = {"item_ids", "codes", "repair_report", "to_bytes", "levels", "level_sizes", "uniqueness_before_repair", "nbytes", "is_mapped"}
+INDEX_NO_ARGS = {"item_ids", "codes", "repair_report", "to_bytes", "levels", "level_sizes", "uniqueness_before_repair", "nbytes", "is_mapped", "generation"}
 RQ_CALLS = {
     "__init__": lambda bad: RQCodebooks(bad),
     "encode": lambda bad: _audit_rq().encode(bad),

@@ -207,6 +207,27 @@ class SidIndex:
         ``codebook_size``: exclusive upper bound of the codes, one int for all levels or one per
         level; default ``max(256, codes.max() + 1)``. Raises InvalidInputError on wrong
         dtype/shape, duplicate ids, or a code >= codebook_size."""
+    def extend(self, item_ids: npt.NDArray[np.uint64], codes: npt.NDArray[np.uint16]) -> SidIndex:
+        """A new index with ``item_ids`` (shape (m,)) added with ``codes`` (shape (m, L)); this
+        index is unchanged and **every item it holds keeps its SID**.
+
+        ``L`` is ``levels``, or for an index with a disambiguation level also ``levels - 1`` (the
+        input levels; the disambiguation code is then 0). Collisions are repaired among the new
+        items only: a new item whose SID is free keeps it (the smallest id of new items sharing a
+        SID); every other moves to the free code nearest its own on the last input level under
+        the same prefix (ties to the lower code), then, when that prefix is full and the index has
+        a disambiguation level, to the nearest free code on it. InvalidInputError (naming the row)
+        for an id already in the index, a duplicate new id, a wrong width or a code out of range,
+        and when a new item could only be placed by adding a level or moving existing items
+        (rebuild with ``build`` then). ``generation`` of the result is one more."""
+    def remove(self, item_ids: npt.NDArray[np.uint64]) -> SidIndex:
+        """A new index without ``item_ids``; every other item keeps its SID and the levels stay.
+        UnknownItemError for an id the index lacks, InvalidInputError for a repeated id (both
+        naming the row). ``generation`` of the result is one more."""
+    @property
+    def generation(self) -> int:
+        """0 for an index fresh from ``build``; +1 per ``extend``/``remove`` (stored in the file
+        header; files written before gr2 recorded it read as 0)."""
     @staticmethod
     def load(path: str | os.PathLike[str], mmap: bool = False) -> SidIndex:
         """Loads and validates a saved index (CorruptFileError, Gr2IOError; a directory is a

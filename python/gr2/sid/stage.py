@@ -18,6 +18,12 @@ uniformly from 0..K-1 by ``numpy.random.default_rng(assign_seed)`` in item_idx o
 gr2.sid.rqvae for why training keeps argmin). ``gr2.SidIndex.build`` then repairs what collisions
 remain, so every item ends with a unique SID; both figures are reported.
 
+``gr2 sid --update`` (:func:`update_index`) adds the items of ``data/items`` that the index lacks
+without changing any existing item's SID: it encodes them with the saved RQ-VAE
+(``codebooks.safetensors``), extends the index (collisions repaired among the new items only, see
+``gr2.SidIndex.extend``) and replaces ``index.gr2sid`` atomically; on any error the old index is
+left untouched.
+
 ``gr2 sid --ablation`` retrains the RQ-VAE with one technique switched at a time and writes
 ``ablation.json`` / ``ablation.md`` (see :func:`run_ablation`).
 """
@@ -44,7 +50,7 @@ from gr2.config import from_dict, load_toml
 
 from gr2.data.catalog import load_items, load_sequences
 from gr2.embed import default_model_path, embed_texts
-from gr2.errors import ConfigError, DataError
+from gr2.errors import ConfigError, DataError, InvalidInputError
 from gr2.sid.diagnostics import plot_diagnostics, sid_diagnostics
 from gr2.splits import train_sequences
 from gr2.sid.rqvae import (
@@ -257,6 +263,119 @@ def _run_sid(run_dir: str | Path, config: SidConfig, key: str, progress: bool) -
     return summary
 
 
+def load_rqvae(run_dir: str | Path) -> tuple[Any, RQVAEConfig, int, np.ndarray]:
+    """(model, RQVAEConfig, assign_seed, codebooks) as the sid stage saved them in
+    ``<run_dir>/sid/codebooks.safetensors``: enough to encode new items exactly as the stage did."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from gr2.sid.rqvae import RQVAE
+
+    path = Path(run_dir) / "sid" / "codebooks.safetensors"
+    if not path.exists():
+        raise DataError(f"{path} does not exist; run the sid stage first (`gr2 sid --run-dir {run_dir}`)")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != "gr2-rqvae-1":
+        raise DataError(f"{path} is not a gr2 RQ-VAE file (format {metadata.get('format')!r})")
+    config = from_dict(RQVAEConfig, json.loads(metadata["rqvae_config"]), where="rqvae_config")
+    tensors = load_file(str(path))
+    model = RQVAE(int(tensors["input_mean"].shape[0]), config)
+    model.load_state_dict({k: v for k, v in tensors.items() if k != "codebooks"}, strict=False)
+    model.eval()
+    return model, config, int(metadata.get("assign_seed", 0)), tensors["codebooks"].numpy()
+
+
+def encode_items(run_dir: str | Path, item_ids: np.ndarray, embeddings: np.ndarray, generation: int = 1) -> np.ndarray:
+    """uint16 (m, L) codes of new items with the saved RQ-VAE, assigned as the stage assigns them
+    (Rust argmin encoder, then the random last level when configured, drawn in ascending item id
+    order by ``numpy.random.default_rng([assign_seed, generation])``).
+
+    InvalidInputError for embeddings of the wrong shape/width or with a non-finite value (naming
+    the first such row and its item id)."""
+    model, rq, assign_seed, codebooks = load_rqvae(run_dir)
+    item_ids = np.asarray(item_ids)
+    embeddings = np.asarray(embeddings)
+    width = int(model.input_mean.shape[0])
+    if embeddings.ndim != 2 or embeddings.shape[0] != item_ids.shape[0]:
+        raise InvalidInputError(f"embeddings must have shape ({item_ids.shape[0]}, {width}) (one row per item id), "
+                                f"got {embeddings.shape}")
+    if embeddings.shape[1] != width:
+        raise InvalidInputError(f"embeddings have width {embeddings.shape[1]} (every row, from row 0), but the RQ-VAE "
+                                f"of {run_dir} was trained on width {width}: embed the items with the same model")
+    bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+    if bad.size:
+        row = int(bad[0])
+        raise InvalidInputError(f"embeddings row {row} (item id {item_ids[row]}) holds NaN or inf")
+    codes = gr2.RQCodebooks(codebooks).encode(np.ascontiguousarray(encode_latent(model, embeddings), dtype=np.float32))
+    if rq.random_last_level and len(codes):
+        order = np.argsort(item_ids, kind="stable")
+        rng = np.random.default_rng([assign_seed, generation])
+        codes[order, -1] = rng.integers(0, rq.codebook_size, size=len(order), dtype=np.uint16)
+    return codes
+
+
+def update_index(run_dir: str | Path, config: SidConfig | None = None, item_ids: np.ndarray | None = None,
+                 embeddings: np.ndarray | None = None, remove: np.ndarray | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Add items to the sid stage's index (and optionally remove some) without changing any other
+    item's SID; replaces ``<run_dir>/sid/index.gr2sid`` atomically and records the step.
+
+    By default the new items are those of ``data/items`` (item id = item_idx) that the index
+    lacks, embedded with the stage's sentence encoder (``config.embed_model``, else the one in
+    ``report.json``). ``item_ids`` + ``embeddings`` (float32 (m, D)) add given items instead;
+    ``remove`` drops ids (before the new items are added; the default new items are counted
+    before the removal, so removed items are not added straight back). Errors (an id already in the index, wrong width, NaN, no free SID
+    without a new level) are gr2 errors naming the row; the old index file is then untouched.
+    The stage record is rewritten for the current data and config, so ``gr2 run`` keeps the
+    updated index (``--force`` rebuilds from scratch, and then SIDs change)."""
+    config = config or SidConfig()
+    data_dir, stage_dir = _stage_dirs(run_dir)
+    key = rundir.stage_key(config, _data_key(data_dir), config.embed_model or default_model_path())
+    index_path = stage_dir / "index.gr2sid"
+    start = time.perf_counter()
+    index = load_index(run_dir)
+    report_path = stage_dir / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    embed_model = config.embed_model or report.get("embedding_model") or default_model_path()
+    if item_ids is None:
+        if embeddings is not None:
+            raise InvalidInputError("embeddings given without item_ids")
+        texts = list(load_items(run_dir)["text"])
+        # missing before any removal: removed items are not added straight back
+        item_ids = np.setdiff1d(np.arange(len(texts), dtype=np.uint64), index.item_ids(), assume_unique=True)
+        embeddings = (embed_texts([texts[i] for i in item_ids], embed_model, _cache_dir(run_dir, config),
+                                  config.embed_batch_size, config.embed_max_length, progress)
+                      if len(item_ids) else None)
+    elif embeddings is None:
+        raise InvalidInputError("item_ids given without embeddings")
+    item_ids = np.asarray(item_ids, dtype=np.uint64)
+    if remove is not None and len(remove):
+        index = index.remove(np.asarray(remove, dtype=np.uint64))
+    parent = rundir.hash_file(index_path)
+    generation = index.generation + 1
+    if len(item_ids):
+        with _torch_threads(config.threads):
+            codes = encode_items(run_dir, item_ids, embeddings, generation)
+        index = index.extend(item_ids, codes)
+    elif remove is None or not len(remove):
+        return {"items": len(index), "added": 0, "removed": 0, "generation": index.generation}
+    # Every check passed: replace the file (atomic), then the records.
+    (stage_dir / rundir.STAGE_FILE).unlink(missing_ok=True)  # a crash below reruns the stage, never trusts it
+    index.save(str(index_path))
+    step = {"generation": index.generation, "parent_sha256": parent, "added": int(len(item_ids)),
+            "removed": 0 if remove is None else int(len(remove)), "items": len(index),
+            "seconds": round(time.perf_counter() - start, 2)}
+    report["updates"] = [*report.get("updates", []), step]
+    report.update(items=len(index), index_levels=index.levels, generation=index.generation,
+                  repair=index.repair_report())
+    rundir.atomic_write_json(report_path, report)
+    summary = {"items": len(index), "levels": index.levels, "generation": index.generation,
+               "added": step["added"], "removed": step["removed"], "seconds": step["seconds"]}
+    rundir.mark_done(stage_dir, key, summary, exclude=("ablation.*",))
+    return summary
+
+
 def load_index(run_dir: str | Path):
     """The SID index the sid stage wrote (``<run_dir>/sid/index.gr2sid``)."""
     path = Path(run_dir) / "sid" / "index.gr2sid"
@@ -398,6 +517,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embed-model", help="sentence encoder folder (default: offline all-MiniLM-L6-v2)")
     parser.add_argument("--cache-dir", help="embedding cache (default RUN_DIR/../.cache/embeddings)")
     parser.add_argument("--ablation", action="store_true", help="write sid/ablation.{json,md} instead of the index")
+    parser.add_argument("--update", action="store_true",
+                        help="add the items of data/items that the index lacks, keeping every existing SID")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -411,6 +532,11 @@ def main(args: argparse.Namespace, config: SidConfig) -> int:
     if args.ablation:
         result = run_ablation(args.run_dir, config, progress=not args.quiet)
         print(ablation_markdown(result))
+        return 0
+    if args.update:
+        summary = update_index(args.run_dir, config, progress=not args.quiet)
+        print(f"sid --update: {summary['added']} items added, {summary['items']} in the index "
+              f"(generation {summary['generation']}); existing SIDs unchanged")
         return 0
     summary = run_sid(args.run_dir, config, force=args.force, progress=not args.quiet)
     print(

@@ -281,7 +281,7 @@ fn repair_prefix(
 }
 
 /// The free code nearest `code` in `0..size` (ties to the lower one); `code` itself is taken.
-fn nearest_free(occupied: &[u64], size: u32, code: u32) -> Option<u32> {
+pub(super) fn nearest_free(occupied: &[u64], size: u32, code: u32) -> Option<u32> {
     match (free_below(occupied, code), free_above(occupied, size, code)) {
         (Some(below), Some(above)) => Some(if code - below <= above - code { below } else { above }),
         (below, above) => below.or(above),

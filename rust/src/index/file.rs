@@ -11,7 +11,10 @@
 //!     24     8  file length in bytes (u64)
 //!     32     8  n, the number of items (u64)
 //!     40     4  levels (u32)
-//!     44     4  reserved, 0
+//!     44     4  generation (u32): 0 for an index fresh from `build`, +1 for every `extend` or
+//!               `remove` that derived it. Files written before gr2 recorded it hold 0 there
+//!               (the field was reserved), and earlier gr2 versions ignore it, so the format
+//!               version stays 2 and every file still loads both ways.
 //!     48    96  section table: (offset u64, length u64) for each section, in this order:
 //!               level_sizes  u32 x levels
 //!               report       u64 x (9 + 2 * histogram entries), see `encode_report`
@@ -142,7 +145,7 @@ impl SidIndex {
         header.extend_from_slice(&(end as u64).to_le_bytes());
         header.extend_from_slice(&(self.len() as u64).to_le_bytes());
         header.extend_from_slice(&(self.levels() as u32).to_le_bytes());
-        header.extend_from_slice(&0u32.to_le_bytes());
+        header.extend_from_slice(&self.generation.to_le_bytes());
         for (offset, section) in offsets.iter().zip(&sections) {
             header.extend_from_slice(&(*offset as u64).to_le_bytes());
             header.extend_from_slice(&(section.len() as u64).to_le_bytes());
@@ -318,6 +321,7 @@ fn from_file_bytes(file: FileBytes, corrupt: impl Fn(String) -> Gr2Error) -> Res
             Keys::Wide(in_file(&file, section(4)))
         },
         in_file(&file, section(5)),
+        layout.generation,
     );
     check_arrays(&index).map_err(corrupt)?;
     Ok(index)
@@ -332,6 +336,7 @@ struct Parsed {
     key_width: usize,
     report: RepairReport,
     sections: [Range<usize>; SECTIONS],
+    generation: u32,
 }
 
 fn u32_at(bytes: &[u8], at: usize) -> u32 {
@@ -377,6 +382,7 @@ fn parse(bytes: &[u8], file_len: usize) -> std::result::Result<Parsed, String> {
     // Past the checksum the bytes are as written; the checks below guard against a writer bug.
     let n = u64_at(bytes, 32);
     let levels = u32_at(bytes, 40) as usize;
+    let generation = u32_at(bytes, 44);
     if n >= u64::from(u32::MAX) {
         return Err(format!("item count {n} is too large"));
     }
@@ -414,7 +420,7 @@ fn parse(bytes: &[u8], file_len: usize) -> std::result::Result<Parsed, String> {
         }
     }
     let report = decode_report(&bytes[sections[1].clone()], n as u64, levels)?;
-    Ok(Parsed { key_layout, key_width, report, sections })
+    Ok(Parsed { key_layout, key_width, report, sections, generation })
 }
 
 fn decode_report(bytes: &[u8], n: u64, levels: usize) -> std::result::Result<RepairReport, String> {

@@ -35,6 +35,7 @@ mod build;
 mod file;
 pub mod layout;
 mod search;
+mod update;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -219,6 +220,9 @@ pub struct SidIndex {
     item_pos: Buf<u32>,
     id_lookup: SortedLookup,
     key_lookup: SortedLookup,
+    /// 0 for an index fresh from `build`; +1 for every [`extend`](Self::extend) or
+    /// [`remove`](Self::remove) that derived it (saved in the file header).
+    generation: u32,
 }
 
 impl std::fmt::Debug for SidIndex {
@@ -227,6 +231,7 @@ impl std::fmt::Debug for SidIndex {
             .field("len", &self.len())
             .field("level_sizes", &self.level_sizes())
             .field("report", &self.report)
+            .field("generation", &self.generation)
             .finish()
     }
 }
@@ -246,9 +251,11 @@ impl SidIndex {
             Buf::Owned(built.sid_pos),
             built.sorted_keys,
             Buf::Owned(built.item_pos),
+            0,
         ))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn from_parts(
         layout: KeyLayout,
         report: RepairReport,
@@ -256,12 +263,13 @@ impl SidIndex {
         sid_pos: Buf<u32>,
         sorted_keys: Keys,
         item_pos: Buf<u32>,
+        generation: u32,
     ) -> Self {
         let (id_lookup, key_lookup) = rayon::join(
             || SortedLookup::new(sorted_ids.as_slice()),
             || with_keys!(sorted_keys, |keys| SortedLookup::new(keys)),
         );
-        SidIndex { layout, report, sorted_ids, sid_pos, sorted_keys, item_pos, id_lookup, key_lookup }
+        SidIndex { layout, report, sorted_ids, sid_pos, sorted_keys, item_pos, id_lookup, key_lookup, generation }
     }
 
     pub fn len(&self) -> usize {
@@ -288,6 +296,12 @@ impl SidIndex {
 
     pub fn repair_report(&self) -> &RepairReport {
         &self.report
+    }
+
+    /// How many [`extend`](Self::extend)/[`remove`](Self::remove) steps separate this index from
+    /// the `build` it started as (0 for a built index and for files written before gr2 recorded it).
+    pub fn generation(&self) -> u32 {
+        self.generation
     }
 
     pub fn uniqueness_before_repair(&self) -> f64 {

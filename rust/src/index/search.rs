@@ -19,9 +19,23 @@ pub const NOT_FOUND: u32 = u32::MAX;
 
 /// An element of a searched array: item ids are `u64`; packed SIDs are stored as `u32` when the
 /// layout needs at most 32 bits, else `u64`. Queries are always `u64`.
-pub trait Key: bytemuck::Pod + Ord + Into<u64> + Send + Sync {}
-impl Key for u32 {}
-impl Key for u64 {}
+pub trait Key: bytemuck::Pod + Ord + Into<u64> + Send + Sync {
+    /// The key of a packed SID known to fit this width.
+    fn from_wide(x: u64) -> Self;
+}
+impl Key for u32 {
+    #[inline(always)]
+    fn from_wide(x: u64) -> Self {
+        debug_assert!(x <= u64::from(u32::MAX));
+        x as u32
+    }
+}
+impl Key for u64 {
+    #[inline(always)]
+    fn from_wide(x: u64) -> Self {
+        x
+    }
+}
 
 #[inline(always)]
 pub fn wide<T: Key>(x: T) -> u64 {
@@ -83,6 +97,22 @@ impl SortedLookup {
         }
         let start = self.starts[bucket] as usize;
         (start, self.starts[bucket + 1] as usize - start)
+    }
+
+    /// How many entries of `sorted` (the array this table was built from) are < `x`.
+    #[inline]
+    pub fn lower_bound<T: Key>(&self, sorted: &[T], x: u64) -> usize {
+        let Some(offset) = x.checked_sub(self.first) else { return 0 };
+        if self.dense || self.len == 0 {
+            return offset.min(self.len as u64) as usize;
+        }
+        let bucket = (offset >> self.shift) as usize;
+        if bucket + 1 >= self.starts.len() {
+            return self.len;
+        }
+        // entries of earlier buckets are < x, of later ones > x
+        let (start, end) = (self.starts[bucket] as usize, self.starts[bucket + 1] as usize);
+        start + sorted[start..end].partition_point(|&k| wide(k) < x)
     }
 
     /// Position of `x` in `sorted` (the array this table was built from).

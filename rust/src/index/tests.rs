@@ -458,3 +458,6 @@ fn save_removes_only_provably_stale_temporary_files() {
     expected.sort();
     assert_eq!(left, expected);
 }
+
+#[path = "update_tests.rs"]
+mod update_tests;

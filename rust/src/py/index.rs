@@ -185,6 +185,38 @@ impl PySidIndex {
         Ok(PySidIndex { inner })
     }
 
+    /// A new index with these items added; every existing item keeps its SID (see the Rust
+    /// `update` module for the repair of the new items).
+    fn extend(&self, py: Python<'_>, item_ids: &Bound<'_, PyAny>, codes: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let ids = vector::<u64>(item_ids, "item_ids")?;
+        let codes = matrix::<u16>(codes, "codes", None)?;
+        let (rows, levels) = (codes.shape()[0], codes.shape()[1]);
+        if rows != ids.len() {
+            return Err(Gr2Error::invalid(format!(
+                "item_ids has {} entries but codes has {rows} rows; they must match",
+                ids.len()
+            ))
+            .into());
+        }
+        let (ids, codes) = (row_major(&ids), row_major(&codes));
+        let inner = py.detach(|| self.inner.extend(&ids, &codes, levels))?;
+        Ok(PySidIndex { inner })
+    }
+
+    /// A new index without these items; every other item keeps its SID.
+    fn remove(&self, py: Python<'_>, item_ids: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let ids = vector::<u64>(item_ids, "item_ids")?;
+        let ids = row_major(&ids);
+        let inner = py.detach(|| self.inner.remove(&ids))?;
+        Ok(PySidIndex { inner })
+    }
+
+    /// 0 for a built index; +1 for every `extend`/`remove` that derived it (saved in the file).
+    #[getter]
+    fn generation(&self) -> u32 {
+        self.inner.generation()
+    }
+
     /// Loads and validates an index file written by `save`: read into memory the index owns
     /// (default), or memory-mapped with `mmap=True` (the file must then never be modified in
     /// place while the index is alive; replacing it by rename, as `save` does, is safe).
@@ -356,12 +388,13 @@ impl PySidIndex {
     fn __repr__(&self) -> String {
         let r = self.inner.repair_report();
         format!(
-            "SidIndex(items={}, levels={}, level_sizes={:?}, uniqueness_before_repair={:.6}, level_appended={})",
+            "SidIndex(items={}, levels={}, level_sizes={:?}, uniqueness_before_repair={:.6}, level_appended={}, generation={})",
             self.inner.len(),
             self.inner.levels(),
             self.inner.level_sizes(),
             r.uniqueness_before_repair(),
-            if r.level_appended { "True" } else { "False" }
+            if r.level_appended { "True" } else { "False" },
+            self.inner.generation()
         )
     }
 }

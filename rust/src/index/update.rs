@@ -1,0 +1,594 @@
+//! Changing a built index without moving any item it holds: [`SidIndex::extend`] adds items,
+//! [`SidIndex::remove`] drops some. Both return a new index (the old one is untouched) whose
+//! generation is one more.
+//!
+//! Extension rule (build's repair, restricted to the new items):
+//! 1. Every existing item keeps its SID, bit for bit; the level sizes and the number of levels
+//!    never change.
+//! 2. New items are handled in ascending (SID, item id) order. A new item whose SID no existing
+//!    item holds and no smaller-id new item shares keeps it.
+//! 3. Every other new item (a *mover*) moves to the free code nearest its own on the *repair
+//!    level* (the last level of the input codes) under the same prefix, ties to the lower code; a
+//!    code is free when no item (existing, or new and placed) holds it under that prefix. With an
+//!    empty index this is exactly what `build` does when no prefix is full.
+//! 4. An index with a disambiguation level (see the `build` module): new codes may be given with
+//!    the input levels (the disambiguation code is then 0) or with all levels. When a mover's
+//!    prefix has no free repair-level code, it takes the free disambiguation code nearest its own
+//!    under its SID's first levels.
+//! 5. When neither exists the extension fails (`InvalidInput`, naming the item and its row): it
+//!    would need a level (or a larger one) that the existing items lack, and adding one would
+//!    change their SIDs. Rebuild with `build` over all items instead.
+//!
+//! The merged arrays are written in one parallel pass each, without sorting the existing items
+//! again, so extending by m items costs O(n + m log m) instead of build's O(n log n).
+
+use std::collections::HashSet;
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use super::build::nearest_free;
+use super::search::{wide, Key, SortedLookup};
+use super::{huge_page_vec, Buf, KeyLayout, Keys, SidIndex};
+use crate::error::{Gr2Error, Result};
+
+/// Output rows per parallel task when the merged arrays are filled.
+const FILL_CHUNK: usize = 1 << 16;
+
+/// A new item: `(packed SID, item id, input row)`; sorting these sorts by (SID, item id).
+type NewItem = (u64, u64, u32);
+
+/// Where the repair level and the disambiguation level sit inside a packed key.
+struct Geometry {
+    repair_level: usize,
+    /// Bits below the prefix a mover stays under (repair level + disambiguation level).
+    block_shift: u32,
+    /// Shift and size of the repair level (the last input level).
+    code_shift: u32,
+    code_size: u32,
+    /// Size of the disambiguation level (always the last, shift 0); None without one.
+    disambiguation: Option<u32>,
+}
+
+impl Geometry {
+    fn of(index: &SidIndex) -> Geometry {
+        let layout = &index.layout;
+        let repair_level = index.report.levels_in - 1;
+        let bits_from = |level: usize| (level..layout.levels()).map(|l| layout.bits(l)).sum::<u32>();
+        Geometry {
+            repair_level,
+            block_shift: bits_from(repair_level),
+            code_shift: bits_from(repair_level + 1),
+            code_size: layout.sizes()[repair_level],
+            disambiguation: index.report.level_appended.then(|| layout.sizes()[repair_level + 1]),
+        }
+    }
+
+    fn block(&self, key: u64) -> u64 {
+        key.checked_shr(self.block_shift).unwrap_or(0)
+    }
+
+    fn block_range(&self, key: u64) -> (u64, u64) {
+        let low = if self.block_shift >= 64 { u64::MAX } else { (1u64 << self.block_shift) - 1 };
+        (key & !low, key | low)
+    }
+
+    fn code(&self, key: u64) -> u32 {
+        let mask = (1u64 << (self.block_shift - self.code_shift)) - 1;
+        ((key >> self.code_shift) & mask) as u32
+    }
+
+    fn with_code(&self, key: u64, code: u32) -> u64 {
+        let (lo, _) = self.block_range(key);
+        lo | (u64::from(code) << self.code_shift)
+    }
+
+    /// The disambiguation code's bits (the lowest `code_shift` bits; 0 without the level).
+    fn disambiguation_mask(&self) -> u64 {
+        (1u64 << self.code_shift) - 1
+    }
+}
+
+fn mark(occupied: &mut [u64], code: u32) {
+    occupied[code as usize / 64] |= 1 << (code % 64);
+}
+
+/// What the repair of the new items found and did (added to the index's report).
+#[derive(Default)]
+struct Tally {
+    unique: u64,
+    distinct: u64,
+    groups: Vec<(u64, u64)>,
+    moved: u64,
+    max_move_distance: u64,
+    full_prefixes: u64,
+    disambiguated: u64,
+}
+
+impl Tally {
+    fn merge(mut self, other: Tally) -> Tally {
+        self.unique += other.unique;
+        self.distinct += other.distinct;
+        self.groups.extend(other.groups);
+        self.moved += other.moved;
+        self.max_move_distance = self.max_move_distance.max(other.max_move_distance);
+        self.full_prefixes += other.full_prefixes;
+        self.disambiguated += other.disambiguated;
+        self
+    }
+}
+
+/// A failure tied to an input row (the smallest row wins, so errors are deterministic).
+type RowError = (u32, Gr2Error);
+
+impl SidIndex {
+    /// A new index holding this index's items with their SIDs unchanged plus `item_ids` (m, none
+    /// already present, no duplicates) with row-major `codes` (m x `levels`, `levels` being
+    /// [`levels`](Self::levels) or, for an index with a disambiguation level, the input levels).
+    /// Collisions are repaired among the new items only (see the module docs); on any error
+    /// nothing is built and the error names the first offending row.
+    pub fn extend(&self, item_ids: &[u64], codes: &[u16], levels: usize) -> Result<SidIndex> {
+        let m = item_ids.len();
+        let levels_in = self.report.levels_in;
+        if levels != self.levels() && !(self.report.level_appended && levels == levels_in) {
+            let accepted = if self.report.level_appended {
+                format!("{levels_in} (the input levels) or {}", self.levels())
+            } else {
+                self.levels().to_string()
+            };
+            return Err(Gr2Error::invalid(format!(
+                "codes have {levels} levels but the SID index takes {accepted}"
+            )));
+        }
+        if codes.len() != m * levels {
+            return Err(Gr2Error::invalid(format!(
+                "codes hold {} values but {m} items x {levels} levels need {}",
+                codes.len(),
+                m * levels
+            )));
+        }
+        if self.len() + m >= u32::MAX as usize {
+            return Err(Gr2Error::invalid(format!(
+                "an index holds fewer than {} items ({} + {m} new)",
+                u32::MAX,
+                self.len()
+            )));
+        }
+        let generation = self.next_generation()?;
+        check_codes(codes, levels, &self.layout)?;
+        check_new_ids(self, item_ids)?;
+
+        // `pack` of a row without the disambiguation level leaves that level's bits 0.
+        let mut new: Vec<NewItem> = codes
+            .par_chunks(levels.max(1))
+            .zip(item_ids.par_iter())
+            .enumerate()
+            .map(|(row, (codes, &id))| (self.layout.pack(codes), id, row as u32))
+            .collect();
+        new.par_sort_unstable();
+        let tally = with_keys!(self.sorted_keys, |keys| repair_new(keys, &self.key_lookup, &mut new, &Geometry::of(self)))
+            .map_err(|(_, err)| err)?;
+        Ok(with_keys!(self.sorted_keys, |keys| self.merged(keys, new, tally, generation)))
+    }
+
+    /// A new index without `item_ids` (all present, no duplicates); every other item keeps its
+    /// SID, and the levels stay as they were. The repair report's counters keep describing the
+    /// builds and extensions that placed the items (capped at the new item count): the input
+    /// codes of removed items are not stored, so they cannot be recounted.
+    pub fn remove(&self, item_ids: &[u64]) -> Result<SidIndex> {
+        let generation = self.next_generation()?;
+        let ids = self.sorted_ids.as_slice();
+        let found: Vec<Option<usize>> = item_ids.par_iter().map(|&id| self.id_lookup.find(ids, id)).collect();
+        if let Some(row) = found.par_iter().position_first(|j| j.is_none()) {
+            return Err(Gr2Error::UnknownItem(format!(
+                "item id {} (row {row}) is not in the SID index ({} items); only items it holds can be removed",
+                item_ids[row],
+                self.len()
+            )));
+        }
+        let mut gone_ids: Vec<(usize, u32)> =
+            found.into_par_iter().enumerate().map(|(row, j)| (j.unwrap_or_default(), row as u32)).collect();
+        gone_ids.par_sort_unstable();
+        if let Some(i) = gone_ids.par_windows(2).position_first(|w| w[0].0 == w[1].0) {
+            let ((j, first), (_, second)) = (gone_ids[i], gone_ids[i + 1]);
+            let (first, second) = (first.min(second), first.max(second));
+            return Err(Gr2Error::invalid(format!(
+                "item id {} appears more than once in the items to remove (rows {first} and {second})",
+                ids[j]
+            )));
+        }
+        let gone_ids: Vec<usize> = gone_ids.into_iter().map(|(j, _)| j).collect();
+        let sid_pos = self.sid_pos.as_slice();
+        let mut gone_keys: Vec<usize> = gone_ids.par_iter().map(|&j| sid_pos[j] as usize).collect();
+        gone_keys.par_sort_unstable();
+
+        let n = self.len() - gone_ids.len();
+        // a kept element j moves down by #{removed elements before it}
+        let (id_shift, key_shift) = (StepCount::new(&gone_ids, self.len()), StepCount::new(&gone_keys, self.len()));
+        let item_pos = self.item_pos.as_slice();
+        let (sorted_ids, new_sid_pos) = compress_pairs(&gone_ids, self.len(), |j| {
+            let p = sid_pos[j] as usize;
+            (ids[j], (p - key_shift.at_most(p)) as u32)
+        });
+        let (sorted_keys, new_item_pos) = with_keys!(self.sorted_keys, |keys| {
+            let (kept, item_pos) = compress_pairs(&gone_keys, self.len(), |p| {
+                let j = item_pos[p] as usize;
+                (keys[p], (j - id_shift.at_most(j)) as u32)
+            });
+            (OwnedKeys::owned(kept), item_pos)
+        });
+        let mut report = self.report.clone();
+        report.items = n as u64;
+        report.unique_items_before = report.unique_items_before.min(n as u64);
+        report.distinct_sids_before = report.distinct_sids_before.min(n as u64);
+        Ok(SidIndex::from_parts(
+            self.layout.clone(),
+            report,
+            Buf::Owned(sorted_ids),
+            Buf::Owned(new_sid_pos),
+            sorted_keys,
+            Buf::Owned(new_item_pos),
+            generation,
+        ))
+    }
+
+    fn next_generation(&self) -> Result<u32> {
+        self.generation
+            .checked_add(1)
+            .ok_or_else(|| Gr2Error::invalid("the SID index has reached the last generation (u32::MAX); rebuild it"))
+    }
+
+    /// The index with the repaired `new` items (sorted by SID) merged in.
+    fn merged<K: OwnedKeys>(&self, keys: &[K], mut new: Vec<NewItem>, tally: Tally, generation: u32) -> SidIndex {
+        new.par_sort_unstable();
+        debug_assert!(new.windows(2).all(|w| w[0].0 < w[1].0), "repair left a collision");
+        let (n, m) = (self.len(), new.len());
+        let ids = self.sorted_ids.as_slice();
+        let (sid_pos, item_pos) = (self.sid_pos.as_slice(), self.item_pos.as_slice());
+
+        // New items in id order, with their rank in SID order (and the inverse).
+        let mut by_id: Vec<(u64, u32)> = new.par_iter().enumerate().map(|(k, &(_, id, _))| (id, k as u32)).collect();
+        by_id.par_sort_unstable();
+        let mut id_rank = vec![0u32; m];
+        for (i, &(_, k)) in by_id.iter().enumerate() {
+            id_rank[k as usize] = i as u32;
+        }
+
+        let id_before: Vec<usize> = by_id.par_iter().map(|&(id, _)| self.id_lookup.lower_bound(ids, id)).collect();
+        let key_before: Vec<usize> = new.par_iter().map(|&(key, _, _)| self.key_lookup.lower_bound(keys, key)).collect();
+        let new_id_at: Vec<u32> = id_before.iter().enumerate().map(|(i, &b)| (b + i) as u32).collect();
+        let new_key_at: Vec<u32> = key_before.iter().enumerate().map(|(k, &b)| (b + k) as u32).collect();
+        // old element j lands at j + #{new elements before it}
+        let (id_shift, key_shift) = (StepCount::new(&id_before, n), StepCount::new(&key_before, n));
+
+        // id order: (item id, SID position); SID order: (key, id position)
+        let (sorted_ids, new_sid_pos) = interleave_pairs(
+            &id_before,
+            n,
+            |j| {
+                let p = sid_pos[j] as usize;
+                (ids[j], (p + key_shift.at_most(p)) as u32)
+            },
+            |i| (by_id[i].0, new_key_at[by_id[i].1 as usize]),
+        );
+        let (sorted_keys, new_item_pos) = interleave_pairs(
+            &key_before,
+            n,
+            |p| {
+                let j = item_pos[p] as usize;
+                (keys[p], (j + id_shift.at_most(j)) as u32)
+            },
+            |k| (K::from_wide(new[k].0), new_id_at[id_rank[k] as usize]),
+        );
+        let sorted_keys = K::owned(sorted_keys);
+
+        let mut report = self.report.clone();
+        let mut groups: std::collections::BTreeMap<u64, u64> = report.collision_group_sizes.iter().copied().collect();
+        for (size, count) in tally.groups {
+            *groups.entry(size).or_default() += count;
+        }
+        report.items += m as u64;
+        report.unique_items_before += tally.unique;
+        report.distinct_sids_before += tally.distinct;
+        report.collision_group_sizes = groups.into_iter().collect();
+        report.items_moved += tally.moved;
+        report.max_move_distance = report.max_move_distance.max(tally.max_move_distance);
+        report.full_prefixes += tally.full_prefixes;
+        report.items_disambiguated += tally.disambiguated;
+        SidIndex::from_parts(
+            self.layout.clone(),
+            report,
+            Buf::Owned(sorted_ids),
+            Buf::Owned(new_sid_pos),
+            sorted_keys,
+            Buf::Owned(new_item_pos),
+            generation,
+        )
+    }
+}
+
+/// Every code below its level's size; the error names the first bad row and level.
+fn check_codes(codes: &[u16], levels: usize, layout: &KeyLayout) -> Result<()> {
+    let Some(row) = codes.par_chunks(levels.max(1)).position_first(|r| layout.first_out_of_range(r).is_some()) else {
+        return Ok(());
+    };
+    let values = &codes[row * levels..(row + 1) * levels];
+    let level = layout.first_out_of_range(values).unwrap_or(0);
+    Err(Gr2Error::invalid(format!(
+        "codes[{row}, {level}] = {} is out of range: level {level} of the SID index has size {}",
+        values[level],
+        layout.sizes()[level]
+    )))
+}
+
+/// New ids must be unique and absent from the index; the error names the first offending row.
+fn check_new_ids(index: &SidIndex, item_ids: &[u64]) -> Result<()> {
+    let present = item_ids.par_iter().position_first(|&id| index.contains(id));
+    let mut by_id: Vec<(u64, u32)> = item_ids.par_iter().enumerate().map(|(row, &id)| (id, row as u32)).collect();
+    by_id.par_sort_unstable();
+    // the duplicate whose second occurrence comes first
+    let duplicate = by_id.windows(2).filter(|w| w[0].0 == w[1].0).min_by_key(|w| w[1].1);
+    match (present, duplicate) {
+        (Some(row), dup) if dup.is_none_or(|w| row <= w[1].1 as usize) => Err(Gr2Error::invalid(format!(
+            "item id {} (row {row}) is already in the SID index; extend adds new items only (remove it \
+             first to give it a new SID)",
+            item_ids[row]
+        ))),
+        (_, Some(w)) => Err(Gr2Error::invalid(format!(
+            "item id {} appears more than once among the new items (rows {} and {}); item ids must be unique",
+            w[0].0,
+            w[0].1.min(w[1].1),
+            w[0].1.max(w[1].1)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Repairs the new items (sorted by SID) against the existing keys, prefix block by block.
+fn repair_new<K: Key>(
+    keys: &[K],
+    lookup: &SortedLookup,
+    new: &mut [NewItem],
+    geo: &Geometry,
+) -> std::result::Result<Tally, RowError> {
+    let mut blocks: Vec<&mut [NewItem]> = new.chunk_by_mut(|a, b| geo.block(a.0) == geo.block(b.0)).collect();
+    let results: Vec<std::result::Result<Tally, RowError>> = blocks
+        .par_iter_mut()
+        .map(|block| {
+            let (lo, hi) = geo.block_range(block[0].0);
+            let start = lookup.lower_bound(keys, lo);
+            let end = hi.checked_add(1).map_or(keys.len(), |after| lookup.lower_bound(keys, after));
+            repair_block(&keys[start..end], block, geo)
+        })
+        .collect();
+    let mut tally = Tally::default();
+    let mut first_error: Option<RowError> = None;
+    for result in results {
+        match result {
+            Ok(t) => tally = tally.merge(t),
+            Err(e) if first_error.as_ref().is_none_or(|f| e.0 < f.0) => first_error = Some(e),
+            Err(_) => {}
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(tally),
+    }
+}
+
+/// One prefix block: `old` holds the existing keys under the prefix, `items` the new ones.
+fn repair_block<K: Key>(old: &[K], items: &mut [NewItem], geo: &Geometry) -> std::result::Result<Tally, RowError> {
+    let mut tally = Tally::default();
+    let in_old = |key: u64| old.binary_search_by(|k| wide(*k).cmp(&key)).is_ok();
+    let mut occupied = vec![0u64; (geo.code_size as usize).div_ceil(64)];
+    for &k in old {
+        mark(&mut occupied, geo.code(wide(k)));
+    }
+    let mut placed: HashSet<u64> = HashSet::with_capacity(items.len());
+    let mut movers = Vec::new();
+    let mut start = 0;
+    while start < items.len() {
+        let key = items[start].0;
+        let run = items[start..].iter().take_while(|e| e.0 == key).count();
+        let held = in_old(key);
+        if !held {
+            mark(&mut occupied, geo.code(key));
+            placed.insert(key);
+            tally.distinct += 1;
+        }
+        let group = run as u64 + u64::from(held);
+        if group == 1 {
+            tally.unique += 1;
+        } else {
+            tally.groups.push((group, 1));
+        }
+        movers.extend(start + usize::from(!held)..start + run);
+        start += run;
+    }
+    let mut free = geo.code_size - occupied.iter().map(|w| w.count_ones()).sum::<u32>();
+    let mut counted_full = false;
+    for idx in movers {
+        let (key, id, row) = items[idx];
+        let code = geo.code(key);
+        if let Some(target) = if free > 0 { nearest_free(&occupied, geo.code_size, code) } else { None } {
+            mark(&mut occupied, target);
+            free -= 1;
+            let moved = geo.with_code(key, target);
+            placed.insert(moved);
+            items[idx].0 = moved;
+            tally.moved += 1;
+            tally.max_move_distance = tally.max_move_distance.max(u64::from(code.abs_diff(target)));
+            continue;
+        }
+        if !counted_full {
+            tally.full_prefixes += 1;
+            counted_full = true;
+        }
+        let taken = |k: u64| in_old(k) || placed.contains(&k);
+        let mask = geo.disambiguation_mask();
+        let slot = geo
+            .disambiguation
+            .and_then(|size| nearest_untaken((key & mask) as u32, size, |d| taken((key & !mask) | u64::from(d))));
+        let Some(d) = slot else {
+            return Err((
+                row,
+                Gr2Error::invalid(format!(
+                    "item id {id} (row {row}) cannot get a unique SID without moving existing items: its \
+                     SID is taken and its prefix has no free code on level {} (size {}){}; an extension \
+                     never changes existing SIDs or adds a level, so rebuild the index over all items",
+                    geo.repair_level,
+                    geo.code_size,
+                    if geo.disambiguation.is_some() { " nor on the disambiguation level" } else { "" },
+                )),
+            ));
+        };
+        let moved = (key & !mask) | u64::from(d);
+        placed.insert(moved);
+        items[idx].0 = moved;
+        tally.disambiguated += u64::from(d != 0);
+    }
+    Ok(tally)
+}
+
+/// The value in `0..size` nearest `own` (ties to the lower) for which `taken` is false.
+fn nearest_untaken(own: u32, size: u32, taken: impl Fn(u32) -> bool) -> Option<u32> {
+    (0..size).flat_map(|dist| [own.checked_sub(dist), own.checked_add(dist)]).flatten().find(|&d| d < size && !taken(d))
+}
+
+/// A key width that can own its keys (`u32` narrow, `u64` wide).
+trait OwnedKeys: Key {
+    fn owned(keys: Vec<Self>) -> Keys;
+}
+
+impl OwnedKeys for u32 {
+    fn owned(keys: Vec<u32>) -> Keys {
+        Keys::Narrow(Buf::Owned(keys))
+    }
+}
+
+impl OwnedKeys for u64 {
+    fn owned(keys: Vec<u64>) -> Keys {
+        Keys::Wide(Buf::Owned(keys))
+    }
+}
+
+/// Two arrays of `len` elements written in parallel chunks: `fill(first, a, b)` must write every
+/// slot of the chunks `a`, `b` that start at position `first` (no zero-filling pass first: at 10M
+/// items that pass alone costs a sizeable share of an extension).
+fn fill_pairs<A: Send, B: Send>(
+    len: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<A>], &mut [MaybeUninit<B>]) + Sync,
+) -> (Vec<A>, Vec<B>) {
+    let (mut a, mut b) = (huge_page_vec::<A>(len), huge_page_vec::<B>(len));
+    a.spare_capacity_mut()[..len]
+        .par_chunks_mut(FILL_CHUNK)
+        .zip(b.spare_capacity_mut()[..len].par_chunks_mut(FILL_CHUNK))
+        .enumerate()
+        .for_each(|(c, (ca, cb))| fill(c * FILL_CHUNK, ca, cb));
+    // SAFETY: every chunk of both buffers was handed to `fill`, which writes all of its slots
+    // (the callers below loop over every slot); a panic in `fill` propagates before this line.
+    unsafe {
+        a.set_len(len);
+        b.set_len(len);
+    }
+    (a, b)
+}
+
+/// The `n + before.len()` elements of two sorted, disjoint sequences merged: `old(j)` for
+/// `j < n` and `new(i)`, where `before[i]` (non-decreasing) is how many old elements precede new
+/// element `i`. Each element is a pair, written to two arrays.
+fn interleave_pairs<A: Send, B: Send>(
+    before: &[usize],
+    n: usize,
+    old: impl Fn(usize) -> (A, B) + Sync,
+    new: impl Fn(usize) -> (A, B) + Sync,
+) -> (Vec<A>, Vec<B>) {
+    fill_pairs(n + before.len(), |first, a, b| {
+        // new element i sits at before[i] + i (strictly increasing)
+        let mut i = partition_index(before.len(), |i| before[i] + i < first);
+        let mut j = first - i;
+        for (q, (sa, sb)) in (first..).zip(a.iter_mut().zip(b.iter_mut())) {
+            let (x, y) = if i < before.len() && before[i] + i == q {
+                i += 1;
+                new(i - 1)
+            } else {
+                j += 1;
+                old(j - 1)
+            };
+            sa.write(x);
+            sb.write(y);
+        }
+    })
+}
+
+/// `#{i : steps[i] <= x}` for a sorted `steps` with values in `0..=n`, answered from a table of
+/// one count per [`STEP_STRIDE`] values (n / 4 bytes, small enough to stay in cache while the
+/// merged arrays are streamed, unlike an n-entry map) plus a search among the few steps inside
+/// one stride.
+struct StepCount<'a> {
+    steps: &'a [usize],
+    /// `table[b]` = `#{i : steps[i] < b * STEP_STRIDE}`
+    table: Vec<u32>,
+}
+
+const STEP_STRIDE: usize = 16;
+
+impl<'a> StepCount<'a> {
+    fn new(steps: &'a [usize], n: usize) -> Self {
+        let buckets = n / STEP_STRIDE + 2;
+        let mut table = Vec::with_capacity(buckets);
+        let mut i = 0;
+        for b in 0..buckets {
+            while i < steps.len() && steps[i] < b * STEP_STRIDE {
+                i += 1;
+            }
+            table.push(i as u32);
+        }
+        StepCount { steps, table }
+    }
+
+    #[inline]
+    fn at_most(&self, x: usize) -> usize {
+        let b = x / STEP_STRIDE;
+        let (lo, hi) = (self.table[b] as usize, self.table[b + 1] as usize);
+        if lo == hi {
+            return lo; // most strides hold no step
+        }
+        lo + self.steps[lo..hi].partition_point(|&s| s <= x)
+    }
+}
+
+/// `old(j)` for every `j < n` not in the sorted, duplicate-free `gone`, in order; each element is
+/// a pair, written to two arrays.
+fn compress_pairs<A: Send, B: Send>(
+    gone: &[usize],
+    n: usize,
+    old: impl Fn(usize) -> (A, B) + Sync,
+) -> (Vec<A>, Vec<B>) {
+    fill_pairs(n - gone.len(), |first, a, b| {
+        // kept element q comes from j = q + #{r : gone[r] - r <= q}
+        let mut r = partition_index(gone.len(), |r| gone[r] - r <= first);
+        for (q, (sa, sb)) in (first..).zip(a.iter_mut().zip(b.iter_mut())) {
+            while r < gone.len() && gone[r] - r <= q {
+                r += 1;
+            }
+            let (x, y) = old(q + r);
+            sa.write(x);
+            sb.write(y);
+        }
+    })
+}
+
+/// The first `i` in `0..len` for which the monotone predicate `pred` is false.
+fn partition_index(len: usize, pred: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, len);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if pred(mid) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
