@@ -21,7 +21,7 @@ from gr2.train import common
 from gr2.train.dapo.config import DapoConfig
 from gr2.train.dapo.data import RlData, load_rl_data
 from gr2.train.dapo.trainer import DapoTrainer, train
-from gr2.train.dapo.world import World, init_world
+from gr2.train.common import World, init_world
 
 
 def _start_model_dir(run_dir: Path, base: str, arm: str = "think") -> tuple[Path, str]:
