@@ -1,7 +1,8 @@
 """torchrun worker: the midtrain, traces and sft stages of tests/test_train_ddp.py on RUN_DIR.
 
-Usage: torchrun --nproc_per_node=N tests/_train_ddp_worker.py RUN_DIR WRITES.json
+Usage: torchrun --nproc_per_node=N tests/_train_ddp_worker.py RUN_DIR WRITES.json [KILL_STEP]
 
+With KILL_STEP every rank raises after SFT step KILL_STEP (a killed job; rerun it to resume).
 Ranks other than 0 record (Python audit hook) every write, rename, mkdir or removal they make
 under RUN_DIR and save the list to WRITES.json (outside RUN_DIR): the test expects it empty.
 The traces stage is not distributed: rank 0 runs it, the others wait.
@@ -48,12 +49,22 @@ def audit(event: str, args: tuple) -> None:
 if world.rank != 0:
     sys.addaudithook(audit)
 
-run_midtrain(run_dir, cfg.midtrain_config())
-if world.rank == 0:
-    run_traces(run_dir, TeacherConfig(mode="targeted"))
-world.barrier()
-run_sft(run_dir, cfg.sft_config())
-if world.rank != 0:
-    writes_path.write_text(json.dumps(writes))
+kill_step = int(sys.argv[3]) if len(sys.argv) > 3 else None
+
+
+def kill_at(step: int) -> None:
+    if step == kill_step:
+        raise RuntimeError(f"killed after step {step}")
+
+
+try:
+    run_midtrain(run_dir, cfg.midtrain_config())
+    if world.rank == 0:
+        run_traces(run_dir, TeacherConfig(mode="targeted"))
+    world.barrier()
+    run_sft(run_dir, cfg.sft_config(), on_step=kill_at)
+finally:
+    if world.rank != 0:
+        writes_path.write_text(json.dumps(writes))
 if world.distributed:
     torch.distributed.destroy_process_group()

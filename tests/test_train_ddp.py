@@ -1,8 +1,9 @@
 """Mid-training and SFT under torchrun (issue 13.3): 2 CPU processes (gloo) give the weights of 1.
 
 One process runs midtrain -> traces -> sft in this test's process; ``torchrun --nproc_per_node 2``
-runs the same stages on a copy of the same run folder (tests/_train_ddp_worker.py). Each rank takes
-rows rank::2 of the same global batch under DDP, so the final weights agree up to float reduction
+runs the same stages on a copy of the same run folder (tests/_train_ddp_worker.py), killed after
+SFT step 4 and rerun, so both ranks resume SFT from the step-3 checkpoint. Each rank takes rows
+rank::2 of the same global batch under DDP, so the final weights agree up to float reduction
 order; rank 1 writes nothing into the run folder and both runs leave the same files.
 """
 
@@ -56,18 +57,26 @@ def test_two_processes_train_midtrain_and_sft_like_one(tmp_path):
     two = shutil.copytree(one, tmp_path / "two")
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    writes = tmp_path / "rank1_writes.json"
-    proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node=2",
-                             str(Path(__file__).parent / "_train_ddp_worker.py"), str(two), str(writes)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def torchrun_worker(writes: Path, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node=2",
+                                 str(Path(__file__).parent / "_train_ddp_worker.py"), str(two), str(writes), *extra],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    killed = torchrun_worker(tmp_path / "writes_killed.json", "4")
     # the one-process reference runs meanwhile
     mt1 = run_midtrain(one, midtrain_config())
     run_traces(one, TeacherConfig(mode="targeted"))
     sft1 = run_sft(one, sft_config())
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-4000:]
+    out, _ = killed.communicate(timeout=300)
+    assert killed.returncode != 0 and "killed after step 4" in out, out[-4000:]
+    assert (two / "sft" / "checkpoints" / "step-00000003").exists() and not (two / "sft" / "stage.json").exists()
+    resumed = torchrun_worker(tmp_path / "writes_resumed.json")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out[-4000:]
 
-    assert json.loads(writes.read_text()) == []  # rank 1 never wrote into the run folder
+    for writes in ("writes_killed.json", "writes_resumed.json"):  # rank 1 never wrote into the run folder
+        assert json.loads((tmp_path / writes).read_text()) == [], writes
+    assert json.loads((two / "sft" / "report.json").read_text())["resumed_from_step"] == 3
     assert files(two) == files(one)
     for stage in ("midtrain", "sft"):
         report = json.loads((two / stage / "report.json").read_text())
