@@ -122,6 +122,90 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# processes: one, or one rank of a torchrun job
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's rank, the number of processes, and the device of the collectives' tensors.
+
+    Each rank trains on its own device (:func:`local_device`: ``cuda:LOCAL_RANK``) and
+    :attr:`device` is where the process group's tensors live: that GPU under nccl (which takes
+    CUDA tensors only), the CPU under gloo. With one process every collective is the identity."""
+
+    rank: int = 0
+    size: int = 1
+    device: torch.device = torch.device("cpu")  # the process group's: cuda:LOCAL_RANK (nccl) or cpu (gloo)
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def writer(self) -> bool:
+        """Whether this rank writes artefacts (rank 0 only; the others never touch the run folder)."""
+        return self.rank == 0
+
+    def all_sum(self, value: float) -> float:
+        return self.all_sums(value)[0]
+
+    def all_sums(self, *values: float) -> tuple[float, ...]:
+        """Each value summed over the ranks (one float64 all-reduce for all of them)."""
+        if not self.distributed:
+            return tuple(float(v) for v in values)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return tuple(float(v) for v in t.tolist())
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a picklable object)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def sum_gradients(self, model: torch.nn.Module) -> None:
+        """Sum the gradients over the ranks by hand (DAPO; the SFT recipes use DDP instead)."""
+        if not self.distributed:
+            return
+        for p in model.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+
+
+def init_world(device: torch.device | None = None) -> World:
+    """Join the torchrun process group when launched with torchrun (``WORLD_SIZE`` > 1): nccl
+    when this process trains on CUDA (``device``; default :func:`local_device`), gloo otherwise.
+    Without torchrun: ``World()``, one process."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    if device is None:
+        device = local_device("auto")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if torch.distributed.get_backend() == "nccl":
+        comm = device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    else:
+        comm = torch.device("cpu")
+    return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), comm)
+
+
+# --------------------------------------------------------------------------------------------
 # optimisation
 
 
@@ -348,9 +432,11 @@ class Checkpointer:
             self._stale(stale[-1][0], *(path for _, path in stale))
         return matching[-1] if matching else None
 
-    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any] | None:
-        """Load the newest matching checkpoint (current lr applied); its meta, or None to start at 0."""
-        latest = self.latest()
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+               world: World = World()) -> dict[str, Any] | None:
+        """Load the newest matching checkpoint (current lr applied); its meta, or None to start at 0.
+        Under torchrun every rank loads the one rank 0 chose (pass the ``world``)."""
+        latest = world.broadcast(self.latest() if world.rank == 0 else None)
         if latest is None:
             return None
         meta = load_checkpoint(latest, model, optimizer, scheduler)
@@ -453,6 +539,28 @@ class MetricLogger:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class NullLogger:
+    """:class:`MetricLogger`'s interface, writing nothing: the logger of the ranks other than 0."""
+
+    def log(self, step: int, **metrics: float | int | str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "NullLogger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def metric_logger(world: World, directory: str | os.PathLike, resume_step: int | None = None,
+                  tensorboard: bool = True) -> MetricLogger | NullLogger:
+    """A :class:`MetricLogger` on rank 0 (the writer), a :class:`NullLogger` on the other ranks."""
+    return MetricLogger(directory, resume_step, tensorboard) if world.writer else NullLogger()
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,18 +671,39 @@ def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     return torch.nn.functional.pad(nll, (1, 0))
 
 
+def summed_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """``(sum_t w_t * NLL_t, number of tokens with w_t > 0)`` of a batch; 0 counted tokens is allowed."""
+    weights = batch["loss_weights"]
+    nll = token_nll(model, batch)
+    return (nll * weights).sum(), int((weights > 0).sum())
+
+
+def summed_nll_selected(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """:func:`summed_nll` computing the output projection only where a token is supervised (see
+    :func:`weighted_nll_selected`)."""
+    weights = batch["loss_weights"][:, 1:]
+    mask = weights > 0
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()
+    nll = torch.nn.functional.cross_entropy(logits, batch["input_ids"][:, 1:][mask], reduction="none")
+    return (nll * weights[mask]).sum(), int(mask.sum())
+
+
+def _mean(total: torch.Tensor, counted: int) -> tuple[torch.Tensor, int]:
+    if counted == 0:
+        raise InvalidInputError("batch has no supervised tokens (all loss weights are 0)")
+    return total / counted, counted
+
+
 def weighted_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Loss = sum_t w_t * NLL_t / (number of tokens with w_t > 0). Returns (loss, counted tokens).
 
     Normalising by the count of supervised tokens (not by the weight sum) keeps the weights'
     meaning: with lambda_r = 0.5, a reasoning token counts half as much as an answer token.
     """
-    weights = batch["loss_weights"]
-    counted = int((weights > 0).sum())
-    if counted == 0:
+    if not bool((batch["loss_weights"] > 0).any()):
         raise InvalidInputError("batch has no supervised tokens (all loss weights are 0)")
-    nll = token_nll(model, batch)
-    return (nll * weights).sum() / counted, counted
+    return _mean(*summed_nll(model, batch))
 
 
 def weighted_nll_selected(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -586,15 +715,66 @@ def weighted_nll_selected(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     except that a weight on position 0 (no prefix to predict it from) is not counted. Needs an
     HF causal LM with ``get_decoder()`` and ``get_output_embeddings()`` and no logit scaling.
     """
-    weights = batch["loss_weights"][:, 1:]
-    mask = weights > 0
-    counted = int(mask.sum())
-    if counted == 0:
+    if not bool((batch["loss_weights"][:, 1:] > 0).any()):
         raise InvalidInputError("batch has no supervised tokens (all loss weights are 0)")
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()
-    nll = torch.nn.functional.cross_entropy(logits, batch["input_ids"][:, 1:][mask], reduction="none")
-    return (nll * weights[mask]).sum() / counted, counted
+    return _mean(*summed_nll_selected(model, batch))
+
+
+class SummedNll(torch.nn.Module):
+    """A causal LM and its summed token-weighted NLL in one ``forward``: the module
+    :class:`DataParallel` hands to DDP, so the gradient sync covers the whole loss (also the
+    selected-logits path, which calls the decoder and the output layer directly)."""
+
+    def __init__(self, model: torch.nn.Module, selected: bool = False) -> None:
+        super().__init__()
+        self.model, self.selected = model, selected
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                loss_weights: torch.Tensor) -> tuple[torch.Tensor, int]:
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_weights": loss_weights}
+        return (summed_nll_selected if self.selected else summed_nll)(self.model, batch)
+
+
+class DataParallel:
+    """The loss and backward pass of one global batch, in one process or split over torchrun ranks.
+
+    Every rank builds the same global batch (a pure function of seed and step) and takes its rows
+    ``rank::size``; the model runs under ``DistributedDataParallel`` (``device_ids=[LOCAL_RANK]`` on
+    CUDA), which averages the gradients over the ranks. Each rank scales its *summed* weighted NLL
+    by ``size / T``, where ``T`` is the batch's supervised-token count summed over the ranks (one
+    all-reduce), so the averaged gradient is exactly the one-process gradient of
+    ``sum_t w_t NLL_t / T`` over the whole batch, and gradient clipping sees the same gradient.
+    Global batch size and data order do not depend on the number of processes. A rank left
+    without a row (fewer rows than ranks) runs one zero-weight row so it still joins DDP's
+    collectives. ``selected``: logits only at supervised positions (:func:`summed_nll_selected`).
+    """
+
+    def __init__(self, model: torch.nn.Module, world: World, device: torch.device, dtype: torch.dtype,
+                 pad_id: int, *, selected: bool = False) -> None:
+        self.world, self.device, self.dtype, self.pad_id = world, device, dtype, pad_id
+        module: torch.nn.Module = SummedNll(model, selected)
+        if world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+        self.module = module
+
+    def backward(self, rows: Sequence[WeightedExample]) -> tuple[float, int]:
+        """Forward and backward of this rank's share of the global batch ``rows``; returns the
+        batch's loss (the global weighted mean) and its supervised-token count, the same on every rank."""
+        if not rows:
+            raise InvalidInputError("empty batch")
+        mine = list(rows[self.world.rank::self.world.size])
+        if not mine:
+            mine = [WeightedExample(rows[0].input_ids, [0.0] * len(rows[0].input_ids))]
+        batch = to_device(collate(mine, self.pad_id), self.device)
+        with autocast(self.device, self.dtype):
+            total, counted = self.module(**batch)
+        loss_sum, tokens = self.world.all_sums(float(total.detach()), counted)
+        if tokens == 0:
+            raise InvalidInputError("batch has no supervised tokens (all loss weights are 0)")
+        (total / tokens * self.world.size).backward()
+        return loss_sum / tokens, int(tokens)
 
 
 def pack_rows(examples: Sequence[WeightedExample], width: int, separator_id: int) -> list[WeightedExample]:
@@ -650,3 +830,12 @@ def input_key(run_dir: str | os.PathLike, stage: str) -> str:
     if record is None:
         raise DataError(f"stage `{stage}` has not finished in {run_dir}; run it first")
     return str(record["key"])
+
+
+def begin_stage_on_rank0(world: World, stage_dir: str | os.PathLike, key: str, *,
+                         force: bool = False) -> dict | None:
+    """:func:`gr2.rundir.begin_stage` run by rank 0 (the only rank that removes an old record);
+    every rank gets its answer, so all of them skip a finished stage or all of them run it."""
+    from gr2.rundir import begin_stage
+
+    return world.broadcast(begin_stage(stage_dir, key, force=force) if world.writer else None)

@@ -35,6 +35,14 @@ Measured on ml-100k with the demo preset (a 3-layer, hidden-192 Llama trained fr
 
 The batch at step ``s`` is a pure function of (seed, s), so a killed run resumes exactly from its
 last checkpoint (``midtrain/checkpoints``).
+
+Under ``torchrun`` each rank trains on its own device with the model in DDP and takes rows
+``rank::world_size`` of the same global batch (:class:`gr2.train.common.DataParallel`), so N
+processes give the one-process result. Rank 0 builds the extended start model (``checkpoints/init``)
+and the others load it; the evaluation's beam search is sharded over the ranks (users
+``rank::world_size``) and the rankings gathered, so every rank computes the same metrics (the
+beam-search batches are composed differently, so a near-tie may rank differently by float
+rounding). Only rank 0 writes (checkpoints, model, report, metrics, stage.json).
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ from gr2.data.catalog import ItemCatalog
 from gr2.errors import ConfigError, DataError
 from gr2.models import DemoModelConfig, extend_with_sids, load_base_model, load_pretrained, save_pretrained_atomic
 from gr2.rerank import OUTPUT_GLOBS as RERANK_OUTPUTS
-from gr2.rundir import atomic_write_json, begin_stage, mark_done, stage_key
+from gr2.rundir import atomic_write_json, mark_done, stage_key
 from gr2.train import common
 
 STAGE = "midtrain"
@@ -298,7 +306,9 @@ def eval_split(seqs: list[list[int]], split: str) -> tuple[list[list[int]], list
 
 
 def evaluate(model: Any, tokenizer: Any, sid_tokens: Any, catalog: ItemCatalog, seqs: list[list[int]],
-             config: MidtrainConfig) -> dict[str, Any]:
+             config: MidtrainConfig, world: common.World = common.World()) -> dict[str, Any]:
+    """Next-item metrics of ``model`` (see the module docstring); under torchrun each rank beam-searches
+    the users ``rank::size`` and the rankings are gathered, so every rank returns the same metrics."""
     histories, targets = eval_split(seqs, config.eval_split)
     if config.eval_users and config.eval_users < len(targets):
         pick = np.random.default_rng(config.seed).choice(len(targets), config.eval_users, replace=False)
@@ -307,8 +317,11 @@ def evaluate(model: Any, tokenizer: Any, sid_tokens: Any, catalog: ItemCatalog, 
     exclude = histories if config.eval_mask_history else [[] for _ in histories]
     prompts = [next_prompt(catalog, h[-config.max_history:]) for h in histories]
     model.eval()
-    rankings = next_item_rankings(model, tokenizer, sid_tokens, catalog.index, prompts, exclude, config.eval_beams,
-                                  top, config.eval_batch_size)
+    mine = slice(world.rank, None, world.size)
+    ranked = next_item_rankings(model, tokenizer, sid_tokens, catalog.index, prompts[mine], exclude[mine],
+                                config.eval_beams, top, config.eval_batch_size)
+    parts = world.all_gather(ranked)  # parts[r][j] is the ranking of user r + j * size
+    rankings = [parts[i % world.size][i // world.size] for i in range(len(prompts))]
     pop = popularity_rankings([s[:-2] for s in seqs], len(catalog), exclude, top)
     model_users = per_user_metrics(rankings, targets, config.eval_ks)
     pop_users = per_user_metrics(pop, targets, config.eval_ks)
@@ -354,25 +367,34 @@ def init_key(run_dir: Path, config: MidtrainConfig) -> str:
 
 
 def prepare_model(run_dir: Path, config: MidtrainConfig, catalog: ItemCatalog,
-                  checkpoints: common.Checkpointer | None = None) -> tuple[Any, Any, Any]:
+                  checkpoints: common.Checkpointer | None = None,
+                  world: common.World = common.World()) -> tuple[Any, Any, Any]:
     """Base model extended with the SID vocabulary, saved once as ``checkpoints/init`` for resume
-    and reused only while its key (:func:`init_key`) is current."""
+    and reused only while its key (:func:`init_key`) is current. Under torchrun rank 0 builds and
+    saves it, the other ranks wait and load it."""
+    from gr2.models import sid_tokens_of
+
     checkpoints = checkpoints or common.Checkpointer(run_dir / STAGE / "checkpoints", "", name=STAGE)
     key = init_key(run_dir, config)
-    init_dir, current = checkpoints.artifact("init", key)
-    if current:
-        model, tokenizer = load_pretrained(init_dir)
-        from gr2.models import sid_tokens_of
-
-        return model, tokenizer, sid_tokens_of(tokenizer, catalog.level_sizes)
-    model, tokenizer = load_base_model(config.base_model, corpus=demo_corpus(catalog), demo=config.demo,
-                                       cache_dir=config.cache_dir or None)
-    texts = [catalog.item_text(i) for i in range(len(catalog))]
-    sid_tokens = extend_with_sids(model, tokenizer, catalog.codes, catalog.level_sizes, texts,
-                                  noise_std=config.init_noise_std, seed=config.seed)
-    save_pretrained_atomic(model, tokenizer, init_dir)
-    checkpoints.mark_artifact("init", key)
-    return model, tokenizer, sid_tokens
+    built = None
+    if world.writer:
+        init_dir, current = checkpoints.artifact("init", key)
+        if not current:
+            model, tokenizer = load_base_model(config.base_model, corpus=demo_corpus(catalog), demo=config.demo,
+                                               cache_dir=config.cache_dir or None)
+            texts = [catalog.item_text(i) for i in range(len(catalog))]
+            sid_tokens = extend_with_sids(model, tokenizer, catalog.codes, catalog.level_sizes, texts,
+                                          noise_std=config.init_noise_std, seed=config.seed)
+            save_pretrained_atomic(model, tokenizer, init_dir)
+            checkpoints.mark_artifact("init", key)
+            built = model, tokenizer, sid_tokens
+    else:
+        init_dir = checkpoints.directory / "init"
+    world.barrier()  # the other ranks read the init model once rank 0 has written it
+    if built is not None:
+        return built
+    model, tokenizer = load_pretrained(init_dir)
+    return model, tokenizer, sid_tokens_of(tokenizer, catalog.level_sizes)
 
 
 def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(), *, force: bool = False,
@@ -385,59 +407,60 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
     if config.train_on == "fit":
         inputs.append(common.input_key(run_dir, "candidates"))
     key = stage_key(config, *inputs)
-    if (done := begin_stage(stage_dir, key, force=force)) is not None:
+    device = common.local_device(config.device)
+    world = common.init_world(device)
+    if (done := common.begin_stage_on_rank0(world, stage_dir, key, force=force)) is not None:
         return done
     catalog = ItemCatalog.from_run_dir(run_dir, sids=True)
     seqs = common.load_sequences(run_dir)
     train_seqs = training_sequences(run_dir, config, seqs)
-    device = common.local_device(config.device)
     dtype = common.choose_dtype(device, config.dtype)  # compute dtype; parameters stay float32
     common.seed_everything(config.seed)
 
     # checkpoints of another config or other inputs are never resumed (removed, one log line)
-    checkpoints = common.Checkpointer(stage_dir / "checkpoints", key, keep=config.keep_checkpoints, name=STAGE)
-    model, tokenizer, sid_tokens = prepare_model(run_dir, config, catalog, checkpoints)
+    checkpoints = common.Checkpointer(stage_dir / "checkpoints", key, keep=config.keep_checkpoints,
+                                      writer=world.writer, name=STAGE)
+    model, tokenizer, sid_tokens = prepare_model(run_dir, config, catalog, checkpoints, world)
     model = common.wrap_lora(model, config.lora).to(device=device, dtype=common.param_dtype(dtype))
     optimizer = common.make_optimizer(model, config.lr, config.weight_decay)
     scheduler = common.make_scheduler(optimizer, config.steps, config.warmup_steps)
-    resumed = checkpoints.resume(model, optimizer, scheduler)
+    resumed = checkpoints.resume(model, optimizer, scheduler, world)
     start = resumed["step"] if resumed else 0
     sampler = TaskSampler(catalog, train_seqs, tokenizer, config, sid_tokens)
     # logits only where the loss is (a demo-sized model spends much of its time in the output
     # layer); only for architectures whose logits are the plain output projection of the decoder
     plain_head = getattr(model.config, "model_type", "") in ("llama", "qwen2", "qwen3", "mistral")
-    nll = common.weighted_nll_selected if plain_head and not config.lora.enabled else common.weighted_nll
+    parallel = common.DataParallel(model, world, device, dtype, tokenizer.pad_token_id,
+                                   selected=plain_head and not config.lora.enabled)
 
     t0 = time.time()
     model.train()
-    with common.MetricLogger(stage_dir, resume_step=start if resumed else None) as log:
-        progress = tqdm(range(start, config.steps), desc="midtrain", initial=start, total=config.steps)
+    with common.metric_logger(world, stage_dir, resume_step=start if resumed else None) as log:
+        progress = tqdm(range(start, config.steps), desc="midtrain", initial=start, total=config.steps,
+                        disable=not world.writer)
         for step in progress:
-            examples, tasks = sampler.batch(step)
+            examples, tasks = sampler.batch(step)  # the global batch: the same on every rank
             if config.pack:
                 examples = common.pack_rows(examples, max(len(e.input_ids) for e in examples), tokenizer.eos_token_id)
-            batch = common.to_device(common.collate(examples, tokenizer.pad_token_id), device)
-            with common.autocast(device, dtype):
-                loss, tokens = nll(model, batch)
-            loss.backward()
+            loss, tokens = parallel.backward(examples)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                log.log(step + 1, loss=loss.item(), lr=scheduler.get_last_lr()[0], tokens=tokens,
+                log.log(step + 1, loss=loss, lr=scheduler.get_last_lr()[0], tokens=tokens,
                         next_share=tasks.count("next") / len(tasks))
-                progress.set_postfix(loss=f"{loss.item():.3f}")
+                progress.set_postfix(loss=f"{loss:.3f}")
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
                 checkpoints.save(step + 1, model, optimizer, scheduler)
+                world.barrier()
             if on_step is not None:
                 on_step(step + 1)
     train_seconds = time.time() - t0
 
     model = common.unwrap_model(model)
     with common.autocast(device, dtype):
-        metrics = evaluate(model, tokenizer, sid_tokens, catalog, seqs, config)
-    save_pretrained_atomic(model.to(torch.float32), tokenizer, stage_dir / "model")
+        metrics = evaluate(model, tokenizer, sid_tokens, catalog, seqs, config, world)
     summary = {
         "base_model": config.base_model,
         "train_on": ("candidates/fit_train: no target of a later stage's training list is trained on"
@@ -446,14 +469,18 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
         "steps": config.steps,
         "resumed_from_step": start,
         "train_seconds": round(train_seconds, 1),
+        "world_size": world.size,
         "vocab_size": len(tokenizer),
         "sid_init": "mean text-token embedding of the items carrying each code (+noise); tags: mean of old rows",
         "eval": metrics,
         "upstream": upstream_figures(run_dir),
     }
-    atomic_write_json(stage_dir / "report.json", summary)
-    checkpoints.cleanup()
-    mark_done(stage_dir, key, summary, exclude=RERANK_OUTPUTS)
+    if world.writer:
+        save_pretrained_atomic(model.to(torch.float32), tokenizer, stage_dir / "model")
+        atomic_write_json(stage_dir / "report.json", summary)
+        checkpoints.cleanup()
+        mark_done(stage_dir, key, summary, exclude=RERANK_OUTPUTS)
+    world.barrier()  # every rank returns once the stage is done
     return summary
 
 

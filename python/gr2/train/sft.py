@@ -15,6 +15,11 @@ gives their answer-token NLL under the mid-trained model (before) and the SFT mo
 
 Full fine-tuning or LoRA (``lora.enabled``); optional greedy packing of short examples; the batch
 at step ``s`` is a pure function of (seed, s), so a killed run resumes exactly from its checkpoint.
+
+Under ``torchrun`` each rank trains on its own device with the model in DDP and takes rows
+``rank::world_size`` of the same global batch (:class:`gr2.train.common.DataParallel`), so N
+processes give the one-process result; the held-out NLL is computed by every rank (it is small),
+and only rank 0 writes (checkpoints, model, report, metrics, stage.json).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from tqdm.auto import tqdm
 from gr2.errors import ConfigError, DataError
 from gr2.models import load_pretrained, save_pretrained_atomic
 from gr2.rerank import OUTPUT_GLOBS as RERANK_OUTPUTS
-from gr2.rundir import atomic_write_json, begin_stage, mark_done, stage_key
+from gr2.rundir import atomic_write_json, mark_done, stage_key
 from gr2.tokens import ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
 from gr2.train import common
 
@@ -155,9 +160,10 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
     run_dir = Path(run_dir)
     stage_dir = run_dir / arms.stage_dir(STAGE, arm)
     key = stage_key(config, common.input_key(run_dir, "midtrain"), common.input_key(run_dir, arms.stage_dir("traces", arm)))
-    if (done := begin_stage(stage_dir, key, force=force)) is not None:
-        return done
     device = common.local_device(config.device)
+    world = common.init_world(device)
+    if (done := common.begin_stage_on_rank0(world, stage_dir, key, force=force)) is not None:
+        return done
     dtype = common.choose_dtype(device, config.dtype)  # compute dtype; parameters stay float32
     common.seed_everything(config.seed)
 
@@ -178,29 +184,31 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
     total_steps = config.epochs * steps_per_epoch
     optimizer = common.make_optimizer(model, config.lr, config.weight_decay)
     scheduler = common.make_scheduler(optimizer, total_steps, config.warmup_steps)
-    checkpoints = common.Checkpointer(stage_dir / "checkpoints", key, keep=config.keep_checkpoints, name=STAGE)
-    resumed = checkpoints.resume(model, optimizer, scheduler)
+    checkpoints = common.Checkpointer(stage_dir / "checkpoints", key, keep=config.keep_checkpoints,
+                                      writer=world.writer, name=STAGE)
+    resumed = checkpoints.resume(model, optimizer, scheduler, world)
     start = resumed["step"] if resumed else 0
+    parallel = common.DataParallel(model, world, device, dtype, tokenizer.pad_token_id)
 
     t0 = time.time()
     model.train()
-    with common.MetricLogger(stage_dir, resume_step=start if resumed else None) as log:
-        for step in tqdm(range(start, total_steps), desc=f"sft ({arm})", initial=start, total=total_steps):
+    with common.metric_logger(world, stage_dir, resume_step=start if resumed else None) as log:
+        bar = tqdm(range(start, total_steps), desc=f"sft ({arm})", initial=start, total=total_steps,
+                   disable=not world.writer)
+        for step in bar:
             epoch, offset = divmod(step, steps_per_epoch)
             order = common.epoch_order(len(examples), config.seed, epoch)
             chosen = order[offset * config.batch_size:(offset + 1) * config.batch_size]
-            batch = common.to_device(common.collate([examples[i] for i in chosen], tokenizer.pad_token_id), device)
-            with common.autocast(device, dtype):
-                loss, tokens = common.weighted_nll(model, batch)
-            loss.backward()
+            loss, tokens = parallel.backward([examples[i] for i in chosen])
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
-                log.log(step + 1, loss=loss.item(), lr=scheduler.get_last_lr()[0], tokens=tokens, epoch=epoch)
+                log.log(step + 1, loss=loss, lr=scheduler.get_last_lr()[0], tokens=tokens, epoch=epoch)
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < total_steps:
                 checkpoints.save(step + 1, model, optimizer, scheduler)
+                world.barrier()
             if on_step is not None:
                 on_step(step + 1)
     train_seconds = time.time() - t0
@@ -208,7 +216,6 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
     model = common.unwrap_model(model)
     with common.autocast(device, dtype):
         after = heldout_nll(model, tokenizer, heldout, config, device)
-    save_pretrained_atomic(model.to(torch.float32), tokenizer, stage_dir / "model")
     summary = {
         "teacher": teacher,
         "arm": arm,
@@ -220,14 +227,18 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
         "steps": total_steps,
         "resumed_from_step": start,
         "train_seconds": round(train_seconds, 1),
+        "world_size": world.size,
         "lambda_reasoning": config.lambda_reasoning,
         "lambda_answer": config.lambda_answer,
         "heldout_before": before,
         "heldout_after": after,
     }
-    atomic_write_json(stage_dir / "report.json", summary)
-    checkpoints.cleanup()
-    mark_done(stage_dir, key, summary, exclude=RERANK_OUTPUTS)
+    if world.writer:
+        save_pretrained_atomic(model.to(torch.float32), tokenizer, stage_dir / "model")
+        atomic_write_json(stage_dir / "report.json", summary)
+        checkpoints.cleanup()
+        mark_done(stage_dir, key, summary, exclude=RERANK_OUTPUTS)
+    world.barrier()  # every rank returns once the stage is done
     return summary
 
 

@@ -17,7 +17,7 @@ from gr2.train.dapo.config import DapoConfig
 from gr2.train.dapo.data import RlData
 from gr2.train.dapo.stage import _rl_inputs, build_trainer
 from gr2.train.dapo.trainer import DapoTrainer, train
-from gr2.train.dapo.world import World, init_world
+from gr2.train.common import World, init_world
 
 
 def run_ablation(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig()) -> dict[str, Any]:

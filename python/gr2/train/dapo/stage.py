@@ -16,12 +16,12 @@ from typing import Any
 
 from gr2.errors import ConfigError, DataError
 from gr2.rerank import OUTPUT_GLOBS as RERANK_OUTPUTS
-from gr2.rundir import atomic_write_json, begin_stage, mark_done, read_stage, stage_key
+from gr2.rundir import atomic_write_json, mark_done, read_stage, stage_key
 from gr2.train import common
 from gr2.train.dapo.config import DapoConfig
 from gr2.train.dapo.data import RlData, load_rl_data
 from gr2.train.dapo.trainer import DapoTrainer, train
-from gr2.train.dapo.world import World, init_world
+from gr2.train.common import World, init_world
 
 
 def _start_model_dir(run_dir: Path, base: str, arm: str = "think") -> tuple[Path, str]:
@@ -93,9 +93,9 @@ def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig(), *, arm
                           "(run.arms = [\"answer\"] or `gr2 rl --arm answer`)")
     out_dir = run_dir / arms.stage_dir("rl", arm)
     key = stage_key(config, *_rl_inputs(run_dir, config, arm))
-    if (done := begin_stage(out_dir, key, force=force)) is not None:
-        return done
     world = init_world(common.local_device(config.device))
+    if (done := common.begin_stage_on_rank0(world, out_dir, key, force=force)) is not None:
+        return done
     trainer, eval_data, info = build_trainer(run_dir, config, world, arm)
     last = train(trainer, out_dir, eval_data, key=key)
     summary = {**info, "arm": arm, "steps": trainer.step_count, "world_size": world.size,

@@ -38,7 +38,7 @@ from gr2.train.dapo.data import RlData
 from gr2.train.dapo.loss import (dapo_loss, group_advantages, informative_groups, outcome_of, overlong_penalty,
                                  pack_rollouts, token_logprobs)
 from gr2.train.dapo.rollouts import Completion, Rollout, RolloutFn, constrained_rollouts, hash_seed, sampled_rollouts
-from gr2.train.dapo.world import World
+from gr2.train.common import World
 
 EVAL_BATCH = 16  # prompts per decoding call during evaluation
 
@@ -253,7 +253,7 @@ class DapoTrainer:
 
     def resume(self, checkpoints: common.Checkpointer) -> bool:
         """Load the newest checkpoint of ``checkpoints``' key, if any; whether one was loaded."""
-        meta = checkpoints.resume(self.model, self.optimizer, self.scheduler)
+        meta = checkpoints.resume(self.model, self.optimizer, self.scheduler, self.world)
         if meta is None:
             return False
         self.step_count = int(meta["step"])
