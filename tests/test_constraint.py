@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import gr2
 from gr2 import _gr2
 from gr2.errors import ConstraintError, InvalidInputError
 
@@ -365,3 +366,21 @@ def test_token_map_conversion_errors_name_the_argument():
         _gr2.TokenMap(codes, vocab_size=30, **{**tags, "eos": 2**63})
     with pytest.raises(InvalidInputError, match="^item_ids must be"):
         _gr2.SidTrie(_gr2.TokenMap(codes, vocab_size=30, **tags), np.array([1], np.int64), np.array([[0]], np.uint16))
+
+
+def test_sid_trie_from_index_equals_the_array_trie():
+    """SidTrie.from_index reads the loaded index in Rust; it holds exactly the items the
+    array-built trie holds, and refuses an index whose levels the token map lacks."""
+    rng = np.random.default_rng(3)
+    flat = rng.choice(8 * 8 * 4, size=60, replace=False)
+    codes = np.array(np.unravel_index(flat, (8, 8, 4))).T.astype(np.uint16)
+    items = rng.choice(10**6, size=60, replace=False).astype(np.uint64)
+    index = gr2.SidIndex.build(items, codes, [8, 8, 4])
+    tm, _, _ = make_token_map((8, 8, 4))
+    from_index = _gr2.SidTrie.from_index(tm, index)
+    from_arrays = _gr2.SidTrie(tm, index.item_ids(), index.codes())
+    assert len(from_index) == len(from_arrays) == 60
+    assert all(int(i) in from_index for i in items) and 7 not in from_index
+    two_levels = gr2.SidIndex.build(items[:5], codes[:5, :2], [8, 8])
+    with pytest.raises(InvalidInputError, match="levels"):
+        _gr2.SidTrie.from_index(tm, two_levels)

@@ -89,6 +89,9 @@ class TokenMap:
 class SidTrie:
     """Prefix tree over a catalog's SIDs (catalog-mode decoding)."""
     def __init__(self, token_map: TokenMap, item_ids: npt.NDArray[np.uint64], codes: npt.NDArray[np.uint16]) -> None: ...
+    @staticmethod
+    def from_index(token_map: TokenMap, index: SidIndex) -> SidTrie:
+        """The trie of every item of ``index``, read from it in Rust (no codes() copy)."""
     def __len__(self) -> int: ...
     def __contains__(self, item: int) -> bool: ...
 

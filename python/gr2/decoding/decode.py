@@ -582,9 +582,11 @@ def catalog_decode(
     eos = eos_id(tokenizer, eos_token_id)
     step_model = StepModel(model)
     token_map = build_token_map(tokens, eos=eos, vocab_size=step_model.vocab_size, tokenizer=tokenizer)
-    item_ids = np.ascontiguousarray(index.item_ids(), dtype=np.uint64)
-    codes = np.ascontiguousarray(index.codes(), dtype=np.uint16)
-    trie = _gr2.SidTrie(token_map, item_ids, codes)
+    if isinstance(index, _gr2.SidIndex):  # read in Rust, no item_ids()/codes() copies
+        trie = _gr2.SidTrie.from_index(token_map, index)
+    else:  # any object with item_ids() and codes() (tests, array-backed stand-ins)
+        trie = _gr2.SidTrie(token_map, np.ascontiguousarray(index.item_ids(), dtype=np.uint64),
+                            np.ascontiguousarray(index.codes(), dtype=np.uint16))
     scorer = _Scorer(step_model, token_map.reasoning_forbidden())
     input_ids, attention_mask = _encode(tokenizer, texts, step_model.device, eos)
     max_steps = _max_steps(int(n_items), tokens.levels, int(max_reasoning_tokens))

@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 
 use crate::constraint::{self as core, DecodeState, Framing, ReasoningStart, TokenMapSpec};
 use crate::error::Gr2Error;
+use crate::py::index::PySidIndex;
 
 fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
     a: &'a numpy::PyReadonlyArray<'_, T, D>,
@@ -205,6 +206,24 @@ impl PySidTrie {
         }
         let tm = token_map.inner.clone();
         let trie = py.detach(|| core::catalog_trie(&tm, items, flat))?;
+        Ok(PySidTrie { inner: Arc::new(trie) })
+    }
+
+    /// The trie of every item of a loaded index, read from the index in Rust (no `item_ids()` /
+    /// `codes()` copies through Python).
+    #[staticmethod]
+    fn from_index(py: Python<'_>, token_map: &PyTokenMap, index: &Bound<'_, PySidIndex>) -> PyResult<Self> {
+        let tm = token_map.inner.clone();
+        let index = index.get().sid_index();
+        if index.levels() != tm.levels {
+            return Err(Gr2Error::invalid(format!(
+                "the index has {}-level SIDs, the token map {} levels",
+                index.levels(),
+                tm.levels
+            ))
+            .into());
+        }
+        let trie = py.detach(|| core::catalog_trie(&tm, &index.item_ids_by_sid(), &index.codes_by_sid()))?;
         Ok(PySidTrie { inner: Arc::new(trie) })
     }
 
