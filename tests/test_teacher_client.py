@@ -369,8 +369,27 @@ def test_cancel_cuts_inflight_requests_and_waits(server):
         client.complete(MESSAGES)
 
 
-def test_ctrl_c_stops_the_stage_cleanly(server, run_dir, tmp_path, capsys):
+@pytest.fixture
+def deliverable_sigint():
+    """SIGINT reaches this process's main thread as a KeyboardInterrupt for the test: the default
+    handler installed and the signal unblocked in the main thread, both restored afterwards. In the
+    full suite (not alone, not in any subset tried) the test failed twice with the stage running to
+    the end, i.e. the pthread_kill'd SIGINT was never acted on; a probe showed the handler was still
+    Python's default there, so the suspect is a SIGINT left blocked in the thread mask by an earlier
+    test's library (multiprocessing blocks it while spawning helpers). With this fixture the prefix
+    of the suite + this module passes.
+    """
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    yield signal.SIGINT in blocked
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    signal.signal(signal.SIGINT, handler)
+
+
+def test_ctrl_c_stops_the_stage_cleanly(server, run_dir, tmp_path, capsys, deliverable_sigint):
     from gr2.cli import main
+
+    print(f"SIGINT was blocked before the test: {deliverable_sigint}")
 
     server.script = ["ok", "ok", "interrupt"]
     server.default = "slow"
