@@ -2,11 +2,10 @@
 //! and the constraint automaton. Bounded in `cargo test` (CI); `make fuzz` multiplies every
 //! proptest's case count through `GR2_FUZZ_SCALE` (see [`crate::fuzz_cases`] and docs/fuzzing.md).
 
-use std::sync::Arc;
-
 use proptest::prelude::*;
 
-use crate::constraint::{DecodeState, Framing, ReasoningStart, TokenMap, TokenMapSpec};
+use crate::constraint::tests::token_map;
+use crate::constraint::{DecodeState, Framing, ReasoningStart};
 use crate::index::SidIndex;
 use crate::{fuzz_cases, Gr2Error};
 
@@ -15,27 +14,6 @@ fn index_bytes(n: usize, levels: usize, seed: u64) -> Vec<u8> {
     let ids: Vec<u64> = (0..n as u64).map(|i| i * 7 + seed % 5).collect();
     let codes: Vec<u16> = (0..n * levels).map(|j| ((j as u64 * 2654435761 + seed) % 4) as u16).collect();
     SidIndex::build(&ids, &codes, levels, Some(&vec![4; levels])).unwrap().to_bytes().unwrap()
-}
-
-/// Token layout: 0..20 text, 20..27 tags, then `levels * size` code tokens, then padding ids.
-fn token_map(levels: usize, size: usize, vocab: usize) -> Arc<TokenMap> {
-    let code_ids = (0..levels).map(|l| (0..size).map(|c| (27 + l * size + c) as i64).collect()).collect();
-    Arc::new(
-        TokenMap::new(TokenMapSpec {
-            code_ids,
-            sid_begin: 20,
-            sid_end: 21,
-            think_open: 22,
-            think_close: 23,
-            answer_open: 24,
-            answer_close: 25,
-            eos: 26,
-            vocab_size: vocab.max(27 + levels * size),
-            reasoning_vocab: None,
-            forbidden_in_reasoning: vec![0],
-        })
-        .unwrap(),
-    )
 }
 
 proptest! {

@@ -19,7 +19,7 @@ mod state;
 mod token_map;
 mod trie;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use rayon::prelude::*;
 

@@ -3,8 +3,8 @@ use std::sync::Arc;
 use super::*;
 use proptest::prelude::*;
 
-/// Vocabulary layout for tests: 0..20 text, 20..27 tags, then codes.
-fn token_map(levels: usize, size: usize, vocab: usize) -> Arc<TokenMap> {
+/// Vocabulary layout for tests: 0..20 text, 20..27 tags, then codes (also used by `fuzz_tests`).
+pub(crate) fn token_map(levels: usize, size: usize, vocab: usize) -> Arc<TokenMap> {
     let mut next = 27i64;
     let code_ids = (0..levels)
         .map(|_| {
