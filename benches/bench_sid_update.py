@@ -15,26 +15,11 @@ once each, and prints the end-to-end ratio.
 from __future__ import annotations
 
 import argparse
-import gc
-import time
 
 import numpy as np
 
 import gr2
-
-
-def best_of(repeat, fn):
-    """(wall seconds, CPU seconds, result) of the fastest of `repeat` calls."""
-    best, result = (float("inf"), float("nan")), None
-    for _ in range(repeat):
-        gc.collect()
-        cpu = time.process_time()
-        start = time.perf_counter()
-        result = fn()
-        elapsed = time.perf_counter() - start
-        if elapsed < best[0]:
-            best = (elapsed, time.process_time() - cpu)
-    return best, result
+from bench_index import best_of  # same folder: benches run as scripts
 
 
 def main() -> None:

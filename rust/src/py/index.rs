@@ -135,6 +135,23 @@ fn path_arg(obj: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
 /// Bijection between item ids (uint64) and semantic IDs (one uint16 code per level), with
 /// deterministic collision repair, batched lookups both ways, and a checksummed file format
 /// (loaded into owned memory, or memory-mapped on request).
+type IdsAndCodes<'py> = (numpy::PyReadonlyArray1<'py, u64>, numpy::PyReadonlyArray2<'py, u16>, usize);
+
+/// `item_ids` (n,) and `codes` (n, L) of build/extend, checked to match, plus L.
+fn ids_and_codes<'py>(item_ids: &Bound<'py, PyAny>, codes: &Bound<'py, PyAny>) -> PyResult<IdsAndCodes<'py>> {
+    let ids = vector::<u64>(item_ids, "item_ids")?;
+    let codes = matrix::<u16>(codes, "codes", None)?;
+    let (rows, levels) = (codes.shape()[0], codes.shape()[1]);
+    if rows != ids.len() {
+        return Err(Gr2Error::invalid(format!(
+            "item_ids has {} entries but codes has {rows} rows; they must match",
+            ids.len()
+        ))
+        .into());
+    }
+    Ok((ids, codes, levels))
+}
+
 #[pyclass(frozen, module = "gr2._gr2", name = "SidIndex")]
 pub struct PySidIndex {
     inner: SidIndex,
@@ -169,16 +186,7 @@ impl PySidIndex {
         codes: &Bound<'_, PyAny>,
         codebook_size: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        let ids = vector::<u64>(item_ids, "item_ids")?;
-        let codes = matrix::<u16>(codes, "codes", None)?;
-        let (rows, levels) = (codes.shape()[0], codes.shape()[1]);
-        if rows != ids.len() {
-            return Err(Gr2Error::invalid(format!(
-                "item_ids has {} entries but codes has {rows} rows; they must match",
-                ids.len()
-            ))
-            .into());
-        }
+        let (ids, codes, levels) = ids_and_codes(item_ids, codes)?;
         let sizes = level_sizes(codebook_size, levels)?;
         let (ids, codes) = (row_major(&ids), row_major(&codes));
         let inner = py.detach(|| SidIndex::build(&ids, &codes, levels, sizes.as_deref()))?;
@@ -188,16 +196,7 @@ impl PySidIndex {
     /// A new index with these items added; every existing item keeps its SID (see the Rust
     /// `update` module for the repair of the new items).
     fn extend(&self, py: Python<'_>, item_ids: &Bound<'_, PyAny>, codes: &Bound<'_, PyAny>) -> PyResult<Self> {
-        let ids = vector::<u64>(item_ids, "item_ids")?;
-        let codes = matrix::<u16>(codes, "codes", None)?;
-        let (rows, levels) = (codes.shape()[0], codes.shape()[1]);
-        if rows != ids.len() {
-            return Err(Gr2Error::invalid(format!(
-                "item_ids has {} entries but codes has {rows} rows; they must match",
-                ids.len()
-            ))
-            .into());
-        }
+        let (ids, codes, levels) = ids_and_codes(item_ids, codes)?;
         let (ids, codes) = (row_major(&ids), row_major(&codes));
         let inner = py.detach(|| self.inner.extend(&ids, &codes, levels))?;
         Ok(PySidIndex { inner })
