@@ -498,3 +498,63 @@ def test_bad_requests_raise_typed_errors_naming_the_request(setup):
     small = make_model(len(tokenizer) - 5, 0)  # its vocabulary stops before the SID tokens
     with pytest.raises(InvalidInputError, match="resize"):
         constrained_decode(small, tokenizer, PROMPTS[:1], [[int(items[0])]], index=index)
+
+
+def _decoder_calls(model):
+    """A counter of the decoder's forward calls (prefill and every decode step, on both paths)."""
+    calls = []
+    handle = model.get_decoder().register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    ks=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    mode=st.sampled_from(["greedy", "sample_per_prompt", "sample_one_seed"]),
+    reasoning=st.sampled_from([True, False, "in_think"]),
+    budget=st.integers(0, 4),
+    nrs=st.integers(1, 3),
+    sparse=st.sampled_from([None, False]),
+    pick_seed=st.integers(0, 10**6),
+)
+def test_jump_forward_equals_step_by_step(setup, ks, mode, reasoning, budget, nrs, sparse, pick_seed):
+    """Forced tokens taken without a decode step give the same tokens and log-probabilities as
+    decoding them one step each (greedy and seeded sampling, ragged K, several return sequences),
+    in fewer forward passes whenever a token was forced."""
+    tokenizer, sid_tokens, index, items, models = setup
+    rng = np.random.default_rng(pick_seed)
+    cands = [items[rng.choice(len(items), size=k, replace=False)] for k in ks]
+    prompts = [PROMPTS[i % 2] + " the" * i for i in range(len(ks))]
+    sampling = {} if mode == "greedy" else dict(do_sample=True, num_return_sequences=nrs, temperature=1.3,
+                                                seed=[7 + i for i in range(len(ks))] if mode == "sample_per_prompt" else 11)
+    model = models[pick_seed % 3]
+    outputs, calls = [], []
+    original = decode_mod.StepModel
+    for jump in (False, True):
+        count, handle = _decoder_calls(model)
+        try:
+            decode_mod.StepModel = lambda m: original(m, sparse=sparse)
+            outputs.append(constrained_decode(model, tokenizer, prompts, cands, index=index, max_reasoning_tokens=budget,
+                                              reasoning=reasoning, jump_forward=jump, **sampling))
+        finally:
+            decode_mod.StepModel = original
+            handle.remove()
+        calls.append(len(count))
+    step, jump = outputs
+    assert len(step) == len(jump)
+    for a, b in zip(step, jump):
+        assert a.prompt_index == b.prompt_index
+        assert b.completion_ids == a.completion_ids
+        assert b.items.tolist() == a.items.tolist()
+        np.testing.assert_allclose(b.token_logprobs, a.token_logprobs, atol=1e-4)
+        forced = [lp == 0.0 for lp in a.token_logprobs]
+        assert [lp == 0.0 for lp in b.token_logprobs] == forced  # forced tokens: exactly 0 on both paths
+    longest = max(len(r.completion_ids) for r in step) + 1  # + EOS
+    assert calls[0] == longest  # prefill + one step per token but the last
+    assert calls[1] < calls[0]  # every completion has forced tokens (tags at least)
+
+
+def test_jump_forward_must_be_a_bool(setup):
+    tokenizer, _, index, items, models = setup
+    with pytest.raises(InvalidInputError, match="jump_forward"):
+        constrained_decode(models[0], tokenizer, PROMPTS[:1], items[None, :3], index=index, jump_forward="yes")

@@ -17,7 +17,7 @@ import torch
 from gr2.errors import InvalidInputError
 
 
-def _cache_kwarg(module: Any) -> str:
+def cache_kwarg(module: Any) -> str:
     """transformers 5 names the KV cache argument ``cache``; 4.x named it ``past_key_values``."""
     params = inspect.signature(module.forward).parameters
     if "cache" in params:
@@ -29,13 +29,23 @@ def _cache_kwarg(module: Any) -> str:
     return "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
 
 
-def _cache_of(output: Any) -> Any:
+def cache_of(output: Any) -> Any:
     cache = getattr(output, "cache", None) if "cache" in output else None
     if cache is None:
         cache = output["past_key_values"] if "past_key_values" in output else None
     if cache is None:
         raise InvalidInputError("the model returned no KV cache; it must support use_cache=True")
     return cache
+
+
+def expand_cache(cache: Any, rows: torch.Tensor) -> Any:
+    """Keep (reorder, repeat) the given batch rows of a KV cache, out of place for the tensors, so
+    autograd flows back through it (the shared-prompt loss expands one prompt to its G completions).
+    ``rows`` must be on the cache's device."""
+    if hasattr(cache, "reorder_cache"):
+        cache.reorder_cache(rows)
+        return cache
+    return tuple(tuple(t.index_select(0, rows) for t in layer) for layer in cache)  # legacy tuple caches
 
 
 class StepModel:
@@ -48,8 +58,8 @@ class StepModel:
             raise InvalidInputError(f"{type(model).__name__} has no output embedding (lm_head); is it a causal LM?")
         self.vocab_size = int(self.lm_head.weight.shape[0])
         self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-        self.model_cache_kw = _cache_kwarg(model)
-        self.decoder_cache_kw = _cache_kwarg(self.decoder) if self.decoder is not None else None
+        self.model_cache_kw = cache_kwarg(model)
+        self.decoder_cache_kw = cache_kwarg(self.decoder) if self.decoder is not None else None
         # None: decided by the check on the prefill step. False forces full logits (tests use it).
         self.sparse = sparse if self.decoder is not None else False
         self.device = self.lm_head.weight.device
@@ -70,7 +80,7 @@ class StepModel:
             output_hidden_states=True,
             logits_to_keep=1,
         )
-        self.cache = _cache_of(out)
+        self.cache = cache_of(out)
         self.attention_mask = attention_mask
         self.positions = positions[:, -1]
         logits = out.logits[:, -1].float()
@@ -99,19 +109,42 @@ class StepModel:
         )
         if self.sparse:
             out = self.decoder(**kwargs, **{self.decoder_cache_kw: self.cache})
-            self.cache = _cache_of(out)
+            self.cache = cache_of(out)
             return out.last_hidden_state[:, -1]
         out = self.model(**kwargs, **{self.model_cache_kw: self.cache}, logits_to_keep=1)
-        self.cache = _cache_of(out)
+        self.cache = cache_of(out)
         return out.logits[:, -1].float()
+
+    def extend(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Feed ``lengths[r]`` tokens to row r in one forward pass (``tokens`` (rows, W), right-padded;
+        every length >= 1): jump-forward decoding appends a run of forced tokens plus the next chosen
+        one at once. Padding positions enter the cache masked out, and each row's positions continue
+        from its own last real token, so later steps see exactly the real tokens. Returns the output
+        at each row's last real token, as :meth:`step` does."""
+        assert self.attention_mask is not None and self.positions is not None
+        rows, width = tokens.shape
+        if width == 1:
+            return self.step(tokens.view(-1))
+        tokens, lengths = tokens.to(self.device), lengths.to(self.device)
+        offsets = torch.arange(width, device=self.device)[None, :]
+        real = offsets < lengths[:, None]
+        self.attention_mask = torch.cat([self.attention_mask, real.to(self.attention_mask.dtype)], dim=1)
+        positions = self.positions[:, None] + 1 + offsets  # padding gets positions too; it is masked out
+        self.positions = self.positions + lengths
+        kwargs = dict(input_ids=tokens, attention_mask=self.attention_mask, position_ids=positions, use_cache=True)
+        last = (torch.arange(rows, device=self.device), lengths - 1)
+        if self.sparse:
+            out = self.decoder(**kwargs, **{self.decoder_cache_kw: self.cache})
+            self.cache = cache_of(out)
+            return out.last_hidden_state[last]
+        out = self.model(**kwargs, **{self.model_cache_kw: self.cache}, logits_to_keep=width)
+        self.cache = cache_of(out)
+        return out.logits[last].float()
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep (and reorder, repeat) the given batch rows of the cache and bookkeeping."""
         rows = rows.to(self.device)
-        if hasattr(self.cache, "reorder_cache"):
-            self.cache.reorder_cache(rows)
-        else:  # legacy tuple caches
-            self.cache = tuple(tuple(t.index_select(0, rows) for t in layer) for layer in self.cache)
+        self.cache = expand_cache(self.cache, rows)
         assert self.attention_mask is not None and self.positions is not None
         self.attention_mask = self.attention_mask.index_select(0, rows)
         self.positions = self.positions.index_select(0, rows)

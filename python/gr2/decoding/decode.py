@@ -13,10 +13,17 @@ item's log-probability is the sum over its SID span. :func:`constraint_trace` re
 completions through fresh automata and returns the allowed ids behind every token, so a trainer can
 score the same constrained distribution with a full forward pass (gr2.train.dapo does).
 
-Sampling seeds: ``seed`` is one int (one generator shared by all rows, as before) or one int per
-prompt; then each prompt's rows draw only from their own generator, with draws sized by that
-prompt's rows alone, so a prompt's samples do not depend on which other prompts share the batch
+Sampling seeds: ``seed`` is one int or one int per prompt; every decoded row draws from its own
+generator (seeded from the prompt's seed and the row's place among that prompt's rows, or from the
+one seed and the row), so a prompt's samples do not depend on which other prompts share the batch
 (up to float noise of the batched, left-padded forward pass changing a probability near a draw).
+
+Jump-forward decoding (``jump_forward=True``, the default; as SGLang does for grammars): where the
+automaton allows exactly one token (tags, SID delimiters, every SID level after a code that is
+unique among the remaining candidates: about 5 of every 6 answer tokens) the token is taken without
+a model call and fed in the next forward pass together with the token chosen before it. Outputs and
+log-probabilities equal step-by-step decoding (``jump_forward=False``) up to float rounding; beam
+search always decodes step by step.
 """
 
 from __future__ import annotations
@@ -92,8 +99,25 @@ class _Settings:
     top_p: float
     num_beams: int
     num_return_sequences: int
-    generator: torch.Generator | None
-    generators: list[torch.Generator] | None = None  # one per prompt when seed is a sequence
+    seed: int | None  # one seed for the call (sampling)
+    seeds: list[int] | None = None  # one seed per prompt (sampling)
+    jump_forward: bool = True  # forced tokens ride along with the next decode step
+
+    def row_generators(self, prompt_of_row: np.ndarray) -> list[torch.Generator] | None:
+        """One generator per decoded row (None when greedy): row j of prompt p is seeded from
+        (``seeds[p]``, j), or from (``seed``, row) with one seed for the call. A row's draws then
+        depend only on its own distributions, not on which rows draw beside it: a prompt's samples
+        do not depend on the other prompts of the batch, and jump-forward decoding (which moves
+        rows through their completions at different speeds) draws exactly what step-by-step draws."""
+        if not self.do_sample:
+            return None
+        out = []
+        for row, p in enumerate(prompt_of_row):
+            j = row - int(np.searchsorted(prompt_of_row, p))  # rows of a prompt are contiguous
+            parts = [self.seeds[int(p)], j] if self.seeds is not None else [int(self.seed or 0), row]
+            state = np.random.SeedSequence([int(x) % (2**63) for x in parts]).generate_state(2, dtype=np.uint64)
+            out.append(torch.Generator().manual_seed(int(state[0] >> np.uint64(1))))
+        return out
 
 
 def _check_settings(do_sample, temperature, top_p, num_beams, num_return_sequences, seed) -> _Settings:
@@ -111,25 +135,26 @@ def _check_settings(do_sample, temperature, top_p, num_beams, num_return_sequenc
         raise InvalidInputError(f"temperature must be a positive finite number, got {temperature}")
     if not (0 < top_p <= 1):
         raise InvalidInputError(f"top_p must be in (0, 1], got {top_p}")
-    generator, generators = None, None
+    one, seeds = None, None
     if do_sample and seed is not None and not isinstance(seed, (int, np.integer)):
         try:
             seeds = [int(x) for x in seed]
         except (TypeError, ValueError):
             raise InvalidInputError(f"seed must be an int, a sequence of ints (one per prompt) or None, got {seed!r}") from None
-        generators = []
-        for x in seeds:
-            generators.append(torch.Generator())
-            generators[-1].manual_seed(x)
     elif do_sample:
-        generator = torch.Generator()
-        generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
-    return _Settings(do_sample, float(temperature), float(top_p), num_beams, num_return_sequences, generator, generators)
+        one = int(seed) if seed is not None else int(torch.seed() % (2**63))
+    return _Settings(do_sample, float(temperature), float(top_p), num_beams, num_return_sequences, one, seeds)
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidInputError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def _check_seeds(settings: _Settings, n_prompts: int) -> None:
-    if settings.generators is not None and len(settings.generators) != n_prompts:
-        raise InvalidInputError(f"{len(settings.generators)} seeds for {n_prompts} prompts; pass one seed per prompt")
+    if settings.seeds is not None and len(settings.seeds) != n_prompts:
+        raise InvalidInputError(f"{len(settings.seeds)} seeds for {n_prompts} prompts; pass one seed per prompt")
 
 
 def _reasoning_mode(reasoning: Any) -> str:
@@ -186,34 +211,29 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, NEG_INF)
 
 
-def _draw(probs: torch.Tensor, counts, settings: _Settings, owners: np.ndarray | None) -> torch.Tensor:
-    """One sampled index per row of ``probs`` (CPU). With per-prompt generators each prompt's rows
-    are drawn in one call on their own generator, trimmed to their own width, so the draws of a
-    prompt never depend on the other prompts in the batch."""
-    if settings.generators is None:
-        return torch.multinomial(probs, 1, generator=settings.generator).view(-1)
-    assert owners is not None
-    choice = torch.empty(probs.shape[0], dtype=torch.long)
-    for p in np.unique(owners):
-        sel = np.nonzero(owners == p)[0]
-        width = probs.shape[1] if counts is None else int(counts[sel].max())
-        sel_t = torch.as_tensor(sel)
-        choice[sel_t] = torch.multinomial(probs[sel_t, :width], 1, generator=settings.generators[int(p)]).view(-1)
+def _draw(probs: torch.Tensor, counts, generators: list[torch.Generator]) -> torch.Tensor:
+    """One sampled index per row of ``probs`` (CPU), each row from its own generator over its own
+    width; a row with one allowed token (forced) takes it without a draw."""
+    choice = torch.zeros(probs.shape[0], dtype=torch.long)
+    for i, generator in enumerate(generators):
+        width = probs.shape[1] if counts is None else int(counts[i])
+        if width > 1:
+            choice[i] = torch.multinomial(probs[i, :width], 1, generator=generator)[0]
     return choice
 
 
 def _choose(scorer: _Scorer, out: torch.Tensor, allowed, settings: _Settings, n_rows: int,
-            row_prompts: np.ndarray | None = None):
-    """One token per row (greedy or sampled) and its constrained log-probability. ``row_prompts``
-    (the prompt of each row) selects the generator when there is one per prompt."""
+            generators: list[torch.Generator] | None = None):
+    """One token per row (greedy or sampled from ``generators``, one per row) and its constrained
+    log-probability."""
     tokens = torch.empty(n_rows, dtype=torch.long)
     logprobs = torch.empty(n_rows, dtype=torch.float64)
     for pos, ids, lp, counts in scorer.groups(out, allowed):
         if settings.do_sample:
+            assert generators is not None
             scaled = _top_p_filter(lp / settings.temperature, settings.top_p)
             probs = torch.softmax(scaled, dim=-1).cpu()
-            owners = None if row_prompts is None else row_prompts[pos]
-            choice = _draw(probs, counts, settings, owners).to(lp.device)
+            choice = _draw(probs, counts, [generators[i] for i in pos]).to(lp.device)
         else:
             choice = lp.argmax(dim=-1)
         chosen_lp = lp.gather(1, choice.view(-1, 1)).view(-1)
@@ -222,6 +242,37 @@ def _choose(scorer: _Scorer, out: torch.Tensor, allowed, settings: _Settings, n_
         tokens[pos_t] = tok.cpu()
         logprobs[pos_t] = chosen_lp.double().cpu()
     return tokens, logprobs
+
+
+def _append_forced(batch, active: np.ndarray, runs: list[list[int]], history, logprobs) -> None:
+    """Jump forward: while a live row's automaton allows exactly one token, take it (log-prob 0, no
+    model call) and append it to the row's run of tokens to feed."""
+    pending = np.arange(active.size)
+    while pending.size:
+        pending = pending[batch.phases()[active[pending]] != 3]
+        if not pending.size:
+            return
+        rows = active[pending].astype(np.int64)
+        offsets, ids, free = batch.allowed(rows)
+        single = ~np.asarray(free, dtype=bool) & (np.diff(offsets) == 1)
+        if not single.any():
+            return
+        pending, rows = pending[single], rows[single]
+        forced = np.asarray(ids)[offsets[:-1][single]].astype(np.int64)
+        batch.advance(rows, forced)
+        for j, r, t in zip(pending.tolist(), rows.tolist(), forced.tolist()):
+            runs[j].append(t)
+            history[r].append(t)
+            logprobs[r].append(0.0)
+
+
+def _feed(sm: StepModel, runs: list[list[int]]) -> torch.Tensor:
+    """Each row's run of tokens in one forward pass (right-padded)."""
+    lengths = torch.as_tensor([len(r) for r in runs], dtype=torch.long)
+    tokens = torch.zeros((len(runs), int(lengths.max())), dtype=torch.long)
+    for i, run in enumerate(runs):
+        tokens[i, : len(run)] = torch.as_tensor(run)
+    return sm.extend(tokens, lengths)
 
 
 def _max_steps(k: int, levels: int, budget: int) -> int:
@@ -246,6 +297,7 @@ def constrained_decode(
     seed: int | Sequence[int] | None = None,
     *,
     eos_token_id: int | None = None,
+    jump_forward: bool = True,
 ) -> list[RerankResult]:
     """Rerank ``candidates`` for ``prompts`` (B) with a causal LM; every result is a valid
     permutation of its row's candidates. ``candidates`` is a (B, K) array or B lists of item ids
@@ -261,9 +313,11 @@ def constrained_decode(
     (e.g. K = 2 has two), a prompt gets fewer results (check ``prompt_index``). Duplicate
     candidates in a row raise InvalidInputError; an item the index lacks raises
     UnknownItemError naming the request and the candidate column; an empty row raises
-    InvalidInputError.
+    InvalidInputError. ``jump_forward=False`` spends a decode step on every forced token (same
+    results; for comparison and benchmarks).
     """
     settings = _check_settings(do_sample, temperature, top_p, num_beams, num_return_sequences, seed)
+    settings.jump_forward = _check_flag("jump_forward", jump_forward)
     if not (isinstance(max_reasoning_tokens, (int, np.integer)) and max_reasoning_tokens >= 0):
         raise InvalidInputError(f"max_reasoning_tokens must be an int >= 0, got {max_reasoning_tokens!r}")
     mode = _reasoning_mode(reasoning)
@@ -367,7 +421,7 @@ def _run(model, tokenizer, tokens, step_model, scorer, make_batch, n_prompts, in
                                 max_steps, eos)
         else:
             rows = _sample_or_greedy(step_model, scorer, make_batch, n_prompts, input_ids, attention_mask,
-                                     settings, max_steps)
+                                     settings, max_steps, settings.jump_forward)
     finally:
         model.train(was_training)
     return [_result(tokenizer, tokens, eos, *row) for row in rows]
@@ -388,11 +442,16 @@ def _encode(tokenizer: Any, texts: list[str], device: torch.device, eos: int):
     return ids.to(device), mask.to(device)
 
 
-def _sample_or_greedy(sm, scorer, make_batch, n_prompts, input_ids, attention_mask, settings, max_steps):
+def _sample_or_greedy(sm, scorer, make_batch, n_prompts, input_ids, attention_mask, settings, max_steps,
+                      jump_forward: bool = True):
+    """Greedy or sampled decoding. With ``jump_forward`` a row's forced tokens (the automaton
+    allows exactly one: tags, delimiters, SID levels fixed by the code before them) take no decode
+    step: they are appended to the next forward pass together with the token chosen before them."""
     nrs = settings.num_return_sequences
     batch = make_batch(nrs)
     n_rows = len(batch)
     prompt_of_row = np.repeat(np.arange(n_prompts), nrs)
+    generators = settings.row_generators(prompt_of_row)
     out = sm.prefill(input_ids, attention_mask)
     if nrs > 1:
         expand = torch.as_tensor(prompt_of_row)
@@ -403,19 +462,23 @@ def _sample_or_greedy(sm, scorer, make_batch, n_prompts, input_ids, attention_ma
     active = np.arange(n_rows)
     for _ in range(max_steps):
         allowed = batch.allowed(active.astype(np.int64))
-        tok, lp = _choose(scorer, out, allowed, settings, active.size, prompt_of_row[active])
+        tok, lp = _choose(scorer, out, allowed, settings, active.size,
+                          None if generators is None else [generators[r] for r in active])
         batch.advance(active.astype(np.int64), tok.numpy())
+        runs = [[int(t)] for t in tok.tolist()]
         for j, row in enumerate(active):
-            history[row].append(int(tok[j]))
+            history[row].append(runs[j][0])
             logprobs[row].append(float(lp[j]))
+        if jump_forward:
+            _append_forced(batch, active, runs, history, logprobs)
         live = batch.phases()[active] != 3
         if not live.any():
             break
         if not live.all():
             keep = np.nonzero(live)[0]
             sm.select_rows(torch.as_tensor(keep))
-            active, tok = active[keep], tok[torch.as_tensor(keep)]
-        out = sm.step(tok.to(sm.device))
+            active, runs = active[keep], [runs[k] for k in keep]
+        out = _feed(sm, runs)
     else:
         raise ConstraintError(f"decoding did not finish within {max_steps} steps; this is a gr2 bug")
     return [(int(prompt_of_row[r]), batch.emitted(r), history[r], logprobs[r]) for r in range(n_rows)]
@@ -560,6 +623,7 @@ def catalog_decode(
     seed: int | Sequence[int] | None = None,
     *,
     eos_token_id: int | None = None,
+    jump_forward: bool = True,
 ) -> list[RerankResult]:
     """Generate ``n_items`` distinct catalog items per prompt (next-item generation), never one in
     ``exclude[i]`` (e.g. the user's history). By default the completion is just the SIDs then EOS;
@@ -569,6 +633,7 @@ def catalog_decode(
     returns distinct item lists only, so a prompt gets fewer than ``num_return_sequences`` results
     when fewer distinct lists exist (e.g. 6 beams over 3 remaining items and ``n_items=1``)."""
     settings = _check_settings(do_sample, temperature, top_p, num_beams, num_return_sequences, seed)
+    settings.jump_forward = _check_flag("jump_forward", jump_forward)
     if not (isinstance(n_items, (int, np.integer)) and n_items >= 1):
         raise InvalidInputError(f"n_items must be an int >= 1, got {n_items!r}")
     mode = _reasoning_mode(reasoning)

@@ -6,7 +6,8 @@ rewards within each group and take clipped-ratio, token-level-normalised policy-
 log-probabilities taken under the constraint each token was sampled from. One file per concern:
 
 * :mod:`~gr2.train.dapo.config` -- :class:`DapoConfig` (the ``[rl]`` table) and its validation;
-* :mod:`~gr2.train.dapo.loss` -- advantages, overlong penalty, packing, log-probs, the DAPO loss;
+* :mod:`~gr2.train.dapo.loss` -- advantages, overlong penalty, packing (per rollout, or each prompt
+  once per group), log-probs, the DAPO loss;
 * :mod:`~gr2.train.dapo.world` -- the process group (:class:`World`, :func:`init_world`);
 * :mod:`~gr2.train.dapo.rollouts` -- rollout records and the rollout functions (seeding contract);
 * :mod:`~gr2.train.dapo.data` -- the prompts (:class:`RlData`, :func:`load_rl_data`);
@@ -23,7 +24,7 @@ from gr2.train.dapo.ablation import ablation, run_ablation
 from gr2.train.dapo.config import OUTCOMES, DapoConfig
 from gr2.train.dapo.data import RlData, load_rl_data
 from gr2.train.dapo.loss import (dapo_loss, group_advantages, informative_groups, outcome_of, overlong_penalty,
-                                 pack_rollouts, token_logprobs)
+                                 group_token_logprobs, pack, pack_groups, pack_rollouts, token_logprobs)
 from gr2.train.dapo.rollouts import (Completion, Rollout, RolloutFn, constrained_rollouts, hash_seed,
                                      sampled_rollouts)
 from gr2.train.dapo.stage import add_arguments, build_trainer, cli_overrides, main, run_rl
@@ -32,7 +33,8 @@ from gr2.train.dapo.world import World, init_world
 
 __all__ = [
     "OUTCOMES", "EVAL_BATCH", "DapoConfig", "RlData", "load_rl_data", "overlong_penalty", "group_advantages",
-    "informative_groups", "outcome_of", "pack_rollouts", "token_logprobs", "dapo_loss", "Completion", "Rollout",
+    "informative_groups", "outcome_of", "pack_rollouts", "pack_groups", "pack", "token_logprobs",
+    "group_token_logprobs", "dapo_loss", "Completion", "Rollout",
     "RolloutFn", "constrained_rollouts", "sampled_rollouts", "hash_seed", "World", "init_world", "RolloutBatch",
     "DapoTrainer", "dapo_update", "evaluate", "train", "build_trainer", "run_rl", "run_ablation", "ablation",
     "add_arguments", "cli_overrides", "main",

@@ -40,6 +40,9 @@ class DapoConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    # encode each prompt once per group in the loss (its G completions attend to its cached keys and
+    # values) instead of once per rollout: same gradient, ~G x fewer prompt tokens (benches/bench_rl_step.py)
+    share_prompt: bool = True
     lora: common.LoraSettings = field(default_factory=common.LoraSettings)
     # rollouts
     constrained: bool = True  # constrained_decode (always valid) or plain sampling with generate()

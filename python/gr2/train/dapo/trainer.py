@@ -35,8 +35,8 @@ from gr2.rundir import stage_key
 from gr2.train import common
 from gr2.train.dapo.config import DapoConfig
 from gr2.train.dapo.data import RlData
-from gr2.train.dapo.loss import (dapo_loss, group_advantages, informative_groups, outcome_of, overlong_penalty,
-                                 pack_rollouts, token_logprobs)
+from gr2.train.dapo.loss import (dapo_loss, group_advantages, informative_groups, outcome_of, overlong_penalty, pack,
+                                 token_logprobs)
 from gr2.train.dapo.rollouts import Completion, Rollout, RolloutFn, constrained_rollouts, hash_seed, sampled_rollouts
 from gr2.train.common import World
 
@@ -56,14 +56,16 @@ def dapo_update(
     precision: torch.dtype = torch.float32,
 ) -> dict[str, float]:
     """One rollout batch -> ``updates_per_batch`` optimizer steps. ``rollouts`` are THIS rank's
-    rollouts (with advantages); every rank must call this the same number of times. Forward passes
+    rollouts (with advantages); every rank must call this the same number of times. With
+    ``rl.share_prompt`` (default) each micro-batch encodes each of its prompts once for all its
+    completions (:func:`~gr2.train.dapo.loss.pack_groups`), else once per rollout. Forward passes
     run under ``common.autocast(device, precision)`` (parameters stay float32).
 
     Dropout is switched off (``model.eval()``) for the old and the new log-probabilities alike:
     with dropout the ratio would differ from 1 by noise alone and the clip would act on it."""
     was_training = model.training
     model.eval()
-    temp = config.temperature
+    temp, share = config.temperature, config.share_prompt
     micro = [list(rollouts[i::config.updates_per_batch]) for i in range(config.updates_per_batch)]
     # old log-probs: the policy that generated the batch, before any update of this batch
     old: list[list[torch.Tensor]] = []
@@ -71,9 +73,9 @@ def dapo_update(
     chunks = [[mb[j::config.grad_accum] for j in range(config.grad_accum)] for mb in micro]
     with torch.no_grad(), common.autocast(device, precision):
         for mb_chunks in chunks:
-            old.append([token_logprobs(model, common.to_device(pack_rollouts(c, pad_id), device), temp) if c else None
+            old.append([token_logprobs(model, common.to_device(pack(c, pad_id, share), device), temp) if c else None
                         for c in mb_chunks])
-            refs.append([token_logprobs(ref_model, common.to_device(pack_rollouts(c, pad_id), device), temp)
+            refs.append([token_logprobs(ref_model, common.to_device(pack(c, pad_id, share), device), temp)
                          if c and ref_model is not None and config.kl_coef > 0 else None for c in mb_chunks])
     stats = {"loss": 0.0, "clipped_tokens": 0.0, "tokens": 0.0, "grad_norm": 0.0}
     for u, mb_chunks in enumerate(chunks):
@@ -85,7 +87,7 @@ def dapo_update(
         for j, chunk in enumerate(mb_chunks):
             if not chunk:
                 continue
-            batch = common.to_device(pack_rollouts(chunk, pad_id), device)
+            batch = common.to_device(pack(chunk, pad_id, share), device)
             with common.autocast(device, precision):
                 logp = token_logprobs(model, batch, temp)
                 loss, s = dapo_loss(logp, old[u][j], batch["advantages"], batch["completion_mask"], total_tokens,
