@@ -49,6 +49,7 @@ class DapoConfig:
     reasoning: bool = True
     max_reasoning_tokens: int = 64
     max_new_tokens: int = 256  # unconstrained sampling only
+    jump_forward: bool = True  # forced tokens cost no decode step (same samples as step-by-step decoding)
     rollout_batch: int = 0  # prompts per rollout call (G completions each); 0 = auto: all on CUDA, 1 on CPU
     temperature: float = 1.0
     top_p: float = 1.0

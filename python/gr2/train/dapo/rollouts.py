@@ -69,7 +69,7 @@ def constrained_rollouts(model, tokenizer, prompt_texts, candidates, n, seeds, c
         model, tokenizer, list(prompt_texts), cands, index=ctx["index"],
         sid_tokens=ctx["sid_tokens"], max_reasoning_tokens=config.max_reasoning_tokens, reasoning=config.reasoning,
         do_sample=True, temperature=config.temperature, top_p=config.top_p, num_return_sequences=n,
-        seed=[int(x) for x in seeds], eos_token_id=ctx["eos_id"],
+        seed=[int(x) for x in seeds], eos_token_id=ctx["eos_id"], jump_forward=config.jump_forward,
     )
     ids = [list(r.completion_ids) + [ctx["eos_id"]] for r in results]
     rows = np.repeat(np.arange(len(prompt_texts)), n)

@@ -67,22 +67,30 @@ def dapo_update(
     model.eval()
     temp, share = config.temperature, config.share_prompt
     micro = [list(rollouts[i::config.updates_per_batch]) for i in range(config.updates_per_batch)]
-    # old log-probs: the policy that generated the batch, before any update of this batch
-    old: list[list[torch.Tensor]] = []
-    refs: list[list[torch.Tensor | None]] = []
     chunks = [[mb[j::config.grad_accum] for j in range(config.grad_accum)] for mb in micro]
+    clock = {"logprobs": 0.0, "loss_backward": 0.0, "optimizer": 0.0}
+    t0 = time.perf_counter()
+    # Old log-probs: the policy that generated the batch, before any update of this batch. The first
+    # mini-batch runs before any update, so its old log-probs are the new ones detached (no pass of
+    # their own: the ratio is exactly 1 there, as a separate pass would give); later mini-batches
+    # need a pass now.
+    old: list[list[torch.Tensor | None]] = [[None] * config.grad_accum]
+    refs: list[list[torch.Tensor | None]] = []
     with torch.no_grad(), common.autocast(device, precision):
-        for mb_chunks in chunks:
-            old.append([token_logprobs(model, common.to_device(pack(c, pad_id, share), device), temp) if c else None
-                        for c in mb_chunks])
+        for u, mb_chunks in enumerate(chunks):
+            if u > 0:
+                old.append([token_logprobs(model, common.to_device(pack(c, pad_id, share), device), temp) if c else None
+                            for c in mb_chunks])
             refs.append([token_logprobs(ref_model, common.to_device(pack(c, pad_id, share), device), temp)
                          if c and ref_model is not None and config.kl_coef > 0 else None for c in mb_chunks])
+    clock["logprobs"] += time.perf_counter() - t0
     stats = {"loss": 0.0, "clipped_tokens": 0.0, "tokens": 0.0, "grad_norm": 0.0}
     for u, mb_chunks in enumerate(chunks):
         local_tokens = sum(sum(len(r.completion_ids) for r in c) for c in mb_chunks)
         total_tokens = world.all_sum(float(local_tokens))
         if total_tokens == 0:
             continue
+        t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         for j, chunk in enumerate(mb_chunks):
             if not chunk:
@@ -90,12 +98,14 @@ def dapo_update(
             batch = common.to_device(pack(chunk, pad_id, share), device)
             with common.autocast(device, precision):
                 logp = token_logprobs(model, batch, temp)
-                loss, s = dapo_loss(logp, old[u][j], batch["advantages"], batch["completion_mask"], total_tokens,
+                old_logp = old[u][j] if old[u][j] is not None else logp.detach()
+                loss, s = dapo_loss(logp, old_logp, batch["advantages"], batch["completion_mask"], total_tokens,
                                     config.eps_low, config.eps_high, refs[u][j], config.kl_coef)
             loss.backward()
             stats["loss"] += float(loss.detach())
             stats["clipped_tokens"] += s["clipped_tokens"]
             stats["tokens"] += s["tokens"]
+        t1 = time.perf_counter()
         world.sum_gradients(model)
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:  # ranks without a chunk in this mini-batch still join the step
@@ -105,11 +115,14 @@ def dapo_update(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        clock["loss_backward"] += t1 - t0
+        clock["optimizer"] += time.perf_counter() - t1
     model.train(was_training)
     stats["loss"] = world.all_sum(stats["loss"]) / config.updates_per_batch
     clipped, tokens = world.all_sum(stats["clipped_tokens"]), world.all_sum(stats["tokens"])
     return {"loss": stats["loss"], "clip_fraction": clipped / max(tokens, 1.0), "completion_tokens": tokens,
-            "grad_norm": stats["grad_norm"] / config.updates_per_batch}
+            "grad_norm": stats["grad_norm"] / config.updates_per_batch,
+            **{f"seconds_{k}": v for k, v in clock.items()}}
 
 
 @dataclass
@@ -233,6 +246,7 @@ class DapoTrainer:
         t0 = time.time()
         batch = self.collect()
         stats = dict(batch.stats)
+        stats["seconds_rollout"] = time.time() - t0
         if batch.stats["kept_groups"] > 0:
             # ranks may hold zero kept rollouts; dapo_update still joins the collective calls
             stats.update(dapo_update(self.model, self.optimizer, self.scheduler, batch.rollouts, self.config,
