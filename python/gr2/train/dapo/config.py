@@ -50,7 +50,7 @@ class DapoConfig:
     max_reasoning_tokens: int = 64
     max_new_tokens: int = 256  # unconstrained sampling only
     jump_forward: bool = True  # forced tokens cost no decode step (same samples as step-by-step decoding)
-    rollout_batch: int = 0  # prompts per rollout call (G completions each); 0 = auto: all on CUDA, 1 on CPU
+    rollout_batch: int = 0  # prompts per rollout call (G completions each); 0 = auto: all of the round's prompts
     temperature: float = 1.0
     top_p: float = 1.0
     max_train_prompts: int = 0  # 0 = all of prompts/train

@@ -2,9 +2,9 @@
 
 1. **Rollouts.** Take the next prompts (a fixed shuffled order per epoch, so resume is exact) and
    sample G completions each (``rollout_fn``; default
-   :func:`~gr2.train.dapo.rollouts.constrained_rollouts`), ``rl.rollout_batch`` prompts per call
-   (0 = auto: all of a rank's prompts of the round in one call on CUDA, one per call on CPU, where
-   batching measured no faster: benches/README.md, "RL rollout batching").
+   :func:`~gr2.train.dapo.rollouts.constrained_rollouts`, jump-forward decoding), ``rl.rollout_batch``
+   prompts per call (0 = auto: all of a rank's prompts of the round in one left-padded call; each
+   prompt is prefilled once and its cache expanded to its G rows. benches/README.md, "RL step").
 2. **Rewards.** :func:`gr2.verify_rewards` on the completion token ids: R_rank + conditional (or
    unconditional) format reward, invalid outputs -1; plus the optional soft overlong penalty.
 3. **Dynamic sampling.** Drop groups whose *outcome* (``outcome``: R_rank by default, not the
@@ -216,7 +216,7 @@ class DapoTrainer:
             self.cursor += need
             mine = positions[world.rank::world.size]
             local: list[tuple[int, list[Rollout], bool]] = []
-            per_call = cfg.rollout_batch or (max(len(mine), 1) if self.device.type == "cuda" else 1)
+            per_call = cfg.rollout_batch or max(len(mine), 1)
             for at in range(0, len(mine), per_call):
                 chunk = mine[at:at + per_call]
                 rows = [self._prompt_at(pos) for pos in chunk]
