@@ -20,7 +20,7 @@ def tiny_policy(seed: int = 0):
     tokenizer = train_demo_tokenizer(texts * 5, vocab_size=300)
     sid_tokens = add_sid_tokens(tokenizer, level_sizes=LEVEL_SIZES)
     model = build_demo_model(tokenizer, DemoModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
-                                                        num_layers=2, num_heads=2, max_position_embeddings=256, seed=seed))
+                                                        num_layers=2, num_heads=2, max_position_embeddings=2048, seed=seed))
     return model, tokenizer, sid_tokens
 
 

@@ -161,3 +161,38 @@ def test_pack_groups_rejects_bad_rollouts(setup):
     short = AllowedTrace(np.array([True]), np.zeros(2, dtype=np.int64), np.zeros(0, dtype=np.int64), FORBIDDEN)
     with pytest.raises(InvalidInputError, match="constraint trace covers 1 tokens"):
         pack_groups([Rollout([1, 2], [4, 5], allowed=short)], 0)
+
+
+def test_shared_prompt_on_a_model_without_a_cache_names_the_setting(setup):
+    from types import SimpleNamespace
+
+    from gr2.errors import ConfigError
+
+    model, tokenizer, _, data, _ = setup
+
+    class NoCache(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            kwargs["use_cache"] = False
+            return SimpleNamespace(logits=self.inner(**kwargs).logits)
+
+    batch = pack_groups(ragged_rollouts(tokenizer, data, 2, groups=2, constrained=False), tokenizer.pad_token_id)
+    with pytest.raises(ConfigError, match="rl.share_prompt"):
+        token_logprobs(NoCache(model), batch)
+
+
+def test_prompts_longer_than_the_context_are_rejected_naming_the_settings(setup):
+    from gr2.errors import ConfigError
+
+    model, tokenizer, sid_tokens, data, sids = setup
+    long_data = copy.copy(data)
+    long_data.prompt_ids = [list(p) for p in data.prompt_ids]
+    long_data.prompt_ids[3] = long_data.prompt_ids[3] * 200  # beyond the tiny model's 2,048 positions
+    with pytest.raises(ConfigError, match=r"prompt 3 has \d+ tokens.*rl.max_reasoning_tokens.*max_position_embeddings"):
+        fx.trainer(model, tokenizer, sid_tokens, long_data, sids, fx.small_config(), fx.scripted_rollouts(sids, sid_tokens))
+    with pytest.raises(ConfigError, match="rl.max_new_tokens"):
+        fx.trainer(model, tokenizer, sid_tokens, data, sids, fx.small_config(constrained=False, max_new_tokens=3000),
+                   fx.scripted_rollouts(sids, sid_tokens))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gr2.errors import InvalidInputError
+from gr2.errors import ConfigError, InvalidInputError
 from gr2.rewards import RewardBatch
 from gr2.train.dapo.rollouts import Rollout
 
@@ -267,6 +267,9 @@ def group_token_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=batch["prompt_ids"], attention_mask=prompt_mask, position_ids=positions,
                 use_cache=True, logits_to_keep=1)
+    if width > 1 and getattr(out, "past_key_values", None) is None and getattr(out, "cache", None) is None:
+        raise ConfigError(f"rl.share_prompt = true needs a model that returns its KV cache (use_cache=True); "
+                          f"{type(model).__name__} returned none: set rl.share_prompt = false")
     first = out.logits[:, -1].float().index_select(0, prompt_of)  # (N, V): predicts completion token 0
     logits = [first[:, None]]
     if width > 1:

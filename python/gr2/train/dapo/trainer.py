@@ -160,8 +160,32 @@ class DapoTrainer:
         self.ctx = {"index": index, "sid_tokens": sid_tokens, "eos_id": int(eos), "pad_id": int(pad), "device": self.device,
                     "candidate_sids": candidate_sids}
         self.index, self.sid_tokens = index, sid_tokens
+        self._check_context(model, candidate_sids)
         self.step_count = 0
         self.cursor = 0  # prompts drawn so far, over all epochs
+
+    def _check_context(self, model, candidate_sids) -> None:
+        """The longest prompt plus the longest completion a rollout may write must fit the model's
+        context (positions beyond it are garbage or an error deep inside the model)."""
+        from gr2.decoding.decode import _max_steps
+
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if not limit or not self.data.prompt_ids:
+            return
+        cfg = self.config
+        if cfg.constrained:
+            levels = self.sid_tokens.levels if self.sid_tokens is not None else (
+                self.index.levels if self.index is not None else np.asarray(candidate_sids).shape[-1])
+            budget = _max_steps(self.data.candidates.shape[1], int(levels), cfg.max_reasoning_tokens)
+            what = f"rl.max_reasoning_tokens = {cfg.max_reasoning_tokens} and K = {self.data.candidates.shape[1]}"
+        else:
+            budget, what = cfg.max_new_tokens, f"rl.max_new_tokens = {cfg.max_new_tokens}"
+        row = int(np.argmax([len(p) for p in self.data.prompt_ids]))
+        longest = len(self.data.prompt_ids[row])
+        if longest + budget > int(limit):
+            raise ConfigError(f"prompt {row} has {longest} tokens and a completion may take {budget} ({what}): more "
+                              f"than the model's context of {limit} positions (max_position_embeddings); shorten the "
+                              "prompts (prompts.max_history, prompts.max_tokens) or the completion budget")
 
     # -- data order: a pure function of (seed, position), so resume needs only the cursor
     def _prompt_at(self, position: int) -> int:
