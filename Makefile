@@ -57,7 +57,9 @@ fuzz: develop
 	GR2_FUZZ=1 GR2_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_index_rq_fuzz.py \
 	  tests/test_input_validation.py tests/test_rewards.py tests/test_constraint.py tests/test_stage_commits.py
 
+# The benches race TRL (pyproject's `trl` extra, pinned by the lock); the default setup leaves it out.
 bench: develop
+	$(PIP) install -q 'trl>=1.16' -c $(LOCK)
 	cargo bench
 	for f in benches/bench_*.py; do $(PY) $$f || exit 1; done
 

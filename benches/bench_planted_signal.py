@@ -11,8 +11,11 @@ From that start, each arm for ``--steps`` steps (or until ``--max-seconds`` of t
 * ``gr2 sft``  -- SFT on the trivial teacher's traces (target first), gr2.train.common.weighted_nll;
 * ``gr2 rl``   -- gr2.train.dapo.DapoTrainer, rollouts by constrained decoding (always valid);
 * ``trl grpo`` -- trl.GRPOTrainer(loss_type="dapo", beta=0, eps 0.2 / 0.28, scale_rewards="group"),
-  rollouts by plain ``generate`` -- **unconstrained sampling**, so invalid outputs get -1; reward =
-  the same gr2.verify_rewards reward (conditional, alpha 0.2) on the decoded completion text.
+  rollouts by ``generate`` with gr2's constraint plugged in (``--trl-generation constrained``, the
+  default: :class:`gr2.decoding.RerankLogitsProcessor` per row, so every completion is a valid list,
+  as gr2's are) or unconstrained (``free``: invalid outputs get -1, and a weak start that cannot yet
+  copy ten SIDs never gets a valid one); reward = the same gr2.verify_rewards reward (conditional,
+  alpha 0.2) on the decoded completion text.
 
 Both RL arms: G = ``--group`` completions per prompt, ``--prompts`` prompts per step, the same lr,
 temperature 1, one optimizer step per rollout batch, answer-only. Every ``--eval-every`` steps the
@@ -115,6 +118,8 @@ def run_trl(args, task, tokenizer, state, heldout, train_rows):
                          "(the version measured in benches/README.md)") from e
 
     model = fresh(tokenizer, state, args)
+    if args.trl_generation == "constrained":
+        constrain_generate(model, tokenizer, task)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, im_end]  # the SFT'd turn ends with <|im_end|>
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -157,6 +162,33 @@ def run_trl(args, task, tokenizer, state, heldout, train_rows):
     clock.t0, clock.paused = time.perf_counter(), 0.0
     trainer.train()
     return curve
+
+
+def constrain_generate(model, tokenizer, task):
+    """Plug gr2's constraint into TRL's sampling: TRL calls ``model.generate``; this wraps it so
+    every row carries :class:`gr2.decoding.RerankLogitsProcessor` over its own prompt's candidates
+    (answer-only, like gr2's rollouts), so TRL's completions are valid lists and its rewards carry
+    the ranking signal. TRL's loss still scores them under the unconstrained policy."""
+    from transformers import LogitsProcessorList
+
+    from gr2.decoding import RerankLogitsProcessor
+
+    texts = {task.prompt_text(tokenizer, r): r for r in range(len(task))}
+    original = model.generate
+
+    def generate(input_ids=None, attention_mask=None, **kwargs):
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            text = tokenizer.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=False)
+            if text not in texts:
+                raise RuntimeError(f"TRL generated for a prompt that is not one of the task's: {text[:80]!r}")
+            rows.append(texts[text])
+        processor = RerankLogitsProcessor(tokenizer, task.candidates[rows], index=task.index, reasoning=False,
+                                          max_reasoning_tokens=0)
+        return original(input_ids=input_ids, attention_mask=attention_mask,
+                        logits_processor=LogitsProcessorList([processor]), **kwargs)
+
+    model.generate = generate
 
 
 def fresh(tokenizer, state, args):
@@ -223,6 +255,8 @@ def main() -> int:
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--max-seconds", type=float, default=600.0, help="training-time cap per arm")
     p.add_argument("--arms", default="sft,gr2,trl")
+    p.add_argument("--trl-generation", default="constrained", choices=("constrained", "free"),
+                   help="TRL samples through gr2's RerankLogitsProcessor (default) or unconstrained")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench_planted")
