@@ -149,7 +149,7 @@ def test_pipeline_writes_the_report(finished_run):
     assert set(report["methods"]["rl"]["vs_upstream"]) >= {"recall@1", "recall@5", "ndcg@5"}
     assert report["mde"]["lists"] == report["eval"]["lists"] and (report["mde"]["value"] is None or report["mde"]["value"] > 0)
     assert "Δ vs upstream [95% CI]" in markdown and "smallest recall@1 gain detectable" in markdown
-    assert report["rl_curves"]["keys"][:1] == ["reward_mean"]  # eval_every = 0 here: training curves only
+    assert report["rl_curves"]["rl"]["keys"][:1] == ["reward_mean"]  # eval_every = 0 here: training curves only
     assert (finished_run / "rl_curves.png").read_bytes()[:4] == b"\x89PNG" and "![rl curves](rl_curves.png)" in markdown
 
 

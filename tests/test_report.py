@@ -30,8 +30,10 @@ def run_dir(tmp_path_factory):
     pos = np.argmax(cands == targets[:, None], axis=1)
     oracle[np.arange(len(cands)), pos] = cands[:, 0]
     oracle[:, 0] = targets
-    (root / "rl").mkdir()
-    save_rankings(root / "rl" / "rankings_test.npz", test["list_id"], oracle, np.ones(len(cands), bool), candidates=cands)
+    valid = np.ones(len(cands), bool)
+    for stage, ranking in (("rl", oracle), ("sft", cands), ("rl_answer", oracle), ("sft_answer", cands)):
+        (root / stage).mkdir()  # RL arms rank the target first, their SFT starts keep the upstream order
+        save_rankings(root / stage / "rankings_test.npz", test["list_id"], ranking, valid, candidates=cands)
     run_eval(root, EvalConfig(n_boot=200))
     return root
 
@@ -79,7 +81,7 @@ def test_run_report_shows_vs_upstream_mde_environment_and_rl_curves(run_dir):
     assert "vs_upstream" not in on_disk["methods"]["upstream"]
     assert on_disk["mde"] == evaluation["meta"]["mde"] and on_disk["mde"]["lists"] == evaluation["meta"]["lists"]
     assert on_disk["environment"]["versions"]["numpy"] == np.__version__
-    assert on_disk["rl_curves"]["keys"] == ["reward_mean", "r_rank_mean", "valid_rate", "eval_valid_rate", "eval_recall@1",
+    assert on_disk["rl_curves"]["rl"]["keys"] == ["reward_mean", "r_rank_mean", "valid_rate", "eval_valid_rate", "eval_recall@1",
                                             "eval_ndcg@5", "eval_pre_recall@1", "eval_pre_ndcg@5"]
     png = (run_dir / "rl_curves.png").read_bytes()
     assert png[:4] == b"\x89PNG" and len(png) > 5000
@@ -89,6 +91,24 @@ def test_run_report_shows_vs_upstream_mde_environment_and_rl_curves(run_dir):
     assert f"With {on_disk['mde']['lists']} lists the smallest recall@1 gain detectable at 80% power" in md
     assert "RL beats the upstream order on recall@1: paired difference" in md
     assert "![rl curves](rl_curves.png)" in md and "## Environment" in md and f"numpy {np.__version__}" in md
+
+
+def test_every_rl_arm_gets_a_verdict_against_upstream_and_sft_and_its_curves(run_dir):
+    rl_log(run_dir / "rl" / "metrics.jsonl")
+    rl_log(run_dir / "rl_answer" / "metrics.jsonl", eval_keys=False)
+    report = write_run_report(run_dir, RunConfig(name="t"), {"eval": 1.0})
+    for rl, sft in (("rl", "sft"), ("rl_answer", "sft_answer")):
+        d = report["methods"][rl]["vs_sft"]["recall@1"]
+        sft_r1 = report["methods"][sft]["recall@1"]["value"]
+        assert d["value"] == pytest.approx(1.0 - sft_r1) and d["ci_low"] > 0
+    assert "vs_sft" not in report["methods"]["sft"]
+    assert report["rl_curves"]["rl_answer"]["keys"] == ["reward_mean", "r_rank_mean", "valid_rate"]
+    assert (run_dir / "rl_answer_curves.png").read_bytes()[:4] == b"\x89PNG"
+    md = (run_dir / "report.md").read_text()
+    for line in ("RL beats its SFT start on recall@1", "RL (answer-only) beats the upstream order on ndcg@5",
+                 "RL (answer-only) beats its SFT start on ndcg@5", "## RL training curves (rl_answer)",
+                 "![rl_answer curves](rl_answer_curves.png)"):
+        assert line in md, line
 
 
 def test_rl_curves_skip_absent_keys(tmp_path, run_dir):

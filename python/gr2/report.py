@@ -6,7 +6,8 @@ one document that states which model, teacher, data and settings produced the nu
 environment (package versions, CPU, device, commit: :func:`environment`) they were produced in.
 Per learned method it shows the paired difference to the upstream order with its CI
 (``vs_upstream``), the minimum detectable effect at the run's number of lists, and the RL stage's
-training curves (``rl_curves.png`` from ``rl/metrics.jsonl``).
+training curves of every RL arm (``rl_curves.png`` from ``rl/metrics.jsonl``, ``rl_answer_curves.png`` from
+``rl_answer/metrics.jsonl``).
 """
 
 from __future__ import annotations
@@ -105,10 +106,9 @@ def _method_entry(result: dict) -> dict[str, Any]:
     entry["order_copy_rate"] = result["order_copy"]["value"]
     entry["n"] = result["n"]
     entry["position_bias"] = result["position_bias"]
-    if "vs_upstream" in result:
-        entry["vs_upstream"] = result["vs_upstream"]
-    if "vs_think" in result:
-        entry["vs_think"] = result["vs_think"]
+    for paired in ("vs_upstream", "vs_think", "vs_sft"):
+        if paired in result:
+            entry[paired] = result[paired]
     return entry
 
 
@@ -229,28 +229,41 @@ def _fmt(entry: dict) -> str:
 
 
 def _verdict(methods: dict[str, dict]) -> list[str]:
-    if "rl" not in methods or "upstream" not in methods:
-        return []
+    """One line per RL arm (``rl``, ``rl_answer``) and metric: against the upstream order and against
+    the SFT model it started from, paired on the same lists."""
     lines = []
-    if "vs_upstream" in methods["rl"]:  # the paired test on the same lists
-        for metric in ("recall@1", "ndcg@5"):
-            d = methods["rl"]["vs_upstream"][metric]
-            ci = f"{d['value']:+.4f}, 95% CI [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
-            if d["ci_low"] > 0:
-                lines.append(f"- RL beats the upstream order on {metric}: paired difference {ci}, above 0.")
-            elif d["ci_high"] < 0:
-                lines.append(f"- RL is **worse** than the upstream order on {metric}: paired difference {ci}, below 0.")
-            else:
-                lines.append(f"- RL does **not** beat the upstream order on {metric}: paired difference {ci} includes 0.")
-        return lines
+    for rl in ("rl", "rl_answer"):
+        if rl not in methods or "upstream" not in methods:
+            continue
+        name = "RL" if rl == "rl" else "RL (answer-only)"
+        if "vs_upstream" not in methods[rl]:
+            lines += _unpaired_verdict(methods, rl, name)
+            continue
+        for baseline, key in (("the upstream order", "vs_upstream"), ("its SFT start", "vs_sft")):
+            for metric in ("recall@1", "ndcg@5"):
+                if key not in methods[rl]:
+                    continue
+                d = methods[rl][key][metric]
+                ci = f"{d['value']:+.4f}, 95% CI [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+                if d["ci_low"] > 0:
+                    lines.append(f"- {name} beats {baseline} on {metric}: paired difference {ci}, above 0.")
+                elif d["ci_high"] < 0:
+                    lines.append(f"- {name} is **worse** than {baseline} on {metric}: paired difference {ci}, below 0.")
+                else:
+                    lines.append(f"- {name} does **not** beat {baseline} on {metric}: paired difference {ci} includes 0.")
+    return lines
+
+
+def _unpaired_verdict(methods: dict[str, dict], rl: str, name: str) -> list[str]:
+    lines = []
     for metric in ("recall@1", "ndcg@5"):
-        rl, up = methods["rl"][metric], methods["upstream"][metric]
-        half_width = (rl["ci_high"] - rl["ci_low"]) / 2
-        gap = rl["value"] - up["value"]
+        value, up = methods[rl][metric], methods["upstream"][metric]
+        half_width = (value["ci_high"] - value["ci_low"]) / 2
+        gap = value["value"] - up["value"]
         if gap > half_width:
-            lines.append(f"- RL beats the upstream order on {metric} by {gap:+.4f} (more than the CI half-width {half_width:.4f}).")
+            lines.append(f"- {name} beats the upstream order on {metric} by {gap:+.4f} (more than the CI half-width {half_width:.4f}).")
         else:
-            lines.append(f"- RL does **not** beat the upstream order on {metric} by more than the CI half-width "
+            lines.append(f"- {name} does **not** beat the upstream order on {metric} by more than the CI half-width "
                          f"({gap:+.4f} vs {half_width:.4f}).")
     return lines
 
@@ -321,11 +334,11 @@ def markdown(report: dict[str, Any], run: Any) -> str:
         lines += [mde_line(report["mde"]), ""]
     lines += [*_verdict(methods), ""]
     lines += _arm_lines(methods)
-    if report.get("rl_curves"):
-        lines += ["## RL training curves", "",
-                  f"From `rl/metrics.jsonl` ({report['rl_curves']['rows']} rows; plotted: "
-                  f"{', '.join(report['rl_curves']['keys'])}). The valid-split curves appear when `rl.eval_every` > 0.",
-                  "", "![rl curves](rl_curves.png)", ""]
+    for stage, curves in (report.get("rl_curves") or {}).items():
+        lines += [f"## RL training curves ({stage})", "",
+                  f"From `{stage}/metrics.jsonl` ({curves['rows']} rows; plotted: "
+                  f"{', '.join(curves['keys'])}). The valid-split curves appear when `rl.eval_every` > 0.",
+                  "", f"![{stage} curves]({curves['png']})", ""]
     if report["decoding"]:
         lines += ["## Constrained decoding", "", "| model | lists | ms per list | reasoning tokens (mean / max / budget) | device |",
                   "|---|---|---|---|---|"]
@@ -359,12 +372,14 @@ def write_run_report(run_dir: str | Path, run: Any, timings: dict[str, float]) -
     for png in ("metrics.png", "position_bias.png"):
         if (run_dir / "eval" / png).exists():
             rundir.atomic_write_bytes(run_dir / png, (run_dir / "eval" / png).read_bytes())
-    curves_log = run_dir / "rl" / "metrics.jsonl"
-    plotted = plot_rl_curves(read_metrics_log(curves_log)) if curves_log.exists() else None
-    if plotted is not None:
-        png, keys = plotted
-        rundir.atomic_write_bytes(run_dir / "rl_curves.png", png)
-        report["rl_curves"] = {"png": "rl_curves.png", "keys": keys, "rows": len(read_metrics_log(curves_log))}
+    for stage in ("rl", "rl_answer"):  # every RL arm gets its curves
+        curves_log = run_dir / stage / "metrics.jsonl"
+        rows = read_metrics_log(curves_log) if curves_log.exists() else []
+        plotted = plot_rl_curves(rows) if rows else None
+        if plotted is not None:
+            png, keys = plotted
+            rundir.atomic_write_bytes(run_dir / f"{stage}_curves.png", png)
+            report.setdefault("rl_curves", {})[stage] = {"png": f"{stage}_curves.png", "keys": keys, "rows": len(rows)}
     rundir.atomic_write_json(run_dir / "report.json", report)
     rundir.atomic_write_text(run_dir / "report.md", markdown(report, run))
     return report

@@ -39,7 +39,7 @@ from gr2.upstream.itemknn import ItemKNNRanker
 from gr2.upstream.popularity import PopularityRanker
 
 
-REPORT_FORMAT = 2  # bump when report.json gains fields, so cached eval stages rerun (2: vs_upstream, mde, environment)
+REPORT_FORMAT = 3  # bump when report.json gains fields, so cached eval stages rerun (2: vs_upstream, mde, environment; 3: vs_sft)
 
 
 @dataclass
@@ -200,6 +200,14 @@ def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) ->
                                        invalid=config.invalid, baseline=rankings[think], baseline_name=think,
                                        groups=user_idx[shared])["vs"]
             results[name]["vs_think"] = {m: d for m, d in paired.items() if m != "baseline"}
+    # what RL added: rl - sft (and rl_answer - sft_answer), paired on the same lists
+    for name in results:
+        start = name.replace("rl", "sft", 1)
+        if name.startswith("rl") and start in rankings:
+            paired = evaluate_rankings(*rankings[name], c, t, n_boot=config.n_boot, seed=config.seed,
+                                       invalid=config.invalid, baseline=rankings[start], baseline_name=start,
+                                       groups=user_idx[shared])["vs"]
+            results[name]["vs_sft"] = {m: d for m, d in paired.items() if m != "baseline"}
     cand_report = json.loads((cand_dir / "report.json").read_text())
     meta = {
         "split": config.split,
