@@ -223,6 +223,10 @@ def test_bf16_setting_trains_fp32_master_weights(setup):
         (dict(outcome="reward"), "outcome"),
         (dict(overlong_max=10, overlong_cache=20), "overlong"),
         (dict(updates_per_batch=0), "updates_per_batch"),
+        (dict(reward="mrr"), "rl.reward"),
+        (dict(select="best"), "rl.select"),
+        (dict(select="recall@1"), "rl.eval_every"),
+        (dict(eval_prompts=-1), "eval_prompts"),
     ],
 )
 def test_bad_configs_are_rejected(kwargs, match):
@@ -375,3 +379,43 @@ def test_lora_update_trains_adapters_only(setup):
     params = dict(tr.model.named_parameters())
     assert all(torch.equal(params[n], v) for n, v in frozen.items())
     assert any(not torch.equal(params[n], v) for n, v in lora.items())
+
+
+def test_ndcg_reward_is_the_targets_top_weighted_gain(setup):
+    model, tokenizer, sid_tokens, data, sids = setup
+    tr = fx.trainer(model, tokenizer, sid_tokens, data, sids, fx.small_config(reward="ndcg"),
+                    fx.scripted_rollouts(sids, sid_tokens))
+    rank_tr = fx.trainer(model, tokenizer, sid_tokens, data, sids, fx.small_config(), fx.scripted_rollouts(sids, sid_tokens))
+    row = 5
+    target = int(np.flatnonzero(data.candidates[row] == data.targets[row])[0])
+    others = [c for c in range(fx.K) if c != target]
+    orders = [[target, *others], [*others[:1], target, *others[1:]], [*others, target]]
+    completions = [fx.answer_ids(sid_tokens, sids[row], o, tokenizer.eos_token_id) for o in orders]
+    ndcg = tr._rewards(completions, [row] * 3)
+    expected = [1.0, 1 / np.log2(3), 1 / np.log2(fx.K + 1)]
+    copied = [o == list(range(fx.K)) for o in orders]  # copying a non-optimal input order earns 0
+    np.testing.assert_allclose(ndcg.reward, [0.0 if c and target != 0 else e for e, c in zip(expected, copied)])
+    rank = rank_tr._rewards(completions, [row] * 3)
+    assert not np.allclose(rank.reward, ndcg.reward)  # the option changes the reward
+
+
+def test_select_keeps_the_policy_with_the_best_validation_metric(setup, tmp_path, monkeypatch):
+    from gr2.train.dapo import trainer as trainer_mod
+
+    model, tokenizer, sid_tokens, data, sids = fresh(setup)
+    config = fx.small_config(steps=3, eval_every=1, select="ndcg@5", save_every=1)
+    tr = fx.trainer(model, tokenizer, sid_tokens, data, sids, config, fx.scripted_rollouts(sids, sid_tokens))
+    scores, states = iter([0.30, 0.50, 0.45, 0.20]), []  # step 0 (start), 1, 2, 3: step 1 is best
+
+    def scripted_evaluate(trainer, _data):
+        states.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+        return {"eval_recall@1": 0.0, "eval_ndcg@5": next(scores)}
+
+    monkeypatch.setattr(trainer_mod, "evaluate", scripted_evaluate)
+    last = trainer_mod.train(tr, tmp_path / "rl", eval_data=data)
+    assert len(states) == 4 and last["selected_step"] == 1 and last["selected_eval_ndcg@5"] == 0.5
+    assert not torch.equal(states[1]["model.embed_tokens.weight"], states[3]["model.embed_tokens.weight"])
+    for name, value in tr.model.state_dict().items():
+        assert torch.equal(value, states[1][name]), name
+    saved = __import__("json").loads((tmp_path / "rl" / "best.json").read_text())
+    assert saved["step"] == 1 and saved["metric"] == "eval_ndcg@5"

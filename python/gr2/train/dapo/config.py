@@ -9,6 +9,8 @@ from gr2.errors import ConfigError
 from gr2.train import common
 
 OUTCOMES = ("r_rank", "hit@1", "rank_re")
+REWARDS = ("rank", "ndcg", "auc")
+SELECTIONS = ("last", "recall@1", "ndcg@5")
 
 
 @dataclass
@@ -24,6 +26,10 @@ class DapoConfig:
     dynamic_sampling: bool = True
     outcome: str = "r_rank"  # what must vary within a group to keep it: r_rank | hit@1 | rank_re
     # rewards (docs/DESIGN.md §1)
+    # "rank": the paper's R_rank = (rank_pre - rank_re) / K, linear in the target's rank (+ the format
+    # reward); "ndcg": the target's NDCG gain 1 / log2(1 + rank_re), top-weighted; "auc": the share of
+    # negatives ranked below the target. ndcg/auc are zeroed for copying a non-optimal input order.
+    reward: str = "rank"
     alpha: float = 0.2
     conditional: bool = True
     invalid_reward: float = -1.0
@@ -56,7 +62,10 @@ class DapoConfig:
     max_train_prompts: int = 0  # 0 = all of prompts/train
     # evaluation on candidates/valid (greedy) for R@1 / NDCG@5 against step
     eval_every: int = 0
-    eval_prompts: int = 64
+    eval_prompts: int = 64  # 0 = every validation list
+    # which policy rl/model holds: the last step's, or the one with the best validation recall@1 /
+    # ndcg@5 among the evaluations (the start model, step 0, included); needs eval_every > 0
+    select: str = "last"
     # plumbing
     device: str = "auto"
     dtype: str = "auto"
@@ -72,6 +81,14 @@ class DapoConfig:
             raise ConfigError(f"rl.eps_low must be in (0, 1), got {self.eps_low}")
         if self.eps_high < self.eps_low:
             raise ConfigError(f"rl.eps_high ({self.eps_high}) must be >= rl.eps_low ({self.eps_low}) (clip-higher)")
+        if self.reward not in REWARDS:
+            raise ConfigError(f"rl.reward must be one of {REWARDS}, got {self.reward!r}")
+        if self.select not in SELECTIONS:
+            raise ConfigError(f"rl.select must be one of {SELECTIONS}, got {self.select!r}")
+        if self.select != "last" and self.eval_every < 1:
+            raise ConfigError(f"rl.select = {self.select!r} picks the best validation checkpoint; set rl.eval_every > 0")
+        if self.eval_every < 0 or self.eval_prompts < 0:
+            raise ConfigError("rl.eval_every and rl.eval_prompts must be >= 0 (eval_prompts 0 = every validation list)")
         if self.outcome not in OUTCOMES:
             raise ConfigError(f"rl.outcome must be one of {OUTCOMES}, got {self.outcome!r}")
         for name in ("prompts_per_step", "steps", "max_generation_rounds", "updates_per_batch", "grad_accum"):

@@ -105,6 +105,8 @@ def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig(), *, arm
         atomic_write_json(out_dir / "summary.json", summary)
         mark_done(out_dir, key, summary, exclude=RERANK_OUTPUTS)
         common.Checkpointer(out_dir / "checkpoints", key).cleanup()
+        for name in ("best_policy.pt", "best.json"):  # rl.select's copy: rl/model holds it now
+            (out_dir / name).unlink(missing_ok=True)
     return summary
 
 

@@ -20,6 +20,8 @@ checkpoints through :class:`gr2.train.common.Checkpointer`).
 
 from __future__ import annotations
 
+import io
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +31,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gr2.errors import ConfigError, InvalidInputError
+from gr2.errors import ConfigError, DataError, InvalidInputError
 from gr2.rewards import RewardBatch, verify_rewards
-from gr2.rundir import stage_key
+from gr2.rundir import atomic_write_bytes, atomic_write_json, stage_key
 from gr2.train import common
 from gr2.train.dapo.config import DapoConfig
 from gr2.train.dapo.data import RlData
@@ -197,6 +199,8 @@ class DapoTrainer:
         kwargs = dict(sid_tokens=self.sid_tokens, alpha=self.config.alpha, conditional=self.config.conditional,
                       invalid_reward=self.config.invalid_reward, trailer_ids=sorted({self.ctx["eos_id"], self.ctx["pad_id"]}))
         cands, targets = self.data.candidates[rows], self.data.targets[rows]
+        if self.config.reward != "rank":  # one relevant item per list: the target
+            kwargs.update(relevance=(cands == targets[:, None]).astype(np.float64), reward_kind=self.config.reward)
         if self.index is not None:
             return verify_rewards(completions, cands, targets, self.index, **kwargs)
         return verify_rewards(completions, cands, targets, candidate_sids=self.ctx["candidate_sids"][rows], **kwargs)
@@ -346,31 +350,76 @@ def evaluate(trainer: DapoTrainer, data: RlData) -> dict[str, float]:
             "eval_valid_rate": s["valid_rate"], "eval_pre_recall@1": s["pre_recall@1"], "eval_pre_ndcg@5": s["pre_ndcg@5"]}
 
 
+class BestPolicy:
+    """The policy with the best validation metric so far (``rl.select``), kept on disk beside the
+    checkpoints (``best_policy.pt`` + ``best.json``, written atomically by rank 0) so a resumed run
+    still knows it. A file of another stage key is ignored."""
+
+    def __init__(self, out_dir: Path, key: str, metric: str):
+        self.weights, self.record = out_dir / "best_policy.pt", out_dir / "best.json"
+        self.key, self.metric = key, f"eval_{metric}"
+        self.step, self.value = -1, float("-inf")
+        if self.record.exists() and self.weights.exists():
+            saved = json.loads(self.record.read_text())
+            if saved.get("key") == key and saved.get("metric") == self.metric:
+                self.step, self.value = int(saved["step"]), float(saved["value"])
+
+    def offer(self, step: int, metrics: dict[str, float], model: torch.nn.Module) -> None:
+        value = float(metrics[self.metric])
+        if value <= self.value:  # ties keep the earlier (fewer RL steps) policy
+            return
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+        atomic_write_bytes(self.weights, buffer.getvalue())
+        atomic_write_json(self.record, {"key": self.key, "metric": self.metric, "step": step, "value": value})
+        self.step, self.value = step, value
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        if self.step < 0:
+            raise DataError(f"{self.weights} holds no evaluated policy; was rl.eval_every > 0?")
+        model.load_state_dict(torch.load(self.weights, map_location="cpu", weights_only=True))
+
+    def summary(self) -> dict[str, float]:
+        return {"selected_step": self.step, f"selected_{self.metric}": self.value}
+
+
 def train(trainer: DapoTrainer, out_dir: Path, eval_data: RlData | None = None, resume: bool = True,
           key: str | None = None) -> dict[str, Any]:
     """The loop: resume from the newest checkpoint of this ``key`` (default: the hash of the
     trainer's config; the stage passes config + inputs), step, log, evaluate, checkpoint. A
     checkpoint of another key is never resumed (removed, one log line); the current config's lr
-    applies on resume."""
+    applies on resume. With ``rl.select`` other than "last", the policy with the best validation
+    metric (the start model included) is loaded into ``trainer.model`` at the end and the
+    returned stats name its step."""
     cfg = trainer.config
     key = key if key is not None else stage_key(cfg)
     checkpoints = common.Checkpointer(out_dir / "checkpoints", key, keep=cfg.keep_checkpoints,
                                       writer=trainer.world.rank == 0, name=out_dir.name)
     resumed = trainer.resume(checkpoints) if resume else False
+    rank0 = trainer.world.rank == 0
     logger = common.MetricLogger(out_dir, resume_step=trainer.step_count if resumed else None,
-                                 tensorboard=cfg.tensorboard) if trainer.world.rank == 0 else None
+                                 tensorboard=cfg.tensorboard) if rank0 else None
+    best = BestPolicy(out_dir, key, cfg.select) if cfg.select != "last" and eval_data is not None else None
+    if cfg.select != "last" and eval_data is None:
+        raise ConfigError(f"rl.select = {cfg.select!r} needs validation lists (rl.eval_every > 0 and a valid split)")
     last: dict[str, float] = {}
+
+    def validate(step: int) -> dict[str, float]:
+        with common.autocast(trainer.device, trainer.precision):
+            metrics = evaluate(trainer, eval_data)
+        if best is not None:
+            best.offer(step, metrics, trainer.model)
+        return metrics
+
     try:
-        if eval_data is not None and cfg.eval_every and trainer.step_count == 0 and logger:
-            with common.autocast(trainer.device, trainer.precision):
-                logger.log(0, **evaluate(trainer, eval_data))
-        bar = tqdm(range(trainer.step_count, cfg.steps), desc="rl (dapo)", disable=trainer.world.rank != 0)
+        if eval_data is not None and cfg.eval_every and trainer.step_count == 0 and rank0:
+            logger.log(0, **validate(0))
+        bar = tqdm(range(trainer.step_count, cfg.steps), desc="rl (dapo)", disable=not rank0)
         for _ in bar:
             last = trainer.step()
             step = trainer.step_count
-            if eval_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and trainer.world.rank == 0:
-                with common.autocast(trainer.device, trainer.precision):
-                    last.update(evaluate(trainer, eval_data))
+            if eval_data is not None and cfg.eval_every and step % cfg.eval_every == 0 and rank0:
+                last.update(validate(step))
             if logger:
                 logger.log(step, **last)
             bar.set_postfix(reward=f"{last.get('reward_mean', 0):.3f}", kept=f"{last.get('kept_share', 0):.2f}")
@@ -379,6 +428,9 @@ def train(trainer: DapoTrainer, out_dir: Path, eval_data: RlData | None = None, 
     finally:
         if logger:
             logger.close()
+    if best is not None and rank0:
+        best.load_into(trainer.model)
+        last.update(best.summary())
     return last
 
 
