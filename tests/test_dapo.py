@@ -419,3 +419,16 @@ def test_select_keeps_the_policy_with_the_best_validation_metric(setup, tmp_path
         assert torch.equal(value, states[1][name]), name
     saved = __import__("json").loads((tmp_path / "rl" / "best.json").read_text())
     assert saved["step"] == 1 and saved["metric"] == "eval_ndcg@5"
+
+
+def test_a_diverging_rl_step_raises_before_anything_is_committed(setup):
+    from gr2.errors import TrainingError
+
+    model, tokenizer, sid_tokens, data, sids = fresh(setup)
+    tr = fx.trainer(model, tokenizer, sid_tokens, data, sids, fx.small_config(lr=1e12, max_grad_norm=1e30, steps=8),
+                    fx.scripted_rollouts(sids, sid_tokens))
+    with pytest.raises(TrainingError, match=r"rl diverged.*Lower rl.lr"):
+        for _ in range(8):
+            tr.step()
+    with pytest.raises(TrainingError, match="rl: weight .* non-finite"):
+        common.check_finite_weights(tr.model, "rl")

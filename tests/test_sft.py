@@ -154,3 +154,21 @@ def test_bf16_sft_with_lr_1e6_moves_the_weights(run_dir, tmp_path):
             moved += int((diff > 0).sum())
             total += p.numel()
     assert moved / total > 0.9
+
+
+@pytest.mark.parametrize("lr", [1e4, 1e8])
+def test_a_diverging_sft_commits_nothing_and_names_the_setting(run_dir, tmp_path, lr):
+    from gr2.errors import TrainingError
+
+    run = copy_run(run_dir, tmp_path / "diverged")
+    with pytest.raises(TrainingError, match=r"sft.*Lower sft.lr"):
+        run_sft(run, config(epochs=2, lr=lr, warmup_steps=0))
+    assert not (run / "sft" / "stage.json").exists() and not (run / "sft" / "model").exists()
+
+
+def test_non_finite_settings_are_config_errors():
+    from gr2.config import from_dict
+
+    for value in (float("inf"), float("nan"), float("-inf")):
+        with pytest.raises(ConfigError, match="sft.lr: expected a finite number"):
+            from_dict(SftConfig, {"lr": value}, where="sft")

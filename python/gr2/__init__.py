@@ -15,6 +15,7 @@ from gr2.errors import (
     Gr2IOError,
     IncompleteGenerationError,
     InvalidInputError,
+    TrainingError,
     UnknownItemError,
     UnknownSidError,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "Gr2IOError",
     "IncompleteGenerationError",
     "InvalidInputError",
+    "TrainingError",
     "UnknownItemError",
     "UnknownSidError",
     "RQCodebooks",

@@ -55,6 +55,11 @@ class ConfigError(Gr2Error, ValueError):
     """A configuration value that is missing, of the wrong type, or out of range."""
 
 
+class TrainingError(Gr2Error, RuntimeError):
+    """Training diverged (a non-finite loss or weight, e.g. from a learning rate far too high); the
+    stage stops before it commits a model."""
+
+
 __all__ = [
     "Gr2Error",
     "InvalidInputError",
@@ -66,4 +71,5 @@ __all__ = [
     "IncompleteGenerationError",
     "DataError",
     "ConfigError",
+    "TrainingError",
 ]

@@ -33,7 +33,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from gr2.errors import ConfigError, CorruptFileError, InvalidInputError
+from gr2.errors import ConfigError, CorruptFileError, InvalidInputError, TrainingError
 from gr2.rundir import atomic_dir, atomic_write_json, atomic_write_text
 
 CHECKPOINT_WEIGHTS = "model.safetensors"
@@ -775,6 +775,22 @@ class DataParallel:
             raise InvalidInputError("batch has no supervised tokens (all loss weights are 0)")
         (total / tokens * self.world.size).backward()
         return loss_sum / tokens, int(tokens)
+
+
+def check_loss(loss: float, step: int, stage: str, lr: float) -> None:
+    """Stop a stage whose loss went non-finite (the weights are lost from there on) with an error
+    that names the setting to change, before anything is committed."""
+    if not math.isfinite(loss):
+        raise TrainingError(f"{stage} diverged: the loss is {loss} at step {step}; the weights are no longer "
+                            f"usable and nothing was committed. Lower {stage}.lr (now {lr:g}) and rerun")
+
+
+def check_finite_weights(model: torch.nn.Module, stage: str) -> None:
+    """Refuse to commit a model holding a NaN or infinite weight."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise TrainingError(f"{stage}: weight {name} holds non-finite values after training; nothing was "
+                                f"committed. Lower {stage}.lr and rerun")
 
 
 def pack_rows(examples: Sequence[WeightedExample], width: int, separator_id: int) -> list[WeightedExample]:

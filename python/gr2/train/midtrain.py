@@ -443,6 +443,7 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
             if config.pack:
                 examples = common.pack_rows(examples, max(len(e.input_ids) for e in examples), tokenizer.eos_token_id)
             loss, tokens = parallel.backward(examples)
+            common.check_loss(loss, step + 1, "midtrain", config.lr)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
@@ -459,6 +460,7 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
     train_seconds = time.time() - t0
 
     model = common.unwrap_model(model)
+    common.check_finite_weights(model, "midtrain")
     with common.autocast(device, dtype):
         metrics = evaluate(model, tokenizer, sid_tokens, catalog, seqs, config, world)
     summary = {

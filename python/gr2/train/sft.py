@@ -200,6 +200,7 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
             order = common.epoch_order(len(examples), config.seed, epoch)
             chosen = order[offset * config.batch_size:(offset + 1) * config.batch_size]
             loss, tokens = parallel.backward([examples[i] for i in chosen])
+            common.check_loss(loss, step + 1, "sft", config.lr)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
@@ -214,6 +215,7 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
     train_seconds = time.time() - t0
 
     model = common.unwrap_model(model)
+    common.check_finite_weights(model, "sft")
     with common.autocast(device, dtype):
         after = heldout_nll(model, tokenizer, heldout, config, device)
     summary = {

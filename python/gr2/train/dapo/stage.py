@@ -100,6 +100,7 @@ def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig(), *, arm
     last = train(trainer, out_dir, eval_data, key=key)
     summary = {**info, "arm": arm, "steps": trainer.step_count, "world_size": world.size,
                **{k: v for k, v in last.items() if isinstance(v, (int, float))}}
+    common.check_finite_weights(trainer.model, "rl")
     if world.rank == 0:
         save_pretrained_atomic(trainer.model, trainer.tokenizer, out_dir / "model")
         atomic_write_json(out_dir / "summary.json", summary)

@@ -279,6 +279,7 @@ class DapoTrainer:
             # ranks may hold zero kept rollouts; dapo_update still joins the collective calls
             stats.update(dapo_update(self.model, self.optimizer, self.scheduler, batch.rollouts, self.config,
                                      self.ctx["pad_id"], self.world, self.ref_model, self.device, self.precision))
+            common.check_loss(stats["loss"], self.step_count + 1, "rl", self.config.lr)
         else:
             stats["skipped_update"] = 1.0
         self.step_count += 1
