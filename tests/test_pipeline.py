@@ -58,6 +58,7 @@ hidden_size = 32
 intermediate_size = 64
 num_layers = 1
 num_heads = 2
+max_position_embeddings = 2048  # the prompts of this tiny tokenizer reach ~1,000 tokens; RL needs room for the answer
 
 [traces]
 backend = "heuristic"
