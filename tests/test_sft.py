@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from test_midtrain_fixtures import make_run_dir, tiny_midtrain_config
@@ -172,3 +173,55 @@ def test_non_finite_settings_are_config_errors():
     for value in (float("inf"), float("nan"), float("-inf")):
         with pytest.raises(ConfigError, match="sft.lr: expected a finite number"):
             from_dict(SftConfig, {"lr": value}, where="sft")
+
+
+def _choices_reference(candidate_codes: list[tuple[int, ...]], answer_codes: list[tuple[int, ...]]) -> list[bool]:
+    """Plain-Python reference: for each SID level token of the answer, whether constrained decoding
+    had a choice there (the candidates not yet emitted that share the prefix so far differ at that
+    level)."""
+    remaining = list(candidate_codes)
+    out = []
+    for sid in answer_codes:
+        for level in range(len(sid)):
+            matching = {c[level] for c in remaining if c[:level] == sid[:level]}
+            out.append(len(matching) > 1)
+        remaining.remove(sid)
+    return out
+
+
+def test_decision_weights_keep_exactly_the_tokens_with_a_choice(run_dir):
+    from gr2 import SidIndex
+    from gr2.models import sid_tokens_of
+    from gr2.train.sft import keep_decisions, load_kept_traces
+
+    records = load_kept_traces(run_dir)[:12]
+    _, tokenizer = load_pretrained(run_dir / "midtrain" / "model")
+    index = SidIndex.load(run_dir / "sid" / "index.gr2sid")
+    tokens = sid_tokens_of(tokenizer, index.level_sizes)
+    code_of = tokens.code_of_token()
+    examples = [trace_example(tokenizer, r, 0.5, 1.0, 2048) for r in records]
+    kept = keep_decisions(tokenizer, records, examples, index, tokens)
+    for record, ex, dec in zip(records, examples, kept):
+        assert dec.input_ids == ex.input_ids
+        ids, w = ex.input_ids, dec.weights
+        start = len(ids) - 1 - ids[::-1].index(tokens.answer_open)  # the prompt's format line shows the tags too
+        end = len(ids) - 1 - ids[::-1].index(tokens.answer_close)
+        levels = [t for t in range(start + 1, end) if ids[t] in code_of]
+        cands = [tuple(int(x) for x in c) for c in index.sids(np.asarray(record["candidates"], dtype=np.uint64))]
+        answer = [tuple(code_of[ids[t]][1] for t in levels[i:i + len(cands[0])]) for i in range(0, len(levels), len(cands[0]))]
+        expected = _choices_reference(cands, answer)
+        assert [w[t] > 0 for t in levels] == expected
+        assert any(expected) and not all(expected)
+        tags = [t for t in range(start, len(ids)) if t not in levels]  # <answer>, delimiters, </answer>, end of turn
+        assert all(w[t] == 0 for t in tags)
+        think = [t for t in range(start) if ex.weights[t] > 0]
+        if think:  # reasoning: <think> is forced, every free token and </think> are choices
+            assert w[think[0]] == 0 and all(w[t] == ex.weights[t] for t in think[1:])
+
+
+def test_sft_on_decision_tokens_runs_and_is_recorded(run_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path / "decisions")
+    summary = run_sft(run, config(epochs=1, loss_tokens="decisions"))
+    assert summary["loss_tokens"] == "decisions" and summary["heldout_after"]["answer_nll"] > 0
+    with pytest.raises(ConfigError, match="sft.loss_tokens"):
+        config(loss_tokens="answer")

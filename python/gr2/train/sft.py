@@ -45,6 +45,9 @@ from gr2.train import common
 STAGE = "sft"
 
 
+LOSS_TOKENS = ("all", "decisions")
+
+
 @dataclass
 class SftConfig:
     lambda_reasoning: float = 0.5
@@ -65,12 +68,20 @@ class SftConfig:
     keep_checkpoints: int = 2
     log_every: int = 5
     eval_batch_size: int = 8
+    # which completion tokens carry loss: "all", or "decisions": only those where constrained
+    # decoding has a choice (free reasoning, </think>, each SID level that tells the remaining
+    # candidates apart), none of those the rerank automaton forces (tags, delimiters, a level fixed
+    # by the code before it). Serving never samples a forced token, so their loss only competes with
+    # the decisions for the model's capacity; see benches/README.md "SFT on decision tokens".
+    loss_tokens: str = "all"
 
     def __post_init__(self) -> None:
         if self.lambda_reasoning < 0 or self.lambda_answer <= 0:
             raise ConfigError("sft.lambda_reasoning must be >= 0 and sft.lambda_answer > 0")
         if not 0 < self.heldout_fraction < 1:
             raise ConfigError(f"sft.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.loss_tokens not in LOSS_TOKENS:
+            raise ConfigError(f"sft.loss_tokens must be one of {LOSS_TOKENS}, got {self.loss_tokens!r}")
         for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"sft.{name} must be > 0, got {getattr(self, name)}")
@@ -96,6 +107,39 @@ def trace_example(tokenizer: Any, record: dict[str, Any], lambda_r: float, lambd
     reasoning, answer = split_completion(record["completion"], record.get("reasoning", True))
     parts = [(reasoning, lambda_r), (answer, lambda_o)] if reasoning else [(answer, lambda_o)]
     return common.chat_example(tokenizer, record["messages"], parts, max_length)
+
+
+def keep_decisions(tokenizer: Any, records: list[dict[str, Any]], examples: list[common.WeightedExample],
+                   index: Any, sid_tokens: Any) -> list[common.WeightedExample]:
+    """``examples`` (of ``records``, from :func:`trace_example`) with a loss weight of 0 on every
+    completion token the rerank automaton forces and on the end-of-turn token, which constrained
+    decoding emits with probability 1. The completions are replayed through the Rust automaton
+    (:func:`gr2.decoding.constraint_trace`, the one grammar), with a reasoning budget no trace
+    reaches so only the tokens' own constraints decide."""
+    from gr2.decoding import constraint_trace
+
+    eot = len(common.end_of_turn_ids(tokenizer))
+    completions = []
+    for record, ex in zip(records, examples):
+        prompt = tokenizer.apply_chat_template(record["messages"], tokenize=False, add_generation_prompt=True)
+        start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        completions.append(ex.input_ids[start:len(ex.input_ids) - eot])
+    out = [list(ex.weights) for ex in examples]
+    for reasoning in (True, False):  # one automaton batch per arm of the traces
+        rows = [i for i, r in enumerate(records) if bool(r.get("reasoning", True)) == reasoning]
+        if not rows:
+            continue
+        budget = max(len(completions[i]) for i in rows) + 1
+        traces = constraint_trace(tokenizer, [records[i]["candidates"] for i in rows], [completions[i] for i in rows],
+                                  len(tokenizer), index=index, sid_tokens=sid_tokens, max_reasoning_tokens=budget,
+                                  reasoning=reasoning)
+        for i, trace in zip(rows, traces):
+            forced = ~trace.free & (np.diff(trace.offsets) == 1)
+            start = len(examples[i].input_ids) - eot - len(completions[i])
+            for t in np.nonzero(forced)[0]:
+                out[i][start + int(t)] = 0.0
+            out[i][len(out[i]) - eot:] = [0.0] * eot
+    return [common.WeightedExample(ex.input_ids, w) for ex, w in zip(examples, out)]
 
 
 def load_kept_traces(run_dir: Path, arm: str = "think") -> list[dict[str, Any]]:
@@ -174,6 +218,12 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
     model.to(device=device, dtype=common.param_dtype(dtype))
     examples = [trace_example(tokenizer, r, config.lambda_reasoning, config.lambda_answer, config.max_length)
                 for r in train_records]
+    if config.loss_tokens == "decisions":
+        from gr2 import SidIndex
+        from gr2.models import sid_tokens_of
+
+        index = SidIndex.load(run_dir / "sid" / "index.gr2sid")
+        examples = keep_decisions(tokenizer, train_records, examples, index, sid_tokens_of(tokenizer, index.level_sizes))
     if config.packing:
         examples = common.pack_examples(examples, config.max_length, tokenizer.eos_token_id)
     with common.autocast(device, dtype):
@@ -226,6 +276,7 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
         "rows": len(examples),
         "packing": config.packing,
         "lora": config.lora.enabled,
+        "loss_tokens": config.loss_tokens,
         "steps": total_steps,
         "resumed_from_step": start,
         "train_seconds": round(train_seconds, 1),
