@@ -2,10 +2,13 @@
 the same tiny model, task, group size and reward, side by side in one run.
 
 Task: :func:`gr2.synthetic.make_planted_task` (K = 10, random upstream order: recall@1 = 0.1);
-``--rule last_item`` (the target shares the level-a code of the last history item) or ``prior``
-(the target carries one of 2 favoured level-a codes). Weak start: a tiny Llama (default 2 layers,
-hidden 64) trained from scratch for ``--format-steps`` SFT steps on *format* traces (upstream order
-in the output format): it emits the format unconstrained (TRL needs that) and sits at chance.
+``--rule last_item`` (the target shares the level-a code of the last history item), ``evidence``
+(the target leads the prompt's evidence line: the student must copy from its prompt, as the
+MovieLens prompts ask) or ``prior`` (the target carries one of 2 favoured level-a codes). Weak
+start: a tiny Llama (default 2 layers, hidden 64) trained from scratch for ``--format-steps`` SFT
+steps on *format* traces (upstream order in the output format): it sits at chance. SFT (the weak
+start and the SFT arm) puts its loss on ``--loss-tokens`` (default ``decisions``: only where
+constrained decoding has a choice, ``sft.loss_tokens``).
 From that start, each arm for ``--steps`` steps (or until ``--max-seconds`` of training time):
 
 * ``gr2 sft``  -- SFT on the trivial teacher's traces (target first), gr2.train.common.weighted_nll;
@@ -66,7 +69,7 @@ class Clock:
 
 def run_sft(args, task, tokenizer, state, heldout, train_rows):
     model = fresh(tokenizer, state, args)
-    examples = S.sft_examples(task, tokenizer, train_rows)
+    examples = S.sft_examples(task, tokenizer, train_rows, loss_tokens=args.loss_tokens)
     clock, curve = Clock(), []
     r1 = lambda: S.greedy_recall_at_1(model, tokenizer, task, heldout)  # noqa: E731
     curve.append({"step": 0, "seconds": 0.0, "recall@1": clock.evaluate(r1)})
@@ -255,6 +258,9 @@ def main() -> int:
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--max-seconds", type=float, default=600.0, help="training-time cap per arm")
     p.add_argument("--arms", default="sft,gr2,trl")
+    p.add_argument("--loss-tokens", default="decisions", choices=("all", "decisions"),
+                   help="SFT loss on every completion token or only where constrained decoding has a choice "
+                        "(sft.loss_tokens; the weak start and the SFT arm)")
     p.add_argument("--trl-generation", default="constrained", choices=("constrained", "free"),
                    help="TRL samples through gr2's RerankLogitsProcessor (default) or unconstrained")
     p.add_argument("--threads", type=int, default=1)
@@ -270,8 +276,8 @@ def main() -> int:
     if args.start:
         model.load_state_dict(torch.load(args.start))
     else:
-        S.sft_train(model, S.sft_examples(task, tokenizer, train_rows, teacher="format"), tokenizer.pad_token_id,
-                    steps=args.format_steps, batch_size=8, lr=3e-3)
+        S.sft_train(model, S.sft_examples(task, tokenizer, train_rows, teacher="format", loss_tokens=args.loss_tokens),
+                    tokenizer.pad_token_id, steps=args.format_steps, batch_size=8, lr=3e-3)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     print(f"task: rule={args.rule} K={task.k} lists={args.lists} (held out {args.heldout}); upstream recall@1 "
           f"{S.upstream_recall_at_1(task, heldout):.3f}; model {sum(p.numel() for p in model.parameters())} params; "

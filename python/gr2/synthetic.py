@@ -225,20 +225,28 @@ def make_model(tokenizer: Any, hidden_size: int = 64, num_layers: int = 2, num_h
 
 
 def sft_examples(task: PlantedTask, tokenizer: Any, rows: Sequence[int], *, reasoning: bool = False,
-                 teacher: str = "target", lambda_reasoning: float = 0.5) -> list[Any]:
+                 teacher: str = "target", lambda_reasoning: float = 0.5, loss_tokens: str = "all") -> list[Any]:
     """SFT examples (:func:`gr2.train.common.chat_example`): ``teacher="target"`` ranks the target
-    first, ``"format"`` keeps the upstream order (format only, chance accuracy)."""
+    first, ``"format"`` keeps the upstream order (format only, chance accuracy). ``loss_tokens``
+    as ``sft.loss_tokens``: "decisions" keeps loss only where constrained decoding has a choice
+    (:func:`gr2.train.sft.keep_decisions`)."""
+    from gr2.models import sid_tokens_of
     from gr2.train import common
-    from gr2.train.sft import split_completion
+    from gr2.train.sft import LOSS_TOKENS, keep_decisions, split_completion
 
-    out = []
+    if loss_tokens not in LOSS_TOKENS:
+        raise InvalidInputError(f"loss_tokens must be one of {LOSS_TOKENS}, got {loss_tokens!r}")
+    out, records = [], []
     for row in rows:
         text = task.teacher_completion(row, reasoning) if teacher == "target" else task.format_completion(row, reasoning)
         segments = [(text, 1.0)]
         if reasoning:
             think, answer = split_completion(text)
             segments = [(think, lambda_reasoning), (answer, 1.0)]
-        out.append(common.chat_example(tokenizer, task.messages(row), segments))
+        records.append({"messages": task.messages(row), "candidates": task.candidates[row].tolist(), "reasoning": reasoning})
+        out.append(common.chat_example(tokenizer, records[-1]["messages"], segments))
+    if loss_tokens == "decisions":
+        out = keep_decisions(tokenizer, records, out, task.index, sid_tokens_of(tokenizer, task.level_sizes))
     return out
 
 
