@@ -164,7 +164,7 @@ def test_pack_groups_rejects_bad_rollouts(setup):
 
 
 def test_shared_prompt_on_a_model_without_a_cache_names_the_setting(setup):
-    from types import SimpleNamespace
+    from transformers.modeling_outputs import CausalLMOutput
 
     from gr2.errors import ConfigError
 
@@ -177,7 +177,7 @@ def test_shared_prompt_on_a_model_without_a_cache_names_the_setting(setup):
 
         def forward(self, **kwargs):
             kwargs["use_cache"] = False
-            return SimpleNamespace(logits=self.inner(**kwargs).logits)
+            return CausalLMOutput(logits=self.inner(**kwargs).logits)
 
     batch = pack_groups(ragged_rollouts(tokenizer, data, 2, groups=2, constrained=False), tokenizer.pad_token_id)
     with pytest.raises(ConfigError, match="rl.share_prompt"):

@@ -267,13 +267,14 @@ def group_token_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=batch["prompt_ids"], attention_mask=prompt_mask, position_ids=positions,
                 use_cache=True, logits_to_keep=1)
-    if width > 1 and getattr(out, "past_key_values", None) is None and getattr(out, "cache", None) is None:
-        raise ConfigError(f"rl.share_prompt = true needs a model that returns its KV cache (use_cache=True); "
-                          f"{type(model).__name__} returned none: set rl.share_prompt = false")
     first = out.logits[:, -1].float().index_select(0, prompt_of)  # (N, V): predicts completion token 0
     logits = [first[:, None]]
     if width > 1:
-        cache = expand_cache(cache_of(out), prompt_of)
+        try:
+            cache = expand_cache(cache_of(out), prompt_of)
+        except InvalidInputError:
+            raise ConfigError(f"rl.share_prompt = true needs a model that returns its KV cache (use_cache=True); "
+                              f"{type(model).__name__} returned none: set rl.share_prompt = false") from None
         inputs = completion_ids[:, :-1]  # the last token predicts nothing
         attention = torch.cat([prompt_mask.index_select(0, prompt_of), mask[:, :-1].long()], dim=1)
         after = prompt_mask.sum(-1).index_select(0, prompt_of)[:, None] + torch.arange(width - 1, device=mask.device)
