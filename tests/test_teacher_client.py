@@ -409,3 +409,28 @@ def test_ctrl_c_stops_the_stage_cleanly(server, run_dir, tmp_path, capsys, deliv
                                                 max_examples=12, concurrency=2, seed=4))
     assert summary["examples"] == 12 and server.requests - n <= 10
     assert summary["client"]["counters"]["cache_hits"] >= 2
+
+
+SECRET = "sk-PLANTED-7f3a9c"
+
+
+@pytest.mark.parametrize("key", [SECRET + "\n", " " + SECRET, SECRET + "\t", SECRET[:4] + "\x00" + SECRET[4:],
+                                 SECRET + "é"])
+def test_a_malformed_api_key_is_a_config_error_that_never_shows_it(key):
+    with pytest.raises(ConfigError, match="API key .* contains .* at position") as info:
+        OpenAIChatClient("http://127.0.0.1:9/v1", "m", api_key=key)
+    assert "PLANTED" not in str(info.value) and "7f3a9c" not in repr(info.value)
+
+
+def test_credentials_in_the_endpoint_are_refused_without_echoing_them():
+    with pytest.raises(ConfigError, match="must not carry credentials") as info:
+        OpenAIChatClient(f"https://user:{SECRET}@example.invalid/v1", "m")
+    assert "PLANTED" not in str(info.value)
+    with pytest.raises(ConfigError, match="http\\(s\\) URL, got scheme 'ftp'") as info:
+        OpenAIChatClient(f"ftp://user:{SECRET}@example.invalid/v1", "m")
+    assert "PLANTED" not in str(info.value)
+
+
+def test_an_endpoint_port_out_of_range_is_a_config_error():
+    with pytest.raises(ConfigError, match="invalid port"):
+        OpenAIChatClient("http://127.0.0.1:99999/v1", "m")

@@ -130,6 +130,22 @@ class _Deadline(Exception):
     pass
 
 
+def _check_api_key(key: Any) -> None:
+    """An API key must be one printable ASCII word: a newline or space would make the HTTP library
+    raise an error that prints the whole header, key included. The key itself is never shown."""
+    if key is None:
+        return
+    if not isinstance(key, str):
+        raise ConfigError(f"the teacher API key (teacher.api_key_env) must be a string, got {type(key).__name__}")
+    for i, ch in enumerate(key):
+        if ch.isspace() or not ch.isprintable() or not ch.isascii():
+            what = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab", " ": "a space"}.get(
+                ch, "a non-printable or non-ASCII character")
+            raise ConfigError(f"the teacher API key (teacher.api_key_env) contains {what} at position {i + 1} of "
+                              f"{len(key)} (the key is not shown); a key read from a file often ends with a newline: "
+                              "strip it")
+
+
 class OpenAIChatClient:
     """OpenAI-compatible chat client with retries, a shared rate limiter, a per-request deadline,
     a validated disk cache and counters (see the module docstring)."""
@@ -141,16 +157,25 @@ class OpenAIChatClient:
                  max_retries: int = 4, backoff_s: float = 1.0, cache_dir: str | Path | None = None,
                  sleep: Callable[[float], Any] | None = None, clock: Callable[[], float] = time.monotonic,
                  max_retry_after_s: float = 300.0, fail_fast_after: int = 16):
-        if not endpoint.startswith(("http://", "https://")):
-            raise ConfigError(f"endpoint must be an http(s) URL, got {endpoint!r}")
+        if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
+            scheme = endpoint.split("://", 1)[0] if isinstance(endpoint, str) and "://" in endpoint else "none"
+            raise ConfigError(f"endpoint must be an http(s) URL, got scheme {scheme!r}")
+        _check_api_key(api_key)
         if not (timeout_s > 0 and math.isfinite(timeout_s)):
             raise ConfigError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         if max_retries < 0 or not backoff_s >= 0:
             raise ConfigError("max_retries and backoff_s must be >= 0")
         self.url = endpoint.rstrip("/") + "/chat/completions"
         self._parts = urllib.parse.urlsplit(self.url)
+        if self._parts.username is not None or self._parts.password is not None:  # never echoed: it is a secret
+            raise ConfigError("teacher.endpoint must not carry credentials (user:password@host); give the key "
+                              "through teacher.api_key_env")
         if not self._parts.hostname:
             raise ConfigError(f"endpoint has no host: {endpoint!r}")
+        try:
+            self._parts.port
+        except ValueError:
+            raise ConfigError(f"endpoint {endpoint!r} has an invalid port (1-65535)") from None
         self.model, self.api_key, self.timeout_s = model, api_key, float(timeout_s)
         self.max_retries, self.backoff_s = max_retries, backoff_s
         self.max_retry_after_s, self.fail_fast_after = max_retry_after_s, fail_fast_after
