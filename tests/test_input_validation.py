@@ -55,3 +55,65 @@ def test_a_run_name_cannot_leave_runs(name):
 
 def test_every_error_here_is_a_gr2_error():
     assert issubclass(DataError, Gr2Error) and issubclass(ConfigError, Gr2Error)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 32: typed errors instead of raw tracebacks or silent truncation
+
+
+def _tiny_index():
+    import numpy as np
+
+    import gr2
+
+    codes = np.array([[0, 0], [0, 1], [1, 0]], dtype=np.uint16)
+    return gr2.SidIndex.build(np.arange(3, dtype=np.uint64), codes, codebook_size=[2, 2])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(alpha="x"), "alpha must be a finite number"),
+    (dict(alpha=float("nan")), "alpha must be a finite number"),
+    (dict(invalid_reward=True), "invalid_reward must be a finite number"),
+    (dict(graded_k=2.5), "graded_k must be an int"),
+    (dict(graded_k=True), "graded_k must be an int"),
+    (dict(metric_ks=[1, 2.5]), "metric_ks must be a list of int"),
+    (dict(conditional="yes"), "conditional must be True or False"),
+])
+def test_verify_rewards_rejects_bad_settings_instead_of_casting_them(kwargs, match):
+    import numpy as np
+
+    from gr2 import InvalidInputError, verify_rewards
+
+    completion = "<answer><|sid_begin|><s_a_0><s_b_0><|sid_end|></answer>"
+    with pytest.raises(InvalidInputError, match=match):
+        verify_rewards([completion], np.arange(3, dtype=np.uint64)[None], [0], _tiny_index(), **kwargs)
+
+
+def test_encode_npy_into_a_directory_is_a_typed_error(tmp_path):
+    import numpy as np
+
+    import gr2
+
+    np.save(tmp_path / "x.npy", np.zeros((4, 2), dtype=np.float32))
+    (tmp_path / "codes.npy").mkdir()
+    with pytest.raises(gr2.InvalidInputError, match="is a directory"):
+        gr2.encode_npy(gr2.RQCodebooks(np.zeros((2, 3, 2), dtype=np.float32)), tmp_path / "x.npy",
+                       tmp_path / "codes.npy", progress=False)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["run", "--preset", "demo", "--run-dir", "{file}"], "is a file, not a directory"),
+    (["data", "--run-dir", "{file}/sub"], "is a file, not a directory"),
+    (["run", "--config", "{dir}", "--run-dir", "{tmp}/r"], "is not a file"),
+    (["run", "--config", "{binary}", "--run-dir", "{tmp}/r"], "not a UTF-8 text file"),
+])
+def test_cli_paths_of_the_wrong_kind_are_one_line_errors(tmp_path, capsys, argv, match):
+    from gr2 import cli
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "binary.toml").write_bytes(b"\x00\x01\xff")
+    paths = {"file": tmp_path / "file", "dir": tmp_path / "dir", "binary": tmp_path / "binary.toml", "tmp": tmp_path}
+    assert cli.main([a.format(**paths) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0] and "Traceback" not in err[0]

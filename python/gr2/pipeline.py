@@ -132,7 +132,7 @@ def run_pipeline(run: RunConfig, *, log: Callable[[str], None] = print) -> dict[
     when the eval stage ran)."""
     from gr2.report import write_run_report
 
-    run_dir = run.path
+    run_dir = rundir.check_run_dir(run.path)
     run_dir.mkdir(parents=True, exist_ok=True)
     rundir.atomic_write_json(run_dir / "run_config.json", {
         "name": run.name, "description": run.description, "stages": run.stages,

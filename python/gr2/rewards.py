@@ -244,6 +244,18 @@ def _flatten_token_ids(completions: Sequence[Any]) -> tuple[np.ndarray, np.ndarr
     return np.ascontiguousarray(ids, dtype=np.int64), offsets
 
 
+def _is_whole(value: Any) -> bool:
+    """An int (not a bool, not 2.5 that ``int`` would truncate to 2)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(value):
+        raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def verify_rewards(
     completions: Sequence[str] | Sequence[Sequence[int]],
     candidates: Any,
@@ -307,14 +319,16 @@ def verify_rewards(
     trailer_ids = _int_list("trailer_ids", trailer_ids)
     if isinstance(metric_ks, (str, bytes)) or np.isscalar(metric_ks):
         raise InvalidInputError(f"metric_ks must be a list of cut-offs, got {metric_ks!r}; wrap it in a list")
-    try:
-        ks = [int(k) for k in metric_ks]
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"metric_ks must be a list of int cut-offs, got {metric_ks!r}") from None
+    if not all(_is_whole(k) for k in metric_ks):
+        raise InvalidInputError(f"metric_ks must be a list of int cut-offs, got {metric_ks!r}")
+    ks = [int(k) for k in metric_ks]
     if not ks or min(ks) < 1:
         raise InvalidInputError(f"metric_ks must be non-empty cut-offs >= 1, got {list(metric_ks)}")
-    if graded_k is not None and int(graded_k) < 1:
-        raise InvalidInputError(f"graded_k must be >= 1, got {graded_k}")
+    if graded_k is not None and not (_is_whole(graded_k) and int(graded_k) >= 1):
+        raise InvalidInputError(f"graded_k must be an int >= 1 (or None for K), got {graded_k!r}")
+    alpha, invalid_reward = _finite("alpha", alpha), _finite("invalid_reward", invalid_reward)
+    if not isinstance(conditional, (bool, np.bool_)):
+        raise InvalidInputError(f"conditional must be True or False, got {conditional!r}")
     if reward_kind not in ("rank", "ndcg", "auc"):
         raise InvalidInputError(f"reward_kind must be 'rank', 'ndcg' or 'auc', got {reward_kind!r}")
     if b == 0:  # nothing to verify: empty fields of the right dtypes

@@ -131,6 +131,8 @@ def encode_npy(
             f"output_path {output_path} is the input file {input_path}: encoding in place would replace "
             "the embeddings with codes; write the codes to another file"
         )
+    if output_path.is_dir():
+        raise InvalidInputError(f"output_path {output_path} is a directory; name the .npy file to write the codes to")
     x = _open_input(input_path)
     if x.dtype != np.float32:
         raise InvalidInputError(

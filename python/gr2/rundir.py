@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from gr2.errors import ConfigError
+
 STAGE_FILE = "stage.json"
 log = logging.getLogger(__name__)
 
@@ -168,6 +170,16 @@ def _outputs_intact(stage_dir: Path, manifest: dict[str, dict[str, Any]]) -> boo
         if st.st_mtime_ns != want["mtime_ns"] and hash_file(path) != want["sha256"]:
             return False
     return True
+
+
+def check_run_dir(path: str | os.PathLike) -> Path:
+    """A run directory that exists as a directory or can be made: a file in its place (or on its
+    path) is a ConfigError naming it, not a raw FileExistsError from deep inside a stage."""
+    path = Path(path)
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"--run-dir {path}: {parent} is a file, not a directory; pick another run directory")
+    return path
 
 
 def read_stage(stage_dir: str | os.PathLike, record: str = STAGE_FILE) -> dict | None:

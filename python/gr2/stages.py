@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from gr2.config import apply_overrides, from_dict, load_toml
 from gr2.errors import ConfigError
+from gr2.rundir import check_run_dir
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ def config_from_args(stage: Stage, args: argparse.Namespace) -> Any:
 def main(stage: Stage, args: argparse.Namespace) -> int:
     import json
 
+    check_run_dir(args.run_dir)
     config = config_from_args(stage, args)
     module = importlib.import_module(stage.module)
     if hasattr(module, "main"):
