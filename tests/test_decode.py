@@ -558,3 +558,25 @@ def test_jump_forward_must_be_a_bool(setup):
     tokenizer, _, index, items, models = setup
     with pytest.raises(InvalidInputError, match="jump_forward"):
         constrained_decode(models[0], tokenizer, PROMPTS[:1], items[None, :3], index=index, jump_forward="yes")
+
+
+def test_wrong_index_objects_and_ids_are_typed_errors_and_mixed_int_types_work(setup):
+    """issue 30: index="foo" was an AttributeError, exclude=[[-1]] an OverflowError, 1.5 a silent 1,
+    and [np.uint64(x), int] was rejected as float64."""
+    tokenizer, _, index, items, models = setup
+    model = models[0]
+    with pytest.raises(InvalidInputError, match="index must be a gr2.SidIndex"):
+        constrained_decode(model, tokenizer, PROMPTS[:1], items[None, :3], index="foo")
+    with pytest.raises(InvalidInputError, match="index must be a gr2.SidIndex"):
+        catalog_decode(model, tokenizer, PROMPTS[:1], "foo")
+    with pytest.raises(InvalidInputError, match=r"exclude\[0\] holds a negative item id"):
+        catalog_decode(model, tokenizer, PROMPTS[:1], index, exclude=[[-1]])
+    with pytest.raises(InvalidInputError, match=r"exclude\[0\] must hold integer item ids"):
+        catalog_decode(model, tokenizer, PROMPTS[:1], index, exclude=[[1.5]])
+    with pytest.raises(InvalidInputError, match="outside 0 .. 2\\*\\*64 - 1"):
+        constrained_decode(model, tokenizer, PROMPTS[:1], [[np.uint64(items[0]), 2**64]], index=index)
+    mixed = [[np.uint64(items[0]), int(items[1]), np.int64(items[2])]]
+    plain = items[None, :3]
+    a = constrained_decode(model, tokenizer, PROMPTS[:1], mixed, index=index, reasoning=False)
+    b = constrained_decode(model, tokenizer, PROMPTS[:1], plain, index=index, reasoning=False)
+    assert a[0].items.tolist() == b[0].items.tolist() and a[0].completion_ids == b[0].completion_ids

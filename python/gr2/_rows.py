@@ -64,6 +64,32 @@ def _check_ids(name: str, arr: np.ndarray, where: str) -> None:
         raise InvalidInputError(f"{name}{where} holds a negative item id ({int(arr.min())})")
 
 
+def _is_id(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def id_array(row: Any, name: str, where: str = "") -> np.ndarray:
+    """One 1-D list of item ids as uint64: integers >= 0 (np.uint64 and Python ints may be mixed,
+    which numpy alone would turn into float64); floats, negatives and ids past 2**64 - 1 raise
+    InvalidInputError naming ``name`` and ``where``."""
+    if hasattr(row, "detach"):
+        row = row.detach().cpu().numpy()
+    try:
+        arr = np.asarray(row)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidInputError(f"{name}{where} is not a flat list of item ids ({exc})") from None
+    if arr.ndim != 1:
+        raise InvalidInputError(f"{name}{where} must be a 1-D list of item ids, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu" and all(_is_id(x) for x in row):
+        ints = [int(x) for x in row]  # mixed np.uint64 / int: exact, without a float round trip
+        if min(ints) < 0 or max(ints) >= 2**64:
+            bad = next(x for x in ints if x < 0 or x >= 2**64)
+            raise InvalidInputError(f"{name}{where} holds item id {bad}, outside 0 .. 2**64 - 1")
+        return np.array(ints, dtype=np.uint64)
+    _check_ids(name, arr, where)
+    return np.ascontiguousarray(arr, dtype=np.uint64)
+
+
 def candidate_rows(values: Any, name: str = "candidates", *, check_duplicates: bool = True) -> CandidateRows:
     """Validate candidate lists: a (B, K) array or B sequences of item ids (ragged K allowed).
 
@@ -96,21 +122,13 @@ def candidate_rows(values: Any, name: str = "candidates", *, check_duplicates: b
                                 f"got {type(values).__name__}") from None
     parts = []
     for i, row in enumerate(seq):
-        if hasattr(row, "detach"):
-            row = row.detach().cpu().numpy()
         if isinstance(row, (str, bytes)) or np.isscalar(row):
             raise InvalidInputError(f"{name} must be 2-D (one list of item ids per request); request {i} is "
                                     f"{type(row).__name__}; wrap a single row")
-        try:
-            arr = np.asarray(row)
-        except ValueError as exc:
-            raise InvalidInputError(f"{name}: request {i} is not a flat list of item ids ({exc})") from None
-        if arr.ndim != 1:
-            raise InvalidInputError(f"{name}: request {i} must be a 1-D list of item ids, got shape {arr.shape}")
+        arr = id_array(row, name, f" (request {i})")
         if arr.size == 0:
             raise InvalidInputError(f"{name}: request {i} has no candidates; every request needs K >= 1")
-        _check_ids(name, arr, f" (request {i})")
-        parts.append(np.asarray(arr, dtype=np.uint64))
+        parts.append(arr)
     sizes = np.array([p.size for p in parts], dtype=np.int64)
     offsets = np.zeros(len(parts) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])

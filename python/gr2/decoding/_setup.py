@@ -53,6 +53,8 @@ def resolve_sid_tokens(tokenizer: Any, index: Any, sid_tokens: SidTokens | None)
         return sid_tokens
     if index is None:
         raise InvalidInputError("pass index= (a gr2.SidIndex) or sid_tokens=")
+    if not hasattr(index, "level_sizes") or not hasattr(index, "sids"):
+        raise InvalidInputError(f"index must be a gr2.SidIndex (e.g. gr2.SidIndex.load(path)), got {type(index).__name__}")
     return lookup_sid_tokens(tokenizer, index.level_sizes)
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from gr2 import _gr2
+from gr2._rows import id_array
 from gr2.decoding._model import StepModel
 from gr2.decoding._setup import (
     add_rerank_rows,
@@ -641,8 +642,8 @@ def catalog_decode(
     if exclude is not None and len(exclude) != len(texts):
         raise InvalidInputError(f"{len(texts)} prompts but {len(exclude)} exclude lists")
     _check_seeds(settings, len(texts))
-    excludes = [np.ascontiguousarray(np.asarray(e if e is not None else [], dtype=np.uint64).reshape(-1))
-                for e in (exclude if exclude is not None else [None] * len(texts))]
+    excludes = [id_array([] if e is None else e, "exclude", f"[{i}]")
+                for i, e in enumerate(exclude if exclude is not None else [None] * len(texts))]
     tokens = resolve_sid_tokens(tokenizer, index, sid_tokens)
     eos = eos_id(tokenizer, eos_token_id)
     step_model = StepModel(model)
