@@ -3,6 +3,8 @@ monkeypatched, so these check the mapping LOCAL_RANK -> cuda:LOCAL_RANK, its err
 init_world picks and the device the DAPO World builds its collective tensors on. The real
 multi-process run (2 gloo ranks) is tests/test_dapo.py::test_two_processes_give_the_same_update_as_one."""
 
+import datetime
+
 import pytest
 import torch
 
@@ -77,7 +79,13 @@ def test_init_world_picks_backend_and_device(fake_cuda, monkeypatch, cuda):
     backends: list[str] = []
     dist = torch.distributed
     monkeypatch.setattr(dist, "is_initialized", lambda: bool(backends))
-    monkeypatch.setattr(dist, "init_process_group", lambda backend: backends.append(backend))
+    timeouts = []
+
+    def init_process_group(backend, timeout=None):
+        backends.append(backend)
+        timeouts.append(timeout)
+
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
     monkeypatch.setattr(dist, "get_backend", lambda: backends[-1])
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
@@ -87,6 +95,41 @@ def test_init_world_picks_backend_and_device(fake_cuda, monkeypatch, cuda):
         assert backends == ["nccl"] and world.device == torch.device("cuda", 1) and fake_cuda == [1]
     else:  # a CPU run on a GPU machine still uses gloo, on the CPU
         assert backends == ["gloo"] and world.device == torch.device("cpu") and fake_cuda == []
+    # a timeout long enough for rank 0 to save a large model while the others wait (issue 29)
+    assert timeouts == [datetime.timedelta(minutes=120)]
+
+
+def test_dist_timeout_is_configurable_and_checked(monkeypatch):
+    from gr2.errors import ConfigError
+    from gr2.train.common import dist_timeout
+
+    monkeypatch.setenv("GR2_DIST_TIMEOUT_MIN", "7.5")
+    assert dist_timeout() == datetime.timedelta(minutes=7.5)
+    for bad in ("soon", "0", "inf"):
+        monkeypatch.setenv("GR2_DIST_TIMEOUT_MIN", bad)
+        with pytest.raises(ConfigError, match="GR2_DIST_TIMEOUT_MIN"):
+            dist_timeout()
+
+
+def test_checkpoint_state_is_loaded_onto_the_cpu(tmp_path, monkeypatch):
+    """Every rank loads the optimizer state onto the CPU, not onto the GPU rank 0 saved it from."""
+    from gr2.train import common
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = common.make_optimizer(model, 1e-2)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    path = common.save_checkpoint(tmp_path / "ck", model, optimizer, None, 1, key="k")
+    seen = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("map_location"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    common.load_checkpoint(path, model, optimizer, None)
+    assert seen == ["cpu"]
 
 
 def test_trainer_refuses_a_device_other_than_the_nccl_groups():

@@ -20,6 +20,7 @@ Data order for exact resume: recipes draw the order of epoch ``e`` from ``epoch_
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -187,6 +188,20 @@ class World:
                 torch.distributed.all_reduce(p.grad)
 
 
+def dist_timeout() -> datetime.timedelta:
+    """How long a collective may wait: rank 0 alone builds, hashes and saves models and checkpoints
+    (minutes for an 8B model) while the other ranks wait in a barrier, longer than NCCL's default.
+    ``GR2_DIST_TIMEOUT_MIN`` (default 120) sets it."""
+    raw = os.environ.get("GR2_DIST_TIMEOUT_MIN", "120")
+    try:
+        minutes = float(raw)
+    except ValueError:
+        raise ConfigError(f"GR2_DIST_TIMEOUT_MIN must be a number of minutes, got {raw!r}") from None
+    if not (minutes > 0 and math.isfinite(minutes)):
+        raise ConfigError(f"GR2_DIST_TIMEOUT_MIN must be > 0, got {raw!r}")
+    return datetime.timedelta(minutes=minutes)
+
+
 def init_world(device: torch.device | None = None) -> World:
     """Join the torchrun process group when launched with torchrun (``WORLD_SIZE`` > 1): nccl
     when this process trains on CUDA (``device``; default :func:`local_device`), gloo otherwise.
@@ -197,7 +212,7 @@ def init_world(device: torch.device | None = None) -> World:
     if device is None:
         device = local_device("auto")
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=dist_timeout())
     if torch.distributed.get_backend() == "nccl":
         comm = device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
     else:
@@ -336,7 +351,9 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     try:
         meta = json.loads(meta_path.read_text())
         tensors = load_file(str(path / CHECKPOINT_WEIGHTS))
-        state = torch.load(path / CHECKPOINT_STATE, weights_only=False)
+        # onto the CPU: under torchrun every rank would otherwise first load rank 0's optimizer state
+        # onto cuda:0; load_state_dict then moves each state tensor to its parameter's device
+        state = torch.load(path / CHECKPOINT_STATE, weights_only=False, map_location="cpu")
     except (OSError, ValueError, SafetensorError, RuntimeError) as e:
         raise CorruptFileError(f"checkpoint {path} is unreadable: {e}") from e
     params = dict(model.named_parameters())
