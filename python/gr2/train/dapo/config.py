@@ -27,7 +27,7 @@ class DapoConfig:
     outcome: str = "r_rank"  # what must vary within a group to keep it: r_rank | hit@1 | rank_re
     # rewards (docs/DESIGN.md §1)
     # "rank": the paper's R_rank = (rank_pre - rank_re) / K, linear in the target's rank (+ the format
-    # reward); "ndcg": the target's NDCG gain 1 / log2(1 + rank_re), top-weighted; "auc": the share of
+    # reward); "ndcg": the target's NDCG gain (gr2.eval.metrics), top-weighted; "auc": the share of
     # negatives ranked below the target. ndcg/auc are zeroed for copying a non-optimal input order.
     reward: str = "rank"
     alpha: float = 0.2
