@@ -211,6 +211,13 @@ def test_failed_update_leaves_the_index_untouched(sid_run):
         update_index(run_dir, config, item_ids=fresh, embeddings=nan_rows, progress=False)
     with pytest.raises(UnknownItemError, match=r"row 0"):
         update_index(run_dir, config, item_ids=fresh, embeddings=rows, remove=np.array([10**7]), progress=False)
+    # issue 32: -1 was added as item 18446744073709551615 and 7000.7 as 7000
+    for bad, match in (([10**6, -1, 10**6 + 1], "negative item id"), (np.array([10**6, -1, 5], dtype=np.int64), "negative"),
+                       ([10**6, 7000.7, 10**6 + 1], "integer item ids")):
+        with pytest.raises(InvalidInputError, match=f"item_ids.*{match}"):
+            update_index(run_dir, config, item_ids=bad, embeddings=rows, progress=False)
+    with pytest.raises(InvalidInputError, match="remove.*negative item id"):
+        update_index(run_dir, config, item_ids=fresh, embeddings=rows, remove=[-1], progress=False)
     assert path.read_bytes() == before
     assert (run_dir / "sid" / "stage.json").read_bytes() == stage_record
 

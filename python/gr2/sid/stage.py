@@ -46,6 +46,7 @@ from safetensors.torch import save as safetensors_save
 
 import gr2
 from gr2 import rundir
+from gr2._rows import id_array
 from gr2.config import from_dict, load_toml
 
 from gr2.data.catalog import load_items, load_sequences
@@ -349,9 +350,11 @@ def update_index(run_dir: str | Path, config: SidConfig | None = None, item_ids:
                       if len(item_ids) else None)
     elif embeddings is None:
         raise InvalidInputError("item_ids given without embeddings")
-    item_ids = np.asarray(item_ids, dtype=np.uint64)
+    item_ids = id_array(item_ids, "item_ids")  # -1 or 7000.7 are errors, not 2**64 - 1 or 7000
+    if remove is not None:
+        remove = id_array(remove, "remove")
     if remove is not None and len(remove):
-        index = index.remove(np.asarray(remove, dtype=np.uint64))
+        index = index.remove(remove)
     parent = rundir.hash_file(index_path)
     generation = index.generation + 1
     if len(item_ids):
