@@ -117,3 +117,47 @@ def test_cli_paths_of_the_wrong_kind_are_one_line_errors(tmp_path, capsys, argv,
     assert cli.main([a.format(**paths) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0] and "Traceback" not in err[0]
+
+
+COLUMNS = {"user": "user", "item": "item", "timestamp": "timestamp", "title": "title", "rating": "rating"}
+
+
+def _table(tmp_path, rows: list[str]):
+    inter = tmp_path / "inter.csv"
+    inter.write_text("user,item,timestamp,rating\n" + "".join(r + "\n" for r in rows))
+    items = tmp_path / "items.csv"
+    items.write_text("item,title\n" + "".join(f"i{i},Item {i}\n" for i in range(4)))
+    return inter, items
+
+
+@pytest.mark.parametrize("rows, match", [
+    (["u1,i0,100,4", ",i1,200,5", "u2,i2,300,3"], r"row 2 has an empty user id"),
+    (["u1,i0,100,4", "  ,i1,200,5"], r"row 2 has an empty user id"),
+    (["u1,,100,4", "u1,i1,200,5"], r"row 1 has an empty item id"),
+    (["u1,i0,100,4", "u1,i1,200,five"], r"row 2: rating 'five' is not a number"),
+])
+def test_empty_ids_and_non_numeric_ratings_are_data_errors_naming_the_row(tmp_path, rows, match):
+    """issue 32: an empty user id became a real user "" (merging unrelated rows); a non-numeric
+    rating was counted as below_min_rating."""
+    inter, items = _table(tmp_path, rows)
+    with pytest.raises(DataError, match=match) as info:
+        load_table(inter, items, COLUMNS)
+    assert str(inter) in str(info.value)
+
+
+def test_a_missing_rating_is_still_allowed(tmp_path):
+    import math
+
+    inter, items = _table(tmp_path, ["u1,i0,100,4", "u1,i1,200,"])
+    raw = load_table(inter, items, COLUMNS)
+    assert raw.interactions["rating"].iloc[0] == 4 and math.isnan(raw.interactions["rating"].iloc[1])
+
+
+def test_an_empty_user_in_ml100k_u_data_is_a_data_error(tmp_path):
+    from gr2.data.formats import load_movielens
+
+    (tmp_path / "u.data").write_text("1\t10\t4\t100\n\t11\t5\t200\n")
+    (tmp_path / "u.item").write_text("10|A (1995)|01-Jan-1995||x|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0\n"
+                                      "11|B (1995)|01-Jan-1995||x|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0\n")
+    with pytest.raises(DataError, match="row 2 has an empty user id"):
+        load_movielens(tmp_path)

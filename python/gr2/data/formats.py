@@ -204,17 +204,42 @@ def _item_columns(available: Any, columns: dict[str, str], item_path: Any) -> tu
         raise DataError(f"{item_path}: no title, categories or description column; item text is needed")
     return id_col, title_col, year_col, cat_col, desc_col
 
-def _interactions_frame(users, items, timestamps, ratings=None) -> pd.DataFrame:
+def _interactions_frame(users, items, timestamps, ratings=None, source: Any = "interactions") -> pd.DataFrame:
     frame = pd.DataFrame(
         {
-            "user_id": pd.Series(users, dtype=object).astype(str).str.strip(),
-            "item_id": pd.Series(items, dtype=object).astype(str).str.strip(),
+            "user_id": _ids(users, "user", source),
+            "item_id": _ids(items, "item", source),
             "timestamp": np.asarray(timestamps, dtype=np.int64),
         }
     )
     if ratings is not None:
-        frame["rating"] = np.asarray(ratings, dtype=np.float64)
+        frame["rating"] = _ratings(ratings, source)
     return frame
+
+
+def _ids(values: Any, what: str, source: Any) -> pd.Series:
+    """Ids as stripped strings; an empty or missing one is a DataError naming the row (it would
+    otherwise become a real id "" or "nan" that merges unrelated rows)."""
+    raw = pd.Series(values, dtype=object).reset_index(drop=True)
+    text = raw.astype(str).str.strip()
+    missing = (raw.isna() | (text == "")).to_numpy()
+    if missing.any():
+        row = int(np.argmax(missing))
+        raise DataError(f"{source}: row {row + 1} has an empty {what} id ({int(missing.sum())} rows in all); "
+                        f"every interaction needs a {what}")
+    return text
+
+
+def _ratings(values: Any, source: Any) -> np.ndarray:
+    """Ratings as float64: a missing rating is NaN, a value that is there but not a number is a
+    DataError naming the row (not silently a NaN that min_rating then filters out)."""
+    raw = pd.Series(values, dtype=object).reset_index(drop=True)
+    numbers = pd.to_numeric(raw, errors="coerce")
+    bad = (numbers.isna() & raw.notna() & (raw.astype(str).str.strip() != "")).to_numpy()
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise DataError(f"{source}: row {row + 1}: rating {raw[row]!r} is not a number")
+    return numbers.to_numpy(dtype=np.float64)
 
 
 def _items_frame(ids, titles, categories, years, descriptions) -> pd.DataFrame:
@@ -283,9 +308,9 @@ def load_recbole(path: str | Path, columns: dict[str, str] | None = None, seq_se
     item_col = _pick(inter.columns, "item", columns, inter_path, True)
     time_col = _pick(inter.columns, "timestamp", columns, inter_path, True)
     rating_col = _pick(inter.columns, "rating", columns, inter_path, False)
-    ratings = pd.to_numeric(inter[rating_col], errors="coerce").to_numpy() if rating_col else None
+    ratings = inter[rating_col] if rating_col else None
     interactions = _interactions_frame(
-        inter[user_col], inter[item_col], _to_int64(inter[time_col], "timestamp", inter_path), ratings
+        inter[user_col], inter[item_col], _to_int64(inter[time_col], "timestamp", inter_path), ratings, inter_path
     )
 
     meta, types = read_atomic_file(item_path)
@@ -337,8 +362,7 @@ def _load_ml100k(path: Path) -> RawData:
     rows = _split_rows(_read_text(data_path, "latin-1"), "\t", 4, data_path)
     frame = pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
     interactions = _interactions_frame(
-        frame["user"], frame["item"], _to_int64(frame["timestamp"], "timestamp", data_path),
-        pd.to_numeric(frame["rating"], errors="coerce").to_numpy(),
+        frame["user"], frame["item"], _to_int64(frame["timestamp"], "timestamp", data_path), frame["rating"], data_path
     )
     genres = list(ML100K_GENRES)
     genre_path = path / "u.genre"
@@ -369,8 +393,8 @@ def _load_ml1m(path: Path) -> RawData:
     rows = _split_rows(_read_text(ratings_path, "latin-1"), "::", 4, ratings_path)
     frame = pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
     interactions = _interactions_frame(
-        frame["user"], frame["item"], _to_int64(frame["timestamp"], "timestamp", ratings_path),
-        pd.to_numeric(frame["rating"], errors="coerce").to_numpy(),
+        frame["user"], frame["item"], _to_int64(frame["timestamp"], "timestamp", ratings_path), frame["rating"],
+        ratings_path,
     )
     if not movies_path.exists():
         raise DataError(f"{movies_path}: file does not exist (item titles are needed)")
@@ -449,7 +473,7 @@ def load_amazon(reviews: str | Path, metadata: str | Path, columns: dict[str, st
     if keys is None:
         raise DataError(f"{reviews}: no reviews")
     interactions = _interactions_frame(
-        users, items, _to_int64(pd.Series(times, dtype=object), "timestamp", reviews), np.asarray(ratings, float)
+        users, items, _to_int64(pd.Series(times, dtype=object), "timestamp", reviews), ratings, reviews
     )
 
     ids, titles, categories, years, descriptions = [], [], [], [], []
@@ -506,9 +530,9 @@ def load_table(
     item_col = _pick(inter.columns, "item", columns, inter_path, True)
     time_col = _pick(inter.columns, "timestamp", columns, inter_path, True)
     rating_col = _pick(inter.columns, "rating", columns, inter_path, False)
-    ratings = pd.to_numeric(inter[rating_col], errors="coerce").to_numpy() if rating_col else None
+    ratings = inter[rating_col] if rating_col else None
     interactions_frame = _interactions_frame(
-        inter[user_col], inter[item_col], _to_int64(inter[time_col], "timestamp", inter_path), ratings
+        inter[user_col], inter[item_col], _to_int64(inter[time_col], "timestamp", inter_path), ratings, inter_path
     )
     meta = _read_table(item_path)
     id_col, title_col, year_col, cat_col, desc_col = _item_columns(meta.columns, columns, item_path)
