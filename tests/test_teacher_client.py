@@ -70,6 +70,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             action = srv.script.pop(0) if srv.script else srv.default
         srv.seen.set()
         if action == "interrupt":
+            if srv.before_interrupt is not None:  # e.g. wait until earlier replies are cached
+                srv.before_interrupt()
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             action = "slow"
         if action in ("400", "401", "500", "429"):
@@ -117,6 +119,7 @@ def start_server():
     srv.daemon_threads = True
     srv.script, srv.default, srv.requests, srv.lock, srv.slow_s = [], "ok", 0, threading.Lock(), 5.0
     srv.seen, srv.release = threading.Event(), threading.Event()
+    srv.before_interrupt = None  # a callable the "interrupt" action runs before it sends SIGINT
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return srv
 
@@ -398,7 +401,19 @@ def test_ctrl_c_stops_the_stage_cleanly(server, run_dir, tmp_path, capsys, deliv
                     'max_examples = 12\nconcurrency = 2\nseed = 4\n')
     cache = run_dir / "traces" / "cache"
     before = set(cache.glob("*.json"))
-    assert main(["traces", "--run-dir", str(run_dir), "--config", str(toml), "--force"]) == 130
+
+    def both_replies_cached(timeout_s: float = 60.0) -> None:
+        """The interrupt lands only after the two "ok" replies are in the cache: under load the second
+        could still be in flight when the third request arrives, which made this test flaky."""
+        deadline = time.monotonic() + timeout_s
+        while len(set(cache.glob("*.json")) - before) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    server.before_interrupt = both_replies_cached
+    try:
+        assert main(["traces", "--run-dir", str(run_dir), "--config", str(toml), "--force"]) == 130
+    finally:
+        server.before_interrupt = None
     assert "interrupted" in capsys.readouterr().err
     assert server.requests <= 4  # pending examples were cancelled, not sent
     assert len(set(cache.glob("*.json")) - before) >= 2  # what finished is kept for the resume
