@@ -169,7 +169,7 @@ class DapoTrainer:
     def _check_context(self, model, candidate_sids) -> None:
         """The longest prompt plus the longest completion a rollout may write must fit the model's
         context (positions beyond it are garbage or an error deep inside the model)."""
-        from gr2.decoding.decode import _max_steps
+        from gr2.decoding._setup import completion_length
 
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if not limit or not self.data.prompt_ids:
@@ -178,7 +178,8 @@ class DapoTrainer:
         if cfg.constrained:
             levels = self.sid_tokens.levels if self.sid_tokens is not None else (
                 self.index.levels if self.index is not None else np.asarray(candidate_sids).shape[-1])
-            budget = _max_steps(self.data.candidates.shape[1], int(levels), cfg.max_reasoning_tokens)
+            budget = completion_length(self.data.candidates.shape[1], int(levels),
+                                       "think" if cfg.reasoning else "disabled", cfg.max_reasoning_tokens)
             what = f"rl.max_reasoning_tokens = {cfg.max_reasoning_tokens} and K = {self.data.candidates.shape[1]}"
         else:
             budget, what = cfg.max_new_tokens, f"rl.max_new_tokens = {cfg.max_new_tokens}"
