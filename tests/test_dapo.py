@@ -3,6 +3,8 @@ multi-process equivalence, config validation."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import shutil
 import subprocess
@@ -170,6 +172,46 @@ def test_resume_reproduces_the_next_step_exactly(setup, tmp_path):
     # the loop logged the reward parts and diagnostics
     assert {"reward_mean", "r_rank_mean", "kept_share", "copy_rate", "valid_rate", "completion_length",
             "clip_fraction", "loss"} <= set(strip(lines_a[-1]))
+
+
+@pytest.mark.parametrize("change", [dict(tensorboard=True), dict(keep_checkpoints=3, save_every=2)])
+def test_changed_logging_settings_resume_the_checkpoint(setup, tmp_path, caplog, change):
+    """Settings that do not change the weights (DapoConfig.NOT_IN_CHECKPOINT_KEY: logging,
+    evaluation, checkpoint cadence) are not in the checkpoint key: a run interrupted after step 1
+    and resumed with one of them changed continues from step 1 (no stale-checkpoint line) and ends
+    with the weights of the uninterrupted run; an lr change would discard it (the test below)."""
+    import logging
+
+    _, tokenizer, sid_tokens, data, sids = setup
+    config = fx.small_config(steps=2, save_every=1, keep_checkpoints=5, lr=1e-2)
+    rollout = fx.scripted_rollouts(sids, sid_tokens)
+    straight = fx.trainer(fresh(setup)[0], tokenizer, sid_tokens, data, sids, config, rollout)
+    train(straight, tmp_path / "a", resume=False)
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000001", tmp_path / "b" / "checkpoints" / "step-00000001")
+    changed = dataclasses.replace(config, **change)
+    resumed = fx.trainer(fresh(setup)[0], tokenizer, sid_tokens, data, sids, changed, rollout)
+    with caplog.at_level(logging.INFO, logger="gr2"):
+        train(resumed, tmp_path / "b")
+    assert not [r for r in caplog.records if "stale" in r.getMessage()]
+    assert any("resuming from" in r.getMessage() for r in caplog.records)
+    for (name, pa), (_, pb) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(pa, pb), name
+
+
+def test_training_key_covers_what_changes_the_weights():
+    from gr2.train.common import training_key
+    from gr2.train.midtrain import MidtrainConfig
+    from gr2.train.sft import SftConfig
+
+    for cls, same, other in ((DapoConfig, dict(eval_every=7, eval_prompts=3, tensorboard=False), dict(lr=1e-3)),
+                             (SftConfig, dict(log_every=1, checkpoint_every=3), dict(loss_tokens="decisions")),
+                             (MidtrainConfig, dict(eval_users=5, eval_beams=30, log_every=1), dict(steps=7))):
+        base = training_key(cls(), "input")
+        assert training_key(cls(**same), "input") == base, cls
+        assert training_key(cls(**other), "input") != base, cls
+        assert training_key(cls(), "another input") != base, cls
+        assert set(cls.NOT_IN_CHECKPOINT_KEY) <= {f.name for f in dataclasses.fields(cls)}, cls  # no stale names
 
 
 def test_changed_lr_never_resumes_the_old_checkpoint(setup, tmp_path, caplog):

@@ -27,6 +27,7 @@ import math
 import os
 import random
 import shutil
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from gr2.errors import ConfigError, CorruptFileError, InvalidInputError, TrainingError
-from gr2.rundir import atomic_dir, atomic_write_json, atomic_write_text
+from gr2.rundir import atomic_dir, atomic_write_json, atomic_write_text, stage_key
 
 CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_STATE = "trainer_state.pt"
@@ -404,6 +405,17 @@ def checkpoint_key(path: str | os.PathLike) -> str | None:
     except (OSError, ValueError):
         return None
     return meta.get("key") or meta.get("extra", {}).get("key")
+
+
+def training_key(config: Any, *inputs: str) -> str:
+    """The key a stage's checkpoints are saved and resumed under: its inputs' keys and the config
+    fields that change the weights. Fields a config dataclass lists in ``NOT_IN_CHECKPOINT_KEY``
+    (evaluation, logging, checkpoint cadence) are left out, so changing one of them resumes a long
+    run instead of discarding its checkpoints (the stage itself still reruns: its record's key,
+    :func:`gr2.rundir.stage_key`, covers the whole config)."""
+    skip = set(getattr(config, "NOT_IN_CHECKPOINT_KEY", ()))
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip}
+    return stage_key({"training": fields}, *inputs)
 
 
 class Checkpointer:

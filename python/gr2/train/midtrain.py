@@ -51,7 +51,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -80,6 +80,11 @@ class MixtureWeights:
 
 @dataclass
 class MidtrainConfig:
+    # settings that do not change the weights a step produces: a run resumes its checkpoints across them
+    NOT_IN_CHECKPOINT_KEY: ClassVar[tuple[str, ...]] = (
+        "checkpoint_every", "keep_checkpoints", "log_every", "eval_split", "eval_users", "eval_beams",
+        "eval_mask_history", "eval_ks", "eval_batch_size", "cache_dir")
+
     base_model: str = "demo"  # "demo", "smollm2", or an HF folder / hub name
     demo: DemoModelConfig = field(default_factory=DemoModelConfig)
     mixture: MixtureWeights = field(default_factory=MixtureWeights)
@@ -418,7 +423,7 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
     common.seed_everything(config.seed)
 
     # checkpoints of another config or other inputs are never resumed (removed, one log line)
-    checkpoints = common.Checkpointer(stage_dir / "checkpoints", key, keep=config.keep_checkpoints,
+    checkpoints = common.Checkpointer(stage_dir / "checkpoints", common.training_key(config, *inputs), keep=config.keep_checkpoints,
                                       writer=world.writer, name=STAGE)
     model, tokenizer, sid_tokens = prepare_model(run_dir, config, catalog, checkpoints, world)
     model = common.wrap_lora(model, config.lora).to(device=device, dtype=common.param_dtype(dtype))

@@ -57,10 +57,10 @@ def ablation(make: Callable[[DapoConfig, Path], tuple[DapoTrainer, RlData | None
             trainer, eval_data = make(cfg, out_dir)
             if eval_data is None:
                 raise DataError("the ablation needs an evaluation set (candidates/valid)")
-            train(trainer, out_dir, eval_data, resume=True, key=key)
+            train(trainer, out_dir, eval_data, resume=True, inputs=inputs)
             if world.rank == 0:
                 mark_done(out_dir, key, {"steps": trainer.step_count})
-                common.Checkpointer(out_dir / "checkpoints", key).cleanup()
+                common.Checkpointer(out_dir / "checkpoints", common.training_key(cfg, *inputs)).cleanup()
         rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         curves[name] = [r for r in rows if "eval_recall@1" in r]
         steps = [r for r in rows if "kept_groups" in r]

@@ -389,16 +389,17 @@ class BestPolicy:
 
 
 def train(trainer: DapoTrainer, out_dir: Path, eval_data: RlData | None = None, resume: bool = True,
-          key: str | None = None) -> dict[str, Any]:
-    """The loop: resume from the newest checkpoint of this ``key`` (default: the hash of the
-    trainer's config; the stage passes config + inputs), step, log, evaluate, checkpoint. A
+          inputs: Sequence[str] = ()) -> dict[str, Any]:
+    """The loop: resume from the newest checkpoint of this run (key: :func:`gr2.train.common.training_key`
+    of the trainer's config and the stage's ``inputs`` keys), step, log, evaluate, checkpoint. A
     checkpoint of another key is never resumed (removed, one log line); the current config's lr
-    applies on resume. With ``rl.select`` other than "last", the policy with the best validation
-    metric (the start model included) is loaded into ``trainer.model`` at the end and the
-    returned stats name its step."""
+    applies on resume, and so do changed evaluation / logging settings. With ``rl.select`` other
+    than "last", the policy with the best validation metric (the start model included) is loaded
+    into ``trainer.model`` at the end and the returned stats name its step; that record is keyed
+    by the whole config (another validation setting starts a new one)."""
     cfg = trainer.config
-    key = key if key is not None else stage_key(cfg)
-    checkpoints = common.Checkpointer(out_dir / "checkpoints", key, keep=cfg.keep_checkpoints,
+    key = stage_key(cfg, *inputs)
+    checkpoints = common.Checkpointer(out_dir / "checkpoints", common.training_key(cfg, *inputs), keep=cfg.keep_checkpoints,
                                       writer=trainer.world.rank == 0, name=out_dir.name)
     resumed = trainer.resume(checkpoints) if resume else False
     rank0 = trainer.world.rank == 0
