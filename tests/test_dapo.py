@@ -378,9 +378,10 @@ def test_constrained_rollouts_train_and_ablation_plots(setup, tmp_path):
     assert "verdict" in result
 
 
-def test_rl_stage_end_to_end_from_the_cli(setup, tmp_path):
+def test_rl_stage_end_to_end_from_the_cli(setup, tmp_path, monkeypatch):
     """`gr2 rl` on a run directory: data/items + sid index + candidates + sft/model -> rl/model,
-    stage.json, a cache hit on the second call, exit code 2 on a bad config."""
+    stage.json, a cache hit on the second call, exit code 2 on a bad config; the stage's last act
+    is a barrier after rank 0 wrote its record (no rank returns before rl/ is complete)."""
     import json
 
     from datasets import Dataset
@@ -420,7 +421,10 @@ def test_rl_stage_end_to_end_from_the_cli(setup, tmp_path):
     config = tmp_path / "rl.toml"
     config.write_text("[rl]\ngroup_size = 2\nprompts_per_step = 2\nsteps = 2\nmax_reasoning_tokens = 2\n"
                       "device = \"cpu\"\ntensorboard = false\neval_every = 0\nlr = 1e-3\n")
+    barriers: list[bool] = []  # at each barrier: was the stage record already written?
+    monkeypatch.setattr(common.World, "barrier", lambda self: barriers.append((run / "rl" / "stage.json").exists()))
     assert cli_main(["rl", "--run-dir", str(run), "--config", str(config)]) == 0
+    assert barriers and barriers[-1], barriers
     record = json.loads((run / "rl" / "stage.json").read_text())
     assert record["summary"]["steps"] == 2 and record["summary"]["dropped_no_target"] == 1
     assert record["summary"]["base_stage"] == "sft" and record["summary"]["train_prompts"] == n - 1

@@ -34,6 +34,19 @@ def test_local_rank_picks_its_own_gpu(fake_cuda, monkeypatch):
     assert fake_cuda == [1, 1]
 
 
+def test_an_explicit_gpu_shared_by_the_ranks_of_a_node_is_a_config_error(fake_cuda, monkeypatch):
+    """device = "cuda:0" in the config under torchrun --nproc_per_node 2: every rank would train on
+    GPU 0 (issue 29). Its own index is fine, and so is cuda:0 when each rank sees one GPU."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"'cuda:0'.*LOCAL_RANK=1 of 2.*share one GPU"):
+        common.local_device("cuda:0")
+    assert common.local_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # CUDA_VISIBLE_DEVICES gives each rank one GPU
+    assert common.local_device("cuda:0") == torch.device("cuda", 0)
+
+
 def test_without_torchrun_the_device_is_plain(fake_cuda, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)

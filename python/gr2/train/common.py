@@ -72,12 +72,21 @@ def local_device(preference: str = "auto") -> torch.device:
     """:func:`choose_device`, per process: under ``torchrun`` (``LOCAL_RANK`` set) a CUDA choice
     without an index becomes ``cuda:LOCAL_RANK``, made the current device (``torch.cuda.set_device``,
     which NCCL collectives rely on), so every rank of a node gets its own GPU. An explicit index
-    (``cuda:1``) is kept as given. A ``LOCAL_RANK`` beyond the visible GPUs is a ConfigError."""
+    (``cuda:1``) is kept as given, except that under torchrun with several processes per node and
+    several visible GPUs it must be the rank's own (``cuda:0`` on every rank would put the whole node
+    on one GPU). A ``LOCAL_RANK`` beyond the visible GPUs is a ConfigError."""
     device = choose_device(preference)
     local = os.environ.get("LOCAL_RANK")
-    if device.type != "cuda" or device.index is not None or local is None:
+    if device.type != "cuda" or local is None:
         return device
     rank, count = int(local), torch.cuda.device_count()
+    if device.index is not None:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if per_node > 1 and count > 1 and device.index != rank:
+            raise ConfigError(f"device = {preference!r} on torchrun rank LOCAL_RANK={rank} of {per_node} on this node "
+                              f"would share one GPU among the ranks; use device = \"auto\" or \"cuda\" (each rank gets "
+                              "cuda:LOCAL_RANK), or give each rank one GPU with CUDA_VISIBLE_DEVICES")
+        return device
     if rank >= count:
         raise ConfigError(f"LOCAL_RANK = {rank} but only {count} CUDA device(s) are visible; start at most {count} "
                           "processes per node (torchrun --nproc_per_node) or check CUDA_VISIBLE_DEVICES")

@@ -109,6 +109,7 @@ def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig(), *, arm
         common.Checkpointer(out_dir / "checkpoints", common.training_key(config, *inputs)).cleanup()
         for name in ("best_policy.pt", "best.json"):  # rl.select's copy: rl/model holds it now
             (out_dir / name).unlink(missing_ok=True)
+    world.barrier()  # every rank returns once the stage is done (a next stage must not read a half-written rl/)
     return summary
 
 
