@@ -513,3 +513,36 @@ def test_a_diverging_rl_step_raises_before_anything_is_committed(setup):
             tr.step()
     with pytest.raises(TrainingError, match="rl: weight .* non-finite"):
         common.check_finite_weights(tr.model, "rl")
+
+
+def test_sampled_rollouts_stop_at_the_end_of_turn_token(setup):
+    """Unconstrained rollouts of a ChatML student: SFT taught it to close its turn with <|im_end|>,
+    which is not the tokenizer's eos here; generation must stop there (and the verifier must take
+    it as a trailer), or every sampled completion runs on to max_new_tokens and is invalid."""
+    from gr2.train.dapo.rollouts import sampled_rollouts
+
+    model, tokenizer, sid_tokens, data, sids = setup
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end != tokenizer.eos_token_id
+    answer = fx.answer_ids(sid_tokens, sids[0], list(range(fx.K)), im_end)[4:]  # <answer> ... </answer> <|im_end|>
+    assert answer[0] == sid_tokens.answer_open
+    config = fx.small_config(constrained=False, reasoning=False, max_reasoning_tokens=0, max_new_tokens=len(answer) + 5)
+    trainer = fx.trainer(model, tokenizer, sid_tokens, data, sids, config, fx.scripted_rollouts(sids, sid_tokens))
+    assert im_end in trainer.ctx["stop_ids"] and tokenizer.eos_token_id in trainer.ctx["stop_ids"]
+    seen = {}
+
+    def generate(ids, *, eos_token_id, max_new_tokens, num_return_sequences, **_):
+        seen["eos"] = eos_token_id
+        tail = torch.tensor(answer + [7, 8, 9, 10, 11])[:max_new_tokens]  # what follows the turn is noise
+        return torch.cat([ids.repeat_interleave(num_return_sequences, 0),
+                          tail.expand(ids.shape[0] * num_return_sequences, -1)], dim=1)
+
+    model.generate = generate
+    try:
+        out = sampled_rollouts(model, tokenizer, [data.prompt_texts[0]], data.candidates[:1], 2, [0], config, trainer.ctx)
+    finally:
+        del model.generate
+    assert set(seen["eos"]) == set(trainer.ctx["stop_ids"])
+    assert out[0][0] == answer and out[0][1] == answer  # cut right after <|im_end|>
+    rewards = trainer._rewards(out[0], [0, 0])
+    assert rewards.valid.all()

@@ -162,8 +162,11 @@ class DapoTrainer:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         if index is None and candidate_sids is None:
             raise ConfigError("the DAPO trainer needs a SidIndex (index=) or the candidates' SIDs (candidate_sids=)")
+        # a sampled turn ends at eos or at the chat template's end-of-turn token (<|im_end|>, which SFT
+        # taught): generation stops at either, and the verifier treats either as a trailer
+        stop_ids = sorted({int(eos), *common.end_of_turn_ids(tokenizer)})
         self.ctx = {"index": index, "sid_tokens": sid_tokens, "eos_id": int(eos), "pad_id": int(pad), "device": self.device,
-                    "candidate_sids": candidate_sids}
+                    "candidate_sids": candidate_sids, "stop_ids": stop_ids}
         self.index, self.sid_tokens = index, sid_tokens
         self._check_context(model, candidate_sids)
         self.step_count = 0
@@ -201,7 +204,7 @@ class DapoTrainer:
 
     def _rewards(self, completions: list[list[int]], rows: list[int]) -> RewardBatch:
         kwargs = dict(sid_tokens=self.sid_tokens, alpha=self.config.alpha, conditional=self.config.conditional,
-                      invalid_reward=self.config.invalid_reward, trailer_ids=sorted({self.ctx["eos_id"], self.ctx["pad_id"]}))
+                      invalid_reward=self.config.invalid_reward, trailer_ids=sorted({*self.ctx["stop_ids"], self.ctx["pad_id"]}))
         cands, targets = self.data.candidates[rows], self.data.targets[rows]
         if self.config.reward != "rank":  # one relevant item per list: the target
             kwargs.update(relevance=(cands == targets[:, None]).astype(np.float64), reward_kind=self.config.reward)
