@@ -187,15 +187,42 @@ class World:
         if self.distributed:
             torch.distributed.barrier()
 
-    def sum_gradients(self, model: torch.nn.Module) -> None:
-        """Sum the gradients over the ranks by hand (DAPO; the SFT recipes use DDP instead)."""
+    def sum_gradients(self, model: torch.nn.Module, bucket_bytes: int = 25 << 20) -> None:
+        """Sum the gradients over the ranks by hand (DAPO; the SFT recipes use DDP instead), in
+        buckets of about ``bucket_bytes`` (DDP's default size): each bucket is flattened into one
+        tensor and reduced in one collective, instead of one collective per parameter."""
         if not self.distributed:
             return
+        grads = []
         for p in model.parameters():
             if p.requires_grad:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                torch.distributed.all_reduce(p.grad)
+                grads.append(p.grad)
+        for bucket in _buckets(grads, bucket_bytes):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            torch.distributed.all_reduce(flat)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
+def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
+    """Consecutive runs of same-dtype, same-device tensors of at most ``bucket_bytes`` (a larger
+    tensor is a bucket of its own)."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        last = out[-1] if out else None
+        if last and last[0].dtype == t.dtype and last[0].device == t.device and size + nbytes <= bucket_bytes:
+            last.append(t)
+            size += nbytes
+        else:
+            out.append([t])
+            size = nbytes
+    return out
 
 
 def dist_timeout() -> datetime.timedelta:
