@@ -45,6 +45,16 @@ from gr2.train.common import World
 EVAL_BATCH = 16  # prompts per decoding call during evaluation
 
 
+def minibatches(rollouts: Sequence[Rollout], group_size: int, updates: int) -> list[list[Rollout]]:
+    """Split a rank's rollouts (whole groups of ``group_size``, in group order) into ``updates``
+    mini-batches by each rollout's place in its group (place mod ``updates``): a rule that does not
+    depend on how the groups are spread over the ranks, so N processes take the optimizer steps of
+    one, whether or not ``updates`` divides G."""
+    if len(rollouts) % group_size:
+        raise InvalidInputError(f"{len(rollouts)} rollouts are not whole groups of G = {group_size}")
+    return [[r for k, r in enumerate(rollouts) if (k % group_size) % updates == i] for i in range(updates)]
+
+
 def dapo_update(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -68,7 +78,7 @@ def dapo_update(
     was_training = model.training
     model.eval()
     temp, share = config.temperature, config.share_prompt
-    micro = [list(rollouts[i::config.updates_per_batch]) for i in range(config.updates_per_batch)]
+    micro = minibatches(rollouts, config.group_size, config.updates_per_batch)
     chunks = [[mb[j::config.grad_accum] for j in range(config.grad_accum)] for mb in micro]
     clock = {"logprobs": 0.0, "loss_backward": 0.0, "optimizer": 0.0}
     t0 = time.perf_counter()
