@@ -62,7 +62,7 @@ from gr2.errors import ConfigError, DataError
 from gr2.models import DemoModelConfig, extend_with_sids, load_base_model, load_pretrained, save_pretrained_atomic
 from gr2.rerank import OUTPUT_GLOBS as RERANK_OUTPUTS
 from gr2.rundir import atomic_write_json, mark_done, stage_key
-from gr2.train import common
+from gr2.train import common, memory
 
 STAGE = "midtrain"
 TASKS = ("next", "caption", "ground", "replay")
@@ -426,7 +426,9 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
     checkpoints = common.Checkpointer(stage_dir / "checkpoints", common.training_key(config, *inputs), keep=config.keep_checkpoints,
                                       writer=world.writer, name=STAGE)
     model, tokenizer, sid_tokens = prepare_model(run_dir, config, catalog, checkpoints, world)
+    memory.check_stage(model, STAGE, config, device, dtype, world.size)  # refuse a plan that cannot fit, up front
     model = common.wrap_lora(model, config.lora).to(device=device, dtype=common.param_dtype(dtype))
+    memory.freeze_in_compute_dtype(model, dtype)
     optimizer = common.make_optimizer(model, config.lr, config.weight_decay)
     scheduler = common.make_scheduler(optimizer, config.steps, config.warmup_steps)
     resumed = checkpoints.resume(model, optimizer, scheduler, world)

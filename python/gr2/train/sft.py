@@ -40,7 +40,7 @@ from gr2.models import load_pretrained, save_pretrained_atomic
 from gr2.rerank import OUTPUT_GLOBS as RERANK_OUTPUTS
 from gr2.rundir import atomic_write_json, mark_done, stage_key
 from gr2.tokens import ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
-from gr2.train import common
+from gr2.train import common, memory
 
 STAGE = "sft"
 
@@ -234,7 +234,9 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
     with common.autocast(device, dtype):
         before = heldout_nll(model, tokenizer, heldout, config, device)
 
+    memory.check_stage(model, STAGE, config, device, dtype, world.size)  # refuse a plan that cannot fit, up front
     model = common.wrap_lora(model, config.lora)
+    memory.freeze_in_compute_dtype(model, dtype)
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     optimizer = common.make_optimizer(model, config.lr, config.weight_decay)

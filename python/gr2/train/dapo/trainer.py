@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from gr2.errors import ConfigError, DataError, InvalidInputError
 from gr2.rewards import RewardBatch, verify_rewards
 from gr2.rundir import atomic_write_bytes, atomic_write_json, stage_key
-from gr2.train import common
+from gr2.train import common, memory
 from gr2.train.dapo.config import DapoConfig
 from gr2.train.dapo.data import RlData
 from gr2.train.dapo.loss import (dapo_loss, group_advantages, informative_groups, outcome_of, overlong_penalty, pack,
@@ -159,7 +159,9 @@ class DapoTrainer:
         self.precision = common.choose_dtype(self.device, config.dtype)  # compute dtype (autocast)
         self.tokenizer = tokenizer
         # float32 master weights whatever the compute dtype (bf16 parameters round small steps away)
+        memory.check_stage(model, "rl", config, self.device, self.precision, world.size)  # refuse what cannot fit
         self.model = common.wrap_lora(model, config.lora).to(self.device, dtype=common.param_dtype(self.precision))
+        memory.freeze_in_compute_dtype(self.model, self.precision)
         if config.kl_coef > 0 and ref_model is None:  # the KL term would silently vanish
             raise ConfigError(f"rl.kl_coef = {config.kl_coef} penalises the distance to a reference policy, but no "
                               "reference model was given (ref_model=); pass the frozen start model or set rl.kl_coef = 0")
