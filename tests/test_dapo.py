@@ -443,6 +443,16 @@ def test_rl_stage_end_to_end_from_the_cli(setup, tmp_path, monkeypatch):
     answer = json.loads((run / "rl_answer" / "stage.json").read_text())["summary"]
     assert answer["arm"] == "answer" and answer["base_stage"] == "sft_answer" and answer["steps"] == 2
     assert answer["completion_length"] < record["summary"]["completion_length"]  # no reasoning tokens
+    # best-of-validation selection: rl/model is the best evaluated policy, and the stage's record
+    # still vouches for its folder (the selection's scratch files are gone before it is written)
+    from gr2.rundir import read_stage
+
+    selecting = tmp_path / "select.toml"
+    selecting.write_text(config.read_text().replace("eval_every = 0", "eval_every = 1\nselect = \"ndcg@5\""))
+    assert cli_main(["rl", "--run-dir", str(run), "--config", str(selecting), "--arm", "answer"]) == 0
+    done = read_stage(run / "rl_answer")
+    assert done is not None and done["summary"]["selected_step"] in (0, 1, 2)
+    assert not (run / "rl_answer" / "best_policy.pt").exists() and not (run / "rl_answer" / "best.json").exists()
 
 
 def test_lora_update_trains_adapters_only(setup):

@@ -105,10 +105,10 @@ def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig(), *, arm
     if world.rank == 0:
         save_pretrained_atomic(trainer.model, trainer.tokenizer, out_dir / "model")
         atomic_write_json(out_dir / "summary.json", summary)
+        for name in ("best_policy.pt", "best.json"):  # rl.select's copy: rl/model holds it now
+            (out_dir / name).unlink(missing_ok=True)  # (before the record, which vouches for every file left)
         mark_done(out_dir, key, summary, exclude=RERANK_OUTPUTS)
         common.Checkpointer(out_dir / "checkpoints", common.training_key(config, *inputs)).cleanup()
-        for name in ("best_policy.pt", "best.json"):  # rl.select's copy: rl/model holds it now
-            (out_dir / name).unlink(missing_ok=True)
     world.barrier()  # every rank returns once the stage is done (a next stage must not read a half-written rl/)
     return summary
 
