@@ -1,4 +1,8 @@
-"""Type stubs of the native module gr2._gr2 (rust/src/py)."""
+"""Type stubs of the native module gr2._gr2 (rust/src/py).
+
+Errors are :class:`gr2.Gr2Error` subclasses only: bad arguments raise InvalidInputError (naming the
+argument) and friends, and a Rust panic (a bug) is caught at the binding and raised as
+:class:`gr2.InternalError`, never as ``pyo3_runtime.PanicException``."""
 
 import numpy as np
 import os
@@ -6,6 +10,14 @@ from typing import Sequence
 import numpy.typing as npt
 
 __version__: str
+
+MAX_SID_LEVELS: int
+"""Most SID levels a TokenMap, SidTrie or reward verification accepts (26: code tokens are spelled
+``<s_X_N>`` with one level letter X in a..z)."""
+
+def _panic_for_tests() -> None:
+    """Test hook: a deliberate Rust panic, which every binding's guard turns into
+    :class:`gr2.InternalError` (never ``pyo3_runtime.PanicException``)."""
 
 # --- RQ encoding (rust/src/rq, rust/src/py/rq.rs) -------------------------------------------------
 
@@ -87,16 +99,25 @@ class TokenMap:
     def reasoning_forbidden(self) -> npt.NDArray[np.int64]: ...
 
 class SidTrie:
-    """Prefix tree over a catalog's SIDs (catalog-mode decoding)."""
-    def __init__(self, token_map: TokenMap, item_ids: npt.NDArray[np.uint64], codes: npt.NDArray[np.uint16]) -> None: ...
+    """Prefix tree over a catalog's SIDs (catalog-mode decoding): ``codes[i]`` (uint16, one code per
+    level, at most :data:`MAX_SID_LEVELS` levels) is the unique SID of ``item_ids[i]``.
+
+    It holds codes, not token ids, so one trie serves any token map: ``ConstraintBatch.add_catalog``
+    raises InvalidInputError when the batch's token map has other levels or lacks a token for one
+    of the trie's codes."""
+    def __init__(self, item_ids: npt.NDArray[np.uint64], codes: npt.NDArray[np.uint16]) -> None: ...
     @staticmethod
-    def from_index(token_map: TokenMap, index: SidIndex) -> SidTrie:
+    def from_index(index: SidIndex) -> SidTrie:
         """The trie of every item of ``index``, read from it in Rust (no codes() copy)."""
     def __len__(self) -> int: ...
-    def __contains__(self, item: int) -> bool: ...
+    def __contains__(self, item_id: int) -> bool:
+        """Integers outside the uint64 range are not contained; a non-integer is an InvalidInputError."""
 
 class ConstraintBatch:
-    """Many per-request decoding automata; batched mask fill with the GIL released."""
+    """Many per-request decoding automata; batched mask fill with the GIL released.
+
+    Every argument is checked: a wrongly typed or out-of-range one is an InvalidInputError naming
+    it; a token the constraint forbids is a ConstraintError (and no row changes)."""
     def __init__(self, token_map: TokenMap) -> None: ...
     def __len__(self) -> int: ...
     def add_rerank(

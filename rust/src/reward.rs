@@ -150,11 +150,11 @@ impl Candidates<'_> {
         }
     }
 
-    /// Number of candidates over all rows.
-    fn total(&self) -> usize {
+    /// Number of candidates over all rows; None when B x K overflows (a wrong `k`).
+    fn total(&self) -> Option<usize> {
         match self.offsets {
-            Some(o) => o.last().copied().unwrap_or(0),
-            None => self.rows * self.k,
+            Some(o) => Some(o.last().copied().unwrap_or(0)),
+            None => self.rows.checked_mul(self.k),
         }
     }
 
@@ -191,7 +191,7 @@ impl Candidates<'_> {
         if l == 0 || l > 26 {
             return Err(Gr2Error::invalid(format!("SIDs must have 1..=26 levels, got {l}")));
         }
-        let n = self.total();
+        let n = self.total().ok_or_else(|| Gr2Error::invalid(format!("{b} rows of k = {k} candidates overflow usize")))?;
         if self.items.len() != n {
             return Err(Gr2Error::invalid(format!("candidates hold {} ids, expected {n}", self.items.len())));
         }

@@ -649,9 +649,9 @@ def catalog_decode(
     step_model = StepModel(model)
     token_map = build_token_map(tokens, eos=eos, vocab_size=step_model.vocab_size, tokenizer=tokenizer)
     if isinstance(index, _gr2.SidIndex):  # read in Rust, no item_ids()/codes() copies
-        trie = _gr2.SidTrie.from_index(token_map, index)
+        trie = _gr2.SidTrie.from_index(index)
     else:  # any object with item_ids() and codes() (tests, array-backed stand-ins)
-        trie = _gr2.SidTrie(token_map, np.ascontiguousarray(index.item_ids(), dtype=np.uint64),
+        trie = _gr2.SidTrie(np.ascontiguousarray(index.item_ids(), dtype=np.uint64),
                             np.ascontiguousarray(index.codes(), dtype=np.uint16))
     scorer = _Scorer(step_model, token_map.reasoning_forbidden())
     input_ids, attention_mask = _encode(tokenizer, texts, step_model.device, eos)

@@ -85,12 +85,10 @@ impl DecodeState {
         exclude: &[u64],
         framing: Framing,
     ) -> Result<Self> {
-        if trie.levels != tokens.levels {
-            return Err(Gr2Error::invalid(format!(
-                "catalog SIDs have {} levels, the token map {}",
-                trie.levels, tokens.levels
-            )));
-        }
+        check_codes_fit(&tokens, &trie).map_err(|e| match e {
+            Gr2Error::InvalidInput(m) => Gr2Error::invalid(format!("trie: {m}")),
+            other => other,
+        })?;
         if n_items == 0 {
             return Err(Gr2Error::invalid("n_items must be >= 1"));
         }
@@ -319,36 +317,23 @@ impl DecodeState {
     }
 }
 
+/// Whether `tokens` has a token for every code of `trie`: the same number of levels, and each
+/// level's size covers the trie's codes there. O(levels), so a shared catalog trie is checked
+/// against each request's token map without walking it.
 fn check_codes_fit(tokens: &TokenMap, trie: &SidTrie) -> Result<()> {
     if trie.levels != tokens.levels {
         return Err(Gr2Error::invalid(format!(
-            "SIDs have {} levels, the token map {}",
+            "the SIDs have {} levels, the token map {}",
             trie.levels, tokens.levels
         )));
     }
-    // Every child code at depth d must have a token.
-    let mut stack = vec![(0u32, 0usize)];
-    while let Some((node, depth)) = stack.pop() {
-        if depth == trie.levels {
-            continue;
-        }
-        for k in trie.children(node) {
-            let code = trie.child_code[k] as usize;
-            if code >= tokens.level_sizes[depth] {
-                return Err(Gr2Error::invalid(format!(
-                    "code {code} at level {depth} has no token (level size {})",
-                    tokens.level_sizes[depth]
-                )));
-            }
-            stack.push((trie.child_node[k], depth + 1));
+    for (level, (&bound, &size)) in trie.level_code_bounds.iter().zip(&tokens.level_sizes).enumerate() {
+        if bound > size {
+            return Err(Gr2Error::invalid(format!(
+                "code {} at level {level} has no token: the token map's level size is {size}",
+                bound - 1
+            )));
         }
     }
     Ok(())
-}
-
-/// Build a catalog trie and check it against the token map.
-pub fn catalog_trie(tokens: &TokenMap, items: &[u64], codes: &[u16]) -> Result<SidTrie> {
-    let trie = SidTrie::build(items, codes, tokens.levels)?;
-    check_codes_fit(tokens, &trie)?;
-    Ok(trie)
 }

@@ -147,7 +147,7 @@ fn catalog_excludes_and_never_dead_ends() {
     // Items 0..9 with SIDs (a, b) for a, b in 0..3.
     let items: Vec<u64> = (0..9).collect();
     let codes: Vec<u16> = (0..9).flat_map(|i| [i as u16 / 3, i as u16 % 3]).collect();
-    let trie = Arc::new(catalog_trie(&tm, &items, &codes).unwrap());
+    let trie = Arc::new(SidTrie::build(&items, &codes, 2).unwrap());
     let framing = Framing { reasoning: ReasoningStart::Disabled, max_reasoning_tokens: 0, answer_tags: false };
     // Exclude the whole first subtree (0, *): its level-0 code must disappear.
     let mut st = DecodeState::catalog(tm.clone(), trie.clone(), 6, &[0, 1, 2, 42], framing).unwrap();
@@ -186,4 +186,25 @@ fn batch_calls_are_all_or_nothing() {
     assert_eq!(off, vec![0, 1, 2]);
     assert_eq!(ids, vec![tm.answer_open as i32; 2]);
     assert_eq!(free, vec![false, false]);
+}
+
+#[test]
+fn catalog_refuses_a_token_map_without_a_token_for_each_trie_code() {
+    // codes 0..8 at one level: a map with 3 codes per level cannot spell codes 3..7
+    let items: Vec<u64> = (0..8).collect();
+    let codes: Vec<u16> = (0..8).collect();
+    let trie = Arc::new(SidTrie::build(&items, &codes, 1).unwrap());
+    assert_eq!(trie.level_code_bounds(), &[8]);
+    let framing = Framing { reasoning: ReasoningStart::Disabled, max_reasoning_tokens: 0, answer_tags: false };
+    let narrow = token_map(1, 3, 40);
+    match DecodeState::catalog(narrow, trie.clone(), 1, &[], framing) {
+        Err(Gr2Error::InvalidInput(m)) => assert!(m.contains("code 7 at level 0 has no token"), "{m}"),
+        other => panic!("expected InvalidInput, got {other:?}"),
+    }
+    let two_levels = token_map(2, 8, 40);
+    assert!(matches!(DecodeState::catalog(two_levels, trie.clone(), 1, &[], framing), Err(Gr2Error::InvalidInput(_))));
+    let wide = token_map(1, 8, 40);
+    let mut st = DecodeState::catalog(wide.clone(), trie, 1, &[], framing).unwrap();
+    st.advance(wide.sid_begin).unwrap();
+    assert_eq!(st.allowed().unwrap(), wide.code_ids[0]);
 }

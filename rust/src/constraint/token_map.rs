@@ -5,6 +5,14 @@ use crate::error::{Gr2Error, Result};
 
 pub(super) const NO_CODE: u32 = u32::MAX;
 
+/// Most SID levels anything in gr2 decodes or verifies: code tokens are spelled `<s_X_N>` with
+/// one level letter X in `a..z`.
+pub const MAX_SID_LEVELS: usize = 26;
+
+/// Largest `vocab_size` a [`TokenMap`] accepts (2^26, far above any tokenizer's): its id tables
+/// are `vocab_size` long, so a wrong argument fails fast instead of allocating gigabytes.
+pub const MAX_VOCAB_SIZE: usize = 1 << 26;
+
 /// Token ids of the SID vocabulary and the output-format tags inside one tokenizer/model.
 #[derive(Debug)]
 pub struct TokenMap {
@@ -53,8 +61,8 @@ pub fn words_per_row(vocab_size: usize) -> usize {
 impl TokenMap {
     pub fn new(spec: TokenMapSpec) -> Result<Self> {
         let v = spec.vocab_size;
-        if v == 0 || v > u32::MAX as usize / 2 {
-            return Err(Gr2Error::invalid(format!("vocab_size must be in 1..2^31, got {v}")));
+        if v == 0 || v > MAX_VOCAB_SIZE {
+            return Err(Gr2Error::invalid(format!("vocab_size must be in 1..={MAX_VOCAB_SIZE}, got {v}")));
         }
         let check = |name: &str, id: i64| -> Result<u32> {
             if id < 0 || id as usize >= v {
@@ -88,8 +96,11 @@ impl TokenMap {
         if spec.code_ids.is_empty() {
             return Err(Gr2Error::invalid("the SID vocabulary needs at least one level"));
         }
-        if spec.code_ids.len() > 255 {
-            return Err(Gr2Error::invalid("at most 255 SID levels"));
+        if spec.code_ids.len() > MAX_SID_LEVELS {
+            return Err(Gr2Error::invalid(format!(
+                "code_ids has {} levels; at most {MAX_SID_LEVELS} SID levels are supported (the level letters a..z of <s_X_N>)",
+                spec.code_ids.len()
+            )));
         }
         let mut token_code = vec![NO_CODE; v];
         for &t in &tag_ids {

@@ -3,13 +3,17 @@
 
 use std::collections::HashMap;
 
+use super::token_map::MAX_SID_LEVELS;
 use crate::error::{Gr2Error, Result};
 
 /// A prefix tree over unique SIDs. Node 0 is the root (depth 0); a node at depth `L` is a leaf and
-/// stands for one item.
+/// stands for one item. It holds codes, not token ids: any [`super::TokenMap`] whose levels cover
+/// [`SidTrie::level_code_bounds`] can decode with it (checked where the two meet).
 #[derive(Debug)]
 pub struct SidTrie {
     pub(super) levels: usize,
+    /// Per level: the largest code any SID uses there, plus one.
+    pub(super) level_code_bounds: Vec<usize>,
     /// Children of node `n` are `first_child[n]..first_child[n + 1]` in `child_code`/`child_node`.
     pub(super) first_child: Vec<u32>,
     pub(super) child_code: Vec<u16>,
@@ -27,8 +31,10 @@ impl SidTrie {
     /// Build from `items` (n,) and their SIDs `codes` (n x levels, row-major).
     pub fn build(items: &[u64], codes: &[u16], levels: usize) -> Result<Self> {
         let n = items.len();
-        if levels == 0 || levels > 255 {
-            return Err(Gr2Error::invalid(format!("levels must be in 1..=255, got {levels}")));
+        if levels == 0 || levels > MAX_SID_LEVELS {
+            return Err(Gr2Error::invalid(format!(
+                "SIDs have {levels} levels; decoding supports 1..={MAX_SID_LEVELS} (the level letters a..z of <s_X_N>)"
+            )));
         }
         if codes.len() != n * levels {
             return Err(Gr2Error::invalid(format!(
@@ -105,7 +111,19 @@ impl SidTrie {
         for (node, &item) in leaf_item.iter().enumerate().skip(leaves_first) {
             item_leaf.insert(item, node as u32);
         }
-        Ok(SidTrie { levels, first_child, child_code, child_node, parent, leaf_count, leaf_item, item_leaf })
+        let mut level_code_bounds = vec![0usize; levels];
+        for sid in codes.chunks_exact(levels) {
+            for (bound, &code) in level_code_bounds.iter_mut().zip(sid) {
+                *bound = (*bound).max(code as usize + 1);
+            }
+        }
+        Ok(SidTrie { levels, level_code_bounds, first_child, child_code, child_node, parent, leaf_count, leaf_item, item_leaf })
+    }
+
+    /// Per level, the largest code of any SID plus one: a token map decodes this trie when each
+    /// of its level sizes is at least this.
+    pub fn level_code_bounds(&self) -> &[usize] {
+        &self.level_code_bounds
     }
 
     pub fn levels(&self) -> usize {

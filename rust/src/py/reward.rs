@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
 use pyo3::types::PyDict;
 
-use crate::error::Gr2Error;
+use crate::error::{catch_panics, Gr2Error};
 use crate::py::index::PySidIndex;
 use crate::reward::{self, Candidates, Catalog, Completions, InvalidReason, RewardConfig, RewardKind, TagIds, TokenMap};
 
@@ -133,12 +133,14 @@ fn _verify_rewards_text<'py>(
     graded_k: usize,
     kind: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let (b, k, nk) = (targets.len(), width, metric_ks.len());
-    let cfg = config(alpha, conditional, invalid_reward, metric_ks, graded_k, kind)?;
-    let inputs = Inputs { items, sids, offsets: cand_offsets, k, targets, catalog, relevance };
-    let completions = Completions::Text { texts: &texts, trailers: &trailers };
-    let out = inputs.run(py, &completions, &cfg)?;
-    to_dict(py, out, b, k, nk)
+    catch_panics(|| {
+        let (b, k, nk) = (targets.len(), width, metric_ks.len());
+        let cfg = config(alpha, conditional, invalid_reward, metric_ks, graded_k, kind)?;
+        let inputs = Inputs { items, sids, offsets: cand_offsets, k, targets, catalog, relevance };
+        let completions = Completions::Text { texts: &texts, trailers: &trailers };
+        let out = inputs.run(py, &completions, &cfg)?;
+        to_dict(py, out, b, k, nk)
+    })
 }
 
 /// Verify token-id completions given flat ids and B+1 offsets.
@@ -167,24 +169,26 @@ fn _verify_rewards_tokens<'py>(
     graded_k: usize,
     kind: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let (b, k, nk) = (targets.len(), width, metric_ks.len());
-    let cfg = config(alpha, conditional, invalid_reward, metric_ks, graded_k, kind)?;
-    let map = TokenMap::new(
-        &TagIds(tag_ids),
-        contiguous("code_ids", &code_ids)?,
-        code_ids.shape()[0],
-        &whitespace_ids,
-        &trailer_ids,
-    )?;
-    let offsets_raw = contiguous("offsets", &offsets)?;
-    if let Some(bad) = offsets_raw.iter().find(|&&o| o < 0) {
-        return Err(Gr2Error::invalid(format!("token offsets must be >= 0, got {bad}")).into());
-    }
-    let offsets: Vec<usize> = offsets_raw.iter().map(|&o| o as usize).collect();
-    let inputs = Inputs { items, sids, offsets: cand_offsets, k, targets, catalog, relevance };
-    let completions: Completions<'_, &str> = Completions::Tokens { ids: contiguous("token ids", &ids)?, offsets: &offsets, map: &map };
-    let out = inputs.run(py, &completions, &cfg)?;
-    to_dict(py, out, b, k, nk)
+    catch_panics(|| {
+        let (b, k, nk) = (targets.len(), width, metric_ks.len());
+        let cfg = config(alpha, conditional, invalid_reward, metric_ks, graded_k, kind)?;
+        let map = TokenMap::new(
+            &TagIds(tag_ids),
+            contiguous("code_ids", &code_ids)?,
+            code_ids.shape()[0],
+            &whitespace_ids,
+            &trailer_ids,
+        )?;
+        let offsets_raw = contiguous("offsets", &offsets)?;
+        if let Some(bad) = offsets_raw.iter().find(|&&o| o < 0) {
+            return Err(Gr2Error::invalid(format!("token offsets must be >= 0, got {bad}")).into());
+        }
+        let offsets: Vec<usize> = offsets_raw.iter().map(|&o| o as usize).collect();
+        let inputs = Inputs { items, sids, offsets: cand_offsets, k, targets, catalog, relevance };
+        let completions: Completions<'_, &str> = Completions::Tokens { ids: contiguous("token ids", &ids)?, offsets: &offsets, map: &map };
+        let out = inputs.run(py, &completions, &cfg)?;
+        to_dict(py, out, b, k, nk)
+    })
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
