@@ -402,3 +402,31 @@ def test_a_trie_is_checked_against_the_token_map_it_decodes_with():
     batch.add_catalog(small, n_items=2)
     batch.advance(np.array([0]), np.array([SID_BEGIN]))
     assert batch.allowed_ids(0).tolist() == sorted(narrow_ids[0, :2].tolist())
+
+
+def test_one_sid_level_limit_for_token_maps_tries_and_rewards():
+    """One limit, MAX_SID_LEVELS = 26 (the level letters a..z of <s_X_N>), refused the same way
+    by the token map, the trie and the reward verifier (the token map and trie allowed 255)."""
+    from gr2.tokens import LEVEL_LETTERS
+
+    assert _gr2.MAX_SID_LEVELS == len(LEVEL_LETTERS) == 26
+    most, too_many = _gr2.MAX_SID_LEVELS, _gr2.MAX_SID_LEVELS + 1
+    assert len(_gr2.SidTrie(np.array([1], np.uint64), np.zeros((1, most), np.uint16))) == 1
+    assert make_token_map([1] * most)[0].levels == most
+    with pytest.raises(InvalidInputError, match="^codes: 27 SID levels, but gr2 supports 1..=26"):
+        _gr2.SidTrie(np.array([1], np.uint64), np.zeros((1, too_many), np.uint16))
+    with pytest.raises(InvalidInputError, match="^code_ids: 27 SID levels, but gr2 supports 1..=26"):
+        make_token_map([1] * too_many)
+    with pytest.raises(InvalidInputError, match="^candidate SIDs: 27 SID levels, but gr2 supports 1..=26"):
+        gr2.verify_rewards(["x"], [[1]], [1], candidate_sids=np.zeros((1, 1, too_many), np.uint16))
+
+
+def test_a_token_map_without_eos_verifies_but_does_not_decode():
+    tm, code_ids, vocab = make_token_map([3])
+    no_eos = _gr2.TokenMap(code_ids, sid_begin=SID_BEGIN, sid_end=SID_END, think_open=THINK_OPEN,
+                           think_close=THINK_CLOSE, answer_open=ANSWER_OPEN, answer_close=ANSWER_CLOSE,
+                           vocab_size=vocab)
+    assert no_eos.eos is None and tm.eos == EOS
+    assert EOS not in no_eos.reasoning_forbidden().tolist()
+    with pytest.raises(InvalidInputError, match="^token_map has no eos"):
+        _gr2.ConstraintBatch(no_eos)

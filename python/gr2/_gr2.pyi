@@ -72,7 +72,12 @@ class RQCodebooks:
 # --- constrained decoding (rust/src/py/constraint.rs) --------------------------------------------
 
 class TokenMap:
-    """Token ids of the SID vocabulary and the format tags, for logits of width ``vocab_size``."""
+    """Token ids of the SID vocabulary and the format tags, for logits of width ``vocab_size``
+    (at most 2**26); at most :data:`MAX_SID_LEVELS` levels.
+
+    The one token map of gr2: constrained decoding (``ConstraintBatch``) and the token-id path of
+    :func:`gr2.verify_rewards` both read it. ``eos=None`` makes a map that only verifies
+    completions (the verifier reads tags and codes only); ``ConstraintBatch`` refuses it."""
     def __init__(
         self,
         code_ids: npt.NDArray[np.int64],  # (L, max_codes), -1 padding
@@ -83,8 +88,8 @@ class TokenMap:
         think_close: int,
         answer_open: int,
         answer_close: int,
-        eos: int,
         vocab_size: int,
+        eos: int | None = None,
         reasoning_vocab: int | None = None,
         forbidden_in_reasoning: list[int] | None = None,
     ) -> None: ...
@@ -95,7 +100,7 @@ class TokenMap:
     @property
     def levels(self) -> int: ...
     @property
-    def eos(self) -> int: ...
+    def eos(self) -> int | None: ...
     def reasoning_forbidden(self) -> npt.NDArray[np.int64]: ...
 
 class SidTrie:
@@ -185,8 +190,7 @@ def _verify_rewards_text(
 def _verify_rewards_tokens(
     ids: npt.NDArray[np.int64],
     offsets: npt.NDArray[np.int64],
-    tag_ids: list[int],
-    code_ids: npt.NDArray[np.int64],
+    token_map: TokenMap,  # tags and codes (gr2.rewards builds it once per SidTokens, eos=None)
     whitespace_ids: list[int],
     trailer_ids: list[int],
     items: npt.NDArray[np.uint64],  # (N,) flat candidates

@@ -26,7 +26,7 @@ use rayon::prelude::*;
 use crate::error::{Gr2Error, Result};
 
 pub use state::{DecodeState, Framing, ReasoningStart};
-pub use token_map::{words_per_row, TokenMap, TokenMapSpec, MAX_SID_LEVELS, MAX_VOCAB_SIZE};
+pub use token_map::{check_sid_levels, words_per_row, TokenMap, TokenMapSpec, TokenRole, MAX_SID_LEVELS, MAX_VOCAB_SIZE};
 pub use trie::SidTrie;
 
 /// Fill `out` (rows x words, row-major) with the masks of `states[rows[i]]`, in parallel.

@@ -37,6 +37,8 @@ enum Phase {
 #[derive(Debug, Clone)]
 pub struct DecodeState {
     tokens: Arc<TokenMap>,
+    /// The map's EOS (a map without one cannot decode: checked when the state is built).
+    eos: u32,
     trie: Arc<SidTrie>,
     used: UsedCounts,
     phase: Phase,
@@ -65,6 +67,7 @@ impl Default for Framing {
 impl DecodeState {
     /// Rerank: emit every one of the K candidates exactly once, in any order.
     pub fn rerank(tokens: Arc<TokenMap>, candidates: &[u64], codes: &[u16], framing: Framing) -> Result<Self> {
+        let eos = decoding_eos(&tokens)?;
         if candidates.is_empty() {
             return Err(Gr2Error::invalid("a rerank request needs at least one candidate"));
         }
@@ -74,7 +77,7 @@ impl DecodeState {
         })?;
         check_codes_fit(&tokens, &trie)?;
         let used = UsedCounts::Dense(vec![0; trie.num_nodes()]);
-        Ok(Self::start(tokens, Arc::new(trie), used, candidates.len(), framing))
+        Ok(Self::start(tokens, eos, Arc::new(trie), used, candidates.len(), framing))
     }
 
     /// Catalog: emit `n_items` distinct catalog items, none of them in `exclude`.
@@ -85,6 +88,7 @@ impl DecodeState {
         exclude: &[u64],
         framing: Framing,
     ) -> Result<Self> {
+        let eos = decoding_eos(&tokens)?;
         check_codes_fit(&tokens, &trie).map_err(|e| match e {
             Gr2Error::InvalidInput(m) => Gr2Error::invalid(format!("trie: {m}")),
             other => other,
@@ -109,10 +113,10 @@ impl DecodeState {
                 trie.len()
             )));
         }
-        Ok(Self::start(tokens, trie, used, n_items, framing))
+        Ok(Self::start(tokens, eos, trie, used, n_items, framing))
     }
 
-    fn start(tokens: Arc<TokenMap>, trie: Arc<SidTrie>, used: UsedCounts, n_items: usize, framing: Framing) -> Self {
+    fn start(tokens: Arc<TokenMap>, eos: u32, trie: Arc<SidTrie>, used: UsedCounts, n_items: usize, framing: Framing) -> Self {
         let phase = match framing.reasoning {
             ReasoningStart::Think => Phase::ThinkOpen,
             ReasoningStart::InThink => Phase::Reasoning,
@@ -121,6 +125,7 @@ impl DecodeState {
         };
         DecodeState {
             tokens,
+            eos,
             trie,
             used,
             phase,
@@ -188,7 +193,7 @@ impl DecodeState {
                 }
             }
             Phase::ItemStart if self.answer_tags => emit(t.answer_close),
-            Phase::ItemStart | Phase::Eos | Phase::Done => emit(t.eos),
+            Phase::ItemStart | Phase::Eos | Phase::Done => emit(self.eos),
             Phase::InSid(node) => {
                 let depth = self.depth(node);
                 if depth == self.trie.levels {
@@ -315,6 +320,13 @@ impl DecodeState {
         };
         Ok(())
     }
+}
+
+/// The EOS id of a map that is to decode (a verification-only map has none).
+fn decoding_eos(tokens: &TokenMap) -> Result<u32> {
+    tokens.eos.ok_or_else(|| {
+        Gr2Error::invalid("the token map has no eos: decoding ends with EOS, so build the TokenMap with eos=")
+    })
 }
 
 /// Whether `tokens` has a token for every code of `trie`: the same number of levels, and each

@@ -25,7 +25,7 @@ pub(crate) fn token_map(levels: usize, size: usize, vocab: usize) -> Arc<TokenMa
             think_close: 23,
             answer_open: 24,
             answer_close: 25,
-            eos: 26,
+            eos: Some(26),
             vocab_size: vocab.max(27 + levels * size),
             reasoning_vocab: None,
             forbidden_in_reasoning: vec![0],
@@ -87,8 +87,8 @@ fn run_greedy_walk(tm: &Arc<TokenMap>, cands: &[Vec<u16>], choices: &[usize]) {
     }
     assert_eq!(st.allowed().unwrap(), vec![tm.answer_close]);
     st.advance(tm.answer_close).unwrap();
-    assert_eq!(st.allowed().unwrap(), vec![tm.eos]);
-    st.advance(tm.eos).unwrap();
+    assert_eq!(st.allowed().unwrap(), vec![tm.eos.unwrap()]);
+    st.advance(tm.eos.unwrap()).unwrap();
     assert!(st.is_done());
     let mut e = st.emitted().to_vec();
     e.sort_unstable();
@@ -120,7 +120,7 @@ fn reasoning_budget_forces_think_close() {
     assert!(st.advance(1).is_err());
     st.advance(tm.think_open).unwrap();
     assert!(st.is_free());
-    assert!(!st.allows(0) && !st.allows(tm.eos) && !st.allows(tm.answer_open) && st.allows(tm.think_close));
+    assert!(!st.allows(0) && !st.allows(tm.eos.unwrap()) && !st.allows(tm.answer_open) && st.allows(tm.think_close));
     for t in [1, 2, 3] {
         st.advance(t).unwrap();
     }
@@ -160,7 +160,7 @@ fn catalog_excludes_and_never_dead_ends() {
         st.advance(second[0]).unwrap();
         st.advance(tm.sid_end).unwrap();
     }
-    assert_eq!(st.allowed().unwrap(), vec![tm.eos]);
+    assert_eq!(st.allowed().unwrap(), vec![tm.eos.unwrap()]);
     let mut e = st.emitted().to_vec();
     e.sort_unstable();
     assert_eq!(e, vec![3, 4, 5, 6, 7, 8]);

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::token_map::MAX_SID_LEVELS;
+use super::token_map::check_sid_levels;
 use crate::error::{Gr2Error, Result};
 
 /// A prefix tree over unique SIDs. Node 0 is the root (depth 0); a node at depth `L` is a leaf and
@@ -31,11 +31,7 @@ impl SidTrie {
     /// Build from `items` (n,) and their SIDs `codes` (n x levels, row-major).
     pub fn build(items: &[u64], codes: &[u16], levels: usize) -> Result<Self> {
         let n = items.len();
-        if levels == 0 || levels > MAX_SID_LEVELS {
-            return Err(Gr2Error::invalid(format!(
-                "SIDs have {levels} levels; decoding supports 1..={MAX_SID_LEVELS} (the level letters a..z of <s_X_N>)"
-            )));
-        }
+        check_sid_levels("codes", levels)?;
         if codes.len() != n * levels {
             return Err(Gr2Error::invalid(format!(
                 "codes hold {} values, expected {n} items x {levels} levels",

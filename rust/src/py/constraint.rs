@@ -101,11 +101,18 @@ pub struct PyTokenMap {
     inner: Arc<core::TokenMap>,
 }
 
+impl PyTokenMap {
+    /// The Rust map, for the reward verifier's token-id path.
+    pub(crate) fn token_map(&self) -> &core::TokenMap {
+        &self.inner
+    }
+}
+
 #[pymethods]
 impl PyTokenMap {
     #[new]
-    #[pyo3(signature = (code_ids, *, sid_begin, sid_end, think_open, think_close, answer_open, answer_close, eos,
-                        vocab_size, reasoning_vocab=None, forbidden_in_reasoning=None))]
+    #[pyo3(signature = (code_ids, *, sid_begin, sid_end, think_open, think_close, answer_open, answer_close,
+                        vocab_size, eos=None, reasoning_vocab=None, forbidden_in_reasoning=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         code_ids: &Bound<'_, PyAny>,
@@ -115,8 +122,8 @@ impl PyTokenMap {
         think_close: &Bound<'_, PyAny>,
         answer_open: &Bound<'_, PyAny>,
         answer_close: &Bound<'_, PyAny>,
-        eos: &Bound<'_, PyAny>,
         vocab_size: &Bound<'_, PyAny>,
+        eos: Option<&Bound<'_, PyAny>>,
         reasoning_vocab: Option<&Bound<'_, PyAny>>,
         forbidden_in_reasoning: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
@@ -126,7 +133,10 @@ impl PyTokenMap {
             let (sid_begin, sid_end) = (id(sid_begin, "sid_begin")?, id(sid_end, "sid_end")?);
             let (think_open, think_close) = (id(think_open, "think_open")?, id(think_close, "think_close")?);
             let (answer_open, answer_close) = (id(answer_open, "answer_open")?, id(answer_close, "answer_close")?);
-            let eos = id(eos, "eos")?;
+            let eos = match eos {
+                Some(e) if !e.is_none() => Some(id(e, "eos")?),
+                _ => None,
+            };
             let vocab_size: usize = arg(vocab_size, "vocab_size", "an int >= 1")?;
             let reasoning_vocab: Option<usize> = match reasoning_vocab {
                 Some(r) if !r.is_none() => Some(arg(r, "reasoning_vocab", "an int >= 1")?),
@@ -171,8 +181,9 @@ impl PyTokenMap {
         self.inner.levels
     }
 
+    /// None for a map that only verifies completions.
     #[getter]
-    fn eos(&self) -> u32 {
+    fn eos(&self) -> Option<u32> {
         self.inner.eos
     }
 
@@ -335,7 +346,11 @@ impl PyConstraintBatch {
     #[new]
     fn new(token_map: &Bound<'_, PyAny>) -> PyResult<Self> {
         let token_map = arg::<Bound<'_, PyTokenMap>>(token_map, "token_map", "a gr2.TokenMap")?;
-        Ok(PyConstraintBatch { tokens: token_map.get().inner.clone(), states: Vec::new() })
+        let tokens = token_map.get().inner.clone();
+        if tokens.eos.is_none() {
+            return Err(Gr2Error::invalid("token_map has no eos: decoding ends with EOS, so build the TokenMap with eos=").into());
+        }
+        Ok(PyConstraintBatch { tokens, states: Vec::new() })
     }
 
     fn __len__(&self) -> usize {
