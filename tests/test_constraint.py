@@ -430,3 +430,31 @@ def test_a_token_map_without_eos_verifies_but_does_not_decode():
     assert EOS not in no_eos.reasoning_forbidden().tolist()
     with pytest.raises(InvalidInputError, match="^token_map has no eos"):
         _gr2.ConstraintBatch(no_eos)
+
+
+def test_from_index_builds_the_trie_once_per_index():
+    """SidTrie.from_index keeps the trie with the index: a second call returns the same object
+    (nothing rebuilt). An index derived with extend/remove is a new index with its own trie."""
+    rng = np.random.default_rng(5)
+    flat = rng.choice(4 * 4 * 4, size=20, replace=False)
+    codes = np.array(np.unravel_index(flat, (4, 4, 4))).T.astype(np.uint16)
+    items = np.arange(100, 120, dtype=np.uint64)
+    index = gr2.SidIndex.build(items, codes, [4, 4, 4])
+    trie = _gr2.SidTrie.from_index(index)
+    assert _gr2.SidTrie.from_index(index) is trie
+    free = next(c for c in np.ndindex(4, 4, 4) if not (codes == c).all(axis=1).any())
+    extended = index.extend(np.array([7], np.uint64), np.array([free], np.uint16))
+    bigger = _gr2.SidTrie.from_index(extended)
+    assert bigger is not trie and _gr2.SidTrie.from_index(extended) is bigger
+    assert len(bigger) == 21 and 7 in bigger and len(trie) == 20 and 7 not in trie
+    smaller = _gr2.SidTrie.from_index(index.remove(np.array([100], np.uint64)))
+    assert len(smaller) == 19 and 100 not in smaller and 100 in trie
+    tm, _, _ = make_token_map((4, 4, 4))
+    for source, kept in ((index, trie), (extended, bigger)):  # a kept trie decodes like a fresh one
+        first_codes = []
+        for t in (kept, _gr2.SidTrie(source.item_ids(), source.codes())):
+            batch = _gr2.ConstraintBatch(tm)
+            batch.add_catalog(t, n_items=1)
+            batch.advance(np.array([0]), np.array([SID_BEGIN]))
+            first_codes.append(batch.allowed_ids(0).tolist())
+        assert first_codes[0] == first_codes[1]

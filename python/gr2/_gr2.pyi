@@ -113,7 +113,9 @@ class SidTrie:
     def __init__(self, item_ids: npt.NDArray[np.uint64], codes: npt.NDArray[np.uint16]) -> None: ...
     @staticmethod
     def from_index(index: SidIndex) -> SidTrie:
-        """The trie of every item of ``index``, read from it in Rust (no codes() copy)."""
+        """The trie of every item of ``index``, read from it in Rust (no codes() copy). Built on
+        the first call and kept with the index (which never changes; ``extend``/``remove`` return
+        new indexes): later calls return the same trie, at no cost."""
     def __len__(self) -> int: ...
     def __contains__(self, item_id: int) -> bool:
         """Integers outside the uint64 range are not contained; a non-integer is an InvalidInputError."""

@@ -223,18 +223,24 @@ impl PySidTrie {
     }
 
     /// The trie of every item of a loaded index, read from the index in Rust (no `item_ids()` /
-    /// `codes()` copies through Python).
+    /// `codes()` copies through Python). Built once per index and kept with it: later calls
+    /// return the same trie (an index never changes; `extend`/`remove` return new ones).
     #[staticmethod]
-    fn from_index(py: Python<'_>, index: &Bound<'_, PyAny>) -> PyResult<Self> {
+    fn from_index(py: Python<'_>, index: &Bound<'_, PyAny>) -> PyResult<Py<PySidTrie>> {
         catch_panics(|| {
             let index = arg::<Bound<'_, PySidIndex>>(index, "index", "a gr2.SidIndex")?;
-            let index = index.get().sid_index();
-            let trie = py.detach(|| core::SidTrie::build(&index.item_ids_by_sid(), &index.codes_by_sid(), index.levels()))
-                .map_err(|e| match e {
-                    Gr2Error::InvalidInput(m) => Gr2Error::invalid(format!("index: {m}")),
-                    other => other,
-                })?;
-            Ok(PySidTrie { inner: Arc::new(trie) })
+            let index = index.get();
+            let trie = index.catalog_trie().get_or_try_init(py, || {
+                let sids = index.sid_index();
+                let trie = py
+                    .detach(|| core::SidTrie::build(&sids.item_ids_by_sid(), &sids.codes_by_sid(), sids.levels()))
+                    .map_err(|e| match e {
+                        Gr2Error::InvalidInput(m) => Gr2Error::invalid(format!("index: {m}")),
+                        other => other,
+                    })?;
+                Py::new(py, PySidTrie { inner: Arc::new(trie) })
+            })?;
+            Ok(trie.clone_ref(py))
         })
     }
 

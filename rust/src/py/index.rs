@@ -10,8 +10,10 @@ use numpy::{dtype, Element, PyArray1, PyArray2, PyUntypedArray};
 use pyo3::exceptions::PyOverflowError;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 
+use super::constraint::PySidTrie;
 use super::errors::{extract_arg, int_arg, short_repr};
 use crate::error::{catch_panics, Gr2Error};
 use crate::index::{LoadMode, SidIndex};
@@ -155,12 +157,24 @@ fn ids_and_codes<'py>(item_ids: &Bound<'py, PyAny>, codes: &Bound<'py, PyAny>) -
 #[pyclass(frozen, module = "gr2._gr2", name = "SidIndex")]
 pub struct PySidIndex {
     inner: SidIndex,
+    /// The trie of every item (`SidTrie.from_index`), built on first use and kept: the index never
+    /// changes (`extend`/`remove` return new indexes, which start without one).
+    catalog_trie: PyOnceLock<Py<PySidTrie>>,
 }
 
 impl PySidIndex {
+    fn new_holding(inner: SidIndex) -> Self {
+        PySidIndex { inner, catalog_trie: PyOnceLock::new() }
+    }
+
     /// The Rust index, for the other bindings (reward verification looks SIDs up in it directly).
     pub(crate) fn sid_index(&self) -> &SidIndex {
         &self.inner
+    }
+
+    /// Where `SidTrie.from_index` keeps this index's trie.
+    pub(crate) fn catalog_trie(&self) -> &PyOnceLock<Py<PySidTrie>> {
+        &self.catalog_trie
     }
 }
 
@@ -191,7 +205,7 @@ impl PySidIndex {
             let sizes = level_sizes(codebook_size, levels)?;
             let (ids, codes) = (row_major(&ids), row_major(&codes));
             let inner = py.detach(|| SidIndex::build(&ids, &codes, levels, sizes.as_deref()))?;
-            Ok(PySidIndex { inner })
+            Ok(PySidIndex::new_holding(inner))
         })
     }
 
@@ -202,7 +216,7 @@ impl PySidIndex {
             let (ids, codes, levels) = ids_and_codes(item_ids, codes)?;
             let (ids, codes) = (row_major(&ids), row_major(&codes));
             let inner = py.detach(|| self.inner.extend(&ids, &codes, levels))?;
-            Ok(PySidIndex { inner })
+            Ok(PySidIndex::new_holding(inner))
         })
     }
 
@@ -212,7 +226,7 @@ impl PySidIndex {
             let ids = vector::<u64>(item_ids, "item_ids")?;
             let ids = row_major(&ids);
             let inner = py.detach(|| self.inner.remove(&ids))?;
-            Ok(PySidIndex { inner })
+            Ok(PySidIndex::new_holding(inner))
         })
     }
 
@@ -242,7 +256,7 @@ impl PySidIndex {
                 }
             };
             let inner = py.detach(|| SidIndex::load_with(&path, mode))?;
-            Ok(PySidIndex { inner })
+            Ok(PySidIndex::new_holding(inner))
         })
     }
 
@@ -268,7 +282,7 @@ impl PySidIndex {
         catch_panics(|| {
             let bytes: PyBackedBytes = extract_arg(data, "data", "bytes or bytearray")?;
             let inner = py.detach(|| SidIndex::from_bytes(&bytes))?;
-            Ok(PySidIndex { inner })
+            Ok(PySidIndex::new_holding(inner))
         })
     }
 
