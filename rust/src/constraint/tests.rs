@@ -194,7 +194,7 @@ fn catalog_refuses_a_token_map_without_a_token_for_each_trie_code() {
     let items: Vec<u64> = (0..8).collect();
     let codes: Vec<u16> = (0..8).collect();
     let trie = Arc::new(SidTrie::build(&items, &codes, 1).unwrap());
-    assert_eq!(trie.level_code_bounds(), &[8]);
+    assert_eq!(trie.level_code_bounds, vec![8]);
     let framing = Framing { reasoning: ReasoningStart::Disabled, max_reasoning_tokens: 0, answer_tags: false };
     let narrow = token_map(1, 3, 40);
     match DecodeState::catalog(narrow, trie.clone(), 1, &[], framing) {

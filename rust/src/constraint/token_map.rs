@@ -10,7 +10,7 @@ pub const MAX_SID_LEVELS: usize = 26;
 
 /// `Ok` when `levels` is in `1..=MAX_SID_LEVELS`; else an InvalidInputError saying that `what`
 /// (the argument holding the SIDs) has too many or no levels.
-pub fn check_sid_levels(what: &str, levels: usize) -> Result<()> {
+pub(crate) fn check_sid_levels(what: &str, levels: usize) -> Result<()> {
     if levels == 0 || levels > MAX_SID_LEVELS {
         return Err(Gr2Error::invalid(format!(
             "{what}: {levels} SID levels, but gr2 supports 1..={MAX_SID_LEVELS} (code tokens <s_X_N> name the level with one letter a..z)"

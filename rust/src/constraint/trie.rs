@@ -7,8 +7,8 @@ use super::token_map::check_sid_levels;
 use crate::error::{Gr2Error, Result};
 
 /// A prefix tree over unique SIDs. Node 0 is the root (depth 0); a node at depth `L` is a leaf and
-/// stands for one item. It holds codes, not token ids: any [`super::TokenMap`] whose levels cover
-/// [`SidTrie::level_code_bounds`] can decode with it (checked where the two meet).
+/// stands for one item. It holds codes, not token ids: any [`super::TokenMap`] whose level sizes
+/// cover its `level_code_bounds` can decode with it (checked where the two meet).
 #[derive(Debug)]
 pub struct SidTrie {
     pub(super) levels: usize,
@@ -114,12 +114,6 @@ impl SidTrie {
             }
         }
         Ok(SidTrie { levels, level_code_bounds, first_child, child_code, child_node, parent, leaf_count, leaf_item, item_leaf })
-    }
-
-    /// Per level, the largest code of any SID plus one: a token map decodes this trie when each
-    /// of its level sizes is at least this.
-    pub fn level_code_bounds(&self) -> &[usize] {
-        &self.level_code_bounds
     }
 
     pub fn levels(&self) -> usize {
