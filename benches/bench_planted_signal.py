@@ -5,14 +5,19 @@ Task: :func:`gr2.synthetic.make_planted_task` (K = 10, random upstream order: re
 ``--rule last_item`` (the target shares the level-a code of the last history item), ``evidence``
 (the target leads the prompt's evidence line: the student must copy from its prompt, as the
 MovieLens prompts ask) or ``prior`` (the target carries one of 2 favoured level-a codes). Weak
-start: a tiny Llama (default 2 layers, hidden 64) trained from scratch for ``--format-steps`` SFT
-steps on *format* traces (upstream order in the output format): it sits at chance. SFT (the weak
-start and the SFT arm) puts its loss on ``--loss-tokens`` (default ``decisions``: only where
+start: a tiny Llama (default 2 layers, hidden 64) trained from scratch for ``--start-steps`` SFT
+steps on the traces of a *noisy* teacher that ranks the target first on ``--start-accuracy`` of the
+lists and writes the upstream order on the others (default 0: format traces only). Greedy decoding
+follows the majority, so such a start sits at chance, but sampling sometimes puts the target
+first -- the position of the MovieLens SFT student, distilled from an imperfect teacher. SFT (the
+weak start and the SFT arm) puts its loss on ``--loss-tokens`` (default ``decisions``: only where
 constrained decoding has a choice, ``sft.loss_tokens``).
 From that start, each arm for ``--steps`` steps (or until ``--max-seconds`` of training time):
 
-* ``gr2 sft``  -- SFT on the trivial teacher's traces (target first), gr2.train.common.weighted_nll;
+* ``gr2 sft``  -- more SFT, on a teacher right on ``--sft-accuracy`` of the lists (1: the perfect
+  teacher; ``--start-accuracy``: the SFT baseline RL has to pass), gr2.train.common.weighted_nll;
 * ``gr2 rl``   -- gr2.train.dapo.DapoTrainer, rollouts by constrained decoding (always valid);
+* ``gr2-zero`` -- the same with every advantage zeroed: a control that must not learn;
 * ``trl grpo`` -- trl.GRPOTrainer(loss_type="dapo", beta=0, eps 0.2 / 0.28, scale_rewards="group"),
   rollouts by ``generate`` with gr2's constraint plugged in (``--trl-generation constrained``, the
   default: :class:`gr2.decoding.RerankLogitsProcessor` per row, so every completion is a valid list,
@@ -28,6 +33,9 @@ wall-clock. Prints the curves, the ratio "gr2 wall-clock to reach TRL's final re
 wall-clock", and writes ``curves.png`` and ``curves.json`` under ``--out``.
 
     PYTHONPATH=python python benches/bench_planted_signal.py --rule prior --steps 40
+    PYTHONPATH=python python benches/bench_planted_signal.py --rule evidence --lists 2100 --start-steps 400 \
+        --start-batch 16 --start-accuracy 0.3 --sft-accuracy 0.3 --sft-batch 16 --sft-lr 3e-3 \
+        --arms sft,gr2,gr2-zero --group 8 --prompts 8 --lr 1e-3 --steps 300 --sft-steps 300 --eval-every 25
 """
 
 from __future__ import annotations
@@ -69,7 +77,8 @@ class Clock:
 
 def run_sft(args, task, tokenizer, state, heldout, train_rows):
     model = fresh(tokenizer, state, args)
-    examples = S.sft_examples(task, tokenizer, train_rows, loss_tokens=args.loss_tokens)
+    examples = S.sft_examples(task, tokenizer, train_rows, accuracy=args.sft_accuracy, loss_tokens=args.loss_tokens,
+                              seed=args.seed)
     clock, curve = Clock(), []
     r1 = lambda: S.greedy_recall_at_1(model, tokenizer, task, heldout)  # noqa: E731
     curve.append({"step": 0, "seconds": 0.0, "recall@1": clock.evaluate(r1)})
@@ -87,13 +96,27 @@ def run_sft(args, task, tokenizer, state, heldout, train_rows):
     return curve
 
 
-def run_gr2_rl(args, task, tokenizer, sid_tokens, state, heldout, train_rows):
+def run_gr2_rl(args, task, tokenizer, sid_tokens, state, heldout, train_rows, zero_advantage=False):
+    from gr2.train.dapo import DapoConfig, DapoTrainer
+    from gr2.train.dapo import trainer as dapo_trainer
+
+    honest = dapo_trainer.group_advantages
+    if zero_advantage:  # the control: same rollouts, rewards and loss, no signal in the gradient
+        dapo_trainer.group_advantages = lambda rewards, std_eps=1e-6: 0.0 * honest(rewards, std_eps)
+    try:
+        return _gr2_rl_curve(args, task, tokenizer, sid_tokens, state, heldout, train_rows,
+                             "gr2 rl (advantage 0)" if zero_advantage else "gr2 rl")
+    finally:
+        dapo_trainer.group_advantages = honest
+
+
+def _gr2_rl_curve(args, task, tokenizer, sid_tokens, state, heldout, train_rows, name):
     from gr2.train.dapo import DapoConfig, DapoTrainer
 
     model = fresh(tokenizer, state, args)
     config = DapoConfig(group_size=args.group, prompts_per_step=args.prompts, steps=args.steps, lr=args.lr,
                         reasoning=False, max_reasoning_tokens=0, device="cpu", tensorboard=False, rollout_batch=args.prompts,
-                        max_generation_rounds=1, seed=args.seed)
+                        max_generation_rounds=1, seed=args.seed, reward=args.reward, kl_coef=args.kl)
     trainer = DapoTrainer(model, tokenizer, S.rl_data(task, tokenizer, train_rows), config, index=task.index,
                           sid_tokens=sid_tokens, device=torch.device("cpu"))
     clock, curve = Clock(), []
@@ -104,6 +127,8 @@ def run_gr2_rl(args, task, tokenizer, sid_tokens, state, heldout, train_rows):
         row = {"step": step, "seconds": clock.now(), "reward": stats["reward_mean"], "valid": stats["valid_rate"]}
         if step % args.eval_every == 0 or step == args.steps:
             row["recall@1"] = clock.evaluate(r1)
+            print(f"  {name} step {step:5d}  {row['seconds']:6.1f} s  reward {row['reward']:6.3f}  "
+                  f"held-out R@1 {row['recall@1']:.3f}", flush=True)
         curve.append(row)
         if clock.now() > args.max_seconds:
             break
@@ -215,7 +240,7 @@ def plot(curves, path: Path, title: str):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 7))
-    for (name, curve), color in zip(curves.items(), ("tab:green", "tab:blue", "tab:orange")):
+    for (name, curve), color in zip(curves.items(), ("tab:green", "tab:blue", "tab:grey", "tab:orange")):
         rew = [r for r in curve if "reward" in r]
         ev = [r for r in curve if "recall@1" in r]
         if rew:
@@ -245,19 +270,31 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--start", help="a saved weak-start state_dict (torch.save) for this task/size; skips --format-steps")
-    p.add_argument("--format-steps", type=int, default=20)
+    p.add_argument("--start", help="a saved weak-start state_dict (torch.save) for this task/size; skips --start-steps")
+    p.add_argument("--start-steps", type=int, default=20, help="SFT steps of the weak start")
+    p.add_argument("--start-accuracy", type=float, default=0.0,
+                   help="the weak start's teacher ranks the target first on this share of the lists and writes "
+                        "the upstream order on the others (0: format traces only, a start at chance)")
+    p.add_argument("--start-batch", type=int, default=8)
+    p.add_argument("--start-lr", type=float, default=3e-3)
+    p.add_argument("--save-start", help="save the weak-start state_dict here (reuse it with --start)")
     p.add_argument("--steps", type=int, default=60, help="RL steps per arm")
     p.add_argument("--sft-steps", type=int, default=200)
     p.add_argument("--sft-batch", type=int, default=8)
     p.add_argument("--sft-lr", type=float, default=1e-2)
+    p.add_argument("--sft-accuracy", type=float, default=1.0,
+                   help="the SFT arm's teacher ranks the target first on this share of the lists (1: a perfect "
+                        "teacher; set it to --start-accuracy for the SFT baseline RL has to pass)")
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--reward", default="rank", choices=("rank", "ndcg", "auc"), help="rl.reward of the gr2 arm")
+    p.add_argument("--kl", type=float, default=0.0, help="rl.kl_coef of the gr2 arm (k3 KL to the weak start)")
     p.add_argument("--max-completion", type=int, default=72)
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--max-seconds", type=float, default=600.0, help="training-time cap per arm")
-    p.add_argument("--arms", default="sft,gr2,trl")
+    p.add_argument("--arms", default="sft,gr2,trl", help="comma-separated: sft, gr2, gr2-zero (the gr2 arm with "
+                   "every advantage zeroed: a control that must not learn), trl")
     p.add_argument("--loss-tokens", default="decisions", choices=("all", "decisions"),
                    help="SFT loss on every completion token or only where constrained decoding has a choice "
                         "(sft.loss_tokens; the weak start and the SFT arm)")
@@ -276,9 +313,13 @@ def main() -> int:
     if args.start:
         model.load_state_dict(torch.load(args.start))
     else:
-        S.sft_train(model, S.sft_examples(task, tokenizer, train_rows, teacher="format", loss_tokens=args.loss_tokens),
-                    tokenizer.pad_token_id, steps=args.format_steps, batch_size=8, lr=3e-3)
+        start = S.sft_examples(task, tokenizer, train_rows, teacher="target", accuracy=args.start_accuracy,
+                               loss_tokens=args.loss_tokens, seed=args.seed)
+        S.sft_train(model, start, tokenizer.pad_token_id, steps=args.start_steps, batch_size=args.start_batch,
+                    lr=args.start_lr)
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    if args.save_start:
+        torch.save(state, args.save_start)
     print(f"task: rule={args.rule} K={task.k} lists={args.lists} (held out {args.heldout}); upstream recall@1 "
           f"{S.upstream_recall_at_1(task, heldout):.3f}; model {sum(p.numel() for p in model.parameters())} params; "
           f"prompt {len(tokenizer(task.prompt_text(tokenizer, 0))['input_ids'])} tokens", flush=True)
@@ -289,6 +330,9 @@ def main() -> int:
         curves["gr2 sft"] = run_sft(args, task, tokenizer, state, heldout, train_rows)
     if "gr2" in arms:
         curves["gr2 rl (dapo)"] = run_gr2_rl(args, task, tokenizer, sid_tokens, state, heldout, train_rows)
+    if "gr2-zero" in arms:
+        curves["gr2 rl, advantage zeroed"] = run_gr2_rl(args, task, tokenizer, sid_tokens, state, heldout, train_rows,
+                                                        zero_advantage=True)
     if "trl" in arms:
         curves["trl grpo (dapo loss)"] = run_trl(args, task, tokenizer, state, heldout, train_rows)
 

@@ -227,6 +227,10 @@ def test_bf16_setting_trains_fp32_master_weights(setup):
         (dict(select="best"), "rl.select"),
         (dict(select="recall@1"), "rl.eval_every"),
         (dict(eval_prompts=-1), "eval_prompts"),
+        (dict(max_train_prompts=-1), "max_train_prompts"),
+        (dict(prompts_per_step=0), "prompts_per_step"),
+        (dict(steps=0), "rl.steps"),
+        (dict(kl_coef=-0.1), "kl_coef"),
     ],
 )
 def test_bad_configs_are_rejected(kwargs, match):
@@ -238,6 +242,37 @@ def test_k_mismatch_is_rejected(setup):
     model, tokenizer, sid_tokens, data, sids = setup
     with pytest.raises(ConfigError, match="K = 4"):
         fx.trainer(model, tokenizer, sid_tokens, data, sids, fx.small_config(k=10), fx.scripted_rollouts(sids, sid_tokens))
+
+
+def test_kl_without_a_reference_model_is_rejected(setup):
+    """rl.kl_coef > 0 with no reference policy would silently train without the KL term."""
+    model, tokenizer, sid_tokens, data, sids = setup
+    with pytest.raises(ConfigError, match="rl.kl_coef"):
+        fx.trainer(model, tokenizer, sid_tokens, data, sids, fx.small_config(kl_coef=0.1),
+                   fx.scripted_rollouts(sids, sid_tokens))
+
+
+def test_kl_to_the_reference_holds_the_policy_back(setup):
+    """The same rollouts and advantages with and without the k3 KL term: with a large rl.kl_coef the
+    policy moves less from the reference (the start model) -- the term is live, and pulls back."""
+    import copy
+
+    model, tokenizer, sid_tokens, data, sids = setup
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def moved(kl_coef: float) -> float:
+        policy = copy.deepcopy(model)
+        policy.load_state_dict(start)
+        ref = copy.deepcopy(policy).eval().requires_grad_(False) if kl_coef else None
+        config = fx.small_config(kl_coef=kl_coef, steps=4, updates_per_batch=3, dynamic_sampling=False, lr=3e-2)
+        trainer = fx.DapoTrainer(policy, tokenizer, data, config, sid_tokens=sid_tokens, candidate_sids=sids,
+                              rollout_fn=fx.scripted_rollouts(sids, sid_tokens), ref_model=ref)
+        for _ in range(config.steps):
+            trainer.step()
+        return sum(float((p.detach() - start[n]).pow(2).sum()) for n, p in policy.named_parameters())
+
+    free, held = moved(0.0), moved(50.0)
+    assert held < 0.9 * free, (free, held)
 
 
 def test_config_from_toml(tmp_path):

@@ -225,20 +225,28 @@ def make_model(tokenizer: Any, hidden_size: int = 64, num_layers: int = 2, num_h
 
 
 def sft_examples(task: PlantedTask, tokenizer: Any, rows: Sequence[int], *, reasoning: bool = False,
-                 teacher: str = "target", lambda_reasoning: float = 0.5, loss_tokens: str = "all") -> list[Any]:
+                 teacher: str = "target", accuracy: float = 1.0, lambda_reasoning: float = 0.5,
+                 loss_tokens: str = "all", seed: int = 0) -> list[Any]:
     """SFT examples (:func:`gr2.train.common.chat_example`): ``teacher="target"`` ranks the target
-    first, ``"format"`` keeps the upstream order (format only, chance accuracy). ``loss_tokens``
-    as ``sft.loss_tokens``: "decisions" keeps loss only where constrained decoding has a choice
-    (:func:`gr2.train.sft.keep_decisions`)."""
+    first, ``"format"`` keeps the upstream order (format only, chance accuracy). ``accuracy`` < 1
+    makes the target teacher a noisy one, like a real teacher: it ranks the target first on that
+    share of the lists (drawn with ``seed``) and writes the upstream order on the others.
+    ``loss_tokens`` as ``sft.loss_tokens``: "decisions" keeps loss only where constrained decoding
+    has a choice (:func:`gr2.train.sft.keep_decisions`)."""
     from gr2.models import sid_tokens_of
     from gr2.train import common
     from gr2.train.sft import LOSS_TOKENS, keep_decisions, split_completion
 
     if loss_tokens not in LOSS_TOKENS:
         raise InvalidInputError(f"loss_tokens must be one of {LOSS_TOKENS}, got {loss_tokens!r}")
+    if teacher not in ("target", "format"):
+        raise InvalidInputError(f"teacher must be 'target' or 'format', got {teacher!r}")
+    if not 0.0 <= accuracy <= 1.0:
+        raise InvalidInputError(f"accuracy must be in [0, 1], got {accuracy}")
+    right = np.random.default_rng(seed).random(len(rows)) < (accuracy if teacher == "target" else 0.0)
     out, records = [], []
-    for row in rows:
-        text = task.teacher_completion(row, reasoning) if teacher == "target" else task.format_completion(row, reasoning)
+    for row, knows in zip(rows, right):
+        text = task.teacher_completion(row, reasoning) if knows else task.format_completion(row, reasoning)
         segments = [(text, 1.0)]
         if reasoning:
             think, answer = split_completion(text)

@@ -94,6 +94,8 @@ class DapoConfig:
         for name in ("prompts_per_step", "steps", "max_generation_rounds", "updates_per_batch", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_train_prompts < 0:
+            raise ConfigError(f"rl.max_train_prompts must be >= 0 (0 = every training prompt), got {self.max_train_prompts}")
         if self.rollout_batch < 0:
             raise ConfigError(f"rl.rollout_batch must be >= 0 (0 = auto), got {self.rollout_batch}")
         if self.updates_per_batch > self.prompts_per_step:

@@ -150,6 +150,9 @@ class DapoTrainer:
         self.tokenizer = tokenizer
         # float32 master weights whatever the compute dtype (bf16 parameters round small steps away)
         self.model = common.wrap_lora(model, config.lora).to(self.device, dtype=common.param_dtype(self.precision))
+        if config.kl_coef > 0 and ref_model is None:  # the KL term would silently vanish
+            raise ConfigError(f"rl.kl_coef = {config.kl_coef} penalises the distance to a reference policy, but no "
+                              "reference model was given (ref_model=); pass the frozen start model or set rl.kl_coef = 0")
         self.ref_model = ref_model
         self.optimizer = common.make_optimizer(self.model, config.lr, config.weight_decay)
         updates = config.steps * config.updates_per_batch
