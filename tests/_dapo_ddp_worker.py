@@ -19,7 +19,8 @@ data, sids = fx.tiny_data(tokenizer)
 rollouts = fx.fixed_rollouts(tokenizer, sid_tokens, data, sids, groups=4)
 g = 4
 mine = [r for i in range(world.rank, 4, world.size) for r in rollouts[i * g:(i + 1) * g]]
-config = fx.small_config(grad_accum=2)
+# 3 mini-batches of G = 4 rollouts (3 does not divide 4): the split must not depend on the world size
+config = fx.small_config(grad_accum=2, updates_per_batch=3)
 # plain SGD: the update is lr * gradient, so the check compares the summed gradients themselves
 # (Adam's first step, g / (|g| + eps), would amplify float rounding of near-zero gradients)
 optimizer = torch.optim.SGD(model.parameters(), lr=1.0)

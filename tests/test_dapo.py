@@ -3,6 +3,8 @@ multi-process equivalence, config validation."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import shutil
 import subprocess
@@ -172,6 +174,46 @@ def test_resume_reproduces_the_next_step_exactly(setup, tmp_path):
             "clip_fraction", "loss"} <= set(strip(lines_a[-1]))
 
 
+@pytest.mark.parametrize("change", [dict(tensorboard=True), dict(keep_checkpoints=3, save_every=2)])
+def test_changed_logging_settings_resume_the_checkpoint(setup, tmp_path, caplog, change):
+    """Settings that do not change the weights (DapoConfig.NOT_IN_CHECKPOINT_KEY: logging,
+    evaluation, checkpoint cadence) are not in the checkpoint key: a run interrupted after step 1
+    and resumed with one of them changed continues from step 1 (no stale-checkpoint line) and ends
+    with the weights of the uninterrupted run; an lr change would discard it (the test below)."""
+    import logging
+
+    _, tokenizer, sid_tokens, data, sids = setup
+    config = fx.small_config(steps=2, save_every=1, keep_checkpoints=5, lr=1e-2)
+    rollout = fx.scripted_rollouts(sids, sid_tokens)
+    straight = fx.trainer(fresh(setup)[0], tokenizer, sid_tokens, data, sids, config, rollout)
+    train(straight, tmp_path / "a", resume=False)
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000001", tmp_path / "b" / "checkpoints" / "step-00000001")
+    changed = dataclasses.replace(config, **change)
+    resumed = fx.trainer(fresh(setup)[0], tokenizer, sid_tokens, data, sids, changed, rollout)
+    with caplog.at_level(logging.INFO, logger="gr2"):
+        train(resumed, tmp_path / "b")
+    assert not [r for r in caplog.records if "stale" in r.getMessage()]
+    assert any("resuming from" in r.getMessage() for r in caplog.records)
+    for (name, pa), (_, pb) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(pa, pb), name
+
+
+def test_training_key_covers_what_changes_the_weights():
+    from gr2.train.common import training_key
+    from gr2.train.midtrain import MidtrainConfig
+    from gr2.train.sft import SftConfig
+
+    for cls, same, other in ((DapoConfig, dict(eval_every=7, eval_prompts=3, tensorboard=False), dict(lr=1e-3)),
+                             (SftConfig, dict(log_every=1, checkpoint_every=3), dict(loss_tokens="decisions")),
+                             (MidtrainConfig, dict(eval_users=5, eval_beams=30, log_every=1), dict(steps=7))):
+        base = training_key(cls(), "input")
+        assert training_key(cls(**same), "input") == base, cls
+        assert training_key(cls(**other), "input") != base, cls
+        assert training_key(cls(), "another input") != base, cls
+        assert set(cls.NOT_IN_CHECKPOINT_KEY) <= {f.name for f in dataclasses.fields(cls)}, cls  # no stale names
+
+
 def test_changed_lr_never_resumes_the_old_checkpoint(setup, tmp_path, caplog):
     """A finished run at rl.lr 1e-2, then the same folder at rl.lr 1e-3: the old step-2
     checkpoint is stale (another key), so the new run trains from the start (one log line) and
@@ -336,9 +378,10 @@ def test_constrained_rollouts_train_and_ablation_plots(setup, tmp_path):
     assert "verdict" in result
 
 
-def test_rl_stage_end_to_end_from_the_cli(setup, tmp_path):
+def test_rl_stage_end_to_end_from_the_cli(setup, tmp_path, monkeypatch):
     """`gr2 rl` on a run directory: data/items + sid index + candidates + sft/model -> rl/model,
-    stage.json, a cache hit on the second call, exit code 2 on a bad config."""
+    stage.json, a cache hit on the second call, exit code 2 on a bad config; the stage's last act
+    is a barrier after rank 0 wrote its record (no rank returns before rl/ is complete)."""
     import json
 
     from datasets import Dataset
@@ -378,7 +421,10 @@ def test_rl_stage_end_to_end_from_the_cli(setup, tmp_path):
     config = tmp_path / "rl.toml"
     config.write_text("[rl]\ngroup_size = 2\nprompts_per_step = 2\nsteps = 2\nmax_reasoning_tokens = 2\n"
                       "device = \"cpu\"\ntensorboard = false\neval_every = 0\nlr = 1e-3\n")
+    barriers: list[bool] = []  # at each barrier: was the stage record already written?
+    monkeypatch.setattr(common.World, "barrier", lambda self: barriers.append((run / "rl" / "stage.json").exists()))
     assert cli_main(["rl", "--run-dir", str(run), "--config", str(config)]) == 0
+    assert barriers and barriers[-1], barriers
     record = json.loads((run / "rl" / "stage.json").read_text())
     assert record["summary"]["steps"] == 2 and record["summary"]["dropped_no_target"] == 1
     assert record["summary"]["base_stage"] == "sft" and record["summary"]["train_prompts"] == n - 1
@@ -467,3 +513,36 @@ def test_a_diverging_rl_step_raises_before_anything_is_committed(setup):
             tr.step()
     with pytest.raises(TrainingError, match="rl: weight .* non-finite"):
         common.check_finite_weights(tr.model, "rl")
+
+
+def test_sampled_rollouts_stop_at_the_end_of_turn_token(setup):
+    """Unconstrained rollouts of a ChatML student: SFT taught it to close its turn with <|im_end|>,
+    which is not the tokenizer's eos here; generation must stop there (and the verifier must take
+    it as a trailer), or every sampled completion runs on to max_new_tokens and is invalid."""
+    from gr2.train.dapo.rollouts import sampled_rollouts
+
+    model, tokenizer, sid_tokens, data, sids = setup
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end != tokenizer.eos_token_id
+    answer = fx.answer_ids(sid_tokens, sids[0], list(range(fx.K)), im_end)[4:]  # <answer> ... </answer> <|im_end|>
+    assert answer[0] == sid_tokens.answer_open
+    config = fx.small_config(constrained=False, reasoning=False, max_reasoning_tokens=0, max_new_tokens=len(answer) + 5)
+    trainer = fx.trainer(model, tokenizer, sid_tokens, data, sids, config, fx.scripted_rollouts(sids, sid_tokens))
+    assert im_end in trainer.ctx["stop_ids"] and tokenizer.eos_token_id in trainer.ctx["stop_ids"]
+    seen = {}
+
+    def generate(ids, *, eos_token_id, max_new_tokens, num_return_sequences, **_):
+        seen["eos"] = eos_token_id
+        tail = torch.tensor(answer + [7, 8, 9, 10, 11])[:max_new_tokens]  # what follows the turn is noise
+        return torch.cat([ids.repeat_interleave(num_return_sequences, 0),
+                          tail.expand(ids.shape[0] * num_return_sequences, -1)], dim=1)
+
+    model.generate = generate
+    try:
+        out = sampled_rollouts(model, tokenizer, [data.prompt_texts[0]], data.candidates[:1], 2, [0], config, trainer.ctx)
+    finally:
+        del model.generate
+    assert set(seen["eos"]) == set(trainer.ctx["stop_ids"])
+    assert out[0][0] == answer and out[0][1] == answer  # cut right after <|im_end|>
+    rewards = trainer._rewards(out[0], [0, 0])
+    assert rewards.valid.all()

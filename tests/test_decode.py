@@ -419,8 +419,8 @@ def test_processor_with_ragged_candidates(setup, ks, mode, budget, pick_seed):
 
 
 class _Params:
-    def __init__(self, extra_args):
-        self.extra_args = extra_args
+    def __init__(self, extra_args, max_tokens=None):
+        self.extra_args, self.max_tokens = extra_args, max_tokens
 
 
 class _BatchUpdate:
@@ -611,3 +611,40 @@ def test_wrong_index_objects_and_ids_are_typed_errors_and_mixed_int_types_work(s
     a = constrained_decode(model, tokenizer, PROMPTS[:1], mixed, index=index, reasoning=False)
     b = constrained_decode(model, tokenizer, PROMPTS[:1], plain, index=index, reasoning=False)
     assert a[0].items.tolist() == b[0].items.tolist() and a[0].completion_ids == b[0].completion_ids
+
+
+def test_vllm_validate_params_checks_the_whole_request_up_front(setup):
+    """issue 30: everything a request carries is checked when vLLM validates it (not later, inside
+    the engine step): unknown keys, the mode, the budget's type and sign, the codes' shape and
+    range, unknown items, and a max_tokens that would cut the ranking short."""
+    from gr2.decoding._setup import completion_length
+    from gr2.decoding._vllm_core import request_spec
+
+    tokenizer, sid_tokens, index, items, models = setup
+    levels = sid_tokens.levels
+    cands = [int(items[1]), int(items[4]), int(items[7])]
+
+    def check(spec, max_tokens=None):
+        return request_spec(_Params({"gr2": spec}, max_tokens), index=index, allow_unconstrained=False, levels=levels)
+
+    bad = [
+        ({"candidates": cands, "k": 3}, "unknown key"),
+        ({"candidates": cands, "reasoning": "nope"}, "reasoning"),
+        ({"candidates": cands, "max_reasoning_tokens": -1}, "max_reasoning_tokens"),
+        ({"candidates": cands, "max_reasoning_tokens": "64"}, "max_reasoning_tokens"),
+        ({"candidates": cands, "max_reasoning_tokens": True}, "max_reasoning_tokens"),
+        ({"candidates": cands, "codes": [[1, 2]] * 3}, "codes"),
+        ({"candidates": cands, "codes": [[1] * levels] * 2}, "codes"),
+        ({"candidates": cands, "codes": [[-1] * levels] * 3}, "codes"),
+        ({"candidates": cands, "codes": [["a"] * levels] * 3}, "codes"),
+        ({"candidates": [123456789]}, "123456789"),  # not in the index
+    ]
+    for spec, match in bad:
+        with pytest.raises(InvalidInputError, match=match):
+            check(spec)
+    need = completion_length(3, levels, "disabled", 0)
+    with pytest.raises(InvalidInputError, match=rf"max_tokens = {need - 1} can cut the ranking"):
+        check({"candidates": cands, "reasoning": "disabled", "max_reasoning_tokens": 0}, max_tokens=need - 1)
+    ok = check({"candidates": cands, "reasoning": "disabled", "max_reasoning_tokens": 0}, max_tokens=need)
+    assert ok["codes"].shape == (3, levels) and ok["reasoning"] == "disabled" and ok["max_reasoning_tokens"] == 0
+    np.testing.assert_array_equal(ok["codes"], index.sids(np.array(cands, dtype=np.uint64)))

@@ -102,3 +102,35 @@ def test_write_report_needs_evaluate_rankings_dicts(tmp_path):
         write_report(tmp_path, {}, {})
     with pytest.raises(InvalidInputError, match="lacks"):
         write_report(tmp_path, {"m": {"recall@1": 0.3}}, {})
+
+
+def test_evidence_line_baseline_and_top1_agreement(tmp_path):
+    """With co-engagement evidence in the prompts, eval scores the evidence line itself as a
+    ranking (the candidates as the prompt's last line lists them) and reports, per method, how
+    often the top-1 is that line's first item: 1 for the line, the upstream order's agreement for
+    the upstream order, and a method that copies the line's first item then stops counts only its
+    valid lists."""
+    from gr2.prompts import PromptConfig
+    from gr2.prompt_stage import run_prompts
+
+    root = tmp_path / "run"
+    write_data_stage(root, *synthetic_tables(n_users=80, n_items=40, seed=5))
+    run_candidates(root, CandidatesConfig(upstream="popularity", k=5, train_windows=1))
+    run_prompts(root, PromptConfig(evidence="cooccur"))
+    prompts = load_from_disk(str(root / "prompts" / "test"))
+    cands = np.array(prompts["candidates"])
+    scores = np.array(prompts["evidence"])
+    line = np.take_along_axis(cands, np.argsort(-scores, axis=1, kind="stable"), axis=1)  # plain reference
+    valid = np.ones(len(cands), dtype=bool)
+    valid[::3] = False
+    (root / "sft").mkdir()
+    save_rankings(root / "sft" / "rankings_test.npz", prompts["list_id"], line, valid, candidates=cands)
+    run_eval(root, EvalConfig())
+    report = json.loads((root / "eval" / "report.json").read_text())
+    agree = report["meta"]["top1_agrees_with_evidence_line"]
+    assert agree["evidence_line"] == 1.0
+    assert agree["sft"] == pytest.approx(valid.mean(), abs=1e-4)
+    assert agree["upstream"] == pytest.approx((cands[:, 0] == line[:, 0]).mean(), abs=1e-4)
+    targets = np.array(prompts["target"])
+    assert report["methods"]["evidence_line"]["recall@1"]["value"] == pytest.approx((line[:, 0] == targets).mean())
+    assert "Top-1 agreement with the prompt's evidence line" in (root / "eval" / "report.md").read_text()

@@ -161,3 +161,41 @@ def test_an_empty_user_in_ml100k_u_data_is_a_data_error(tmp_path):
                                       "11|B (1995)|01-Jan-1995||x|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0\n")
     with pytest.raises(DataError, match="row 2 has an empty user id"):
         load_movielens(tmp_path)
+
+
+def test_a_few_bad_rows_are_dropped_and_counted_past_the_threshold_the_load_fails(tmp_path):
+    """issue 32: with data.max_bad_fraction, unusable interaction rows (a line with the wrong field
+    count, an empty user or item id, a rating that is not a number) are left out and counted per
+    reason -- in data/stats.json through the data stage -- and past the threshold the load fails
+    naming the first bad row and the counts."""
+    from gr2.data.formats import load_movielens
+
+    good = [f"{u}\t{10 + (u + k) % 2}\t4\t{100 * u + k}" for u in range(1, 50) for k in range(2)]
+    lines = good[:10] + ["7\t10\t4"] + good[10:20] + ["\t11\t5\t200"] + good[20:30] + ["8\t11\tfive\t300"] + good[30:]
+    (tmp_path / "u.data").write_text("\n".join(lines) + "\n")
+    (tmp_path / "u.item").write_text("10|A (1995)|01-Jan-1995||x|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0\n"
+                                      "11|B (1995)|01-Jan-1995||x|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0\n")
+    raw = load_movielens(tmp_path, max_bad_fraction=0.05)
+    assert raw.dropped == {"malformed_line": 1, "empty_user_id": 1, "non_numeric_rating": 1}
+    assert len(raw.interactions) == len(good)
+    assert (raw.interactions["user_id"] != "").all() and not raw.interactions["rating"].isna().any()
+    with pytest.raises(DataError, match=r"line 11: expected 4 .*3 unusable rows of 101.*max_bad_fraction = 0.01"):
+        load_movielens(tmp_path, max_bad_fraction=0.01)
+    with pytest.raises(DataError, match="line 11"):
+        load_movielens(tmp_path)  # the loaders' default: any bad row fails
+
+
+def test_the_data_stage_counts_dropped_bad_rows_in_stats(tmp_path):
+    import json
+
+    from gr2.data.stage import DataConfig, run_data
+
+    rows = [f"u{u},i{(u + k) % 4},{100 * u + k},4" for u in range(40) for k in range(3)] + [",i1,5,3", "u1,i2,6,x"]
+    inter, items = _table(tmp_path, rows)
+    config = DataConfig(format="table", path=str(inter), items_path=str(items), columns=COLUMNS, kcore=0,
+                        max_bad_fraction=0.05)
+    run_data(tmp_path / "run", config)
+    stats = json.loads((tmp_path / "run" / "data" / "stats.json").read_text())
+    assert stats["dropped"]["empty_user_id"] == 1 and stats["dropped"]["non_numeric_rating"] == 1
+    with pytest.raises(ConfigError, match="max_bad_fraction"):
+        DataConfig(max_bad_fraction=1.0)

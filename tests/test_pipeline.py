@@ -17,6 +17,7 @@ import torch
 from _tiny_models import save_tiny_encoder
 from gr2 import cli
 from gr2.config import load_toml
+from gr2.stages import STAGES
 from gr2.data.formats import default_ml100k_dir
 from gr2.errors import ConfigError
 from gr2.pipeline import STAGE_ORDER, apply_overrides, build_run_config, parse_override, preset_path
@@ -215,3 +216,35 @@ def test_presets_parse():
     for name in ("demo", "smollm2", "paper"):
         run = build_run_config(load_toml(preset_path(name)))
         assert run.stages == list(STAGE_ORDER)
+
+
+def test_under_torchrun_rank_1_trains_but_leaves_single_process_stages_to_rank_0(finished_run, config_path,
+                                                                                monkeypatch, capsys):
+    """`torchrun ... gr2 run` on rank 1 of 2 (the process group faked): the training stages run on
+    every rank, the others (data ... prompts, traces, rerank, eval) on rank 0 alone -- one teacher
+    request per list, one eval -- and every rank waits at a barrier after each stage. Rank 1 logs
+    nothing. A stage subcommand that is not a training stage exits at once on rank != 0."""
+    from gr2 import pipeline
+    from gr2.train.common import World
+
+    barriers: list[int] = []
+
+    class RankOne(World):
+        def barrier(self) -> None:
+            barriers.append(1)
+
+    for stage in ("rl", "eval"):
+        (finished_run / stage / "stage.json").unlink()
+    monkeypatch.setattr(pipeline, "pipeline_world", lambda run: RankOne(rank=1, size=2))
+    capsys.readouterr()
+    assert cli.main(["run", "--config", str(config_path), "--run-dir", str(finished_run)]) == 0
+    assert (finished_run / "rl" / "stage.json").exists()  # a training stage: every rank trains
+    assert not (finished_run / "eval" / "stage.json").exists()  # rank 0's job
+    assert len(barriers) >= len(STAGES) - 1 and "[gr2 run]" not in capsys.readouterr().out
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["eval", "--run-dir", str(finished_run)]) == 0
+    assert not (finished_run / "eval" / "stage.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["eval", "--run-dir", str(finished_run)]) == 0  # rank 0 does it (and restores the run)
+    assert (finished_run / "eval" / "stage.json").exists()

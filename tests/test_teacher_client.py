@@ -45,7 +45,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     """``server.script`` (one action per request, then ``server.default``). Actions: ok, badanswer,
     reasoning (vLLM --reasoning-parser: thinking in ``reasoning_content``), reasoning_new (in
     ``reasoning``), 400, 401, 500, 429, 429ra=S (with Retry-After: S), slow, drip (the body one
-    byte every 50 ms), interrupt (SIGINT to the main thread, then slow)."""
+    byte every 50 ms), interrupt (SIGINT to the main thread, then slow), echo400 / echo401 /
+    echo200 (a body quoting the request headers, Authorization included)."""
 
     def log_message(self, *args):
         pass
@@ -74,6 +75,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 srv.before_interrupt()
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             action = "slow"
+        if action.startswith("echo"):  # a misbehaving proxy that quotes the request's credentials back
+            quoted = json.dumps({"error": f"bad request, headers: {dict(self.headers)}"}).encode()
+            return self._send(200 if action == "echo200" else int(action[4:]), quoted)
         if action in ("400", "401", "500", "429"):
             detail = b'{"error": "This model\'s maximum context length is 64 tokens"}' if action == "400" else b"{}"
             return self._send(int(action), detail)
@@ -449,3 +453,36 @@ def test_credentials_in_the_endpoint_are_refused_without_echoing_them():
 def test_an_endpoint_port_out_of_range_is_a_config_error():
     with pytest.raises(ConfigError, match="invalid port"):
         OpenAIChatClient("http://127.0.0.1:99999/v1", "m")
+
+
+def test_an_api_key_echoed_by_the_server_never_reaches_a_message_log_or_file(server, run_dir, tmp_path, capsys,
+                                                                           caplog, monkeypatch):
+    """Issue 32: a planted key, a server that quotes the Authorization header back (as HTTP 400, 401
+    and a malformed 200): no exception message, log line, printed output or file written by the
+    traces stage contains it."""
+    import logging
+    import shutil
+
+    key = "sk-planted-" + "7" * 24
+    monkeypatch.setenv("GR2_TEST_TEACHER_KEY", key)
+    messages = []
+    client = OpenAIChatClient(url(server), "m", api_key=key, max_retries=0, backoff_s=0.0)
+    for action in ("echo400", "echo401", "echo200"):
+        server.script = [action]
+        with pytest.raises(Gr2Error) as err:
+            client.complete(MESSAGES, accept=has_answer)
+        messages.append(str(err.value))
+    assert any("[redacted]" in m for m in messages), messages  # the body was quoted, the key blanked
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    server.default = "echo400"
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(Gr2Error) as err:
+            run_traces(run, traces_config(server, api_key_env="GR2_TEST_TEACHER_KEY"), force=True)
+    messages.append(str(err.value))
+    out = capsys.readouterr()
+    seen = "\n".join([*messages, out.out, out.err, *(r.getMessage() for r in caplog.records)])
+    assert key not in seen
+    for path in run.rglob("*"):  # the run's records, reports and the teacher's reply cache
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), path

@@ -34,6 +34,19 @@ def test_local_rank_picks_its_own_gpu(fake_cuda, monkeypatch):
     assert fake_cuda == [1, 1]
 
 
+def test_an_explicit_gpu_shared_by_the_ranks_of_a_node_is_a_config_error(fake_cuda, monkeypatch):
+    """device = "cuda:0" in the config under torchrun --nproc_per_node 2: every rank would train on
+    GPU 0 (issue 29). Its own index is fine, and so is cuda:0 when each rank sees one GPU."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"'cuda:0'.*LOCAL_RANK=1 of 2.*share one GPU"):
+        common.local_device("cuda:0")
+    assert common.local_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # CUDA_VISIBLE_DEVICES gives each rank one GPU
+    assert common.local_device("cuda:0") == torch.device("cuda", 0)
+
+
 def test_without_torchrun_the_device_is_plain(fake_cuda, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -142,3 +155,28 @@ def test_trainer_refuses_a_device_other_than_the_nccl_groups():
     with pytest.raises(ConfigError, match="cuda:1"):
         DapoTrainer(model, tokenizer, data, fx.small_config(), sid_tokens=sid_tokens, candidate_sids=sids, world=world,
                     device=torch.device("cpu"))
+
+
+def test_gradients_are_summed_in_buckets_equal_to_per_parameter(monkeypatch):
+    """World.sum_gradients flattens the gradients into ~bucket_bytes buckets and reduces each with
+    one collective (issue 29: one all_reduce per parameter before); the result equals summing each
+    parameter's gradient (the collective faked as x -> 3x, three ranks holding the same gradient)."""
+    calls: list[int] = []
+
+    def fake_all_reduce(t):
+        calls.append(t.numel())
+        t.mul_(3)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", fake_all_reduce)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 20), torch.nn.Linear(20, 2))
+    model[1].weight.requires_grad_(False)
+    model(torch.randn(5, 40)).sum().backward()
+    want = {n: 3 * p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    World(rank=0, size=3).sum_gradients(model, bucket_bytes=4 * 1300)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, want[n]), n
+        else:
+            assert p.grad is None
+    assert sum(calls) == sum(t.numel() for t in want.values())
+    assert len(calls) < len(want)  # fewer collectives than parameters

@@ -78,8 +78,31 @@ def _check_value(where: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+# The range every numeric setting is checked against when a config is loaded, before any stage
+# runs: >= 0, except the few that are signed by meaning; > 0 for sizes, rates, temperatures and the
+# step cadences used as divisors (0 would be a ZeroDivisionError hours into a run). A stage's own
+# __post_init__ adds the rules that are specific to it (upper bounds, relations between fields).
+SIGNED = frozenset({"invalid_reward", "w_upstream", "w_evidence", "w_cooccur", "w_genre", "w_popularity", "w_year"})
+POSITIVE = frozenset({
+    "lr", "batch_size", "eval_batch_size", "embed_batch_size", "hidden_size", "intermediate_size", "num_layers",
+    "num_heads", "vocab_size", "max_position_embeddings", "max_length", "embed_max_length", "max_tokens",
+    "max_new_tokens", "temperature", "diversity_temperature", "contrastive_temperature", "save_every", "log_every",
+    "checkpoint_every", "dead_code_every", "evidence_neighbors", "keep_checkpoints", "r",
+})
+
+
+def _check_range(where: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if name in POSITIVE and value <= 0:
+        raise ConfigError(f"{where}: must be > 0, got {value!r}")
+    if name not in SIGNED and value < 0:
+        raise ConfigError(f"{where}: must be >= 0, got {value!r}")
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and numbers out of range
+    (:data:`SIGNED`, :data:`POSITIVE`) raise ConfigError naming the key."""
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - fields)
@@ -89,6 +112,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         name: _check_value(f"{where + '.' if where else ''}{name}", value, hints[name])
         for name, value in data.items()
     }
+    for name, value in kwargs.items():
+        _check_range(f"{where + '.' if where else ''}{name}", name, value)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:

@@ -138,6 +138,9 @@ def run_pipeline(run: RunConfig, *, log: Callable[[str], None] = print) -> dict[
         "name": run.name, "description": run.description, "stages": run.stages,
         "rerank_models": run.rerank_models, "arms": run.arms, **{k: v for k, v in run.stage_configs.items()},
     })
+    world = pipeline_world(run)
+    if world.rank != 0:
+        log = _silent  # one progress log per run, not one per torchrun process
     timings: dict[str, float] = {}
     for stage in STAGE_ORDER:
         if stage not in run.stages:
@@ -148,19 +151,38 @@ def run_pipeline(run: RunConfig, *, log: Callable[[str], None] = print) -> dict[
             log(f"[gr2 run] {label} ...")
             start = time.perf_counter()
             run_stage = STAGES[stage].run_function()
-            if stage == "rerank":
-                summary = run_stage(run_dir, target, config)
-            elif stage in ARM_STAGES:
-                summary = run_stage(run_dir, config, arm=arm)
-            else:
-                summary = run_stage(run_dir, config)
+            summary: dict[str, Any] = {}
+            if STAGES[stage].distributed or world.rank == 0:  # single-process stages: rank 0 alone
+                if stage == "rerank":
+                    summary = run_stage(run_dir, target, config)
+                elif stage in ARM_STAGES:
+                    summary = run_stage(run_dir, config, arm=arm)
+                else:
+                    summary = run_stage(run_dir, config)
+            world.barrier()  # the next stage reads what this one wrote
             timings[label] = round(time.perf_counter() - start, 1)
             log(f"[gr2 run] {label} done in {timings[label]:.1f}s: {_one_line(summary)}")
     if "eval" not in run.stages:
         return {"timings_s": timings}
+    if world.rank != 0:
+        return {"timings_s": timings}
     report = write_run_report(run_dir, run, timings)
     log(f"[gr2 run] report: {run_dir / 'report.md'}")
     return report
+
+
+def _silent(_: str) -> None:
+    return None
+
+
+def pipeline_world(run: RunConfig):
+    """The torchrun process group of a ``gr2 run`` (one process: a World of size 1). It joins with the
+    backend the training stages will use (their ``device``), so they reuse it."""
+    from gr2.train.common import init_world, local_device
+
+    device = next((getattr(run.stage_configs.get(s), "device", None) for s in ("midtrain", "sft", "rl")
+                   if s in run.stage_configs), None) or "auto"
+    return init_world(local_device(device))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -94,10 +94,15 @@ def candidate_evidence(histories: Sequence[np.ndarray], candidates: np.ndarray, 
     return np.asarray(knn.score_candidates(list(histories), np.asarray(candidates, dtype=np.int64)), dtype=np.float32)
 
 
+def evidence_order(scores: np.ndarray) -> np.ndarray:
+    """Positions of the candidates in the order the prompt's evidence line lists them: most
+    evidence first, ties in input order (along the last axis)."""
+    return np.argsort(-np.asarray(scores, dtype=np.float64), axis=-1, kind="stable")
+
+
 def evidence_ranks(scores: np.ndarray) -> np.ndarray:
     """1-based rank of each candidate's evidence within its list (ties: earlier position first)."""
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), axis=-1, kind="stable")
-    return np.argsort(order, axis=-1, kind="stable") + 1
+    return np.argsort(evidence_order(scores), axis=-1, kind="stable") + 1
 
 
 def check_catalog_items(name: str, items: np.ndarray, catalog: ItemCatalog) -> None:
@@ -178,7 +183,7 @@ def _user_message(
         # the candidates again, most co-engaged with this history first, as the prompt's last line:
         # an order the model can copy or blend with the upstream order above (last, so it sits at a
         # fixed distance from the answer, which even a small model learns to attend to)
-        by_evidence = np.argsort(-evidence, kind="stable")
+        by_evidence = evidence_order(evidence)
         parts += ["", "Co-watched with this history by other users, most first: "
                   + " ".join(shown_sids[int(j)] for j in by_evidence)]
     return "\n".join(parts)

@@ -92,7 +92,7 @@ def environment() -> dict[str, Any]:
     env["git"] = _git(Path(gr2.__file__).resolve().parent)
     return env
 
-METHOD_ORDER = ("upstream", "random", "popularity", "itemknn", "teacher", "midtrain", "sft", "sft_answer", "rl", "rl_answer")
+METHOD_ORDER = ("upstream", "random", "popularity", "itemknn", "evidence_line", "teacher", "midtrain", "sft", "sft_answer", "rl", "rl_answer")
 RANK_METRICS = ("recall@1", "recall@3", "recall@5", "ndcg@3", "ndcg@5")
 
 

@@ -29,6 +29,9 @@ class Stage:
     runner: str  # ``runner(run_dir, config, *, force=..., [arm=...])`` in ``module``
     help: str
     arms: bool = False  # runs once per reasoning arm (gr2.arms)
+    # trains with every torchrun process (midtrain, sft, rl); the other stages run on rank 0 alone
+    # (one teacher request per list, one summary), the other ranks wait for it (`gr2 run`) or leave
+    distributed: bool = False
 
     def config_class(self) -> type:
         return getattr(importlib.import_module(self.module), self.config)
@@ -47,13 +50,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prompts", "gr2.prompt_stage", "PromptConfig", "run_prompts",
           "materialise every split's rerank requests (history, candidates, evidence) for all later stages"),
     Stage("midtrain", "gr2.train.midtrain", "MidtrainConfig", "run_midtrain",
-          "stage 1: mid-train the LLM on the catalog's semantic IDs"),
+          "stage 1: mid-train the LLM on the catalog's semantic IDs", distributed=True),
     Stage("traces", "gr2.teacher", "TeacherConfig", "run_traces",
           "teacher reasoning traces (targeted or rejection sampling)", arms=True),
-    Stage("sft", "gr2.train.sft", "SftConfig", "run_sft", "stage 2: reasoning SFT on the kept teacher traces", arms=True),
+    Stage("sft", "gr2.train.sft", "SftConfig", "run_sft", "stage 2: reasoning SFT on the kept teacher traces", arms=True,
+          distributed=True),
     Stage("rl", "gr2.train.dapo.stage", "DapoConfig", "run_rl",
           "DAPO reinforcement learning with verifiable rerank rewards (--ablation: conditional vs unconditional)",
-          arms=True),
+          arms=True, distributed=True),
     Stage("rerank", "gr2.rerank", "RerankConfig", "run_rerank",
           "rerank the held-out candidate lists with a trained model under the constraint"),
     Stage("eval", "gr2.eval.stage", "EvalConfig", "run_eval",
@@ -95,11 +99,24 @@ def config_from_args(stage: Stage, args: argparse.Namespace) -> Any:
     return from_dict(stage.config_class(), apply_overrides(table, [o.strip() for o in overrides]), where=stage.name)
 
 
+def torchrun_rank() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) of this process under torchrun; (0, 1) without it."""
+    import os
+
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError as e:
+        raise ConfigError(f"RANK / WORLD_SIZE must be integers (set by torchrun): {e}") from None
+
+
 def main(stage: Stage, args: argparse.Namespace) -> int:
     import json
 
     check_run_dir(args.run_dir)
     config = config_from_args(stage, args)
+    rank, size = torchrun_rank()
+    if size > 1 and not stage.distributed and rank != 0:
+        return 0  # a single-process stage under torchrun: rank 0 runs it once, the others have nothing to do
     module = importlib.import_module(stage.module)
     if hasattr(module, "main"):
         return int(module.main(args, config) or 0)

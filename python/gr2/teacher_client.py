@@ -295,6 +295,11 @@ class OpenAIChatClient:
                                      "content": content, "reasoning": reasoning})
         return text
 
+    def _scrub(self, text: str) -> str:
+        """``text`` (a reply body quoted in an error) with the API key blanked: a proxy or a server
+        that echoes the request's Authorization header must not put the key in a message or log."""
+        return text.replace(self.api_key, "[redacted]") if self.api_key else text
+
     def _backoff(self, attempt: int) -> float:
         return self.backoff_s * 2 ** (attempt - 1)
 
@@ -340,7 +345,7 @@ class OpenAIChatClient:
                     self.limiter.defer(self._backoff(attempt + 1))
                 if status in self.RETRY_STATUS:
                     continue
-                detail = raw[:300].decode("utf-8", "replace")
+                detail = self._scrub(raw[:300].decode("utf-8", "replace"))
                 if status in self.FATAL_STATUS or not 400 <= status < 500:
                     raise TeacherEndpointError(f"{self.url} answered HTTP {status} (check teacher.endpoint, "
                                                f"teacher.model and the API key): {detail}")
@@ -350,7 +355,7 @@ class OpenAIChatClient:
             try:
                 content, reasoning, finish = parse_reply(raw)
             except ValueError as e:
-                last_error = f"malformed response ({e}): {raw[:120]!r}"
+                last_error = self._scrub(f"malformed response ({e}): {raw[:120]!r}")
                 self._count("malformed")
                 continue
             self._count("ok")

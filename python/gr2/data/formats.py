@@ -204,42 +204,72 @@ def _item_columns(available: Any, columns: dict[str, str], item_path: Any) -> tu
         raise DataError(f"{item_path}: no title, categories or description column; item text is needed")
     return id_col, title_col, year_col, cat_col, desc_col
 
-def _interactions_frame(users, items, timestamps, ratings=None, source: Any = "interactions") -> pd.DataFrame:
-    frame = pd.DataFrame(
-        {
-            "user_id": _ids(users, "user", source),
-            "item_id": _ids(items, "item", source),
-            "timestamp": np.asarray(timestamps, dtype=np.int64),
-        }
-    )
+BAD_ROW_REASONS = ("malformed_line", "empty_user_id", "empty_item_id", "non_numeric_rating")
+
+
+class BadRows:
+    """Interaction rows a loader could not use, counted per reason (``BAD_ROW_REASONS``) with the
+    first one's description. :meth:`check` fails the load past ``max_bad_fraction`` of the rows
+    (data.max_bad_fraction; 0: any bad row is a DataError naming it); below it the rows are dropped
+    and counted in ``data/stats.json`` under ``dropped``."""
+
+    def __init__(self, source: Any) -> None:
+        self.source, self.counts, self.first = source, {}, {}
+
+    def add(self, reason: str, count: int, first: str) -> None:
+        if count:
+            self.counts[reason] = self.counts.get(reason, 0) + int(count)
+            self.first.setdefault(reason, first)
+
+    def check(self, total: int, max_bad_fraction: float) -> dict[str, int]:
+        bad = sum(self.counts.values())
+        if bad and bad > max_bad_fraction * max(total, 1):
+            reason = next(r for r in BAD_ROW_REASONS if r in self.counts)
+            raise DataError(f"{self.source}: {self.first[reason]} ({bad} unusable rows of {total} in all: "
+                            f"{self.counts}; data.max_bad_fraction = {max_bad_fraction} tolerates "
+                            f"{int(max_bad_fraction * total)})")
+        return dict(self.counts)
+
+
+def _interactions_frame(users, items, timestamps, ratings=None, source: Any = "interactions",
+                        bad: BadRows | None = None) -> pd.DataFrame:
+    """The interactions table; rows with an empty id or a rating that is not a number are left out
+    and counted in ``bad`` (an empty id would otherwise become a real id "" that merges unrelated
+    rows; a non-numeric rating a NaN that min_rating silently filters)."""
+    bad = bad if bad is not None else BadRows(source)
+    user_text, user_missing = _ids(users)
+    item_text, item_missing = _ids(items)
+    frame = pd.DataFrame({"user_id": user_text, "item_id": item_text, "timestamp": np.asarray(timestamps, dtype=np.int64)})
+    keep = ~(user_missing | item_missing)
+    for what, missing in (("user", user_missing), ("item", item_missing)):
+        if missing.any():
+            bad.add(f"empty_{what}_id", int(missing.sum()),
+                    f"row {int(np.argmax(missing)) + 1} has an empty {what} id; every interaction needs a {what}")
     if ratings is not None:
-        frame["rating"] = _ratings(ratings, source)
-    return frame
+        values, not_numbers = _ratings(ratings)
+        frame["rating"] = values
+        if not_numbers.any():
+            row = int(np.argmax(not_numbers))
+            bad.add("non_numeric_rating", int(not_numbers.sum()),
+                    f"row {row + 1}: rating {pd.Series(ratings, dtype=object).iloc[row]!r} is not a number")
+        keep &= ~not_numbers
+    return frame[keep].reset_index(drop=True) if not keep.all() else frame
 
 
-def _ids(values: Any, what: str, source: Any) -> pd.Series:
-    """Ids as stripped strings; an empty or missing one is a DataError naming the row (it would
-    otherwise become a real id "" or "nan" that merges unrelated rows)."""
+def _ids(values: Any) -> tuple[pd.Series, np.ndarray]:
+    """Ids as stripped strings, and the mask of empty or missing ones."""
     raw = pd.Series(values, dtype=object).reset_index(drop=True)
     text = raw.astype(str).str.strip()
-    missing = (raw.isna() | (text == "")).to_numpy()
-    if missing.any():
-        row = int(np.argmax(missing))
-        raise DataError(f"{source}: row {row + 1} has an empty {what} id ({int(missing.sum())} rows in all); "
-                        f"every interaction needs a {what}")
-    return text
+    return text, (raw.isna() | (text == "")).to_numpy()
 
 
-def _ratings(values: Any, source: Any) -> np.ndarray:
-    """Ratings as float64: a missing rating is NaN, a value that is there but not a number is a
-    DataError naming the row (not silently a NaN that min_rating then filters out)."""
+def _ratings(values: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Ratings as float64 (a missing rating is NaN, allowed) and the mask of values that are there
+    but not numbers."""
     raw = pd.Series(values, dtype=object).reset_index(drop=True)
     numbers = pd.to_numeric(raw, errors="coerce")
-    bad = (numbers.isna() & raw.notna() & (raw.astype(str).str.strip() != "")).to_numpy()
-    if bad.any():
-        row = int(np.argmax(bad))
-        raise DataError(f"{source}: row {row + 1}: rating {raw[row]!r} is not a number")
-    return numbers.to_numpy(dtype=np.float64)
+    not_numbers = (numbers.isna() & raw.notna() & (raw.astype(str).str.strip() != "")).to_numpy()
+    return numbers.to_numpy(dtype=np.float64), not_numbers
 
 
 def _items_frame(ids, titles, categories, years, descriptions) -> pd.DataFrame:
@@ -292,8 +322,10 @@ def _find_atomic(path: Path, suffix: str) -> Path | None:
     return found[0] if found else None
 
 
-def load_recbole(path: str | Path, columns: dict[str, str] | None = None, seq_separator: str = " ") -> RawData:
-    """RecBole atomic files: ``path`` is the dataset folder or its ``.inter`` file."""
+def load_recbole(path: str | Path, columns: dict[str, str] | None = None, seq_separator: str = " ",
+                 max_bad_fraction: float = 0.0) -> RawData:
+    """RecBole atomic files: ``path`` is the dataset folder or its ``.inter`` file. Unusable
+    interaction rows: :class:`BadRows` (``max_bad_fraction``)."""
     path = Path(path)
     columns = dict(columns or {})
     inter_path = _find_atomic(path, ".inter")
@@ -309,9 +341,11 @@ def load_recbole(path: str | Path, columns: dict[str, str] | None = None, seq_se
     time_col = _pick(inter.columns, "timestamp", columns, inter_path, True)
     rating_col = _pick(inter.columns, "rating", columns, inter_path, False)
     ratings = inter[rating_col] if rating_col else None
+    bad = BadRows(inter_path)
     interactions = _interactions_frame(
-        inter[user_col], inter[item_col], _to_int64(inter[time_col], "timestamp", inter_path), ratings, inter_path
+        inter[user_col], inter[item_col], _to_int64(inter[time_col], "timestamp", inter_path), ratings, inter_path, bad
     )
+    dropped = bad.check(len(inter), max_bad_fraction)
 
     meta, types = read_atomic_file(item_path)
     id_col, title_col, year_col, cat_col, desc_col = _item_columns(meta.columns, columns, item_path)
@@ -327,7 +361,7 @@ def load_recbole(path: str | Path, columns: dict[str, str] | None = None, seq_se
     descriptions = meta[desc_col].tolist() if desc_col else [""] * n
     items = _items_frame(meta[id_col], titles, categories, years, descriptions)
     return RawData(
-        interactions, items, {"format": "recbole", "path": str(path)}, sources=[inter_path, item_path]
+        interactions, items, {"format": "recbole", "path": str(path)}, dropped=dropped, sources=[inter_path, item_path]
     )
 
 
@@ -335,35 +369,48 @@ def load_recbole(path: str | Path, columns: dict[str, str] | None = None, seq_se
 # MovieLens raw files
 
 
-def load_movielens(path: str | Path) -> RawData:
-    """Raw MovieLens: a folder with ml-100k ``u.data``/``u.item`` or ml-1m ``ratings.dat``/``movies.dat``."""
+def load_movielens(path: str | Path, max_bad_fraction: float = 0.0) -> RawData:
+    """Raw MovieLens: a folder with ml-100k ``u.data``/``u.item`` or ml-1m ``ratings.dat``/``movies.dat``.
+    Unusable rating lines (wrong field count, empty ids, a rating that is not a number):
+    :class:`BadRows` (``max_bad_fraction``)."""
     path = Path(path)
     if (path / "u.data").exists():
-        return _load_ml100k(path)
+        return _load_ml100k(path, max_bad_fraction)
     if (path / "ratings.dat").exists():
-        return _load_ml1m(path)
+        return _load_ml1m(path, max_bad_fraction)
     raise DataError(f"{path}: neither u.data + u.item (ml-100k) nor ratings.dat + movies.dat (ml-1m) found")
 
 
-def _split_rows(text: str, sep: str, width: int, path: Path, at_least: bool = False) -> list[list[str]]:
+def _split_rows(text: str, sep: str, width: int, path: Path, at_least: bool = False,
+                bad: BadRows | None = None) -> list[list[str]]:
+    """The ``sep``-separated rows of ``text``; a line with the wrong field count is a DataError, or,
+    with ``bad``, counted there as malformed and left out."""
     rows = []
     for number, line in enumerate(_lines(text), start=1):
         cells = line.split(sep)
         if len(cells) != width and not (at_least and len(cells) >= width):
-            raise DataError(f"{path}:{number}: expected {width} {sep!r}-separated fields, got {len(cells)}")
+            message = f"line {number}: expected {width} {sep!r}-separated fields, got {len(cells)}"
+            if bad is None:
+                raise DataError(f"{path}:{number}: expected {width} {sep!r}-separated fields, got {len(cells)}")
+            bad.add("malformed_line", 1, message)
+            continue
         rows.append(cells)
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
 
 
-def _load_ml100k(path: Path) -> RawData:
+def _load_ml100k(path: Path, max_bad_fraction: float = 0.0) -> RawData:
     data_path, item_path = path / "u.data", path / "u.item"
-    rows = _split_rows(_read_text(data_path, "latin-1"), "\t", 4, data_path)
+    bad = BadRows(data_path)
+    text = _read_text(data_path, "latin-1")
+    rows = _split_rows(text, "\t", 4, data_path, bad=bad)
     frame = pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
     interactions = _interactions_frame(
-        frame["user"], frame["item"], _to_int64(frame["timestamp"], "timestamp", data_path), frame["rating"], data_path
+        frame["user"], frame["item"], _to_int64(frame["timestamp"], "timestamp", data_path), frame["rating"], data_path,
+        bad,
     )
+    dropped = bad.check(len(rows) + bad.counts.get("malformed_line", 0), max_bad_fraction)
     genres = list(ML100K_GENRES)
     genre_path = path / "u.genre"
     if genre_path.exists():  # "name|index" lines
@@ -383,19 +430,21 @@ def _load_ml100k(path: Path) -> RawData:
         categories.append([g for g, f in zip(genres, flags) if f == "1"])
     items = _items_frame(ids, titles, categories, years, [""] * len(ids))
     return RawData(
-        interactions, items, {"format": "movielens", "variant": "ml-100k", "path": str(path)},
+        interactions, items, {"format": "movielens", "variant": "ml-100k", "path": str(path)}, dropped=dropped,
         sources=[data_path, item_path],
     )
 
 
-def _load_ml1m(path: Path) -> RawData:
+def _load_ml1m(path: Path, max_bad_fraction: float = 0.0) -> RawData:
     ratings_path, movies_path = path / "ratings.dat", path / "movies.dat"
-    rows = _split_rows(_read_text(ratings_path, "latin-1"), "::", 4, ratings_path)
+    bad = BadRows(ratings_path)
+    rows = _split_rows(_read_text(ratings_path, "latin-1"), "::", 4, ratings_path, bad=bad)
     frame = pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
     interactions = _interactions_frame(
         frame["user"], frame["item"], _to_int64(frame["timestamp"], "timestamp", ratings_path), frame["rating"],
-        ratings_path,
+        ratings_path, bad,
     )
+    dropped = bad.check(len(rows) + bad.counts.get("malformed_line", 0), max_bad_fraction)
     if not movies_path.exists():
         raise DataError(f"{movies_path}: file does not exist (item titles are needed)")
     ids, titles, years, categories = [], [], [], []
@@ -410,7 +459,7 @@ def _load_ml1m(path: Path) -> RawData:
         categories.append([g for g in cells[2].split("|") if g and g != "(no genres listed)"])
     items = _items_frame(ids, titles, categories, years, [""] * len(ids))
     return RawData(
-        interactions, items, {"format": "movielens", "variant": "ml-1m", "path": str(path)},
+        interactions, items, {"format": "movielens", "variant": "ml-1m", "path": str(path)}, dropped=dropped,
         sources=[ratings_path, movies_path],
     )
 
@@ -448,8 +497,10 @@ def iter_json_records(path: Path) -> Iterator[dict]:
         yield record
 
 
-def load_amazon(reviews: str | Path, metadata: str | Path, columns: dict[str, str] | None = None) -> RawData:
-    """Amazon Reviews 2014/2018: 5-core reviews file plus metadata file (JSON lines, .gz or plain)."""
+def load_amazon(reviews: str | Path, metadata: str | Path, columns: dict[str, str] | None = None,
+                max_bad_fraction: float = 0.0) -> RawData:
+    """Amazon Reviews 2014/2018: 5-core reviews file plus metadata file (JSON lines, .gz or plain).
+    Unusable reviews (empty ids, a rating that is not a number): :class:`BadRows` (``max_bad_fraction``)."""
     reviews, metadata = Path(reviews), Path(metadata)
     columns = dict(columns or {})
     users, items, times, ratings = [], [], [], []
@@ -472,9 +523,11 @@ def load_amazon(reviews: str | Path, metadata: str | Path, columns: dict[str, st
         ratings.append(record.get(rating_key, np.nan) if rating_key else np.nan)
     if keys is None:
         raise DataError(f"{reviews}: no reviews")
+    bad = BadRows(reviews)
     interactions = _interactions_frame(
-        users, items, _to_int64(pd.Series(times, dtype=object), "timestamp", reviews), ratings, reviews
+        users, items, _to_int64(pd.Series(times, dtype=object), "timestamp", reviews), ratings, reviews, bad
     )
+    dropped = bad.check(len(users), max_bad_fraction)
 
     ids, titles, categories, years, descriptions = [], [], [], [], []
     for number, record in enumerate(iter_json_records(metadata), start=1):
@@ -493,7 +546,7 @@ def load_amazon(reviews: str | Path, metadata: str | Path, columns: dict[str, st
         raise DataError(f"{metadata}: no metadata records")
     items = _items_frame(ids, titles, categories, years, descriptions)
     return RawData(
-        interactions, items, {"format": "amazon", "reviews": str(reviews), "metadata": str(metadata)},
+        interactions, items, {"format": "amazon", "reviews": str(reviews), "metadata": str(metadata)}, dropped=dropped,
         sources=[reviews, metadata],
     )
 
@@ -520,9 +573,11 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 
 def load_table(
-    interactions: str | Path, items: str | Path, columns: dict[str, str] | None = None, category_separator: str = "|"
+    interactions: str | Path, items: str | Path, columns: dict[str, str] | None = None, category_separator: str = "|",
+    max_bad_fraction: float = 0.0,
 ) -> RawData:
-    """Generic Parquet/CSV: an interactions table and an items table with named columns."""
+    """Generic Parquet/CSV: an interactions table and an items table with named columns. Unusable
+    interaction rows (empty ids, a rating that is not a number): :class:`BadRows` (``max_bad_fraction``)."""
     inter_path, item_path = Path(interactions), Path(items)
     columns = dict(columns or {})
     inter = _read_table(inter_path)
@@ -531,9 +586,11 @@ def load_table(
     time_col = _pick(inter.columns, "timestamp", columns, inter_path, True)
     rating_col = _pick(inter.columns, "rating", columns, inter_path, False)
     ratings = inter[rating_col] if rating_col else None
+    bad = BadRows(inter_path)
     interactions_frame = _interactions_frame(
-        inter[user_col], inter[item_col], _to_int64(inter[time_col], "timestamp", inter_path), ratings, inter_path
+        inter[user_col], inter[item_col], _to_int64(inter[time_col], "timestamp", inter_path), ratings, inter_path, bad
     )
+    dropped = bad.check(len(inter), max_bad_fraction)
     meta = _read_table(item_path)
     id_col, title_col, year_col, cat_col, desc_col = _item_columns(meta.columns, columns, item_path)
     n = len(meta)
@@ -553,7 +610,7 @@ def load_table(
     items_frame = _items_frame(meta[id_col], titles, categories, years, descriptions)
     return RawData(
         interactions_frame, items_frame, {"format": "table", "interactions": str(inter_path), "items": str(item_path)},
-        sources=[inter_path, item_path],
+        dropped=dropped, sources=[inter_path, item_path],
     )
 
 
@@ -562,21 +619,25 @@ def load_raw(
     path: str | Path | None = None,
     items_path: str | Path | None = None,
     columns: dict[str, str] | None = None,
+    max_bad_fraction: float = 0.0,
 ) -> RawData:
     """Dispatch on ``format``; ``path=None`` with ``recbole`` is the bundled MovieLens-100k.
 
     ``items_path`` is the metadata file for ``amazon`` and the items table for ``table``.
+    ``max_bad_fraction``: the share of unusable interaction rows that is dropped and counted
+    (:class:`BadRows`) instead of failing the load.
     """
     if format not in FORMATS:
         raise DataError(f"unknown data format {format!r}; known: {list(FORMATS)}")
     if format == "recbole":
-        return load_recbole(path if path is not None else default_ml100k_dir(), columns)
+        return load_recbole(path if path is not None else default_ml100k_dir(), columns,
+                            max_bad_fraction=max_bad_fraction)
     if path is None:
         raise DataError(f"format {format!r} needs a path")
     if format == "movielens":
-        return load_movielens(path)
+        return load_movielens(path, max_bad_fraction)
     if items_path is None:
         raise DataError(f"format {format!r} needs items_path (the item metadata file)")
     if format == "amazon":
-        return load_amazon(path, items_path, columns)
-    return load_table(path, items_path, columns)
+        return load_amazon(path, items_path, columns, max_bad_fraction)
+    return load_table(path, items_path, columns, max_bad_fraction=max_bad_fraction)

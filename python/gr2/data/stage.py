@@ -64,10 +64,16 @@ class DataConfig:
     min_rating: float | None = None
     dedupe: bool = True
     max_description_chars: int = 400
+    # share of interaction rows that may be unusable (a line with the wrong field count, an empty
+    # user or item id, a rating that is not a number): they are dropped and counted per reason in
+    # data/stats.json ("dropped"); past it the stage fails naming the first one (0: any bad row fails)
+    max_bad_fraction: float = 0.001
 
     def __post_init__(self) -> None:
         if self.kcore < 0:
             raise ConfigError(f"data.kcore must be >= 0, got {self.kcore}")
+        if not 0.0 <= self.max_bad_fraction < 1.0:
+            raise ConfigError(f"data.max_bad_fraction must be in [0, 1), got {self.max_bad_fraction}")
         if self.max_seq_len < 0 or 0 < self.max_seq_len < 3:
             raise ConfigError(f"data.max_seq_len must be 0 (no cap) or >= 3, got {self.max_seq_len}")
 
@@ -81,7 +87,7 @@ def run_data(run_dir: str | Path, config: DataConfig | None = None, force: bool 
     config = config or DataConfig()
     stage_dir = Path(run_dir) / "data"
     start = time.perf_counter()
-    raw = load_raw(config.format, config.path, config.items_path, config.columns)
+    raw = load_raw(config.format, config.path, config.items_path, config.columns, config.max_bad_fraction)
     key = rundir.stage_key(config, *_source_fingerprint(raw.sources))
     if (done := rundir.begin_stage(stage_dir, key, force=force)) is not None:
         return done

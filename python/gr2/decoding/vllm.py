@@ -12,7 +12,12 @@ gr2's CI, which runs without vLLM; the native automaton underneath is the tested
 
 A request opts in with ``extra_args["gr2"]``: ``candidates`` (item ids), optional ``codes`` (their
 SIDs, K x L; looked up in ``index`` when omitted), ``reasoning`` ("think", "in_think", "disabled")
-and ``max_reasoning_tokens``. A request **without** ``extra_args["gr2"]`` is rejected (vLLM's
+and ``max_reasoning_tokens``. ``validate_params`` checks all of it before the request is scheduled
+(unknown keys, unknown items, the codes' shape, the mode and budget) and refuses a ``max_tokens``
+below the longest constrained completion, which vLLM would cut into a partial list. With
+``reasoning="in_think"`` the prompt already opened ``<think>`` (a chat template that does), so the
+completion starts inside it; prepend ``<think>`` to the completion before verifying it
+(``gr2.verify_rewards`` / ``parse_ranking`` parse a whole ``<think>...</think><answer>...`` text). A request **without** ``extra_args["gr2"]`` is rejected (vLLM's
 ``validate_params`` raises gr2.InvalidInputError, a ValueError) rather than decoded unconstrained:
 it opts out only explicitly, with ``extra_args["gr2_unconstrained"] = True``, or every request
 does when the processor is made with ``allow_unconstrained=True`` (a server with mixed traffic).
@@ -53,7 +58,7 @@ def make_rerank_logits_processor(
     class Gr2RerankLogitsProcessor(LogitsProcessor):
         @classmethod
         def validate_params(cls, sampling_params: Any) -> None:
-            request_spec(sampling_params, index=index, allow_unconstrained=allow_unconstrained)
+            request_spec(sampling_params, index=index, allow_unconstrained=allow_unconstrained, levels=sid_tokens.levels)
 
         def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool):
             vocab = vllm_config.model_config.get_vocab_size()

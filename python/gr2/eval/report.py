@@ -103,6 +103,10 @@ def markdown(methods: dict[str, dict], meta: dict[str, Any]) -> str:
     lines += delta_table(methods)
     if meta.get("mde"):
         lines += [mde_line(meta["mde"]), ""]
+    if meta.get("top1_agrees_with_evidence_line"):
+        lines += ["Top-1 agreement with the prompt's evidence line (share of lists whose valid ranking starts with "
+                  "the line's first item):", ""]
+        lines += [f"- {name}: {value:.3f}" for name, value in meta["top1_agrees_with_evidence_line"].items()] + [""]
     lines += ["Position bias: input position (0-based) of the item ranked first, share of valid lists.", ""]
     k = max(len(r["position_bias"]) for r in methods.values())
     lines.append("| method | " + " | ".join(str(i) for i in range(k)) + " |")

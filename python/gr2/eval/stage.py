@@ -39,7 +39,7 @@ from gr2.upstream.itemknn import ItemKNNRanker
 from gr2.upstream.popularity import PopularityRanker
 
 
-REPORT_FORMAT = 3  # bump when report.json gains fields, so cached eval stages rerun (2: vs_upstream, mde, environment; 3: vs_sft)
+REPORT_FORMAT = 4  # bump when report.json gains fields, so cached eval stages rerun (2: vs_upstream, mde, environment; 3: vs_sft; 4: evidence_line)
 
 
 @dataclass
@@ -175,6 +175,9 @@ def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) ->
         "popularity": (popularity_order(c, counts), all_valid),
         "itemknn": (score_order(c, knn.score_candidates(histories, c)), all_valid),
     }
+    line = evidence_line(run_dir, config.split, list_id[shared], c)
+    if line is not None:  # the prompts' evidence line read as a ranking: what a pure copier scores
+        rankings["evidence_line"] = (line, all_valid)
     for name, m in loaded.items():
         if name in rankings:
             raise ConfigError(f"method name {name!r} clashes with a baseline; rename it")
@@ -224,12 +227,39 @@ def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) ->
         "methods_from": {name: str(p) for name, p in method_paths.items()},
         "note": "Recall/NDCG over lists that contain the target; over all users multiply by coverage.",
         "mde": mde_meta(results, len(shared)),
+        # share of lists whose valid ranking starts with the evidence line's first item: how much of
+        # a student's top-1 is copying the line it was shown
+        "top1_agrees_with_evidence_line": None if line is None else {
+            name: round(float(np.mean(v & (r[:, 0] == line[:, 0]))), 4) for name, (r, v) in rankings.items()},
         "environment": environment(),
     }
     write_report(out, results, meta)
     summary = {name: {m: r[m]["value"] for m in ("recall@1", "ndcg@5", "validity")} for name, r in results.items()}
     mark_done(out, key, summary)
     return summary
+
+
+def evidence_line(run_dir: Path, split: str, list_ids: np.ndarray, candidates: np.ndarray) -> np.ndarray | None:
+    """The candidates of each list in the order the prompt's evidence line showed them (None when
+    the run's prompts carry no evidence); rows follow ``list_ids``."""
+    from gr2.prompt_stage import load_requests
+    from gr2.prompts import evidence_order
+
+    if read_stage(run_dir / "prompts") is None:
+        return None
+    table = load_requests(run_dir, split)
+    if "evidence" not in table.column_names or table[0]["evidence"] is None:
+        return None
+    row_of = {int(i): j for j, i in enumerate(table["list_id"])}
+    missing = [int(i) for i in list_ids if int(i) not in row_of]
+    if missing:
+        raise DataError(f"prompts/{split} lacks list {missing[0]} of candidates/{split}; rerun `gr2 prompts`")
+    rows = [row_of[int(i)] for i in list_ids]
+    shown = np.asarray(table.select(rows)["candidates"], dtype=np.int64)
+    if not np.array_equal(shown, candidates):
+        raise DataError(f"prompts/{split} shows other candidates than candidates/{split}; rerun `gr2 prompts`")
+    scores = np.asarray(table.select(rows)["evidence"], dtype=np.float64)
+    return np.take_along_axis(candidates, evidence_order(scores), axis=1)
 
 
 def mde_meta(results: dict[str, dict], lists: int, alpha: float = 0.05, power: float = 0.8) -> dict[str, Any]:

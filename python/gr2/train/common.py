@@ -27,6 +27,7 @@ import math
 import os
 import random
 import shutil
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from gr2.errors import ConfigError, CorruptFileError, InvalidInputError, TrainingError
-from gr2.rundir import atomic_dir, atomic_write_json, atomic_write_text
+from gr2.rundir import atomic_dir, atomic_write_json, atomic_write_text, stage_key
 
 CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_STATE = "trainer_state.pt"
@@ -71,12 +72,21 @@ def local_device(preference: str = "auto") -> torch.device:
     """:func:`choose_device`, per process: under ``torchrun`` (``LOCAL_RANK`` set) a CUDA choice
     without an index becomes ``cuda:LOCAL_RANK``, made the current device (``torch.cuda.set_device``,
     which NCCL collectives rely on), so every rank of a node gets its own GPU. An explicit index
-    (``cuda:1``) is kept as given. A ``LOCAL_RANK`` beyond the visible GPUs is a ConfigError."""
+    (``cuda:1``) is kept as given, except that under torchrun with several processes per node and
+    several visible GPUs it must be the rank's own (``cuda:0`` on every rank would put the whole node
+    on one GPU). A ``LOCAL_RANK`` beyond the visible GPUs is a ConfigError."""
     device = choose_device(preference)
     local = os.environ.get("LOCAL_RANK")
-    if device.type != "cuda" or device.index is not None or local is None:
+    if device.type != "cuda" or local is None:
         return device
     rank, count = int(local), torch.cuda.device_count()
+    if device.index is not None:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if per_node > 1 and count > 1 and device.index != rank:
+            raise ConfigError(f"device = {preference!r} on torchrun rank LOCAL_RANK={rank} of {per_node} on this node "
+                              f"would share one GPU among the ranks; use device = \"auto\" or \"cuda\" (each rank gets "
+                              "cuda:LOCAL_RANK), or give each rank one GPU with CUDA_VISIBLE_DEVICES")
+        return device
     if rank >= count:
         raise ConfigError(f"LOCAL_RANK = {rank} but only {count} CUDA device(s) are visible; start at most {count} "
                           "processes per node (torchrun --nproc_per_node) or check CUDA_VISIBLE_DEVICES")
@@ -177,15 +187,42 @@ class World:
         if self.distributed:
             torch.distributed.barrier()
 
-    def sum_gradients(self, model: torch.nn.Module) -> None:
-        """Sum the gradients over the ranks by hand (DAPO; the SFT recipes use DDP instead)."""
+    def sum_gradients(self, model: torch.nn.Module, bucket_bytes: int = 25 << 20) -> None:
+        """Sum the gradients over the ranks by hand (DAPO; the SFT recipes use DDP instead), in
+        buckets of about ``bucket_bytes`` (DDP's default size): each bucket is flattened into one
+        tensor and reduced in one collective, instead of one collective per parameter."""
         if not self.distributed:
             return
+        grads = []
         for p in model.parameters():
             if p.requires_grad:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                torch.distributed.all_reduce(p.grad)
+                grads.append(p.grad)
+        for bucket in _buckets(grads, bucket_bytes):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            torch.distributed.all_reduce(flat)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
+def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
+    """Consecutive runs of same-dtype, same-device tensors of at most ``bucket_bytes`` (a larger
+    tensor is a bucket of its own)."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        last = out[-1] if out else None
+        if last and last[0].dtype == t.dtype and last[0].device == t.device and size + nbytes <= bucket_bytes:
+            last.append(t)
+            size += nbytes
+        else:
+            out.append([t])
+            size = nbytes
+    return out
 
 
 def dist_timeout() -> datetime.timedelta:
@@ -404,6 +441,17 @@ def checkpoint_key(path: str | os.PathLike) -> str | None:
     except (OSError, ValueError):
         return None
     return meta.get("key") or meta.get("extra", {}).get("key")
+
+
+def training_key(config: Any, *inputs: str) -> str:
+    """The key a stage's checkpoints are saved and resumed under: its inputs' keys and the config
+    fields that change the weights. Fields a config dataclass lists in ``NOT_IN_CHECKPOINT_KEY``
+    (evaluation, logging, checkpoint cadence) are left out, so changing one of them resumes a long
+    run instead of discarding its checkpoints (the stage itself still reruns: its record's key,
+    :func:`gr2.rundir.stage_key`, covers the whole config)."""
+    skip = set(getattr(config, "NOT_IN_CHECKPOINT_KEY", ()))
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip}
+    return stage_key({"training": fields}, *inputs)
 
 
 class Checkpointer:

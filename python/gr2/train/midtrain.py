@@ -51,7 +51,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ from gr2.errors import ConfigError, DataError
 from gr2.models import DemoModelConfig, extend_with_sids, load_base_model, load_pretrained, save_pretrained_atomic
 from gr2.rerank import OUTPUT_GLOBS as RERANK_OUTPUTS
 from gr2.rundir import atomic_write_json, mark_done, stage_key
-from gr2.train import common
+from gr2.train import common, memory
 
 STAGE = "midtrain"
 TASKS = ("next", "caption", "ground", "replay")
@@ -80,6 +80,11 @@ class MixtureWeights:
 
 @dataclass
 class MidtrainConfig:
+    # settings that do not change the weights a step produces: a run resumes its checkpoints across them
+    NOT_IN_CHECKPOINT_KEY: ClassVar[tuple[str, ...]] = (
+        "checkpoint_every", "keep_checkpoints", "log_every", "eval_split", "eval_users", "eval_beams",
+        "eval_mask_history", "eval_ks", "eval_batch_size", "cache_dir")
+
     base_model: str = "demo"  # "demo", "smollm2", or an HF folder / hub name
     demo: DemoModelConfig = field(default_factory=DemoModelConfig)
     mixture: MixtureWeights = field(default_factory=MixtureWeights)
@@ -418,10 +423,12 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
     common.seed_everything(config.seed)
 
     # checkpoints of another config or other inputs are never resumed (removed, one log line)
-    checkpoints = common.Checkpointer(stage_dir / "checkpoints", key, keep=config.keep_checkpoints,
+    checkpoints = common.Checkpointer(stage_dir / "checkpoints", common.training_key(config, *inputs), keep=config.keep_checkpoints,
                                       writer=world.writer, name=STAGE)
     model, tokenizer, sid_tokens = prepare_model(run_dir, config, catalog, checkpoints, world)
+    memory.check_stage(model, STAGE, config, device, dtype, world.size)  # refuse a plan that cannot fit, up front
     model = common.wrap_lora(model, config.lora).to(device=device, dtype=common.param_dtype(dtype))
+    memory.freeze_in_compute_dtype(model, dtype)
     optimizer = common.make_optimizer(model, config.lr, config.weight_decay)
     scheduler = common.make_scheduler(optimizer, config.steps, config.warmup_steps)
     resumed = checkpoints.resume(model, optimizer, scheduler, world)

@@ -29,7 +29,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from gr2.models import load_pretrained, save_pretrained_atomic
 from gr2.rerank import OUTPUT_GLOBS as RERANK_OUTPUTS
 from gr2.rundir import atomic_write_json, mark_done, stage_key
 from gr2.tokens import ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
-from gr2.train import common
+from gr2.train import common, memory
 
 STAGE = "sft"
 
@@ -50,6 +50,10 @@ LOSS_TOKENS = ("all", "decisions")
 
 @dataclass
 class SftConfig:
+    # settings that do not change the weights a step produces: a run resumes its checkpoints across them
+    NOT_IN_CHECKPOINT_KEY: ClassVar[tuple[str, ...]] = ("checkpoint_every", "keep_checkpoints", "log_every",
+                                                       "eval_batch_size")
+
     lambda_reasoning: float = 0.5
     lambda_answer: float = 1.0
     epochs: int = 3
@@ -203,7 +207,8 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
 
     run_dir = Path(run_dir)
     stage_dir = run_dir / arms.stage_dir(STAGE, arm)
-    key = stage_key(config, common.input_key(run_dir, "midtrain"), common.input_key(run_dir, arms.stage_dir("traces", arm)))
+    inputs = (common.input_key(run_dir, "midtrain"), common.input_key(run_dir, arms.stage_dir("traces", arm)))
+    key = stage_key(config, *inputs)
     device = common.local_device(config.device)
     world = common.init_world(device)
     if (done := common.begin_stage_on_rank0(world, stage_dir, key, force=force)) is not None:
@@ -229,12 +234,14 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
     with common.autocast(device, dtype):
         before = heldout_nll(model, tokenizer, heldout, config, device)
 
+    memory.check_stage(model, STAGE, config, device, dtype, world.size)  # refuse a plan that cannot fit, up front
     model = common.wrap_lora(model, config.lora)
+    memory.freeze_in_compute_dtype(model, dtype)
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     optimizer = common.make_optimizer(model, config.lr, config.weight_decay)
     scheduler = common.make_scheduler(optimizer, total_steps, config.warmup_steps)
-    checkpoints = common.Checkpointer(stage_dir / "checkpoints", key, keep=config.keep_checkpoints,
+    checkpoints = common.Checkpointer(stage_dir / "checkpoints", common.training_key(config, *inputs), keep=config.keep_checkpoints,
                                       writer=world.writer, name=STAGE)
     resumed = checkpoints.resume(model, optimizer, scheduler, world)
     start = resumed["step"] if resumed else 0

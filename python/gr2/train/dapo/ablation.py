@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from gr2.errors import DataError
-from gr2.rundir import atomic_write_json, begin_stage, mark_done, save_png, stage_key
+from gr2.rundir import atomic_write_json, mark_done, save_png, stage_key
 from gr2.train import common
 from gr2.train.dapo.config import DapoConfig
 from gr2.train.dapo.data import RlData
@@ -53,14 +53,15 @@ def ablation(make: Callable[[DapoConfig, Path], tuple[DapoTrainer, RlData | None
         cfg = dataclasses.replace(config, conditional=conditional, eval_every=eval_every)
         out_dir = root / name
         key = stage_key(cfg, *inputs)
-        if begin_stage(out_dir, key) is None:
+        if common.begin_stage_on_rank0(world, out_dir, key) is None:  # rank 0 alone may remove an old record
             trainer, eval_data = make(cfg, out_dir)
             if eval_data is None:
                 raise DataError("the ablation needs an evaluation set (candidates/valid)")
-            train(trainer, out_dir, eval_data, resume=True, key=key)
+            train(trainer, out_dir, eval_data, resume=True, inputs=inputs)
             if world.rank == 0:
                 mark_done(out_dir, key, {"steps": trainer.step_count})
-                common.Checkpointer(out_dir / "checkpoints", key).cleanup()
+                common.Checkpointer(out_dir / "checkpoints", common.training_key(cfg, *inputs)).cleanup()
+        world.barrier()  # rank 0 wrote the arm's metrics and record; every rank reads them next
         rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         curves[name] = [r for r in rows if "eval_recall@1" in r]
         steps = [r for r in rows if "kept_groups" in r]

@@ -4,6 +4,7 @@ naming the key)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from gr2.errors import ConfigError
 from gr2.train import common
@@ -16,6 +17,10 @@ SELECTIONS = ("last", "recall@1", "ndcg@5")
 @dataclass
 class DapoConfig:
     """Configuration of the ``rl`` stage (TOML table ``[rl]``)."""
+
+    # settings that do not change the weights a step produces: a run resumes its checkpoints across them
+    NOT_IN_CHECKPOINT_KEY: ClassVar[tuple[str, ...]] = ("eval_every", "eval_prompts", "select", "save_every",
+                                                       "keep_checkpoints", "tensorboard")
 
     base: str = "auto"  # start model: "sft", "midtrain", "auto" (sft if present) or a model folder
     k: int = 0  # expected candidates per request; 0 = take it from the data (mismatch -> ConfigError)

@@ -86,6 +86,7 @@ def sampled_rollouts(model, tokenizer, prompt_texts, candidates, n, seeds, confi
     observed the order-copy hack. ``greedy`` for evaluation. ``generate`` draws from one global
     generator, so the samples are a function of the seeds of the whole batch (torch is seeded with
     the one seed of a single prompt, with a hash of all of them otherwise)."""
+    stop = list(ctx.get("stop_ids", [ctx["eos_id"]]))  # eos and the end-of-turn token
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
     width = max(len(e) for e in encoded)
     ids = torch.full((len(encoded), width), ctx["pad_id"], dtype=torch.long)
@@ -103,14 +104,13 @@ def sampled_rollouts(model, tokenizer, prompt_texts, candidates, n, seeds, confi
             sampling = {} if greedy else {"temperature": config.temperature, "top_p": config.top_p, "top_k": 0}
             out = model.generate(ids, attention_mask=attention, do_sample=not greedy, **sampling,
                                  max_new_tokens=config.max_new_tokens, num_return_sequences=n,
-                                 pad_token_id=ctx["pad_id"], eos_token_id=ctx["eos_id"])
+                                 pad_token_id=ctx["pad_id"], eos_token_id=stop)
     finally:
         model.train(was_training)
     completions = []
     for row in out[:, width:].tolist():
-        if ctx["eos_id"] in row:
-            row = row[: row.index(ctx["eos_id"]) + 1]
-        completions.append(row)
+        end = next((i for i, t in enumerate(row) if t in stop), None)
+        completions.append(row if end is None else row[:end + 1])
     return [completions[i * n:(i + 1) * n] for i in range(len(encoded))]
 
 

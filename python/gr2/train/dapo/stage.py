@@ -92,12 +92,13 @@ def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig(), *, arm
         raise ConfigError("rl.reasoning = false in the think arm; train answer-only with the `answer` arm "
                           "(run.arms = [\"answer\"] or `gr2 rl --arm answer`)")
     out_dir = run_dir / arms.stage_dir("rl", arm)
-    key = stage_key(config, *_rl_inputs(run_dir, config, arm))
+    inputs = _rl_inputs(run_dir, config, arm)
+    key = stage_key(config, *inputs)
     world = init_world(common.local_device(config.device))
     if (done := common.begin_stage_on_rank0(world, out_dir, key, force=force)) is not None:
         return done
     trainer, eval_data, info = build_trainer(run_dir, config, world, arm)
-    last = train(trainer, out_dir, eval_data, key=key)
+    last = train(trainer, out_dir, eval_data, inputs=inputs)
     summary = {**info, "arm": arm, "steps": trainer.step_count, "world_size": world.size,
                **{k: v for k, v in last.items() if isinstance(v, (int, float))}}
     common.check_finite_weights(trainer.model, "rl")
@@ -105,9 +106,10 @@ def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig(), *, arm
         save_pretrained_atomic(trainer.model, trainer.tokenizer, out_dir / "model")
         atomic_write_json(out_dir / "summary.json", summary)
         mark_done(out_dir, key, summary, exclude=RERANK_OUTPUTS)
-        common.Checkpointer(out_dir / "checkpoints", key).cleanup()
+        common.Checkpointer(out_dir / "checkpoints", common.training_key(config, *inputs)).cleanup()
         for name in ("best_policy.pt", "best.json"):  # rl.select's copy: rl/model holds it now
             (out_dir / name).unlink(missing_ok=True)
+    world.barrier()  # every rank returns once the stage is done (a next stage must not read a half-written rl/)
     return summary
 
 

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from gr2.errors import ConfigError, DataError, InvalidInputError
 from gr2.rewards import RewardBatch, verify_rewards
 from gr2.rundir import atomic_write_bytes, atomic_write_json, stage_key
-from gr2.train import common
+from gr2.train import common, memory
 from gr2.train.dapo.config import DapoConfig
 from gr2.train.dapo.data import RlData
 from gr2.train.dapo.loss import (dapo_loss, group_advantages, informative_groups, outcome_of, overlong_penalty, pack,
@@ -43,6 +43,16 @@ from gr2.train.dapo.rollouts import Completion, Rollout, RolloutFn, constrained_
 from gr2.train.common import World
 
 EVAL_BATCH = 16  # prompts per decoding call during evaluation
+
+
+def minibatches(rollouts: Sequence[Rollout], group_size: int, updates: int) -> list[list[Rollout]]:
+    """Split a rank's rollouts (whole groups of ``group_size``, in group order) into ``updates``
+    mini-batches by each rollout's place in its group (place mod ``updates``): a rule that does not
+    depend on how the groups are spread over the ranks, so N processes take the optimizer steps of
+    one, whether or not ``updates`` divides G."""
+    if len(rollouts) % group_size:
+        raise InvalidInputError(f"{len(rollouts)} rollouts are not whole groups of G = {group_size}")
+    return [[r for k, r in enumerate(rollouts) if (k % group_size) % updates == i] for i in range(updates)]
 
 
 def dapo_update(
@@ -68,7 +78,7 @@ def dapo_update(
     was_training = model.training
     model.eval()
     temp, share = config.temperature, config.share_prompt
-    micro = [list(rollouts[i::config.updates_per_batch]) for i in range(config.updates_per_batch)]
+    micro = minibatches(rollouts, config.group_size, config.updates_per_batch)
     chunks = [[mb[j::config.grad_accum] for j in range(config.grad_accum)] for mb in micro]
     clock = {"logprobs": 0.0, "loss_backward": 0.0, "optimizer": 0.0}
     t0 = time.perf_counter()
@@ -149,7 +159,9 @@ class DapoTrainer:
         self.precision = common.choose_dtype(self.device, config.dtype)  # compute dtype (autocast)
         self.tokenizer = tokenizer
         # float32 master weights whatever the compute dtype (bf16 parameters round small steps away)
+        memory.check_stage(model, "rl", config, self.device, self.precision, world.size)  # refuse what cannot fit
         self.model = common.wrap_lora(model, config.lora).to(self.device, dtype=common.param_dtype(self.precision))
+        memory.freeze_in_compute_dtype(self.model, self.precision)
         if config.kl_coef > 0 and ref_model is None:  # the KL term would silently vanish
             raise ConfigError(f"rl.kl_coef = {config.kl_coef} penalises the distance to a reference policy, but no "
                               "reference model was given (ref_model=); pass the frozen start model or set rl.kl_coef = 0")
@@ -162,8 +174,11 @@ class DapoTrainer:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         if index is None and candidate_sids is None:
             raise ConfigError("the DAPO trainer needs a SidIndex (index=) or the candidates' SIDs (candidate_sids=)")
+        # a sampled turn ends at eos or at the chat template's end-of-turn token (<|im_end|>, which SFT
+        # taught): generation stops at either, and the verifier treats either as a trailer
+        stop_ids = sorted({int(eos), *common.end_of_turn_ids(tokenizer)})
         self.ctx = {"index": index, "sid_tokens": sid_tokens, "eos_id": int(eos), "pad_id": int(pad), "device": self.device,
-                    "candidate_sids": candidate_sids}
+                    "candidate_sids": candidate_sids, "stop_ids": stop_ids}
         self.index, self.sid_tokens = index, sid_tokens
         self._check_context(model, candidate_sids)
         self.step_count = 0
@@ -201,7 +216,7 @@ class DapoTrainer:
 
     def _rewards(self, completions: list[list[int]], rows: list[int]) -> RewardBatch:
         kwargs = dict(sid_tokens=self.sid_tokens, alpha=self.config.alpha, conditional=self.config.conditional,
-                      invalid_reward=self.config.invalid_reward, trailer_ids=sorted({self.ctx["eos_id"], self.ctx["pad_id"]}))
+                      invalid_reward=self.config.invalid_reward, trailer_ids=sorted({*self.ctx["stop_ids"], self.ctx["pad_id"]}))
         cands, targets = self.data.candidates[rows], self.data.targets[rows]
         if self.config.reward != "rank":  # one relevant item per list: the target
             kwargs.update(relevance=(cands == targets[:, None]).astype(np.float64), reward_kind=self.config.reward)
@@ -389,16 +404,17 @@ class BestPolicy:
 
 
 def train(trainer: DapoTrainer, out_dir: Path, eval_data: RlData | None = None, resume: bool = True,
-          key: str | None = None) -> dict[str, Any]:
-    """The loop: resume from the newest checkpoint of this ``key`` (default: the hash of the
-    trainer's config; the stage passes config + inputs), step, log, evaluate, checkpoint. A
+          inputs: Sequence[str] = ()) -> dict[str, Any]:
+    """The loop: resume from the newest checkpoint of this run (key: :func:`gr2.train.common.training_key`
+    of the trainer's config and the stage's ``inputs`` keys), step, log, evaluate, checkpoint. A
     checkpoint of another key is never resumed (removed, one log line); the current config's lr
-    applies on resume. With ``rl.select`` other than "last", the policy with the best validation
-    metric (the start model included) is loaded into ``trainer.model`` at the end and the
-    returned stats name its step."""
+    applies on resume, and so do changed evaluation / logging settings. With ``rl.select`` other
+    than "last", the policy with the best validation metric (the start model included) is loaded
+    into ``trainer.model`` at the end and the returned stats name its step; that record is keyed
+    by the whole config (another validation setting starts a new one)."""
     cfg = trainer.config
-    key = key if key is not None else stage_key(cfg)
-    checkpoints = common.Checkpointer(out_dir / "checkpoints", key, keep=cfg.keep_checkpoints,
+    key = stage_key(cfg, *inputs)
+    checkpoints = common.Checkpointer(out_dir / "checkpoints", common.training_key(cfg, *inputs), keep=cfg.keep_checkpoints,
                                       writer=trainer.world.rank == 0, name=out_dir.name)
     resumed = trainer.resume(checkpoints) if resume else False
     rank0 = trainer.world.rank == 0
