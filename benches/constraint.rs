@@ -27,7 +27,7 @@ fn token_map(vocab: usize) -> Arc<TokenMap> {
             think_close: 1003,
             answer_open: ANSWER_OPEN,
             answer_close: 1005,
-            eos: 1006,
+            eos: Some(1006),
             vocab_size: vocab,
             reasoning_vocab: None,
             forbidden_in_reasoning: vec![],

@@ -164,7 +164,7 @@ def test_catalog_masks_match_reference(case, n_items, data):
     tm, code_ids, vocab = make_token_map(sizes)
     exclude = np.array(data.draw(st.lists(st.sampled_from(items.tolist()), max_size=len(items))), dtype=np.uint64)
     available = len(set(items.tolist()) - set(exclude.tolist()))
-    trie = _gr2.SidTrie(tm, items, codes)
+    trie = _gr2.SidTrie(items, codes)
     batch = _gr2.ConstraintBatch(tm)
     answer_tags = data.draw(st.booleans())
     if available < n_items:
@@ -322,7 +322,7 @@ def test_repeat_and_rows_are_bounded():
     with pytest.raises(InvalidInputError, match="repeat"):
         batch.add_rerank(*one, repeat=0)
     assert len(batch) == 0
-    trie = _gr2.SidTrie(tm, np.array([1, 2], np.uint64), np.array([[0], [1]], np.uint16))
+    trie = _gr2.SidTrie(np.array([1, 2], np.uint64), np.array([[0], [1]], np.uint16))
     with pytest.raises(InvalidInputError, match="at most"):
         batch.add_catalog(trie, rows=2**20 + 1)
 
@@ -365,22 +365,96 @@ def test_token_map_conversion_errors_name_the_argument():
     with pytest.raises(InvalidInputError, match="^eos must be"):
         _gr2.TokenMap(codes, vocab_size=30, **{**tags, "eos": 2**63})
     with pytest.raises(InvalidInputError, match="^item_ids must be"):
-        _gr2.SidTrie(_gr2.TokenMap(codes, vocab_size=30, **tags), np.array([1], np.int64), np.array([[0]], np.uint16))
+        _gr2.SidTrie(np.array([1], np.int64), np.array([[0]], np.uint16))
 
 
 def test_sid_trie_from_index_equals_the_array_trie():
     """SidTrie.from_index reads the loaded index in Rust; it holds exactly the items the
-    array-built trie holds, and refuses an index whose levels the token map lacks."""
+    array-built trie holds, and a batch refuses it when its token map has other levels."""
     rng = np.random.default_rng(3)
     flat = rng.choice(8 * 8 * 4, size=60, replace=False)
     codes = np.array(np.unravel_index(flat, (8, 8, 4))).T.astype(np.uint16)
     items = rng.choice(10**6, size=60, replace=False).astype(np.uint64)
     index = gr2.SidIndex.build(items, codes, [8, 8, 4])
     tm, _, _ = make_token_map((8, 8, 4))
-    from_index = _gr2.SidTrie.from_index(tm, index)
-    from_arrays = _gr2.SidTrie(tm, index.item_ids(), index.codes())
+    from_index = _gr2.SidTrie.from_index(index)
+    from_arrays = _gr2.SidTrie(index.item_ids(), index.codes())
     assert len(from_index) == len(from_arrays) == 60
     assert all(int(i) in from_index for i in items) and 7 not in from_index
     two_levels = gr2.SidIndex.build(items[:5], codes[:5, :2], [8, 8])
-    with pytest.raises(InvalidInputError, match="levels"):
-        _gr2.SidTrie.from_index(tm, two_levels)
+    with pytest.raises(InvalidInputError, match="trie: the SIDs have 2 levels, the token map 3"):
+        _gr2.ConstraintBatch(tm).add_catalog(_gr2.SidTrie.from_index(two_levels))
+
+
+def test_a_trie_is_checked_against_the_token_map_it_decodes_with():
+    """A trie built with codes up to 7 meets a token map with 2 codes per level: add_catalog raises
+    InvalidInputError naming the code (it used to panic later, in allowed_ids/fill_bitmask/advance)."""
+    wide, _, _ = make_token_map([8])
+    narrow, narrow_ids, _ = make_token_map([2])
+    trie = _gr2.SidTrie(np.arange(8, dtype=np.uint64), np.arange(8, dtype=np.uint16)[:, None])
+    batch = _gr2.ConstraintBatch(narrow)
+    with pytest.raises(InvalidInputError, match="trie: code 7 at level 0 has no token"):
+        batch.add_catalog(trie, n_items=1)
+    assert len(batch) == 0
+    _gr2.ConstraintBatch(wide).add_catalog(trie, n_items=1)  # the map it fits
+    # a trie whose codes the narrow map covers decodes with it, whatever map anyone built it near
+    small = _gr2.SidTrie(np.array([4, 9], np.uint64), np.array([[1], [0]], np.uint16))
+    batch.add_catalog(small, n_items=2)
+    batch.advance(np.array([0]), np.array([SID_BEGIN]))
+    assert batch.allowed_ids(0).tolist() == sorted(narrow_ids[0, :2].tolist())
+
+
+def test_one_sid_level_limit_for_token_maps_tries_and_rewards():
+    """One limit, MAX_SID_LEVELS = 26 (the level letters a..z of <s_X_N>), refused the same way
+    by the token map, the trie and the reward verifier (the token map and trie allowed 255)."""
+    from gr2.tokens import LEVEL_LETTERS
+
+    assert _gr2.MAX_SID_LEVELS == len(LEVEL_LETTERS) == 26
+    most, too_many = _gr2.MAX_SID_LEVELS, _gr2.MAX_SID_LEVELS + 1
+    assert len(_gr2.SidTrie(np.array([1], np.uint64), np.zeros((1, most), np.uint16))) == 1
+    assert make_token_map([1] * most)[0].levels == most
+    with pytest.raises(InvalidInputError, match="^codes: 27 SID levels, but gr2 supports 1..=26"):
+        _gr2.SidTrie(np.array([1], np.uint64), np.zeros((1, too_many), np.uint16))
+    with pytest.raises(InvalidInputError, match="^code_ids: 27 SID levels, but gr2 supports 1..=26"):
+        make_token_map([1] * too_many)
+    with pytest.raises(InvalidInputError, match="^candidate SIDs: 27 SID levels, but gr2 supports 1..=26"):
+        gr2.verify_rewards(["x"], [[1]], [1], candidate_sids=np.zeros((1, 1, too_many), np.uint16))
+
+
+def test_a_token_map_without_eos_verifies_but_does_not_decode():
+    tm, code_ids, vocab = make_token_map([3])
+    no_eos = _gr2.TokenMap(code_ids, sid_begin=SID_BEGIN, sid_end=SID_END, think_open=THINK_OPEN,
+                           think_close=THINK_CLOSE, answer_open=ANSWER_OPEN, answer_close=ANSWER_CLOSE,
+                           vocab_size=vocab)
+    assert no_eos.eos is None and tm.eos == EOS
+    assert EOS not in no_eos.reasoning_forbidden().tolist()
+    with pytest.raises(InvalidInputError, match="^token_map has no eos"):
+        _gr2.ConstraintBatch(no_eos)
+
+
+def test_from_index_builds_the_trie_once_per_index():
+    """SidTrie.from_index keeps the trie with the index: a second call returns the same object
+    (nothing rebuilt). An index derived with extend/remove is a new index with its own trie."""
+    rng = np.random.default_rng(5)
+    flat = rng.choice(4 * 4 * 4, size=20, replace=False)
+    codes = np.array(np.unravel_index(flat, (4, 4, 4))).T.astype(np.uint16)
+    items = np.arange(100, 120, dtype=np.uint64)
+    index = gr2.SidIndex.build(items, codes, [4, 4, 4])
+    trie = _gr2.SidTrie.from_index(index)
+    assert _gr2.SidTrie.from_index(index) is trie
+    free = next(c for c in np.ndindex(4, 4, 4) if not (codes == c).all(axis=1).any())
+    extended = index.extend(np.array([7], np.uint64), np.array([free], np.uint16))
+    bigger = _gr2.SidTrie.from_index(extended)
+    assert bigger is not trie and _gr2.SidTrie.from_index(extended) is bigger
+    assert len(bigger) == 21 and 7 in bigger and len(trie) == 20 and 7 not in trie
+    smaller = _gr2.SidTrie.from_index(index.remove(np.array([100], np.uint64)))
+    assert len(smaller) == 19 and 100 not in smaller and 100 in trie
+    tm, _, _ = make_token_map((4, 4, 4))
+    for source, kept in ((index, trie), (extended, bigger)):  # a kept trie decodes like a fresh one
+        first_codes = []
+        for t in (kept, _gr2.SidTrie(source.item_ids(), source.codes())):
+            batch = _gr2.ConstraintBatch(tm)
+            batch.add_catalog(t, n_items=1)
+            batch.advance(np.array([0]), np.array([SID_BEGIN]))
+            first_codes.append(batch.allowed_ids(0).tolist())
+        assert first_codes[0] == first_codes[1]

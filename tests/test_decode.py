@@ -329,6 +329,37 @@ def test_catalog_decode_yields_only_catalog_items(setup, mode):
         catalog_decode(models[0], tokenizer, PROMPTS[:1], index, n_items=6, exclude=[items[:25]])
 
 
+def test_catalog_decode_builds_the_trie_of_an_index_once(setup, monkeypatch):
+    """With a gr2.SidIndex, catalog_decode takes the trie SidTrie.from_index keeps with the index:
+    the second call gets the very trie the first one built (nothing rebuilt) and decodes the same;
+    an index derived with extend is a new index, with a new trie holding the new item."""
+    from gr2 import _gr2
+
+    tokenizer, sid_tokens, stand_in, items, models = setup
+    index = gr2.SidIndex.build(items, stand_in.codes(), LEVEL_SIZES)
+    tries = []
+
+    class SpyTrie:  # records the tries catalog_decode reads
+        @staticmethod
+        def from_index(idx):
+            tries.append(real_trie.from_index(idx))
+            return tries[-1]
+
+    real_trie = _gr2.SidTrie
+    monkeypatch.setattr(_gr2, "SidTrie", SpyTrie)
+    first = catalog_decode(models[0], tokenizer, PROMPTS, index, n_items=2, exclude=[items[:20], items[3:9]])
+    second = catalog_decode(models[0], tokenizer, PROMPTS, index, n_items=2, exclude=[items[:20], items[3:9]])
+    assert len(tries) == 2 and tries[1] is tries[0] and len(tries[0]) == len(items)
+    assert [r.items.tolist() for r in second] == [r.items.tolist() for r in first]
+    assert [r.completion_ids for r in second] == [r.completion_ids for r in first]
+    taken = {tuple(c) for c in index.codes().tolist()}
+    free = next(c for c in np.ndindex(*LEVEL_SIZES) if c not in taken)
+    extended = index.extend(np.array([7], np.uint64), np.array([free], np.uint16))
+    only_new = catalog_decode(models[0], tokenizer, PROMPTS[:1], extended, n_items=1, exclude=[items])
+    assert tries[-1] is not tries[0] and len(tries[-1]) == len(items) + 1
+    assert only_new[0].items.tolist() == [7]
+
+
 def test_vllm_module_needs_vllm():
     import importlib.util
 

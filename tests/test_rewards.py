@@ -354,6 +354,27 @@ def test_token_ids_agree_with_text():
         verify([ids, ids], sid_tokens=st_map, trailer_ids=[TAGS["answer_open"]])
 
 
+def test_token_path_reads_the_one_token_map_built_once_per_sid_tokens():
+    """The token-id path verifies with a gr2.TokenMap (the type constrained decoding uses), built
+    once per distinct SidTokens and reused: no per-call id table. Equal ids share the map."""
+    from gr2 import rewards
+
+    st_map = sid_tokens(L, 3)
+    tm = rewards._verification_token_map(st_map)
+    assert isinstance(tm, gr2.TokenMap) and tm.eos is None and tm.levels == L
+    assert rewards._verification_token_map(sid_tokens(L, 3)) is tm
+    ids = [TAGS["answer_open"]] + [i for s in SIDS[0] for i in st_map.sid_token_ids(s)] + [TAGS["answer_close"]]
+    before = rewards._token_map_of.cache_info()
+    first = verify([ids, ids[:-1]], sid_tokens=st_map, targets=(10, 20))
+    again = verify([ids, ids[:-1]], sid_tokens=st_map, targets=(10, 20))
+    after = rewards._token_map_of.cache_info()
+    assert after.hits == before.hits + 2 and after.misses == before.misses
+    assert first.valid.tolist() == [True, False] and again.reward.tolist() == first.reward.tolist()
+    with pytest.raises(gr2.InvalidInputError, match="^sid_tokens: tags sid_begin and sid_end share"):
+        verify([ids, ids], sid_tokens=SidTokens(code_ids=st_map.code_ids, level_sizes=st_map.level_sizes,
+                                                **{**TAGS, "sid_end": TAGS["sid_begin"]}), targets=(10, 20))
+
+
 def test_with_a_real_sid_index():
     """gr2.SidIndex gives the candidates' SIDs and tells not_candidate from unknown_sid."""
     item_ids = np.concatenate([ITEMS.ravel(), [99]]).astype(np.uint64)

@@ -1,4 +1,8 @@
-"""Type stubs of the native module gr2._gr2 (rust/src/py)."""
+"""Type stubs of the native module gr2._gr2 (rust/src/py).
+
+Errors are :class:`gr2.Gr2Error` subclasses only: bad arguments raise InvalidInputError (naming the
+argument) and friends, and a Rust panic (a bug) is caught at the binding and raised as
+:class:`gr2.InternalError`, never as ``pyo3_runtime.PanicException``."""
 
 import numpy as np
 import os
@@ -6,6 +10,14 @@ from typing import Sequence
 import numpy.typing as npt
 
 __version__: str
+
+MAX_SID_LEVELS: int
+"""Most SID levels a TokenMap, SidTrie or reward verification accepts (26: code tokens are spelled
+``<s_X_N>`` with one level letter X in a..z)."""
+
+def _panic_for_tests() -> None:
+    """Test hook: a deliberate Rust panic, which every binding's guard turns into
+    :class:`gr2.InternalError` (never ``pyo3_runtime.PanicException``)."""
 
 # --- RQ encoding (rust/src/rq, rust/src/py/rq.rs) -------------------------------------------------
 
@@ -60,7 +72,12 @@ class RQCodebooks:
 # --- constrained decoding (rust/src/py/constraint.rs) --------------------------------------------
 
 class TokenMap:
-    """Token ids of the SID vocabulary and the format tags, for logits of width ``vocab_size``."""
+    """Token ids of the SID vocabulary and the format tags, for logits of width ``vocab_size``
+    (at most 2**26); at most :data:`MAX_SID_LEVELS` levels.
+
+    The one token map of gr2: constrained decoding (``ConstraintBatch``) and the token-id path of
+    :func:`gr2.verify_rewards` both read it. ``eos=None`` makes a map that only verifies
+    completions (the verifier reads tags and codes only); ``ConstraintBatch`` refuses it."""
     def __init__(
         self,
         code_ids: npt.NDArray[np.int64],  # (L, max_codes), -1 padding
@@ -71,8 +88,8 @@ class TokenMap:
         think_close: int,
         answer_open: int,
         answer_close: int,
-        eos: int,
         vocab_size: int,
+        eos: int | None = None,
         reasoning_vocab: int | None = None,
         forbidden_in_reasoning: list[int] | None = None,
     ) -> None: ...
@@ -83,20 +100,31 @@ class TokenMap:
     @property
     def levels(self) -> int: ...
     @property
-    def eos(self) -> int: ...
+    def eos(self) -> int | None: ...
     def reasoning_forbidden(self) -> npt.NDArray[np.int64]: ...
 
 class SidTrie:
-    """Prefix tree over a catalog's SIDs (catalog-mode decoding)."""
-    def __init__(self, token_map: TokenMap, item_ids: npt.NDArray[np.uint64], codes: npt.NDArray[np.uint16]) -> None: ...
+    """Prefix tree over a catalog's SIDs (catalog-mode decoding): ``codes[i]`` (uint16, one code per
+    level, at most :data:`MAX_SID_LEVELS` levels) is the unique SID of ``item_ids[i]``.
+
+    It holds codes, not token ids, so one trie serves any token map: ``ConstraintBatch.add_catalog``
+    raises InvalidInputError when the batch's token map has other levels or lacks a token for one
+    of the trie's codes."""
+    def __init__(self, item_ids: npt.NDArray[np.uint64], codes: npt.NDArray[np.uint16]) -> None: ...
     @staticmethod
-    def from_index(token_map: TokenMap, index: SidIndex) -> SidTrie:
-        """The trie of every item of ``index``, read from it in Rust (no codes() copy)."""
+    def from_index(index: SidIndex) -> SidTrie:
+        """The trie of every item of ``index``, read from it in Rust (no codes() copy). Built on
+        the first call and kept with the index (which never changes; ``extend``/``remove`` return
+        new indexes): later calls return the same trie, at no cost."""
     def __len__(self) -> int: ...
-    def __contains__(self, item: int) -> bool: ...
+    def __contains__(self, item_id: int) -> bool:
+        """Integers outside the uint64 range are not contained; a non-integer is an InvalidInputError."""
 
 class ConstraintBatch:
-    """Many per-request decoding automata; batched mask fill with the GIL released."""
+    """Many per-request decoding automata; batched mask fill with the GIL released.
+
+    Every argument is checked: a wrongly typed or out-of-range one is an InvalidInputError naming
+    it; a token the constraint forbids is a ConstraintError (and no row changes)."""
     def __init__(self, token_map: TokenMap) -> None: ...
     def __len__(self) -> int: ...
     def add_rerank(
@@ -164,8 +192,7 @@ def _verify_rewards_text(
 def _verify_rewards_tokens(
     ids: npt.NDArray[np.int64],
     offsets: npt.NDArray[np.int64],
-    tag_ids: list[int],
-    code_ids: npt.NDArray[np.int64],
+    token_map: TokenMap,  # tags and codes (gr2.rewards builds it once per SidTokens, eos=None)
     whitespace_ids: list[int],
     trailer_ids: list[int],
     items: npt.NDArray[np.uint64],  # (N,) flat candidates

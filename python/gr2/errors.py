@@ -42,6 +42,12 @@ class ConstraintError(Gr2Error, RuntimeError):
     """A constrained-decoding state with no allowed token, or a forbidden token fed to it."""
 
 
+class InternalError(Gr2Error, RuntimeError):
+    """A bug in gr2: a Rust panic caught at the binding layer (the message says where). Raised
+    instead of letting the panic reach Python as ``pyo3_runtime.PanicException``, which
+    ``except Exception`` would not catch."""
+
+
 class IncompleteGenerationError(ConstraintError):
     """Generation stopped (e.g. at ``max_new_tokens``) before the constraint finished the ranking:
     the output is not a complete permutation of the candidates."""
@@ -68,6 +74,7 @@ __all__ = [
     "CorruptFileError",
     "Gr2IOError",
     "ConstraintError",
+    "InternalError",
     "IncompleteGenerationError",
     "DataError",
     "ConfigError",

@@ -27,6 +27,7 @@ spelled by ordinary BPE pieces) is reasoning on both the text and the token-id p
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
@@ -244,6 +245,33 @@ def _flatten_token_ids(completions: Sequence[Any]) -> tuple[np.ndarray, np.ndarr
     return np.ascontiguousarray(ids, dtype=np.int64), offsets
 
 
+_TAG_NAMES = ("sid_begin", "sid_end", "think_open", "think_close", "answer_open", "answer_close")
+
+
+def _verification_token_map(sid_tokens: Any) -> _gr2.TokenMap:
+    """The :class:`gr2.TokenMap` of ``sid_tokens`` for the token-id path (no EOS: verification only
+    reads the tags and codes), built once per distinct set of ids and reused by later calls."""
+    try:
+        tags = tuple(int(getattr(sid_tokens, name)) for name in _TAG_NAMES)
+        code_ids = np.ascontiguousarray(sid_tokens.code_ids, dtype=np.int64)
+    except (AttributeError, TypeError, ValueError) as err:
+        raise InvalidInputError(f"sid_tokens must be a gr2.SidTokens (from gr2.add_sid_tokens), got "
+                                f"{type(sid_tokens).__name__}: {err}") from None
+    if code_ids.ndim != 2:
+        raise InvalidInputError(f"sid_tokens.code_ids must be a (levels, codes) table, got shape {code_ids.shape}")
+    return _token_map_of(tags, code_ids.tobytes(), code_ids.shape)
+
+
+@functools.lru_cache(maxsize=8)
+def _token_map_of(tags: tuple[int, ...], code_ids: bytes, shape: tuple[int, int]) -> _gr2.TokenMap:
+    table = np.frombuffer(code_ids, dtype=np.int64).reshape(shape)
+    vocab_size = max(*tags, int(table.max(initial=-1))) + 1  # every id the map names
+    try:
+        return _gr2.TokenMap(table, vocab_size=vocab_size, **dict(zip(_TAG_NAMES, tags)))
+    except InvalidInputError as err:
+        raise InvalidInputError(f"sid_tokens: {err}") from None
+
+
 def _is_whole(value: Any) -> bool:
     """An int (not a bool, not 2.5 that ``int`` would truncate to 2)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
@@ -382,19 +410,10 @@ def verify_rewards(
         if sid_tokens.levels != sids.shape[1]:
             raise InvalidInputError(f"sid_tokens has {sid_tokens.levels} levels, the candidate SIDs {sids.shape[1]}")
         ids, offsets = _flatten_token_ids(completions)
-        tag_ids = [
-            sid_tokens.think_open,
-            sid_tokens.think_close,
-            sid_tokens.answer_open,
-            sid_tokens.answer_close,
-            sid_tokens.sid_begin,
-            sid_tokens.sid_end,
-        ]
         out = _gr2._verify_rewards_tokens(
             ids,
             offsets,
-            [int(t) for t in tag_ids],
-            np.ascontiguousarray(sid_tokens.code_ids, dtype=np.int64),
+            _verification_token_map(sid_tokens),
             whitespace_ids,
             trailer_ids,
             **common,

@@ -27,9 +27,10 @@
 //!   number of times. A missing `</answer>` (truncated output) or any other trailing text is
 //!   malformed.
 //!
-//! Token-id completions follow the same grammar over token ids: the tag and code ids come from a
-//! [`TokenMap`]; ids listed as whitespace are skipped where `ws` is allowed, trailer ids are
-//! accepted after `</answer>`, and every other id is "text" (allowed only inside `<think>`).
+//! Token-id completions follow the same grammar over token ids: the tag and code ids come from the
+//! model's [`TokenMap`] (the one constrained decoding uses; its EOS plays no part here); ids listed
+//! as whitespace are skipped where `ws` is allowed, trailer ids are accepted after `</answer>`,
+//! and every other id is "text" (allowed only inside `<think>`).
 //!
 //! Rows may have different candidate counts (ragged K, [`Candidates::offsets`]).
 //!
@@ -41,6 +42,7 @@
 
 use rayon::prelude::*;
 
+use crate::constraint::{check_sid_levels, TokenMap, TokenRole};
 use crate::error::{Gr2Error, Result};
 use crate::index::SidIndex;
 
@@ -150,11 +152,11 @@ impl Candidates<'_> {
         }
     }
 
-    /// Number of candidates over all rows.
-    fn total(&self) -> usize {
+    /// Number of candidates over all rows; None when B x K overflows (a wrong `k`).
+    fn total(&self) -> Option<usize> {
         match self.offsets {
-            Some(o) => o.last().copied().unwrap_or(0),
-            None => self.rows * self.k,
+            Some(o) => Some(o.last().copied().unwrap_or(0)),
+            None => self.rows.checked_mul(self.k),
         }
     }
 
@@ -188,10 +190,8 @@ impl Candidates<'_> {
         } else if k == 0 {
             return Err(Gr2Error::invalid("candidates must have K >= 1 columns"));
         }
-        if l == 0 || l > 26 {
-            return Err(Gr2Error::invalid(format!("SIDs must have 1..=26 levels, got {l}")));
-        }
-        let n = self.total();
+        check_sid_levels("candidate SIDs", l)?;
+        let n = self.total().ok_or_else(|| Gr2Error::invalid(format!("{b} rows of k = {k} candidates overflow usize")))?;
         if self.items.len() != n {
             return Err(Gr2Error::invalid(format!("candidates hold {} ids, expected {n}", self.items.len())));
         }
@@ -324,93 +324,6 @@ impl<'a> Catalog<'a> {
             }
         }
         false
-    }
-}
-
-/// Token ids of the output format inside one tokenizer (see `gr2.tokens.SidTokens`).
-pub struct TokenMap {
-    /// token id -> symbol code (see `SYM_*`); ids beyond the table are text.
-    table: Vec<u32>,
-}
-
-const SYM_TEXT: u32 = 0;
-const SYM_THINK_OPEN: u32 = 1;
-const SYM_THINK_CLOSE: u32 = 2;
-const SYM_ANSWER_OPEN: u32 = 3;
-const SYM_ANSWER_CLOSE: u32 = 4;
-const SYM_SID_BEGIN: u32 = 5;
-const SYM_SID_END: u32 = 6;
-const SYM_WS: u32 = 7;
-const SYM_TRAILER: u32 = 8;
-const SYM_CODE_FLAG: u32 = 1 << 31;
-
-/// Largest token id a [`TokenMap`] accepts (keeps the lookup table bounded).
-pub const MAX_TOKEN_ID: i64 = 1 << 26;
-
-/// The six tag ids in the order think_open, think_close, answer_open, answer_close, sid_begin, sid_end.
-pub struct TagIds(pub [i64; 6]);
-
-impl TokenMap {
-    /// `code_ids` is (levels, max_codes) row-major, -1 where a level has fewer codes.
-    pub fn new(tags: &TagIds, code_ids: &[i64], levels: usize, whitespace_ids: &[i64], trailer_ids: &[i64]) -> Result<Self> {
-        if levels == 0 || levels > 26 || code_ids.len() % levels != 0 {
-            return Err(Gr2Error::invalid(format!(
-                "code_ids ({} values) is not a (levels, codes) table with 1..=26 levels (levels = {levels})",
-                code_ids.len()
-            )));
-        }
-        let width = code_ids.len() / levels;
-        if width > u16::MAX as usize + 1 {
-            return Err(Gr2Error::invalid(format!("at most 65536 codes per level, got {width}")));
-        }
-        let all = tags.0.iter().chain(code_ids.iter()).chain(whitespace_ids).chain(trailer_ids);
-        let mut max_id = 0i64;
-        for &id in all.clone() {
-            if id < -1 || id >= MAX_TOKEN_ID {
-                return Err(Gr2Error::invalid(format!("token id {id} outside 0..{MAX_TOKEN_ID}")));
-            }
-            max_id = max_id.max(id);
-        }
-        if let Some(bad) = tags.0.iter().find(|&&id| id < 0) {
-            return Err(Gr2Error::invalid(format!("tag token ids must be >= 0, got {bad}")));
-        }
-        let mut table = vec![SYM_TEXT; max_id as usize + 1];
-        let mut claim = |id: i64, sym: u32, what: &str| -> Result<()> {
-            let slot = &mut table[id as usize];
-            if *slot != SYM_TEXT && *slot != sym {
-                return Err(Gr2Error::invalid(format!("token id {id} ({what}) is also used for another role")));
-            }
-            *slot = sym;
-            Ok(())
-        };
-        let tag_syms = [SYM_THINK_OPEN, SYM_THINK_CLOSE, SYM_ANSWER_OPEN, SYM_ANSWER_CLOSE, SYM_SID_BEGIN, SYM_SID_END];
-        for (&id, &sym) in tags.0.iter().zip(&tag_syms) {
-            claim(id, sym, "a tag")?;
-        }
-        for level in 0..levels {
-            for code in 0..width {
-                let id = code_ids[level * width + code];
-                if id >= 0 {
-                    claim(id, SYM_CODE_FLAG | ((level as u32) << 16) | code as u32, "a SID code")?;
-                }
-            }
-        }
-        for &id in whitespace_ids.iter().filter(|&&id| id >= 0) {
-            claim(id, SYM_WS, "whitespace")?;
-        }
-        for &id in trailer_ids.iter().filter(|&&id| id >= 0) {
-            claim(id, SYM_TRAILER, "a trailer")?;
-        }
-        Ok(TokenMap { table })
-    }
-
-    #[inline]
-    fn symbol(&self, id: i64) -> u32 {
-        if id < 0 || id as usize >= self.table.len() {
-            SYM_TEXT
-        } else {
-            self.table[id as usize]
-        }
     }
 }
 
@@ -637,25 +550,62 @@ impl Lexer for TextLexer<'_> {
     }
 }
 
+/// What the token path reads an id as: a tag or code of the [`TokenMap`], else whitespace or a
+/// trailer if the call lists it so, else text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TokenClass {
+    Format(TokenRole),
+    Whitespace,
+    Trailer,
+    Text,
+}
+
 struct TokenLexer<'a> {
     ids: &'a [i64],
     pos: usize,
     map: &'a TokenMap,
+    whitespace: &'a [i64],
+    trailers: &'a [i64],
+}
+
+impl TokenLexer<'_> {
+    #[inline]
+    fn class(&self, id: i64) -> TokenClass {
+        match self.map.role(id) {
+            // EOS is no format tag of a completion: a trailer if listed as one, like any id
+            TokenRole::Other | TokenRole::Eos => {
+                if id < 0 {
+                    TokenClass::Text
+                } else if self.whitespace.contains(&id) {
+                    TokenClass::Whitespace
+                } else if self.trailers.contains(&id) {
+                    TokenClass::Trailer
+                } else {
+                    TokenClass::Text
+                }
+            }
+            role => TokenClass::Format(role),
+        }
+    }
 }
 
 impl Lexer for TokenLexer<'_> {
     fn open_answer(&mut self) -> std::result::Result<(), ()> {
-        let sym = |i: usize| self.map.symbol(self.ids[i]);
-        let at = (0..self.ids.len()).rev().find(|&i| sym(i) == SYM_ANSWER_OPEN).ok_or(())?;
+        let class = |i: usize| self.class(self.ids[i]);
+        let answer_open = TokenClass::Format(TokenRole::AnswerOpen);
+        let at = (0..self.ids.len()).rev().find(|&i| class(i) == answer_open).ok_or(())?;
         let mut lo = 0;
-        while lo < at && sym(lo) == SYM_WS {
+        while lo < at && class(lo) == TokenClass::Whitespace {
             lo += 1;
         }
         let mut hi = at;
-        while hi > lo && sym(hi - 1) == SYM_WS {
+        while hi > lo && class(hi - 1) == TokenClass::Whitespace {
             hi -= 1;
         }
-        if lo != hi && !(hi - lo >= 2 && sym(lo) == SYM_THINK_OPEN && sym(hi - 1) == SYM_THINK_CLOSE) {
+        let framed = hi - lo >= 2
+            && class(lo) == TokenClass::Format(TokenRole::ThinkOpen)
+            && class(hi - 1) == TokenClass::Format(TokenRole::ThinkClose);
+        if lo != hi && !framed {
             return Err(());
         }
         self.pos = at + 1;
@@ -666,18 +616,15 @@ impl Lexer for TokenLexer<'_> {
         loop {
             let Some(&id) = self.ids.get(self.pos) else { return Sym::End };
             self.pos += 1;
-            let sym = self.map.symbol(id);
-            if sym & SYM_CODE_FLAG != 0 {
-                return Sym::Code(((sym >> 16) & 0x7fff) as u8, (sym & 0xffff) as u16);
-            }
-            return match sym {
-                SYM_WS => continue,
-                SYM_THINK_OPEN => Sym::ThinkOpen,
-                SYM_ANSWER_OPEN => Sym::AnswerOpen,
-                SYM_ANSWER_CLOSE => Sym::AnswerClose,
-                SYM_SID_BEGIN => Sym::SidBegin,
-                SYM_SID_END => Sym::SidEnd,
-                SYM_TRAILER if after_answer => Sym::Trailer,
+            return match self.class(id) {
+                TokenClass::Whitespace => continue,
+                TokenClass::Format(TokenRole::Code { level, code }) => Sym::Code(level, code),
+                TokenClass::Format(TokenRole::ThinkOpen) => Sym::ThinkOpen,
+                TokenClass::Format(TokenRole::AnswerOpen) => Sym::AnswerOpen,
+                TokenClass::Format(TokenRole::AnswerClose) => Sym::AnswerClose,
+                TokenClass::Format(TokenRole::SidBegin) => Sym::SidBegin,
+                TokenClass::Format(TokenRole::SidEnd) => Sym::SidEnd,
+                TokenClass::Trailer if after_answer => Sym::Trailer,
                 _ => Sym::Other,
             };
         }
@@ -687,8 +634,10 @@ impl Lexer for TokenLexer<'_> {
 /// The completions of one batch, as text or as token ids.
 pub enum Completions<'a, S: AsRef<str> + Sync> {
     Text { texts: &'a [S], trailers: &'a [String] },
-    /// Flat token ids with B+1 offsets: row b is ids[offsets[b]..offsets[b+1]].
-    Tokens { ids: &'a [i64], offsets: &'a [usize], map: &'a TokenMap },
+    /// Flat token ids with B+1 offsets: row b is ids[offsets[b]..offsets[b+1]]; the tags and
+    /// codes come from `map`; `whitespace` and `trailers` are the ids read as whitespace and as
+    /// end-of-sequence trailers (-1 entries are ignored).
+    Tokens { ids: &'a [i64], offsets: &'a [usize], map: &'a TokenMap, whitespace: &'a [i64], trailers: &'a [i64] },
 }
 
 impl<S: AsRef<str> + Sync> Completions<'_, S> {
@@ -709,13 +658,14 @@ impl<S: AsRef<str> + Sync> Completions<'_, S> {
                     return Err(Gr2Error::invalid(format!("trailers: {t:?} contains <answer>, which opens the answer block")));
                 }
             }
-            Completions::Tokens { ids, offsets, .. } => {
+            Completions::Tokens { ids, offsets, map, whitespace, trailers } => {
                 if offsets.is_empty() || offsets[0] != 0 || *offsets.last().unwrap() != ids.len() {
                     return Err(Gr2Error::invalid("token offsets must start at 0 and end at the number of ids"));
                 }
                 if offsets.windows(2).any(|w| w[0] > w[1]) {
                     return Err(Gr2Error::invalid("token offsets must be non-decreasing"));
                 }
+                check_extra_token_ids(map, whitespace, trailers)?;
             }
         }
         Ok(())
@@ -727,12 +677,31 @@ impl<S: AsRef<str> + Sync> Completions<'_, S> {
                 let mut lx = TextLexer { s: texts[row].as_ref().as_bytes(), pos: 0, trailers };
                 parse(&mut lx, levels, out)
             }
-            Completions::Tokens { ids, offsets, map } => {
-                let mut lx = TokenLexer { ids: &ids[offsets[row]..offsets[row + 1]], pos: 0, map };
+            Completions::Tokens { ids, offsets, map, whitespace, trailers } => {
+                let mut lx = TokenLexer { ids: &ids[offsets[row]..offsets[row + 1]], pos: 0, map, whitespace, trailers };
                 parse(&mut lx, levels, out)
             }
         }
     }
+}
+
+/// The whitespace and trailer ids of a token-id batch: each -1 (ignored) or >= 0, none a tag or
+/// code of `map`, and no id both whitespace and a trailer.
+fn check_extra_token_ids(map: &TokenMap, whitespace: &[i64], trailers: &[i64]) -> Result<()> {
+    let listed = whitespace.iter().map(|&id| (id, "whitespace")).chain(trailers.iter().map(|&id| (id, "a trailer")));
+    for (id, what) in listed.filter(|&(id, _)| id != -1) {
+        if id < 0 {
+            return Err(Gr2Error::invalid(format!("token id {id} ({what}) must be >= 0")));
+        }
+        let other_role = match map.role(id) {
+            TokenRole::Other | TokenRole::Eos => what == "whitespace" && trailers.contains(&id),
+            _ => true,
+        };
+        if other_role {
+            return Err(Gr2Error::invalid(format!("token id {id} ({what}) is also used for another role")));
+        }
+    }
+    Ok(())
 }
 
 /// Per-row results, one Vec per field (struct of arrays, as numpy wants them).
@@ -837,6 +806,14 @@ pub fn verify<S: AsRef<str> + Sync>(
     let (b, k, levels) = (cands.rows, cands.k, cands.levels);
     if completions.len() != b {
         return Err(Gr2Error::invalid(format!("{} completions for {b} candidate rows", completions.len())));
+    }
+    if let Completions::Tokens { map, .. } = completions {
+        if map.levels != levels {
+            return Err(Gr2Error::invalid(format!(
+                "the token map has {} SID levels, the candidate SIDs {levels}",
+                map.levels
+            )));
+        }
     }
     if let Some(cat) = catalog {
         if cat.levels() != levels {

@@ -630,6 +630,9 @@ def catalog_decode(
     ``exclude[i]`` (e.g. the user's history). By default the completion is just the SIDs then EOS;
     ``answer_tags`` wraps them in ``<answer>..</answer>`` and ``reasoning`` adds a think span as in
     :func:`constrained_decode`. ``index`` must offer ``item_ids()`` and ``codes()`` (gr2.SidIndex).
+    The catalog trie of a gr2.SidIndex is built on the first call and kept with the index
+    (``SidTrie.from_index``), so later calls skip that pass over the catalog; any other object
+    (an array-backed stand-in, which may change between calls) gets a fresh trie per call.
     Results are :class:`RerankResult` with ``items`` = the generated catalog items. Beam search
     returns distinct item lists only, so a prompt gets fewer than ``num_return_sequences`` results
     when fewer distinct lists exist (e.g. 6 beams over 3 remaining items and ``n_items=1``)."""
@@ -648,10 +651,10 @@ def catalog_decode(
     eos = eos_id(tokenizer, eos_token_id)
     step_model = StepModel(model)
     token_map = build_token_map(tokens, eos=eos, vocab_size=step_model.vocab_size, tokenizer=tokenizer)
-    if isinstance(index, _gr2.SidIndex):  # read in Rust, no item_ids()/codes() copies
-        trie = _gr2.SidTrie.from_index(token_map, index)
+    if isinstance(index, _gr2.SidIndex):  # read in Rust once per index, no item_ids()/codes() copies
+        trie = _gr2.SidTrie.from_index(index)
     else:  # any object with item_ids() and codes() (tests, array-backed stand-ins)
-        trie = _gr2.SidTrie(token_map, np.ascontiguousarray(index.item_ids(), dtype=np.uint64),
+        trie = _gr2.SidTrie(np.ascontiguousarray(index.item_ids(), dtype=np.uint64),
                             np.ascontiguousarray(index.codes(), dtype=np.uint16))
     scorer = _Scorer(step_model, token_map.reasoning_forbidden())
     input_ids, attention_mask = _encode(tokenizer, texts, step_model.device, eos)

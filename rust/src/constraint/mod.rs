@@ -2,10 +2,12 @@
 //!
 //! Three pieces, all plain data (no Python types):
 //! - [`TokenMap`]: the (level, code) -> token-id mapping, the format tags and the set of tokens
-//!   that free reasoning may not use; shared by every request of a model.
+//!   that free reasoning may not use; shared by every request of a model, and the map the reward
+//!   verifier's token-id path reads (`crate::reward`).
 //! - [`SidTrie`]: a compact prefix tree over a set of SIDs (the K candidates of one request, or a
 //!   whole catalog). Children of a node are contiguous, so a step lists the allowed codes of one
-//!   node without touching anything else.
+//!   node without touching anything else. It holds codes, not token ids: a request checks that its
+//!   token map has a token for each (O(levels)) before it decodes with a shared trie.
 //! - [`DecodeState`]: the per-request automaton
 //!   `[<think> free text </think>] [<answer>] (<|sid_begin|> c_0 .. c_{L-1} <|sid_end|>){N}
 //!   [</answer>] EOS`, where each SID is restricted to the items not yet emitted. A prefix shared by
@@ -25,8 +27,9 @@ use rayon::prelude::*;
 
 use crate::error::{Gr2Error, Result};
 
-pub use state::{catalog_trie, DecodeState, Framing, ReasoningStart};
-pub use token_map::{words_per_row, TokenMap, TokenMapSpec};
+pub use state::{DecodeState, Framing, ReasoningStart};
+pub(crate) use token_map::check_sid_levels;
+pub use token_map::{words_per_row, TokenMap, TokenMapSpec, TokenRole, MAX_SID_LEVELS};
 pub use trie::SidTrie;
 
 /// Fill `out` (rows x words, row-major) with the masks of `states[rows[i]]`, in parallel.

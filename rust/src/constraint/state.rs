@@ -37,6 +37,8 @@ enum Phase {
 #[derive(Debug, Clone)]
 pub struct DecodeState {
     tokens: Arc<TokenMap>,
+    /// The map's EOS (a map without one cannot decode: checked when the state is built).
+    eos: u32,
     trie: Arc<SidTrie>,
     used: UsedCounts,
     phase: Phase,
@@ -65,6 +67,7 @@ impl Default for Framing {
 impl DecodeState {
     /// Rerank: emit every one of the K candidates exactly once, in any order.
     pub fn rerank(tokens: Arc<TokenMap>, candidates: &[u64], codes: &[u16], framing: Framing) -> Result<Self> {
+        let eos = decoding_eos(&tokens)?;
         if candidates.is_empty() {
             return Err(Gr2Error::invalid("a rerank request needs at least one candidate"));
         }
@@ -74,7 +77,7 @@ impl DecodeState {
         })?;
         check_codes_fit(&tokens, &trie)?;
         let used = UsedCounts::Dense(vec![0; trie.num_nodes()]);
-        Ok(Self::start(tokens, Arc::new(trie), used, candidates.len(), framing))
+        Ok(Self::start(tokens, eos, Arc::new(trie), used, candidates.len(), framing))
     }
 
     /// Catalog: emit `n_items` distinct catalog items, none of them in `exclude`.
@@ -85,12 +88,11 @@ impl DecodeState {
         exclude: &[u64],
         framing: Framing,
     ) -> Result<Self> {
-        if trie.levels != tokens.levels {
-            return Err(Gr2Error::invalid(format!(
-                "catalog SIDs have {} levels, the token map {}",
-                trie.levels, tokens.levels
-            )));
-        }
+        let eos = decoding_eos(&tokens)?;
+        check_codes_fit(&tokens, &trie).map_err(|e| match e {
+            Gr2Error::InvalidInput(m) => Gr2Error::invalid(format!("trie: {m}")),
+            other => other,
+        })?;
         if n_items == 0 {
             return Err(Gr2Error::invalid("n_items must be >= 1"));
         }
@@ -111,10 +113,10 @@ impl DecodeState {
                 trie.len()
             )));
         }
-        Ok(Self::start(tokens, trie, used, n_items, framing))
+        Ok(Self::start(tokens, eos, trie, used, n_items, framing))
     }
 
-    fn start(tokens: Arc<TokenMap>, trie: Arc<SidTrie>, used: UsedCounts, n_items: usize, framing: Framing) -> Self {
+    fn start(tokens: Arc<TokenMap>, eos: u32, trie: Arc<SidTrie>, used: UsedCounts, n_items: usize, framing: Framing) -> Self {
         let phase = match framing.reasoning {
             ReasoningStart::Think => Phase::ThinkOpen,
             ReasoningStart::InThink => Phase::Reasoning,
@@ -123,6 +125,7 @@ impl DecodeState {
         };
         DecodeState {
             tokens,
+            eos,
             trie,
             used,
             phase,
@@ -190,7 +193,7 @@ impl DecodeState {
                 }
             }
             Phase::ItemStart if self.answer_tags => emit(t.answer_close),
-            Phase::ItemStart | Phase::Eos | Phase::Done => emit(t.eos),
+            Phase::ItemStart | Phase::Eos | Phase::Done => emit(self.eos),
             Phase::InSid(node) => {
                 let depth = self.depth(node);
                 if depth == self.trie.levels {
@@ -319,36 +322,30 @@ impl DecodeState {
     }
 }
 
+/// The EOS id of a map that is to decode (a verification-only map has none).
+fn decoding_eos(tokens: &TokenMap) -> Result<u32> {
+    tokens.eos.ok_or_else(|| {
+        Gr2Error::invalid("the token map has no eos: decoding ends with EOS, so build the TokenMap with eos=")
+    })
+}
+
+/// Whether `tokens` has a token for every code of `trie`: the same number of levels, and each
+/// level's size covers the trie's codes there. O(levels), so a shared catalog trie is checked
+/// against each request's token map without walking it.
 fn check_codes_fit(tokens: &TokenMap, trie: &SidTrie) -> Result<()> {
     if trie.levels != tokens.levels {
         return Err(Gr2Error::invalid(format!(
-            "SIDs have {} levels, the token map {}",
+            "the SIDs have {} levels, the token map {}",
             trie.levels, tokens.levels
         )));
     }
-    // Every child code at depth d must have a token.
-    let mut stack = vec![(0u32, 0usize)];
-    while let Some((node, depth)) = stack.pop() {
-        if depth == trie.levels {
-            continue;
-        }
-        for k in trie.children(node) {
-            let code = trie.child_code[k] as usize;
-            if code >= tokens.level_sizes[depth] {
-                return Err(Gr2Error::invalid(format!(
-                    "code {code} at level {depth} has no token (level size {})",
-                    tokens.level_sizes[depth]
-                )));
-            }
-            stack.push((trie.child_node[k], depth + 1));
+    for (level, (&bound, &size)) in trie.level_code_bounds.iter().zip(&tokens.level_sizes).enumerate() {
+        if bound > size {
+            return Err(Gr2Error::invalid(format!(
+                "code {} at level {level} has no token: the token map's level size is {size}",
+                bound - 1
+            )));
         }
     }
     Ok(())
-}
-
-/// Build a catalog trie and check it against the token map.
-pub fn catalog_trie(tokens: &TokenMap, items: &[u64], codes: &[u16]) -> Result<SidTrie> {
-    let trie = SidTrie::build(items, codes, tokens.levels)?;
-    check_codes_fit(tokens, &trie)?;
-    Ok(trie)
 }

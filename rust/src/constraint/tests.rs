@@ -25,7 +25,7 @@ pub(crate) fn token_map(levels: usize, size: usize, vocab: usize) -> Arc<TokenMa
             think_close: 23,
             answer_open: 24,
             answer_close: 25,
-            eos: 26,
+            eos: Some(26),
             vocab_size: vocab.max(27 + levels * size),
             reasoning_vocab: None,
             forbidden_in_reasoning: vec![0],
@@ -87,8 +87,8 @@ fn run_greedy_walk(tm: &Arc<TokenMap>, cands: &[Vec<u16>], choices: &[usize]) {
     }
     assert_eq!(st.allowed().unwrap(), vec![tm.answer_close]);
     st.advance(tm.answer_close).unwrap();
-    assert_eq!(st.allowed().unwrap(), vec![tm.eos]);
-    st.advance(tm.eos).unwrap();
+    assert_eq!(st.allowed().unwrap(), vec![tm.eos.unwrap()]);
+    st.advance(tm.eos.unwrap()).unwrap();
     assert!(st.is_done());
     let mut e = st.emitted().to_vec();
     e.sort_unstable();
@@ -120,7 +120,7 @@ fn reasoning_budget_forces_think_close() {
     assert!(st.advance(1).is_err());
     st.advance(tm.think_open).unwrap();
     assert!(st.is_free());
-    assert!(!st.allows(0) && !st.allows(tm.eos) && !st.allows(tm.answer_open) && st.allows(tm.think_close));
+    assert!(!st.allows(0) && !st.allows(tm.eos.unwrap()) && !st.allows(tm.answer_open) && st.allows(tm.think_close));
     for t in [1, 2, 3] {
         st.advance(t).unwrap();
     }
@@ -147,7 +147,7 @@ fn catalog_excludes_and_never_dead_ends() {
     // Items 0..9 with SIDs (a, b) for a, b in 0..3.
     let items: Vec<u64> = (0..9).collect();
     let codes: Vec<u16> = (0..9).flat_map(|i| [i as u16 / 3, i as u16 % 3]).collect();
-    let trie = Arc::new(catalog_trie(&tm, &items, &codes).unwrap());
+    let trie = Arc::new(SidTrie::build(&items, &codes, 2).unwrap());
     let framing = Framing { reasoning: ReasoningStart::Disabled, max_reasoning_tokens: 0, answer_tags: false };
     // Exclude the whole first subtree (0, *): its level-0 code must disappear.
     let mut st = DecodeState::catalog(tm.clone(), trie.clone(), 6, &[0, 1, 2, 42], framing).unwrap();
@@ -160,7 +160,7 @@ fn catalog_excludes_and_never_dead_ends() {
         st.advance(second[0]).unwrap();
         st.advance(tm.sid_end).unwrap();
     }
-    assert_eq!(st.allowed().unwrap(), vec![tm.eos]);
+    assert_eq!(st.allowed().unwrap(), vec![tm.eos.unwrap()]);
     let mut e = st.emitted().to_vec();
     e.sort_unstable();
     assert_eq!(e, vec![3, 4, 5, 6, 7, 8]);
@@ -186,4 +186,25 @@ fn batch_calls_are_all_or_nothing() {
     assert_eq!(off, vec![0, 1, 2]);
     assert_eq!(ids, vec![tm.answer_open as i32; 2]);
     assert_eq!(free, vec![false, false]);
+}
+
+#[test]
+fn catalog_refuses_a_token_map_without_a_token_for_each_trie_code() {
+    // codes 0..8 at one level: a map with 3 codes per level cannot spell codes 3..7
+    let items: Vec<u64> = (0..8).collect();
+    let codes: Vec<u16> = (0..8).collect();
+    let trie = Arc::new(SidTrie::build(&items, &codes, 1).unwrap());
+    assert_eq!(trie.level_code_bounds, vec![8]);
+    let framing = Framing { reasoning: ReasoningStart::Disabled, max_reasoning_tokens: 0, answer_tags: false };
+    let narrow = token_map(1, 3, 40);
+    match DecodeState::catalog(narrow, trie.clone(), 1, &[], framing) {
+        Err(Gr2Error::InvalidInput(m)) => assert!(m.contains("code 7 at level 0 has no token"), "{m}"),
+        other => panic!("expected InvalidInput, got {other:?}"),
+    }
+    let two_levels = token_map(2, 8, 40);
+    assert!(matches!(DecodeState::catalog(two_levels, trie.clone(), 1, &[], framing), Err(Gr2Error::InvalidInput(_))));
+    let wide = token_map(1, 8, 40);
+    let mut st = DecodeState::catalog(wide.clone(), trie, 1, &[], framing).unwrap();
+    st.advance(wide.sid_begin).unwrap();
+    assert_eq!(st.allowed().unwrap(), wide.code_ids[0]);
 }

@@ -3,13 +3,17 @@
 
 use std::collections::HashMap;
 
+use super::token_map::check_sid_levels;
 use crate::error::{Gr2Error, Result};
 
 /// A prefix tree over unique SIDs. Node 0 is the root (depth 0); a node at depth `L` is a leaf and
-/// stands for one item.
+/// stands for one item. It holds codes, not token ids: any [`super::TokenMap`] whose level sizes
+/// cover its `level_code_bounds` can decode with it (checked where the two meet).
 #[derive(Debug)]
 pub struct SidTrie {
     pub(super) levels: usize,
+    /// Per level: the largest code any SID uses there, plus one.
+    pub(super) level_code_bounds: Vec<usize>,
     /// Children of node `n` are `first_child[n]..first_child[n + 1]` in `child_code`/`child_node`.
     pub(super) first_child: Vec<u32>,
     pub(super) child_code: Vec<u16>,
@@ -27,9 +31,7 @@ impl SidTrie {
     /// Build from `items` (n,) and their SIDs `codes` (n x levels, row-major).
     pub fn build(items: &[u64], codes: &[u16], levels: usize) -> Result<Self> {
         let n = items.len();
-        if levels == 0 || levels > 255 {
-            return Err(Gr2Error::invalid(format!("levels must be in 1..=255, got {levels}")));
-        }
+        check_sid_levels("codes", levels)?;
         if codes.len() != n * levels {
             return Err(Gr2Error::invalid(format!(
                 "codes hold {} values, expected {n} items x {levels} levels",
@@ -105,7 +107,13 @@ impl SidTrie {
         for (node, &item) in leaf_item.iter().enumerate().skip(leaves_first) {
             item_leaf.insert(item, node as u32);
         }
-        Ok(SidTrie { levels, first_child, child_code, child_node, parent, leaf_count, leaf_item, item_leaf })
+        let mut level_code_bounds = vec![0usize; levels];
+        for sid in codes.chunks_exact(levels) {
+            for (bound, &code) in level_code_bounds.iter_mut().zip(sid) {
+                *bound = (*bound).max(code as usize + 1);
+            }
+        }
+        Ok(SidTrie { levels, level_code_bounds, first_child, child_code, child_node, parent, leaf_count, leaf_item, item_leaf })
     }
 
     pub fn levels(&self) -> usize {

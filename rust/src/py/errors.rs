@@ -19,6 +19,7 @@ fn class_name(err: &Gr2Error) -> &'static str {
         Gr2Error::UnknownSid(_) => "UnknownSidError",
         Gr2Error::CorruptFile(_) => "CorruptFileError",
         Gr2Error::Constraint(_) => "ConstraintError",
+        Gr2Error::Internal(_) => "InternalError",
         Gr2Error::Io { .. } => "Gr2IOError",
     }
 }
@@ -30,7 +31,7 @@ fn fallback(err: &Gr2Error, message: String) -> PyErr {
         Gr2Error::InvalidInput(_) => PyValueError::new_err(message),
         Gr2Error::UnknownItem(_) | Gr2Error::UnknownSid(_) => PyKeyError::new_err(message),
         Gr2Error::CorruptFile(_) | Gr2Error::Io { .. } => PyOSError::new_err(message),
-        Gr2Error::Constraint(_) => PyRuntimeError::new_err(message),
+        Gr2Error::Constraint(_) | Gr2Error::Internal(_) => PyRuntimeError::new_err(message),
     }
 }
 

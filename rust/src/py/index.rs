@@ -10,10 +10,12 @@ use numpy::{dtype, Element, PyArray1, PyArray2, PyUntypedArray};
 use pyo3::exceptions::PyOverflowError;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 
+use super::constraint::PySidTrie;
 use super::errors::{extract_arg, int_arg, short_repr};
-use crate::error::Gr2Error;
+use crate::error::{catch_panics, Gr2Error};
 use crate::index::{LoadMode, SidIndex};
 
 /// A numpy array's data as a row-major slice: borrowed when C-contiguous, copied in logical
@@ -155,12 +157,24 @@ fn ids_and_codes<'py>(item_ids: &Bound<'py, PyAny>, codes: &Bound<'py, PyAny>) -
 #[pyclass(frozen, module = "gr2._gr2", name = "SidIndex")]
 pub struct PySidIndex {
     inner: SidIndex,
+    /// The trie of every item (`SidTrie.from_index`), built on first use and kept: the index never
+    /// changes (`extend`/`remove` return new indexes, which start without one).
+    catalog_trie: PyOnceLock<Py<PySidTrie>>,
 }
 
 impl PySidIndex {
+    fn new_holding(inner: SidIndex) -> Self {
+        PySidIndex { inner, catalog_trie: PyOnceLock::new() }
+    }
+
     /// The Rust index, for the other bindings (reward verification looks SIDs up in it directly).
     pub(crate) fn sid_index(&self) -> &SidIndex {
         &self.inner
+    }
+
+    /// Where `SidTrie.from_index` keeps this index's trie.
+    pub(crate) fn catalog_trie(&self) -> &PyOnceLock<Py<PySidTrie>> {
+        &self.catalog_trie
     }
 }
 
@@ -186,28 +200,34 @@ impl PySidIndex {
         codes: &Bound<'_, PyAny>,
         codebook_size: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        let (ids, codes, levels) = ids_and_codes(item_ids, codes)?;
-        let sizes = level_sizes(codebook_size, levels)?;
-        let (ids, codes) = (row_major(&ids), row_major(&codes));
-        let inner = py.detach(|| SidIndex::build(&ids, &codes, levels, sizes.as_deref()))?;
-        Ok(PySidIndex { inner })
+        catch_panics(|| {
+            let (ids, codes, levels) = ids_and_codes(item_ids, codes)?;
+            let sizes = level_sizes(codebook_size, levels)?;
+            let (ids, codes) = (row_major(&ids), row_major(&codes));
+            let inner = py.detach(|| SidIndex::build(&ids, &codes, levels, sizes.as_deref()))?;
+            Ok(PySidIndex::new_holding(inner))
+        })
     }
 
     /// A new index with these items added; every existing item keeps its SID (see the Rust
     /// `update` module for the repair of the new items).
     fn extend(&self, py: Python<'_>, item_ids: &Bound<'_, PyAny>, codes: &Bound<'_, PyAny>) -> PyResult<Self> {
-        let (ids, codes, levels) = ids_and_codes(item_ids, codes)?;
-        let (ids, codes) = (row_major(&ids), row_major(&codes));
-        let inner = py.detach(|| self.inner.extend(&ids, &codes, levels))?;
-        Ok(PySidIndex { inner })
+        catch_panics(|| {
+            let (ids, codes, levels) = ids_and_codes(item_ids, codes)?;
+            let (ids, codes) = (row_major(&ids), row_major(&codes));
+            let inner = py.detach(|| self.inner.extend(&ids, &codes, levels))?;
+            Ok(PySidIndex::new_holding(inner))
+        })
     }
 
     /// A new index without these items; every other item keeps its SID.
     fn remove(&self, py: Python<'_>, item_ids: &Bound<'_, PyAny>) -> PyResult<Self> {
-        let ids = vector::<u64>(item_ids, "item_ids")?;
-        let ids = row_major(&ids);
-        let inner = py.detach(|| self.inner.remove(&ids))?;
-        Ok(PySidIndex { inner })
+        catch_panics(|| {
+            let ids = vector::<u64>(item_ids, "item_ids")?;
+            let ids = row_major(&ids);
+            let inner = py.detach(|| self.inner.remove(&ids))?;
+            Ok(PySidIndex::new_holding(inner))
+        })
     }
 
     /// 0 for a built index; +1 for every `extend`/`remove` that derived it (saved in the file).
@@ -222,40 +242,48 @@ impl PySidIndex {
     #[staticmethod]
     #[pyo3(signature = (path, mmap=None))]
     fn load(py: Python<'_>, path: &Bound<'_, PyAny>, mmap: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
-        let path = path_arg(path)?;
-        let mode = match mmap {
-            None => LoadMode::Copy,
-            Some(flag) if flag.is_none() => LoadMode::Copy,
-            Some(flag) => {
-                if extract_arg::<bool>(flag, "mmap", "a bool")? {
-                    LoadMode::Mmap
-                } else {
-                    LoadMode::Copy
+        catch_panics(|| {
+            let path = path_arg(path)?;
+            let mode = match mmap {
+                None => LoadMode::Copy,
+                Some(flag) if flag.is_none() => LoadMode::Copy,
+                Some(flag) => {
+                    if extract_arg::<bool>(flag, "mmap", "a bool")? {
+                        LoadMode::Mmap
+                    } else {
+                        LoadMode::Copy
+                    }
                 }
-            }
-        };
-        let inner = py.detach(|| SidIndex::load_with(&path, mode))?;
-        Ok(PySidIndex { inner })
+            };
+            let inner = py.detach(|| SidIndex::load_with(&path, mode))?;
+            Ok(PySidIndex::new_holding(inner))
+        })
     }
 
     /// Writes the index atomically (temporary file, fsync, rename).
     fn save(&self, py: Python<'_>, path: &Bound<'_, PyAny>) -> PyResult<()> {
-        let path = path_arg(path)?;
-        Ok(py.detach(|| self.inner.save(&path))?)
+        catch_panics(|| {
+            let path = path_arg(path)?;
+            Ok(py.detach(|| self.inner.save(&path))?)
+        })
     }
 
     /// The bytes `save` would write (the file format).
     fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        let inner = &self.inner;
-        PyBytes::new_with(py, inner.file_len(), |buf| inner.write_bytes_into(buf).map_err(PyErr::from))
+        catch_panics(|| {
+            let inner = &self.inner;
+            PyBytes::new_with(py, inner.file_len(), |buf| inner.write_bytes_into(buf).map_err(PyErr::from))
+        })
     }
 
     /// An index from the bytes of a saved file (`to_bytes`), validated like `load`.
     #[staticmethod]
     fn from_bytes(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<Self> {
-        let bytes: PyBackedBytes = extract_arg(data, "data", "bytes or bytearray")?;
-        let inner = py.detach(|| SidIndex::from_bytes(&bytes))?;
-        Ok(PySidIndex { inner })
+        catch_panics(|| {
+            let bytes: PyBackedBytes = extract_arg(data, "data", "bytes or bytearray")?;
+            let inner = py.detach(|| SidIndex::from_bytes(&bytes))?;
+            Ok(PySidIndex::new_holding(inner))
+        })
     }
 
     /// Pickle support (multiprocessing, Ray): rebuilt from the bytes of the file format.
@@ -273,73 +301,85 @@ impl PySidIndex {
 
     /// SIDs of the given items: uint64 (m,) -> uint16 (m, levels).
     fn sids<'py>(&self, py: Python<'py>, item_ids: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<u16>>> {
-        let ids = vector::<u64>(item_ids, "item_ids")?;
-        let ids = row_major(&ids);
-        let levels = self.inner.levels();
-        let codes = py.detach(|| self.inner.sids(&ids))?;
-        let codes = Array2::from_shape_vec((ids.len(), levels), codes).map_err(|e| Gr2Error::invalid(e.to_string()))?;
-        Ok(codes.into_pyarray(py))
+        catch_panics(|| {
+            let ids = vector::<u64>(item_ids, "item_ids")?;
+            let ids = row_major(&ids);
+            let levels = self.inner.levels();
+            let codes = py.detach(|| self.inner.sids(&ids))?;
+            let codes = Array2::from_shape_vec((ids.len(), levels), codes).map_err(|e| Gr2Error::invalid(e.to_string()))?;
+            Ok(codes.into_pyarray(py))
+        })
     }
 
     /// Items of the given SIDs: uint16 (m, levels) -> uint64 (m,).
     fn items<'py>(&self, py: Python<'py>, sids: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray1<u64>>> {
-        let sids = matrix::<u16>(sids, "sids", Some(self.inner.levels()))?;
-        let sids = row_major(&sids);
-        Ok(py.detach(|| self.inner.items(&sids))?.into_pyarray(py))
+        catch_panics(|| {
+            let sids = matrix::<u16>(sids, "sids", Some(self.inner.levels()))?;
+            let sids = row_major(&sids);
+            Ok(py.detach(|| self.inner.items(&sids))?.into_pyarray(py))
+        })
     }
 
     /// All item ids, sorted by SID (row i belongs with `codes()[i]`).
-    fn item_ids<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
-        py.detach(|| self.inner.item_ids_by_sid()).into_pyarray(py)
+    fn item_ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<u64>>> {
+        catch_panics(|| Ok(py.detach(|| self.inner.item_ids_by_sid()).into_pyarray(py)))
     }
 
     /// All SIDs in ascending (lexicographic) order: uint16 (n, levels).
     fn codes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u16>>> {
-        let codes = py.detach(|| self.inner.codes_by_sid());
-        let codes = Array2::from_shape_vec((self.inner.len(), self.inner.levels()), codes)
-            .map_err(|e| Gr2Error::invalid(e.to_string()))?;
-        Ok(codes.into_pyarray(py))
+        catch_panics(|| {
+            let codes = py.detach(|| self.inner.codes_by_sid());
+            let codes = Array2::from_shape_vec((self.inner.len(), self.inner.levels()), codes)
+                .map_err(|e| Gr2Error::invalid(e.to_string()))?;
+            Ok(codes.into_pyarray(py))
+        })
     }
 
     /// The distinct next-level codes under a SID prefix (ascending uint16); empty when the prefix
     /// is absent or already a complete SID.
     fn children<'py>(&self, py: Python<'py>, prefix: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray1<u16>>> {
-        let prefix = prefix_codes(prefix)?;
-        let children = self.inner.children(&prefix)?;
-        Ok(children.iter().map(|c| c.code).collect::<Vec<_>>().into_pyarray(py))
+        catch_panics(|| {
+            let prefix = prefix_codes(prefix)?;
+            let children = self.inner.children(&prefix)?;
+            Ok(children.iter().map(|c| c.code).collect::<Vec<_>>().into_pyarray(py))
+        })
     }
 
     /// `(start, end)`: rows of `item_ids()` / `codes()` whose SID starts with `prefix`.
     fn prefix_range(&self, prefix: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
-        let range = self.inner.prefix_range(&prefix_codes(prefix)?)?;
-        Ok((range.start, range.end))
+        catch_panics(|| {
+            let range = self.inner.prefix_range(&prefix_codes(prefix)?)?;
+            Ok((range.start, range.end))
+        })
     }
 
     /// What collision repair found and did (JSON-friendly dict).
     fn repair_report<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let r = self.inner.repair_report();
-        let dict = PyDict::new(py);
-        dict.set_item("items", r.items)?;
-        dict.set_item("levels_in", r.levels_in)?;
-        dict.set_item("levels_out", self.inner.levels())?;
-        dict.set_item("uniqueness_before_repair", r.uniqueness_before_repair())?;
-        dict.set_item("unique_items_before", r.unique_items_before)?;
-        dict.set_item("distinct_sids_before", r.distinct_sids_before)?;
-        dict.set_item("distinct_ratio_before", r.distinct_ratio_before())?;
-        dict.set_item("collision_groups", r.collision_groups())?;
-        let sizes = PyDict::new(py);
-        for &(size, count) in &r.collision_group_sizes {
-            sizes.set_item(size, count)?;
-        }
-        dict.set_item("collision_group_sizes", sizes)?;
-        dict.set_item("items_moved", r.items_moved)?;
-        dict.set_item("max_move_distance", r.max_move_distance)?;
-        dict.set_item("full_prefixes", r.full_prefixes)?;
-        dict.set_item("level_appended", r.level_appended)?;
-        let appended_size = r.level_appended.then(|| self.inner.level_sizes()[r.levels_in]);
-        dict.set_item("appended_level_size", appended_size)?;
-        dict.set_item("items_disambiguated", r.items_disambiguated)?;
-        Ok(dict)
+        catch_panics(|| {
+            let r = self.inner.repair_report();
+            let dict = PyDict::new(py);
+            dict.set_item("items", r.items)?;
+            dict.set_item("levels_in", r.levels_in)?;
+            dict.set_item("levels_out", self.inner.levels())?;
+            dict.set_item("uniqueness_before_repair", r.uniqueness_before_repair())?;
+            dict.set_item("unique_items_before", r.unique_items_before)?;
+            dict.set_item("distinct_sids_before", r.distinct_sids_before)?;
+            dict.set_item("distinct_ratio_before", r.distinct_ratio_before())?;
+            dict.set_item("collision_groups", r.collision_groups())?;
+            let sizes = PyDict::new(py);
+            for &(size, count) in &r.collision_group_sizes {
+                sizes.set_item(size, count)?;
+            }
+            dict.set_item("collision_group_sizes", sizes)?;
+            dict.set_item("items_moved", r.items_moved)?;
+            dict.set_item("max_move_distance", r.max_move_distance)?;
+            dict.set_item("full_prefixes", r.full_prefixes)?;
+            dict.set_item("level_appended", r.level_appended)?;
+            let appended_size = r.level_appended.then(|| self.inner.level_sizes()[r.levels_in]);
+            dict.set_item("appended_level_size", appended_size)?;
+            dict.set_item("items_disambiguated", r.items_disambiguated)?;
+            Ok(dict)
+        })
     }
 
     /// Number of levels of every SID (L, or L + 1 after a disambiguation level).
@@ -373,15 +413,17 @@ impl PySidIndex {
     /// `item_id in index` for an integer (int, numpy integer); integers outside the uint64 range
     /// are not contained; anything else (a float such as 10.0, a str) is an InvalidInputError.
     fn __contains__(&self, item_id: &Bound<'_, PyAny>) -> PyResult<bool> {
-        match item_id.extract::<u64>() {
-            Ok(id) => Ok(self.inner.contains(id)),
-            Err(err) if err.is_instance_of::<PyOverflowError>(item_id.py()) => Ok(false),
-            Err(err) => Err(Gr2Error::invalid(format!(
-                "item_id must be an int (item ids are uint64), got {}: {err}",
-                short_repr(item_id)
-            ))
-            .into()),
-        }
+        catch_panics(|| {
+            match item_id.extract::<u64>() {
+                Ok(id) => Ok(self.inner.contains(id)),
+                Err(err) if err.is_instance_of::<PyOverflowError>(item_id.py()) => Ok(false),
+                Err(err) => Err(Gr2Error::invalid(format!(
+                    "item_id must be an int (item ids are uint64), got {}: {err}",
+                    short_repr(item_id)
+                ))
+                .into()),
+            }
+        })
     }
 
     fn __repr__(&self) -> String {

@@ -7,9 +7,10 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
 use pyo3::types::PyDict;
 
-use crate::error::Gr2Error;
+use crate::error::{catch_panics, Gr2Error};
 use crate::py::index::PySidIndex;
-use crate::reward::{self, Candidates, Catalog, Completions, InvalidReason, RewardConfig, RewardKind, TagIds, TokenMap};
+use crate::py::constraint::PyTokenMap;
+use crate::reward::{self, Candidates, Catalog, Completions, InvalidReason, RewardConfig, RewardKind};
 
 /// The array's memory as a row-major slice; C order only (`as_slice` alone also accepts Fortran
 /// order, whose memory order would be misread as rows).
@@ -133,24 +134,25 @@ fn _verify_rewards_text<'py>(
     graded_k: usize,
     kind: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let (b, k, nk) = (targets.len(), width, metric_ks.len());
-    let cfg = config(alpha, conditional, invalid_reward, metric_ks, graded_k, kind)?;
-    let inputs = Inputs { items, sids, offsets: cand_offsets, k, targets, catalog, relevance };
-    let completions = Completions::Text { texts: &texts, trailers: &trailers };
-    let out = inputs.run(py, &completions, &cfg)?;
-    to_dict(py, out, b, k, nk)
+    catch_panics(|| {
+        let (b, k, nk) = (targets.len(), width, metric_ks.len());
+        let cfg = config(alpha, conditional, invalid_reward, metric_ks, graded_k, kind)?;
+        let inputs = Inputs { items, sids, offsets: cand_offsets, k, targets, catalog, relevance };
+        let completions = Completions::Text { texts: &texts, trailers: &trailers };
+        let out = inputs.run(py, &completions, &cfg)?;
+        to_dict(py, out, b, k, nk)
+    })
 }
 
 /// Verify token-id completions given flat ids and B+1 offsets.
 #[pyfunction]
-#[pyo3(signature = (ids, offsets, tag_ids, code_ids, whitespace_ids, trailer_ids, items, sids, cand_offsets, width, targets, catalog, relevance, alpha, conditional, invalid_reward, metric_ks, graded_k, kind))]
+#[pyo3(signature = (ids, offsets, token_map, whitespace_ids, trailer_ids, items, sids, cand_offsets, width, targets, catalog, relevance, alpha, conditional, invalid_reward, metric_ks, graded_k, kind))]
 #[allow(clippy::too_many_arguments)]
 fn _verify_rewards_tokens<'py>(
     py: Python<'py>,
     ids: PyReadonlyArray1<'py, i64>,
     offsets: PyReadonlyArray1<'py, i64>,
-    tag_ids: [i64; 6],
-    code_ids: PyReadonlyArray2<'py, i64>,
+    token_map: Bound<'py, PyTokenMap>,
     whitespace_ids: Vec<i64>,
     trailer_ids: Vec<i64>,
     items: PyReadonlyArray1<'py, u64>,
@@ -167,24 +169,25 @@ fn _verify_rewards_tokens<'py>(
     graded_k: usize,
     kind: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let (b, k, nk) = (targets.len(), width, metric_ks.len());
-    let cfg = config(alpha, conditional, invalid_reward, metric_ks, graded_k, kind)?;
-    let map = TokenMap::new(
-        &TagIds(tag_ids),
-        contiguous("code_ids", &code_ids)?,
-        code_ids.shape()[0],
-        &whitespace_ids,
-        &trailer_ids,
-    )?;
-    let offsets_raw = contiguous("offsets", &offsets)?;
-    if let Some(bad) = offsets_raw.iter().find(|&&o| o < 0) {
-        return Err(Gr2Error::invalid(format!("token offsets must be >= 0, got {bad}")).into());
-    }
-    let offsets: Vec<usize> = offsets_raw.iter().map(|&o| o as usize).collect();
-    let inputs = Inputs { items, sids, offsets: cand_offsets, k, targets, catalog, relevance };
-    let completions: Completions<'_, &str> = Completions::Tokens { ids: contiguous("token ids", &ids)?, offsets: &offsets, map: &map };
-    let out = inputs.run(py, &completions, &cfg)?;
-    to_dict(py, out, b, k, nk)
+    catch_panics(|| {
+        let (b, k, nk) = (targets.len(), width, metric_ks.len());
+        let cfg = config(alpha, conditional, invalid_reward, metric_ks, graded_k, kind)?;
+        let offsets_raw = contiguous("offsets", &offsets)?;
+        if let Some(bad) = offsets_raw.iter().find(|&&o| o < 0) {
+            return Err(Gr2Error::invalid(format!("token offsets must be >= 0, got {bad}")).into());
+        }
+        let offsets: Vec<usize> = offsets_raw.iter().map(|&o| o as usize).collect();
+        let inputs = Inputs { items, sids, offsets: cand_offsets, k, targets, catalog, relevance };
+        let completions: Completions<'_, &str> = Completions::Tokens {
+            ids: contiguous("token ids", &ids)?,
+            offsets: &offsets,
+            map: token_map.get().token_map(),
+            whitespace: &whitespace_ids,
+            trailers: &trailer_ids,
+        };
+        let out = inputs.run(py, &completions, &cfg)?;
+        to_dict(py, out, b, k, nk)
+    })
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

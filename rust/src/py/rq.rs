@@ -8,7 +8,7 @@ use numpy::{dtype, Element, PyArray, PyArray2, PyArray3, PyUntypedArray};
 use pyo3::prelude::*;
 
 use super::errors::int_arg;
-use crate::error::Gr2Error;
+use crate::error::{catch_panics, Gr2Error};
 use crate::rq::{RqCodebooks, MAX_BEAM};
 
 /// `obj` as a numpy array of element type `T` and `ndim` dimensions, or InvalidInputError
@@ -84,17 +84,19 @@ pub struct PyRqCodebooks {
 impl PyRqCodebooks {
     #[new]
     fn new(py: Python<'_>, codebooks: &Bound<'_, PyAny>) -> PyResult<Self> {
-        let array = typed_array::<f32, numpy::Ix3>(codebooks, "codebooks", "float32", "(L, K, D)")?;
-        let view = array
-            .try_readonly()
-            .map_err(|e| Gr2Error::invalid(format!("codebooks: {e}")))?;
-        let (levels, k, dim) = view.as_array().dim();
-        let values: Vec<f32> = match c_contiguous_slice(&view) {
-            Some(slice) => slice.to_vec(),
-            None => view.as_array().iter().copied().collect(), // logical (row-major) order
-        };
-        let inner = py.detach(|| RqCodebooks::new(values, levels, k, dim))?;
-        Ok(PyRqCodebooks { inner })
+        catch_panics(|| {
+            let array = typed_array::<f32, numpy::Ix3>(codebooks, "codebooks", "float32", "(L, K, D)")?;
+            let view = array
+                .try_readonly()
+                .map_err(|e| Gr2Error::invalid(format!("codebooks: {e}")))?;
+            let (levels, k, dim) = view.as_array().dim();
+            let values: Vec<f32> = match c_contiguous_slice(&view) {
+                Some(slice) => slice.to_vec(),
+                None => view.as_array().iter().copied().collect(), // logical (row-major) order
+            };
+            let inner = py.detach(|| RqCodebooks::new(values, levels, k, dim))?;
+            Ok(PyRqCodebooks { inner })
+        })
     }
 
     /// Number of levels L.
@@ -118,14 +120,16 @@ impl PyRqCodebooks {
     /// A float32 (L, K, D) copy of the codebooks.
     #[getter]
     fn codebooks<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray3<f32>>> {
-        let shape = (
-            self.inner.levels(),
-            self.inner.codebook_size(),
-            self.inner.dim(),
-        );
-        let array = Array3::from_shape_vec(shape, self.inner.codebooks().to_vec())
-            .map_err(|e| shape_error(format!("internal shape error: {e}")))?;
-        Ok(array.into_pyarray(py))
+        catch_panics(|| {
+            let shape = (
+                self.inner.levels(),
+                self.inner.codebook_size(),
+                self.inner.dim(),
+            );
+            let array = Array3::from_shape_vec(shape, self.inner.codebooks().to_vec())
+                .map_err(|e| shape_error(format!("internal shape error: {e}")))?;
+            Ok(array.into_pyarray(py))
+        })
     }
 
     /// Encodes float32 (n, D) embeddings into uint16 (n, L) codes (greedy when beam == 1).
@@ -138,47 +142,49 @@ impl PyRqCodebooks {
         beam: Option<&Bound<'py, PyAny>>,
         row_offset: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyArray2<u16>>> {
-        let beam = match beam {
-            Some(b) if !b.is_none() => int_arg(b, "beam", 1, MAX_BEAM as i64)?,
-            _ => 1,
-        };
-        let first_row = match row_offset {
-            Some(r) if !r.is_none() => int_arg(r, "row_offset", 0, i64::MAX)? as usize,
-            _ => 0,
-        };
-        let array = typed_array::<f32, numpy::Ix2>(x, "x", "float32", "(n, D)")?;
-        let view = array
-            .try_readonly()
-            .map_err(|e| Gr2Error::invalid(format!("x: {e}")))?;
-        let (n, dim) = view.as_array().dim();
-        if dim != self.inner.dim() {
-            return Err(shape_error(format!(
-                "x has {dim} columns but the codebooks have dimension {}; x must have shape (n, {})",
-                self.inner.dim(),
-                self.inner.dim()
-            )));
-        }
-        let beam = beam as usize;
-        let inner = &self.inner;
-        let levels = self.inner.levels();
-        let encode = |x: &[f32]| {
-            let mut codes = vec![0u16; n * levels];
-            inner.encode_rows_into(x, beam, &mut codes, first_row).map(|()| codes)
-        };
-        let codes = match c_contiguous_slice(&view) {
-            Some(slice) => py.detach(|| encode(slice))?,
-            None => {
-                // Not C-contiguous (a slice with a step, a transpose, Fortran order): copy once.
-                let strided = view.as_array();
-                py.detach(|| {
-                    let values: Vec<f32> = strided.iter().copied().collect();
-                    encode(&values)
-                })?
+        catch_panics(|| {
+            let beam = match beam {
+                Some(b) if !b.is_none() => int_arg(b, "beam", 1, MAX_BEAM as i64)?,
+                _ => 1,
+            };
+            let first_row = match row_offset {
+                Some(r) if !r.is_none() => int_arg(r, "row_offset", 0, i64::MAX)? as usize,
+                _ => 0,
+            };
+            let array = typed_array::<f32, numpy::Ix2>(x, "x", "float32", "(n, D)")?;
+            let view = array
+                .try_readonly()
+                .map_err(|e| Gr2Error::invalid(format!("x: {e}")))?;
+            let (n, dim) = view.as_array().dim();
+            if dim != self.inner.dim() {
+                return Err(shape_error(format!(
+                    "x has {dim} columns but the codebooks have dimension {}; x must have shape (n, {})",
+                    self.inner.dim(),
+                    self.inner.dim()
+                )));
             }
-        };
-        let array = Array2::from_shape_vec((n, levels), codes)
-            .map_err(|e| shape_error(format!("internal shape error: {e}")))?;
-        Ok(array.into_pyarray(py))
+            let beam = beam as usize;
+            let inner = &self.inner;
+            let levels = self.inner.levels();
+            let encode = |x: &[f32]| {
+                let mut codes = vec![0u16; n * levels];
+                inner.encode_rows_into(x, beam, &mut codes, first_row).map(|()| codes)
+            };
+            let codes = match c_contiguous_slice(&view) {
+                Some(slice) => py.detach(|| encode(slice))?,
+                None => {
+                    // Not C-contiguous (a slice with a step, a transpose, Fortran order): copy once.
+                    let strided = view.as_array();
+                    py.detach(|| {
+                        let values: Vec<f32> = strided.iter().copied().collect();
+                        encode(&values)
+                    })?
+                }
+            };
+            let array = Array2::from_shape_vec((n, levels), codes)
+                .map_err(|e| shape_error(format!("internal shape error: {e}")))?;
+            Ok(array.into_pyarray(py))
+        })
     }
 
     /// Decodes uint16 (n, L) codes into float32 (n, D) vectors (the sum of the chosen codes).
@@ -187,32 +193,34 @@ impl PyRqCodebooks {
         py: Python<'py>,
         codes: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let array = typed_array::<u16, numpy::Ix2>(codes, "codes", "uint16", "(n, L)")?;
-        let view = array
-            .try_readonly()
-            .map_err(|e| Gr2Error::invalid(format!("codes: {e}")))?;
-        let (n, levels) = view.as_array().dim();
-        if levels != self.inner.levels() {
-            return Err(shape_error(format!(
-                "codes have {levels} columns but the codebooks have {} levels; codes must have shape (n, {})",
-                self.inner.levels(),
-                self.inner.levels()
-            )));
-        }
-        let inner = &self.inner;
-        let vectors = match c_contiguous_slice(&view) {
-            Some(slice) => py.detach(|| inner.decode(slice))?,
-            None => {
-                let strided = view.as_array();
-                py.detach(|| {
-                    let values: Vec<u16> = strided.iter().copied().collect();
-                    inner.decode(&values)
-                })?
+        catch_panics(|| {
+            let array = typed_array::<u16, numpy::Ix2>(codes, "codes", "uint16", "(n, L)")?;
+            let view = array
+                .try_readonly()
+                .map_err(|e| Gr2Error::invalid(format!("codes: {e}")))?;
+            let (n, levels) = view.as_array().dim();
+            if levels != self.inner.levels() {
+                return Err(shape_error(format!(
+                    "codes have {levels} columns but the codebooks have {} levels; codes must have shape (n, {})",
+                    self.inner.levels(),
+                    self.inner.levels()
+                )));
             }
-        };
-        let array = Array2::from_shape_vec((n, self.inner.dim()), vectors)
-            .map_err(|e| shape_error(format!("internal shape error: {e}")))?;
-        Ok(array.into_pyarray(py))
+            let inner = &self.inner;
+            let vectors = match c_contiguous_slice(&view) {
+                Some(slice) => py.detach(|| inner.decode(slice))?,
+                None => {
+                    let strided = view.as_array();
+                    py.detach(|| {
+                        let values: Vec<u16> = strided.iter().copied().collect();
+                        inner.decode(&values)
+                    })?
+                }
+            };
+            let array = Array2::from_shape_vec((n, self.inner.dim()), vectors)
+                .map_err(|e| shape_error(format!("internal shape error: {e}")))?;
+            Ok(array.into_pyarray(py))
+        })
     }
 
     /// Pickle support (for multiprocessing / Ray workers): rebuilt from the codebooks.

@@ -4,6 +4,7 @@
 //! malformed, and arbitrary bytes never panic.
 
 use super::*;
+use crate::constraint::TokenMapSpec;
 use proptest::prelude::*;
 
 type TokenRows<'a> = Completions<'a, &'a str>;
@@ -19,10 +20,28 @@ fn sid_text(sid: &[u16]) -> String {
     s
 }
 
-/// Tags 1..=6, code (level, code) -> 100 + level * 16 + code, whitespace 7, trailer 8.
+/// Tags 1..=6 (think_open, think_close, answer_open, answer_close, sid_begin, sid_end), code
+/// (level, code) -> 100 + level * 16 + code; no EOS (a verification-only map).
 fn token_map(levels: usize) -> TokenMap {
-    let code_ids: Vec<i64> = (0..levels * 16).map(|i| 100 + i as i64).collect();
-    TokenMap::new(&TagIds([1, 2, 3, 4, 5, 6]), &code_ids, levels, &[7], &[8]).unwrap()
+    TokenMap::new(TokenMapSpec {
+        code_ids: (0..levels).map(|level| (0..16).map(|code| 100 + (level * 16 + code) as i64).collect()).collect(),
+        think_open: 1,
+        think_close: 2,
+        answer_open: 3,
+        answer_close: 4,
+        sid_begin: 5,
+        sid_end: 6,
+        eos: None,
+        vocab_size: 100 + levels * 16,
+        reasoning_vocab: None,
+        forbidden_in_reasoning: vec![],
+    })
+    .unwrap()
+}
+
+/// Token-id completions over `map` with whitespace id 7 and trailer id 8.
+fn token_rows<'a>(ids: &'a [i64], offsets: &'a [usize], map: &'a TokenMap) -> TokenRows<'a> {
+    TokenRows::Tokens { ids, offsets, map, whitespace: &[7], trailers: &[8] }
 }
 
 fn sid_ids(sid: &[u16]) -> Vec<i64> {
@@ -93,7 +112,19 @@ fn errors_for_bad_inputs() {
     let cfg = RewardConfig { metric_ks: vec![], ..Default::default() };
     assert!(matches!(verify(&c, &b.cands(), None, &cfg), Err(Gr2Error::InvalidInput(_))));
     assert!(Catalog::new(&[2, 1], 1).is_err());
-    assert!(TokenMap::new(&TagIds([1, 1, 3, 4, 5, 6]), &[10], 1, &[], &[]).is_err());
+    // whitespace/trailer ids that are tags or codes, or both at once; a map of other levels
+    let map = token_map(2);
+    let (ids, offsets) = ([3i64, 4], [0usize, 2]);
+    let bad: [(&[i64], &[i64]); 4] = [(&[3], &[]), (&[], &[100]), (&[9], &[9]), (&[-2], &[])];
+    for (whitespace, trailers) in bad {
+        let rows = TokenRows::Tokens { ids: &ids, offsets: &offsets, map: &map, whitespace, trailers };
+        assert!(matches!(verify(&rows, &b.cands(), None, &RewardConfig::default()), Err(Gr2Error::InvalidInput(_))));
+    }
+    let rows = token_rows(&ids, &offsets, &map);
+    assert!(verify(&rows, &b.cands(), None, &RewardConfig::default()).is_ok());
+    let three_levels = token_map(3);
+    let rows = token_rows(&ids, &offsets, &three_levels);
+    assert!(matches!(verify(&rows, &b.cands(), None, &RewardConfig::default()), Err(Gr2Error::InvalidInput(m)) if m.contains("levels")));
 }
 
 proptest! {
@@ -126,7 +157,7 @@ proptest! {
         ids.extend([4, 8]);
         let map = token_map(levels);
         let offsets = [0, ids.len()];
-        let tok = verify(&TokenRows::Tokens { ids: &ids, offsets: &offsets, map: &map }, &b.cands(), None, &cfg).unwrap();
+        let tok = verify(&token_rows(&ids, &offsets, &map), &b.cands(), None, &cfg).unwrap();
         prop_assert_eq!(&tok, &out);
         // every strict prefix of "...</answer>" is a truncated, malformed output
         let end = text.find("</answer>").unwrap() + "</answer>".len();
@@ -154,7 +185,7 @@ proptest! {
         let b = batch(3, 2, 1);
         let map = token_map(2);
         let offsets = [0, ids.len()];
-        let out = verify(&TokenRows::Tokens { ids: &ids, offsets: &offsets, map: &map }, &b.cands(), None, &RewardConfig::default()).unwrap();
+        let out = verify(&token_rows(&ids, &offsets, &map), &b.cands(), None, &RewardConfig::default()).unwrap();
         prop_assert_eq!(out.valid[0], out.invalid_reason[0] == 0);
     }
 }
@@ -181,11 +212,11 @@ fn think_body_is_free_text_on_both_paths() {
     ids.extend(sid_ids(b.sid(0, 0)));
     ids.push(4);
     let offsets = [0, ids.len()];
-    let tok = verify(&TokenRows::Tokens { ids: &ids, offsets: &offsets, map: &map }, &b.cands(), None, &cfg).unwrap();
+    let tok = verify(&token_rows(&ids, &offsets, &map), &b.cands(), None, &cfg).unwrap();
     assert_eq!(tok.invalid_reason[0], 0);
     let no_close = vec![1, 42, 3, 5, 100, 116, 6, 4];
     let offsets = [0, no_close.len()];
-    let tok = verify(&TokenRows::Tokens { ids: &no_close, offsets: &offsets, map: &map }, &b.cands(), None, &cfg).unwrap();
+    let tok = verify(&token_rows(&no_close, &offsets, &map), &b.cands(), None, &cfg).unwrap();
     assert_eq!(tok.invalid_reason[0], 1);
 }
 
