@@ -199,3 +199,14 @@ def test_the_data_stage_counts_dropped_bad_rows_in_stats(tmp_path):
     assert stats["dropped"]["empty_user_id"] == 1 and stats["dropped"]["non_numeric_rating"] == 1
     with pytest.raises(ConfigError, match="max_bad_fraction"):
         DataConfig(max_bad_fraction=1.0)
+
+
+def test_too_many_rqvae_levels_fail_when_the_config_is_loaded():
+    """issue 32: sid.rqvae.levels = 40 used to fail only after the RQ-VAE had trained (the SID
+    tokens name levels a..z); now the config is refused up front."""
+    from gr2.sid.stage import SidConfig
+    from gr2.config import from_dict
+
+    with pytest.raises(ConfigError, match=r"sid.rqvae.levels must be in 1..25, got 40"):
+        from_dict(SidConfig, {"rqvae": {"levels": 40}}, where="sid")
+    assert from_dict(SidConfig, {"rqvae": {"levels": 25}}, where="sid").rqvae.levels == 25

@@ -70,8 +70,12 @@ class RQVAEConfig:
     standardize_inputs: bool = True  # see RQVAE's docstring; off only to show the collapse it prevents
 
     def __post_init__(self) -> None:
-        if self.levels < 1:
-            raise ConfigError(f"levels must be >= 1, got {self.levels}")
+        from gr2._gr2 import MAX_SID_LEVELS
+
+        if not 1 <= self.levels <= MAX_SID_LEVELS - 1:  # checked before training, not after it
+            raise ConfigError(f"sid.rqvae.levels must be in 1..{MAX_SID_LEVELS - 1}, got {self.levels}: SID tokens "
+                              f"name a level with one letter (a..z, {MAX_SID_LEVELS} levels) and the index may append "
+                              "one level to tell colliding items apart")
         if not 2 <= self.codebook_size <= 65535:
             raise ConfigError(f"codebook_size must be in 2..65535 (codes are uint16), got {self.codebook_size}")
         if not 0.0 < self.ema_decay < 1.0:
