@@ -210,3 +210,17 @@ def test_too_many_rqvae_levels_fail_when_the_config_is_loaded():
     with pytest.raises(ConfigError, match=r"sid.rqvae.levels must be in 1..25, got 40"):
         from_dict(SidConfig, {"rqvae": {"levels": 40}}, where="sid")
     assert from_dict(SidConfig, {"rqvae": {"levels": 25}}, where="sid").rqvae.levels == 25
+
+
+def test_a_stage_record_that_is_a_directory_is_a_typed_error_from_the_cli(tmp_path, capsys):
+    """issue 32: a directory where a stage writes stage.json raised a raw IsADirectoryError."""
+    from gr2.cli import main as cli_main
+
+    run = tmp_path / "run"
+    (run / "data" / "stage.json").mkdir(parents=True)
+    assert cli_main(["data", "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stage.json is a directory where the stage keeps its record" in err[0] and "Traceback" not in err[0]
+    assert cli_main(["data", "--run-dir", str(run), "--force"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert (run / "data" / "stage.json").is_dir()  # nothing of the user's was removed

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from gr2.errors import ConfigError
+from gr2.errors import ConfigError, DataError
 
 STAGE_FILE = "stage.json"
 log = logging.getLogger(__name__)
@@ -182,10 +182,16 @@ def check_run_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def _check_record_path(path: Path) -> None:
+    if path.is_dir():  # not a record, and not ours to delete: say what is in the way
+        raise DataError(f"{path} is a directory where the stage keeps its record file; move or remove it and rerun")
+
+
 def read_stage(stage_dir: str | os.PathLike, record: str = STAGE_FILE) -> dict | None:
     """The record of a finished stage, or None when it has not finished: no record, an unreadable
     or keyless one, or outputs that no longer match the hashes the record holds."""
     stage_dir = Path(stage_dir)
+    _check_record_path(stage_dir / record)
     try:
         data = json.loads((stage_dir / record).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -216,6 +222,7 @@ def begin_stage(stage_dir: str | os.PathLike, key: str, *, force: bool = False,
     found = None if force else read_stage(stage_dir, record)
     if found is not None and found["key"] == key:
         return found.get("summary", {})
+    _check_record_path(stage_dir / record)  # also under force, which skips read_stage
     with contextlib.suppress(FileNotFoundError):
         os.unlink(stage_dir / record)
     return None
