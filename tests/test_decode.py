@@ -648,3 +648,21 @@ def test_vllm_validate_params_checks_the_whole_request_up_front(setup):
     ok = check({"candidates": cands, "reasoning": "disabled", "max_reasoning_tokens": 0}, max_tokens=need)
     assert ok["codes"].shape == (3, levels) and ok["reasoning"] == "disabled" and ok["max_reasoning_tokens"] == 0
     np.testing.assert_array_equal(ok["codes"], index.sids(np.array(cands, dtype=np.uint64)))
+
+
+def test_processor_with_a_tiny_budget_says_so_instead_of_blaming_the_constraint(setup):
+    """issue 30: beams with max_new_tokens=1 raised "was this processor applied?"; the replay now
+    names the budget (IncompleteGenerationError with the max_new_tokens that suffices)."""
+    from transformers import LogitsProcessorList
+
+    from gr2.decoding import RerankLogitsProcessor
+
+    tokenizer, sid_tokens, index, items, models = setup
+    cands = np.array([items[[3, 7, 1, 12]], items[[5, 9, 2, 0]]])
+    tokenizer.padding_side = "left"
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    proc = RerankLogitsProcessor(tokenizer, cands, index=index, num_beams=3, max_reasoning_tokens=4)
+    out = models[1].generate(**enc, logits_processor=LogitsProcessorList([proc]), max_new_tokens=1, num_beams=3,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with pytest.raises(gr2.IncompleteGenerationError, match=rf"max_new_tokens >= {proc.required_max_new_tokens}"):
+        proc.items(out)

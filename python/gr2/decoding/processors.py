@@ -168,6 +168,11 @@ class RerankLogitsProcessor(LogitsProcessor):
         search returns finished hypotheses, not the rows the processor followed last). Without it
         the rows the processor followed are read (greedy and sampling only).
 
+        One permutation per returned sequence: beams are distinct token sequences, not distinct
+        rankings -- beams that differ only in their reasoning carry the same permutation, and a
+        request with fewer permutations than ``num_return_sequences`` (K = 2 has two) repeats some.
+        Keep the first of each when distinct rankings are wanted (the beams come best first).
+
         Raises IncompleteGenerationError when a row's ranking is not complete (``generate`` hit
         ``max_new_tokens`` first; see :attr:`required_max_new_tokens`) and ConstraintError when a
         row holds a token the constraint forbids (the processor was not applied to it)."""
@@ -194,6 +199,12 @@ class RerankLogitsProcessor(LogitsProcessor):
             raise InvalidInputError(f"{n_rows} sequences for {b} requests; they must divide")
         per = n_rows // b
         gen = seqs[:, self._prompt_len:].astype(np.int64)
+        shortest = completion_length(int(self.candidates.sizes.min()), self.sid_tokens.levels, self.mode, 0, eos=False)
+        if gen.shape[1] < shortest:  # no row can hold a ranking: generate's budget, not the constraint, is the cause
+            raise IncompleteGenerationError(
+                f"generate returned {gen.shape[1]} new tokens per row; the shortest complete ranking here takes "
+                f"{shortest}. Pass max_new_tokens >= {self.required_max_new_tokens} "
+                "(RerankLogitsProcessor.required_max_new_tokens)")
         batch = _gr2.ConstraintBatch(self._token_map)
         add_rerank_rows(batch, self.candidates, self.codes, reasoning=self.mode,
                         max_reasoning_tokens=self.max_reasoning_tokens, repeat=per)
