@@ -162,9 +162,7 @@ def run_pipeline(run: RunConfig, *, log: Callable[[str], None] = print) -> dict[
             world.barrier()  # the next stage reads what this one wrote
             timings[label] = round(time.perf_counter() - start, 1)
             log(f"[gr2 run] {label} done in {timings[label]:.1f}s: {_one_line(summary)}")
-    if "eval" not in run.stages:
-        return {"timings_s": timings}
-    if world.rank != 0:
+    if "eval" not in run.stages or world.rank != 0:  # the report is rank 0's
         return {"timings_s": timings}
     report = write_run_report(run_dir, run, timings)
     log(f"[gr2 run] report: {run_dir / 'report.md'}")

@@ -254,11 +254,10 @@ def evidence_line(run_dir: Path, split: str, list_ids: np.ndarray, candidates: n
     missing = [int(i) for i in list_ids if int(i) not in row_of]
     if missing:
         raise DataError(f"prompts/{split} lacks list {missing[0]} of candidates/{split}; rerun `gr2 prompts`")
-    rows = [row_of[int(i)] for i in list_ids]
-    shown = np.asarray(table.select(rows)["candidates"], dtype=np.int64)
-    if not np.array_equal(shown, candidates):
+    chosen = table.select([row_of[int(i)] for i in list_ids])
+    if not np.array_equal(np.asarray(chosen["candidates"], dtype=np.int64), candidates):
         raise DataError(f"prompts/{split} shows other candidates than candidates/{split}; rerun `gr2 prompts`")
-    scores = np.asarray(table.select(rows)["evidence"], dtype=np.float64)
+    scores = np.asarray(chosen["evidence"], dtype=np.float64)
     return np.take_along_axis(candidates, evidence_order(scores), axis=1)
 
 

@@ -158,9 +158,12 @@ def tokens_per_step(stage: str, config: Any, world_size: int = 1, prompt_tokens:
 
 
 def check_stage(model: torch.nn.Module, stage: str, config: Any, device: torch.device, compute_dtype: torch.dtype,
-                world_size: int = 1, prompt_tokens: int = 1024) -> MemoryPlan:
+                world_size: int = 1, prompt_tokens: int = 1024) -> MemoryPlan | None:
     """Estimate ``stage``'s plan for the loaded ``model`` and refuse it up front (ConfigError) when
-    it cannot fit ``device`` -- instead of an out-of-memory error hours into the run."""
+    it cannot fit ``device`` -- instead of an out-of-memory error hours into the run. CUDA devices
+    only (None elsewhere: nothing to check against)."""
+    if device.type != "cuda":
+        return None
     plan = estimate(model, lora=config.lora, tokens_per_step=tokens_per_step(stage, config, world_size, prompt_tokens),
                     compute_dtype=compute_dtype)
     check_fits(plan, device, stage)
