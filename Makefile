@@ -19,10 +19,10 @@ export PYTHONUNBUFFERED := 1
 # Installs the pinned versions of $(LOCK) (pip -c: a constraint, not an extra requirement), so
 # `make test` and `make demo` run in the environment the README's figures came from; rerunning is a
 # no-op until pyproject.toml, scripts/assets.txt or the lock change (the stamp hashes all three).
-# The lock was resolved on CPython 3.11 (numpy 2.4 and pandas 3.1 have no 3.10 builds): the locked
-# setup needs python3 >= 3.11; on 3.10, `pip install .` resolves its own versions.
+# gr2 needs CPython >= 3.11 (pyproject's requires-python; the lock was resolved on 3.11, and numpy 2.4
+# and pandas 3.1 have no 3.10 builds).
 $(STAMP): pyproject.toml scripts/assets.txt $(LOCK)
-	@python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "make setup: python3 is %d.%d; the locked environment (scripts/constraints.txt) needs Python >= 3.11 (on 3.10 use pip install . without the lock)" % sys.version_info[:2])'
+	@python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "make setup: python3 is %d.%d; the locked environment (scripts/constraints.txt) needs Python >= 3.11" % sys.version_info[:2])'
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip maturin -c $(LOCK)
 	$(PIP) install -q --no-build-isolation -e '.[test,bench,assets]' -c $(LOCK)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import types
 import typing
 from pathlib import Path
@@ -17,10 +16,7 @@ from typing import Any, TypeVar
 
 from gr2.errors import ConfigError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10: the same parser as the `tomli` package (a dependency there)
-    import tomli as tomllib
+import tomllib
 
 
 T = TypeVar("T")

@@ -53,7 +53,7 @@ def _finished(run_dir: Path, stage: str) -> dict:
     return record
 
 
-def _load_lists(run_dir: Path, split: str, max_lists: int):
+def load_lists(run_dir: Path, split: str, max_lists: int):
     from gr2.prompt_stage import load_requests
 
     table = load_requests(run_dir, split)
@@ -95,7 +95,7 @@ def run_rerank(run_dir: str | Path, stage: str, config: RerankConfig = RerankCon
     sid_tokens = add_sid_tokens(tokenizer, index)  # already present: returns their ids
     catalog = ItemCatalog.from_run_dir(run_dir)
     prompt_config = load_prompt_config(run_dir)
-    table = _load_lists(run_dir, config.split, config.max_lists)
+    table = load_lists(run_dir, config.split, config.max_lists)
     candidates = np.asarray(table["candidates"], dtype=np.uint64)
 
     rankings = np.zeros_like(candidates)
