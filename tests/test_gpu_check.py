@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,10 @@ def test_cpu_dry_run_passes_every_stage(dry_run):
     rows = {r["stage"]: r for r in json.loads((out / "result.json").read_text())}
     assert list(rows) == ["data", "sid", "candidates", "prompts", "midtrain", "traces", "sft", "rl", "rerank", "eval"]
     assert all(r["ok"] for r in rows.values())
-    assert "resumed from step 2" in rows["midtrain"]["detail"]
+    # The kill lands when step-00000002 appears; on a busy box the stage may have written a later
+    # checkpoint by then, so any resumed step >= 2 is a pass.
+    resumed = re.search(r"resumed from step (\d+)", rows["midtrain"]["detail"])
+    assert resumed and int(resumed.group(1)) >= 2, rows["midtrain"]
     for name in ("midtrain", "sft", "rl"):
         assert rows[name]["detail"].startswith("2 processes"), rows[name]
         assert rows[name]["peak_mib"] > 0

@@ -89,6 +89,21 @@ def test_verify_rewards_rejects_bad_settings_instead_of_casting_them(kwargs, mat
         verify_rewards([completion], np.arange(3, dtype=np.uint64)[None], [0], _tiny_index(), **kwargs)
 
 
+@pytest.mark.parametrize("completions, match", [
+    ([None, "<answer></answer>"], "completion 0 is NoneType, completion 1 is str"),
+    ([[1, 2], "<answer></answer>"], "completion 0 is list, completion 1 is str"),
+    (["<answer></answer>", None], "completion 1 is NoneType, not str"),
+])
+def test_mixed_completions_name_the_rows(completions, match):
+    import numpy as np
+
+    from gr2 import InvalidInputError, verify_rewards
+
+    candidates = np.tile(np.arange(3, dtype=np.uint64), (2, 1))
+    with pytest.raises(InvalidInputError, match=match):
+        verify_rewards(completions, candidates, [0, 0], _tiny_index())
+
+
 def test_encode_npy_into_a_directory_is_a_typed_error(tmp_path):
     import numpy as np
 

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import enum
 import functools
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import numpy as np
 
+from gr2 import _checks as checks
 from gr2 import _gr2
 from gr2._gr2 import SidIndex
 from gr2._rows import CandidateRows, candidate_rows, lookup_sids
@@ -277,11 +279,8 @@ def _is_whole(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def _finite(name: str, value: Any) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not np.isfinite(value):
-        raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+# Cut-offs travel to Rust as usize; anything past this is a mistake, not a list length.
+_MAX_CUTOFF = 2**31 - 1
 
 
 def verify_rewards(
@@ -331,6 +330,8 @@ def verify_rewards(
     if isinstance(completions, (str, bytes)):
         raise InvalidInputError("completions must be a list (one completion per request), got a single str; wrap it")
     try:
+        if isinstance(completions, Mapping):
+            raise TypeError
         n_completions = len(completions)
     except TypeError:
         raise InvalidInputError(f"completions must be a list, got {type(completions).__name__}") from None
@@ -345,19 +346,19 @@ def verify_rewards(
     trailers = _str_list("trailers", trailers)
     whitespace_ids = _int_list("whitespace_ids", whitespace_ids)
     trailer_ids = _int_list("trailer_ids", trailer_ids)
-    if isinstance(metric_ks, (str, bytes)) or np.isscalar(metric_ks):
-        raise InvalidInputError(f"metric_ks must be a list of cut-offs, got {metric_ks!r}; wrap it in a list")
+    if isinstance(metric_ks, (str, bytes, Mapping)) or not isinstance(metric_ks, Iterable):
+        raise InvalidInputError(f"metric_ks must be a list of cut-offs, got {metric_ks!r:.60}; wrap it in a list")
     if not all(_is_whole(k) for k in metric_ks):
-        raise InvalidInputError(f"metric_ks must be a list of int cut-offs, got {metric_ks!r}")
+        raise InvalidInputError(f"metric_ks must be a list of int cut-offs, got {metric_ks!r:.60}")
     ks = [int(k) for k in metric_ks]
-    if not ks or min(ks) < 1:
-        raise InvalidInputError(f"metric_ks must be non-empty cut-offs >= 1, got {list(metric_ks)}")
-    if graded_k is not None and not (_is_whole(graded_k) and int(graded_k) >= 1):
-        raise InvalidInputError(f"graded_k must be an int >= 1 (or None for K), got {graded_k!r}")
-    alpha, invalid_reward = _finite("alpha", alpha), _finite("invalid_reward", invalid_reward)
+    if not ks or not 1 <= min(ks) <= max(ks) <= _MAX_CUTOFF:
+        raise InvalidInputError(f"metric_ks must be non-empty cut-offs in 1..{_MAX_CUTOFF}, got {ks!r:.60}")
+    if graded_k is not None and not (_is_whole(graded_k) and 1 <= int(graded_k) <= _MAX_CUTOFF):
+        raise InvalidInputError(f"graded_k must be an int in 1..{_MAX_CUTOFF} (or None for K), got {graded_k!r:.60}")
+    alpha, invalid_reward = checks.finite("alpha", alpha), checks.finite("invalid_reward", invalid_reward)
     if not isinstance(conditional, (bool, np.bool_)):
         raise InvalidInputError(f"conditional must be True or False, got {conditional!r}")
-    if reward_kind not in ("rank", "ndcg", "auc"):
+    if not isinstance(reward_kind, str) or reward_kind not in ("rank", "ndcg", "auc"):
         raise InvalidInputError(f"reward_kind must be 'rank', 'ndcg' or 'auc', got {reward_kind!r}")
     if b == 0:  # nothing to verify: empty fields of the right dtypes
         return _empty_batch(ks, rows.width, relevance is not None)
@@ -402,8 +403,10 @@ def verify_rewards(
             # output: that row is scored malformed and the rest of the batch is verified as usual.
             texts = [c if _encodable(c) else "" for c in texts]
             out = _gr2._verify_rewards_text(texts, trailers, **common)
-    elif any(isinstance(c, str) for c in completions):
-        raise InvalidInputError("completions mix strings and token-id sequences")
+    elif (first_str := next((i for i, c in enumerate(completions) if isinstance(c, str)), None)) is not None:
+        kind = type(completions[0]).__name__
+        raise InvalidInputError(f"completions mix strings and token-id sequences: completion 0 is {kind}, completion "
+                                f"{first_str} is str (pass all strings or all token-id sequences)")
     else:
         if sid_tokens is None:
             raise InvalidInputError("token-id completions need sid_tokens= (from gr2.add_sid_tokens)")

@@ -122,6 +122,8 @@ def encode_npy(
     cb = _as_codebooks(codebooks)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise InvalidInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if not isinstance(progress, (bool, np.bool_)):
+        raise InvalidInputError(f"progress must be True or False, got {type(progress).__name__}")
     try:
         input_path, output_path = Path(input_path), Path(output_path)
     except TypeError as e:

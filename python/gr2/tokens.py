@@ -38,9 +38,26 @@ def code_token(level: int, code: int) -> str:
     return f"<s_{LEVEL_LETTERS[level]}_{int(code)}>"
 
 
+def _int_list(values: Any, what: str) -> list[int]:
+    """``values`` (a flat, non-empty sequence of integers) as Python ints, or InvalidInputError
+    saying what is wrong; floats are refused rather than truncated."""
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+        raise InvalidInputError(f"{what} must be a sequence of integers, got {type(values).__name__}")
+    try:
+        flat = np.asarray(values, dtype=object).ravel() if np.ndim(values) <= 1 else None
+    except ValueError:  # ragged nesting
+        flat = None
+    if flat is None or flat.size == 0:
+        raise InvalidInputError(f"{what} must be a flat, non-empty sequence of integers")
+    bad = [v for v in flat if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_))]
+    if bad:
+        raise InvalidInputError(f"{what} must hold integers, got {type(bad[0]).__name__} {bad[0]!r:.40}")
+    return [int(v) for v in flat]
+
+
 def sid_to_text(codes: Sequence[int] | np.ndarray) -> str:
-    """Render one SID (a sequence of per-level codes) in its surface form."""
-    body = "".join(code_token(level, int(c)) for level, c in enumerate(codes))
+    """Render one SID (a sequence of per-level integer codes) in its surface form."""
+    body = "".join(code_token(level, c) for level, c in enumerate(_int_list(codes, "a SID's codes")))
     return f"{SID_BEGIN}{body}{SID_END}"
 
 
@@ -98,7 +115,7 @@ def _level_sizes(index: Any, level_sizes: Sequence[int] | None) -> tuple[int, ..
         if index is None:
             raise InvalidInputError("add_sid_tokens needs an index or level_sizes")
         level_sizes = index.level_sizes
-    sizes = tuple(int(s) for s in level_sizes)
+    sizes = tuple(_int_list(level_sizes, "level_sizes"))
     if not sizes or any(s <= 0 for s in sizes):
         raise InvalidInputError(f"level sizes must be positive, got {sizes}")
     if len(sizes) > len(LEVEL_LETTERS):

@@ -9,10 +9,13 @@ import numpy as np
 
 from gr2 import _gr2
 from gr2._rows import CandidateRows, candidate_rows, lookup_sids
+from gr2 import _checks as checks
 from gr2.errors import InvalidInputError
 from gr2.tokens import LEVEL_LETTERS, TAGS, SidTokens, code_token
 
 REASONING_MODES = ("think", "in_think", "disabled")
+#: The automaton counts the reasoning budget in a u32.
+MAX_REASONING_TOKENS = 2**32 - 1
 
 
 def lookup_sid_tokens(tokenizer: Any, level_sizes: Sequence[int]) -> SidTokens:
@@ -50,6 +53,9 @@ def lookup_sid_tokens(tokenizer: Any, level_sizes: Sequence[int]) -> SidTokens:
 
 def resolve_sid_tokens(tokenizer: Any, index: Any, sid_tokens: SidTokens | None) -> SidTokens:
     if sid_tokens is not None:
+        if not isinstance(sid_tokens, SidTokens):
+            raise InvalidInputError(f"sid_tokens must be the gr2.SidTokens from gr2.add_sid_tokens, got "
+                                    f"{type(sid_tokens).__name__}")
         return sid_tokens
     if index is None:
         raise InvalidInputError("pass index= (a gr2.SidIndex) or sid_tokens=")
@@ -117,6 +123,7 @@ def candidate_codes(index: Any, candidates: CandidateRows, levels: int) -> np.nd
     UnknownItemError naming its request row and candidate column."""
     if index is None:
         raise InvalidInputError("index= (a gr2.SidIndex) is required to look up the candidates' SIDs")
+    checks.has_methods("index", index, ("sids", "item_ids"), "a gr2.SidIndex (e.g. gr2.SidIndex.load(path))")
     return lookup_sids(index, candidates, levels)
 
 
@@ -131,11 +138,19 @@ def prompt_texts(tokenizer: Any, prompts: Sequence[Any]) -> list[str]:
     for i, p in enumerate(prompts):
         if isinstance(p, str):
             out.append(p)
-        elif isinstance(p, Sequence) and all(isinstance(m, dict) for m in p):
-            out.append(tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True))
+        elif isinstance(p, Sequence) and len(p) and all(isinstance(m, dict) for m in p):
+            out.append(_chat_text(tokenizer, list(p), i))
         else:
             raise InvalidInputError(f"prompt {i} is neither a string nor a list of chat messages")
     return out
+
+
+def _chat_text(tokenizer: Any, messages: list[dict], i: int) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 -- transformers raises ValueError or jinja errors here
+        raise InvalidInputError(f"prompt {i}: the tokenizer's chat template could not render it "
+                                f"({type(exc).__name__}: {str(exc)[:120]}); pass the prompt as a string") from None
 
 
 def add_rerank_rows(batch: Any, rows: CandidateRows, codes: np.ndarray, *, reasoning: str,

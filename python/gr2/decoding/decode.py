@@ -34,10 +34,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from gr2 import _checks as checks
 from gr2 import _gr2
 from gr2._rows import id_array
 from gr2.decoding._model import StepModel
 from gr2.decoding._setup import (
+    MAX_REASONING_TOKENS,
     add_rerank_rows,
     as_candidates,
     build_token_map,
@@ -121,18 +123,22 @@ class _Settings:
         return out
 
 
+# A beam or sample count past this is a typo, not a request: it would only exhaust memory.
+MAX_SEQUENCES = 4096
+
+
 def _check_settings(do_sample, temperature, top_p, num_beams, num_return_sequences, seed) -> _Settings:
-    if not (isinstance(num_beams, int) and num_beams >= 1):
-        raise InvalidInputError(f"num_beams must be an int >= 1, got {num_beams!r}")
-    if not (isinstance(num_return_sequences, int) and num_return_sequences >= 1):
-        raise InvalidInputError(f"num_return_sequences must be an int >= 1, got {num_return_sequences!r}")
+    do_sample = checks.flag("do_sample", do_sample)
+    num_beams = checks.whole("num_beams", num_beams, 1, MAX_SEQUENCES)
+    num_return_sequences = checks.whole("num_return_sequences", num_return_sequences, 1, MAX_SEQUENCES)
     if do_sample and num_beams > 1:
         raise InvalidInputError("beam search with sampling is not supported; use num_beams=1 or do_sample=False")
     if not do_sample and num_beams == 1 and num_return_sequences > 1:
         raise InvalidInputError("greedy decoding returns one sequence; use do_sample=True or num_beams >= num_return_sequences")
     if num_beams > 1 and num_return_sequences > num_beams:
         raise InvalidInputError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams})")
-    if not (temperature > 0 and np.isfinite(temperature)):
+    temperature, top_p = checks.finite("temperature", temperature), checks.finite("top_p", top_p)
+    if not temperature > 0:
         raise InvalidInputError(f"temperature must be a positive finite number, got {temperature}")
     if not (0 < top_p <= 1):
         raise InvalidInputError(f"top_p must be in (0, 1], got {top_p}")
@@ -140,17 +146,11 @@ def _check_settings(do_sample, temperature, top_p, num_beams, num_return_sequenc
     if do_sample and seed is not None and not isinstance(seed, (int, np.integer)):
         try:
             seeds = [int(x) for x in seed]
-        except (TypeError, ValueError):
-            raise InvalidInputError(f"seed must be an int, a sequence of ints (one per prompt) or None, got {seed!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidInputError(f"seed must be an int, a sequence of ints (one per prompt) or None, got {seed!r:.60}") from None
     elif do_sample:
         one = int(seed) if seed is not None else int(torch.seed() % (2**63))
-    return _Settings(do_sample, float(temperature), float(top_p), num_beams, num_return_sequences, one, seeds)
-
-
-def _check_flag(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise InvalidInputError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
+    return _Settings(do_sample, temperature, top_p, num_beams, num_return_sequences, one, seeds)
 
 
 def _check_seeds(settings: _Settings, n_prompts: int) -> None:
@@ -163,7 +163,7 @@ def _reasoning_mode(reasoning: Any) -> str:
         return "think"
     if reasoning is False or reasoning is None:
         return "disabled"
-    if reasoning in ("think", "in_think", "disabled"):
+    if isinstance(reasoning, str) and reasoning in ("think", "in_think", "disabled"):
         return reasoning
     raise InvalidInputError(f"reasoning must be True, False, 'think', 'in_think' or 'disabled', got {reasoning!r}")
 
@@ -318,10 +318,10 @@ def constrained_decode(
     results; for comparison and benchmarks).
     """
     settings = _check_settings(do_sample, temperature, top_p, num_beams, num_return_sequences, seed)
-    settings.jump_forward = _check_flag("jump_forward", jump_forward)
-    if not (isinstance(max_reasoning_tokens, (int, np.integer)) and max_reasoning_tokens >= 0):
-        raise InvalidInputError(f"max_reasoning_tokens must be an int >= 0, got {max_reasoning_tokens!r}")
+    settings.jump_forward = checks.flag("jump_forward", jump_forward)
+    max_reasoning_tokens = checks.whole("max_reasoning_tokens", max_reasoning_tokens, 0, MAX_REASONING_TOKENS)
     mode = _reasoning_mode(reasoning)
+    model, tokenizer = checks.causal_lm(model), checks.tokenizer(tokenizer)
     texts = prompt_texts(tokenizer, prompts)
     cands = as_candidates(candidates)
     if len(cands) != len(texts):
@@ -637,11 +637,16 @@ def catalog_decode(
     returns distinct item lists only, so a prompt gets fewer than ``num_return_sequences`` results
     when fewer distinct lists exist (e.g. 6 beams over 3 remaining items and ``n_items=1``)."""
     settings = _check_settings(do_sample, temperature, top_p, num_beams, num_return_sequences, seed)
-    settings.jump_forward = _check_flag("jump_forward", jump_forward)
-    if not (isinstance(n_items, (int, np.integer)) and n_items >= 1):
-        raise InvalidInputError(f"n_items must be an int >= 1, got {n_items!r}")
+    settings.jump_forward = checks.flag("jump_forward", jump_forward)
+    n_items = checks.whole("n_items", n_items, 1)
+    max_reasoning_tokens = checks.whole("max_reasoning_tokens", max_reasoning_tokens, 0, MAX_REASONING_TOKENS)
+    answer_tags = checks.flag("answer_tags", answer_tags)
     mode = _reasoning_mode(reasoning)
+    model, tokenizer = checks.causal_lm(model), checks.tokenizer(tokenizer)
+    checks.has_methods("index", index, ("item_ids", "codes"), "a gr2.SidIndex")
     texts = prompt_texts(tokenizer, prompts)
+    if exclude is not None and (isinstance(exclude, (str, bytes)) or not isinstance(exclude, Sequence)):
+        raise InvalidInputError(f"exclude must be one list of item ids per prompt, got {type(exclude).__name__}")
     if exclude is not None and len(exclude) != len(texts):
         raise InvalidInputError(f"{len(texts)} prompts but {len(exclude)} exclude lists")
     _check_seeds(settings, len(texts))

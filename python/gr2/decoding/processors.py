@@ -23,8 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from gr2 import _checks as checks
 from gr2 import _gr2
 from gr2.decoding._setup import (
+    MAX_REASONING_TOKENS,
     add_rerank_rows,
     as_candidates,
     completion_length,
@@ -83,20 +85,16 @@ class RerankLogitsProcessor(LogitsProcessor):
         max_reasoning_tokens: int = 128,
         eos_token_id: int | None = None,
     ):
-        from gr2.decoding.decode import _reasoning_mode
+        from gr2.decoding.decode import MAX_SEQUENCES, _reasoning_mode
 
-        self.tokenizer = tokenizer
+        self.mode = _reasoning_mode(reasoning)
+        self.max_reasoning_tokens = checks.whole("max_reasoning_tokens", max_reasoning_tokens, 0, MAX_REASONING_TOKENS)
+        self.num_beams = checks.whole("num_beams", num_beams, 1, MAX_SEQUENCES)
+        self.tokenizer = checks.tokenizer(tokenizer)
         self.candidates = as_candidates(candidates)
         self.sid_tokens = resolve_sid_tokens(tokenizer, index, sid_tokens)
         self.codes = candidate_codes(index, self.candidates, self.sid_tokens.levels)
         self.eos = eos_id(tokenizer, eos_token_id)
-        self.mode = _reasoning_mode(reasoning)
-        if max_reasoning_tokens < 0:
-            raise InvalidInputError("max_reasoning_tokens must be >= 0")
-        self.max_reasoning_tokens = int(max_reasoning_tokens)
-        if num_beams < 1:
-            raise InvalidInputError("num_beams must be >= 1")
-        self.num_beams = int(num_beams)
         self._batch: Any = None
         self._prompt_len = 0
         self._rows_per_prompt = 1
