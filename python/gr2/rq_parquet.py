@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -144,6 +145,17 @@ def _batches(pf: pq.ParquetFile, columns: list[str], chunk_rows: int) -> Iterato
     for batch in pf.iter_batches(batch_size=chunk_rows, columns=columns, use_threads=True):
         yield start, batch
         start += batch.num_rows
+
+
+def _prefetched(items: Iterator) -> Iterator:
+    """``items``, each read in a background thread while the caller works on the one before:
+    Parquet decoding and the Rust encoder both release the GIL, so reading overlaps encoding.
+    At most two batches are in memory."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gr2-parquet-read") as pool:
+        future = pool.submit(next, items, None)
+        while (item := future.result()) is not None:
+            future = pool.submit(next, items, None)
+            yield item
 
 
 # -- duplicate ids -----------------------------------------------------------------------------
@@ -332,7 +344,7 @@ def encode_parquet(
     keys = _Keys(n)
     with _atomic_parquet(output_path, schema) as writer, \
             tqdm(total=n, unit="item", desc="rq encode", disable=not progress) as bar:
-        for start, batch in _batches(pf, [id_column, column], chunk_rows):
+        for start, batch in _prefetched(_batches(pf, [id_column, column], chunk_rows)):
             ids = _id_chunk(batch.column(id_column), input_path, id_column, start)
             keys.add(_id_keys(ids))
             x = _embedding_chunk(batch.column(column), input_path, column, start, width)
@@ -379,7 +391,7 @@ def sids_parquet(
     seen = _Keys(n)
     with _atomic_parquet(output_path, schema) as writer, \
             tqdm(total=n, unit="item", desc="sid lookup", disable=not progress) as bar:
-        for start, batch in _batches(pf, [id_column], chunk_rows):
+        for start, batch in _prefetched(_batches(pf, [id_column], chunk_rows)):
             ids = _id_chunk(batch.column(0), input_path, id_column, start)
             seen.add(_id_keys(ids))
             item_keys = _index_keys(ids, input_path, id_column, start) if keys is None else keys(ids, input_path, start)
