@@ -226,6 +226,43 @@ def test_bad_input_is_a_typed_error_and_leaves_the_output_alone(tmp_path, make):
     assert _leftovers(out.parent) == [] and sorted(p.name for p in out.parent.iterdir()) == ["codes.parquet"]
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(2, 90),
+    bad=st.lists(st.tuples(st.sampled_from(["nan", "inf", "dup"]), st.integers(0, 10**6)), min_size=1, max_size=4),
+    chunk_rows=st.integers(1, 40),
+    row_group=st.integers(1, 40),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_bad_rows_name_the_first_one(tmp_path, n, bad, chunk_rows, row_group, seed):
+    """NaN/inf/duplicate ids planted at random rows: the error names the first row the file
+    cannot be encoded at (non-finite rows are found while streaming, duplicates after the pass)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, D)).astype(np.float32)
+    ids = rng.permutation(n).astype(np.int64)
+    nonfinite, repeats = [], []
+    for kind, where in bad:
+        row = where % n
+        if kind == "dup":
+            row = max(row, 1)
+            ids[row] = ids[rng.integers(0, row)]
+        else:
+            x[row, where % D] = np.nan if kind == "nan" else np.inf
+            nonfinite.append(row)
+    seen: set[int] = set()
+    for row, item in enumerate(ids):
+        if int(item) in seen:
+            repeats.append(row)
+        seen.add(int(item))
+    src = _write(tmp_path / f"bad-{seed}.parquet", ids, x, row_group_size=row_group)
+    out = tmp_path / f"out-{seed}.parquet"
+    with pytest.raises(InvalidInputError) as info:
+        encode_parquet(_codebooks(), src, out, chunk_rows=chunk_rows, progress=False)
+    first = min(nonfinite) if nonfinite else min(repeats)
+    assert f"{src.name}: row {first}:" in str(info.value)
+    assert ("NaN" in str(info.value)) == bool(nonfinite) and not out.exists() and _leftovers(tmp_path) == []
+
+
 def test_failure_with_no_previous_output_leaves_nothing(tmp_path):
     src, _ = _bad_duplicate(tmp_path)
     out = tmp_path / "new" / "codes.parquet"
