@@ -342,23 +342,54 @@ def test_sids_bad_ids(tmp_path, ids, error, needles):
 # -- a run's RQ-VAE -----------------------------------------------------------------------------
 
 
-def test_run_dir_rqvae_equals_the_stage_encoder(tmp_path):
+def _tiny_run(run: Path, n: int = 30):
+    """A run directory with what `gr2 encode --run-dir` reads: data/items (catalog ids "m<i>"),
+    sid/codebooks.safetensors (an untrained tiny RQ-VAE) and sid/index.gr2sid keyed on item_idx."""
+    import datasets
     import torch
 
-    from gr2.sid.rqvae import RQVAE, RQVAEConfig, codebooks_array, encode_latent
+    from gr2.sid.rqvae import RQVAE, RQVAEConfig
     from gr2.sid.stage import _save_codebooks
 
     config = RQVAEConfig(levels=2, codebook_size=8, latent_dim=4, hidden_dims=[16], random_last_level=False)
     torch.manual_seed(0)
     model = RQVAE(12, config).eval()
-    _save_codebooks(tmp_path / "run" / "sid" / "codebooks.safetensors", model, config, 0)
-    x = np.random.default_rng(7).standard_normal((90, 12)).astype(np.float32)
-    src = _write(tmp_path / "items.parquet", np.arange(90), x, row_group_size=40)
-    transform = RQVAETransform.from_run_dir(tmp_path / "run")
-    out = encode_parquet(transform.codebooks, src, tmp_path / "codes.parquet", chunk_rows=32, progress=False,
-                         transform=transform, input_dim=transform.input_dim)
+    _save_codebooks(run / "sid" / "codebooks.safetensors", model, config, 0)
+    datasets.Dataset.from_dict({"item_idx": list(range(n)), "item_id": [f"m{i}" for i in range(n)]}).save_to_disk(
+        str(run / "data" / "items"))
+    codes = np.random.default_rng(8).integers(0, 8, size=(n, 2), dtype=np.uint16)
+    index = gr2.SidIndex.build(np.arange(n, dtype=np.uint64), codes, codebook_size=8)
+    index.save(str(run / "sid" / "index.gr2sid"))
+    return model, index
+
+
+def test_run_dir_codes_and_catalog_sids(tmp_path, capsys):
+    from gr2.sid.rqvae import codebooks_array, encode_latent
+
+    run = tmp_path / "run"
+    model, index = _tiny_run(run)
+    x = np.random.default_rng(7).standard_normal((30, 12)).astype(np.float32)
+    order = np.random.default_rng(9).permutation(30)
+    src = _write(tmp_path / "items.parquet", [f"m{i}" for i in order], x, row_group_size=11)
     expected = gr2.RQCodebooks(codebooks_array(model)).encode(encode_latent(model, x))
+    transform = RQVAETransform.from_run_dir(run)
+    out = encode_parquet(transform.codebooks, src, tmp_path / "codes.parquet", chunk_rows=8, progress=False,
+                         transform=transform, input_dim=transform.input_dim)
     np.testing.assert_array_equal(_read_codes(out), expected)
+    rc, _, _ = _cli(["--input", src, "--output", tmp_path / "cli.parquet", "--run-dir", run, "--no-progress"], capsys)
+    assert rc == 0 and pq.read_table(tmp_path / "cli.parquet").equals(pq.read_table(out))
+    # SIDs of the catalog's own ids: "m<i>" -> item_idx i -> the run's index
+    rc, _, _ = _cli(["--input", src, "--output", tmp_path / "sids.parquet", "--run-dir", run, "--index",
+                     "--chunk-rows", 7, "--no-progress"], capsys)
+    assert rc == 0
+    np.testing.assert_array_equal(_read_codes(tmp_path / "sids.parquet", "sid"), index.sids(order.astype(np.uint64)))
+    pq.write_table(pa.table({"item_id": ["m1", "m2", "zz"]}), tmp_path / "unknown.parquet")
+    rc, _, err = _cli(["--input", tmp_path / "unknown.parquet", "--output", tmp_path / "u.parquet", "--run-dir", run,
+                       "--index", "--no-progress"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "unknown.parquet: row 2: id 'zz' is not in the catalog" in err
+    wide = _write(tmp_path / "wide.parquet", np.arange(5), np.zeros((5, 8), np.float32))
+    rc, _, err = _cli(["--input", wide, "--output", tmp_path / "w.parquet", "--run-dir", run, "--no-progress"], capsys)
+    assert rc == 2 and "expected 12" in err and not (tmp_path / "w.parquet").exists()
 
 
 # -- the CLI ---------------------------------------------------------------------------------------
