@@ -201,13 +201,23 @@ def _bad_not_parquet(tmp_path):
     return tmp_path / "items.parquet", (CorruptFileError, "items.parquet", "not a readable Parquet file")
 
 
+def _bad_damaged_page(tmp_path):
+    ids, x = _good(tmp_path, n=200)
+    src = _write(tmp_path / "damaged.parquet", ids, x, row_group_size=50)
+    offset = pq.ParquetFile(src).metadata.row_group(2).column(1).data_page_offset
+    data = bytearray(src.read_bytes())
+    data[offset:offset + 40] = b"\xff" * 40  # the page header of row group 2's embeddings (rows 100..149)
+    src.write_bytes(bytes(data))
+    return src, (CorruptFileError, "damaged.parquet: row 96:", "cannot read")
+
+
 def _bad_missing_file(tmp_path):
     return tmp_path / "absent.parquet", (Gr2IOError, "absent.parquet", "not found")
 
 
 BAD = [_bad_nan, _bad_inf, _bad_duplicate, _bad_duplicate_string, _bad_width_fixed, _bad_width_row, _bad_null_row,
        _bad_missing_column, _bad_missing_id, _bad_non_numeric, _bad_not_a_list, _bad_float_ids, _bad_not_parquet,
-       _bad_missing_file]
+       _bad_missing_file, _bad_damaged_page]
 
 
 @pytest.mark.parametrize("make", BAD, ids=[f.__name__[5:] for f in BAD])
@@ -219,7 +229,7 @@ def test_bad_input_is_a_typed_error_and_leaves_the_output_alone(tmp_path, make):
     with pytest.raises(error) as info:
         encode_parquet(_codebooks(), src, out, chunk_rows=16, progress=False)
     message = str(info.value)
-    assert isinstance(info.value, Gr2Error) and src.name in message
+    assert isinstance(info.value, Gr2Error) and src.name in message and "\n" not in message
     for needle in needles:
         assert needle in message, message
     assert out.read_bytes() == b"the previous output"

@@ -7,8 +7,9 @@
 one uint16 column per level (``code_0`` .. ``code_{L-1}``) to the output. :func:`sids_parquet`
 writes the SIDs a :class:`gr2.SidIndex` holds for the ids of a table instead (``sid_0`` ..).
 
-Memory is one batch plus 8 bytes per row: the id of every row is kept (as a 64-bit key; strings
-are hashed) so that a duplicate id anywhere in the file is found. The output is written to a
+Memory is two batches (the next is read while one is encoded) plus 8 bytes per row, 16 during
+the final check: the id of every row is kept (as a 64-bit key; strings are hashed) so that a
+duplicate id anywhere in the file is found. The output is written to a
 temporary file in its own folder (``.{name}.tmp-{pid}-{random}``, the naming of
 :mod:`gr2.rq`, so a killed run's leftovers are removed by the next), fsynced and renamed into
 place only when every row passed: on any error nothing is left behind and an existing output is
@@ -49,6 +50,11 @@ _ROWS_PER_GROUP = 16
 # -- input -----------------------------------------------------------------------------------
 
 
+def _oneline(e: BaseException) -> str:
+    """pyarrow's messages may span lines; the CLI's error is one line."""
+    return " ".join(str(e).split())
+
+
 def _open_parquet(path: Path) -> pq.ParquetFile:
     if path.is_dir():
         raise Gr2IOError(f"{path} is a directory; name one Parquet file")
@@ -60,7 +66,7 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
     except FileNotFoundError as e:
         raise Gr2IOError(f"input file not found: {path}") from e
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:  # bad magic, truncated footer
-        raise CorruptFileError(f"{path} is not a readable Parquet file: {e}") from e
+        raise CorruptFileError(f"{path} is not a readable Parquet file: {_oneline(e)}") from e
     except OSError as e:
         raise Gr2IOError(f"cannot read {path}: {e}") from e
 
@@ -142,10 +148,19 @@ def _id_keys(ids: pa.Array) -> np.ndarray:
     return pd.util.hash_array(ids.to_numpy(zero_copy_only=False), categorize=False)
 
 
-def _batches(pf: pq.ParquetFile, columns: list[str], chunk_rows: int) -> Iterator[tuple[int, pa.RecordBatch]]:
-    """(row of the batch's first row in the file, batch), in file order."""
+def _batches(pf: pq.ParquetFile, path: Path, columns: list[str], chunk_rows: int) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """(row of the batch's first row in the file, batch), in file order. A page that cannot be
+    read or decoded (a file damaged after its footer was written) is a CorruptFileError, not a
+    bare pyarrow error."""
     start = 0
-    for batch in pf.iter_batches(batch_size=chunk_rows, columns=columns, use_threads=True):
+    batches = pf.iter_batches(batch_size=chunk_rows, columns=columns, use_threads=True)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:
+            raise CorruptFileError(f"{path}: row {start}: cannot read the batch of rows starting here: {_oneline(e)}") from e
+        if batch is None:
+            return
         yield start, batch
         start += batch.num_rows
 
@@ -196,7 +211,7 @@ class _Keys:
 def _ids_at(pf: pq.ParquetFile, path: Path, id_column: str, rows: np.ndarray, chunk_rows: int) -> dict[int, object]:
     wanted = np.sort(rows)
     found: dict[int, object] = {}
-    for start, batch in _batches(pf, [id_column], chunk_rows):
+    for start, batch in _batches(pf, path, [id_column], chunk_rows):
         lo, hi = np.searchsorted(wanted, [start, start + batch.num_rows])
         if lo == hi:
             continue
@@ -319,7 +334,7 @@ def encode_parquet(
     The output holds ``id_column`` (same type; integer or string ids) and uint16 columns
     ``code_0`` .. ``code_{L-1}``, rows in input order. The codes equal
     ``codebooks.encode(embeddings.astype(np.float32), beam)`` of the whole table, whatever
-    ``chunk_rows`` (rows per batch; a batch also ends at a row group boundary).
+    ``chunk_rows`` (rows per batch, read across row group boundaries).
 
     ``transform`` maps each float32 (n, input_dim) batch to the (n, codebooks.dim) vectors the
     codebooks quantise (the sid stage's RQ-VAE encoder, :func:`rqvae_transform`); without it the
@@ -347,7 +362,7 @@ def encode_parquet(
     keys = _Keys(n)
     with _atomic_parquet(output_path, schema) as writer, \
             tqdm(total=n, unit="item", desc="rq encode", disable=not progress) as bar:
-        for start, batch in _prefetched(_batches(pf, [id_column, column], chunk_rows)):
+        for start, batch in _prefetched(_batches(pf, input_path, [id_column, column], chunk_rows)):
             ids = _id_chunk(batch.column(id_column), input_path, id_column, start)
             keys.add(_id_keys(ids))
             x = _embedding_chunk(batch.column(column), input_path, column, start, width)
@@ -394,7 +409,7 @@ def sids_parquet(
     seen = _Keys(n)
     with _atomic_parquet(output_path, schema) as writer, \
             tqdm(total=n, unit="item", desc="sid lookup", disable=not progress) as bar:
-        for start, batch in _prefetched(_batches(pf, [id_column], chunk_rows)):
+        for start, batch in _prefetched(_batches(pf, input_path, [id_column], chunk_rows)):
             ids = _id_chunk(batch.column(0), input_path, id_column, start)
             seen.add(_id_keys(ids))
             item_keys = _index_keys(ids, input_path, id_column, start) if keys is None else keys(ids, input_path, start)
