@@ -299,6 +299,25 @@ def test_bad_output_paths_and_arguments(tmp_path):
     assert not (tmp_path / "o.parquet").exists() and src.read_bytes()[:4] == b"PAR1"
 
 
+def test_unwritable_output_is_a_gr2_io_error(tmp_path, monkeypatch):
+    ids, x = _good(tmp_path)
+    src = _write(tmp_path / "items.parquet", ids, x)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(Gr2IOError, match="cannot create"):
+        encode_parquet(_codebooks(), src, tmp_path / "file" / "codes.parquet", progress=False)
+    out = tmp_path / "out" / "codes.parquet"
+    out.parent.mkdir()
+    out.write_bytes(b"old")
+
+    def disk_full(self, table, row_group_size=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", disk_full)
+    with pytest.raises(Gr2IOError, match="codes.parquet: cannot write the output: .*No space left"):
+        encode_parquet(_codebooks(), src, out, chunk_rows=16, progress=False)
+    assert out.read_bytes() == b"old" and _leftovers(out.parent) == []
+
+
 def test_success_replaces_an_existing_output_and_progress_can_be_off(tmp_path, capsys):
     ids, x = _good(tmp_path)
     src = _write(tmp_path / "items.parquet", ids, x)

@@ -277,22 +277,64 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-@contextlib.contextmanager
-def _atomic_parquet(output_path: Path, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
-    """A ParquetWriter on a locked temporary file next to ``output_path``, renamed over it only
-    when the body returns; removed on any exception, so a reader never sees a partial file."""
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_files(output_path)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(output_path)}{os.getpid()}-", dir=output_path.parent)
+class _Output:
+    """The ParquetWriter of the temporary file; a failed write (a full disk, say) is a Gr2IOError
+    naming the output, not a bare OSError or pyarrow error."""
+
+    def __init__(self, tmp: str, schema: pa.Schema, output_path: Path):
+        self.output_path = output_path
+        self.writer = self._io("create", lambda: pq.ParquetWriter(tmp, schema))
+
+    def _io(self, what: str, action: Callable):
+        try:
+            return action()
+        except (OSError, pa.ArrowException) as e:
+            raise Gr2IOError(f"{self.output_path}: cannot {what} the output: {_oneline(e)}") from e
+
+    def write(self, table: pa.Table) -> None:
+        self._io("write", lambda: self.writer.write_table(table))
+
+    def close(self) -> None:
+        self._io("finish", self.writer.close)
+
+
+def _temp_file(output_path: Path) -> tuple[int, str]:
+    try:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(output_path)
+        fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(output_path)}{os.getpid()}-", dir=output_path.parent)
+    except OSError as e:
+        raise Gr2IOError(f"cannot create {output_path}: {_oneline(e)}") from e
     if fcntl is not None:
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # tells gr2.rq's clean-up a writer is alive
+    return fd, tmp
+
+
+def _commit(fd: int, tmp: str, output_path: Path) -> None:
     try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            yield writer
         os.fsync(fd)  # the same file: the data is on disk before the name points at it
         os.replace(tmp, output_path)
-        _fsync_dir(output_path.parent)  # so the rename itself survives a crash
+    except OSError as e:
+        raise Gr2IOError(f"cannot write {output_path}: {_oneline(e)}") from e
+    _fsync_dir(output_path.parent)  # so the rename itself survives a crash
+
+
+@contextlib.contextmanager
+def _atomic_parquet(output_path: Path, schema: pa.Schema) -> Iterator[_Output]:
+    """An :class:`_Output` on a locked temporary file next to ``output_path``, renamed over it
+    only when the body returns; removed on any exception, so a reader never sees a partial file."""
+    fd, tmp = _temp_file(output_path)
+    try:
+        out = _Output(tmp, schema, output_path)
+        try:
+            yield out
+        except BaseException:
+            with contextlib.suppress(Exception):  # the body's error is the one to report
+                out.writer.close()
+            raise
+        out.close()
+        _commit(fd, tmp, output_path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -367,7 +409,7 @@ def encode_parquet(
             keys.add(_id_keys(ids))
             x = _embedding_chunk(batch.column(column), input_path, column, start, width)
             codes = _encode(cb, x if transform is None else transform(x), beam, input_path, start)
-            writer.write_table(_table(schema, ids, codes))
+            writer.write(_table(schema, ids, codes))
             bar.update(batch.num_rows)
         _raise_duplicates(keys, pf, input_path, id_column, chunk_rows)
     return output_path
@@ -413,7 +455,7 @@ def sids_parquet(
             ids = _id_chunk(batch.column(0), input_path, id_column, start)
             seen.add(_id_keys(ids))
             item_keys = _index_keys(ids, input_path, id_column, start) if keys is None else keys(ids, input_path, start)
-            writer.write_table(_table(schema, ids, _lookup(index, item_keys, ids, input_path, start)))
+            writer.write(_table(schema, ids, _lookup(index, item_keys, ids, input_path, start)))
             bar.update(batch.num_rows)
         _raise_duplicates(seen, pf, input_path, id_column, chunk_rows)
     return output_path
