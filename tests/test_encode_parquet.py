@@ -299,6 +299,19 @@ def test_bad_output_paths_and_arguments(tmp_path):
     assert not (tmp_path / "o.parquet").exists() and src.read_bytes()[:4] == b"PAR1"
 
 
+def test_a_killed_run_s_temporary_file_is_removed_by_the_next(tmp_path):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid no longer exists: the temporary file below is a killed writer's
+    stale = tmp_path / f".codes.parquet.tmp-{dead.pid}-abc123"
+    stale.write_bytes(b"half a file")
+    ids, x = _good(tmp_path)
+    src = _write(tmp_path / "items.parquet", ids, x)
+    encode_parquet(_codebooks(), src, tmp_path / "codes.parquet", progress=False)
+    assert not stale.exists() and _leftovers(tmp_path) == []
+
+
 def test_unwritable_output_is_a_gr2_io_error(tmp_path, monkeypatch):
     ids, x = _good(tmp_path)
     src = _write(tmp_path / "items.parquet", ids, x)
@@ -403,7 +416,7 @@ def test_run_dir_codes_and_catalog_sids(tmp_path, capsys):
     expected = gr2.RQCodebooks(codebooks_array(model)).encode(encode_latent(model, x))
     transform = RQVAETransform.from_run_dir(run)
     out = encode_parquet(transform.codebooks, src, tmp_path / "codes.parquet", chunk_rows=8, progress=False,
-                         transform=transform, input_dim=transform.input_dim)
+                         transform=transform)
     np.testing.assert_array_equal(_read_codes(out), expected)
     rc, _, _ = _cli(["--input", src, "--output", tmp_path / "cli.parquet", "--run-dir", run, "--no-progress"], capsys)
     assert rc == 0 and pq.read_table(tmp_path / "cli.parquet").equals(pq.read_table(out))

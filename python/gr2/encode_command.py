@@ -86,7 +86,6 @@ def _codes(args: argparse.Namespace) -> Path:
     return encode_parquet(
         codebooks, args.input, args.output, column=args.column, id_column=args.id_column,
         chunk_rows=args.chunk_rows, beam=args.beam, progress=not args.no_progress, transform=transform,
-        input_dim=None if transform is None else transform.input_dim,
     )
 
 

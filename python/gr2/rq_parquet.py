@@ -379,8 +379,9 @@ def encode_parquet(
     ``chunk_rows`` (rows per batch, read across row group boundaries).
 
     ``transform`` maps each float32 (n, input_dim) batch to the (n, codebooks.dim) vectors the
-    codebooks quantise (the sid stage's RQ-VAE encoder, :func:`rqvae_transform`); without it the
-    embeddings are encoded as they are and ``input_dim`` defaults to ``codebooks.dim``.
+    codebooks quantise (the sid stage's RQ-VAE encoder, :class:`RQVAETransform`); without it the
+    embeddings are encoded as they are. ``input_dim`` (the width every row must have) defaults to
+    ``transform.input_dim`` when the transform has one, else ``codebooks.dim``.
 
     Raises Gr2IOError (missing or unreadable input), CorruptFileError (not a Parquet file),
     DataError (missing column, non-list or non-numeric embeddings, float ids) and
@@ -390,7 +391,7 @@ def encode_parquet(
     cb = _as_codebooks(codebooks)
     chunk_rows = _check_chunk_rows(chunk_rows)
     cb.encode(np.zeros((0, cb.dim), np.float32), beam=beam)  # checks beam before any work
-    width = cb.dim if input_dim is None else int(input_dim)
+    width = int(input_dim) if input_dim is not None else int(getattr(transform, "input_dim", cb.dim))
     input_path, output_path = _check_paths(input_path, output_path)
     pf = _open_parquet(input_path)
     id_field = _field(pf, input_path, id_column, "id")
