@@ -294,6 +294,8 @@ def test_bad_output_paths_and_arguments(tmp_path):
     for bad in (0, -1, 2.5, True):
         with pytest.raises(InvalidInputError, match="chunk_rows"):
             encode_parquet(_codebooks(), src, tmp_path / "o.parquet", chunk_rows=bad, progress=False)
+    with pytest.raises(InvalidInputError, match="both 'item_id'"):
+        encode_parquet(_codebooks(), src, tmp_path / "o.parquet", column="item_id", progress=False)
     with pytest.raises(InvalidInputError, match="beam"):
         encode_parquet(_codebooks(), src, tmp_path / "o.parquet", beam=0, progress=False)
     assert not (tmp_path / "o.parquet").exists() and src.read_bytes()[:4] == b"PAR1"

@@ -383,15 +383,18 @@ def encode_parquet(
     embeddings are encoded as they are. ``input_dim`` (the width every row must have) defaults to
     ``transform.input_dim`` when the transform has one, else ``codebooks.dim``.
 
-    Raises Gr2IOError (missing or unreadable input), CorruptFileError (not a Parquet file),
-    DataError (missing column, non-list or non-numeric embeddings, float ids) and
-    InvalidInputError (a row of the wrong width, a null, NaN/inf, a duplicate id, a bad
-    argument, an output path that is a directory or the input), each naming file, row and reason.
+    Raises Gr2IOError (missing or unreadable input, an output that cannot be written),
+    CorruptFileError (not a Parquet file, a damaged page), DataError (missing column, non-list or
+    non-numeric embeddings, float ids) and InvalidInputError (a row of the wrong width, a null,
+    NaN/inf, a duplicate id, a bad argument, an output path that is a directory or the input),
+    each naming file, row and reason.
     """
     cb = _as_codebooks(codebooks)
     chunk_rows = _check_chunk_rows(chunk_rows)
     cb.encode(np.zeros((0, cb.dim), np.float32), beam=beam)  # checks beam before any work
     width = int(input_dim) if input_dim is not None else int(getattr(transform, "input_dim", cb.dim))
+    if column == id_column:
+        raise InvalidInputError(f"the embedding column and the id column are both {column!r}; name two columns")
     input_path, output_path = _check_paths(input_path, output_path)
     pf = _open_parquet(input_path)
     id_field = _field(pf, input_path, id_column, "id")
