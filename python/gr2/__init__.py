@@ -42,6 +42,8 @@ __all__ = [
     "RQCodebooks",
     "SidIndex",
     "encode_npy",
+    "encode_parquet",
+    "sids_parquet",
     "SidTokens",
     "add_sid_tokens",
     "sid_to_text",
@@ -57,7 +59,9 @@ __all__ = [
 ]
 
 
-_LAZY = {  # heavy (torch, transformers): imported on first use, so `import gr2` stays fast
+_LAZY = {  # heavy (torch, transformers, pyarrow): imported on first use, so `import gr2` stays fast
+    "encode_parquet": "gr2.rq_parquet",
+    "sids_parquet": "gr2.rq_parquet",
     "constrained_decode": "gr2.decoding",
     "catalog_decode": "gr2.decoding",
     "RerankResult": "gr2.decoding",

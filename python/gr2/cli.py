@@ -1,7 +1,8 @@
 """The ``gr2`` command line: one subcommand per pipeline stage, plus ``run`` for all of them.
 
-The subcommands come from the one stage registry (:mod:`gr2.stages`), which gives each the same
-``--run-dir/--config/--set/--force`` flags. Only the module of the chosen subcommand is imported,
+The stage subcommands come from the one stage registry (:mod:`gr2.stages`), which gives each the
+same ``--run-dir/--config/--set/--force`` flags; ``encode`` (Parquet embeddings -> codes or SIDs,
+:mod:`gr2.encode_command`) is a tool, not a stage. Only the module of the chosen subcommand is imported,
 so ``gr2 --help`` stays fast.
 """
 
@@ -16,6 +17,7 @@ from gr2.errors import Gr2Error
 from gr2.stages import STAGES
 
 RUN_HELP = "run every stage (data ... eval) from a preset or config and write the report"
+ENCODE_HELP = "encode a Parquet item table (id + embedding columns) into RQ codes, or look up its SIDs"
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -27,6 +29,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from gr2 import pipeline
 
         pipeline.add_arguments(run_parser)
+    encode_parser = sub.add_parser("encode", help=ENCODE_HELP, description=ENCODE_HELP)
+    if command == "encode":  # not a stage: no stage.json, no config; its module imports pyarrow
+        from gr2 import encode_command
+
+        encode_command.add_arguments(encode_parser)
     for name, stage in STAGES.items():
         stage_parser = sub.add_parser(name, help=stage.help, description=stage.help)
         if name == command:
@@ -55,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             from gr2 import pipeline
 
             return int(pipeline.main(args) or 0)
+        if args.command == "encode":
+            from gr2 import encode_command
+
+            return encode_command.main(args)
         return stages.main(STAGES[args.command], args)
     except Gr2Error as e:
         print(f"gr2 {args.command}: error: {e}", file=sys.stderr)

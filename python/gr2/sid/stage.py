@@ -267,16 +267,25 @@ def _run_sid(run_dir: str | Path, config: SidConfig, key: str, progress: bool) -
 def load_rqvae(run_dir: str | Path) -> tuple[Any, RQVAEConfig, int, np.ndarray]:
     """(model, RQVAEConfig, assign_seed, codebooks) as the sid stage saved them in
     ``<run_dir>/sid/codebooks.safetensors``: enough to encode new items exactly as the stage did."""
-    from safetensors import safe_open
+    path = Path(run_dir) / "sid" / "codebooks.safetensors"
+    if not path.exists():
+        raise DataError(f"{path} does not exist; run the sid stage first (`gr2 sid --run-dir {run_dir}`)")
+    return load_rqvae_file(path)
+
+
+def load_rqvae_file(path: str | Path) -> tuple[Any, RQVAEConfig, int, np.ndarray]:
+    """:func:`load_rqvae` from the ``codebooks.safetensors`` file itself (e.g. copied out of a run)."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from gr2.sid.rqvae import RQVAE
 
-    path = Path(run_dir) / "sid" / "codebooks.safetensors"
-    if not path.exists():
-        raise DataError(f"{path} does not exist; run the sid stage first (`gr2 sid --run-dir {run_dir}`)")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"{path} is not a readable safetensors file: {e}") from e
     if metadata.get("format") != "gr2-rqvae-1":
         raise DataError(f"{path} is not a gr2 RQ-VAE file (format {metadata.get('format')!r})")
     config = from_dict(RQVAEConfig, json.loads(metadata["rqvae_config"]), where="rqvae_config")
