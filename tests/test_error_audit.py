@@ -44,6 +44,11 @@ def world(tmp_path_factory):
     model = make_model(len(tokenizer), 0)
     tmp = tmp_path_factory.mktemp("audit")
     np.save(tmp / "emb.npy", rng.normal(size=(6, 2)).astype(np.float32))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"item_id": pa.array(items[:6]), "embedding": pa.array(rng.normal(size=(6, 2)).tolist())}),
+                   tmp / "items.parquet")
     text = "<answer>" + "".join(gr2.sid_to_text(c) for c in codes[:3]) + "</answer>"
     return dict(tokenizer=tokenizer, sid_tokens=sid_tokens, index=index, items=items, model=model, tmp=tmp,
                 text=text, codebooks=gr2.RQCodebooks(rng.normal(size=(2, 3, 2)).astype(np.float32)))
@@ -62,6 +67,12 @@ def calls(w) -> dict[str, tuple]:
                                                     relevance=None, graded_k=None, trailers=("</s>",))),
         "encode_npy": (gr2.encode_npy, dict(codebooks=w["codebooks"], input_path=w["tmp"] / "emb.npy",
                                             output_path=w["tmp"] / "codes.npy", chunk_size=4, beam=1, progress=False)),
+        "encode_parquet": (gr2.encode_parquet, dict(codebooks=w["codebooks"], input_path=w["tmp"] / "items.parquet",
+                                                    output_path=w["tmp"] / "codes.parquet", column="embedding",
+                                                    id_column="item_id", chunk_rows=4, beam=1, progress=False)),
+        "sids_parquet": (gr2.sids_parquet, dict(index=w["index"], input_path=w["tmp"] / "items.parquet",
+                                                output_path=w["tmp"] / "sids.parquet", id_column="item_id",
+                                                chunk_rows=4, progress=False)),
         "constrained_decode": (gr2.constrained_decode, dict(**decode, candidates=cands, max_reasoning_tokens=2,
                                                             reasoning=True, do_sample=False, temperature=1.0, top_p=1.0,
                                                             num_beams=1, num_return_sequences=1, seed=0)),
@@ -86,7 +97,7 @@ def _outcome(fn, kwargs) -> str | None:
 
 
 AUDITED = ("sid_to_text", "add_sid_tokens", "verify_rewards", "encode_npy", "constrained_decode", "catalog_decode",
-           "RerankLogitsProcessor")
+           "RerankLogitsProcessor", "encode_parquet", "sids_parquet")
 # Audited elsewhere: the Rust-backed classes (tests/test_index_rq_fuzz.py, tests/test_no_panics.py);
 # results and vocabularies are plain dataclasses a user receives rather than builds.
 COVERED_ELSEWHERE = ("SidIndex", "RQCodebooks", "TokenMap", "SidTrie", "ConstraintBatch", "SidTokens", "RerankResult",
@@ -112,7 +123,7 @@ def test_public_functions_raise_only_gr2_errors(world, name, monkeypatch):
             if (problem := _outcome(fn, {**good, arg: value})) is not None:
                 offenders.append(f"{name}({arg}={label}): {problem}")
     directory = world["tmp"]
-    for arg in ("input_path", "output_path") if name == "encode_npy" else ():
+    for arg in ("input_path", "output_path") if name in ("encode_npy", "encode_parquet", "sids_parquet") else ():
         if (problem := _outcome(fn, {**good, arg: directory})) is not None:
             offenders.append(f"{name}({arg}=a directory): {problem}")
     assert not offenders, "\n".join(offenders)
@@ -156,4 +167,34 @@ def test_every_subcommand_turns_bad_paths_and_settings_into_one_line(tmp_path, c
         rc, err = _cli([command, *preset, *args, *extra])
         if rc != 2 or len(err) != 1 or "Traceback" in "\n".join(err):
             offenders.append(f"gr2 {command} ({label}): exit {rc}, stderr {err[-3:]}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_encode_turns_bad_paths_and_settings_into_one_line(world, tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "binary.parquet").write_bytes(b"\x00\x01\xff" * 10)
+    good_in, codebooks = world["tmp"] / "items.parquet", tmp_path / "codebooks.npy"
+    np.save(codebooks, np.zeros((2, 3, 2), np.float32))
+    out = ["--output", str(tmp_path / "o.parquet")]
+    base = ["--input", str(good_in), *out, "--codebooks", str(codebooks), "--no-progress"]
+    cases = {
+        "input missing": ["--input", str(tmp_path / "nope.parquet"), *base[2:]],
+        "input is a directory": ["--input", str(tmp_path), *base[2:]],
+        "input is not Parquet": ["--input", str(tmp_path / "binary.parquet"), *base[2:]],
+        "output is a directory": [*base[:2], "--output", str(tmp_path), *base[4:]],
+        "output under a file": [*base[:2], "--output", str(tmp_path / "file" / "o.parquet"), *base[4:]],
+        "codebooks missing": [*base[:4], "--codebooks", str(tmp_path / "nope.npy")],
+        "codebooks not numpy": [*base[:4], "--codebooks", str(tmp_path / "file")],
+        "no codebooks": base[:4],
+        "run dir is a file": [*base[:4], "--run-dir", str(tmp_path / "file")],
+        "unknown column": [*base, "--column", "nope"],
+        "chunk rows 0": [*base, "--chunk-rows", "0"],
+        "chunk rows huge": [*base, "--chunk-rows", str(2**70)],
+        "beam 0": [*base, "--beam", "0"],
+    }
+    offenders = []
+    for label, args in cases.items():
+        rc, err = _cli(["encode", *args])
+        if rc != 2 or len(err) != 1 or "Traceback" in "\n".join(err):
+            offenders.append(f"gr2 encode ({label}): exit {rc}, stderr {err[-3:]}")
     assert not offenders, "\n".join(offenders)

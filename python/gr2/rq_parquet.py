@@ -24,13 +24,14 @@ import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from gr2 import _checks as checks
 from gr2._gr2 import RQCodebooks, SidIndex
 from gr2.errors import CorruptFileError, DataError, Gr2IOError, InvalidInputError, UnknownItemError
 from gr2.rq import _as_codebooks, _remove_stale_temp_files, _same_file, _temp_prefix
@@ -41,6 +42,8 @@ except ImportError:  # not POSIX: no lock on the temporary file (gr2.rq then rem
     fcntl = None  # type: ignore[assignment]
 
 DEFAULT_CHUNK_ROWS = 65_536
+# pyarrow takes the batch size as a C long; a batch past this is a typo, not a plan.
+MAX_CHUNK_ROWS = 2**31 - 1
 # Groups of equal id keys whose rows one extra pass over the id column compares by value; more
 # only when every group of a block was a hash collision of distinct string ids.
 _DUPLICATE_GROUPS_PER_PASS = 1024
@@ -262,10 +265,13 @@ def _check_paths(input_path, output_path) -> tuple[Path, Path]:
     return input_path, output_path
 
 
-def _check_chunk_rows(chunk_rows) -> int:
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
-        raise InvalidInputError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
-    return int(chunk_rows)
+def _check_options(chunk_rows: Any, progress: Any, **columns: Any) -> int:
+    """The batch size as an int; column names must be non-empty strings, progress a bool."""
+    for arg, name in columns.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidInputError(f"{arg} must be a column name (a non-empty str), got {name!r:.60}")
+    checks.flag("progress", progress)
+    return checks.whole("chunk_rows", chunk_rows, 1, MAX_CHUNK_ROWS)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -390,7 +396,7 @@ def encode_parquet(
     each naming file, row and reason.
     """
     cb = _as_codebooks(codebooks)
-    chunk_rows = _check_chunk_rows(chunk_rows)
+    chunk_rows = _check_options(chunk_rows, progress, column=column, id_column=id_column)
     cb.encode(np.zeros((0, cb.dim), np.float32), beam=beam)  # checks beam before any work
     width = int(input_dim) if input_dim is not None else int(getattr(transform, "input_dim", cb.dim))
     if column == id_column:
@@ -445,7 +451,9 @@ def sids_parquet(
     Errors as for :func:`encode_parquet`, plus UnknownItemError for an id the index lacks and
     InvalidInputError for a negative id, each naming file and row.
     """
-    chunk_rows = _check_chunk_rows(chunk_rows)
+    chunk_rows = _check_options(chunk_rows, progress, id_column=id_column)
+    if not isinstance(index, SidIndex):
+        raise InvalidInputError(f"index must be a gr2.SidIndex (gr2.SidIndex.load(path)), got {type(index).__name__}")
     input_path, output_path = _check_paths(input_path, output_path)
     pf = _open_parquet(input_path)
     id_field = _field(pf, input_path, id_column, "id")
