@@ -57,6 +57,38 @@ class World:
         torch.manual_seed(0)
         LlamaForCausalLM(cfg).save_pretrained(self.model_dir)  # weights too: the engine test loads them
 
+    def parse_ranking(self, ids: list[int]) -> list[int]:
+        """Plain-Python reading of a completion's answer: the item of every SID between the answer tags."""
+        st = self.sid_tokens
+        code_of = {int(st.code_ids[lvl, c]): (lvl, c) for lvl in range(st.levels) for c in range(st.level_sizes[lvl])}
+        start = ids.index(st.answer_open) + 1
+        end = ids.index(st.answer_close)
+        assert ids[end + 1] == self.eos
+        body, items, i = ids[start:end], [], 0
+        while i < len(body):
+            assert body[i] == st.sid_begin and body[i + st.levels + 1] == st.sid_end, body
+            codes = [code_of[t] for t in body[i + 1:i + 1 + st.levels]]
+            assert [lvl for lvl, _ in codes] == list(range(st.levels))
+            sid = np.array([[c for _, c in codes]], dtype=np.uint16)
+            items.append(int(self.index.items(sid)[0]))
+            i += st.levels + 2
+        return items
+
+    def check_completion(self, spec: dict, ids: list[int]) -> None:
+        """``ids`` (a completion ending in EOS) ranks exactly ``spec``'s candidates, for the
+        plain-Python parser and for gr2.verify_rewards on token ids (``in_think`` completions start
+        inside the think span the prompt opened, so ``<think>`` is prepended first)."""
+        import gr2
+
+        cands = [int(c) for c in spec["candidates"]]
+        text_ids = ([self.sid_tokens.think_open] if spec.get("reasoning") == "in_think" else []) + list(ids)
+        got = self.parse_ranking(text_ids)
+        assert sorted(got) == sorted(cands), (got, cands)
+        res = gr2.verify_rewards([text_ids], [np.asarray(cands, dtype=np.uint64)], [cands[0]], index=self.index,
+                                 sid_tokens=self.sid_tokens, trailer_ids=[self.eos])
+        assert res.valid.all()
+        assert [int(x) for x in res.ranking[0][:len(cands)]] == got
+
     def vllm_config(self):
         """A real VllmConfig over the model folder (ModelConfig reads its config.json and tokenizer)."""
         from vllm.config import ModelConfig, VllmConfig

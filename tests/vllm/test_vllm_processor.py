@@ -67,36 +67,6 @@ def finite(row: torch.Tensor) -> set[int]:
     return set(torch.isfinite(row).nonzero().view(-1).tolist())
 
 
-def parse_ranking(ids: list[int], world) -> list[int]:
-    """Plain-Python reading of a completion's answer: the item of every SID between the answer tags."""
-    st = world.sid_tokens
-    code_of = {int(world.sid_tokens.code_ids[lvl, c]): (lvl, c) for lvl in range(st.levels)
-               for c in range(world.sid_tokens.level_sizes[lvl])}
-    start = ids.index(st.answer_open) + 1
-    end = ids.index(st.answer_close)
-    assert ids[end + 1] == world.eos
-    body, items, i = ids[start:end], [], 0
-    while i < len(body):
-        assert body[i] == st.sid_begin and body[i + st.levels + 1] == st.sid_end, body
-        codes = [code_of[t] for t in body[i + 1:i + 1 + st.levels]]
-        assert [lvl for lvl, _ in codes] == list(range(st.levels))
-        sid = np.array([[c for _, c in codes]], dtype=np.uint16)
-        items.append(int(world.index.items(sid)[0]))
-        i += st.levels + 2
-    return items
-
-
-def check_completion(world, spec: dict, ids: list[int]) -> None:
-    cands = [int(c) for c in spec["candidates"]]
-    text_ids = ([world.sid_tokens.think_open] if spec.get("reasoning") == "in_think" else []) + ids
-    got = parse_ranking(text_ids, world)
-    assert sorted(got) == sorted(cands), (got, cands)
-    res = gr2.verify_rewards([text_ids], [np.asarray(cands, dtype=np.uint64)], [cands[0]], index=world.index,
-                             sid_tokens=world.sid_tokens, trailer_ids=[world.eos])
-    assert res.valid.all()
-    assert [int(x) for x in res.ranking[0][:len(cands)]] == got
-
-
 # --- requests ----------------------------------------------------------------------------------
 
 
@@ -233,7 +203,7 @@ def test_v1_persistent_batch_masks_match_the_native_automaton(world, vllm_config
             assert out[-1] == world.eos or len(out) == 6
         else:
             assert finished[rid][-1] == world.eos
-            check_completion(world, spec, finished[rid])
+            world.check_completion(spec, finished[rid])
 
 
 # --- V2: RequestState + LogitsProcRequestState + LogitsContext ----------------------------------
@@ -379,7 +349,7 @@ def test_v2_model_runner_masks_match_the_native_automaton(world, vllm_config, v2
             assert out[-1] == world.eos or len(out) == 6
         else:
             assert finished[rid][-1] == world.eos
-            check_completion(world, spec, finished[rid])
+            world.check_completion(spec, finished[rid])
 
 
 def test_v2_resumed_request_continues_from_its_partial_output(world, vllm_config, v2_buffers_on_cpu):
@@ -404,7 +374,7 @@ def test_v2_resumed_request_continues_from_its_partial_output(world, vllm_config
     assert s1 != s0 and runner.rs.req_id_to_index["other"] == s0
     while runner.outputs["p"][-1] != world.eos:
         runner.step(gen, rng)
-    check_completion(world, spec, runner.outputs["p"])
+    world.check_completion(spec, runner.outputs["p"])
 
 
 def test_v2_refuses_speculative_rows(world, vllm_config, v2_buffers_on_cpu):

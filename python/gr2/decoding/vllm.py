@@ -49,6 +49,7 @@ The request handling lives in :mod:`gr2.decoding._vllm_core` (tested without vLL
 
 from __future__ import annotations
 
+import copyreg
 from typing import Any
 
 import numpy as np
@@ -110,6 +111,20 @@ def _host(x: Any) -> np.ndarray:
     return _dense(x).cpu().numpy()
 
 
+class _ProcessorMeta(type(next(iter(_BASES.values())))):
+    """The metaclass of gr2's processor classes, so that pickle can carry one to vLLM's engine-core
+    process (a class made inside a function is not importable by name): it pickles as a call to
+    :func:`make_rerank_logits_processor` with the same arguments (SidIndex, SidTokens and a HF
+    tokenizer pickle)."""
+
+
+def _rebuild_processor(kwargs: dict) -> type:
+    return make_rerank_logits_processor(**kwargs)
+
+
+copyreg.pickle(_ProcessorMeta, lambda cls: (_rebuild_processor, (cls._gr2_factory_args,)))
+
+
 def make_rerank_logits_processor(
     sid_tokens: SidTokens,
     *,
@@ -138,8 +153,12 @@ def make_rerank_logits_processor(
     blocked = None if tokenizer is None else frozenset(
         int(t) for t in getattr(tokenizer, "all_special_ids", []) if t is not None and t != sid_tokens.think_close)
 
-    class Gr2RerankLogitsProcessor(*(_BASES[name] for name in chosen)):
+    factory_args = dict(sid_tokens=sid_tokens, eos_token_id=eos, tokenizer=tokenizer, index=index,
+                        allow_unconstrained=allow_unconstrained, interface=interface)
+
+    class Gr2RerankLogitsProcessor(*(_BASES[name] for name in chosen), metaclass=_ProcessorMeta):
         gr2_interfaces = chosen
+        _gr2_factory_args = factory_args
 
         @classmethod
         def validate_params(cls, sampling_params: Any) -> None:
