@@ -83,7 +83,7 @@ lock:
 
 # vLLM, tested against the real package in its own environment (.venv-vllm, reused like .venv): the
 # `vllm` extra of pyproject.toml at the versions of scripts/constraints-vllm.txt (vLLM pins its own
-# torch and transformers, so it never shares .venv). tests/vllm/ drives gr2's processors through
+# torch and transformers, so it never shares .venv). tests/with_vllm/ drives gr2's processors through
 # vLLM's real classes on the CPU (both logits-processor interfaces of the pinned release). The
 # Rust extension is built into that venv with one cargo job under nice (a shared box).
 VLLM_VENV ?= .venv-vllm
@@ -103,7 +103,7 @@ setup-vllm: $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
 	VIRTUAL_ENV=$(abspath $(VLLM_VENV)) $(VLLM_CARGO) $(VLLM_VENV)/bin/maturin develop --release -q
-	$(VLLM_PY) -m pytest -q -m vllm tests/vllm
+	$(VLLM_PY) -m pytest -q -m vllm tests/with_vllm
 
 # Re-resolve the `vllm` and `test` extras (vLLM's range in pyproject.toml) with `uv pip compile`
 # into $(VLLM_LOCK); review the diff, run `make test-vllm`, commit.
