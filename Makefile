@@ -1,6 +1,7 @@
 # gr2 — two commands on a fresh machine:
 #   make demo   set up (virtual environment in .venv, reused) and run the main job on MovieLens-100k
 #   make test   set up and run every test (Rust and Python)
+#   make test-vllm  the vLLM processor against the real vLLM, in its own venv (.venv-vllm)
 # Setup installs the locked versions of scripts/constraints.txt; `make lock` regenerates that file.
 SHELL := /bin/bash
 VENV ?= .venv
