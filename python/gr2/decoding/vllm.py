@@ -17,8 +17,9 @@ model runner V2 by default, V1 with ``VLLM_USE_V2_MODEL_RUNNER=0`` or a feature 
 
 The class :func:`make_rerank_logits_processor` returns derives from every interface the installed
 vLLM has (found at import, :data:`INTERFACES`), so the engine can build it either way; its
-constructor's arguments say which one it runs. Speculative decoding is refused (several rows per
-request). The tests (``tests/with_vllm/``) drive both interfaces through vLLM's own classes on the CPU
+constructor's arguments say which one it runs. It pickles (as a call to
+:func:`make_rerank_logits_processor` with the same arguments), which vLLM needs to ship it to its
+engine-core and worker processes. Speculative decoding is refused (several rows per request). The tests (``tests/with_vllm/``) drive both interfaces through vLLM's own classes on the CPU
 (``InputBatch`` and ``BatchUpdateBuilder`` for V1, ``LogitsProcRequestState`` over the runner's
 buffers for V2, real ``SamplingParams``/``VllmConfig``); the engine itself runs on a GPU only
 (``scripts/gpu_check.py`` serves through it).
