@@ -123,7 +123,7 @@ def test_v1_added_tuple_layout_is_what_the_tracker_reads(world):
 class V1Runner:
     """What vLLM's V1 GPU model runner does with the persistent batch each step, on the CPU."""
 
-    def __init__(self, world, vllm_config, proc_cls, max_num_reqs=4):
+    def __init__(self, world, vllm_config, proc_cls, max_num_reqs=4, async_scheduling=False):
         from vllm.v1.sample.logits_processor import build_logitsprocs
         from vllm.v1.sample.sampler import Sampler
         from vllm.v1.worker.gpu_input_batch import InputBatch
@@ -132,9 +132,11 @@ class V1Runner:
         self.logitsprocs = build_logitsprocs(vllm_config, CPU, False, False, [proc_cls])
         self.batch = InputBatch(max_num_reqs=max_num_reqs, max_model_len=256, max_num_batched_tokens=512,
                                 device=CPU, vocab_size=world.vocab, block_sizes=[16],
-                                max_num_blocks_per_req=[16], logitsprocs=self.logitsprocs)
+                                max_num_blocks_per_req=[16], logitsprocs=self.logitsprocs,
+                                logitsprocs_need_output_token_ids=True)  # as GPUModelRunner: bool(custom_logitsprocs)
         self.sampler = Sampler()
         self.states, self.refs = {}, {}
+        self.async_scheduling = async_scheduling
 
     def add(self, rid, spec, params, i):
         from vllm.v1.worker.gpu_input_batch import CachedRequestState
@@ -148,6 +150,9 @@ class V1Runner:
     def step(self, gen: torch.Generator) -> dict[str, int]:
         """One decode step: the processors' logits, checked row by row; returns each request's token."""
         self.batch.refresh_metadata()  # BatchUpdate -> update_state of every logits processor
+        # async scheduling: the last step's tokens are still -1 placeholders during update_state; the
+        # runner's _sample puts the real ones in just before the sampler (and the processors) run
+        self.batch.update_async_output_token_ids()
         n = self.batch.num_reqs
         logits = torch.randn(n, self.world.vocab, generator=gen)
         logits = self.sampler.apply_logits_processors(logits, self.batch.sampling_metadata, False)
@@ -156,17 +161,38 @@ class V1Runner:
             ref = self.refs[rid]
             assert finite(logits[row]) == ref.expected(), (rid, row, len(ref.out))
             tok = int(torch.argmax(logits[row]))  # greedy; vLLM's CPU argmax kernel is not in the PyPI wheel
-            self.states[rid].output_token_ids.append(tok)  # what the runner does with a sampled token
             ref.commit(tok)
             picked[rid] = tok
+        if not self.async_scheduling:
+            for rid, tok in picked.items():
+                self.states[rid].output_token_ids.append(tok)  # what the runner does with a sampled token
+        else:  # GPUModelRunner._bookkeeping_sync and sample_tokens under async scheduling
+            sampled = torch.zeros(n, 1, dtype=torch.int64)
+            for rid, row in self.batch.req_id_to_index.items():
+                sampled[row, 0] = picked[rid]
+                self.states[rid].output_token_ids.append(-1)
+            self.batch.prev_req_id_to_index = dict(self.batch.req_id_to_index)
+            self.batch.set_async_sampled_token_ids(sampled, _CopyDone())
         return picked
 
+    def output(self, rid) -> list[int]:
+        """The request's output as vLLM will report it (placeholders filled in)."""
+        return [t if t != -1 else self.refs[rid].out[i] for i, t in enumerate(self.states[rid].output_token_ids)]
 
+
+class _CopyDone:
+    """The async device-to-host copy's ready event; on the CPU the copy is already done."""
+
+    def synchronize(self):
+        pass
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_v1_persistent_batch_masks_match_the_native_automaton(world, vllm_config, seed):
+def test_v1_persistent_batch_masks_match_the_native_automaton(world, vllm_config, seed, async_scheduling):
     proc_cls = world.processor()
     assert "v1" in proc_cls.gr2_interfaces
-    runner = V1Runner(world, vllm_config, proc_cls)
+    runner = V1Runner(world, vllm_config, proc_cls, async_scheduling=async_scheduling)
     ours = [lp for lp in runner.logitsprocs.non_argmax_invariant if isinstance(lp, proc_cls)]
     assert len(ours) == 1 and ours[0].interface == "v1"
     pending = make_requests(world, seed)
@@ -191,9 +217,9 @@ def test_v1_persistent_batch_masks_match_the_native_automaton(world, vllm_config
             swaps += 1
         picked = runner.step(gen)
         for rid, tok in picked.items():
-            out = runner.states[rid].output_token_ids
+            out = runner.output(rid)
             if tok == world.eos or len(out) >= max_tokens[rid]:
-                finished[rid] = list(out)
+                finished[rid] = out
                 runner.batch.remove_request(rid)  # leaves a hole that condense() fills with a move
     assert swaps > 0 and moves > 0  # the schedule really exercised both kinds of move
     assert len(finished) == 10

@@ -153,11 +153,20 @@ class _Request:
         self.consumed = 0
 
     def catch_up(self) -> None:
+        """Feed the automaton the output tokens it has not seen. Called when the logits are about to
+        be masked: under vLLM's async scheduling the last step's token is a -1 placeholder while
+        ``update_state`` runs and becomes the real id only right before the sampler."""
+        from gr2.errors import ConstraintError
+
         new = self.output_ids[self.consumed:]
         for tok in new:
             if self.batch.phases()[0] == 3:
                 break
+            if tok < 0:
+                raise ConstraintError(f"output token {self.consumed} is the placeholder {tok} when the logits are "
+                                      "masked: vLLM has not filled in the last sampled token")
             self.batch.advance(np.zeros(1, dtype=np.int64), np.asarray([tok], dtype=np.int64))
+            self.consumed += 1
         self.consumed = len(self.output_ids)
 
 
@@ -196,11 +205,12 @@ class RequestTracker:
                     self.requests[b] = ra
                 if is_swap(direction) and rb is not None:
                     self.requests[a] = rb
-        for req in self.requests.values():
-            req.catch_up()
+        # no catch_up here: under async scheduling the newest output token is still a placeholder
 
     def apply(self, logits: torch.Tensor, forbidden: torch.Tensor) -> torch.Tensor:
         """V1: the row of each tracked request is its persistent-batch index."""
+        for req in self.requests.values():
+            req.catch_up()
         return self.apply_rows(logits, forbidden, [(idx, idx) for idx in self.requests])
 
     # --- model runner V2: requests by persistent slot, admitted one by one (``add_request``), their
