@@ -17,7 +17,7 @@ import torch
 
 from gr2 import _gr2
 from gr2.decoding._setup import add_rerank_rows, as_candidates, candidate_codes, completion_length
-from gr2.errors import InvalidInputError, UnknownItemError
+from gr2.errors import ConstraintError, InvalidInputError, UnknownItemError
 
 EXTRA_KEY = "gr2"
 OPT_OUT_KEY = "gr2_unconstrained"
@@ -156,8 +156,6 @@ class _Request:
         """Feed the automaton the output tokens it has not seen. Called when the logits are about to
         be masked: under vLLM's async scheduling the last step's token is a -1 placeholder while
         ``update_state`` runs and becomes the real id only right before the sampler."""
-        from gr2.errors import ConstraintError
-
         new = self.output_ids[self.consumed:]
         for tok in new:
             if self.batch.phases()[0] == 3:
@@ -231,8 +229,6 @@ class RequestTracker:
                      fetch: Callable[[list[tuple[int, int, int]]], list[list[int]]]) -> None:
         """Bring each tracked slot's automaton to its committed output length; ``fetch`` reads the
         missing tokens, given ``(slot, start, stop)`` output positions, in one pass."""
-        from gr2.errors import ConstraintError
-
         want = []
         for slot, n in zip(slots, out_lens):
             req, n = self.requests[slot], int(n)
