@@ -1,6 +1,7 @@
 # gr2 — two commands on a fresh machine:
 #   make demo   set up (virtual environment in .venv, reused) and run the main job on MovieLens-100k
 #   make test   set up and run every test (Rust and Python)
+#   make test-vllm  the vLLM processor against the real vLLM, in its own venv (.venv-vllm)
 # Setup installs the locked versions of scripts/constraints.txt; `make lock` regenerates that file.
 SHELL := /bin/bash
 VENV ?= .venv
@@ -14,7 +15,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup develop demo test test-rust test-python bench clean lock inplace wheel fuzz
+.PHONY: setup develop demo test test-rust test-python bench clean lock inplace wheel fuzz test-vllm setup-vllm lock-vllm
 
 # Installs the pinned versions of $(LOCK) (pip -c: a constraint, not an extra requirement), so
 # `make test` and `make demo` run in the environment the README's figures came from; rerunning is a
@@ -80,6 +81,42 @@ lock:
 	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable --exclude gr2; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK) && rm -rf $(LOCK_VENV)
 	@echo "wrote $(LOCK); the next make setup installs it"
+
+# vLLM, tested against the real package in its own environment (.venv-vllm, reused like .venv): the
+# `vllm` extra of pyproject.toml at the versions of scripts/constraints-vllm.txt (vLLM pins its own
+# torch and transformers, so it never shares .venv). tests/with_vllm/ drives gr2's processors through
+# vLLM's real classes on the CPU (both logits-processor interfaces of the pinned release). The
+# Rust extension is built into that venv with one cargo job under nice (a shared box).
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_LOCK := scripts/constraints-vllm.txt
+# its own cargo target dir, so switching between .venv and .venv-vllm rebuilds nothing
+VLLM_CARGO := CARGO_TARGET_DIR=target/vllm CARGO_BUILD_JOBS=1 nice
+VLLM_STAMP := $(VLLM_VENV)/.gr2-vllm-deps-$(shell cat pyproject.toml $(VLLM_LOCK) | sha256sum | cut -c1-12)
+
+$(VLLM_STAMP): pyproject.toml $(VLLM_LOCK)
+	@test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip maturin -c $(VLLM_LOCK)
+	$(VLLM_CARGO) $(VLLM_PY) -m pip install -q --no-build-isolation -e '.[vllm,test]' -c $(VLLM_LOCK)
+	@rm -f $(VLLM_VENV)/.gr2-vllm-deps-* && touch $@
+
+setup-vllm: $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	VIRTUAL_ENV=$(abspath $(VLLM_VENV)) $(VLLM_CARGO) $(VLLM_VENV)/bin/maturin develop --release -q
+	$(VLLM_PY) -m pytest -q -m vllm tests/with_vllm
+
+# Re-resolve the `vllm` and `test` extras (vLLM's range in pyproject.toml) with `uv pip compile`
+# into $(VLLM_LOCK); review the diff, run `make test-vllm`, commit.
+lock-vllm:
+	@test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip uv
+	{ echo '# Locked versions for `make test-vllm` (.venv-vllm): pyproject.toml'"'"'s `vllm` and `test` extras, resolved by'; \
+	  echo '# `make lock-vllm` (uv pip compile; vLLM pins its own torch/transformers, so this is not scripts/constraints.txt).'; \
+	  $(VLLM_PY) -c 'import platform; print(f"# Resolved on {platform.system()} {platform.machine()}, CPython {platform.python_version()}; torch is the PyPI (CUDA) build.")'; \
+	  printf 'maturin>=1.9,<2\n' | $(VLLM_VENV)/bin/uv pip compile -q pyproject.toml - --extra vllm --extra test \
+	    --python $(VLLM_PY) --no-header --no-annotate; } > $(VLLM_LOCK).tmp
+	mv $(VLLM_LOCK).tmp $(VLLM_LOCK)
 
 clean:
 	rm -rf target runs .pytest_cache .hypothesis

@@ -17,7 +17,7 @@ import torch
 
 from gr2 import _gr2
 from gr2.decoding._setup import add_rerank_rows, as_candidates, candidate_codes, completion_length
-from gr2.errors import InvalidInputError, UnknownItemError
+from gr2.errors import ConstraintError, InvalidInputError, UnknownItemError
 
 EXTRA_KEY = "gr2"
 OPT_OUT_KEY = "gr2_unconstrained"
@@ -89,6 +89,61 @@ def request_spec(params: Any, *, index: Any, allow_unconstrained: bool, levels: 
     return {"candidates": cands, "codes": codes, "reasoning": reasoning, "max_reasoning_tokens": int(budget)}
 
 
+ENGINE_CONFLICTS = (
+    # (SamplingParams field, "unset" test, why gr2 refuses it) -- each one can cut the ranking short or
+    # leave a step with no allowed token, so the request would come back partial or not at all
+    ("stop", lambda v: not v, "a stop string can match inside the reasoning or the answer and cut the ranking short"),
+    ("ignore_eos", lambda v: not v, "ignore_eos runs past the ranking's end"),
+    ("structured_outputs", lambda v: v is None, "a second grammar on top of gr2's automaton can leave no allowed token"),
+    ("allowed_token_ids", lambda v: v is None, "allowed_token_ids can remove the token the ranking needs next"),
+    ("bad_words", lambda v: not v, "bad_words can remove the token the ranking needs next"),
+    ("thinking_token_budget", lambda v: v is None,
+     "vLLM's thinking-budget forcing runs after logits processors and overrides gr2's mask; use "
+     "extra_args['gr2']['max_reasoning_tokens']"),
+    ("repetition_detection", lambda v: v is None, "repetition detection can stop the request before the answer completes"),
+)
+
+
+def check_engine_params(params: Any, spec: dict, *, levels: int, eos: int, structural_ids: frozenset,
+                        reasoning_blocked: frozenset | None) -> None:
+    """vLLM's own ``SamplingParams`` fields that would truncate a constrained request or fight its
+    mask, refused up front (``spec`` is :func:`request_spec`'s answer for the request).
+
+    ``max_tokens`` must be set (vLLM fills a missing one with what is left of the context window, which
+    ``validate_params`` cannot see), ``min_tokens`` may not hold EOS back past the shortest ranking,
+    and a ``stop_token_ids`` entry other than EOS must be a token the automaton never emits before its
+    end: not a SID/format token (``structural_ids``), and with reasoning on, one of the ids reasoning
+    may not use (``reasoning_blocked``: the tokenizer's special tokens; None when unknown, which
+    refuses every extra stop id)."""
+    where = f"extra_args['{EXTRA_KEY}'] request"
+    if getattr(params, "max_tokens", None) is None:
+        need = completion_length(int(spec["candidates"].flat.size), levels, spec["reasoning"], spec["max_reasoning_tokens"])
+        raise InvalidInputError(f"{where}: max_tokens is unset (vLLM would fill it with the rest of the context window, "
+                                f"which can cut the ranking short); set max_tokens >= {need}")
+    for name, unset, why in ENGINE_CONFLICTS:
+        value = getattr(params, name, None)
+        if not unset(value):
+            raise InvalidInputError(f"{where}: SamplingParams.{name} = {value!r} is not supported with gr2's constraint: {why}")
+    k = int(spec["candidates"].flat.size)
+    shortest = completion_length(k, levels, spec["reasoning"], 0, eos=False)  # tokens before EOS, empty reasoning
+    min_tokens = int(getattr(params, "min_tokens", 0) or 0)
+    if min_tokens > shortest:
+        raise InvalidInputError(f"{where}: min_tokens = {min_tokens} holds EOS back past the shortest ranking of {k} "
+                                f"candidates ({shortest} tokens), which leaves a step with no allowed token; "
+                                f"use min_tokens <= {shortest}")
+    for t in getattr(params, "stop_token_ids", None) or ():
+        t = int(t)
+        if t == eos:
+            continue
+        if t in structural_ids:
+            raise InvalidInputError(f"{where}: stop_token_ids has {t}, a SID/format token of the ranking: it would cut "
+                                    "the ranking short")
+        if spec["reasoning"] != "disabled" and (reasoning_blocked is None or t not in reasoning_blocked):
+            raise InvalidInputError(f"{where}: stop_token_ids has {t}, a token free reasoning may emit (reasoning "
+                                    f"{spec['reasoning']!r}): it could stop the request before the answer; drop it "
+                                    "or use reasoning='disabled'")
+
+
 class _Request:
     """One tracked request: its automaton and the live list of its output tokens."""
 
@@ -98,11 +153,18 @@ class _Request:
         self.consumed = 0
 
     def catch_up(self) -> None:
+        """Feed the automaton the output tokens it has not seen. Called when the logits are about to
+        be masked: under vLLM's async scheduling the last step's token is a -1 placeholder while
+        ``update_state`` runs and becomes the real id only right before the sampler."""
         new = self.output_ids[self.consumed:]
         for tok in new:
             if self.batch.phases()[0] == 3:
                 break
+            if tok < 0:
+                raise ConstraintError(f"output token {self.consumed} is the placeholder {tok} when the logits are "
+                                      "masked: vLLM has not filled in the last sampled token")
             self.batch.advance(np.zeros(1, dtype=np.int64), np.asarray([tok], dtype=np.int64))
+            self.consumed += 1
         self.consumed = len(self.output_ids)
 
 
@@ -141,12 +203,50 @@ class RequestTracker:
                     self.requests[b] = ra
                 if is_swap(direction) and rb is not None:
                     self.requests[a] = rb
-        for req in self.requests.values():
-            req.catch_up()
+        # no catch_up here: under async scheduling the newest output token is still a placeholder
 
     def apply(self, logits: torch.Tensor, forbidden: torch.Tensor) -> torch.Tensor:
+        """V1: the row of each tracked request is its persistent-batch index."""
+        for req in self.requests.values():
+            req.catch_up()
+        return self.apply_rows(logits, forbidden, [(idx, idx) for idx in self.requests])
+
+    # --- model runner V2: requests by persistent slot, admitted one by one (``add_request``), their
+    # committed output read back from the runner's token buffer at each step -----------------------
+
+    def add(self, slot: int, params: Any) -> bool:
+        """V2 ``add_request``: (re)initialise ``slot``; False when the request is not constrained. The
+        automaton starts empty: on a request resumed after preemption, its earlier output is read back
+        at the next step like any other committed token."""
+        req = self.new_request(params, [])
+        if req is None:
+            self.requests.pop(slot, None)
+            return False
+        self.requests[slot] = req
+        return True
+
+    def sync_outputs(self, slots: list[int], out_lens: Any,
+                     fetch: Callable[[list[tuple[int, int, int]]], list[list[int]]]) -> None:
+        """Bring each tracked slot's automaton to its committed output length; ``fetch`` reads the
+        missing tokens, given ``(slot, start, stop)`` output positions, in one pass."""
+        want = []
+        for slot, n in zip(slots, out_lens):
+            req, n = self.requests[slot], int(n)
+            if n < len(req.output_ids):
+                raise ConstraintError(f"batch slot {slot}: the model runner reports {n} output tokens but "
+                                      f"{len(req.output_ids)} were already seen (a slot reused without add_request?)")
+            if n > len(req.output_ids):
+                want.append((slot, len(req.output_ids), n))
+        if want:
+            for (slot, _, _), toks in zip(want, fetch(want)):
+                self.requests[slot].output_ids.extend(int(t) for t in toks)
+        for slot in slots:
+            self.requests[slot].catch_up()
+
+    def apply_rows(self, logits: torch.Tensor, forbidden: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
+        """Mask ``logits[row]`` with the automaton of ``slot`` for each ``(row, slot)``."""
         from gr2.decoding.processors import apply_allowed
 
-        for idx, req in self.requests.items():
-            apply_allowed(logits[idx:idx + 1], req.batch.allowed(), forbidden)
+        for row, slot in pairs:
+            apply_allowed(logits[row:row + 1], self.requests[slot].batch.allowed(), forbidden)
         return logits
