@@ -15,8 +15,10 @@ Stages: data, sid, candidates, prompts, traces, rerank, eval run once (single pr
 run` runs them under torchrun); midtrain, sft and rl run under ``torchrun --nproc_per_node N``.
 midtrain is killed (SIGTERM to torchrun's process group) as soon as its first checkpoint is on
 disk and rerun: the rerun must report ``resumed_from_step`` > 0. vLLM: when ``import vllm`` works
-and CUDA is up, the rl model reranks the test lists through ``gr2.decoding.vllm`` (every output a
-permutation of its candidates); else the row says skipped.
+and CUDA is up (``PYTHON=.venv-vllm/bin/python`` after ``make setup-vllm``), the rl model reranks the
+test lists through ``gr2.decoding.vllm`` (every output a permutation of its candidates) and the same
+prompts run unconstrained for as many tokens: the row gives both throughputs and their ratio;
+without vLLM the row says skipped.
 
 Peak memory per stage: GPU memory used (``nvidia-smi``, the largest GPU, sampled every 0.2 s) on
 CUDA; the summed resident memory of the stage's process tree (psutil) on CPU. Exit status 0 when
@@ -249,19 +251,31 @@ def serve_with_vllm(row: Row, run_dir: Path, lists: int = 16, budget: int = 8) -
     processor = make_rerank_logits_processor(sid_tokens, eos_token_id=tokenizer.eos_token_id, tokenizer=tokenizer,
                                              index=index)
     max_tokens = completion_length(candidates.shape[1], len(index.level_sizes), "think", budget)
+    constrained = [SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                  extra_args={"gr2": {"candidates": [int(c) for c in row_c], "max_reasoning_tokens": budget}})
+                   for row_c in candidates]
+    # The baseline a server would otherwise run: the same prompts, unconstrained, the same number of
+    # new tokens (ignore_eos, so both sides generate the same work).
+    free = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args={"gr2_unconstrained": True})
     t0 = time.perf_counter()
     with PeakMemory(True) as mem:
         llm = LLM(str(model_dir), logits_processors=[processor], dtype="bfloat16", gpu_memory_utilization=0.3,
                   enforce_eager=True)
-        params = [SamplingParams(temperature=0.0, max_tokens=max_tokens,
-                                 extra_args={"gr2": {"candidates": [int(c) for c in row_c], "max_reasoning_tokens": budget}})
-                  for row_c in candidates]
-        outputs = llm.generate(texts, params)
+        llm.generate(texts[:2], constrained[:2])  # warm-up: kernels and the processor's first batch
+        seconds = {}
+        for name, params in (("gr2", constrained), ("free", [free] * len(texts))):
+            start = time.perf_counter()
+            outputs = llm.generate(texts, params)
+            seconds[name] = time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outputs)
+            if name == "gr2":
+                completions = [o.outputs[0].text for o in outputs]
     row.seconds, row.peak_mib = time.perf_counter() - t0, mem.peak
-    completions = [o.outputs[0].text for o in outputs]
     valid = verify_rewards(completions, candidates, candidates[:, 0], index).valid
     row.ok = bool(valid.all())
-    row.detail = f"{len(completions)} lists, {int(valid.sum())} valid permutations"
+    (gr2_s, gr2_tokens), (free_s, free_tokens) = seconds["gr2"], seconds["free"]
+    ratio = (gr2_tokens / gr2_s) / (free_tokens / free_s)
+    row.detail = (f"{len(completions)} lists, {int(valid.sum())} valid permutations; constrained {gr2_tokens / gr2_s:.0f} "
+                  f"tok/s vs unconstrained {free_tokens / free_s:.0f} tok/s ({ratio:.2f}x)")
 
 
 def main() -> int:

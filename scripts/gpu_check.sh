@@ -4,6 +4,7 @@
 # prints pass/fail with seconds and peak memory per stage. See scripts/gpu_check.py.
 #   scripts/gpu_check.sh                  # on a CUDA machine, in the repo's environment
 #   scripts/gpu_check.sh --cpu --nproc 2  # the CPU dry run (gloo), as tests/test_gpu_check.py runs it
+#   make setup-vllm && PYTHON=.venv-vllm/bin/python scripts/gpu_check.sh   # the same, plus vLLM serving
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
