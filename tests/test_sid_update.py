@@ -228,3 +228,47 @@ def test_failed_update_leaves_the_index_untouched(sid_run):
     old_ids = index.item_ids()
     np.testing.assert_array_equal(after.sids(old_ids), index.sids(old_ids))
     assert all(int(i) in after for i in fresh) and after.generation == index.generation + 1
+
+
+@pytest.mark.parametrize("killed_after", ["marker", "index save"])
+def test_a_killed_update_is_finished_not_rebuilt(sid_run, monkeypatch, killed_after, capsys):
+    """Issue 31: a kill between the new index and its record made the next run retrain the RQ-VAE
+    and move 605 of 606 SIDs. Now the next run keeps whichever index is on disk (the old one, or
+    the update's, each saved atomically) and only rewrites the records."""
+    from gr2.sid import load_index, run_sid
+    from gr2.sid import stage as sid_stage
+    from gr2.sid.stage import item_embeddings
+
+    run_dir, _, config = sid_run
+    before = load_index(run_dir)
+    old_ids = before.item_ids()
+    embeddings, _ = item_embeddings(run_dir, config, progress=False)
+    fresh = np.array([2 * 10**6 + len(old_ids), 2 * 10**6 + len(old_ids) + 1], dtype=np.uint64)
+
+    class Killed(BaseException):
+        pass
+
+    def kill(*args, **kwargs):
+        raise Killed
+
+    if killed_after == "marker":  # dies before the new index is saved
+        monkeypatch.setattr(gr2.SidIndex, "save", kill)
+    else:  # dies after the save, before the records
+        monkeypatch.setattr(sid_stage, "_record_update", kill)
+    with pytest.raises(Killed):
+        update_index(run_dir, config, item_ids=fresh, embeddings=embeddings[:2], progress=False)
+    monkeypatch.undo()
+    assert not (run_dir / "sid" / "stage.json").exists() and (run_dir / "sid" / "update.pending").exists()
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the sid stage was rebuilt")
+
+    monkeypatch.setattr(sid_stage, "_run_sid", no_rebuild)
+    summary = run_sid(run_dir, config, progress=False)
+    assert "completed an interrupted update" in capsys.readouterr().out
+    after = load_index(run_dir)
+    np.testing.assert_array_equal(after.sids(old_ids), before.sids(old_ids))
+    assert all((int(i) in after) == (killed_after == "index save") for i in fresh)
+    assert summary["generation"] == after.generation and not (run_dir / "sid" / "update.pending").exists()
+    # the record now vouches for that index: the next run is a plain skip
+    assert run_sid(run_dir, config, progress=False)["generation"] == after.generation

@@ -188,10 +188,55 @@ def run_sid(run_dir: str | Path, config: SidConfig | None = None, force: bool = 
     config = config or SidConfig()
     data_dir, stage_dir = _stage_dirs(run_dir)
     key = rundir.stage_key(config, _data_key(data_dir), config.embed_model or default_model_path())
+    if not force and (finished := _finish_interrupted_update(stage_dir, key)) is not None:
+        return finished
     if (done := rundir.begin_stage(stage_dir, key, force=force)) is not None:
         return done
+    (stage_dir / UPDATE_MARKER).unlink(missing_ok=True)  # a rebuild supersedes any interrupted update
     with _torch_threads(config.threads):
         return _run_sid(run_dir, config, key, progress)
+
+
+# Written by update_index before it touches the stage record and removed after the new record: a
+# run that finds it knows the index file is an update's (old or new, each saved atomically), not a
+# half-built stage, and keeps it -- rebuilding would retrain the RQ-VAE and move every SID.
+UPDATE_MARKER = "update.pending"
+
+
+def _finish_interrupted_update(stage_dir: Path, key: str) -> dict[str, Any] | None:
+    """The record of an update killed between its index and its record, rewritten for the index on
+    disk; None when there is no such update (or it ran under other data or settings)."""
+    marker = stage_dir / UPDATE_MARKER
+    if not marker.exists():
+        return None
+    try:
+        pending = rundir.load_json(marker)
+        index = gr2.SidIndex.load(str(stage_dir / "index.gr2sid"))
+    except (ValueError, OSError, gr2.Gr2Error):
+        return None  # no usable index: the stage rebuilds as it would without the marker
+    if not isinstance(pending, dict) or pending.get("key") != key:
+        return None
+    summary = _record_update(stage_dir, key, index, step=None)
+    print(f"sid: completed an interrupted update from the saved index (generation {index.generation}, "
+          f"{len(index)} items); nothing rebuilt", flush=True)
+    return summary
+
+
+def _record_update(stage_dir: Path, key: str, index: Any, step: dict[str, Any] | None) -> dict[str, Any]:
+    """report.json and the stage record for ``index`` (the file already saved), then the marker goes."""
+    report_path = stage_dir / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    if step is not None:
+        report["updates"] = [*report.get("updates", []), step]
+    report.update(items=len(index), index_levels=index.levels, generation=index.generation,
+                  repair=index.repair_report())
+    rundir.atomic_write_json(report_path, report)
+    step = step or {}
+    summary = {"items": len(index), "levels": index.levels, "generation": index.generation,
+               "added": step.get("added", 0), "removed": step.get("removed", 0), "seconds": step.get("seconds", 0.0)}
+    rundir.mark_done(stage_dir, key, summary, exclude=("ablation.*", UPDATE_MARKER))
+    (stage_dir / UPDATE_MARKER).unlink(missing_ok=True)
+    return summary
 
 
 def _run_sid(run_dir: str | Path, config: SidConfig, key: str, progress: bool) -> dict[str, Any]:
@@ -338,7 +383,9 @@ def update_index(run_dir: str | Path, config: SidConfig | None = None, item_ids:
     before the removal, so removed items are not added straight back). Errors (an id already in the index, wrong width, NaN, no free SID
     without a new level) are gr2 errors naming the row; the old index file is then untouched.
     The stage record is rewritten for the current data and config, so ``gr2 run`` keeps the
-    updated index (``--force`` rebuilds from scratch, and then SIDs change)."""
+    updated index (``--force`` rebuilds from scratch, and then SIDs change). An update killed part way
+    leaves either index file (each save is atomic); the next run of the stage finishes its records
+    from the file on disk instead of rebuilding."""
     config = config or SidConfig()
     data_dir, stage_dir = _stage_dirs(run_dir)
     key = rundir.stage_key(config, _data_key(data_dir), config.embed_model or default_model_path())
@@ -372,20 +419,15 @@ def update_index(run_dir: str | Path, config: SidConfig | None = None, item_ids:
         index = index.extend(item_ids, codes)
     elif remove is None or not len(remove):
         return {"items": len(index), "added": 0, "removed": 0, "generation": index.generation}
-    # Every check passed: replace the file (atomic), then the records.
-    (stage_dir / rundir.STAGE_FILE).unlink(missing_ok=True)  # a crash below reruns the stage, never trusts it
+    # Every check passed: replace the file (atomic), then the records. The marker makes a kill in
+    # between finish the records at the next run instead of rebuilding the stage.
+    rundir.atomic_write_json(stage_dir / UPDATE_MARKER, {"key": key, "parent_sha256": parent})
+    (stage_dir / rundir.STAGE_FILE).unlink(missing_ok=True)
     index.save(str(index_path))
     step = {"generation": index.generation, "parent_sha256": parent, "added": int(len(item_ids)),
             "removed": 0 if remove is None else int(len(remove)), "items": len(index),
             "seconds": round(time.perf_counter() - start, 2)}
-    report["updates"] = [*report.get("updates", []), step]
-    report.update(items=len(index), index_levels=index.levels, generation=index.generation,
-                  repair=index.repair_report())
-    rundir.atomic_write_json(report_path, report)
-    summary = {"items": len(index), "levels": index.levels, "generation": index.generation,
-               "added": step["added"], "removed": step["removed"], "seconds": step["seconds"]}
-    rundir.mark_done(stage_dir, key, summary, exclude=("ablation.*",))
-    return summary
+    return _record_update(stage_dir, key, index, step)
 
 
 def load_index(run_dir: str | Path):
