@@ -272,3 +272,33 @@ def test_a_killed_update_is_finished_not_rebuilt(sid_run, monkeypatch, killed_af
     assert summary["generation"] == after.generation and not (run_dir / "sid" / "update.pending").exists()
     # the record now vouches for that index: the next run is a plain skip
     assert run_sid(run_dir, config, progress=False)["generation"] == after.generation
+
+
+def test_update_refuses_data_that_moved_indexed_items(sid_run, tmp_path):
+    """Issue 31: growing the catalog and rerunning `gr2 data` reassigned item_idx in id order, and
+    `gr2 sid --update` then silently gave 502 of 504 existing items another item's SID. The update
+    now compares the catalog ids recorded with the index against data/items and refuses."""
+    import shutil
+
+    import datasets
+
+    import gr2.rundir
+    from gr2.errors import DataError
+    from gr2.sid import load_index
+
+    run_dir, _, config = sid_run
+    assert (run_dir / "sid" / "catalog_ids.parquet").exists()
+    moved = tmp_path / "run"
+    shutil.copytree(run_dir, moved)
+    table = datasets.load_from_disk(str(moved / "data" / "items")).to_dict()  # in memory, off the files
+    table["item_id"][0], table["item_id"][1] = table["item_id"][1], table["item_id"][0]  # a reassigned item_idx
+    swapped = datasets.Dataset.from_dict(table)
+    shutil.rmtree(moved / "data" / "items")
+    swapped.save_to_disk(str(moved / "data" / "items"))
+    record = gr2.rundir.load_json(moved / "data" / "stage.json")  # as a rerun of the data stage would
+    gr2.rundir.mark_done(moved / "data", record["key"], record["summary"])
+    before = (moved / "sid" / "index.gr2sid").read_bytes()
+    with pytest.raises(DataError, match=r"2 indexed items another item_idx .*item_idx 0 was catalog item"):
+        update_index(moved, config, progress=False)
+    assert (moved / "sid" / "index.gr2sid").read_bytes() == before
+    assert len(load_index(moved)) == len(load_index(run_dir))

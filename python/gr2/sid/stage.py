@@ -262,6 +262,7 @@ def _run_sid(run_dir: str | Path, config: SidConfig, key: str, progress: bool) -
     index = gr2.SidIndex.build(item_ids, codes, codebook_size=rq.codebook_size)
     stage_dir.mkdir(parents=True, exist_ok=True)
     index.save(str(stage_dir / "index.gr2sid"))  # atomic (temporary file, fsync, rename)
+    _save_catalog_ids(stage_dir, _data_item_ids(run_dir))
     _save_codebooks(stage_dir / "codebooks.safetensors", model, rq, config.assign_seed)
     timings["index_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
@@ -392,6 +393,8 @@ def update_index(run_dir: str | Path, config: SidConfig | None = None, item_ids:
     index_path = stage_dir / "index.gr2sid"
     start = time.perf_counter()
     index = load_index(run_dir)
+    catalog_ids = _data_item_ids(run_dir)
+    _check_catalog_ids(stage_dir, index, catalog_ids)
     report_path = stage_dir / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     embed_model = config.embed_model or report.get("embedding_model") or default_model_path()
@@ -424,10 +427,54 @@ def update_index(run_dir: str | Path, config: SidConfig | None = None, item_ids:
     rundir.atomic_write_json(stage_dir / UPDATE_MARKER, {"key": key, "parent_sha256": parent})
     (stage_dir / rundir.STAGE_FILE).unlink(missing_ok=True)
     index.save(str(index_path))
+    _save_catalog_ids(stage_dir, catalog_ids)
     step = {"generation": index.generation, "parent_sha256": parent, "added": int(len(item_ids)),
             "removed": 0 if remove is None else int(len(remove)), "items": len(index),
             "seconds": round(time.perf_counter() - start, 2)}
     return _record_update(stage_dir, key, index, step)
+
+
+# The catalog's own item id of every item_idx the index was built or updated for. The index is
+# keyed on item_idx, which the data stage assigns; an update checks the data still gives the same
+# item_idx to the same catalog items, else every moved item would silently get another's SID.
+CATALOG_IDS = "catalog_ids.parquet"
+
+
+def _data_item_ids(run_dir: str | Path) -> np.ndarray:
+    """data/items' catalog ids in item_idx order, as strings (ids may be ints or strings)."""
+    return np.asarray([str(i) for i in load_items(run_dir)["item_id"]], dtype=object)
+
+
+def _save_catalog_ids(stage_dir: Path, ids: np.ndarray) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.table({"item_id": pa.array(ids.tolist(), pa.string())}), buffer)
+    rundir.atomic_write_bytes(stage_dir / CATALOG_IDS, buffer.getvalue().to_pybytes())
+
+
+def _check_catalog_ids(stage_dir: Path, index: Any, current: np.ndarray) -> None:
+    """DataError when an item the index holds now has another catalog id at its item_idx."""
+    import pyarrow.parquet as pq
+
+    path = stage_dir / CATALOG_IDS
+    if not path.exists():  # an index built before this record existed: nothing to compare
+        return
+    recorded = np.asarray(pq.read_table(path).column("item_id").to_pylist(), dtype=object)
+    held = index.item_ids()
+    both = held[held < min(len(recorded), len(current))].astype(np.int64)
+    moved = both[recorded[both] != current[both]]
+    # catalog items the index holds that the data no longer reaches (ids outside the catalog, added
+    # with explicit item_ids, are not the data's business)
+    gone = int(((held >= len(current)) & (held < len(recorded))).sum())
+    if moved.size or gone:
+        first = int(moved[0]) if moved.size else None
+        example = (f"item_idx {first} was catalog item {recorded[first]!r} and is now {current[first]!r}"
+                   if first is not None else f"{gone} indexed item_idx values are past the data's {len(current)} items")
+        raise DataError(f"the data stage gave {moved.size + gone} indexed items another item_idx since the SID index "
+                        f"was built ({example}); an update would move their SIDs. Rerun the data stage on the "
+                        "catalog the index was built from, or rebuild the SIDs (gr2 sid --force)")
 
 
 def load_index(run_dir: str | Path):
