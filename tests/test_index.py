@@ -588,6 +588,43 @@ def test_mmap_mode_is_opt_in_and_keeps_the_old_inode(tmp_path):
         SidIndex.load(path, mmap="yes")
 
 
+@pytest.mark.parametrize("mmap", [False, True])
+def test_unverified_load_answers_like_a_verified_one_and_skips_only_the_o_n_checks(tmp_path, mmap):
+    """verify=False (an index larger than RAM, a file the pipeline wrote) gives the same answers;
+    a damaged array then goes unseen at load, while a damaged header is still a CorruptFileError,
+    and whatever a query on the damaged index does, only gr2 errors come out."""
+    rng = np.random.default_rng(5)
+    ids = np.sort(rng.choice(10**9, size=5000, replace=False)).astype(np.uint64)
+    codes = rng.integers(0, 256, size=(5000, 3), dtype=np.uint16)
+    index = SidIndex.build(ids, codes, codebook_size=256)
+    path = tmp_path / "i.gr2sid"
+    index.save(path)
+    trusted = SidIndex.load(path, mmap=mmap, verify=False)
+    sids = index.sids(ids)
+    np.testing.assert_array_equal(trusted.sids(ids), sids)
+    np.testing.assert_array_equal(trusted.items(sids), ids)
+    with pytest.raises(gr2.InvalidInputError, match="verify"):
+        SidIndex.load(path, verify="no")
+
+    data = bytearray(path.read_bytes())
+    for offset in range(len(data) - 4096, len(data), 97):  # the arrays at the end of the file
+        data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+    with pytest.raises(gr2.CorruptFileError, match="checksum"):
+        SidIndex.load(path, mmap=mmap)
+    damaged = SidIndex.load(path, mmap=mmap, verify=False)
+    for query in (lambda: damaged.sids(ids), lambda: damaged.items(sids)):
+        try:
+            query()
+        except gr2.Gr2Error:
+            pass  # UnknownItemError, or InternalError for a panic caught at the boundary
+    header = bytearray(path.read_bytes())
+    header[40] ^= 0xFF  # the level count
+    path.write_bytes(bytes(header))
+    with pytest.raises(gr2.CorruptFileError):
+        SidIndex.load(path, mmap=mmap, verify=False)
+
+
 def _dead_pid():
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()

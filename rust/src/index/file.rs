@@ -206,7 +206,7 @@ impl SidIndex {
         words.resize(bytes.len().div_ceil(8), 0);
         bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
         let file = FileBytes::Owned { words, len: bytes.len() };
-        from_file_bytes(file, |msg| Gr2Error::CorruptFile(format!("SID index bytes: {msg}")))
+        from_file_bytes(file, |msg| Gr2Error::CorruptFile(format!("SID index bytes: {msg}")), true)
     }
 
     /// Reads a file written by [`save`](Self::save) into memory and validates it
@@ -218,6 +218,15 @@ impl SidIndex {
     /// Loads and validates a file written by [`save`](Self::save), copied in or memory-mapped
     /// (see [`LoadMode`] for what a mapped index demands of the file).
     pub fn load_with(path: impl AsRef<Path>, mode: LoadMode) -> Result<SidIndex> {
+        Self::load_verified(path, mode, true)
+    }
+
+    /// [`load_with`](Self::load_with), with the O(n) checks optional: `verify = false` checks the
+    /// header and the section table only -- no checksum, no pass over the arrays -- so a mapped
+    /// index opens in constant time and is paged in as it is queried. For files this process (or a
+    /// trusted pipeline) wrote; a damaged file then gives wrong answers or an InternalError instead
+    /// of a CorruptFileError at load.
+    pub fn load_verified(path: impl AsRef<Path>, mode: LoadMode, verify: bool) -> Result<SidIndex> {
         check_little_endian()?;
         let path = path.as_ref();
         let io = |what: &str, err| Gr2Error::io(format!("cannot {what} SID index {}", path.display()), err);
@@ -252,7 +261,9 @@ impl SidIndex {
                 let mut options = MmapOptions::new();
                 options.len(file_len);
                 #[cfg(target_os = "linux")]
-                options.populate();
+                if verify {
+                    options.populate(); // every byte is read for the checksum anyway
+                }
                 // SAFETY: the map is read-only. Modifying the file in place while the index is
                 // alive is documented as unsupported for this mode (see `LoadMode::Mmap`);
                 // gr2 itself only ever replaces files by rename.
@@ -260,7 +271,7 @@ impl SidIndex {
                 FileBytes::Mapped(map)
             }
         };
-        let index = from_file_bytes(bytes, corrupt)?;
+        let index = from_file_bytes(bytes, corrupt, verify)?;
         if mode == LoadMode::Mmap {
             // What can be checked cheaply: the file did not change size or mtime while it was
             // being validated (a concurrent in-place writer), and the path still names it.
@@ -301,12 +312,12 @@ fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
 }
 
 /// Parses and validates the bytes of a whole file into an index viewing them.
-fn from_file_bytes(file: FileBytes, corrupt: impl Fn(String) -> Gr2Error) -> Result<SidIndex> {
+fn from_file_bytes(file: FileBytes, corrupt: impl Fn(String) -> Gr2Error, verify: bool) -> Result<SidIndex> {
     let bytes = file.bytes();
     if bytes.is_empty() {
         return Err(corrupt("the file is empty".into()));
     }
-    let layout = parse(bytes, bytes.len()).map_err(&corrupt)?;
+    let layout = parse(bytes, bytes.len(), verify).map_err(&corrupt)?;
     let file = Arc::new(file);
     let section = |i: usize| layout.sections[i].clone();
     let narrow_keys = layout.key_width == 4;
@@ -323,7 +334,9 @@ fn from_file_bytes(file: FileBytes, corrupt: impl Fn(String) -> Gr2Error) -> Res
         in_file(&file, section(5)),
         layout.generation,
     );
-    check_arrays(&index).map_err(corrupt)?;
+    if verify {
+        check_arrays(&index).map_err(corrupt)?;
+    }
     Ok(index)
 }
 
@@ -348,7 +361,7 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
 }
 
 /// Checks everything the header promises; errors are messages for `CorruptFile`.
-fn parse(bytes: &[u8], file_len: usize) -> std::result::Result<Parsed, String> {
+fn parse(bytes: &[u8], file_len: usize, verify: bool) -> std::result::Result<Parsed, String> {
     if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
         let start = &bytes[..bytes.len().min(MAGIC.len())];
         return Err(format!("not a gr2 SID index (magic bytes are {start:?}, expected {MAGIC:?})"));
@@ -374,7 +387,7 @@ fn parse(bytes: &[u8], file_len: usize) -> std::result::Result<Parsed, String> {
         return Err(format!("{} unexpected bytes after the declared end ({declared_len} bytes)", file_len as u64 - declared_len));
     }
     let stored = u64_at(bytes, 16);
-    let computed = xxh3_64(&bytes[CHECKSUMMED_FROM..]);
+    let computed = if verify { xxh3_64(&bytes[CHECKSUMMED_FROM..]) } else { stored };
     if stored != computed {
         return Err(format!("checksum mismatch (stored {stored:#018x}, computed {computed:#018x}): the file is corrupt"));
     }

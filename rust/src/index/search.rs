@@ -71,7 +71,12 @@ impl SortedLookup {
         let buckets = (span >> shift) as usize + 1;
         let mut starts = vec![0u32; buckets + 1];
         for &x in sorted {
-            starts[((wide(x) - first) >> shift) as usize + 1] += 1;
+            // Out-of-order values only occur in a file loaded with verification off: skipped here
+            // (lookups on that index may then miss), never an out-of-bounds panic at load.
+            let bucket = wide(x).checked_sub(first).map(|offset| (offset >> shift) as usize + 1);
+            if let Some(count) = bucket.and_then(|b| starts.get_mut(b)) {
+                *count += 1;
+            }
         }
         for b in 0..buckets {
             starts[b + 1] += starts[b];

@@ -239,10 +239,20 @@ impl PySidIndex {
     /// Loads and validates an index file written by `save`: read into memory the index owns
     /// (default), or memory-mapped with `mmap=True` (the file must then never be modified in
     /// place while the index is alive; replacing it by rename, as `save` does, is safe).
+    /// `verify=False` skips the checksum and the pass over the arrays (header checks stay).
     #[staticmethod]
-    #[pyo3(signature = (path, mmap=None))]
-    fn load(py: Python<'_>, path: &Bound<'_, PyAny>, mmap: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+    #[pyo3(signature = (path, mmap=None, verify=None))]
+    fn load(
+        py: Python<'_>,
+        path: &Bound<'_, PyAny>,
+        mmap: Option<&Bound<'_, PyAny>>,
+        verify: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
         catch_panics(|| {
+            let verify = match verify {
+                Some(flag) if !flag.is_none() => extract_arg::<bool>(flag, "verify", "a bool")?,
+                _ => true,
+            };
             let path = path_arg(path)?;
             let mode = match mmap {
                 None => LoadMode::Copy,
@@ -255,7 +265,7 @@ impl PySidIndex {
                     }
                 }
             };
-            let inner = py.detach(|| SidIndex::load_with(&path, mode))?;
+            let inner = py.detach(|| SidIndex::load_verified(&path, mode, verify))?;
             Ok(PySidIndex::new_holding(inner))
         })
     }
