@@ -20,6 +20,7 @@ A bad row fails the job; :func:`gr2_error` finds the gr2 error in what the drive
 from __future__ import annotations
 
 import os
+import re
 
 try:
     import ray
@@ -31,7 +32,8 @@ except ImportError as exc:  # ray is an optional extra
     ) from exc
 
 from gr2 import _checks as checks
-from gr2.errors import Gr2Error
+from gr2 import errors
+from gr2.errors import Gr2Error, InvalidInputError
 from gr2.rq_arrow import ArrowRQEncoder
 
 
@@ -66,16 +68,24 @@ def encode_dataset(
     column: str = "embedding",
     id_column: str = "item_id",
     actors: int = 2,
-    cpus_per_actor: int = 1,
+    cpus_per_actor: float = 1,
     batch_size: int = 65_536,
     beam: int = 1,
 ) -> "ray.data.Dataset":
     """``ds`` as ids and RQ codes (lazy, like every Ray Data transform: it runs when consumed, e.g.
-    by ``write_parquet`` or ``take_all``). ``actors`` actors of ``cpus_per_actor`` CPUs each load
-    ``codebooks`` once and encode batches of at most ``batch_size`` rows on ``cpus_per_actor``
-    threads. The counts are checked here, on the driver; a bad row fails the job (:func:`gr2_error`)."""
+    by ``write_parquet`` or ``take_all``). ``actors`` actors of ``cpus_per_actor`` CPUs each (Ray's
+    ``num_cpus``: a fraction is allowed) load ``codebooks`` once and encode batches of at most
+    ``batch_size`` rows on ``max(1, int(cpus_per_actor))`` threads. The counts are checked here, on
+    the driver; a bad row fails the job (:func:`gr2_error`).
+
+    Leave CPUs for the read tasks: with ``actors * cpus_per_actor`` equal to the cluster's CPUs, Ray
+    Data 2.60 starts the actors first and its file-listing task then waits for a CPU forever
+    (measured on ``ray.init(num_cpus=2)`` with 2 actors of 1 CPU)."""
     actors = checks.whole("actors", actors, 1, 1 << 20)
-    cpus = checks.whole("cpus_per_actor", cpus_per_actor, 1, 1 << 16)
+    cpus = checks.finite("cpus_per_actor", cpus_per_actor)
+    if not 0 < cpus <= 1 << 16:
+        raise InvalidInputError(f"cpus_per_actor must be in (0, 65536], got {cpus_per_actor!r:.60}")
+    threads = max(1, int(cpus))  # a fraction of a CPU still runs one thread
     batch_size = checks.whole("batch_size", batch_size, 1, 2**31 - 1)
     return ds.map_batches(
         RQEncoder,
@@ -87,29 +97,48 @@ def encode_dataset(
         num_cpus=cpus,
         # applied before the worker process starts: the encoder's pool is sized even if something
         # in that process encoded before RQEncoder.__init__ could set it
-        runtime_env={"env_vars": {"RAYON_NUM_THREADS": str(cpus)}},
+        runtime_env={"env_vars": {"RAYON_NUM_THREADS": str(threads)}},
         udf_modifying_row_count=False,  # one output row per input row
     )
 
 
 def gr2_error(exc: BaseException) -> Gr2Error | None:
-    """The :class:`gr2.Gr2Error` an actor raised, found in the exception the driver caught (Ray
-    wraps it, possibly several levels deep), or None if there is none::
+    """The :class:`gr2.Gr2Error` an actor raised, from the exception the driver caught, or None.
+
+    Ray Data 2.60 raises ``RayTaskError(UserCodeException)`` ("UDF failed to process a data
+    block") on the driver; the actor's exception object does not travel, only its traceback text,
+    which ends with the gr2 error's class and message. This rebuilds that error (same class, same
+    message: batch row, reason and id)::
 
         try:
             gr2.ray.encode_dataset(ds, path).write_parquet(out)
         except Exception as e:
             if (err := gr2.ray.gr2_error(e)) is None:
                 raise
-            print(err)  # "gr2 batch: row 3: 'embedding'[1] is nan (...) [item_id=1003]"
+            print(err)  # gr2 batch: row 234: 'embedding'[2] is nan (...) [item_id=1234]
     """
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, Gr2Error) and not isinstance(exc, ray.exceptions.RayError):
             return exc
-        exc = exc.__cause__ or getattr(exc, "cause", None) or exc.__context__
+        if (found := _from_traceback(str(exc))) is not None:
+            return found
+        exc = exc.__cause__ or exc.__context__
     return None
+
+
+# the last line of a gr2 error's traceback, as Ray prints it: "gr2.errors.InvalidInputError: ..."
+_GR2_LINE = re.compile(r"^gr2\.errors\.(\w+): (.*)$", re.MULTILINE)
+
+
+def _from_traceback(text: str) -> Gr2Error | None:
+    matches = _GR2_LINE.findall(text)
+    if not matches:
+        return None
+    name, message = matches[-1]  # the outermost gr2 error: the one that names the id
+    cls = getattr(errors, name, None)
+    return cls(message) if isinstance(cls, type) and issubclass(cls, Gr2Error) else None
 
 
 __all__ = ["RQEncoder", "encode_dataset", "gr2_error", "actor_cpus"]
