@@ -139,8 +139,10 @@ $(RAY_STAMP): pyproject.toml $(RAY_LOCK)
 
 setup-ray: $(RAY_STAMP)
 
+# --skip-install: rebuild the extension in place (python/gr2, where the editable install points);
+# a plain `maturin develop` also pip-installs gr2's dependencies, torch included (6 GB, unlocked).
 test-ray: $(RAY_STAMP)
-	VIRTUAL_ENV=$(abspath $(RAY_VENV)) $(RAY_CARGO) $(RAY_VENV)/bin/maturin develop --release -q
+	VIRTUAL_ENV=$(abspath $(RAY_VENV)) $(RAY_CARGO) $(RAY_VENV)/bin/maturin develop --release -q --skip-install
 	$(RAY_PY) -m pytest -q -m ray tests/with_ray
 
 # Re-resolve scripts/ray_requirements.py's list (Ray's range in pyproject.toml) with `uv pip
