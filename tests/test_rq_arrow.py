@@ -139,3 +139,32 @@ def test_map_in_arrow_body_per_partition(world, monkeypatch):
     got = pa.Table.from_batches(out)
     assert [f.type for f in got.schema] == [pa.int64()] + [pa.int32()] * L
     assert got.cast(expected.schema).equals(expected)
+
+
+_THREAD_PROBE = """
+import os, sys, numpy as np, pyarrow as pa
+from gr2.rq_arrow import ArrowRQEncoder
+enc = ArrowRQEncoder(sys.argv[1], threads=int(sys.argv[2]))
+x = np.random.default_rng(1).standard_normal((20000, 8)).astype(np.float32)
+table = pa.table({"item_id": np.arange(20000), "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 8)})
+before = len(os.listdir("/proc/self/task"))
+enc(table)
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc (Linux)")
+def test_threads_is_the_rust_pool_size(world):
+    """The first encode starts the Rust pool: exactly ``threads`` new threads, here more than this
+    machine's cores so the default (one per core) would show. In a fresh process: a pool, once built,
+    keeps its size."""
+    import os
+    import subprocess
+    import sys
+
+    path, _, _ = world
+    env = {k: v for k, v in os.environ.items() if k != "RAYON_NUM_THREADS"}
+    threads = (os.cpu_count() or 1) + 1
+    out = subprocess.run([sys.executable, "-c", _THREAD_PROBE, str(path), str(threads)], env=env,
+                         capture_output=True, text=True, check=True, timeout=120)
+    assert int(out.stdout) == threads
