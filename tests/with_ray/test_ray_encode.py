@@ -145,6 +145,18 @@ def test_bad_row_is_a_gr2_error_on_the_driver(cluster, world):
                         rf"\[item_id={bad_id}\]", str(err)), str(err)
 
 
+def test_gr2_error_from_an_actor_that_failed_to_start():
+    """A codebooks path an actor cannot read fails its constructor; Ray 2.60 then raises
+    ActorDiedError on the driver with the traceback as text (seen with a missing file; the text
+    below is that message's shape). Built here, not run: a real run costs ~25 s of actor retries."""
+    text = ("The actor died because of an error raised in its creation task, ray::MapWorker(MapBatches(RQEncoder))"
+            ".__init__() (pid=2478)\n  File \"gr2/encode_command.py\", line 69\n"
+            "    raise Gr2IOError(f\"codebooks file not found: {path}\")\n"
+            "gr2.errors.Gr2IOError: codebooks file not found: /nonexistent/cb.npy")
+    err = gr2.ray.gr2_error(RuntimeError(text))
+    assert type(err) is gr2.Gr2IOError and str(err) == "codebooks file not found: /nonexistent/cb.npy"
+
+
 def test_gr2_error_passes_other_errors_through():
     assert gr2.ray.gr2_error(ValueError("no gr2 here")) is None
     plain = InvalidInputError("on the driver")
