@@ -76,7 +76,7 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
 
 def _field(schema: pa.Schema, path: Path, name: str, role: str) -> pa.Field:
     """``schema``'s column ``name``; a DataError naming the columns there are (``path`` labels the
-    message: the input file, or the batch for :mod:`gr2.ray`)."""
+    message: the input file, or the batch for :mod:`gr2.rq_arrow`)."""
     if schema.get_field_index(name) < 0:
         raise DataError(f"{path}: no {role} column {name!r} (columns: {', '.join(schema.names)})")
     return schema.field(name)
