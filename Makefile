@@ -2,6 +2,7 @@
 #   make demo   set up (virtual environment in .venv, reused) and run the main job on MovieLens-100k
 #   make test   set up and run every test (Rust and Python)
 #   make test-vllm  the vLLM processor against the real vLLM, in its own venv (.venv-vllm)
+#   make test-ray   gr2.ray (Ray Data encoder) on a local Ray cluster, in its own venv (.venv-ray)
 # Setup installs the locked versions of scripts/constraints.txt; `make lock` regenerates that file.
 SHELL := /bin/bash
 VENV ?= .venv
@@ -15,7 +16,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup develop demo test test-rust test-python bench clean lock inplace wheel fuzz test-vllm setup-vllm lock-vllm
+.PHONY: setup develop demo test test-rust test-python bench clean lock inplace wheel fuzz test-vllm setup-vllm lock-vllm test-ray setup-ray lock-ray
 
 # Installs the pinned versions of $(LOCK) (pip -c: a constraint, not an extra requirement), so
 # `make test` and `make demo` run in the environment the README's figures came from; rerunning is a
@@ -117,6 +118,44 @@ lock-vllm:
 	  printf 'maturin>=1.9,<2\n' | $(VLLM_VENV)/bin/uv pip compile -q pyproject.toml - --extra vllm --extra test \
 	    --python $(VLLM_PY) --no-header --no-annotate; } > $(VLLM_LOCK).tmp
 	mv $(VLLM_LOCK).tmp $(VLLM_LOCK)
+
+# Ray Data (gr2.ray), tested against the real Ray in its own environment (.venv-ray, reused like
+# .venv): exactly the versions of scripts/constraints-ray.txt, which holds pyproject's `ray` and
+# `test` extras and the part of gr2's dependencies its encode path imports (numpy, pyarrow, tqdm;
+# scripts/ray_requirements.py). gr2 goes in with --no-deps: torch and transformers are gigabytes the
+# encoder never imports. tests/with_ray/ starts a local cluster (ray.init(num_cpus=2)).
+RAY_VENV ?= .venv-ray
+RAY_PY := $(RAY_VENV)/bin/python
+RAY_LOCK := scripts/constraints-ray.txt
+# its own cargo target dir (as for vLLM): switching venvs rebuilds nothing
+RAY_CARGO := CARGO_TARGET_DIR=target/ray CARGO_BUILD_JOBS=1 nice
+RAY_STAMP := $(RAY_VENV)/.gr2-ray-deps-$(shell cat pyproject.toml $(RAY_LOCK) | sha256sum | cut -c1-12)
+
+$(RAY_STAMP): pyproject.toml $(RAY_LOCK)
+	@test -x $(RAY_PY) || python3 -m venv $(RAY_VENV)
+	$(RAY_PY) -m pip install -q -r $(RAY_LOCK)
+	$(RAY_CARGO) $(RAY_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@rm -f $(RAY_VENV)/.gr2-ray-deps-* && touch $@
+
+setup-ray: $(RAY_STAMP)
+
+# --skip-install: rebuild the extension in place (python/gr2, where the editable install points);
+# a plain `maturin develop` also pip-installs gr2's dependencies, torch included (6 GB, unlocked).
+test-ray: $(RAY_STAMP)
+	VIRTUAL_ENV=$(abspath $(RAY_VENV)) $(RAY_CARGO) $(RAY_VENV)/bin/maturin develop --release -q --skip-install
+	$(RAY_PY) -m pytest -q -m ray tests/with_ray
+
+# Re-resolve scripts/ray_requirements.py's list (Ray's range in pyproject.toml) with `uv pip
+# compile` into $(RAY_LOCK); review the diff, run `make test-ray`, commit.
+lock-ray:
+	@test -x $(RAY_PY) || python3 -m venv $(RAY_VENV)
+	$(RAY_PY) -m pip install -q --upgrade pip uv
+	{ echo '# Locked versions for `make test-ray` (.venv-ray): pyproject'"'"'s `ray` and `test` extras and gr2'"'"'s encode-path'; \
+	  echo '# dependencies (scripts/ray_requirements.py), resolved by `make lock-ray` (uv pip compile).'; \
+	  $(RAY_PY) -c 'import platform; print(f"# Resolved on {platform.system()} {platform.machine()}, CPython {platform.python_version()}.")'; \
+	  $(RAY_PY) scripts/ray_requirements.py | $(RAY_VENV)/bin/uv pip compile -q - --python $(RAY_PY) --no-header --no-annotate; \
+	} > $(RAY_LOCK).tmp
+	mv $(RAY_LOCK).tmp $(RAY_LOCK)
 
 clean:
 	rm -rf target runs .pytest_cache .hypothesis

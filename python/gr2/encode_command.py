@@ -55,7 +55,16 @@ def _encoder(args: argparse.Namespace):
     if args.codebooks is None:
         transform = RQVAETransform.from_run_dir(args.run_dir)
         return transform.codebooks, transform
-    path = Path(args.codebooks)
+    return load_codebooks_file(args.codebooks)
+
+
+def load_codebooks_file(path) -> tuple:
+    """(codebooks, transform or None) from a float32 (L, K, D) ``.npy`` of codebooks (no transform)
+    or a sid stage's ``codebooks.safetensors`` (its RQ-VAE encoder is the transform). gr2.ray's
+    actors load theirs with this too, so a path means the same thing there as to ``gr2 encode``."""
+    from gr2.rq_parquet import RQVAETransform
+
+    path = Path(path)
     if not path.is_file():
         raise Gr2IOError(f"codebooks file not found: {path}")
     if path.suffix == ".npy":

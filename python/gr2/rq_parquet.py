@@ -74,8 +74,9 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
         raise Gr2IOError(f"cannot read {path}: {e}") from e
 
 
-def _field(pf: pq.ParquetFile, path: Path, name: str, role: str) -> pa.Field:
-    schema = pf.schema_arrow
+def _field(schema: pa.Schema, path: Path, name: str, role: str) -> pa.Field:
+    """``schema``'s column ``name``; a DataError naming the columns there are (``path`` labels the
+    message: the input file, or the batch for :mod:`gr2.rq_arrow`)."""
     if schema.get_field_index(name) < 0:
         raise DataError(f"{path}: no {role} column {name!r} (columns: {', '.join(schema.names)})")
     return schema.field(name)
@@ -403,9 +404,9 @@ def encode_parquet(
         raise InvalidInputError(f"the embedding column and the id column are both {column!r}; name two columns")
     input_path, output_path = _check_paths(input_path, output_path)
     pf = _open_parquet(input_path)
-    id_field = _field(pf, input_path, id_column, "id")
+    id_field = _field(pf.schema_arrow, input_path, id_column, "id")
     _check_id_type(id_field, input_path, integer_only=False)
-    fixed = _check_embedding_type(_field(pf, input_path, column, "embedding"), input_path)
+    fixed = _check_embedding_type(_field(pf.schema_arrow, input_path, column, "embedding"), input_path)
     if fixed is not None and fixed != width:
         raise InvalidInputError(f"{input_path}: row 0: {column!r} has {fixed} values per row (every row), "
                                 f"expected {width}")
@@ -456,7 +457,7 @@ def sids_parquet(
         raise InvalidInputError(f"index must be a gr2.SidIndex (gr2.SidIndex.load(path)), got {type(index).__name__}")
     input_path, output_path = _check_paths(input_path, output_path)
     pf = _open_parquet(input_path)
-    id_field = _field(pf, input_path, id_column, "id")
+    id_field = _field(pf.schema_arrow, input_path, id_column, "id")
     _check_id_type(id_field, input_path, integer_only=keys is None)
     schema = _output_schema(id_field, "sid", index.levels)
     n = pf.metadata.num_rows
