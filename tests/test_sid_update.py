@@ -231,7 +231,7 @@ def test_failed_update_leaves_the_index_untouched(sid_run):
 
 
 @pytest.mark.parametrize("killed_after", ["marker", "index save"])
-def test_a_killed_update_is_finished_not_rebuilt(sid_run, monkeypatch, killed_after, capsys):
+def test_a_killed_update_is_finished_not_rebuilt(sid_run, monkeypatch, killed_after, caplog):
     """Issue 31: a kill between the new index and its record made the next run retrain the RQ-VAE
     and move 605 of 606 SIDs. Now the next run keeps whichever index is on disk (the old one, or
     the update's, each saved atomically) and only rewrites the records."""
@@ -264,8 +264,9 @@ def test_a_killed_update_is_finished_not_rebuilt(sid_run, monkeypatch, killed_af
         raise AssertionError("the sid stage was rebuilt")
 
     monkeypatch.setattr(sid_stage, "_run_sid", no_rebuild)
-    summary = run_sid(run_dir, config, progress=False)
-    assert "completed an interrupted update" in capsys.readouterr().out
+    with caplog.at_level("WARNING", logger="gr2.sid.stage"):
+        summary = run_sid(run_dir, config, progress=False)
+    assert "completed an interrupted update" in caplog.text
     after = load_index(run_dir)
     np.testing.assert_array_equal(after.sids(old_ids), before.sids(old_ids))
     assert all((int(i) in after) == (killed_after == "index save") for i in fresh)

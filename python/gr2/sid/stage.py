@@ -217,8 +217,8 @@ def _finish_interrupted_update(stage_dir: Path, key: str) -> dict[str, Any] | No
     if not isinstance(pending, dict) or pending.get("key") != key:
         return None
     summary = _record_update(stage_dir, key, index, step=None)
-    print(f"sid: completed an interrupted update from the saved index (generation {index.generation}, "
-          f"{len(index)} items); nothing rebuilt", flush=True)
+    log.warning("sid: completed an interrupted update from the saved index (generation %d, %d items); "
+                "nothing rebuilt", index.generation, len(index))
     return summary
 
 
