@@ -43,7 +43,7 @@ import numpy as np
 from gr2.errors import ConfigError, DataError
 from gr2.rundir import atomic_dir, atomic_write_json, begin_stage, mark_done, read_stage, stage_key
 from gr2.splits import PROTOCOLS, SPLITS, ProtocolSplit, Requests, leave_one_out_protocol, time_protocol
-from gr2.upstream import evaluate_full_ranking, top_k
+from gr2.upstream import ranking_metrics, target_ranks, top_k
 from gr2.upstream.itemknn import ItemKNNRanker
 from gr2.upstream.popularity import PopularityRanker
 from gr2.upstream.sasrec import SASRecConfig, train_sasrec
@@ -73,6 +73,9 @@ class TimeSplitConfig:
     valid_users: float = 0.1  # share of the window's users whose lists are valid lists instead
     max_test_requests: int = 0  # 0 = all; else a seeded sample (lists are then the covered ones)
     seed: int = 0
+    # > 1: rolling cutoffs -- the window is cut into this many time slices, each ranked by a ranker
+    # fitted up to its start (train lists ranked like test lists; gr2.splits); costs one ranker per slice
+    rolling: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 < self.train_cutoff < self.test_cutoff < 1.0:
@@ -82,6 +85,9 @@ class TimeSplitConfig:
             raise ConfigError(f"candidates.time.valid_users must be in [0, 1), got {self.valid_users}")
         if self.max_test_requests < 0:
             raise ConfigError(f"candidates.time.max_test_requests must be >= 0, got {self.max_test_requests}")
+        if isinstance(self.rolling, bool) or not isinstance(self.rolling, int) or self.rolling < 1:
+            raise ConfigError(f"candidates.time.rolling must be a whole number >= 1 (1 = one train cutoff), "
+                              f"got {self.rolling!r}")
 
 
 @dataclass
@@ -160,6 +166,10 @@ class Lists:
     candidates: np.ndarray  # int64 (N, K)
     scores: np.ndarray  # float32 (N, K)
     too_few_items: int = 0  # requests left out: history masks all but < K catalog items
+    fit_slice: np.ndarray | None = None  # int64 (N,): the rolling-cutoff slice that ranked each list (None: 0)
+
+    def slices(self) -> np.ndarray:
+        return np.zeros(len(self.targets), np.int64) if self.fit_slice is None else self.fit_slice
 
     @property
     def hits(self) -> np.ndarray:
@@ -172,6 +182,24 @@ class Lists:
     def coverage(self) -> float:
         """Share of all requests whose target made the top-K (requests without a list count as misses)."""
         return float(self.hits.sum() / self.requests) if self.requests else 0.0
+
+
+def rank_split(rankers: dict[int, Any], req: Requests, fit_slice: np.ndarray, config: CandidatesConfig) -> Lists:
+    """The lists of one split: each request ranked by the ranker of its fit slice (``rankers[slice]``)."""
+    parts = []
+    for r in np.unique(fit_slice):
+        rows = np.nonzero(fit_slice == r)[0]
+        part = rank_lists(rankers[int(r)], req.user_idx[rows], [req.histories[i] for i in rows], req.targets[rows], config)
+        part.fit_slice = np.full(len(part.targets), r, np.int64)
+        parts.append(part)
+    if not parts:
+        empty = np.zeros((0, config.k), np.int64)
+        return Lists(np.zeros(0, np.int64), [], np.zeros(0, np.int64), empty, empty.astype(np.float32),
+                     fit_slice=np.zeros(0, np.int64))
+    return Lists(np.concatenate([p.user_idx for p in parts]), [h for p in parts for h in p.histories],
+                 np.concatenate([p.targets for p in parts]), np.concatenate([p.candidates for p in parts]),
+                 np.concatenate([p.scores for p in parts]), sum(p.too_few_items for p in parts),
+                 np.concatenate([p.slices() for p in parts]))
 
 
 def rank_lists(ranker, user_idx, histories, targets, config: CandidatesConfig) -> Lists:
@@ -210,6 +238,7 @@ def to_dataset(lists: Lists, max_history: int):
             "candidates": Sequence(Value("int64")),
             "scores": Sequence(Value("float32")),
             "target": Value("int64"),
+            "fit_slice": Value("int64"),
         }
     )
     return Dataset.from_dict(
@@ -220,6 +249,7 @@ def to_dataset(lists: Lists, max_history: int):
             "candidates": lists.candidates[keep].tolist(),
             "scores": lists.scores[keep].tolist(),
             "target": lists.targets[keep].tolist(),
+            "fit_slice": lists.slices()[keep].tolist(),
         },
         features=features,
     )
@@ -229,7 +259,7 @@ def split_report(lists: Lists) -> dict[str, Any]:
     hits = lists.hits
     ranks = np.argmax(lists.candidates == lists.targets[:, None], axis=1)[hits] + 1
     k = lists.candidates.shape[1]
-    return {
+    out: dict[str, Any] = {
         "requests": int(lists.requests),
         "lists": int(len(hits)),
         "kept": int(hits.sum()),
@@ -238,6 +268,11 @@ def split_report(lists: Lists) -> dict[str, Any]:
         "coverage": lists.coverage(),
         "target_position_histogram": np.bincount(ranks, minlength=k + 1)[1:].tolist(),
     }
+    if lists.fit_slice is not None and len(lists.fit_slice) and lists.fit_slice.max() > 0:
+        slices = lists.fit_slice
+        out["coverage_by_slice"] = [float(hits[slices == r].mean()) if (slices == r).any() else 0.0
+                                    for r in range(int(slices.max()) + 1)]
+    return out
 
 
 def make_split(sequences: Any, config: CandidatesConfig) -> ProtocolSplit:
@@ -245,46 +280,77 @@ def make_split(sequences: Any, config: CandidatesConfig) -> ProtocolSplit:
     if config.protocol == "time":
         t = config.time
         return time_protocol(sequences["user_idx"], sequences["items"], sequences["timestamps"], t.train_cutoff,
-                             t.test_cutoff, t.valid_users, t.seed, t.max_test_requests)
+                             t.test_cutoff, t.valid_users, t.seed, t.max_test_requests, t.rolling)
     return leave_one_out_protocol(sequences["user_idx"], sequences["items"], config.train_windows)
 
 
-def fit_dataset(split: ProtocolSplit, name: str):
-    """HF dataset of the interactions the ranker of split ``name`` (and its statistics) may use."""
+def fit_dataset(split: ProtocolSplit, name: str, fit_slice: int = 0):
+    """HF dataset of the interactions the ranker of split ``name``'s slice ``fit_slice`` (and its
+    statistics) may use."""
     from datasets import Dataset, Features, Sequence, Value
 
     features = Features({"user_idx": Value("int64"), "items": Sequence(Value("int64"))})
-    return Dataset.from_dict({"user_idx": split.users.tolist(), "items": [s.tolist() for s in split.fit[name]]},
-                             features=features)
+    fit = split.fit_of_slice(name, fit_slice)
+    return Dataset.from_dict({"user_idx": split.users.tolist(), "items": [s.tolist() for s in fit]}, features=features)
 
 
-def load_fit_sequences(run_dir: str | Path, split: str) -> list[np.ndarray]:
-    """The fit data of ``split`` (what its upstream ranker saw): per-user item sequences."""
+def fit_dir_name(split: str, fit_slice: int = 0) -> str:
+    """Folder of ``candidates/`` holding the fit data of ``split``'s lists of slice ``fit_slice``
+    (slices >= 1 exist under rolling cutoffs and are shared by the train and valid lists)."""
+    return f"fit_{split}" if fit_slice == 0 else f"fit_slice_{fit_slice}"
+
+
+def list_fit_slices(table: Any) -> np.ndarray:
+    """The fit slice of every list of a candidates/prompts dataset (0 for runs before rolling cutoffs)."""
+    if "fit_slice" not in table.column_names:
+        return np.zeros(len(table), np.int64)
+    return np.asarray(table["fit_slice"], dtype=np.int64)
+
+
+def load_fit_sequences(run_dir: str | Path, split: str, fit_slice: int = 0) -> list[np.ndarray]:
+    """The fit data of ``split``'s lists of slice ``fit_slice`` (what their upstream ranker saw):
+    per-user item sequences."""
     from datasets import load_from_disk
 
-    path = Path(run_dir) / "candidates" / f"fit_{split}"
+    path = Path(run_dir) / "candidates" / fit_dir_name(split, int(fit_slice))
     if not path.exists():
         raise DataError(f"{path} is missing; rerun the `candidates` stage (older runs lack it)")
     return [np.asarray(s, dtype=np.int64) for s in load_from_disk(str(path))["items"]]
 
 
-def fit_rankers(split: ProtocolSplit, n_items: int, config: CandidatesConfig) -> dict[str, Any]:
-    """One upstream ranker per distinct fit data. The ranker of the valid lists early-stops on
-    them (SASRec); the others train for its best epoch count (no peeking at their own targets)."""
+def fit_rankers(split: ProtocolSplit, n_items: int, config: CandidatesConfig) -> dict[str, dict[int, Any]]:
+    """split -> fit slice -> ranker: one upstream ranker per distinct fit data. The ranker of the
+    valid lists early-stops on them (SASRec); the others train for its best epoch count (no peeking
+    at their own targets). Under rolling cutoffs, slices >= 1 get a ranker each, shared by the
+    train and valid lists of that slice."""
     valid = split.requests["valid"]
     early = (valid.histories, valid.targets) if len(valid) else None
     first = "valid" if early is not None else "train"
     main = fit_ranker(config.upstream, split.fit[first], n_items, config, valid=early,
                       epochs=None if early is not None else config.sasrec.max_epochs, desc=f"{config.upstream} ({first})")
     epochs = main.history["best_epoch"] if config.upstream == "sasrec" else None
-    rankers = {first: main}
+    rankers = {first: {0: main}}
     for name in SPLITS:
         if name in rankers:
             continue
         same = next((other for other in rankers if split.fit[other] is split.fit[name]), None)
-        rankers[name] = rankers[same] if same else fit_ranker(
-            config.upstream, split.fit[name], n_items, config, epochs=epochs, desc=f"{config.upstream} ({name})")
+        rankers[name] = {0: rankers[same][0] if same else fit_ranker(
+            config.upstream, split.fit[name], n_items, config, epochs=epochs, desc=f"{config.upstream} ({name})")}
+    for r in range(1, len(split.slice_fit)):
+        ranker = fit_ranker(config.upstream, split.slice_fit[r], n_items, config, epochs=epochs,
+                            desc=f"{config.upstream} (slice {r})")
+        for name in split.slice_of:
+            rankers[name][r] = ranker
     return rankers
+
+
+def full_ranking_metrics(rankers: dict[int, Any], req: Requests, fit_slice: np.ndarray, config: CandidatesConfig
+                         ) -> dict[str, float]:
+    """Full-ranking Recall@10 / NDCG@10 of a split's requests, each ranked by its slice's ranker."""
+    ranks = [target_ranks(rankers[int(r)], [req.histories[i] for i in rows], req.targets[rows],
+                          mask_history=config.mask_history)
+             for r in np.unique(fit_slice) for rows in [np.nonzero(fit_slice == r)[0]]]
+    return ranking_metrics(np.concatenate(ranks), 10)
 
 
 def run_candidates(run_dir: str | Path, config: CandidatesConfig, *, force: bool = False) -> dict[str, Any]:
@@ -303,31 +369,30 @@ def run_candidates(run_dir: str | Path, config: CandidatesConfig, *, force: bool
     if len(split.requests["test"]) == 0:
         raise DataError("no user has enough interactions for the protocol's test requests")
     rankers = fit_rankers(split, n_items, config)
-    lists: dict[str, Lists] = {}
-    for name in SPLITS:
-        req: Requests = split.requests[name]
-        if len(req):
-            lists[name] = rank_lists(rankers[name], req.user_idx, req.histories, req.targets, config)
-        else:
-            empty = np.zeros((0, config.k), np.int64)
-            lists[name] = Lists(np.zeros(0, np.int64), [], np.zeros(0, np.int64), empty, empty.astype(np.float32))
+    lists = {name: rank_split(rankers[name], split.requests[name], split.slices(name), config) for name in SPLITS}
     full_ranking: dict[str, dict] = {"valid": {}, "test": {}}
     for split_name in ("valid", "test"):
-        req = split.requests[split_name]
+        req, slices = split.requests[split_name], split.slices(split_name)
         if not len(req):
             continue
         by_name = {config.upstream: rankers[split_name]}
         for name in ("popularity", "itemknn"):
-            by_name.setdefault(name, fit_ranker(name, split.fit[split_name], n_items, config))
-        for name, r in by_name.items():
-            full_ranking[split_name][name] = evaluate_full_ranking(r, req.histories, req.targets, 10, config.mask_history)
+            if name not in by_name:
+                by_name[name] = {int(r): fit_ranker(name, split.fit_of_slice(split_name, int(r)), n_items, config)
+                                 for r in np.unique(slices)}
+        for name, by_slice in by_name.items():
+            full_ranking[split_name][name] = full_ranking_metrics(by_slice, req, slices, config)
 
     for split_name in SPLITS:
         with atomic_dir(out / split_name) as tmp:
             to_dataset(lists[split_name], config.max_history).save_to_disk(str(tmp))
-        with atomic_dir(out / f"fit_{split_name}") as tmp:
+        with atomic_dir(out / fit_dir_name(split_name)) as tmp:
             fit_dataset(split, split_name).save_to_disk(str(tmp))
+    for r in range(1, len(split.slice_fit)):  # shared by the train and valid lists of slice r
+        with atomic_dir(out / fit_dir_name("train", r)) as tmp:
+            fit_dataset(split, "train", r).save_to_disk(str(tmp))
     protocol = (f"time: cutoffs at quantiles {config.time.train_cutoff} / {config.time.test_cutoff}"
+                + (f", {config.time.rolling} rolling train slices" if config.time.rolling > 1 else "")
                 if config.protocol == "time" else
                 f"leave_one_out; train lists: last {config.train_windows} train items per user held out from a prefix ranker")
     report = {
@@ -346,7 +411,7 @@ def run_candidates(run_dir: str | Path, config: CandidatesConfig, *, force: bool
         "seconds": round(time.perf_counter() - started, 1),
     }
     if config.upstream == "sasrec":
-        report["sasrec_training"] = next(iter(rankers.values())).history
+        report["sasrec_training"] = next(iter(rankers.values()))[0].history
     atomic_write_json(out / "report.json", report)
     summary = {
         "upstream": config.upstream,

@@ -1,8 +1,9 @@
 """Stage ``prompts``: every split's rerank requests, materialised once for all later stages.
 
-Reads ``candidates/{train,valid,test}`` and ``candidates/fit_{split}``; writes ``prompts/<split>``
-(HF datasets: ``list_id``, ``user_idx``, ``history`` (the last ``max_history`` items), ``candidates``
-(upstream order), ``target``, ``evidence`` (K co-engagement scores, zeros without evidence)),
+Reads ``candidates/{train,valid,test}`` and ``candidates/fit_{split}`` (and ``fit_slice_<r>`` under
+rolling cutoffs); writes ``prompts/<split>`` (HF datasets: ``list_id``, ``user_idx``, ``history`` (the
+last ``max_history`` items), ``candidates`` (upstream order), ``target``, ``evidence`` (K co-engagement
+scores, zeros without evidence), ``fit_slice`` (which fit data ranked the list: :mod:`gr2.splits`)),
 ``prompts/config.json`` (the :class:`gr2.prompts.PromptConfig` every stage renders with) and
 ``prompts/report.json``.
 
@@ -11,7 +12,7 @@ Traces, SFT, RL, rerank and the teacher's own ranking all read these rows and re
 evaluated and served with: same history, same priming, same evidence.
 
 Evidence (``evidence = "cooccur"``) is the item-kNN co-engagement of each candidate with the
-history, fitted on the split's fit data (what the list's upstream ranker saw; see
+history, fitted on the list's fit data (what the list's upstream ranker saw; see
 :mod:`gr2.splits`), so it never counts the target's interaction or the user's later items.
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from gr2 import rundir
-from gr2.candidates import load_fit_sequences
+from gr2.candidates import list_fit_slices, load_fit_sequences
 from gr2.config import from_dict
 from gr2.errors import ConfigError, DataError
 from gr2.prompts import PromptConfig, candidate_evidence, evidence_ranks
@@ -41,6 +42,7 @@ def _features():
     return Features({
         "list_id": Value("int64"), "user_idx": Value("int64"), "history": Sequence(Value("int64")),
         "candidates": Sequence(Value("int64")), "target": Value("int64"), "evidence": Sequence(Value("float32")),
+        "fit_slice": Value("int64"),
     })
 
 
@@ -80,9 +82,14 @@ def run_prompts(run_dir: str | Path, config: PromptConfig = PromptConfig(), *, f
         table = load_from_disk(str(run_dir / "candidates" / split))
         histories = [np.asarray(h, dtype=np.int64)[-config.max_history:] for h in table["history"]]
         candidates = np.asarray(table["candidates"], dtype=np.int64).reshape(len(table), -1)
+        fit_slices = list_fit_slices(table)
         if config.evidence == "cooccur" and len(table):
-            # evidence weighs the history the prompt shows, nothing more
-            evidence = candidate_evidence(histories, candidates, load_fit_sequences(run_dir, split), n_items, config)
+            # evidence weighs the history the prompt shows, nothing more, over the list's own fit data
+            evidence = np.zeros(candidates.shape, dtype=np.float32)
+            for r in np.unique(fit_slices):
+                rows = np.nonzero(fit_slices == r)[0]
+                evidence[rows] = candidate_evidence([histories[i] for i in rows], candidates[rows],
+                                                    load_fit_sequences(run_dir, split, int(r)), n_items, config)
             if not evidence.any():
                 raise ConfigError(f"prompts.evidence = {config.evidence!r}, but the {split} split's fit data gives no "
                                   "candidate any co-engagement with its history (too little interaction data); "
@@ -93,6 +100,7 @@ def run_prompts(run_dir: str | Path, config: PromptConfig = PromptConfig(), *, f
         ds = Dataset.from_dict({
             "list_id": table["list_id"], "user_idx": table["user_idx"], "history": [h.tolist() for h in histories],
             "candidates": candidates.tolist(), "target": targets.tolist(), "evidence": evidence.tolist(),
+            "fit_slice": fit_slices.tolist(),
         }, features=_features())
         with rundir.atomic_dir(out / split) as tmp:
             ds.save_to_disk(str(tmp))

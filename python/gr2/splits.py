@@ -24,6 +24,14 @@ Two protocols (``CandidatesConfig.protocol``):
     everything up to the train cutoff; the requests of a seeded ``valid_users`` share of users
     become valid lists instead (same ranker, users never trained on).
     fit data: train, valid -> interactions <= train cutoff; test -> interactions <= test cutoff.
+    **Rolling cutoffs** (``rolling = R > 1``): the window between the cutoffs is cut at R - 1 more
+    quantiles into R time slices, and the train and valid requests of slice r are ranked by a
+    ranker fitted on every interaction up to slice r's start -- as test requests are ranked by a
+    ranker fitted up to the test cutoff -- instead of all by one ranker that grows staler with
+    every later request (on MovieLens-100k at ``train_cutoff = 0.4`` that ranker sees 417 users and
+    covers 0.150 of the train targets vs 0.175 on test). Every statistic shown next to a list
+    (evidence, teacher) uses its slice's fit data: ``slice_of[split]`` says which slice ranked each
+    request, ``slice_fit[r]`` is that slice's fit data (``slice_fit[0]`` is ``fit["train"]``).
 
 In both protocols each list's target lies past its ranker's data, train lists look like test
 lists, and the teacher/evidence statistics of a list come from its split's fit data only, so they
@@ -66,6 +74,17 @@ class ProtocolSplit:
     users: np.ndarray  # int64: user_idx of each fit sequence
     skipped_users: int = 0  # users too short for the protocol (counted, never silently dropped)
     notes: dict[str, object] = field(default_factory=dict)
+    # rolling time cutoffs: split -> the fit slice of each request (absent: every request is slice 0)
+    slice_of: dict[str, np.ndarray] = field(default_factory=dict)
+    slice_fit: list[list[np.ndarray]] = field(default_factory=list)  # slice r -> per-user fit sequences
+
+    def slices(self, name: str) -> np.ndarray:
+        """The fit slice of every request of split ``name`` (zeros without rolling cutoffs)."""
+        return self.slice_of.get(name, np.zeros(len(self.requests[name]), np.int64))
+
+    def fit_of_slice(self, name: str, fit_slice: int) -> list[np.ndarray]:
+        """The fit data of the requests of split ``name`` in slice ``fit_slice``."""
+        return self.fit[name] if fit_slice == 0 else self.slice_fit[fit_slice]
 
 
 @dataclass
@@ -141,15 +160,18 @@ def leave_one_out_protocol(user_idx: Sequence[int], sequences: Sequence[Sequence
 
 def time_protocol(user_idx: Sequence[int], sequences: Sequence[Sequence[int]], timestamps: Sequence[Sequence[int]],
                   train_cutoff: float, test_cutoff: float, valid_users: float, seed: int = 0,
-                  max_test_requests: int = 0) -> ProtocolSplit:
+                  max_test_requests: int = 0, rolling: int = 1) -> ProtocolSplit:
     """Global time cutoffs at the ``train_cutoff`` and ``test_cutoff`` quantiles (module docstring).
 
     ``max_test_requests`` > 0 keeps a seeded sample of that many test requests (the count before
-    sampling is in ``notes``)."""
+    sampling is in ``notes``). ``rolling`` > 1 cuts the training window into that many time
+    slices, each with its own fit data (module docstring)."""
     if not 0.0 < train_cutoff < test_cutoff < 1.0:
         raise ConfigError(f"candidates.time: need 0 < train_cutoff < test_cutoff < 1, got {train_cutoff}, {test_cutoff}")
     if not 0.0 <= valid_users < 1.0:
         raise ConfigError(f"candidates.time.valid_users must be in [0, 1), got {valid_users}")
+    if isinstance(rolling, bool) or not isinstance(rolling, (int, np.integer)) or rolling < 1:
+        raise ConfigError(f"candidates.time.rolling must be a whole number >= 1 (1 = one train cutoff), got {rolling!r}")
     seqs = [np.asarray(s, np.int64) for s in sequences]
     times = [np.asarray(t, np.int64) for t in timestamps]
     if any(len(s) != len(t) for s, t in zip(seqs, times)) or len(seqs) != len(times):
@@ -157,16 +179,23 @@ def time_protocol(user_idx: Sequence[int], sequences: Sequence[Sequence[int]], t
     every = np.concatenate(times) if times else np.zeros(0, np.int64)
     if len(every) == 0:
         raise DataError("no interactions to split")
-    c_train, c_test = np.quantile(every, [train_cutoff, test_cutoff], method="lower").astype(np.int64)
+    quantiles = np.linspace(train_cutoff, test_cutoff, int(rolling) + 1)
+    cuts = np.quantile(every, quantiles, method="lower").astype(np.int64)  # slice starts, then the test cutoff
+    c_train, c_test = cuts[0], cuts[-1]
     users = np.asarray(user_idx, np.int64)
     # position of the first interaction after each cutoff (sequences are chronological)
-    n_train = [int(np.searchsorted(t, c_train, side="right")) for t in times]
-    n_test = [int(np.searchsorted(t, c_test, side="right")) for t in times]
-    window = _windows(users, [s[:e] for s, e in zip(seqs, n_test)], n_train)
+    ends = [[int(np.searchsorted(t, c, side="right")) for t in times] for c in cuts]
+    n_train, n_test = ends[0], ends[-1]
+    slices = [_windows(users, [s[:e] for s, e in zip(seqs, ends[r + 1])], ends[r]) for r in range(int(rolling))]
+    window = _concat(slices)
+    window_slice = np.concatenate([np.full(len(w), r, np.int64) for r, w in enumerate(slices)])
     test = _windows(users, seqs, n_test)
     if len(window) == 0:
         raise ConfigError(f"candidates.time.train_cutoff={train_cutoff}: no interaction falls between the cutoffs "
                           "(no training data); move the cutoffs apart")
+    if empty := [r for r, w in enumerate(slices) if len(w) == 0]:
+        raise ConfigError(f"candidates.time.rolling={rolling} leaves time slice(s) {empty} without an interaction "
+                          "(timestamps tie across the slice boundaries); use fewer slices")
     if len(test) == 0:
         raise ConfigError(f"candidates.time.test_cutoff={test_cutoff} leaves no test interaction")
     rng = np.random.default_rng(seed)
@@ -184,14 +213,25 @@ def time_protocol(user_idx: Sequence[int], sequences: Sequence[Sequence[int]], t
         pick[np.sort(np.random.default_rng([seed, 1]).choice(len(test), max_test_requests, replace=False))] = True
         test = take(test, pick)
     before_train = [s[:e] for s, e in zip(seqs, n_train)]
+    notes: dict[str, object] = {"train_cutoff": {"quantile": train_cutoff, "timestamp": int(c_train)},
+                                "test_cutoff": {"quantile": test_cutoff, "timestamp": int(c_test)},
+                                "valid_users": len(held), "test_requests_before_sampling": test_total}
+    rolled: dict[str, object] = {}
+    if rolling > 1:
+        notes["rolling_cutoffs"] = [{"quantile": float(q), "timestamp": int(c)} for q, c in zip(quantiles[:-1], cuts[:-1])]
+        rolled = {"slice_of": {"train": window_slice[~is_valid], "valid": window_slice[is_valid]},
+                  "slice_fit": [before_train] + [[s[:e] for s, e in zip(seqs, ends[r])] for r in range(1, int(rolling))]}
     return ProtocolSplit(
         "time", {"train": take(window, ~is_valid), "valid": take(window, is_valid), "test": test},
         {"train": before_train, "valid": before_train, "test": [s[:e] for s, e in zip(seqs, n_test)]},
-        users,
-        notes={"train_cutoff": {"quantile": train_cutoff, "timestamp": int(c_train)},
-               "test_cutoff": {"quantile": test_cutoff, "timestamp": int(c_test)},
-               "valid_users": len(held), "test_requests_before_sampling": test_total},
+        users, notes=notes, **rolled,
     )
+
+
+def _concat(parts: Sequence[Requests]) -> Requests:
+    """The requests of ``parts``, one after the other."""
+    return Requests(np.concatenate([p.user_idx for p in parts]), [h for p in parts for h in p.histories],
+                    np.concatenate([p.targets for p in parts]))
 
 
 def train_sequences(sequences) -> list[np.ndarray]:

@@ -152,6 +152,7 @@ class Example:
     candidates: list[int]
     target: int
     evidence: list[float]
+    fit_slice: int = 0  # which fit data ranked the list (rolling cutoffs, gr2.splits): the teacher's statistics
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,10 +326,14 @@ def load_examples(run_dir: Path, split: str, max_examples: int, seed: int) -> li
     sample of ``max_examples``."""
     from gr2.prompt_stage import load_requests
 
+    from gr2.candidates import list_fit_slices
+
     table = load_requests(run_dir, split)
+    slices = list_fit_slices(table)
     examples = [Example(int(r["list_id"]), int(r["user_idx"]), [int(i) for i in r["history"]],
-                        [int(c) for c in r["candidates"]], int(r["target"]), [float(e) for e in r["evidence"]])
-                for r in table]
+                        [int(c) for c in r["candidates"]], int(r["target"]), [float(e) for e in r["evidence"]],
+                        int(fit_slice))
+                for r, fit_slice in zip(table, slices)]
     for e in examples:
         if len(set(e.candidates)) != len(e.candidates):
             raise DataError(f"prompts/{split}: list {e.list_id} has duplicate candidates")
@@ -340,6 +345,24 @@ def load_examples(run_dir: Path, split: str, max_examples: int, seed: int) -> li
     return examples
 
 
+def heuristic_teachers(run_dir: Path, catalog: ItemCatalog, config: TeacherConfig, split: str
+                       ) -> Callable[[Example], HeuristicTeacher]:
+    """example -> the heuristic teacher whose statistics come from that example's fit data (one
+    per rolling-cutoff slice, built when first needed)."""
+    from gr2.candidates import load_fit_sequences
+
+    teachers: dict[int, HeuristicTeacher] = {}
+    lock = threading.Lock()  # the OpenAI-style sampler runs examples on a thread pool
+
+    def teacher_of(example: Example) -> HeuristicTeacher:
+        with lock:
+            if example.fit_slice not in teachers:
+                teachers[example.fit_slice] = HeuristicTeacher(
+                    catalog, load_fit_sequences(run_dir, split, example.fit_slice), config)
+            return teachers[example.fit_slice]
+    return teacher_of
+
+
 def make_sampler(config: TeacherConfig, run_dir: Path, catalog: ItemCatalog, prompt: Any, reasoning: bool,
                  cache_dir: Path, *, purge_cache: bool = False
                  ) -> tuple[str, Callable[[Example, int], str], OpenAIChatClient | None]:
@@ -347,12 +370,10 @@ def make_sampler(config: TeacherConfig, run_dir: Path, catalog: ItemCatalog, pro
     configured backend. The OpenAI client caches a reply only when it parses with gr2's grammar
     for that example (:func:`parse_completions`); ``purge_cache`` (``--force``) also deletes cache
     entries it would not trust (unreadable, older format)."""
-    from gr2.candidates import load_fit_sequences
-
     targeted = config.mode == "targeted"
     if config.backend == "heuristic":
-        teacher = HeuristicTeacher(catalog, load_fit_sequences(run_dir, config.split), config)
-        return HEURISTIC_LABEL, lambda ex, attempt: teacher.complete(ex, attempt, targeted, reasoning), None
+        teacher = heuristic_teachers(run_dir, catalog, config, config.split)
+        return HEURISTIC_LABEL, lambda ex, attempt: teacher(ex).complete(ex, attempt, targeted, reasoning), None
     prompt_of = lambda ex: rerank_messages(run_dir, catalog, ex, prompt, reasoning=reasoning, reveal_target=targeted)  # noqa: E731
     if config.backend == "openai":
         client = OpenAIChatClient(config.endpoint, config.model, api_key=os.environ.get(config.api_key_env),
@@ -449,12 +470,11 @@ def check_acceptance(summary: dict[str, Any], config: TeacherConfig, stage_dir: 
 def teacher_rankings(run_dir: Path, config: TeacherConfig, catalog: ItemCatalog, split: str) -> None:
     """The heuristic teacher's greedy ranking of ``prompts/<split>``, written as
     ``teacher/rankings_<split>.npz`` so ``gr2 eval`` scores the teacher like any method."""
-    from gr2.candidates import load_fit_sequences
     from gr2.eval.stage import save_rankings
 
     examples = load_examples(run_dir, split, 0, config.seed)
-    teacher = HeuristicTeacher(catalog, load_fit_sequences(run_dir, split), config)
-    rankings = np.array([teacher.rank(ex, 0, False)[0] for ex in examples], dtype=np.int64)
+    teacher = heuristic_teachers(run_dir, catalog, config, split)
+    rankings = np.array([teacher(ex).rank(ex, 0, False)[0] for ex in examples], dtype=np.int64)
     save_rankings(run_dir / "teacher" / f"rankings_{split}.npz", [e.list_id for e in examples], rankings,
                   np.ones(len(examples), dtype=bool), np.array([e.candidates for e in examples], dtype=np.int64))
 

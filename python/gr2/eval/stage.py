@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from gr2.candidates import ItemKNNConfig, load_data, load_fit_sequences
+from gr2.candidates import ItemKNNConfig, list_fit_slices, load_data, load_fit_sequences
 from gr2.errors import ConfigError, CorruptFileError, DataError, InvalidInputError
 from gr2.eval.baselines import popularity_order, random_order, score_order, upstream_order
 from gr2.eval.metrics import check_lists, evaluate_rankings, min_detectable_effect, paired_mde
@@ -119,6 +119,22 @@ def align(method: dict[str, np.ndarray], row_of_list: dict[int, int], candidates
     return rows
 
 
+def statistic_orders(run_dir: Path, config: Any, n_items: int, fit_slices: np.ndarray,
+                     histories: list[np.ndarray], candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The popularity and item-kNN orders of the lists, each fitted on what the list's upstream
+    ranker saw (its split's fit data; its slice's under rolling cutoffs)."""
+    popularity = np.empty_like(candidates)
+    itemknn = np.empty_like(candidates)
+    for r in np.unique(fit_slices):
+        rows = np.nonzero(fit_slices == r)[0]
+        fit = load_fit_sequences(run_dir, config.split, int(r))
+        knn = ItemKNNRanker.fit(fit, n_items, neighbors=config.itemknn.neighbors, shrink=config.itemknn.shrink,
+                                recency_decay=config.itemknn.recency_decay)
+        popularity[rows] = popularity_order(candidates[rows], PopularityRanker.fit(fit, n_items).counts)
+        itemknn[rows] = score_order(candidates[rows], knn.score_candidates([histories[i] for i in rows], candidates[rows]))
+    return popularity, itemknn
+
+
 def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) -> dict[str, Any]:
     from datasets import load_from_disk
 
@@ -158,22 +174,17 @@ def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) ->
     if len(shared) == 0:
         raise DataError("the methods share no list; evaluate them on the same users")
 
-    fit = load_fit_sequences(run_dir, config.split)  # what this split's upstream saw
-    counts = PopularityRanker.fit(fit, len(items)).counts
-    knn = ItemKNNRanker.fit(
-        fit, len(items), neighbors=config.itemknn.neighbors, shrink=config.itemknn.shrink,
-        recency_decay=config.itemknn.recency_decay,
-    )
     c, t = candidates[shared], targets[shared]
     # the stored (capped) histories: item-kNN weighs recent items most, so the cap barely matters
     history_column = lists["history"]
     histories = [np.asarray(history_column[int(i)], dtype=np.int64) for i in shared]
     all_valid = np.ones(len(shared), dtype=bool)
+    popularity, itemknn = statistic_orders(run_dir, config, len(items), list_fit_slices(lists)[shared], histories, c)
     rankings = {
         "upstream": (upstream_order(c), all_valid),
         "random": (random_order(c, config.seed), all_valid),
-        "popularity": (popularity_order(c, counts), all_valid),
-        "itemknn": (score_order(c, knn.score_candidates(histories, c)), all_valid),
+        "popularity": (popularity, all_valid),
+        "itemknn": (itemknn, all_valid),
     }
     line = evidence_line(run_dir, config.split, list_id[shared], c)
     if line is not None:  # the prompts' evidence line read as a ranking: what a pure copier scores
