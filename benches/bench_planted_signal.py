@@ -135,6 +135,28 @@ def _gr2_rl_curve(args, task, tokenizer, sid_tokens, state, heldout, train_rows,
     return curve
 
 
+def run_ablation(args, task, tokenizer, sid_tokens, state, heldout, train_rows):
+    """`gr2 rl --ablation`'s loop (gr2.train.dapo.ablation) on the planted task, rollouts and
+    evaluation unconstrained: the conditional vs the unconditional format reward from the same start."""
+    from gr2.train.dapo import DapoConfig, DapoTrainer
+    from gr2.train.dapo.ablation import ablation
+
+    config = DapoConfig(group_size=args.group, prompts_per_step=args.prompts, steps=args.steps, lr=args.lr,
+                        reasoning=False, max_reasoning_tokens=0, device="cpu", tensorboard=False,
+                        rollout_batch=args.prompts, max_generation_rounds=1, seed=args.seed, reward=args.reward,
+                        kl_coef=args.kl, constrained=False, max_new_tokens=args.max_completion,
+                        eval_every=args.eval_every, save_every=args.steps)
+
+    def make(cfg, out_dir):
+        model = fresh(tokenizer, state, args)
+        trainer = DapoTrainer(model, tokenizer, S.rl_data(task, tokenizer, train_rows), cfg, index=task.index,
+                              sid_tokens=sid_tokens, device=torch.device("cpu"))
+        return trainer, S.rl_data(task, tokenizer, heldout)
+
+    result = ablation(make, config, Path(args.out) / "ablation")
+    print(json.dumps(result, indent=1, default=str), flush=True)
+
+
 def run_trl(args, task, tokenizer, state, heldout, train_rows):
     import datasets
     from transformers import TrainerCallback
@@ -278,6 +300,9 @@ def main() -> int:
     p.add_argument("--start-batch", type=int, default=8)
     p.add_argument("--start-lr", type=float, default=3e-3)
     p.add_argument("--save-start", help="save the weak-start state_dict here (reuse it with --start)")
+    p.add_argument("--copy-steps", type=int, default=0,
+                   help="copy-curriculum steps before the weak start (gr2.synthetic.copy_examples; 0: none)")
+    p.add_argument("--copy-batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=60, help="RL steps per arm")
     p.add_argument("--sft-steps", type=int, default=200)
     p.add_argument("--sft-batch", type=int, default=8)
@@ -294,7 +319,7 @@ def main() -> int:
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--max-seconds", type=float, default=600.0, help="training-time cap per arm")
     p.add_argument("--arms", default="sft,gr2,trl", help="comma-separated: sft, gr2, gr2-zero (the gr2 arm with "
-                   "every advantage zeroed: a control that must not learn), trl")
+                   "every advantage zeroed: a control that must not learn), trl, ablation (`gr2 rl --ablation`: conditional vs unconditional format reward, unconstrained)")
     p.add_argument("--loss-tokens", default="decisions", choices=("all", "decisions"),
                    help="SFT loss on every completion token or only where constrained decoding has a choice "
                         "(sft.loss_tokens; the weak start and the SFT arm)")
@@ -313,6 +338,12 @@ def main() -> int:
     if args.start:
         model.load_state_dict(torch.load(args.start))
     else:
+        if args.copy_steps:  # the copy curriculum (gr2.synthetic.copy_examples) before the weak start
+            copies = S.copy_examples(task, sid_tokens, args.copy_steps * args.copy_batch, seed=args.seed)
+            losses = S.sft_train(model, copies, tokenizer.pad_token_id, steps=args.copy_steps,
+                                 batch_size=args.copy_batch, lr=args.start_lr)
+            print(f"copy curriculum: {args.copy_steps} steps x {args.copy_batch}, loss {losses[0]:.3f} -> "
+                  f"{np.mean(losses[-10:]):.4f}", flush=True)
         start = S.sft_examples(task, tokenizer, train_rows, teacher="target", accuracy=args.start_accuracy,
                                loss_tokens=args.loss_tokens, seed=args.seed)
         S.sft_train(model, start, tokenizer.pad_token_id, steps=args.start_steps, batch_size=args.start_batch,
@@ -335,6 +366,8 @@ def main() -> int:
                                                         zero_advantage=True)
     if "trl" in arms:
         curves["trl grpo (dapo loss)"] = run_trl(args, task, tokenizer, state, heldout, train_rows)
+    if "ablation" in arms:
+        run_ablation(args, task, tokenizer, sid_tokens, state, heldout, train_rows)
 
     for name, curve in curves.items():
         print(f"\n== {name}")

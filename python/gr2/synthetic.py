@@ -329,3 +329,27 @@ def upstream_recall_at_1(task: PlantedTask, rows: Sequence[int]) -> float:
     rows = list(rows)
     cands = task.candidates[rows]
     return float(per_list_metrics(cands, np.ones(len(rows), dtype=bool), cands, task.targets[rows])["recall@1"].mean())
+
+
+def copy_examples(task: PlantedTask, sid_tokens: Any, n: int, *, n_sids: int = 6, seed: int = 0) -> list[Any]:
+    """A copy curriculum: ``n`` short examples ``<answer>S1..Sm</answer><answer>S1..Sm</answer>``
+    over ``n_sids`` random catalog SIDs, the loss on the repeat only.
+
+    Why: a from-scratch student cannot read a prompt it has no attention circuit to copy from
+    (benches/README.md, "a student that reads its prompt"). On these 75-token sequences the 2-layer,
+    hidden-64 Llama forms the copy (induction) attention within a few hundred steps, which the full
+    324-token rerank prompts never gave it. Pure function of its arguments."""
+    from gr2.train.common import build_example
+
+    rng = np.random.default_rng(seed)
+
+    def sid_ids(item: int) -> list[int]:
+        return ([sid_tokens.sid_begin] + [int(sid_tokens.code_ids[level, c]) for level, c in enumerate(task.codes[item])]
+                + [sid_tokens.sid_end])
+
+    out = []
+    for _ in range(n):
+        items = rng.choice(len(task.codes), size=n_sids, replace=False)
+        block = [sid_tokens.answer_open] + [t for i in items for t in sid_ids(int(i))] + [sid_tokens.answer_close]
+        out.append(build_example([(block, 0.0), (block, 1.0)]))
+    return out
