@@ -170,3 +170,21 @@ def test_dapo_with_zeroed_advantages_does_not_read_the_evidence_line(noisy_evide
     monkeypatch.setattr(dapo_trainer, "group_advantages", lambda rewards, std_eps=1e-6: 0.0 * honest(rewards, std_eps))
     start, after = _rl_evidence(noisy_evidence_start)
     assert after <= start + 0.1, (start, after)
+
+
+def test_copy_examples_repeat_a_block_of_catalog_sids_with_loss_on_the_repeat():
+    task = S.make_planted_task(20, rule="last_item")
+    _, sid_tokens = S.make_tokenizer(task)
+    examples = S.copy_examples(task, sid_tokens, 5, n_sids=3, seed=1)
+    assert examples == S.copy_examples(task, sid_tokens, 5, n_sids=3, seed=1)  # seeded
+    for ex in examples:
+        half = len(ex.input_ids) // 2
+        block = ex.input_ids[:half]
+        assert ex.input_ids[half:] == block and ex.weights == [0.0] * half + [1.0] * half
+        assert block[0] == sid_tokens.answer_open and block[-1] == sid_tokens.answer_close
+        sids = np.asarray(block[1:-1]).reshape(3, -1)  # <|sid_begin|> codes <|sid_end|> per item
+        assert (sids[:, 0] == sid_tokens.sid_begin).all() and (sids[:, -1] == sid_tokens.sid_end).all()
+        codes = [[int(np.nonzero(sid_tokens.code_ids[level] == t)[0][0]) for level, t in enumerate(row[1:-1])]
+                 for row in sids]
+        rows = [int(np.nonzero((task.codes == c).all(axis=1))[0][0]) for c in codes]
+        assert len(set(rows)) == 3  # three distinct catalog items
