@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 from gr2.errors import ConfigError, DataError
 from gr2.models import load_pretrained, save_pretrained_atomic
 from gr2.rerank import OUTPUT_GLOBS as RERANK_OUTPUTS
+from gr2.rewards import parse_completion
 from gr2.rundir import atomic_write_json, mark_done, stage_key
-from gr2.tokens import ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
 from gr2.train import common, memory
 
 STAGE = "sft"
@@ -92,17 +92,21 @@ class SftConfig:
 
 
 def split_completion(completion: str, reasoning: bool = True) -> tuple[str, str]:
-    """(reasoning part ``<think>...</think>``, answer part ``<answer>...</answer>``); the reasoning
-    part is "" in the answer-only arm (``reasoning=False``), where a ``<think>`` block is an error.
-    Traces reach SFT only after :func:`gr2.verify_rewards` accepted them, so this only cuts."""
-    if not reasoning:
-        if not completion.startswith(ANSWER_OPEN):
-            raise DataError(f"answer-only trace must start with {ANSWER_OPEN}: {completion[:80]!r}")
+    """(reasoning part, answer part) of a trace, with ``reasoning + answer == completion``, cut where
+    :func:`gr2.verify_rewards`' parser (:func:`gr2.rewards.parse_completion`, the one grammar) ends
+    the think block: the reasoning part runs to the ``</think>`` right before the answer (a
+    ``</think>`` inside the reasoning is reasoning), the answer part is the rest. A trace without a
+    think block has reasoning part ""; the answer-only arm (``reasoning=False``) rejects a think
+    block. A completion the verifier calls malformed raises DataError."""
+    parts = parse_completion(completion)
+    if parts is None:
+        raise DataError(f"trace completion is not <think>...</think><answer>...</answer> as gr2.verify_rewards "
+                        f"parses it: {completion[:80]!r}")
+    if parts.think is None:
         return "", completion
-    end = completion.find(THINK_CLOSE)
-    if not completion.startswith(THINK_OPEN) or end < 0 or not completion[end + len(THINK_CLOSE):].lstrip().startswith(ANSWER_OPEN):
-        raise DataError(f"trace completion is not <think>...</think><answer>...</answer>: {completion[:80]!r}")
-    cut = end + len(THINK_CLOSE)
+    if not reasoning:
+        raise DataError(f"answer-only trace has a <think> block: {completion[:80]!r}")
+    cut = parts.think[1]
     return completion[:cut], completion[cut:]
 
 
