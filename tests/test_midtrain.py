@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, strategies as st
 from test_midtrain_fixtures import make_run_dir, tiny_midtrain_config
 
 from gr2.data.catalog import ItemCatalog
@@ -116,6 +117,29 @@ def test_beam_search_matches_exhaustive_scoring(excluded):
 def test_popularity_rankings_skip_each_users_history():
     train = [[0, 1, 2], [0, 1], [0, 3]]  # counts: 0 x3, 1 x2, 2 x1, 3 x1, 4 x0
     assert popularity_rankings(train, 5, [[], [0], [0, 1, 2]], top=3) == [[0, 1, 2], [1, 2, 3], [3, 4]]
+
+
+def _old_eval_split(seqs, split):
+    """midtrain's own leave-one-out before it used gr2.splits (the reference it must still match)."""
+    cut = 1 if split == "test" else 2
+    pairs = [(s[:-cut], s[-cut]) for s in seqs if len(s) > cut and len(s[:-cut]) > 0]
+    return [h for h, _ in pairs], [t for _, t in pairs]
+
+
+@given(st.lists(st.lists(st.integers(0, 50), max_size=9), max_size=12), st.sampled_from(["valid", "test"]))
+def test_midtrain_leave_one_out_is_the_splits_one_and_unchanged(seqs, split):
+    from gr2 import splits
+
+    assert splits.leave_one_out_pairs(seqs, split) == _old_eval_split(seqs, split)
+    assert splits.leave_one_out_prefixes(seqs) == [s[:-2] for s in seqs]
+    # on sequences leave_one_out can split (>= 3 items) the pairs are its histories and targets
+    long = [s for s in seqs if len(s) >= 3]
+    loo = splits.leave_one_out(range(len(long)), long)
+    histories, targets = splits.leave_one_out_pairs(long, split)
+    want_h = loo.test_histories() if split == "test" else loo.valid_histories()
+    assert [list(h) for h in want_h] == histories
+    assert list(loo.test_targets if split == "test" else loo.valid_targets) == targets
+    assert [list(p) for p in loo.train] == splits.leave_one_out_prefixes(long)
 
 
 def test_per_user_metrics_by_hand():

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gr2 import splits
 from gr2.data.catalog import ItemCatalog
 from gr2.errors import ConfigError, DataError
 from gr2.models import DemoModelConfig, extend_with_sids, load_base_model, load_pretrained, save_pretrained_atomic
@@ -302,19 +303,11 @@ def popularity_rankings(train_seqs: list[list[int]], n_items: int, exclude: list
     return rankings
 
 
-def eval_split(seqs: list[list[int]], split: str) -> tuple[list[list[int]], list[int]]:
-    """Leave-one-out (whole history before the target, target) per user: valid = items[-2],
-    test = items[-1]."""
-    cut = 1 if split == "test" else 2
-    pairs = [(s[:-cut], s[-cut]) for s in seqs if len(s) > cut and len(s[:-cut]) > 0]
-    return [h for h, _ in pairs], [t for _, t in pairs]
-
-
 def evaluate(model: Any, tokenizer: Any, sid_tokens: Any, catalog: ItemCatalog, seqs: list[list[int]],
              config: MidtrainConfig, world: common.World = common.World()) -> dict[str, Any]:
     """Next-item metrics of ``model`` (see the module docstring); under torchrun each rank beam-searches
     the users ``rank::size`` and the rankings are gathered, so every rank returns the same metrics."""
-    histories, targets = eval_split(seqs, config.eval_split)
+    histories, targets = splits.leave_one_out_pairs(seqs, config.eval_split)
     if config.eval_users and config.eval_users < len(targets):
         pick = np.random.default_rng(config.seed).choice(len(targets), config.eval_users, replace=False)
         histories, targets = [histories[i] for i in pick], [targets[i] for i in pick]
@@ -327,7 +320,7 @@ def evaluate(model: Any, tokenizer: Any, sid_tokens: Any, catalog: ItemCatalog, 
                                 config.eval_beams, top, config.eval_batch_size)
     parts = world.all_gather(ranked)  # parts[r][j] is the ranking of user r + j * size
     rankings = [parts[i % world.size][i // world.size] for i in range(len(prompts))]
-    pop = popularity_rankings([s[:-2] for s in seqs], len(catalog), exclude, top)
+    pop = popularity_rankings(splits.leave_one_out_prefixes(seqs), len(catalog), exclude, top)
     model_users = per_user_metrics(rankings, targets, config.eval_ks)
     pop_users = per_user_metrics(pop, targets, config.eval_ks)
     masked = "the user's history masked for both" if config.eval_mask_history else "history not masked"
@@ -360,7 +353,7 @@ def training_sequences(run_dir: Path, config: MidtrainConfig, seqs: list[list[in
         from gr2.candidates import load_fit_sequences
 
         return [s.tolist() for s in load_fit_sequences(run_dir, "train")]
-    return [s[:-2] for s in seqs]
+    return splits.leave_one_out_prefixes(seqs)
 
 
 def init_key(run_dir: Path, config: MidtrainConfig) -> str:
