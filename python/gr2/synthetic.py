@@ -260,26 +260,25 @@ def sft_examples(task: PlantedTask, tokenizer: Any, rows: Sequence[int], *, reas
 
 def sft_train(model: Any, examples: Sequence[Any], pad_id: int, *, steps: int, batch_size: int = 16,
               lr: float = 3e-3, seed: int = 0, on_step: Any = None) -> list[float]:
-    """Plain SFT steps with :func:`gr2.train.common.weighted_nll` (AdamW, constant lr, grad clip 1);
+    """``steps`` updates of :func:`gr2.train.sft.sft_step` (the SFT stage's step: weighted NLL,
+    grad clip 1) with AdamW at a constant lr, in float32 on the model's device; batch ``s`` takes
+    the next ``batch_size`` examples of the seeded epoch order (wrapping round to its start).
     ``on_step(step, loss)`` after each step. Returns the losses."""
     import torch
 
     from gr2.train import common
+    from gr2.train.sft import sft_step
 
     optimizer = common.make_optimizer(model, lr)
+    parallel = common.DataParallel(model, common.World(), next(model.parameters()).device, torch.float32, pad_id)
     losses = []
     model.train()
     for step in range(steps):
         epoch, offset = divmod(step * batch_size, len(examples))
         order = common.epoch_order(len(examples), seed, epoch)
         chosen = [order[(offset + j) % len(examples)] for j in range(batch_size)]
-        batch = common.collate([examples[i] for i in chosen], pad_id)
-        loss, _ = common.weighted_nll(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        loss, _ = sft_step(parallel, optimizer, None, [examples[i] for i in chosen], step=step + 1, lr=lr)
+        losses.append(loss)
         if on_step is not None:
             on_step(step + 1, losses[-1])
     model.eval()

@@ -817,6 +817,7 @@ class DataParallel:
     def __init__(self, model: torch.nn.Module, world: World, device: torch.device, dtype: torch.dtype,
                  pad_id: int, *, selected: bool = False) -> None:
         self.world, self.device, self.dtype, self.pad_id = world, device, dtype, pad_id
+        self.model = model
         module: torch.nn.Module = SummedNll(model, selected)
         if world.distributed:
             from torch.nn.parallel import DistributedDataParallel

@@ -203,6 +203,24 @@ def heldout_nll(model: Any, tokenizer: Any, records: list[dict[str, Any]], confi
     return {f"{part}_nll": sums[part] / counts[part] for part in sums if counts[part]}
 
 
+def sft_step(parallel: common.DataParallel, optimizer: torch.optim.Optimizer, scheduler: Any,
+             rows: list[common.WeightedExample], *, step: int, lr: float) -> tuple[float, int]:
+    """One SFT update on the global batch ``rows``: the weighted NLL's backward pass
+    (:class:`gr2.train.common.DataParallel`), a stop on a non-finite loss, gradient clipping at
+    norm 1 (the error names ``lr``, the configured rate), the optimizer step and the ``scheduler``
+    step (None: constant lr). Returns the batch's
+    loss and supervised-token count. The one SFT step: the stage and
+    :func:`gr2.synthetic.sft_train` both train with it."""
+    loss, tokens = parallel.backward(rows)
+    common.check_loss(loss, step, STAGE, lr)
+    torch.nn.utils.clip_grad_norm_(parallel.model.parameters(), 1.0)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, tokens
+
+
 def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = "think", force: bool = False,
             on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run stage 2 SFT for ``arm`` (see :mod:`gr2.arms`); returns the summary (also
@@ -260,12 +278,8 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
             epoch, offset = divmod(step, steps_per_epoch)
             order = common.epoch_order(len(examples), config.seed, epoch)
             chosen = order[offset * config.batch_size:(offset + 1) * config.batch_size]
-            loss, tokens = parallel.backward([examples[i] for i in chosen])
-            common.check_loss(loss, step + 1, "sft", config.lr)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss, tokens = sft_step(parallel, optimizer, scheduler, [examples[i] for i in chosen], step=step + 1,
+                                    lr=config.lr)
             if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
                 log.log(step + 1, loss=loss, lr=scheduler.get_last_lr()[0], tokens=tokens, epoch=epoch)
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < total_steps:
