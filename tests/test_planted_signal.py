@@ -176,7 +176,9 @@ def _old_sft_train(model, examples, pad_id, *, steps, batch_size, lr, seed=0):
     """What synthetic.sft_train computed before it called gr2.train.sft.sft_step (the reference):
     plain AdamW steps on weighted_nll, batch ``s`` = examples ``s*b .. s*b+b-1`` (mod n) of the
     order of epoch ``s*b // n``."""
-    from gr2.train.common import collate, epoch_order, make_optimizer, weighted_nll
+    from gr2.train.batches import collate, epoch_order
+    from gr2.train.losses import weighted_nll
+    from gr2.train.optim import make_optimizer
 
     n, optimizer, out = len(examples), make_optimizer(model, lr), []
     model.train()

@@ -23,7 +23,7 @@ first free choice of the answer (the level-a token of the first SID) decides the
 
 Helpers shared by ``tests/test_planted_signal.py`` and ``benches/bench_planted_signal.py``:
 :func:`make_tokenizer` / :func:`make_model` (an offline BPE tokenizer and a tiny Llama built from a
-config), :func:`sft_examples` + :func:`sft_train` (the SFT loss of :mod:`gr2.train.common`),
+config), :func:`sft_examples` + :func:`sft_train` (the SFT loss of :mod:`gr2.train.losses`),
 :func:`rl_data` (the :class:`gr2.train.dapo.RlData` of some lists) and :func:`greedy_recall_at_1`
 (greedy ``gr2.constrained_decode`` scored by :func:`gr2.eval.metrics.per_list_metrics`).
 Everything is seeded.
@@ -227,14 +227,14 @@ def make_model(tokenizer: Any, hidden_size: int = 64, num_layers: int = 2, num_h
 def sft_examples(task: PlantedTask, tokenizer: Any, rows: Sequence[int], *, reasoning: bool = False,
                  teacher: str = "target", accuracy: float = 1.0, lambda_reasoning: float = 0.5,
                  loss_tokens: str = "all", seed: int = 0) -> list[Any]:
-    """SFT examples (:func:`gr2.train.common.chat_example`): ``teacher="target"`` ranks the target
+    """SFT examples (:func:`gr2.train.batches.chat_example`): ``teacher="target"`` ranks the target
     first, ``"format"`` keeps the upstream order (format only, chance accuracy). ``accuracy`` < 1
     makes the target teacher a noisy one, like a real teacher: it ranks the target first on that
     share of the lists (drawn with ``seed``) and writes the upstream order on the others.
     ``loss_tokens`` as ``sft.loss_tokens``: "decisions" keeps loss only where constrained decoding
     has a choice (:func:`gr2.train.sft.keep_decisions`)."""
     from gr2.models import sid_tokens_of
-    from gr2.train import common
+    from gr2.train.batches import chat_example
     from gr2.train.sft import LOSS_TOKENS, keep_decisions, split_completion
 
     if loss_tokens not in LOSS_TOKENS:
@@ -252,7 +252,7 @@ def sft_examples(task: PlantedTask, tokenizer: Any, rows: Sequence[int], *, reas
             think, answer = split_completion(text)
             segments = [(think, lambda_reasoning), (answer, 1.0)]
         records.append({"messages": task.messages(row), "candidates": task.candidates[row].tolist(), "reasoning": reasoning})
-        out.append(common.chat_example(tokenizer, records[-1]["messages"], segments))
+        out.append(chat_example(tokenizer, records[-1]["messages"], segments))
     if loss_tokens == "decisions":
         out = keep_decisions(tokenizer, records, out, task.index, sid_tokens_of(tokenizer, task.level_sizes))
     return out
@@ -266,16 +266,19 @@ def sft_train(model: Any, examples: Sequence[Any], pad_id: int, *, steps: int, b
     ``on_step(step, loss)`` after each step. Returns the losses."""
     import torch
 
-    from gr2.train import common
+    from gr2.train.batches import epoch_order
+    from gr2.train.distributed import World
+    from gr2.train.losses import DataParallel
+    from gr2.train.optim import make_optimizer
     from gr2.train.sft import sft_step
 
-    optimizer = common.make_optimizer(model, lr)
-    parallel = common.DataParallel(model, common.World(), next(model.parameters()).device, torch.float32, pad_id)
+    optimizer = make_optimizer(model, lr)
+    parallel = DataParallel(model, World(), next(model.parameters()).device, torch.float32, pad_id)
     losses = []
     model.train()
     for step in range(steps):
         epoch, offset = divmod(step * batch_size, len(examples))
-        order = common.epoch_order(len(examples), seed, epoch)
+        order = epoch_order(len(examples), seed, epoch)
         chosen = [order[(offset + j) % len(examples)] for j in range(batch_size)]
         loss, _ = sft_step(parallel, optimizer, None, [examples[i] for i in chosen], step=step + 1, lr=lr)
         losses.append(loss)

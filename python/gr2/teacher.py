@@ -1,3 +1,4 @@
+# size: the traces stage whole (config, prompts, heuristic and local-model teachers, rejection sampling); gr2.pipeline will take the stage out
 """Teacher reasoning traces for reasoning SFT (stage 2 of GR2).
 
 A teacher reads a user's history and the K upstream candidates and writes
@@ -65,7 +66,8 @@ from gr2.teacher_client import (  # noqa: F401  (re-exported: gr2.teacher.OpenAI
     TeacherRequestError,
 )
 from gr2.tokens import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, sid_to_text
-from gr2.train import common
+from gr2.train.devices import choose_device
+from gr2.train.run_inputs import input_key
 
 STAGE = "traces"
 HEURISTIC_LABEL = "heuristic teacher"
@@ -297,7 +299,7 @@ class LocalModelTeacher:
         from gr2.models import load_pretrained
 
         self.config = config
-        self.device = common.choose_device("auto")
+        self.device = choose_device("auto")
         self.model, self.tokenizer = load_pretrained(path)
         self.model.to(self.device).eval()
         self.torch = torch
@@ -467,7 +469,7 @@ def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, 
     run_dir = Path(run_dir)
     stage_dir = run_dir / arms.stage_dir(STAGE, arm)
     reasoning = arms.reasoning(arm)
-    inputs = [common.input_key(run_dir, s) for s in ("data", "sid", "candidates", "prompts")]
+    inputs = [input_key(run_dir, s) for s in ("data", "sid", "candidates", "prompts")]
     key = stage_key({"config": config, "arm": arm}, *inputs)
     if (done := begin_stage(stage_dir, key, force=force)) is not None:
         return done

@@ -1,3 +1,4 @@
+# size: greedy/sampling, beam search and catalog decoding share the scorer, token feeding and result assembly
 """``gr2.constrained_decode``: rerank decoding that can only emit a permutation of the candidates.
 
 Each prompt gets a native automaton (``gr2._gr2.ConstraintBatch``) over its candidates' SIDs. Every
