@@ -29,9 +29,8 @@ Steps, top to bottom:
    ``candidates/report.json`` exists, the upstream ranker (SASRec, full ranking on all users) is
    reported alongside.
 
-Measured on ml-100k with the demo preset (a 3-layer, hidden-192 Llama trained from scratch on a
-2-core CPU): target-only ``next`` loss, 300 steps, reached Recall@10 0.010 against popularity's
-0.055 on 200 test users; see the README for the figures of the current preset.
+Measurements: benches/README.md, "Mid-training next-item retrieval"; the current preset's figures
+are in the README.
 
 The batch at step ``s`` is a pure function of (seed, s), so a killed run resumes exactly from its
 last checkpoint (``midtrain/checkpoints``).
