@@ -1,4 +1,4 @@
-# size: the traces stage whole (config, prompts, heuristic and local-model teachers, rejection sampling); gr2.pipeline will take the stage out
+# size: the traces stage whole (config, prompts, two teachers, rejection sampling); gr2.pipeline will move the stage out
 """Teacher reasoning traces for reasoning SFT (stage 2 of GR2).
 
 A teacher reads a user's history and the K upstream candidates and writes
@@ -183,12 +183,14 @@ def parse_completions(completions: list[str], examples: list[Example], catalog: 
     grammar (in Rust) that the RL rewards and the decoders use. In the answer-only arm a
     completion with a ``<think>`` block is rejected (``RewardBatch.valid`` False)."""
     from gr2 import verify_rewards
+    from gr2.rewards import parse_completion
 
     candidates = np.array([e.candidates for e in examples], dtype=np.uint64).reshape(len(examples), -1)
     targets = np.array([e.target for e in examples], dtype=np.uint64)
     rb = verify_rewards(completions, candidates, targets, index=catalog.index)
-    if not reasoning:
-        has_think = np.array([c.lstrip().startswith(THINK_OPEN) for c in completions], dtype=bool)
+    if not reasoning:  # the think block where the verifier's own parse finds one
+        has_think = np.array([bool(ok) and parse_completion(c).think is not None
+                              for c, ok in zip(completions, rb.valid)], dtype=bool)
         rb = dataclasses.replace(rb, valid=rb.valid & ~has_think)
     return rb
 
