@@ -15,7 +15,7 @@ constrained decoding has a choice, ``sft.loss_tokens``).
 From that start, each arm for ``--steps`` steps (or until ``--max-seconds`` of training time):
 
 * ``gr2 sft``  -- more SFT, on a teacher right on ``--sft-accuracy`` of the lists (1: the perfect
-  teacher; ``--start-accuracy``: the SFT baseline RL has to pass), gr2.train.common.weighted_nll;
+  teacher; ``--start-accuracy``: the SFT baseline RL has to pass), gr2.train.losses.weighted_nll;
 * ``gr2 rl``   -- gr2.train.dapo.DapoTrainer, rollouts by constrained decoding (always valid);
 * ``gr2-zero`` -- the same with every advantage zeroed: a control that must not learn;
 * ``trl grpo`` -- trl.GRPOTrainer(loss_type="dapo", beta=0, eps 0.2 / 0.28, scale_rewards="group"),

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from gr2.config import apply_overrides, from_dict, load_toml
-from gr2.train import common
+from gr2.train.batches import to_device
+from gr2.train.distributed import World
 from gr2.train.dapo import DapoConfig, DapoTrainer
 from gr2.train.dapo.loss import dapo_loss, pack, token_logprobs
 
@@ -43,7 +44,7 @@ from gr2.train.dapo.loss import dapo_loss, pack, token_logprobs
 def group_gradient(trainer: DapoTrainer, group: list, params: list[torch.Tensor]) -> torch.Tensor:
     """The flattened gradient of one group's DAPO loss at ratio 1, over its own completion tokens."""
     cfg = trainer.config
-    batch = common.to_device(pack(group, trainer.ctx["pad_id"], cfg.share_prompt), trainer.device)
+    batch = to_device(pack(group, trainer.ctx["pad_id"], cfg.share_prompt), trainer.device)
     logp = token_logprobs(trainer.model, batch, cfg.temperature)
     tokens = float(sum(len(r.completion_ids) for r in group))
     loss, _ = dapo_loss(logp, logp.detach(), batch["advantages"], batch["completion_mask"], tokens,
@@ -102,13 +103,13 @@ def noise_scale(trainer: DapoTrainer, n_groups: int, chunks: int = 8, log_every:
 
 
 def movielens_trainer(args) -> DapoTrainer:
-    from gr2.train.dapo.stage import build_trainer
+    from gr2.train.dapo.start import build_trainer
 
     table = load_toml(args.config).get("rl", {})
     table = apply_overrides({**table, "eval_every": 0, "select": "last", "tensorboard": False, "device": "cpu"}, args.set)
     if args.arm == "answer":
         table.update(reasoning=False, max_reasoning_tokens=0)
-    trainer, _, info = build_trainer(Path(args.run_dir), from_dict(DapoConfig, table, where="rl"), common.World(),
+    trainer, _, info = build_trainer(Path(args.run_dir), from_dict(DapoConfig, table, where="rl"), World(),
                                      args.arm)
     print(f"start model {info['start_model']}, {info['train_prompts']} train prompts", flush=True)
     return trainer

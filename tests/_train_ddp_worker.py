@@ -17,13 +17,13 @@ import torch
 
 import test_train_ddp as cfg
 from gr2.teacher import TeacherConfig, run_traces
-from gr2.train import common
+from gr2.train.distributed import init_world
 from gr2.train.midtrain import run_midtrain
 from gr2.train.sft import run_sft
 
 torch.set_num_threads(1)
 run_dir, writes_path = Path(sys.argv[1]).resolve(), Path(sys.argv[2])
-world = common.init_world(torch.device("cpu"))
+world = init_world(torch.device("cpu"))
 writes: list[list[str]] = []
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC

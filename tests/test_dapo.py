@@ -17,7 +17,10 @@ import torch
 
 import _dapo_fixtures as fx
 from gr2.errors import ConfigError
-from gr2.train import common
+from gr2.train.batches import epoch_order
+from gr2.train.distributed import World
+from gr2.train.losses import check_finite_weights
+from gr2.train.optim import LoraSettings, make_optimizer
 from gr2.train.dapo import (
     DapoConfig,
     dapo_loss,
@@ -111,7 +114,7 @@ def test_dapo_step_lowers_the_loss_on_a_fixed_batch(setup):
         return loss.item()
 
     before = loss_now()
-    optimizer = common.make_optimizer(model, config.lr)
+    optimizer = make_optimizer(model, config.lr)
     stats = dapo_update(model, optimizer, None, rollouts, config, tokenizer.pad_token_id)
     assert stats["loss"] == pytest.approx(before, rel=1e-5, abs=1e-6)  # first update: ratio 1
     assert stats["clip_fraction"] == 0.0
@@ -121,7 +124,7 @@ def test_dapo_step_lowers_the_loss_on_a_fixed_batch(setup):
 
 def test_dynamic_sampling_drops_uniform_groups_and_refills(setup):
     model, tokenizer, sid_tokens, data, sids = fresh(setup)
-    uniform = {int(common.epoch_order(len(data.targets), 1, 0)[i]) for i in (0, 2)}  # 1st and 3rd prompts drawn
+    uniform = {int(epoch_order(len(data.targets), 1, 0)[i]) for i in (0, 2)}  # 1st and 3rd prompts drawn
     config = fx.small_config(prompts_per_step=3, max_generation_rounds=4)
     tr = fx.trainer(model, tokenizer, sid_tokens, data, sids, config, fx.scripted_rollouts(sids, sid_tokens, uniform))
     batch = tr.collect()
@@ -200,7 +203,7 @@ def test_changed_logging_settings_resume_the_checkpoint(setup, tmp_path, caplog,
 
 
 def test_training_key_covers_what_changes_the_weights():
-    from gr2.train.common import training_key
+    from gr2.train.checkpointing import training_key
     from gr2.train.midtrain import MidtrainConfig
     from gr2.train.sft import SftConfig
 
@@ -422,7 +425,7 @@ def test_rl_stage_end_to_end_from_the_cli(setup, tmp_path, monkeypatch):
     config.write_text("[rl]\ngroup_size = 2\nprompts_per_step = 2\nsteps = 2\nmax_reasoning_tokens = 2\n"
                       "device = \"cpu\"\ntensorboard = false\neval_every = 0\nlr = 1e-3\n")
     barriers: list[bool] = []  # at each barrier: was the stage record already written?
-    monkeypatch.setattr(common.World, "barrier", lambda self: barriers.append((run / "rl" / "stage.json").exists()))
+    monkeypatch.setattr(World, "barrier", lambda self: barriers.append((run / "rl" / "stage.json").exists()))
     assert cli_main(["rl", "--run-dir", str(run), "--config", str(config)]) == 0
     assert barriers and barriers[-1], barriers
     record = json.loads((run / "rl" / "stage.json").read_text())
@@ -459,7 +462,7 @@ def test_lora_update_trains_adapters_only(setup):
     from gr2.train.dapo import DapoTrainer
 
     model, tokenizer, sid_tokens, data, sids = fresh(setup)
-    config = fx.small_config(lora=common.LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0, train_embeddings=False))
+    config = fx.small_config(lora=LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0, train_embeddings=False))
     tr = DapoTrainer(model, tokenizer, data, config, sid_tokens=sid_tokens, candidate_sids=sids,
                      rollout_fn=fx.scripted_rollouts(sids, sid_tokens))
     frozen = {n: p.detach().clone() for n, p in tr.model.named_parameters() if not p.requires_grad}
@@ -522,7 +525,7 @@ def test_a_diverging_rl_step_raises_before_anything_is_committed(setup):
         for _ in range(8):
             tr.step()
     with pytest.raises(TrainingError, match="rl: weight .* non-finite"):
-        common.check_finite_weights(tr.model, "rl")
+        check_finite_weights(tr.model, "rl")
 
 
 def test_sampled_rollouts_stop_at_the_end_of_turn_token(setup):

@@ -14,7 +14,7 @@ import torch
 import _dapo_fixtures as fx
 from gr2.decoding.decode import AllowedTrace
 from gr2.errors import InvalidInputError
-from gr2.train import common
+from gr2.train.optim import LoraSettings, make_optimizer, wrap_lora
 from gr2.train.dapo import Rollout, dapo_loss, dapo_update, pack_groups, pack_rollouts, token_logprobs
 
 FORBIDDEN = np.array([3, 7, 11], dtype=np.int64)
@@ -91,7 +91,7 @@ def test_shared_prompt_gradient_equals_per_rollout_gradient(setup, g, constraine
     model, tokenizer, _, data, _ = setup
     model = copy.deepcopy(model).float()
     if lora:
-        model = common.wrap_lora(model, common.LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0,
+        model = wrap_lora(model, LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0,
                                                             train_embeddings=False))
     model.eval()
     rollouts = ragged_rollouts(tokenizer, data, g, groups=4, constrained=constrained, seed=g)
@@ -128,7 +128,7 @@ def test_one_dapo_update_gives_the_same_weights_in_both_layouts(setup):
     for share in (False, True):
         m = copy.deepcopy(model).float()
         config = fx.small_config(share_prompt=share, grad_accum=2, updates_per_batch=2, prompts_per_step=4, lr=1e-2)
-        stats = dapo_update(m, common.make_optimizer(m, config.lr), None, rollouts, config, tokenizer.pad_token_id)
+        stats = dapo_update(m, make_optimizer(m, config.lr), None, rollouts, config, tokenizer.pad_token_id)
         assert stats["completion_tokens"] == sum(len(r.completion_ids) for r in rollouts)
         after.append(dict(m.named_parameters()))
     moved = [n for n, p in model.named_parameters() if not torch.equal(p.float(), after[0][n])]

@@ -329,6 +329,46 @@ def test_catalog_decode_yields_only_catalog_items(setup, mode):
         catalog_decode(models[0], tokenizer, PROMPTS[:1], index, n_items=6, exclude=[items[:25]])
 
 
+def _walk_parts(completion_ids, logprobs, sid_tokens, in_think):
+    """Reference read of a decoded completion, token by token: the ids between the think tags
+    (from the start when the prompt opened the block) and the log-prob sum of each SID span."""
+    reasoning, spans, inside, span = [], [], in_think, None
+    for tok, lp in zip(completion_ids, logprobs):
+        if tok in (sid_tokens.think_open, sid_tokens.think_close):
+            inside = tok == sid_tokens.think_open
+        elif inside:
+            reasoning.append(tok)
+        else:
+            span = 0.0 if tok == sid_tokens.sid_begin else span
+            if span is not None:
+                span += lp
+            if tok == sid_tokens.sid_end:
+                spans.append(span)
+                span = None
+    return reasoning, spans
+
+
+@pytest.mark.parametrize("reasoning, answer_tags", [(True, False), (True, True), ("in_think", False), (False, True)])
+def test_result_parts_come_from_the_verifier_parse(setup, reasoning, answer_tags):
+    """RerankResult's reasoning ids and per-item log-probs are read off the verifier's parse
+    (gr2.rewards.parse_completion_ids), also for catalog outputs without answer tags and for a
+    prompt that opened the think block; they match a token-by-token reference walk."""
+    tokenizer, sid_tokens, index, items, models = setup
+    results = catalog_decode(models[1], tokenizer, PROMPTS, index, n_items=2, reasoning=reasoning,
+                             max_reasoning_tokens=3, answer_tags=answer_tags)
+    results += constrained_decode(models[1], tokenizer, PROMPTS, np.array([items[[1, 2, 3]]] * len(PROMPTS)),
+                                  index=index, reasoning=reasoning, max_reasoning_tokens=3)
+    eos = tokenizer.eos_token_id
+    for res in results:
+        ids, lps = res.completion_ids, res.token_logprobs
+        if ids and ids[-1] == eos:
+            ids, lps = ids[:-1], lps[:-1]
+        want_reasoning, want_spans = _walk_parts(ids, lps, sid_tokens, reasoning == "in_think")
+        assert res.reasoning_ids == want_reasoning
+        np.testing.assert_array_equal(res.item_logprobs, want_spans)
+        assert len(res.item_logprobs) == len(res.items)
+
+
 def test_catalog_decode_builds_the_trie_of_an_index_once(setup, monkeypatch):
     """With a gr2.SidIndex, catalog_decode takes the trie SidTrie.from_index keeps with the index:
     the second call gets the very trie the first one built (nothing rebuilt) and decodes the same;

@@ -10,7 +10,7 @@ import torch
 from gr2.errors import ConfigError
 from gr2.pipeline import PRESET_DIR
 from gr2.train import memory
-from gr2.train.common import LoraSettings, wrap_lora
+from gr2.train.optim import LoraSettings, wrap_lora
 
 GB80 = 80 * 10**9
 

@@ -8,12 +8,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, strategies as st
 from test_midtrain_fixtures import make_run_dir, tiny_midtrain_config
 
 from gr2.data.catalog import ItemCatalog
 from gr2.errors import ConfigError, DataError
 from gr2.models import load_pretrained, sid_tokens_of
-from gr2.train import common
+from gr2.train.batches import WeightedExample, collate, pack_rows
+from gr2.train.checkpointing import latest_checkpoint
+from gr2.train.losses import weighted_nll, weighted_nll_selected
+from gr2.train.run_inputs import load_sequences
 from gr2.train.midtrain import (
     MixtureWeights,
     next_item_rankings,
@@ -60,7 +64,7 @@ def test_midtrain_resume_after_kill_matches_uninterrupted(run_dir, tmp_path):
     shutil.copytree(run_dir, killed, ignore=shutil.ignore_patterns("midtrain"))
     with pytest.raises(KeyboardInterrupt):
         run_midtrain(killed, config, on_step=kill_at)
-    assert common.latest_checkpoint(killed / "midtrain" / "checkpoints").name == "step-00000004"
+    assert latest_checkpoint(killed / "midtrain" / "checkpoints").name == "step-00000004"
     resumed = run_midtrain(killed, config)
     assert resumed["resumed_from_step"] == 4
     straight = tmp_path / "straight"
@@ -118,6 +122,29 @@ def test_popularity_rankings_skip_each_users_history():
     assert popularity_rankings(train, 5, [[], [0], [0, 1, 2]], top=3) == [[0, 1, 2], [1, 2, 3], [3, 4]]
 
 
+def _old_eval_split(seqs, split):
+    """midtrain's own leave-one-out before it used gr2.splits (the reference it must still match)."""
+    cut = 1 if split == "test" else 2
+    pairs = [(s[:-cut], s[-cut]) for s in seqs if len(s) > cut and len(s[:-cut]) > 0]
+    return [h for h, _ in pairs], [t for _, t in pairs]
+
+
+@given(st.lists(st.lists(st.integers(0, 50), max_size=9), max_size=12), st.sampled_from(["valid", "test"]))
+def test_midtrain_leave_one_out_is_the_splits_one_and_unchanged(seqs, split):
+    from gr2 import splits
+
+    assert splits.leave_one_out_pairs(seqs, split) == _old_eval_split(seqs, split)
+    assert splits.leave_one_out_prefixes(seqs) == [s[:-2] for s in seqs]
+    # on sequences leave_one_out can split (>= 3 items) the pairs are its histories and targets
+    long = [s for s in seqs if len(s) >= 3]
+    loo = splits.leave_one_out(range(len(long)), long)
+    histories, targets = splits.leave_one_out_pairs(long, split)
+    want_h = loo.test_histories() if split == "test" else loo.valid_histories()
+    assert [list(h) for h in want_h] == histories
+    assert list(loo.test_targets if split == "test" else loo.valid_targets) == targets
+    assert [list(p) for p in loo.train] == splits.leave_one_out_prefixes(long)
+
+
 def test_per_user_metrics_by_hand():
     m = per_user_metrics([[5, 1, 2], [7, 8, 9], [3, 4, 0]], [1, 0, 3], [1, 3])
     np.testing.assert_allclose(m["recall@1"], [0, 0, 1])
@@ -149,7 +176,7 @@ def test_next_example_history_sid_weights(run_dir):
     from gr2.train.midtrain import TaskSampler, demo_corpus
 
     catalog = ItemCatalog.from_run_dir(run_dir, sids=True)
-    train_seqs = [s[:-2] for s in common.load_sequences(run_dir)]
+    train_seqs = [s[:-2] for s in load_sequences(run_dir)]
     config = tiny_midtrain_config(max_history=3, history_weight=0.5)
     tok = train_demo_tokenizer(demo_corpus(catalog), 400)
     model = build_demo_model(tok, config.demo)
@@ -185,10 +212,10 @@ def test_selected_logits_loss_matches_full_and_packing():
     model = build_demo_model(tok, DemoModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
                                                   num_layers=1, num_heads=2, seed=1))
     g = torch.Generator().manual_seed(0)
-    examples = [common.WeightedExample(torch.randint(0, 300, (n,), generator=g).tolist(),
+    examples = [WeightedExample(torch.randint(0, 300, (n,), generator=g).tolist(),
                                        [0.0] * (n // 2) + [0.5] * (n - n // 2 - 2) + [1.0, 1.0])
                 for n in (12, 5, 9, 4, 3)]
-    rows = common.pack_rows(examples, 12, tok.eos_token_id)
+    rows = pack_rows(examples, 12, tok.eos_token_id)
     # first fit decreasing: 12 alone, 9 alone, 5 opens a row that 4 joins (5 + 1 + 4 = 10), and 3
     # fits nowhere (9 + 1 + 3 = 13, 10 + 1 + 3 = 14)
     assert [len(r.input_ids) for r in rows] == [12, 9, 10, 3]
@@ -197,16 +224,16 @@ def test_selected_logits_loss_matches_full_and_packing():
     assert sum(sum(r.weights) for r in rows) == pytest.approx(sum(sum(e.weights) for e in examples))
     assert len(rows) < len(examples)
     for batch_examples in (examples, rows):
-        batch = common.collate(batch_examples, tok.pad_token_id)
-        full, n_full = common.weighted_nll(model, batch)
-        sel, n_sel = common.weighted_nll_selected(model, batch)
+        batch = collate(batch_examples, tok.pad_token_id)
+        full, n_full = weighted_nll(model, batch)
+        sel, n_sel = weighted_nll_selected(model, batch)
         assert n_full == n_sel and sel.item() == pytest.approx(full.item(), rel=1e-5)
         g_full = torch.autograd.grad(full, model.get_input_embeddings().weight)[0]
-        g_sel = torch.autograd.grad(common.weighted_nll_selected(model, batch)[0],
+        g_sel = torch.autograd.grad(weighted_nll_selected(model, batch)[0],
                                     model.get_input_embeddings().weight)[0]
         assert torch.allclose(g_full, g_sel, atol=1e-6)
     with pytest.raises(Exception):
-        common.pack_rows(examples, 11, tok.eos_token_id)
+        pack_rows(examples, 11, tok.eos_token_id)
 
 
 def test_init_model_of_another_base_model_or_sid_index_is_not_reused(run_dir, tmp_path, caplog):
@@ -229,7 +256,7 @@ def test_init_model_of_another_base_model_or_sid_index_is_not_reused(run_dir, tm
     config = tiny_midtrain_config(checkpoint_every=100)
     with pytest.raises(KeyboardInterrupt):
         run_midtrain(run, config, on_step=kill_at)
-    assert (ckpts / "init" / "config.json").exists() and common.latest_checkpoint(ckpts) is None
+    assert (ckpts / "init" / "config.json").exists() and latest_checkpoint(ckpts) is None
     wider = dataclasses.replace(config, demo=dataclasses.replace(config.demo, hidden_size=48))  # another base model
     for change in ("base model", "sid index"):
         if change == "sid index":  # the sid stage reran with other codes: its key changed
@@ -253,10 +280,10 @@ def test_midtrain_never_trains_on_a_later_stage_training_target(run_dir):
     """train_on="fit" (default): no (user, target) of prompts/train is a mid-training item of that
     user; "all" (the older behaviour) does overlap, which is why it is reported, not the default."""
     from gr2.prompt_stage import load_requests
-    from gr2.train import common
+    from gr2.train.run_inputs import load_sequences
     from gr2.train.midtrain import training_sequences
 
-    seqs = common.load_sequences(run_dir)
+    seqs = load_sequences(run_dir)
     requests = load_requests(run_dir, "train")
     for train_on, overlap in (("fit", False), ("all", True)):
         train = training_sequences(run_dir, tiny_midtrain_config(train_on=train_on), seqs)

@@ -1,4 +1,4 @@
-"""gr2.models (base models, SID extension) and gr2.train.common (checkpoints, batches, loss)."""
+"""gr2.models (base models, SID extension) and the training plumbing of gr2.train (checkpoints, batches, loss)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,13 @@ from gr2.models import (
     sid_tokens_of,
 )
 from gr2.tokens import sid_to_text
-from gr2.train import common
+from gr2.train.batches import WeightedExample, build_example, chat_example, collate, epoch_order, pack_examples
+from gr2.train.checkpointing import (CHECKPOINT_META, CHECKPOINT_WEIGHTS, Checkpointer, checkpoint_name,
+                                     latest_checkpoint, load_checkpoint, save_checkpoint)
+from gr2.train.devices import autocast, choose_dtype, param_dtype, seed_everything
+from gr2.train.losses import weighted_nll
+from gr2.train.metric_log import MetricLogger
+from gr2.train.optim import LoraSettings, make_optimizer, make_scheduler, unwrap_model, wrap_lora
 
 TITLES = ["Toy Story (1995) Animation Children's Comedy", "GoldenEye (1995) Action Adventure Thriller",
           "Four Rooms (1995) Thriller", "Get Shorty (1995) Action Comedy Drama", "Copycat (1995) Crime Drama"]
@@ -151,12 +157,12 @@ def test_save_load_round_trip_keeps_sid_vocab(base, tmp_path):
 
 def test_collate_and_weighted_nll_match_manual(base):
     model, tok = base
-    a = common.build_example([([5, 6, 7], 0.0), ([8, 9], 1.0)])
-    b = common.build_example([([10, 11], 0.0), ([12], 0.5)])
-    batch = common.collate([a, b], pad_id=tok.pad_token_id)
+    a = build_example([([5, 6, 7], 0.0), ([8, 9], 1.0)])
+    b = build_example([([10, 11], 0.0), ([12], 0.5)])
+    batch = collate([a, b], pad_id=tok.pad_token_id)
     assert batch["input_ids"].shape == (2, 5)
     assert batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
-    loss, counted = common.weighted_nll(model, batch)
+    loss, counted = weighted_nll(model, batch)
     assert counted == 3
     with torch.no_grad():
         la = torch.log_softmax(model(torch.tensor([a.input_ids])).logits[0].float(), -1)
@@ -164,56 +170,56 @@ def test_collate_and_weighted_nll_match_manual(base):
     manual = -(la[2, 8] + la[3, 9] + 0.5 * lb[1, 12]) / 3
     assert torch.allclose(loss, manual, atol=1e-5)
     with pytest.raises(InvalidInputError):
-        common.weighted_nll(model, common.collate([common.build_example([([1, 2], 0.0)])], 0))
+        weighted_nll(model, collate([build_example([([1, 2], 0.0)])], 0))
     with pytest.raises(InvalidInputError):
-        common.WeightedExample([1, 2], [1.0])
+        WeightedExample([1, 2], [1.0])
 
 
 def test_chat_example_masks_prompt_and_refuses_overlong(base):
     _, tok = base
-    ex = common.chat_example(tok, [{"role": "user", "content": "Toy Story"}], [("<think>x</think>", 0.3), ("Comedy", 1.0)])
+    ex = chat_example(tok, [{"role": "user", "content": "Toy Story"}], [("<think>x</think>", 0.3), ("Comedy", 1.0)])
     prompt_len = len(tok.apply_chat_template([{"role": "user", "content": "Toy Story"}], tokenize=True,
                                              add_generation_prompt=True, return_dict=True)["input_ids"])
     assert all(w == 0 for w in ex.weights[:prompt_len])
     assert ex.weights[-1] == 1.0 and ex.input_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
     assert 0.3 in ex.weights
     with pytest.raises(InvalidInputError):
-        common.chat_example(tok, [{"role": "user", "content": "Toy Story " * 50}], [("x", 1.0)], max_length=20)
+        chat_example(tok, [{"role": "user", "content": "Toy Story " * 50}], [("x", 1.0)], max_length=20)
 
 
 def test_pack_examples_keeps_every_token():
-    exs = [common.build_example([([i] * n, 1.0)]) for i, n in [(1, 3), (2, 4), (3, 2), (4, 6)]]
-    rows = common.pack_examples(exs, max_length=8, separator_id=0)
+    exs = [build_example([([i] * n, 1.0)]) for i, n in [(1, 3), (2, 4), (3, 2), (4, 6)]]
+    rows = pack_examples(exs, max_length=8, separator_id=0)
     assert [r.input_ids for r in rows] == [[1, 1, 1, 0, 2, 2, 2, 2], [3, 3], [4] * 6]
     assert sum(sum(r.weights) for r in rows) == 15
     with pytest.raises(InvalidInputError):
-        common.pack_examples(exs, max_length=5, separator_id=0)
+        pack_examples(exs, max_length=5, separator_id=0)
 
 
 def _train(model, steps, ckpt_dir=None, crash_at=None, resume=False):
     """A tiny training loop in the shape the recipes use; returns the per-step losses."""
-    common.seed_everything(0)
-    examples = [common.build_example([([i % 50 + 3, i % 7 + 3], 0.0), ([i % 11 + 3, i % 13 + 3], 1.0)])
+    seed_everything(0)
+    examples = [build_example([([i % 50 + 3, i % 7 + 3], 0.0), ([i % 11 + 3, i % 13 + 3], 1.0)])
                 for i in range(16)]
-    opt = common.make_optimizer(model, lr=1e-2, weight_decay=0.1)
-    sched = common.make_scheduler(opt, total_steps=steps, warmup_steps=2)
+    opt = make_optimizer(model, lr=1e-2, weight_decay=0.1)
+    sched = make_scheduler(opt, total_steps=steps, warmup_steps=2)
     start = 0
     if resume:
-        start = common.load_checkpoint(common.latest_checkpoint(ckpt_dir), model, opt, sched)["step"]
+        start = load_checkpoint(latest_checkpoint(ckpt_dir), model, opt, sched)["step"]
     losses = {}
     for step in range(start, steps):
-        order = common.epoch_order(len(examples), seed=0, epoch=step // 4)
-        batch = common.collate([examples[i] for i in order[(step % 4) * 4:(step % 4) * 4 + 4]], 0)
+        order = epoch_order(len(examples), seed=0, epoch=step // 4)
+        batch = collate([examples[i] for i in order[(step % 4) * 4:(step % 4) * 4 + 4]], 0)
         # dropout-like randomness consumed every step, to prove the RNG state is restored
         noise = torch.rand(()) * 1e-3
-        loss, _ = common.weighted_nll(model, batch)
+        loss, _ = weighted_nll(model, batch)
         (loss + noise).backward()
         opt.step()
         sched.step()
         opt.zero_grad()
         losses[step] = loss.item()
         if ckpt_dir is not None and (step + 1) % 3 == 0:
-            common.save_checkpoint(ckpt_dir / common.checkpoint_name(step + 1), model, opt, sched, step + 1)
+            save_checkpoint(ckpt_dir / checkpoint_name(step + 1), model, opt, sched, step + 1)
         if crash_at is not None and step + 1 == crash_at:
             raise KeyboardInterrupt("killed")
     return losses
@@ -228,7 +234,7 @@ def test_checkpoint_resume_is_exact(base, tmp_path):
     crashed = copy.deepcopy(model)
     with pytest.raises(KeyboardInterrupt):
         _train(crashed, 8, ckpt_dir=tmp_path, crash_at=5)  # checkpoint at 3, killed after 5
-    assert common.latest_checkpoint(tmp_path).name == "step-00000003"
+    assert latest_checkpoint(tmp_path).name == "step-00000003"
     resumed_model = copy.deepcopy(model)  # fresh process: base weights, state from the checkpoint
     resumed = _train(resumed_model, 8, ckpt_dir=tmp_path, resume=True)
     assert min(resumed) == 3
@@ -244,19 +250,19 @@ def test_resume_keeps_optimizer_state_but_applies_the_current_lr(base, tmp_path)
     import copy
 
     model = copy.deepcopy(base[0])
-    opt = common.make_optimizer(model, lr=1e-2)
-    sched = common.make_scheduler(opt, total_steps=10, warmup_steps=2)
-    batch = common.collate([common.build_example([([3, 4, 5, 6], 1.0)])], 0)
+    opt = make_optimizer(model, lr=1e-2)
+    sched = make_scheduler(opt, total_steps=10, warmup_steps=2)
+    batch = collate([build_example([([3, 4, 5, 6], 1.0)])], 0)
     for _ in range(3):
-        common.weighted_nll(model, batch)[0].backward()
+        weighted_nll(model, batch)[0].backward()
         opt.step()
         sched.step()
         opt.zero_grad()
     factor = sched.get_last_lr()[0] / 1e-2
-    common.save_checkpoint(tmp_path / "ck", model, opt, sched, 3)
-    opt2 = common.make_optimizer(copy.deepcopy(base[0]), lr=4e-3)
-    sched2 = common.make_scheduler(opt2, total_steps=10, warmup_steps=2)
-    common.load_checkpoint(tmp_path / "ck", model, opt2, sched2)
+    save_checkpoint(tmp_path / "ck", model, opt, sched, 3)
+    opt2 = make_optimizer(copy.deepcopy(base[0]), lr=4e-3)
+    sched2 = make_scheduler(opt2, total_steps=10, warmup_steps=2)
+    load_checkpoint(tmp_path / "ck", model, opt2, sched2)
     assert sched2.last_epoch == 3 and sched2.base_lrs == [4e-3] * len(opt2.param_groups)
     for group in opt2.param_groups:
         assert group["lr"] == pytest.approx(4e-3 * factor) and group["initial_lr"] == 4e-3
@@ -270,14 +276,14 @@ def test_checkpointer_never_resumes_another_key(base, tmp_path, caplog):
     import logging
 
     model = copy.deepcopy(base[0])
-    opt = common.make_optimizer(model, lr=1e-3)
-    old = common.Checkpointer(tmp_path / "ck", "key-a", keep=2, name="sft")
+    opt = make_optimizer(model, lr=1e-3)
+    old = Checkpointer(tmp_path / "ck", "key-a", keep=2, name="sft")
     for step in (1, 2, 3):
         old.save(step, model, opt, None)
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step-00000002", "step-00000003"]  # pruned
-    assert common.Checkpointer(tmp_path / "ck", "key-a").latest().name == "step-00000003"
+    assert Checkpointer(tmp_path / "ck", "key-a").latest().name == "step-00000003"
     with caplog.at_level(logging.INFO, logger="gr2"):
-        new = common.Checkpointer(tmp_path / "ck", "key-b", name="sft")
+        new = Checkpointer(tmp_path / "ck", "key-b", name="sft")
         assert new.resume(model, opt, None) is None
     stale = [r.getMessage() for r in caplog.records if "stale" in r.getMessage()]
     assert stale == ["sft: stale checkpoint (key key-a) ignored; training from the start"]  # one line
@@ -298,23 +304,23 @@ def test_bf16_training_keeps_fp32_master_weights_so_tiny_steps_land(base):
     and ~every weight moves; in pure bf16 the same step rounds away for almost all of them."""
     import copy
 
-    batch = common.collate([common.build_example([([3, 4, 5, 6, 7, 8], 1.0)])], 0)
-    dtype = common.choose_dtype(torch.device("cpu"), "bf16")
-    assert dtype == torch.bfloat16 and common.param_dtype(dtype) == torch.float32
+    batch = collate([build_example([([3, 4, 5, 6, 7, 8], 1.0)])], 0)
+    dtype = choose_dtype(torch.device("cpu"), "bf16")
+    assert dtype == torch.bfloat16 and param_dtype(dtype) == torch.float32
     with pytest.raises(ConfigError, match="loss scaling"):
-        common.param_dtype(torch.float16)
+        param_dtype(torch.float16)
 
     def moved_share(model):
-        opt = common.make_optimizer(model, lr=1e-6)
+        opt = make_optimizer(model, lr=1e-6)
         layer = [p for n, p in model.named_parameters() if "layers" in n and p.ndim == 2]
         before = [p.detach().clone() for p in layer]
-        with common.autocast(torch.device("cpu"), dtype):
-            loss, _ = common.weighted_nll(model, batch)
+        with autocast(torch.device("cpu"), dtype):
+            loss, _ = weighted_nll(model, batch)
         loss.backward()
         opt.step()
         return sum(int((p != b).sum()) for p, b in zip(layer, before)) / sum(p.numel() for p in layer)
 
-    fp32 = copy.deepcopy(base[0]).to(common.param_dtype(dtype))
+    fp32 = copy.deepcopy(base[0]).to(param_dtype(dtype))
     assert moved_share(fp32) > 0.9
     assert all(p.dtype == torch.float32 for p in fp32.parameters())
     assert moved_share(copy.deepcopy(base[0]).to(torch.bfloat16)) < 0.2  # the failure mode it replaces
@@ -322,42 +328,42 @@ def test_bf16_training_keeps_fp32_master_weights_so_tiny_steps_land(base):
 
 def test_load_checkpoint_rejects_garbage(base, tmp_path):
     model, _ = base
-    opt = common.make_optimizer(model, 1e-3)
+    opt = make_optimizer(model, 1e-3)
     with pytest.raises(CorruptFileError):
-        common.load_checkpoint(tmp_path, model, opt, None)
-    (tmp_path / common.CHECKPOINT_META).write_text("{}")
-    (tmp_path / common.CHECKPOINT_WEIGHTS).write_bytes(b"not safetensors")
+        load_checkpoint(tmp_path, model, opt, None)
+    (tmp_path / CHECKPOINT_META).write_text("{}")
+    (tmp_path / CHECKPOINT_WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(CorruptFileError):
-        common.load_checkpoint(tmp_path, model, opt, None)
+        load_checkpoint(tmp_path, model, opt, None)
 
 
 def test_lora_trains_adapters_and_embeddings(base):
     model, _ = fresh(base)
-    wrapped = common.wrap_lora(model, common.LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0))
+    wrapped = wrap_lora(model, LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0))
     trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
     assert any("lora_A" in n for n in trainable) and any("embed_tokens" in n for n in trainable)
     assert not any("mlp.up_proj.base_layer" in n for n in trainable)
-    merged = common.unwrap_model(wrapped)
+    merged = unwrap_model(wrapped)
     assert not hasattr(merged, "peft_config")
 
 
 def test_device_dtype_and_config_errors():
-    assert common.choose_dtype(torch.device("cpu")) == torch.float32
-    assert common.choose_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    assert choose_dtype(torch.device("cpu")) == torch.float32
+    assert choose_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
     with pytest.raises(ConfigError):
-        common.choose_dtype(torch.device("cpu"), "int3")
+        choose_dtype(torch.device("cpu"), "int3")
     with pytest.raises(ConfigError):
-        common.make_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1), 0)
-    assert np.array_equal(common.epoch_order(10, 1, 2), common.epoch_order(10, 1, 2))
+        make_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1), 0)
+    assert np.array_equal(epoch_order(10, 1, 2), epoch_order(10, 1, 2))
 
 
 def test_metric_logger_truncates_on_resume(tmp_path):
     import json
 
-    with common.MetricLogger(tmp_path, tensorboard=False) as log:
+    with MetricLogger(tmp_path, tensorboard=False) as log:
         for s in range(1, 6):
             log.log(s, loss=1.0 / s)
-    with common.MetricLogger(tmp_path, resume_step=3, tensorboard=False) as log:
+    with MetricLogger(tmp_path, resume_step=3, tensorboard=False) as log:
         log.log(4, loss=0.0)
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]

@@ -225,7 +225,7 @@ def test_under_torchrun_rank_1_trains_but_leaves_single_process_stages_to_rank_0
     request per list, one eval -- and every rank waits at a barrier after each stage. Rank 1 logs
     nothing. A stage subcommand that is not a training stage exits at once on rank != 0."""
     from gr2 import pipeline
-    from gr2.train.common import World
+    from gr2.train.distributed import World
 
     barriers: list[int] = []
 

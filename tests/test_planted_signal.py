@@ -188,3 +188,45 @@ def test_copy_examples_repeat_a_block_of_catalog_sids_with_loss_on_the_repeat():
                  for row in sids]
         rows = [int(np.nonzero((task.codes == c).all(axis=1))[0][0]) for c in codes]
         assert len(set(rows)) == 3  # three distinct catalog items
+
+
+def _old_sft_train(model, examples, pad_id, *, steps, batch_size, lr, seed=0):
+    """What synthetic.sft_train computed before it called gr2.train.sft.sft_step (the reference):
+    plain AdamW steps on weighted_nll, batch ``s`` = examples ``s*b .. s*b+b-1`` (mod n) of the
+    order of epoch ``s*b // n``."""
+    from gr2.train.batches import collate, epoch_order
+    from gr2.train.losses import weighted_nll
+    from gr2.train.optim import make_optimizer
+
+    n, optimizer, out = len(examples), make_optimizer(model, lr), []
+    model.train()
+    for first in range(0, steps * batch_size, batch_size):
+        rows = epoch_order(n, seed, first // n)[np.arange(first, first + batch_size) % n]
+        loss, _ = weighted_nll(model, collate([examples[i] for i in rows], pad_id))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        out.append(loss.item())
+    model.eval()
+    return out
+
+
+def test_sft_train_is_the_sft_stage_step_and_unchanged():
+    """synthetic.sft_train trains with the stage's step (gr2.train.sft.sft_step) and gives the
+    weights of its old loop bit for bit; a diverged loss stops it like the stage."""
+    from gr2.errors import TrainingError
+
+    task = S.make_planted_task(40, rule="prior", favoured=2, seed=1)
+    tokenizer, _ = S.make_tokenizer(task)
+    examples = S.sft_examples(task, tokenizer, range(40), teacher="format")
+    new, old = S.make_model(tokenizer, seed=0), S.make_model(tokenizer, seed=0)
+    got = S.sft_train(new, examples, tokenizer.pad_token_id, steps=7, batch_size=16, lr=3e-3, seed=2)
+    want = _old_sft_train(old, examples, tokenizer.pad_token_id, steps=7, batch_size=16, lr=3e-3, seed=2)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for (name, a), b in zip(new.state_dict().items(), old.state_dict().values()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        next(new.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingError, match="sft diverged"):
+        S.sft_train(new, examples, tokenizer.pad_token_id, steps=1, batch_size=4, lr=3e-3)

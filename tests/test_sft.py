@@ -13,7 +13,8 @@ from test_midtrain_fixtures import make_run_dir, tiny_midtrain_config
 from gr2.errors import ConfigError, DataError
 from gr2.models import load_pretrained
 from gr2.teacher import TeacherConfig, run_traces
-from gr2.train import common
+from gr2.train.checkpointing import latest_checkpoint
+from gr2.train.optim import LoraSettings
 from gr2.train.midtrain import run_midtrain
 from gr2.train.sft import SftConfig, run_sft, split_completion, trace_example
 
@@ -71,7 +72,7 @@ def test_sft_resume_after_kill_is_exact(run_dir, tmp_path):
     killed = copy_run(run_dir, tmp_path / "killed")
     with pytest.raises(KeyboardInterrupt):
         run_sft(killed, cfg, on_step=kill_at)
-    assert common.latest_checkpoint(killed / "sft" / "checkpoints").name == "step-00000003"
+    assert latest_checkpoint(killed / "sft" / "checkpoints").name == "step-00000003"
     resumed = run_sft(killed, cfg)
     assert resumed["resumed_from_step"] == 3
     straight = copy_run(run_dir, tmp_path / "straight")
@@ -103,7 +104,7 @@ def test_sft_twice_with_the_same_seed_is_bit_identical(run_dir, tmp_path):
 def test_sft_packing_and_lora(run_dir, tmp_path):
     packed = run_sft(copy_run(run_dir, tmp_path / "p"), config(epochs=1, packing=True, max_length=4096))
     assert packed["rows"] < packed["train_traces"]
-    lora = run_sft(copy_run(run_dir, tmp_path / "l"), config(epochs=1, lora=common.LoraSettings(enabled=True, r=4)))
+    lora = run_sft(copy_run(run_dir, tmp_path / "l"), config(epochs=1, lora=LoraSettings(enabled=True, r=4)))
     assert lora["lora"] and lora["heldout_after"]["answer_nll"] != lora["heldout_before"]["answer_nll"]
     model, _ = load_pretrained(tmp_path / "l" / "sft" / "model")  # merged, loads without peft
     assert not hasattr(model, "peft_config")

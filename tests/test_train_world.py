@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gr2.errors import ConfigError
-from gr2.train import common
+from gr2.train.devices import local_device
 from gr2.train.dapo import World, init_world
 
 
@@ -26,11 +26,11 @@ def fake_cuda(monkeypatch):
 def test_local_rank_picks_its_own_gpu(fake_cuda, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert common.local_device("auto") == torch.device("cuda", 1)
-    assert common.local_device("cuda") == torch.device("cuda", 1)
+    assert local_device("auto") == torch.device("cuda", 1)
+    assert local_device("cuda") == torch.device("cuda", 1)
     assert fake_cuda == [1, 1]
-    assert common.local_device("cuda:0") == torch.device("cuda", 0)  # an explicit index is kept
-    assert common.local_device("cpu") == torch.device("cpu")
+    assert local_device("cuda:0") == torch.device("cuda", 0)  # an explicit index is kept
+    assert local_device("cpu") == torch.device("cpu")
     assert fake_cuda == [1, 1]
 
 
@@ -41,16 +41,16 @@ def test_an_explicit_gpu_shared_by_the_ranks_of_a_node_is_a_config_error(fake_cu
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(ConfigError, match=r"'cuda:0'.*LOCAL_RANK=1 of 2.*share one GPU"):
-        common.local_device("cuda:0")
-    assert common.local_device("cuda:1") == torch.device("cuda", 1)
+        local_device("cuda:0")
+    assert local_device("cuda:1") == torch.device("cuda", 1)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # CUDA_VISIBLE_DEVICES gives each rank one GPU
-    assert common.local_device("cuda:0") == torch.device("cuda", 0)
+    assert local_device("cuda:0") == torch.device("cuda", 0)
 
 
 def test_without_torchrun_the_device_is_plain(fake_cuda, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert common.local_device("auto") == torch.device("cuda")
+    assert local_device("auto") == torch.device("cuda")
     assert fake_cuda == []
 
 
@@ -58,7 +58,7 @@ def test_local_rank_beyond_the_visible_gpus_is_a_config_error(fake_cuda, monkeyp
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(ConfigError, match=r"LOCAL_RANK = 2 .*only 2 CUDA device"):
-        common.local_device("auto")
+        local_device("auto")
     assert fake_cuda == []
 
 
@@ -114,7 +114,7 @@ def test_init_world_picks_backend_and_device(fake_cuda, monkeypatch, cuda):
 
 def test_dist_timeout_is_configurable_and_checked(monkeypatch):
     from gr2.errors import ConfigError
-    from gr2.train.common import dist_timeout
+    from gr2.train.distributed import dist_timeout
 
     monkeypatch.setenv("GR2_DIST_TIMEOUT_MIN", "7.5")
     assert dist_timeout() == datetime.timedelta(minutes=7.5)
@@ -126,13 +126,14 @@ def test_dist_timeout_is_configurable_and_checked(monkeypatch):
 
 def test_checkpoint_state_is_loaded_onto_the_cpu(tmp_path, monkeypatch):
     """Every rank loads the optimizer state onto the CPU, not onto the GPU rank 0 saved it from."""
-    from gr2.train import common
+    from gr2.train.checkpointing import load_checkpoint, save_checkpoint
+    from gr2.train.optim import make_optimizer
 
     model = torch.nn.Linear(3, 2)
-    optimizer = common.make_optimizer(model, 1e-2)
+    optimizer = make_optimizer(model, 1e-2)
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
-    path = common.save_checkpoint(tmp_path / "ck", model, optimizer, None, 1, key="k")
+    path = save_checkpoint(tmp_path / "ck", model, optimizer, None, 1, key="k")
     seen = []
     real_load = torch.load
 
@@ -141,7 +142,7 @@ def test_checkpoint_state_is_loaded_onto_the_cpu(tmp_path, monkeypatch):
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    common.load_checkpoint(path, model, optimizer, None)
+    load_checkpoint(path, model, optimizer, None)
     assert seen == ["cpu"]
 
 

@@ -6,7 +6,7 @@ argument) and friends, and a Rust panic (a bug) is caught at the binding and rai
 
 import numpy as np
 import os
-from typing import Sequence
+from typing import Any, Sequence
 import numpy.typing as npt
 
 __version__: str
@@ -209,6 +209,12 @@ def _verify_rewards_tokens(
     graded_k: int,
     kind: str,
 ) -> dict[str, np.ndarray]: ...
+def _parse_completions_text(
+    texts: list[str], trailers: list[str], levels: int | None  # None: each answer's first SID's count
+) -> list[dict[str, Any] | None]: ...  # think, answer, sids (str indices), codes (n, L) uint16; None: malformed
+def _parse_completion_tokens(
+    ids: list[int], token_map: TokenMap, whitespace_ids: list[int], trailer_ids: list[int]
+) -> dict[str, Any] | None: ...  # as _parse_completions_text, positions are token indices
 # --- SidIndex (rust/src/index, rust/src/py/index.rs) -------------------------------------------
 
 

@@ -176,7 +176,8 @@ def _silent(_: str) -> None:
 def pipeline_world(run: RunConfig):
     """The torchrun process group of a ``gr2 run`` (one process: a World of size 1). It joins with the
     backend the training stages will use (their ``device``), so they reuse it."""
-    from gr2.train.common import init_world, local_device
+    from gr2.train.devices import local_device
+    from gr2.train.distributed import init_world
 
     device = next((getattr(run.stage_configs.get(s), "device", None) for s in ("midtrain", "sft", "rl")
                    if s in run.stage_configs), None) or "auto"

@@ -122,7 +122,7 @@ CURVES = (  # (panel title, [(metrics.jsonl key, label, line style, colour)]): a
 
 
 def read_metrics_log(path: Path) -> list[dict[str, Any]]:
-    """The rows of a trainer's ``metrics.jsonl`` (:class:`gr2.train.common.MetricLogger`)."""
+    """The rows of a trainer's ``metrics.jsonl`` (:class:`gr2.train.metric_log.MetricLogger`)."""
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():

@@ -73,7 +73,7 @@ def run_rerank(run_dir: str | Path, stage: str, config: RerankConfig = RerankCon
     from gr2.models import load_pretrained
     from gr2.prompt_stage import load_prompt_config
     from gr2.prompts import ItemCatalog, request_messages
-    from gr2.train.common import choose_device
+    from gr2.train.devices import choose_device
 
     if stage not in RERANKABLE:
         raise ConfigError(f"rerank stage must be one of {RERANKABLE}, got {stage!r}")

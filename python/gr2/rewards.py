@@ -279,6 +279,45 @@ def _is_whole(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+@dataclass(frozen=True)
+class CompletionParts:
+    """Where the parts of one completion lie, as :func:`verify_rewards` parses it (the one grammar,
+    ``rust/src/reward.rs``): ``str`` indices of a text or positions of a token-id sequence, every
+    span end exclusive."""
+
+    think: tuple[int, int] | None  # <think> through </think>; None without a think block
+    answer: tuple[int, int]  # the last <answer> through its </answer>
+    sids: list[tuple[int, int]]  # each SID of the answer, <|sid_begin|> through <|sid_end|>
+    codes: np.ndarray  # uint16 (len(sids), levels)
+
+    @classmethod
+    def _of(cls, d: dict[str, Any] | None) -> CompletionParts | None:
+        return None if d is None else cls(d["think"], d["answer"], d["sids"], d["codes"])
+
+
+def parse_completion(text: str, *, levels: int | None = None,
+                     trailers: Sequence[str] = DEFAULT_TRAILERS) -> CompletionParts | None:
+    """The verifier's parse of one text completion with its spans; None where :func:`verify_rewards`
+    would call it malformed (with SIDs of ``levels`` codes; None: the answer's first SID's count)."""
+    if not isinstance(text, str):
+        raise InvalidInputError(f"completion must be a str, got {type(text).__name__}")
+    if levels is not None and not _is_whole(levels):
+        raise InvalidInputError(f"levels must be an int or None, got {levels!r}")
+    if not _encodable(text):  # a lone surrogate: no UTF-8 text the verifier could read
+        return None
+    return CompletionParts._of(_gr2._parse_completions_text([text], _str_list("trailers", trailers),
+                                                            None if levels is None else int(levels))[0])
+
+
+def parse_completion_ids(ids: Sequence[int], sid_tokens: Any, *, whitespace_ids: Sequence[int] = (),
+                         trailer_ids: Sequence[int] = ()) -> CompletionParts | None:
+    """:func:`parse_completion` for token ids (the tags and codes of ``sid_tokens``, a
+    :class:`gr2.SidTokens`); positions are indices into ``ids``."""
+    return CompletionParts._of(_gr2._parse_completion_tokens(
+        [int(i) for i in ids], _verification_token_map(sid_tokens), _int_list("whitespace_ids", whitespace_ids),
+        _int_list("trailer_ids", trailer_ids)))
+
+
 # Cut-offs travel to Rust as usize; anything past this is a mistake, not a list length.
 _MAX_CUTOFF = 2**31 - 1
 

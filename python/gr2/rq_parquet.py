@@ -1,3 +1,4 @@
+# size: one streaming encoder: schema checks, prefetch, the duplicate-id check and atomic output share per-file state
 """Parquet in, Parquet out: RQ codes (or a SidIndex's SIDs) for item tables larger than memory.
 
 :func:`encode_parquet` reads an item table (an id column and an embedding column, a

@@ -251,3 +251,21 @@ def fit_of_user(split: ProtocolSplit, name: str) -> dict[int, np.ndarray]:
 
 __all__ = ["PROTOCOLS", "SPLITS", "LeaveOneOut", "ProtocolSplit", "Requests", "fit_of_user", "leave_one_out",
            "leave_one_out_protocol", "time_protocol", "train_sequences"]
+
+
+def leave_one_out_pairs(sequences: Sequence[Sequence[int]], split: str) -> tuple[list[list[int]], list[int]]:
+    """Leave-one-out (histories, targets) of plain per-user item lists, for next-item evaluation:
+    ``"valid"`` pairs ``s[:-2]`` with ``s[-2]``, ``"test"`` pairs ``s[:-1]`` with ``s[-1]`` (the
+    histories and targets of :class:`LeaveOneOut`), for every sequence with at least one item
+    before its target (a 2-item sequence has a test pair and no valid one)."""
+    if split not in ("valid", "test"):
+        raise InvalidInputError(f"leave-one-out split must be 'valid' or 'test', got {split!r}")
+    cut = 1 if split == "test" else 2
+    pairs = [(list(s[:-cut]), s[-cut]) for s in sequences if len(s) > cut]
+    return [h for h, _ in pairs], [t for _, t in pairs]
+
+
+def leave_one_out_prefixes(sequences: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The leave-one-out training prefix ``s[:-2]`` of each plain per-user item list (the lists
+    form of :func:`train_sequences`; empty for sequences of fewer than 3 items)."""
+    return [list(s[:-2]) for s in sequences]

@@ -23,7 +23,7 @@ first free choice of the answer (the level-a token of the first SID) decides the
 
 Helpers shared by ``tests/test_planted_signal.py`` and ``benches/bench_planted_signal.py``:
 :func:`make_tokenizer` / :func:`make_model` (an offline BPE tokenizer and a tiny Llama built from a
-config), :func:`sft_examples` + :func:`sft_train` (the SFT loss of :mod:`gr2.train.common`),
+config), :func:`sft_examples` + :func:`sft_train` (the SFT loss of :mod:`gr2.train.losses`),
 :func:`rl_data` (the :class:`gr2.train.dapo.RlData` of some lists) and :func:`greedy_recall_at_1`
 (greedy ``gr2.constrained_decode`` scored by :func:`gr2.eval.metrics.per_list_metrics`).
 Everything is seeded.
@@ -227,14 +227,14 @@ def make_model(tokenizer: Any, hidden_size: int = 64, num_layers: int = 2, num_h
 def sft_examples(task: PlantedTask, tokenizer: Any, rows: Sequence[int], *, reasoning: bool = False,
                  teacher: str = "target", accuracy: float = 1.0, lambda_reasoning: float = 0.5,
                  loss_tokens: str = "all", seed: int = 0) -> list[Any]:
-    """SFT examples (:func:`gr2.train.common.chat_example`): ``teacher="target"`` ranks the target
+    """SFT examples (:func:`gr2.train.batches.chat_example`): ``teacher="target"`` ranks the target
     first, ``"format"`` keeps the upstream order (format only, chance accuracy). ``accuracy`` < 1
     makes the target teacher a noisy one, like a real teacher: it ranks the target first on that
     share of the lists (drawn with ``seed``) and writes the upstream order on the others.
     ``loss_tokens`` as ``sft.loss_tokens``: "decisions" keeps loss only where constrained decoding
     has a choice (:func:`gr2.train.sft.keep_decisions`)."""
     from gr2.models import sid_tokens_of
-    from gr2.train import common
+    from gr2.train.batches import chat_example
     from gr2.train.sft import LOSS_TOKENS, keep_decisions, split_completion
 
     if loss_tokens not in LOSS_TOKENS:
@@ -252,7 +252,7 @@ def sft_examples(task: PlantedTask, tokenizer: Any, rows: Sequence[int], *, reas
             think, answer = split_completion(text)
             segments = [(think, lambda_reasoning), (answer, 1.0)]
         records.append({"messages": task.messages(row), "candidates": task.candidates[row].tolist(), "reasoning": reasoning})
-        out.append(common.chat_example(tokenizer, records[-1]["messages"], segments))
+        out.append(chat_example(tokenizer, records[-1]["messages"], segments))
     if loss_tokens == "decisions":
         out = keep_decisions(tokenizer, records, out, task.index, sid_tokens_of(tokenizer, task.level_sizes))
     return out
@@ -260,26 +260,28 @@ def sft_examples(task: PlantedTask, tokenizer: Any, rows: Sequence[int], *, reas
 
 def sft_train(model: Any, examples: Sequence[Any], pad_id: int, *, steps: int, batch_size: int = 16,
               lr: float = 3e-3, seed: int = 0, on_step: Any = None) -> list[float]:
-    """Plain SFT steps with :func:`gr2.train.common.weighted_nll` (AdamW, constant lr, grad clip 1);
+    """``steps`` updates of :func:`gr2.train.sft.sft_step` (the SFT stage's step: weighted NLL,
+    grad clip 1) with AdamW at a constant lr, in float32 on the model's device; batch ``s`` takes
+    the next ``batch_size`` examples of the seeded epoch order (wrapping round to its start).
     ``on_step(step, loss)`` after each step. Returns the losses."""
     import torch
 
-    from gr2.train import common
+    from gr2.train.batches import epoch_order
+    from gr2.train.distributed import World
+    from gr2.train.losses import DataParallel
+    from gr2.train.optim import make_optimizer
+    from gr2.train.sft import sft_step
 
-    optimizer = common.make_optimizer(model, lr)
+    optimizer = make_optimizer(model, lr)
+    parallel = DataParallel(model, World(), next(model.parameters()).device, torch.float32, pad_id)
     losses = []
     model.train()
     for step in range(steps):
         epoch, offset = divmod(step * batch_size, len(examples))
-        order = common.epoch_order(len(examples), seed, epoch)
+        order = epoch_order(len(examples), seed, epoch)
         chosen = [order[(offset + j) % len(examples)] for j in range(batch_size)]
-        batch = common.collate([examples[i] for i in chosen], pad_id)
-        loss, _ = common.weighted_nll(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        loss, _ = sft_step(parallel, optimizer, None, [examples[i] for i in chosen], step=step + 1, lr=lr)
+        losses.append(loss)
         if on_step is not None:
             on_step(step + 1, losses[-1])
     model.eval()
@@ -339,7 +341,7 @@ def copy_examples(task: PlantedTask, sid_tokens: Any, n: int, *, n_sids: int = 6
     (benches/README.md, "a student that reads its prompt"). On these 75-token sequences the 2-layer,
     hidden-64 Llama forms the copy (induction) attention within a few hundred steps, which the full
     324-token rerank prompts never gave it. Pure function of its arguments."""
-    from gr2.train.common import build_example
+    from gr2.train.batches import build_example
 
     rng = np.random.default_rng(seed)
 

@@ -1,3 +1,4 @@
+# size: the traces stage whole (config, prompts, two teachers, rejection sampling); gr2.pipeline will move the stage out
 """Teacher reasoning traces for reasoning SFT (stage 2 of GR2).
 
 A teacher reads a user's history and the K upstream candidates and writes
@@ -65,7 +66,8 @@ from gr2.teacher_client import (  # noqa: F401  (re-exported: gr2.teacher.OpenAI
     TeacherRequestError,
 )
 from gr2.tokens import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, sid_to_text
-from gr2.train import common
+from gr2.train.devices import choose_device
+from gr2.train.run_inputs import input_key
 
 STAGE = "traces"
 HEURISTIC_LABEL = "heuristic teacher"
@@ -182,12 +184,14 @@ def parse_completions(completions: list[str], examples: list[Example], catalog: 
     grammar (in Rust) that the RL rewards and the decoders use. In the answer-only arm a
     completion with a ``<think>`` block is rejected (``RewardBatch.valid`` False)."""
     from gr2 import verify_rewards
+    from gr2.rewards import parse_completion
 
     candidates = np.array([e.candidates for e in examples], dtype=np.uint64).reshape(len(examples), -1)
     targets = np.array([e.target for e in examples], dtype=np.uint64)
     rb = verify_rewards(completions, candidates, targets, index=catalog.index)
-    if not reasoning:
-        has_think = np.array([c.lstrip().startswith(THINK_OPEN) for c in completions], dtype=bool)
+    if not reasoning:  # the think block where the verifier's own parse finds one
+        has_think = np.array([bool(ok) and parse_completion(c).think is not None
+                              for c, ok in zip(completions, rb.valid)], dtype=bool)
         rb = dataclasses.replace(rb, valid=rb.valid & ~has_think)
     return rb
 
@@ -298,7 +302,7 @@ class LocalModelTeacher:
         from gr2.models import load_pretrained
 
         self.config = config
-        self.device = common.choose_device("auto")
+        self.device = choose_device("auto")
         self.model, self.tokenizer = load_pretrained(path)
         self.model.to(self.device).eval()
         self.torch = torch
@@ -487,7 +491,7 @@ def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, 
     run_dir = Path(run_dir)
     stage_dir = run_dir / arms.stage_dir(STAGE, arm)
     reasoning = arms.reasoning(arm)
-    inputs = [common.input_key(run_dir, s) for s in ("data", "sid", "candidates", "prompts")]
+    inputs = [input_key(run_dir, s) for s in ("data", "sid", "candidates", "prompts")]
     key = stage_key({"config": config, "arm": arm}, *inputs)
     if (done := begin_stage(stage_dir, key, force=force)) is not None:
         return done

@@ -342,10 +342,22 @@ enum Sym {
     Other,
 }
 
-trait Lexer {
+/// Where `open_answer` found the think block and the answer (in the lexer's units).
+struct Frame {
+    /// `<think>` through `</think>`, end exclusive; None when only whitespace precedes the answer.
+    think: Option<(usize, usize)>,
+    /// Start of the last `<answer>`.
+    answer: usize,
+}
+
+trait Lexer: Clone {
+    /// Units of `<|sid_begin|>` (13 bytes of text, 1 token id).
+    const SID_BEGIN_LEN: usize;
     /// Position the lexer just after the **last** answer-open tag and check that everything
     /// before it is `ws* [<think> ANY </think> ws*]` (module docs). Err(()) = malformed.
-    fn open_answer(&mut self) -> std::result::Result<(), ()>;
+    fn open_answer(&mut self) -> std::result::Result<Frame, ()>;
+    /// Current position (bytes of a text, index of a token id).
+    fn pos(&self) -> usize;
     /// Next symbol after skipping whitespace; trailers are recognised only when `after_answer`.
     fn next_sym(&mut self, after_answer: bool) -> Sym;
 
@@ -373,13 +385,104 @@ fn sid_body_by_symbols<X: Lexer + ?Sized>(lx: &mut X, levels: usize, out: &mut V
 /// Parse one completion into `out` (flat L codes per SID). Err(()) = malformed.
 fn parse<X: Lexer>(lx: &mut X, levels: usize, out: &mut Vec<u16>) -> std::result::Result<(), ()> {
     lx.open_answer()?;
+    answer_body(lx, levels, out, None)?;
+    answer_tail(lx)
+}
+
+/// After `<answer>`: SIDs up to and including `</answer>`; each SID's span (`<|sid_begin|>`
+/// through `<|sid_end|>`, end exclusive) is pushed onto `spans` when given.
+fn answer_body<X: Lexer>(
+    lx: &mut X,
+    levels: usize,
+    out: &mut Vec<u16>,
+    mut spans: Option<&mut Vec<(usize, usize)>>,
+) -> std::result::Result<(), ()> {
     loop {
         match lx.next_sym(false) {
-            Sym::AnswerClose => break,
-            Sym::SidBegin => lx.sid_body(levels, out)?,
+            Sym::AnswerClose => return Ok(()),
+            Sym::SidBegin => {
+                let start = lx.pos() - X::SID_BEGIN_LEN;
+                lx.sid_body(levels, out)?;
+                if let Some(spans) = spans.as_deref_mut() {
+                    spans.push((start, lx.pos()));
+                }
+            }
             _ => return Err(()),
         }
     }
+}
+
+/// Codes in the first SID after `<answer>` (1 when the answer holds no SID, where any count
+/// parses alike): the level count of a completion parsed without one given.
+fn first_sid_levels<X: Lexer>(lx: &X) -> usize {
+    let mut probe = lx.clone();
+    let mut n = 0;
+    if probe.next_sym(false) == Sym::SidBegin {
+        while let Sym::Code(level, _) = probe.next_sym(false) {
+            if level as usize != n {
+                break;
+            }
+            n += 1;
+        }
+    }
+    n.max(1)
+}
+
+/// Where the parts of one completion the verifier accepts lie, in the lexer's units: byte
+/// offsets of a text, indices of a token-id sequence; every span's end is exclusive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompletionParts {
+    /// `<think>` through `</think>`; None without a think block.
+    pub think: Option<(usize, usize)>,
+    /// The last `<answer>` through its `</answer>`.
+    pub answer: (usize, usize),
+    /// Each SID of the answer, `<|sid_begin|>` through `<|sid_end|>`.
+    pub sids: Vec<(usize, usize)>,
+    /// Codes per SID.
+    pub levels: usize,
+    /// The answer's SIDs, `levels` codes each.
+    pub codes: Vec<u16>,
+}
+
+/// The verifier's parse of one completion with its spans; None = malformed (exactly when
+/// [`verify`] would say `Malformed` with the same level count). `levels` None takes the count of
+/// the answer's first SID.
+fn parse_parts<X: Lexer>(lx: &mut X, levels: Option<usize>) -> Option<CompletionParts> {
+    let frame = lx.open_answer().ok()?;
+    let levels = levels.unwrap_or_else(|| first_sid_levels(lx));
+    let (mut codes, mut sids) = (Vec::new(), Vec::new());
+    answer_body(lx, levels, &mut codes, Some(&mut sids)).ok()?;
+    let answer = (frame.answer, lx.pos());
+    answer_tail(lx).ok()?;
+    Some(CompletionParts { think: frame.think, answer, sids, levels, codes })
+}
+
+/// Parse every completion of `completions` with its spans ([`CompletionParts`]; None for a
+/// malformed one). The grammar is the one [`verify`] applies; the level count is `levels`, or the
+/// token map's for token ids, or else each answer's first SID's.
+pub fn parse_completions<S: AsRef<str> + Sync>(
+    completions: &Completions<'_, S>,
+    levels: Option<usize>,
+) -> Result<Vec<Option<CompletionParts>>> {
+    completions.validate()?;
+    if let Some(l) = levels {
+        check_sid_levels("levels", l)?;
+    }
+    Ok((0..completions.len())
+        .map(|row| match completions {
+            Completions::Text { texts, trailers } => {
+                parse_parts(&mut TextLexer { s: texts[row].as_ref().as_bytes(), pos: 0, trailers }, levels)
+            }
+            Completions::Tokens { ids, offsets, map, whitespace, trailers } => {
+                let ids = &ids[offsets[row]..offsets[row + 1]];
+                parse_parts(&mut TokenLexer { ids, pos: 0, map, whitespace, trailers }, Some(levels.unwrap_or(map.levels)))
+            }
+        })
+        .collect())
+}
+
+/// After `</answer>`: whitespace and trailers to the end.
+fn answer_tail<X: Lexer>(lx: &mut X) -> std::result::Result<(), ()> {
     loop {
         match lx.next_sym(true) {
             Sym::End => return Ok(()),
@@ -389,6 +492,7 @@ fn parse<X: Lexer>(lx: &mut X, levels: usize, out: &mut Vec<u16>) -> std::result
     }
 }
 
+#[derive(Clone)]
 struct TextLexer<'a> {
     s: &'a [u8],
     pos: usize,
@@ -477,6 +581,12 @@ impl TextLexer<'_> {
 }
 
 impl Lexer for TextLexer<'_> {
+    const SID_BEGIN_LEN: usize = b"<|sid_begin|>".len();
+
+    fn pos(&self) -> usize {
+        self.pos
+    }
+
     /// The SID spans are most of an answer's bytes, so they get a tight loop; any whitespace or
     /// deviation from the plain spelling hands over to the general symbol-by-symbol path.
     fn sid_body(&mut self, levels: usize, out: &mut Vec<u16>) -> std::result::Result<(), ()> {
@@ -502,7 +612,7 @@ impl Lexer for TextLexer<'_> {
         sid_body_by_symbols(self, levels, out)
     }
 
-    fn open_answer(&mut self) -> std::result::Result<(), ()> {
+    fn open_answer(&mut self) -> std::result::Result<Frame, ()> {
         let s = self.s;
         let at = memchr::memmem::rfind(s, b"<answer>").ok_or(())?;
         let mut lo = 0;
@@ -518,7 +628,7 @@ impl Lexer for TextLexer<'_> {
             return Err(());
         }
         self.pos = at + 8;
-        Ok(())
+        Ok(Frame { think: (lo != hi).then_some((lo, hi)), answer: at })
     }
 
     fn next_sym(&mut self, after_answer: bool) -> Sym {
@@ -560,6 +670,7 @@ enum TokenClass {
     Text,
 }
 
+#[derive(Clone)]
 struct TokenLexer<'a> {
     ids: &'a [i64],
     pos: usize,
@@ -590,7 +701,13 @@ impl TokenLexer<'_> {
 }
 
 impl Lexer for TokenLexer<'_> {
-    fn open_answer(&mut self) -> std::result::Result<(), ()> {
+    const SID_BEGIN_LEN: usize = 1;
+
+    fn pos(&self) -> usize {
+        self.pos
+    }
+
+    fn open_answer(&mut self) -> std::result::Result<Frame, ()> {
         let class = |i: usize| self.class(self.ids[i]);
         let answer_open = TokenClass::Format(TokenRole::AnswerOpen);
         let at = (0..self.ids.len()).rev().find(|&i| class(i) == answer_open).ok_or(())?;
@@ -609,7 +726,7 @@ impl Lexer for TokenLexer<'_> {
             return Err(());
         }
         self.pos = at + 1;
-        Ok(())
+        Ok(Frame { think: (lo != hi).then_some((lo, hi)), answer: at })
     }
 
     fn next_sym(&mut self, after_answer: bool) -> Sym {

@@ -1,3 +1,4 @@
+# size: one short reader per raw format (RecBole, MovieLens 100k/1M, Amazon, tables) over shared column helpers
 """Readers for the raw dataset formats gr2 understands, all returning one :class:`RawData`.
 
 Every reader produces the same two tables so that preprocessing is format-agnostic:

@@ -1,3 +1,4 @@
+# size: greedy/sampling, beam search and catalog decoding share the scorer, token feeding and result assembly
 """``gr2.constrained_decode``: rerank decoding that can only emit a permutation of the candidates.
 
 Each prompt gets a native automaton (``gr2._gr2.ConstraintBatch``) over its candidates' SIDs. Every
@@ -48,7 +49,8 @@ from gr2.decoding._setup import (
     prompt_texts,
     resolve_sid_tokens,
 )
-from gr2.errors import ConstraintError, InvalidInputError
+from gr2.errors import ConstraintError, InternalError, InvalidInputError
+from gr2.rewards import CompletionParts, parse_completion_ids
 from gr2.tokens import SidTokens
 
 NEG_INF = float("-inf")
@@ -344,7 +346,7 @@ def constrained_decode(
         return batch
 
     return _run(model, tokenizer, tokens, step_model, scorer, make_batch, len(texts), input_ids, attention_mask,
-                settings, max_steps, eos)
+                settings, max_steps, eos, in_think=mode == "in_think", answer_tags=True)
 
 
 def constraint_trace(
@@ -412,7 +414,7 @@ def constraint_trace(
 
 
 def _run(model, tokenizer, tokens, step_model, scorer, make_batch, n_prompts, input_ids, attention_mask, settings,
-         max_steps, eos) -> list[RerankResult]:
+         max_steps, eos, *, in_think: bool, answer_tags: bool) -> list[RerankResult]:
     """Decode with the automata ``make_batch`` builds (beam search or sampling/greedy), in eval mode."""
     was_training = model.training
     model.eval()
@@ -425,7 +427,7 @@ def _run(model, tokenizer, tokens, step_model, scorer, make_batch, n_prompts, in
                                      settings, max_steps, settings.jump_forward)
     finally:
         model.train(was_training)
-    return [_result(tokenizer, tokens, eos, *row) for row in rows]
+    return [_result(tokenizer, tokens, eos, in_think, answer_tags, *row) for row in rows]
 
 
 def _encode(tokenizer: Any, texts: list[str], device: torch.device, eos: int):
@@ -568,29 +570,38 @@ def _beam_search(sm, scorer, make_batch, n_prompts, input_ids, attention_mask, s
     return results
 
 
-def _result(tokenizer, tokens: SidTokens, eos: int, prompt_index, items, history, logprobs) -> RerankResult:
+def _completion_parts(tokens: SidTokens, history: list[int], in_think: bool,
+                      answer_tags: bool) -> tuple[CompletionParts, list[int]]:
+    """The verifier's parse (:func:`gr2.rewards.parse_completion_ids`, the one grammar) of a decoded
+    completion, and for each of its positions the index into ``history`` (-1: a tag the prompt or
+    the framing implies, added for the parse): ``<think>`` when the prompt ends with it
+    (``in_think``), ``<answer>``/``</answer>`` around the SIDs of a catalog output without answer
+    tags (right after its ``</think>``: the automaton keeps tags out of the reasoning)."""
+    pos = ([-1] if in_think else []) + list(range(len(history)))
+    if not answer_tags:
+        close = next((i for i, p in enumerate(pos) if p >= 0 and history[p] == tokens.think_close), None)
+        at = 0 if close is None else close + 1
+        pos = pos[:at] + [-2] + pos[at:] + [-3]
+    virtual = {-1: tokens.think_open, -2: tokens.answer_open, -3: tokens.answer_close}
+    parts = parse_completion_ids([virtual[p] if p < 0 else history[p] for p in pos], tokens)
+    if parts is None:  # the automaton only emits what the verifier accepts: a bug if not
+        raise InternalError(f"constrained decoding produced a completion the verifier rejects: {history[:40]}")
+    return parts, [max(p, -1) for p in pos]
+
+
+def _result(tokenizer, tokens: SidTokens, eos: int, in_think: bool, answer_tags: bool, prompt_index, items, history,
+            logprobs) -> RerankResult:
     if history and history[-1] == eos:
         history, logprobs = history[:-1], logprobs[:-1]
-    item_lps, reasoning_ids = [], []
-    span: float | None = None
-    in_think = tokens.think_close in history and tokens.think_open not in history[:1]
-    for tok, lp in zip(history, logprobs):
-        if tok == tokens.think_open:
-            in_think = True
-            continue
-        if tok == tokens.think_close:
-            in_think = False
-            continue
-        if in_think:
-            reasoning_ids.append(tok)
-            continue
-        if tok == tokens.sid_begin:
-            span = 0.0
-        if span is not None:
-            span += lp
-        if tok == tokens.sid_end and span is not None:
-            item_lps.append(span)
-            span = None
+    parts, pos = _completion_parts(tokens, history, in_think, answer_tags)
+    think = range(parts.think[0] + 1, parts.think[1] - 1) if parts.think else range(0)
+    reasoning_ids = [history[pos[i]] for i in think if pos[i] >= 0]
+    item_lps = []
+    for start, end in parts.sids:
+        span = 0.0
+        for i in range(start, end):
+            span += logprobs[pos[i]]
+        item_lps.append(span)
     return RerankResult(
         items=np.asarray(items, dtype=np.uint64),
         text=tokenizer.decode(history, skip_special_tokens=False),
@@ -673,4 +684,4 @@ def catalog_decode(
         return batch
 
     return _run(model, tokenizer, tokens, step_model, scorer, make_batch, len(texts), input_ids, attention_mask,
-                settings, max_steps, eos)
+                settings, max_steps, eos, in_think=mode == "in_think", answer_tags=answer_tags)

@@ -1,3 +1,4 @@
+# size: the sid stage with its --update and --ablation variants; gr2.pipeline (issue 33) will split them off
 """The ``sid`` stage: item text -> embeddings -> RQ-VAE -> codes -> a repaired, unique SID index.
 
 Reads ``<run_dir>/data/items`` (and ``data/sequences`` for the optional contrastive loss); writes

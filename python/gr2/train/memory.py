@@ -3,7 +3,7 @@ refuses a plan that cannot fit.
 
 The estimate (bytes, per process) sums what the training loop keeps:
 
-* weights: trainable parameters as float32 master weights (:func:`gr2.train.common.param_dtype`);
+* weights: trainable parameters as float32 master weights (:func:`gr2.train.devices.param_dtype`);
   frozen ones (the base model under LoRA) in the compute dtype (:func:`freeze_in_compute_dtype`);
 * gradients (float32) and AdamW's two moments (float32) of the trainable parameters;
 * activations: about ``34 * hidden`` bytes per token and layer in a 16-bit compute dtype (Korthikanti
@@ -100,7 +100,7 @@ def _embeddings(model: torch.nn.Module) -> int:
 
 def estimate(model: torch.nn.Module, *, lora: Any, tokens_per_step: int, compute_dtype: torch.dtype) -> MemoryPlan:
     """The plan of training ``model`` (any device, meta included) with ``tokens_per_step`` tokens in
-    one forward/backward (a micro-batch of this process). Under LoRA (``gr2.train.common.LoraSettings``)
+    one forward/backward (a micro-batch of this process). Under LoRA (``gr2.train.optim.LoraSettings``)
     the adapters train, and the embedding matrices too when ``lora.train_embeddings`` (peft keeps a
     frozen original beside each trained copy); the frozen weights sit in the compute dtype."""
     config = model.config

@@ -19,7 +19,7 @@ Steps, top to bottom:
    ``train_max_history`` transitions, in the evaluation prompt's own format) instead of a single
    target; ``pack`` fills the padding of a batch's long ``next`` rows with its short examples,
    and the output layer is evaluated only at supervised positions
-   (:func:`gr2.train.common.weighted_nll_selected`);
+   (:func:`gr2.train.losses.weighted_nll_selected`);
 3. evaluate next-item Recall@k / NDCG@k on the leave-one-out test targets by catalog-constrained
    beam search: generation may only spell SIDs of catalog items (gr2.catalog_decode), the
    beams' top-k items are the ranking. With ``eval_mask_history`` (default) the user's earlier
@@ -29,15 +29,14 @@ Steps, top to bottom:
    ``candidates/report.json`` exists, the upstream ranker (SASRec, full ranking on all users) is
    reported alongside.
 
-Measured on ml-100k with the demo preset (a 3-layer, hidden-192 Llama trained from scratch on a
-2-core CPU): target-only ``next`` loss, 300 steps, reached Recall@10 0.010 against popularity's
-0.055 on 200 test users; see the README for the figures of the current preset.
+Measurements: benches/README.md, "Mid-training next-item retrieval"; the current preset's figures
+are in the README.
 
 The batch at step ``s`` is a pure function of (seed, s), so a killed run resumes exactly from its
 last checkpoint (``midtrain/checkpoints``).
 
 Under ``torchrun`` each rank trains on its own device with the model in DDP and takes rows
-``rank::world_size`` of the same global batch (:class:`gr2.train.common.DataParallel`), so N
+``rank::world_size`` of the same global batch (:class:`gr2.train.losses.DataParallel`), so N
 processes give the one-process result. Rank 0 builds the extended start model (``checkpoints/init``)
 and the others load it; the evaluation's beam search is sharded over the ranks (users
 ``rank::world_size``) and the rankings gathered, so every rank computes the same metrics (the
@@ -57,12 +56,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gr2 import splits
 from gr2.data.catalog import ItemCatalog
 from gr2.errors import ConfigError, DataError
 from gr2.models import DemoModelConfig, extend_with_sids, load_base_model, load_pretrained, save_pretrained_atomic
 from gr2.rerank import OUTPUT_GLOBS as RERANK_OUTPUTS
 from gr2.rundir import atomic_write_json, mark_done, stage_key
-from gr2.train import common, memory
+from gr2.train import memory
+from gr2.train.batches import WeightedExample, chat_example, pack_rows
+from gr2.train.checkpointing import Checkpointer, training_key
+from gr2.train.devices import autocast, choose_dtype, local_device, param_dtype, seed_everything
+from gr2.train.distributed import World, begin_stage_on_rank0, init_world
+from gr2.train.losses import DataParallel, check_finite_weights, check_loss
+from gr2.train.metric_log import metric_logger
+from gr2.train.optim import LoraSettings, make_optimizer, make_scheduler, unwrap_model, wrap_lora
+from gr2.train.run_inputs import input_key, load_sequences
 
 STAGE = "midtrain"
 TASKS = ("next", "caption", "ground", "replay")
@@ -105,7 +113,7 @@ class MidtrainConfig:
     pack: bool = False
     max_length: int = 512
     init_noise_std: float = 0.02
-    lora: common.LoraSettings = field(default_factory=common.LoraSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -200,37 +208,37 @@ class TaskSampler:
             raise DataError("no user has two train items; the `next` task has no examples")
         self.train_seqs = train_seqs
 
-    def batch(self, step: int) -> tuple[list[common.WeightedExample], list[str]]:
+    def batch(self, step: int) -> tuple[list[WeightedExample], list[str]]:
         rng = np.random.default_rng([self.config.seed, step])
         tasks = rng.choice(len(TASKS), size=self.config.batch_size, p=self.task_p)
         examples = [self.example(TASKS[t], rng) for t in tasks]
         return examples, [TASKS[t] for t in tasks]
 
-    def example(self, task: str, rng: np.random.Generator) -> common.WeightedExample:
+    def example(self, task: str, rng: np.random.Generator) -> WeightedExample:
         cat, tok, max_len = self.catalog, self.tokenizer, self.config.max_length
         if task == "next":
             user, pos = self.next_pairs[rng.integers(len(self.next_pairs))]
             return self.next_example(int(user), int(pos))
         item = int(rng.integers(len(cat)))
         if task == "caption":
-            return common.chat_example(tok, [{"role": "user", "content": caption_prompt(cat, item)}],
+            return chat_example(tok, [{"role": "user", "content": caption_prompt(cat, item)}],
                                        [(cat.item_text(item), 1.0)], max_len)
         if task == "ground":
-            return common.chat_example(tok, [{"role": "user", "content": ground_prompt(cat, item)}],
+            return chat_example(tok, [{"role": "user", "content": ground_prompt(cat, item)}],
                                        [(cat.sid_text(item), 1.0)], max_len)
         ids = tok(replay_text(cat, item), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        return common.WeightedExample(ids, [0.0] + [1.0] * (len(ids) - 1))
+        return WeightedExample(ids, [0.0] + [1.0] * (len(ids) - 1))
 
-    def next_example(self, user: int, pos: int) -> common.WeightedExample:
+    def next_example(self, user: int, pos: int) -> WeightedExample:
         """The `next` example of train item ``pos`` of ``user``: the up to ``train_max_history``
         (default ``max_history``) items before it in the prompt, its SID as the answer."""
         cat, seq = self.catalog, self.train_seqs[user]
         history = seq[max(0, pos - (self.config.train_max_history or self.config.max_history)):pos]
-        example = common.chat_example(self.tokenizer, [{"role": "user", "content": next_prompt(cat, history)}],
+        example = chat_example(self.tokenizer, [{"role": "user", "content": next_prompt(cat, history)}],
                                       [(cat.sid_text(seq[pos]), 1.0)], self.config.max_length)
         return self.weight_history(example)
 
-    def weight_history(self, example: common.WeightedExample) -> common.WeightedExample:
+    def weight_history(self, example: WeightedExample) -> WeightedExample:
         """Put ``history_weight`` on the SID code tokens of the prompt (weight 0 there so far): the
         only SIDs in a `next` prompt are the history's, so each history item's codes are predicted
         from the items before it. Delimiters and text stay at 0; the answer keeps its weights."""
@@ -238,7 +246,7 @@ class TaskSampler:
             return example
         weights = [self.config.history_weight if w == 0 and t in self.code_token_ids else w
                    for t, w in zip(example.input_ids, example.weights)]
-        return common.WeightedExample(example.input_ids, weights)
+        return WeightedExample(example.input_ids, weights)
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,19 +310,11 @@ def popularity_rankings(train_seqs: list[list[int]], n_items: int, exclude: list
     return rankings
 
 
-def eval_split(seqs: list[list[int]], split: str) -> tuple[list[list[int]], list[int]]:
-    """Leave-one-out (whole history before the target, target) per user: valid = items[-2],
-    test = items[-1]."""
-    cut = 1 if split == "test" else 2
-    pairs = [(s[:-cut], s[-cut]) for s in seqs if len(s) > cut and len(s[:-cut]) > 0]
-    return [h for h, _ in pairs], [t for _, t in pairs]
-
-
 def evaluate(model: Any, tokenizer: Any, sid_tokens: Any, catalog: ItemCatalog, seqs: list[list[int]],
-             config: MidtrainConfig, world: common.World = common.World()) -> dict[str, Any]:
+             config: MidtrainConfig, world: World = World()) -> dict[str, Any]:
     """Next-item metrics of ``model`` (see the module docstring); under torchrun each rank beam-searches
     the users ``rank::size`` and the rankings are gathered, so every rank returns the same metrics."""
-    histories, targets = eval_split(seqs, config.eval_split)
+    histories, targets = splits.leave_one_out_pairs(seqs, config.eval_split)
     if config.eval_users and config.eval_users < len(targets):
         pick = np.random.default_rng(config.seed).choice(len(targets), config.eval_users, replace=False)
         histories, targets = [histories[i] for i in pick], [targets[i] for i in pick]
@@ -327,7 +327,7 @@ def evaluate(model: Any, tokenizer: Any, sid_tokens: Any, catalog: ItemCatalog, 
                                 config.eval_beams, top, config.eval_batch_size)
     parts = world.all_gather(ranked)  # parts[r][j] is the ranking of user r + j * size
     rankings = [parts[i % world.size][i // world.size] for i in range(len(prompts))]
-    pop = popularity_rankings([s[:-2] for s in seqs], len(catalog), exclude, top)
+    pop = popularity_rankings(splits.leave_one_out_prefixes(seqs), len(catalog), exclude, top)
     model_users = per_user_metrics(rankings, targets, config.eval_ks)
     pop_users = per_user_metrics(pop, targets, config.eval_ks)
     masked = "the user's history masked for both" if config.eval_mask_history else "history not masked"
@@ -360,7 +360,7 @@ def training_sequences(run_dir: Path, config: MidtrainConfig, seqs: list[list[in
         from gr2.candidates import load_fit_sequences
 
         return [s.tolist() for s in load_fit_sequences(run_dir, "train")]
-    return [s[:-2] for s in seqs]
+    return splits.leave_one_out_prefixes(seqs)
 
 
 def init_key(run_dir: Path, config: MidtrainConfig) -> str:
@@ -368,18 +368,18 @@ def init_key(run_dir: Path, config: MidtrainConfig) -> str:
     initialisation settings, and the data + SID index it was extended with."""
     what = {"base_model": config.base_model, "demo": config.demo if config.base_model == "demo" else None,
             "init_noise_std": config.init_noise_std, "seed": config.seed}
-    return stage_key(what, common.input_key(run_dir, "data"), common.input_key(run_dir, "sid"))
+    return stage_key(what, input_key(run_dir, "data"), input_key(run_dir, "sid"))
 
 
 def prepare_model(run_dir: Path, config: MidtrainConfig, catalog: ItemCatalog,
-                  checkpoints: common.Checkpointer | None = None,
-                  world: common.World = common.World()) -> tuple[Any, Any, Any]:
+                  checkpoints: Checkpointer | None = None,
+                  world: World = World()) -> tuple[Any, Any, Any]:
     """Base model extended with the SID vocabulary, saved once as ``checkpoints/init`` for resume
     and reused only while its key (:func:`init_key`) is current. Under torchrun rank 0 builds and
     saves it, the other ranks wait and load it."""
     from gr2.models import sid_tokens_of
 
-    checkpoints = checkpoints or common.Checkpointer(run_dir / STAGE / "checkpoints", "", name=STAGE)
+    checkpoints = checkpoints or Checkpointer(run_dir / STAGE / "checkpoints", "", name=STAGE)
     key = init_key(run_dir, config)
     built = None
     if world.writer:
@@ -408,49 +408,49 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
     called after every optimiser step (progress hooks; tests use it to kill a run)."""
     run_dir = Path(run_dir)
     stage_dir = run_dir / STAGE
-    inputs = [common.input_key(run_dir, "data"), common.input_key(run_dir, "sid")]
+    inputs = [input_key(run_dir, "data"), input_key(run_dir, "sid")]
     if config.train_on == "fit":
-        inputs.append(common.input_key(run_dir, "candidates"))
+        inputs.append(input_key(run_dir, "candidates"))
     key = stage_key(config, *inputs)
-    device = common.local_device(config.device)
-    world = common.init_world(device)
-    if (done := common.begin_stage_on_rank0(world, stage_dir, key, force=force)) is not None:
+    device = local_device(config.device)
+    world = init_world(device)
+    if (done := begin_stage_on_rank0(world, stage_dir, key, force=force)) is not None:
         return done
     catalog = ItemCatalog.from_run_dir(run_dir, sids=True)
-    seqs = common.load_sequences(run_dir)
+    seqs = load_sequences(run_dir)
     train_seqs = training_sequences(run_dir, config, seqs)
-    dtype = common.choose_dtype(device, config.dtype)  # compute dtype; parameters stay float32
-    common.seed_everything(config.seed)
+    dtype = choose_dtype(device, config.dtype)  # compute dtype; parameters stay float32
+    seed_everything(config.seed)
 
     # checkpoints of another config or other inputs are never resumed (removed, one log line)
-    checkpoints = common.Checkpointer(stage_dir / "checkpoints", common.training_key(config, *inputs), keep=config.keep_checkpoints,
+    checkpoints = Checkpointer(stage_dir / "checkpoints", training_key(config, *inputs), keep=config.keep_checkpoints,
                                       writer=world.writer, name=STAGE)
     model, tokenizer, sid_tokens = prepare_model(run_dir, config, catalog, checkpoints, world)
     memory.check_stage(model, STAGE, config, device, dtype, world.size)  # refuse a plan that cannot fit, up front
-    model = common.wrap_lora(model, config.lora).to(device=device, dtype=common.param_dtype(dtype))
+    model = wrap_lora(model, config.lora).to(device=device, dtype=param_dtype(dtype))
     memory.freeze_in_compute_dtype(model, dtype)
-    optimizer = common.make_optimizer(model, config.lr, config.weight_decay)
-    scheduler = common.make_scheduler(optimizer, config.steps, config.warmup_steps)
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    scheduler = make_scheduler(optimizer, config.steps, config.warmup_steps)
     resumed = checkpoints.resume(model, optimizer, scheduler, world)
     start = resumed["step"] if resumed else 0
     sampler = TaskSampler(catalog, train_seqs, tokenizer, config, sid_tokens)
     # logits only where the loss is (a demo-sized model spends much of its time in the output
     # layer); only for architectures whose logits are the plain output projection of the decoder
     plain_head = getattr(model.config, "model_type", "") in ("llama", "qwen2", "qwen3", "mistral")
-    parallel = common.DataParallel(model, world, device, dtype, tokenizer.pad_token_id,
+    parallel = DataParallel(model, world, device, dtype, tokenizer.pad_token_id,
                                    selected=plain_head and not config.lora.enabled)
 
     t0 = time.time()
     model.train()
-    with common.metric_logger(world, stage_dir, resume_step=start if resumed else None) as log:
+    with metric_logger(world, stage_dir, resume_step=start if resumed else None) as log:
         progress = tqdm(range(start, config.steps), desc="midtrain", initial=start, total=config.steps,
                         disable=not world.writer)
         for step in progress:
             examples, tasks = sampler.batch(step)  # the global batch: the same on every rank
             if config.pack:
-                examples = common.pack_rows(examples, max(len(e.input_ids) for e in examples), tokenizer.eos_token_id)
+                examples = pack_rows(examples, max(len(e.input_ids) for e in examples), tokenizer.eos_token_id)
             loss, tokens = parallel.backward(examples)
-            common.check_loss(loss, step + 1, "midtrain", config.lr)
+            check_loss(loss, step + 1, "midtrain", config.lr)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
@@ -466,9 +466,9 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
                 on_step(step + 1)
     train_seconds = time.time() - t0
 
-    model = common.unwrap_model(model)
-    common.check_finite_weights(model, "midtrain")
-    with common.autocast(device, dtype):
+    model = unwrap_model(model)
+    check_finite_weights(model, "midtrain")
+    with autocast(device, dtype):
         metrics = evaluate(model, tokenizer, sid_tokens, catalog, seqs, config, world)
     summary = {
         "base_model": config.base_model,

@@ -17,7 +17,7 @@ Full fine-tuning or LoRA (``lora.enabled``); optional greedy packing of short ex
 at step ``s`` is a pure function of (seed, s), so a killed run resumes exactly from its checkpoint.
 
 Under ``torchrun`` each rank trains on its own device with the model in DDP and takes rows
-``rank::world_size`` of the same global batch (:class:`gr2.train.common.DataParallel`), so N
+``rank::world_size`` of the same global batch (:class:`gr2.train.losses.DataParallel`), so N
 processes give the one-process result; the held-out NLL is computed by every rank (it is small),
 and only rank 0 writes (checkpoints, model, report, metrics, stage.json).
 """
@@ -38,9 +38,18 @@ from tqdm.auto import tqdm
 from gr2.errors import ConfigError, DataError
 from gr2.models import load_pretrained, save_pretrained_atomic
 from gr2.rerank import OUTPUT_GLOBS as RERANK_OUTPUTS
+from gr2.rewards import parse_completion
 from gr2.rundir import atomic_write_json, mark_done, stage_key
-from gr2.tokens import ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
-from gr2.train import common, memory
+from gr2.train import memory
+from gr2.train.batches import (WeightedExample, chat_example, collate, end_of_turn_ids, epoch_order, pack_examples,
+                               to_device)
+from gr2.train.checkpointing import Checkpointer, training_key
+from gr2.train.devices import autocast, choose_dtype, local_device, param_dtype, seed_everything
+from gr2.train.distributed import begin_stage_on_rank0, init_world
+from gr2.train.losses import DataParallel, check_finite_weights, check_loss, token_nll
+from gr2.train.metric_log import metric_logger
+from gr2.train.optim import LoraSettings, make_optimizer, make_scheduler, unwrap_model, wrap_lora
+from gr2.train.run_inputs import input_key
 
 STAGE = "sft"
 
@@ -64,7 +73,7 @@ class SftConfig:
     packing: bool = False
     max_length: int = 2048
     heldout_fraction: float = 0.1
-    lora: common.LoraSettings = field(default_factory=common.LoraSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -92,29 +101,33 @@ class SftConfig:
 
 
 def split_completion(completion: str, reasoning: bool = True) -> tuple[str, str]:
-    """(reasoning part ``<think>...</think>``, answer part ``<answer>...</answer>``); the reasoning
-    part is "" in the answer-only arm (``reasoning=False``), where a ``<think>`` block is an error.
-    Traces reach SFT only after :func:`gr2.verify_rewards` accepted them, so this only cuts."""
-    if not reasoning:
-        if not completion.startswith(ANSWER_OPEN):
-            raise DataError(f"answer-only trace must start with {ANSWER_OPEN}: {completion[:80]!r}")
+    """(reasoning part, answer part) of a trace, with ``reasoning + answer == completion``, cut where
+    :func:`gr2.verify_rewards`' parser (:func:`gr2.rewards.parse_completion`, the one grammar) ends
+    the think block: the reasoning part runs to the ``</think>`` right before the answer (a
+    ``</think>`` inside the reasoning is reasoning), the answer part is the rest. A trace without a
+    think block has reasoning part ""; the answer-only arm (``reasoning=False``) rejects a think
+    block. A completion the verifier calls malformed raises DataError."""
+    parts = parse_completion(completion)
+    if parts is None:
+        raise DataError(f"trace completion is not <think>...</think><answer>...</answer> as gr2.verify_rewards "
+                        f"parses it: {completion[:80]!r}")
+    if parts.think is None:
         return "", completion
-    end = completion.find(THINK_CLOSE)
-    if not completion.startswith(THINK_OPEN) or end < 0 or not completion[end + len(THINK_CLOSE):].lstrip().startswith(ANSWER_OPEN):
-        raise DataError(f"trace completion is not <think>...</think><answer>...</answer>: {completion[:80]!r}")
-    cut = end + len(THINK_CLOSE)
+    if not reasoning:
+        raise DataError(f"answer-only trace has a <think> block: {completion[:80]!r}")
+    cut = parts.think[1]
     return completion[:cut], completion[cut:]
 
 
 def trace_example(tokenizer: Any, record: dict[str, Any], lambda_r: float, lambda_o: float,
-                  max_length: int) -> common.WeightedExample:
+                  max_length: int) -> WeightedExample:
     reasoning, answer = split_completion(record["completion"], record.get("reasoning", True))
     parts = [(reasoning, lambda_r), (answer, lambda_o)] if reasoning else [(answer, lambda_o)]
-    return common.chat_example(tokenizer, record["messages"], parts, max_length)
+    return chat_example(tokenizer, record["messages"], parts, max_length)
 
 
-def keep_decisions(tokenizer: Any, records: list[dict[str, Any]], examples: list[common.WeightedExample],
-                   index: Any, sid_tokens: Any) -> list[common.WeightedExample]:
+def keep_decisions(tokenizer: Any, records: list[dict[str, Any]], examples: list[WeightedExample],
+                   index: Any, sid_tokens: Any) -> list[WeightedExample]:
     """``examples`` (of ``records``, from :func:`trace_example`) with a loss weight of 0 on every
     completion token the rerank automaton forces and on the end-of-turn token, which constrained
     decoding emits with probability 1. The completions are replayed through the Rust automaton
@@ -122,7 +135,7 @@ def keep_decisions(tokenizer: Any, records: list[dict[str, Any]], examples: list
     reaches so only the tokens' own constraints decide."""
     from gr2.decoding import constraint_trace
 
-    eot = len(common.end_of_turn_ids(tokenizer))
+    eot = len(end_of_turn_ids(tokenizer))
     completions = []
     for record, ex in zip(records, examples):
         prompt = tokenizer.apply_chat_template(record["messages"], tokenize=False, add_generation_prompt=True)
@@ -143,7 +156,7 @@ def keep_decisions(tokenizer: Any, records: list[dict[str, Any]], examples: list
             for t in np.nonzero(forced)[0]:
                 out[i][start + int(t)] = 0.0
             out[i][len(out[i]) - eot:] = [0.0] * eot
-    return [common.WeightedExample(ex.input_ids, w) for ex, w in zip(examples, out)]
+    return [WeightedExample(ex.input_ids, w) for ex, w in zip(examples, out)]
 
 
 def load_kept_traces(run_dir: Path, arm: str = "think") -> list[dict[str, Any]]:
@@ -190,13 +203,31 @@ def heldout_nll(model: Any, tokenizer: Any, records: list[dict[str, Any]], confi
     for part, (lr_, lo_) in (("answer", (0.0, 1.0)), ("reasoning", (1.0, 0.0))):
         examples = [trace_example(tokenizer, r, lr_, lo_, config.max_length) for r in records]
         for start in range(0, len(examples), config.eval_batch_size):
-            batch = common.to_device(common.collate(examples[start:start + config.eval_batch_size],
+            batch = to_device(collate(examples[start:start + config.eval_batch_size],
                                                     tokenizer.pad_token_id), device)
-            nll = common.token_nll(model, batch)
+            nll = token_nll(model, batch)
             sums[part] += float((nll * batch["loss_weights"]).sum())
             counts[part] += int((batch["loss_weights"] > 0).sum())
     model.train()
     return {f"{part}_nll": sums[part] / counts[part] for part in sums if counts[part]}
+
+
+def sft_step(parallel: DataParallel, optimizer: torch.optim.Optimizer, scheduler: Any,
+             rows: list[WeightedExample], *, step: int, lr: float) -> tuple[float, int]:
+    """One SFT update on the global batch ``rows``: the weighted NLL's backward pass
+    (:class:`gr2.train.losses.DataParallel`), a stop on a non-finite loss, gradient clipping at
+    norm 1 (the error names ``lr``, the configured rate), the optimizer step and the ``scheduler``
+    step (None: constant lr). Returns the batch's
+    loss and supervised-token count. The one SFT step: the stage and
+    :func:`gr2.synthetic.sft_train` both train with it."""
+    loss, tokens = parallel.backward(rows)
+    check_loss(loss, step, STAGE, lr)
+    torch.nn.utils.clip_grad_norm_(parallel.model.parameters(), 1.0)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, tokens
 
 
 def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = "think", force: bool = False,
@@ -207,20 +238,20 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
 
     run_dir = Path(run_dir)
     stage_dir = run_dir / arms.stage_dir(STAGE, arm)
-    inputs = (common.input_key(run_dir, "midtrain"), common.input_key(run_dir, arms.stage_dir("traces", arm)))
+    inputs = (input_key(run_dir, "midtrain"), input_key(run_dir, arms.stage_dir("traces", arm)))
     key = stage_key(config, *inputs)
-    device = common.local_device(config.device)
-    world = common.init_world(device)
-    if (done := common.begin_stage_on_rank0(world, stage_dir, key, force=force)) is not None:
+    device = local_device(config.device)
+    world = init_world(device)
+    if (done := begin_stage_on_rank0(world, stage_dir, key, force=force)) is not None:
         return done
-    dtype = common.choose_dtype(device, config.dtype)  # compute dtype; parameters stay float32
-    common.seed_everything(config.seed)
+    dtype = choose_dtype(device, config.dtype)  # compute dtype; parameters stay float32
+    seed_everything(config.seed)
 
     records = load_kept_traces(run_dir, arm)
     teacher = sorted({r.get("teacher", "?") for r in records})
     train_records, heldout = split_heldout(records, config.heldout_fraction, config.seed)
     model, tokenizer = load_pretrained(run_dir / "midtrain" / "model")
-    model.to(device=device, dtype=common.param_dtype(dtype))
+    model.to(device=device, dtype=param_dtype(dtype))
     examples = [trace_example(tokenizer, r, config.lambda_reasoning, config.lambda_answer, config.max_length)
                 for r in train_records]
     if config.loss_tokens == "decisions":
@@ -230,38 +261,34 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
         index = SidIndex.load(run_dir / "sid" / "index.gr2sid")
         examples = keep_decisions(tokenizer, train_records, examples, index, sid_tokens_of(tokenizer, index.level_sizes))
     if config.packing:
-        examples = common.pack_examples(examples, config.max_length, tokenizer.eos_token_id)
-    with common.autocast(device, dtype):
+        examples = pack_examples(examples, config.max_length, tokenizer.eos_token_id)
+    with autocast(device, dtype):
         before = heldout_nll(model, tokenizer, heldout, config, device)
 
     memory.check_stage(model, STAGE, config, device, dtype, world.size)  # refuse a plan that cannot fit, up front
-    model = common.wrap_lora(model, config.lora)
+    model = wrap_lora(model, config.lora)
     memory.freeze_in_compute_dtype(model, dtype)
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
-    optimizer = common.make_optimizer(model, config.lr, config.weight_decay)
-    scheduler = common.make_scheduler(optimizer, total_steps, config.warmup_steps)
-    checkpoints = common.Checkpointer(stage_dir / "checkpoints", common.training_key(config, *inputs), keep=config.keep_checkpoints,
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    scheduler = make_scheduler(optimizer, total_steps, config.warmup_steps)
+    checkpoints = Checkpointer(stage_dir / "checkpoints", training_key(config, *inputs), keep=config.keep_checkpoints,
                                       writer=world.writer, name=STAGE)
     resumed = checkpoints.resume(model, optimizer, scheduler, world)
     start = resumed["step"] if resumed else 0
-    parallel = common.DataParallel(model, world, device, dtype, tokenizer.pad_token_id)
+    parallel = DataParallel(model, world, device, dtype, tokenizer.pad_token_id)
 
     t0 = time.time()
     model.train()
-    with common.metric_logger(world, stage_dir, resume_step=start if resumed else None) as log:
+    with metric_logger(world, stage_dir, resume_step=start if resumed else None) as log:
         bar = tqdm(range(start, total_steps), desc=f"sft ({arm})", initial=start, total=total_steps,
                    disable=not world.writer)
         for step in bar:
             epoch, offset = divmod(step, steps_per_epoch)
-            order = common.epoch_order(len(examples), config.seed, epoch)
+            order = epoch_order(len(examples), config.seed, epoch)
             chosen = order[offset * config.batch_size:(offset + 1) * config.batch_size]
-            loss, tokens = parallel.backward([examples[i] for i in chosen])
-            common.check_loss(loss, step + 1, "sft", config.lr)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss, tokens = sft_step(parallel, optimizer, scheduler, [examples[i] for i in chosen], step=step + 1,
+                                    lr=config.lr)
             if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
                 log.log(step + 1, loss=loss, lr=scheduler.get_last_lr()[0], tokens=tokens, epoch=epoch)
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < total_steps:
@@ -271,9 +298,9 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
                 on_step(step + 1)
     train_seconds = time.time() - t0
 
-    model = common.unwrap_model(model)
-    common.check_finite_weights(model, "sft")
-    with common.autocast(device, dtype):
+    model = unwrap_model(model)
+    check_finite_weights(model, "sft")
+    with autocast(device, dtype):
         after = heldout_nll(model, tokenizer, heldout, config, device)
     summary = {
         "teacher": teacher,

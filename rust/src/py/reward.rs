@@ -190,7 +190,71 @@ fn _verify_rewards_tokens<'py>(
     })
 }
 
+/// One parse as a dict: `think` (start, end) or None, `answer` (start, end), `sids` [(start, end)],
+/// `codes` (n, levels) uint16; positions through `unit` (byte offset -> str index for a text).
+fn parts_to_dict<'py>(py: Python<'py>, p: reward::CompletionParts, unit: impl Fn(usize) -> usize) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    let span = |(s, e): (usize, usize)| (unit(s), unit(e));
+    d.set_item("think", p.think.map(span))?;
+    d.set_item("answer", span(p.answer))?;
+    d.set_item("sids", p.sids.into_iter().map(span).collect::<Vec<_>>())?;
+    let n = p.codes.len() / p.levels;
+    d.set_item("codes", p.codes.into_pyarray(py).reshape([n, p.levels])?)?;
+    Ok(d)
+}
+
+/// The verifier's parse of text completions with the spans of their parts, positions as `str`
+/// indices; None for a malformed completion. `levels` None: each answer's first SID's count.
+#[pyfunction]
+#[pyo3(signature = (texts, trailers, levels))]
+fn _parse_completions_text<'py>(
+    py: Python<'py>,
+    texts: Vec<PyBackedStr>,
+    trailers: Vec<String>,
+    levels: Option<usize>,
+) -> PyResult<Vec<Option<Bound<'py, PyDict>>>> {
+    catch_panics(|| {
+        let parsed = reward::parse_completions(&Completions::Text { texts: &texts, trailers: &trailers }, levels)?;
+        texts
+            .iter()
+            .zip(parsed)
+            .map(|(text, parts)| {
+                // every span edge is the byte after or before an ASCII tag, so a char boundary
+                let chars = |byte: usize| text[..byte].chars().count();
+                parts.map(|p| parts_to_dict(py, p, chars)).transpose()
+            })
+            .collect()
+    })
+}
+
+/// The verifier's parse of one token-id completion with its spans (token positions); None when
+/// malformed.
+#[pyfunction]
+#[pyo3(signature = (ids, token_map, whitespace_ids, trailer_ids))]
+fn _parse_completion_tokens<'py>(
+    py: Python<'py>,
+    ids: Vec<i64>,
+    token_map: Bound<'py, PyTokenMap>,
+    whitespace_ids: Vec<i64>,
+    trailer_ids: Vec<i64>,
+) -> PyResult<Option<Bound<'py, PyDict>>> {
+    catch_panics(|| {
+        let offsets = [0, ids.len()];
+        let rows: Completions<'_, &str> = Completions::Tokens {
+            ids: &ids,
+            offsets: &offsets,
+            map: token_map.get().token_map(),
+            whitespace: &whitespace_ids,
+            trailers: &trailer_ids,
+        };
+        let parsed = reward::parse_completions(&rows, None)?.pop().flatten();
+        parsed.map(|p| parts_to_dict(py, p, |i| i)).transpose()
+    })
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(_parse_completions_text, m)?)?;
+    m.add_function(wrap_pyfunction!(_parse_completion_tokens, m)?)?;
     m.add_function(wrap_pyfunction!(_verify_rewards_text, m)?)?;
     m.add_function(wrap_pyfunction!(_verify_rewards_tokens, m)?)?;
     m.add("INVALID_REASON_NAMES", InvalidReason::NAMES.to_vec())?;

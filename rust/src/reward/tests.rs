@@ -246,3 +246,61 @@ fn ragged_rows_score_against_their_own_k() {
     let err = verify(&Completions::Text { texts: &texts, trailers: &trailers }, &bad, None, &RewardConfig::default());
     assert!(matches!(err, Err(Gr2Error::InvalidInput(m)) if m.contains("request 1")));
 }
+
+/// `parse_completions` gives the verifier's parse with its spans: the double-`</think>` trace (a
+/// `</think>` inside the reasoning) splits at the last `</think>` before the answer, and the SIDs'
+/// spans and codes are those of the answer.
+#[test]
+fn completion_parts_of_a_double_think_close() {
+    let b = batch(2, 2, 0);
+    let (s1, s0) = (sid_text(b.sid(0, 1)), sid_text(b.sid(0, 0)));
+    let text = format!("<think>a </think> b</think>\n<answer>{s1} {s0}</answer> <|im_end|>");
+    let texts = vec![text.clone(), "<think>x</think><answer><|sid_begin|><s_a_1></answer>".to_string()];
+    let trailers = vec!["<|im_end|>".to_string()];
+    let parts = parse_completions(&Completions::Text { texts: &texts, trailers: &trailers }, None).unwrap();
+    let p = parts[0].as_ref().unwrap();
+    let think_end = text.rfind("</think>").unwrap() + "</think>".len();
+    assert_eq!(p.think, Some((0, think_end)));
+    let answer = text.find("<answer>").unwrap();
+    assert_eq!(p.answer, (answer, text.find("</answer>").unwrap() + "</answer>".len()));
+    assert_eq!(p.levels, 2);
+    assert_eq!(&text[p.sids[0].0..p.sids[0].1], s1);
+    assert_eq!(&text[p.sids[1].0..p.sids[1].1], s0);
+    assert_eq!(p.codes, [b.sid(0, 1), b.sid(0, 0)].concat());
+    assert!(parts[1].is_none());
+    assert_eq!(run_text(&[text], &b, &RewardConfig::default()).invalid_reason[0], 0);
+    // token ids: spans are token positions
+    let map = token_map(2);
+    let mut ids = vec![1, 42, 2, 9, 2, 7, 3];
+    ids.extend(sid_ids(b.sid(0, 1)));
+    ids.push(4);
+    let offsets = [0, ids.len()];
+    let tok = parse_completions(&token_rows(&ids, &offsets, &map), None).unwrap();
+    let p = tok[0].as_ref().unwrap();
+    assert_eq!((p.think, p.answer, p.sids.clone()), (Some((0, 5)), (6, 12), vec![(7, 11)]));
+    let bad_levels = parse_completions(&Completions::Text { texts: &texts, trailers: &trailers }, Some(0));
+    assert!(matches!(bad_levels, Err(Gr2Error::InvalidInput(_))));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(200)))]
+
+    /// On any mix of tags, SIDs and text, `parse_completions` accepts exactly what `verify` does
+    /// not call malformed, and parses the same SIDs.
+    #[test]
+    fn completion_parts_agree_with_verify(fragments in proptest::collection::vec(prop_oneof![
+        Just("<think>"), Just("</think>"), Just("<answer>"), Just("</answer>"), Just(" "), Just("x"),
+        Just("<|sid_begin|><s_a_0><s_b_3><|sid_end|>"), Just("<|sid_begin|><s_a_1><s_b_4><|sid_end|>"),
+        Just("<|sid_begin|><s_a_1><|sid_end|>"), Just("<|im_end|>")], 0..16)) {
+        let b = batch(2, 2, 0);
+        let texts = vec![fragments.concat()];
+        let trailers = vec!["<|im_end|>".to_string()];
+        let out = run_text(&texts, &b, &RewardConfig::default());
+        let parts = parse_completions(&Completions::Text { texts: &texts, trailers: &trailers }, Some(2)).unwrap();
+        prop_assert_eq!(parts[0].is_some(), out.invalid_reason[0] != InvalidReason::Malformed as u8);
+        if let Some(p) = &parts[0] {
+            prop_assert_eq!(p.codes.len() / 2, out.n_sids[0] as usize);
+            prop_assert!(p.sids.iter().all(|&(s, e)| texts[0][s..e].starts_with("<|sid_begin|>") && texts[0][..e].ends_with("<|sid_end|>")));
+        }
+    }
+}

@@ -13,6 +13,7 @@ log-probabilities taken under the constraint each token was sampled from. One fi
 * :mod:`~gr2.train.dapo.data` -- the prompts (:class:`RlData`, :func:`load_rl_data`);
 * :mod:`~gr2.train.dapo.trainer` -- :class:`DapoTrainer` (one step), :func:`dapo_update`,
   :func:`train` (the loop, checkpoints) and :func:`evaluate`;
+* :mod:`~gr2.train.dapo.start` -- what the stage starts from (:func:`build_trainer`);
 * :mod:`~gr2.train.dapo.stage` -- the ``rl`` stage (:func:`run_rl`) and ``gr2 rl``'s flags;
 * :mod:`~gr2.train.dapo.ablation` -- conditional vs unconditional format reward, and its plot.
 
@@ -27,7 +28,8 @@ from gr2.train.dapo.loss import (dapo_loss, group_advantages, informative_groups
                                  group_token_logprobs, pack, pack_groups, pack_rollouts, token_logprobs)
 from gr2.train.dapo.rollouts import (Completion, Rollout, RolloutFn, constrained_rollouts, hash_seed,
                                      sampled_rollouts)
-from gr2.train.dapo.stage import add_arguments, build_trainer, cli_overrides, main, run_rl
+from gr2.train.dapo.stage import add_arguments, cli_overrides, main, run_rl
+from gr2.train.dapo.start import build_trainer
 from gr2.train.dapo.trainer import EVAL_BATCH, DapoTrainer, RolloutBatch, dapo_update, evaluate, train
 from gr2.train.dapo.world import World, init_world
 

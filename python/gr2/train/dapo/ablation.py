@@ -12,12 +12,13 @@ from typing import Any, Callable, Sequence
 
 from gr2.errors import DataError
 from gr2.rundir import atomic_write_json, mark_done, save_png, stage_key
-from gr2.train import common
+from gr2.train.checkpointing import Checkpointer, training_key
+from gr2.train.devices import local_device
+from gr2.train.distributed import World, begin_stage_on_rank0, init_world
 from gr2.train.dapo.config import DapoConfig
 from gr2.train.dapo.data import RlData
-from gr2.train.dapo.stage import _rl_inputs, build_trainer
+from gr2.train.dapo.start import build_trainer, rl_inputs
 from gr2.train.dapo.trainer import DapoTrainer, train
-from gr2.train.common import World, init_world
 
 
 def run_ablation(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig()) -> dict[str, Any]:
@@ -30,13 +31,13 @@ def run_ablation(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig()) 
     paper's setting, where the format reward can be missed, is ``rl.constrained = false``; the demo
     run's result in that setting: benches/README.md, "RL reward ablation"."""
     run_dir = Path(run_dir)
-    world = init_world(common.local_device(config.device))
+    world = init_world(local_device(config.device))
 
     def make(cfg: DapoConfig, out_dir: Path) -> tuple[DapoTrainer, RlData | None]:
         trainer, eval_data, _ = build_trainer(run_dir, cfg, world)
         return trainer, eval_data
 
-    return ablation(make, config, run_dir / "rl_ablation", world, inputs=_rl_inputs(run_dir, config))
+    return ablation(make, config, run_dir / "rl_ablation", world, inputs=rl_inputs(run_dir, config))
 
 
 def ablation(make: Callable[[DapoConfig, Path], tuple[DapoTrainer, RlData | None]], config: DapoConfig, root: Path,
@@ -53,14 +54,14 @@ def ablation(make: Callable[[DapoConfig, Path], tuple[DapoTrainer, RlData | None
         cfg = dataclasses.replace(config, conditional=conditional, eval_every=eval_every)
         out_dir = root / name
         key = stage_key(cfg, *inputs)
-        if common.begin_stage_on_rank0(world, out_dir, key) is None:  # rank 0 alone may remove an old record
+        if begin_stage_on_rank0(world, out_dir, key) is None:  # rank 0 alone may remove an old record
             trainer, eval_data = make(cfg, out_dir)
             if eval_data is None:
                 raise DataError("the ablation needs an evaluation set (candidates/valid)")
             train(trainer, out_dir, eval_data, resume=True, inputs=inputs)
             if world.rank == 0:
                 mark_done(out_dir, key, {"steps": trainer.step_count})
-                common.Checkpointer(out_dir / "checkpoints", common.training_key(cfg, *inputs)).cleanup()
+                Checkpointer(out_dir / "checkpoints", training_key(cfg, *inputs)).cleanup()
         world.barrier()  # rank 0 wrote the arm's metrics and record; every rank reads them next
         rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         curves[name] = [r for r in rows if "eval_recall@1" in r]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from gr2.errors import ConfigError
-from gr2.train import common
+from gr2.train.optim import LoraSettings
 
 OUTCOMES = ("r_rank", "hit@1", "rank_re")
 REWARDS = ("rank", "ndcg", "auc")
@@ -54,7 +54,7 @@ class DapoConfig:
     # encode each prompt once per group in the loss (its G completions attend to its cached keys and
     # values) instead of once per rollout: same gradient, ~G x fewer prompt tokens (benches/bench_rl_step.py)
     share_prompt: bool = True
-    lora: common.LoraSettings = field(default_factory=common.LoraSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     # rollouts
     constrained: bool = True  # constrained_decode (always valid) or plain sampling with generate()
     reasoning: bool = True

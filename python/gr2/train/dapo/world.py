@@ -1,6 +1,6 @@
 """Processes: the :class:`World` a trainer runs in (one process, or one rank under ``torchrun``).
 
-:class:`World` and :func:`init_world` live in :mod:`gr2.train.common` (the SFT recipes use them
+:class:`World` and :func:`init_world` live in :mod:`gr2.train.distributed` (the SFT recipes use them
 too) and are re-exported here. How DAPO uses them: prompts of a round are split across ranks; keep
 decisions are gathered so every rank sees the same global kept count; each rank backpropagates its
 own groups and the gradients are summed with ``all_reduce`` (gloo on CPU, nccl on GPU). We reduce
@@ -10,6 +10,6 @@ same number of backward calls); the loss is normalised by the global token count
 equals the single-process gradient.
 """
 
-from gr2.train.common import World, init_world
+from gr2.train.distributed import World, init_world
 
 __all__ = ["World", "init_world"]

@@ -1,0 +1,159 @@
+"""The shape of the Python package, read from its source with ``ast`` (nothing is imported).
+
+* **No import cycle** among gr2's modules. Every ``import`` / ``from ... import`` statement counts,
+  wherever it stands: at module level, inside a function or method (a deferred import still runs
+  the imported module, and a cycle through one is a cycle all the same), and under ``if
+  TYPE_CHECKING:``. An edge goes to the module a statement names: ``from gr2.train import sft``
+  -> ``gr2.train.sft``; ``from gr2.rewards import verify_rewards`` -> ``gr2.rewards``; ``from gr2
+  import SidIndex`` -> ``gr2`` (the package's ``__init__``). The parent packages Python imports on
+  the way (``gr2``, ``gr2.train``) are not edges: a package ``__init__`` that re-exports its
+  submodules would otherwise be a "cycle" with each of them. The native module ``gr2._gr2`` (its
+  stub ``_gr2.pyi``) is a leaf.
+* **Size**: a module over :data:`MAX_LINES` lines says why at its top: one of its first
+  :data:`REASON_WITHIN` lines starts with ``# size:`` followed by the reason (e.g. ``# size: one
+  decoder loop per decoding mode; they share the scorer and the result type``). A docstring does
+  not count: the reason is for the reader deciding whether to split the module, not for the API
+  docs.
+* ``gr2.train.common`` is only the compatibility re-export of the DAPO trainer: nothing else
+  imports it (the plumbing lives in one module per concern under ``gr2.train``).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "python" / "gr2"
+MAX_LINES = 500
+REASON_WITHIN = 3
+LEGACY_COMMON_USERS = {"gr2.train.dapo.trainer"}
+
+
+def modules(root: Path = PACKAGE) -> dict[str, Path]:
+    """Dotted name -> file of every module of the package (``.pyi`` stubs of native modules too)."""
+    out = {}
+    for path in sorted(root.rglob("*.py*")):
+        if path.suffix == ".pyi" and path.with_suffix(".py").exists() or path.suffix not in (".py", ".pyi"):
+            continue
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def _owner(name: str, known: dict[str, Path]) -> str | None:
+    """The gr2 module a dotted name lives in (itself, or its nearest enclosing module)."""
+    while name and name not in known:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_graph(known: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the gr2 modules its import statements name (module docstring)."""
+    graph: dict[str, set[str]] = {}
+    for name, path in known.items():
+        package = name if path.stem == "__init__" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+            for target in targets:
+                if target.split(".")[0] == "gr2" and (owner := _owner(target, known)) not in (None, name):
+                    edges.add(owner)
+        graph[name] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_no_import_cycle_among_gr2_modules():
+    found = cycles(import_graph(modules()))
+    assert not found, "import cycles (module-level and function-level imports): " + "; ".join(
+        " <-> ".join(c) for c in found)
+
+
+def test_every_module_over_the_size_limit_states_why():
+    unexplained = []
+    for name, path in modules().items():
+        lines = path.read_text().splitlines()
+        if len(lines) > MAX_LINES and not any(line.startswith("# size:") and line[7:].strip()
+                                              for line in lines[:REASON_WITHIN]):
+            unexplained.append(f"{path.relative_to(PACKAGE.parent)} ({len(lines)} lines)")
+    assert not unexplained, (f"modules over {MAX_LINES} lines without a '# size: <reason>' line among their first "
+                             f"{REASON_WITHIN}: split them by concern or say why not: " + ", ".join(unexplained))
+
+
+def test_only_the_dapo_trainer_still_imports_train_common():
+    graph = import_graph(modules())
+    users = {name for name, edges in graph.items() if "gr2.train.common" in edges}
+    assert users <= LEGACY_COMMON_USERS, ("import the gr2.train modules instead of gr2.train.common: "
+                                          f"{sorted(users - LEGACY_COMMON_USERS)}")
+
+
+@pytest.mark.parametrize("source, expect", [
+    ({"a": "from gr2 import b\n", "b": "def f():\n    from gr2.a import x\n"}, [["gr2.a", "gr2.b"]]),
+    ({"a": "import gr2.b\n", "b": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\n"},
+     [["gr2.a", "gr2.b"]]),
+    ({"a": "from gr2.b import thing\n", "b": "from gr2 import _gr2\n"}, []),
+    ({"a": "from .b import thing\n", "b": "import os\n", "c": "from gr2 import a, b\n"}, []),
+])
+def test_the_cycle_check_sees_function_level_and_relative_imports(tmp_path, source, expect):
+    """The checker itself, on small packages: a cycle closed by a function-level or a
+    TYPE_CHECKING import is found, a native leaf and a plain DAG are not cycles."""
+    root = tmp_path / "gr2"
+    root.mkdir()
+    (root / "__init__.py").write_text("")
+    (root / "_gr2.pyi").write_text("")
+    for name, text in source.items():
+        (root / f"{name}.py").write_text(text)
+    assert cycles(import_graph(modules(root))) == expect
