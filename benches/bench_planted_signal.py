@@ -303,6 +303,9 @@ def main() -> int:
     p.add_argument("--copy-steps", type=int, default=0,
                    help="copy-curriculum steps before the weak start (gr2.synthetic.copy_examples; 0: none)")
     p.add_argument("--copy-batch", type=int, default=32)
+    p.add_argument("--copy-layout", default="adjacent", choices=("adjacent", "lines"),
+                   help="the copy curriculum's layout (gr2.synthetic.copy_examples)")
+    p.add_argument("--copy-sids", type=int, default=6, help="SIDs per copy-curriculum example")
     p.add_argument("--steps", type=int, default=60, help="RL steps per arm")
     p.add_argument("--sft-steps", type=int, default=200)
     p.add_argument("--sft-batch", type=int, default=8)
@@ -339,10 +342,11 @@ def main() -> int:
         model.load_state_dict(torch.load(args.start))
     else:
         if args.copy_steps:  # the copy curriculum (gr2.synthetic.copy_examples) before the weak start
-            copies = S.copy_examples(task, sid_tokens, args.copy_steps * args.copy_batch, seed=args.seed)
+            copies = S.copy_examples(task, sid_tokens, args.copy_steps * args.copy_batch, n_sids=args.copy_sids,
+                                     layout=args.copy_layout, tokenizer=tokenizer, seed=args.seed)
             losses = S.sft_train(model, copies, tokenizer.pad_token_id, steps=args.copy_steps,
                                  batch_size=args.copy_batch, lr=args.start_lr)
-            print(f"copy curriculum: {args.copy_steps} steps x {args.copy_batch}, loss {losses[0]:.3f} -> "
+            print(f"copy curriculum ({args.copy_layout}): {args.copy_steps} steps x {args.copy_batch}, loss {losses[0]:.3f} -> "
                   f"{np.mean(losses[-10:]):.4f}", flush=True)
         start = S.sft_examples(task, tokenizer, train_rows, teacher="target", accuracy=args.start_accuracy,
                                loss_tokens=args.loss_tokens, seed=args.seed)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from gr2 import synthetic as S
+from gr2.errors import InvalidInputError
 from gr2.train.dapo import DapoConfig, DapoTrainer, trainer as dapo_trainer
 
 torch.set_num_threads(1)
@@ -188,6 +189,23 @@ def test_copy_examples_repeat_a_block_of_catalog_sids_with_loss_on_the_repeat():
                  for row in sids]
         rows = [int(np.nonzero((task.codes == c).all(axis=1))[0][0]) for c in codes]
         assert len(set(rows)) == 3  # three distinct catalog items
+
+
+def test_copy_examples_in_the_prompts_line_layout_answer_the_lines_in_order():
+    import re
+
+    task = S.make_planted_task(20, rule="last_item")
+    tokenizer, sid_tokens = S.make_tokenizer(task)
+    for ex in S.copy_examples(task, sid_tokens, 4, n_sids=5, layout="lines", tokenizer=tokenizer, seed=2):
+        text = tokenizer.decode(ex.input_ids)
+        shown = re.findall(r"\d+\. (<\|sid_begin\|>.*?<\|sid_end\|>) item", text)
+        trained = tokenizer.decode([t for t, w in zip(ex.input_ids, ex.weights) if w > 0])
+        assert len(shown) == 5 and len(set(shown)) == 5
+        assert trained.startswith("<answer>" + "".join(shown) + "</answer>")  # then the end-of-turn token
+    with pytest.raises(InvalidInputError, match="tokenizer"):
+        S.copy_examples(task, sid_tokens, 1, layout="lines")
+    with pytest.raises(InvalidInputError, match="layout"):
+        S.copy_examples(task, sid_tokens, 1, layout="rows", tokenizer=tokenizer)
 
 
 def _old_sft_train(model, examples, pad_id, *, steps, batch_size, lr, seed=0):

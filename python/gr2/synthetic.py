@@ -333,16 +333,26 @@ def upstream_recall_at_1(task: PlantedTask, rows: Sequence[int]) -> float:
     return float(per_list_metrics(cands, np.ones(len(rows), dtype=bool), cands, task.targets[rows])["recall@1"].mean())
 
 
-def copy_examples(task: PlantedTask, sid_tokens: Any, n: int, *, n_sids: int = 6, seed: int = 0) -> list[Any]:
-    """A copy curriculum: ``n`` short examples ``<answer>S1..Sm</answer><answer>S1..Sm</answer>``
-    over ``n_sids`` random catalog SIDs, the loss on the repeat only.
+def copy_examples(task: PlantedTask, sid_tokens: Any, n: int, *, n_sids: int = 6, layout: str = "adjacent",
+                  tokenizer: Any = None, seed: int = 0) -> list[Any]:
+    """A copy curriculum: ``n`` short examples that show ``n_sids`` random catalog SIDs and train
+    the model to write them back in order, the loss on the copy only.
+
+    ``layout="adjacent"``: ``<answer>S1..Sm</answer><answer>S1..Sm</answer>`` (75 tokens at m = 6).
+    ``layout="lines"``: the rerank prompt's own candidate lines (``1. S1 item`` ...) in a short
+    user message, answered by ``<answer>S1..Sm</answer>`` (needs ``tokenizer``, for its chat template).
 
     Why: a from-scratch student cannot read a prompt it has no attention circuit to copy from
-    (benches/README.md, "a student that reads its prompt"). On these 75-token sequences the 2-layer,
-    hidden-64 Llama forms the copy (induction) attention within a few hundred steps, which the full
-    324-token rerank prompts never gave it. Pure function of its arguments."""
-    from gr2.train.batches import build_example
+    (benches/README.md, "a student that reads its prompt"). The 2-layer, hidden-64 Llama learns the
+    adjacent layout within a few hundred steps, but that skill does not carry over to the prompt,
+    whose SIDs are separated by `` item`` and a line number; the lines layout is the prompt's.
+    Pure function of its arguments."""
+    from gr2.train.batches import build_example, chat_example
 
+    if layout not in ("adjacent", "lines"):
+        raise InvalidInputError(f"layout must be 'adjacent' or 'lines', got {layout!r}")
+    if layout == "lines" and tokenizer is None:
+        raise InvalidInputError("layout='lines' needs the tokenizer (its chat template renders the prompt)")
     rng = np.random.default_rng(seed)
 
     def sid_ids(item: int) -> list[int]:
@@ -352,6 +362,13 @@ def copy_examples(task: PlantedTask, sid_tokens: Any, n: int, *, n_sids: int = 6
     out = []
     for _ in range(n):
         items = rng.choice(len(task.codes), size=n_sids, replace=False)
+        if layout == "lines":
+            sids = [sid_to_text(task.codes[i]) for i in items]
+            user = (f"Candidates ({n_sids}):\n" + "".join(f"{j + 1}. {s} item\n" for j, s in enumerate(sids))
+                    + "Repeat them in order.")
+            out.append(chat_example(tokenizer, [{"role": "user", "content": user}],
+                                    [(answer_text([task.codes[i] for i in items]), 1.0)]))
+            continue
         block = [sid_tokens.answer_open] + [t for i in items for t in sid_ids(int(i))] + [sid_tokens.answer_close]
         out.append(build_example([(block, 0.0), (block, 1.0)]))
     return out
