@@ -61,6 +61,17 @@ def embeddings(seed: int, chunk: int, m: int):
     return np.random.default_rng([seed, chunk]).standard_normal((m, D), dtype=np.float32)
 
 
+def assign(books, x, seed: int, chunk: int, random_last: bool):
+    """Codes of one chunk: the encoder's, with the last level replaced by seeded uniform codes when
+    `random_last` (what `gr2 sid` does by default: RQConfig.random_last_level)."""
+    import numpy as np
+
+    codes = books.encode(x)
+    if random_last:
+        codes[:, -1] = np.random.default_rng([seed, chunk, 1]).integers(0, K, size=len(codes), dtype=np.uint16)
+    return codes
+
+
 def codebooks(seed: int):
     import numpy as np
 
@@ -72,6 +83,15 @@ def codebooks(seed: int):
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss it starts afresh at exec, so a child's
+    figure is its own, not its parent's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -103,7 +123,7 @@ def stream(args, path: Path) -> dict:
             x = embeddings(args.seed, c, rows)
             ids = item_ids(np.arange(first, first + rows, dtype=np.uint64))
             t1, c1 = time.perf_counter(), time.process_time()
-            codes = books.encode(x)
+            codes = assign(books, x, args.seed, c, args.last_level == "random")
             t2, c2 = time.perf_counter(), time.process_time()
             writer.add(ids, codes)
             t3 = time.perf_counter()
@@ -183,7 +203,11 @@ def child_baseline(args, path: Path) -> dict:
         x[first:first + m] = embeddings(args.seed, c, min(m, n - first))
     ids = item_ids(np.arange(n, dtype=np.uint64))
     t1, c1 = time.perf_counter(), time.process_time()
-    codes = books.encode(x)
+    codes = books.encode(x)  # one call over the whole array; the random last level per chunk, as streamed
+    if args.last_level == "random":
+        for c, first in enumerate(range(0, n, m)):
+            rows = min(m, n - first)
+            codes[first:first + rows, -1] = np.random.default_rng([args.seed, c, 1]).integers(0, K, size=rows, dtype=np.uint16)
     t2, c2 = time.perf_counter(), time.process_time()
     del x
     index = gr2.SidIndex.build(ids, codes, codebook_size=K)
@@ -198,7 +222,7 @@ def child_baseline(args, path: Path) -> dict:
 def run_child(args, what: str, path: Path, **flags) -> dict:
     cmd = [sys.executable, __file__, "--child", what, "--path", str(path), "--items", str(args.items),
            "--encode-chunk", str(args.encode_chunk), "--seed", str(args.seed), "--queries", str(args.queries),
-           "--query-batch", str(args.query_batch)]
+           "--query-batch", str(args.query_batch), "--last-level", args.last_level]
     for name, value in flags.items():
         cmd += [f"--{name}", str(int(value))]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -243,6 +267,8 @@ def main() -> None:
     p.add_argument("--modes", default="mmap-noverify,mmap,copy-noverify,copy",
                    help="load modes to time; copy modes are skipped when the file exceeds half of MemAvailable")
     p.add_argument("--keep", action="store_true", help="keep the index file")
+    p.add_argument("--last-level", choices=["random", "encoded"], default="random",
+                   help="random: the last level is replaced by uniform codes, as `gr2 sid` does by default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", choices=["load", "baseline"], help=argparse.SUPPRESS)
     p.add_argument("--path", type=Path, help=argparse.SUPPRESS)
@@ -269,11 +295,11 @@ def main() -> None:
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = os.getloadavg()
     result = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "items": args.items,
-              "chunk": args.chunk, "encode_chunk": args.encode_chunk, "date": f"{started:%Y-%m-%d %H:%M} UTC",
+              "chunk": args.chunk, "last_level": args.last_level, "encode_chunk": args.encode_chunk, "date": f"{started:%Y-%m-%d %H:%M} UTC",
               "machine": machine(), "load_average_before": load_before}
     print(f"{result['date']}, {result['machine']['cpu']}, {os.cpu_count()} cores, load average "
           f"{load_before[0]:.1f} {load_before[1]:.1f} {load_before[2]:.1f}; N = {args.items:,}, D = {D}, L = {L}, "
-          f"K = {K}, writer chunk {args.chunk:,}, encode chunk {args.encode_chunk:,}", flush=True)
+          f"K = {K}, last level {args.last_level}, writer chunk {args.chunk:,}, encode chunk {args.encode_chunk:,}", flush=True)
 
     s = stream(args, path)
     result["stream"] = s
