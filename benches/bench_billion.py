@@ -185,7 +185,8 @@ def child_load(args, path: Path, mmap: bool, verify: bool) -> dict:
         "first_batch_us_per_lookup": first_wall * 1e6 if first_wall else None,
         "roundtrip_ok": roundtrip, "levels": index.levels,
         "repair": {k: report[k] for k in ("uniqueness_before_repair", "items_moved", "full_prefixes",
-                                          "level_appended", "collision_groups", "max_move_distance")},
+                                          "level_appended", "appended_level_size", "collision_groups",
+                                          "max_move_distance")},
     }
 
 

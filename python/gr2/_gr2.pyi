@@ -337,7 +337,7 @@ class SidIndexWriter:
     writes (same repair, same report, same error messages); load it with ``SidIndex.load``.
 
     Peak memory: about 24 bytes x ``chunk_items`` plus 1 MiB per run merged plus the largest
-    (L-1)-prefix group; temporary disk about 40 bytes per item, in a folder
+    (L-1)-prefix group (at most K_last x 65536 items of 16 bytes); temporary disk about 40 bytes per item, in a folder
     ``.{name}.build-{pid}-{nonce}`` inside ``temp_dir`` (default: the folder of ``path``), removed
     when the writer finishes, fails, is closed or is garbage-collected. Leaving a ``with`` block
     closes the writer (an unfinished build is discarded). Every error is a :class:`gr2.Gr2Error`.

@@ -26,7 +26,9 @@
 //!
 //! Peak memory: about `24 * c` bytes (the chunk buffer; passes 2 and 3 hold `16 * c` and `8 * c`)
 //! plus 1 MiB per run being merged plus the largest (L-1)-prefix group (16 bytes per item; a
-//! handful of items with a random last level, but every item when all codes share one prefix).
+//! handful of items with RQ codes). A prefix group is held only up to `K_last * 65536` items
+//! (268 MB for K = 256): beyond that no repair can tell its items apart, the build must fail, and
+//! the rest of the stream is only counted, to name the same largest group as `build` does.
 //! Disk: about 40 bytes per item of temporary files at the peak (end of pass 2) plus the 20 or 24
 //! bytes per item of the index file itself. The temporary folder is removed when the build ends,
 //! fails or the writer is dropped; one left by a killed process is removed by the next writer for
@@ -522,6 +524,10 @@ impl SidIndexWriter {
             let mut p = 0u32;
             let (mut previous_key, mut run) = (None, 0usize);
             let prefix = |key: u64| if last_bits >= 64 { 0 } else { key >> last_bits };
+            // More items under one prefix than its last level and a disambiguation level can tell
+            // apart: the build must fail, and the rest is only counted (bounds the batch).
+            let group_limit = last_size as usize * super::layout::MAX_LEVEL_SIZE as usize;
+            let mut group_start = 0usize;
             loop {
                 let next = merge.next().map_err(io("read a sorted run"))?;
                 let flush = match (next, batch.last()) {
@@ -546,10 +552,22 @@ impl SidIndexWriter {
                         p += 1;
                     }
                     batch.clear();
+                    group_start = 0;
                 }
-                match next {
-                    Some(entry) => batch.push(entry),
-                    None => break,
+                let Some(entry) = next else { break };
+                if batch.last().is_some_and(|&tail| prefix(tail.0) != prefix(entry.0)) {
+                    group_start = batch.len();
+                }
+                batch.push(entry);
+                if batch.len() - group_start > group_limit {
+                    let tail = batch.split_off(group_start);
+                    repair_slice(&mut batch, last_bits, last_size);
+                    largest = largest.max(largest_run(&batch, previous_key, run));
+                    drop(batch);
+                    let largest = largest.max(count_degenerate(&mut merge, tail, last_bits, last_size).map_err(io("read a sorted run"))?);
+                    return Err(disambiguation_layout(&layout, largest).err().unwrap_or_else(|| {
+                        Gr2Error::Internal(format!("{largest} items share one SID, yet the disambiguation level fits"))
+                    }));
                 }
             }
             keys_out.finish().map_err(io("write the SID arrays"))?;
@@ -641,6 +659,66 @@ impl SidIndexWriter {
         drop(temp);
         Ok(report)
     }
+}
+
+/// The longest run of equal keys in `entries` (sorted), continuing a run of `run` items of
+/// `previous` before them.
+fn largest_run(entries: &[Entry], mut previous: Option<u64>, mut run: usize) -> usize {
+    let mut largest = run;
+    for &(key, _) in entries {
+        run = if previous == Some(key) { run + 1 } else { 1 };
+        largest = largest.max(run);
+        previous = Some(key);
+    }
+    largest
+}
+
+/// The largest number of items left on one SID of a prefix after repair, from the prefix's count
+/// per last-level code: movers (all but one item of each code, in code order) take the free codes
+/// one each until none is left (`build::repair_prefix`).
+fn largest_after_repair(counts: &[u64]) -> u64 {
+    let mut free = counts.iter().filter(|&&c| c == 0).count() as u64;
+    let mut largest = 0;
+    for &count in counts.iter().filter(|&&c| c > 0) {
+        let moved = (count - 1).min(free);
+        free -= moved;
+        largest = largest.max(count - moved).max(u64::from(moved > 0));
+    }
+    largest
+}
+
+/// For a build that must fail: the largest SID group after repair over the prefix group `tail`
+/// (already read) and the rest of the stream, counted per prefix without holding the items.
+fn count_degenerate(
+    merge: &mut Merge<(u64, u32)>,
+    tail: Vec<Entry>,
+    last_bits: u32,
+    last_size: u32,
+) -> std::io::Result<usize> {
+    let mask = if last_bits == 0 { 0 } else { (1u64 << last_bits) - 1 };
+    let mut counts = vec![0u64; last_size as usize];
+    let mut touched: Vec<usize> = Vec::new();
+    let mut current = tail.first().map(|e| e.0 >> last_bits);
+    let mut largest = 0u64;
+    let mut entries = tail.into_iter().map(Ok).chain(std::iter::from_fn(|| merge.next().transpose()));
+    while let Some(entry) = entries.next() {
+        let (key, _) = entry?;
+        if current != Some(key >> last_bits) {
+            largest = largest.max(largest_after_repair(&counts));
+            for &code in &touched {
+                counts[code] = 0;
+            }
+            touched.clear();
+            current = Some(key >> last_bits);
+        }
+        let code = (key & mask) as usize;
+        if counts[code] == 0 {
+            touched.push(code);
+        }
+        counts[code] += 1;
+    }
+    largest = largest.max(largest_after_repair(&counts));
+    Ok(usize::try_from(largest).unwrap_or(usize::MAX))
 }
 
 /// The output file, hashed as it is written (the checksum covers every byte from offset 24);
@@ -802,6 +880,31 @@ mod tests {
         let ids: Vec<u64> = (0..n as u64).rev().collect();
         let codes = vec![0u16; n];
         assert_same(&ids, &codes, &[1], 10_000, &[]);
+    }
+
+    #[test]
+    fn an_unrepairable_prefix_is_counted_not_held() {
+        // Prefix 0 of a [2, 2] layout holds 140,000 items (more than 2 x 65536, so the writer stops
+        // buffering it); prefix 1 holds 70,000 on one code. Build and writer fail alike, naming
+        // the largest group after repair (100,000 on code (0, 0)).
+        let n = 210_000usize;
+        let ids: Vec<u64> = (0..n as u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
+        let codes: Vec<u16> = (0..n).flat_map(|i| if i < 100_000 { [0, 0] } else if i < 140_000 { [0, 1] } else { [1, 1] }).collect();
+        assert_same(&ids, &codes, &[2, 2], 50_000, &[]);
+        let err = SidIndex::build(&ids, &codes, 2, Some(&[2, 2])).unwrap_err().to_string();
+        assert!(err.starts_with("100000 items share one SID"), "{err}");
+        // Earlier groups (before the crowded prefix) count too: here the largest is in prefix 0
+        // (99,999 after one move), prefix 1 (140,000 items) is the one counted.
+        let n = 240_000usize;
+        let ids: Vec<u64> = (0..n as u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
+        let codes: Vec<u16> = (0..n).flat_map(|i| if i < 100_000 { [0, 1] } else { [1, (i % 2) as u16] }).collect();
+        assert_same(&ids, &codes, &[2, 2], 30_000, &[]);
+        let err = SidIndex::build(&ids, &codes, 2, Some(&[2, 2])).unwrap_err().to_string();
+        assert!(err.starts_with("99999 items share one SID"), "{err}");
+        assert_eq!(largest_after_repair(&[5, 0, 0, 1]), 3);
+        assert_eq!(largest_after_repair(&[0, 0]), 0);
+        assert_eq!(largest_after_repair(&[1, 0]), 1);
+        assert_eq!(largest_after_repair(&[3, 3]), 3);
     }
 
     #[test]
