@@ -700,8 +700,8 @@ fn count_degenerate(
     let mut touched: Vec<usize> = Vec::new();
     let mut current = tail.first().map(|e| e.0 >> last_bits);
     let mut largest = 0u64;
-    let mut entries = tail.into_iter().map(Ok).chain(std::iter::from_fn(|| merge.next().transpose()));
-    while let Some(entry) = entries.next() {
+    let entries = tail.into_iter().map(Ok).chain(std::iter::from_fn(|| merge.next().transpose()));
+    for entry in entries {
         let (key, _) = entry?;
         if current != Some(key >> last_bits) {
             largest = largest.max(largest_after_repair(&counts));

@@ -563,7 +563,12 @@ impl PySidIndexWriter {
 
     /// Discards an unfinished build (removes its temporary files); a no-op once closed.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        catch_panics(|| self.with_writer(true, |_, writer| Ok(py.detach(|| drop(writer)))))
+        catch_panics(|| {
+            self.with_writer(true, |_, writer| {
+                py.detach(|| drop(writer));
+                Ok(())
+            })
+        })
     }
 
     /// Items added so far (0 once finished or closed).
