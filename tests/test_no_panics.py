@@ -318,7 +318,9 @@ def test_sid_index_writer_raises_only_gr2_errors(data):
         if not writer.closed:
             attempt(writer.finish)
         attempt(writer.close)
-        if target.exists():  # only a successful finish writes it (after every accepted add)
+        # only a successful finish writes the file (after every accepted add); a hostile but
+        # convertible level_sizes (b"x" is the sequence [120]) gives another layout: not compared
+        if target.exists() and isinstance(sizes_arg, list) and sizes_arg == sizes:
             ids = np.concatenate(accepted_ids) if accepted_ids else np.zeros(0, np.uint64)
             codes = np.concatenate(accepted_codes) if accepted_codes else np.zeros((0, len(sizes)), np.uint16)
             assert target.read_bytes() == gr2.SidIndex.build(ids, codes, list(sizes)).to_bytes()

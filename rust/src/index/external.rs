@@ -208,7 +208,12 @@ impl<R: Record> Runs<R> {
 
     fn push(&mut self, record: R) -> std::io::Result<()> {
         if self.buf.capacity() == 0 {
-            self.buf.reserve_exact(self.capacity);
+            self.buf.try_reserve_exact(self.capacity).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::OutOfMemory,
+                    format!("no memory for a run of {} items ({e}); use a smaller chunk_items", self.capacity),
+                )
+            })?;
         }
         self.buf.push(record);
         if self.buf.len() >= self.capacity {
@@ -437,7 +442,14 @@ impl SidIndexWriter {
         let mut done = 0;
         while done < n {
             if self.runs.buf.capacity() == 0 {
-                self.runs.buf.reserve_exact(self.chunk_items);
+                // Fallible: an absurd chunk_items is an error, not an abort of the process.
+                self.runs.buf.try_reserve_exact(self.chunk_items).map_err(|e| {
+                    Gr2Error::invalid(format!(
+                        "cannot allocate the buffer of {} items (chunk_items; {} bytes each): {e}; use a smaller chunk_items",
+                        self.chunk_items,
+                        std::mem::size_of::<ById>()
+                    ))
+                })?;
             }
             let take = (self.chunk_items - self.runs.buf.len()).min(n - done);
             let first_row = self.rows + done;
@@ -480,7 +492,7 @@ impl SidIndexWriter {
         let by_sid_runs = {
             let mut merge = Merge::<ById>::open(&by_id_runs).map_err(io("open the sorted runs"))?;
             let mut ids_out = RecordWriter::create(&ids_path).map_err(io("create a temporary file"))?;
-            let mut by_sid = Runs::<(u64, u32)>::new(&dir, "by-sid", chunk_items);
+            let mut by_sid = Runs::<(u64, u32)>::new(&dir, "by-sid", chunk_items.min(n));
             let mut previous: Option<ById> = None;
             let mut j = 0u32;
             while let Some(item) = merge.next().map_err(io("read a sorted run"))? {
@@ -519,7 +531,7 @@ impl SidIndexWriter {
             let mut merge = Merge::<(u64, u32)>::open(&by_sid_runs).map_err(io("open the sorted runs"))?;
             let mut keys_out = RecordWriter::create(&keys_path).map_err(io("create a temporary file"))?;
             let mut pos_out = RecordWriter::create(&item_pos_path).map_err(io("create a temporary file"))?;
-            let mut inverse = Runs::<(u32, u32)>::new(&dir, "inverse", chunk_items);
+            let mut inverse = Runs::<(u32, u32)>::new(&dir, "inverse", chunk_items.min(n));
             let mut batch: Vec<Entry> = Vec::with_capacity(REPAIR_BATCH);
             let mut p = 0u32;
             let (mut previous_key, mut run) = (None, 0usize);
@@ -953,6 +965,17 @@ mod tests {
         let missing = dir.path().join("no/such/folder/x.gr2sid");
         assert!(matches!(SidIndexWriter::new(missing, &[4], 10, None), Err(Gr2Error::Io { .. })));
         assert_eq!(leftovers(dir.path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn an_impossible_chunk_size_is_an_error_not_an_abort() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = SidIndexWriter::new(dir.path().join("x.gr2sid"), &[4], usize::MAX / 4, None).unwrap();
+        let err = writer.add(&[1, 2], &[0, 1]).unwrap_err().to_string();
+        assert!(err.contains("use a smaller chunk_items"), "{err}");
+        assert_eq!(writer.len(), 0);
+        writer.finish().unwrap(); // nothing was added: an empty index
+        assert_eq!(SidIndex::load(dir.path().join("x.gr2sid")).unwrap().len(), 0);
     }
 
     #[test]
