@@ -6,7 +6,6 @@ argument) and friends, and a Rust panic (a bug) is caught at the binding and rai
 
 import numpy as np
 import os
-import pathlib
 from typing import Sequence
 import numpy.typing as npt
 
@@ -211,6 +210,8 @@ def _verify_rewards_tokens(
     kind: str,
 ) -> dict[str, np.ndarray]: ...
 # --- SidIndex (rust/src/index, rust/src/py/index.rs) -------------------------------------------
+
+import pathlib  # SidIndexWriter.temp_dir
 
 
 class SidIndex:
