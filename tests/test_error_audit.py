@@ -100,7 +100,7 @@ AUDITED = ("sid_to_text", "add_sid_tokens", "verify_rewards", "encode_npy", "con
            "RerankLogitsProcessor", "encode_parquet", "sids_parquet")
 # Audited elsewhere: the Rust-backed classes (tests/test_index_rq_fuzz.py, tests/test_no_panics.py);
 # results and vocabularies are plain dataclasses a user receives rather than builds.
-COVERED_ELSEWHERE = ("SidIndex", "RQCodebooks", "TokenMap", "SidTrie", "ConstraintBatch", "SidTokens", "RerankResult",
+COVERED_ELSEWHERE = ("SidIndex", "SidIndexWriter", "RQCodebooks", "TokenMap", "SidTrie", "ConstraintBatch", "SidTokens", "RerankResult",
                      "RewardBatch")
 
 

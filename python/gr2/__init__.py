@@ -5,7 +5,7 @@ teacher traces, DAPO reinforcement learning on verifiable ranking rewards, and c
 decoding that guarantees the output is a permutation of the candidates given.
 """
 
-from gr2._gr2 import RQCodebooks, SidIndex, __version__
+from gr2._gr2 import RQCodebooks, SidIndex, SidIndexWriter, __version__
 from gr2.errors import (
     ConfigError,
     ConstraintError,
@@ -41,6 +41,7 @@ __all__ = [
     "UnknownSidError",
     "RQCodebooks",
     "SidIndex",
+    "SidIndexWriter",
     "encode_npy",
     "encode_parquet",
     "sids_parquet",

@@ -217,6 +217,8 @@ def _parse_completion_tokens(
 ) -> dict[str, Any] | None: ...  # as _parse_completions_text, positions are token indices
 # --- SidIndex (rust/src/index, rust/src/py/index.rs) -------------------------------------------
 
+import pathlib  # SidIndexWriter.temp_dir
+
 
 class SidIndex:
     """Bijection between item ids (uint64) and semantic IDs (one uint16 code per level).
@@ -329,3 +331,51 @@ class SidIndex:
         """Membership of an integer id (ints outside the uint64 range are never contained);
         anything that is not an integer (a float such as ``10.0``, a str) is InvalidInputError."""
     def __reduce__(self) -> tuple[object, tuple[bytes]]: ...
+
+
+class SidIndexWriter:
+    """Builds an index file larger than memory from chunks of items (``docs/sid-index.md``,
+    "Building an index larger than memory"; Rust: ``rust/src/index/external.rs``).
+
+    ``add`` packs each chunk's SIDs and, every ``chunk_items`` items, sorts them by id into a run
+    on disk; ``finish`` merges the runs (duplicated ids are found here), repairs collisions in SID
+    order and writes the ``.gr2sid`` file through a temporary file renamed over ``path``. The file
+    is byte for byte what ``SidIndex.build(all_ids, all_codes, codebook_size=level_sizes).save(path)``
+    writes (same repair, same report, same error messages); load it with ``SidIndex.load``.
+
+    Peak memory: about 24 bytes x ``chunk_items`` plus 1 MiB per run merged plus the largest
+    (L-1)-prefix group (at most K_last x 65536 items of 16 bytes); temporary disk about 40 bytes per item, in a folder
+    ``.{name}.build-{pid}-{nonce}`` inside ``temp_dir`` (default: the folder of ``path``), removed
+    when the writer finishes, fails, is closed or is garbage-collected. Leaving a ``with`` block
+    closes the writer (an unfinished build is discarded). Every error is a :class:`gr2.Gr2Error`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        level_sizes: Sequence[int],
+        *,
+        chunk_items: int = 10_000_000,
+        temp_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """``level_sizes``: one codebook size per level (codes of level l are < level_sizes[l])."""
+    def add(self, item_ids: npt.NDArray[np.uint64], codes: npt.NDArray[np.uint16]) -> None:
+        """Adds uint64 (m,) ids with uint16 (m, levels) codes. InvalidInputError for a wrong
+        dtype/shape or a code out of range (naming the row counted over every item added); an
+        invalid chunk adds nothing. The GIL is released while it works."""
+    def finish(self) -> None:
+        """Writes the index file (atomically) and removes the temporary files; InvalidInputError
+        for a duplicated id (naming both rows) or codes too degenerate to repair, Gr2IOError for
+        a write that fails (the old file at ``path`` untouched). The writer is closed afterwards."""
+    def close(self) -> None:
+        """Discards an unfinished build and its temporary files (a no-op once closed)."""
+    def __len__(self) -> int:
+        """Items added so far (0 once closed)."""
+    @property
+    def closed(self) -> bool:
+        """Whether ``finish`` or ``close`` was called."""
+    @property
+    def temp_dir(self) -> pathlib.Path | None:
+        """This build's temporary folder (None once closed)."""
+    def __enter__(self) -> SidIndexWriter: ...
+    def __exit__(self, *args: object) -> bool: ...

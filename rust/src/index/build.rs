@@ -35,7 +35,7 @@ pub(super) struct Built {
 }
 
 /// `(packed SID, position of the item in id order)`; sorting these sorts by (SID, item id).
-type Entry = (u64, u32);
+pub(super) type Entry = (u64, u32);
 
 pub(super) fn build(
     item_ids: &[u64],
@@ -61,7 +61,7 @@ pub(super) fn build(
         )));
     }
     let layout = KeyLayout::new(&resolve_level_sizes(codes, levels, level_sizes)?)?;
-    check_code_ranges(codes, &layout)?;
+    check_code_ranges(codes, &layout, 0)?;
 
     let by_id = sort_by_id(item_ids)?;
     let keys_by_row: Vec<u64> = codes.par_chunks(levels).map(|row| layout.pack(row)).collect();
@@ -132,7 +132,8 @@ fn resolve_level_sizes(codes: &[u16], levels: usize, given: Option<&[u32]>) -> R
     }
 }
 
-fn check_code_ranges(codes: &[u16], layout: &KeyLayout) -> Result<()> {
+/// Fails on the first code outside its level's size; rows are numbered from `first_row`.
+pub(super) fn check_code_ranges(codes: &[u16], layout: &KeyLayout, first_row: usize) -> Result<()> {
     let levels = layout.levels();
     let Some(row) = codes.par_chunks(levels).position_first(|r| layout.first_out_of_range(r).is_some())
     else {
@@ -141,8 +142,9 @@ fn check_code_ranges(codes: &[u16], layout: &KeyLayout) -> Result<()> {
     let values = &codes[row * levels..(row + 1) * levels];
     let level = layout.first_out_of_range(values).unwrap_or(0);
     Err(Gr2Error::invalid(format!(
-        "codes[{row}, {level}] = {} is out of range: level {level} has codebook size {} \
+        "codes[{}, {level}] = {} is out of range: level {level} has codebook size {} \
          (codes must be < codebook_size)",
+        first_row + row,
         values[level],
         layout.sizes()[level]
     )))
@@ -163,17 +165,17 @@ fn sort_by_id(item_ids: &[u64]) -> Result<Vec<(u64, u32)>> {
 }
 
 #[derive(Default)]
-struct Tally {
-    unique: u64,
-    distinct: u64,
-    groups: BTreeMap<u64, u64>,
-    moved: u64,
-    max_move_distance: u64,
-    full_prefixes: u64,
+pub(super) struct Tally {
+    pub unique: u64,
+    pub distinct: u64,
+    pub groups: BTreeMap<u64, u64>,
+    pub moved: u64,
+    pub max_move_distance: u64,
+    pub full_prefixes: u64,
 }
 
 impl Tally {
-    fn merge(mut self, other: Tally) -> Tally {
+    pub(super) fn merge(mut self, other: Tally) -> Tally {
         self.unique += other.unique;
         self.distinct += other.distinct;
         for (size, count) in other.groups {
@@ -213,7 +215,7 @@ fn split_on_prefixes(mut rest: &mut [Entry], last_bits: u32, parts: usize) -> Ve
     slices
 }
 
-fn repair_slice(slice: &mut [Entry], last_bits: u32, last_size: u32) -> Tally {
+pub(super) fn repair_slice(slice: &mut [Entry], last_bits: u32, last_size: u32) -> Tally {
     let mut tally = Tally::default();
     let mut occupied = vec![0u64; (last_size as usize).div_ceil(64)];
     let mut movers = Vec::new();
@@ -323,6 +325,26 @@ fn free_above(occupied: &[u64], size: u32, code: u32) -> Option<u32> {
     }
 }
 
+/// The layout with the disambiguation level appended, for `largest` items sharing one SID after
+/// the moves (the error says why the codes cannot be told apart).
+pub(super) fn disambiguation_layout(layout: &KeyLayout, largest: usize) -> Result<KeyLayout> {
+    if largest > super::layout::MAX_LEVEL_SIZE as usize {
+        return Err(Gr2Error::invalid(format!(
+            "{largest} items share one SID whose prefix has no free last-level code; a \
+             disambiguation level can tell at most {} apart. The codes are too degenerate: use \
+             more levels or a larger codebook",
+            super::layout::MAX_LEVEL_SIZE
+        )));
+    }
+    layout.with_level(largest as u32).map_err(|err| {
+        Gr2Error::invalid(format!(
+            "collision repair needs a disambiguation level of size {largest} after the {} input levels, \
+             but {err}; use fewer levels or a larger last-level codebook",
+            layout.levels()
+        ))
+    })
+}
+
 /// Appends the disambiguation level (see the module docs); returns the new layout and how many
 /// items got a non-zero code on it.
 fn append_disambiguation_level(by_sid: &mut [Entry], layout: &KeyLayout) -> Result<(KeyLayout, u64)> {
@@ -332,21 +354,7 @@ fn append_disambiguation_level(by_sid: &mut [Entry], layout: &KeyLayout) -> Resu
         run = if i > 0 && by_sid[i - 1].0 == by_sid[i].0 { run + 1 } else { 1 };
         largest = largest.max(run);
     }
-    if largest > super::layout::MAX_LEVEL_SIZE as usize {
-        return Err(Gr2Error::invalid(format!(
-            "{largest} items share one SID whose prefix has no free last-level code; a \
-             disambiguation level can tell at most {} apart. The codes are too degenerate: use \
-             more levels or a larger codebook",
-            super::layout::MAX_LEVEL_SIZE
-        )));
-    }
-    let wider = layout.with_level(largest as u32).map_err(|err| {
-        Gr2Error::invalid(format!(
-            "collision repair needs a disambiguation level of size {largest} after the {} input levels, \
-             but {err}; use fewer levels or a larger last-level codebook",
-            layout.levels()
-        ))
-    })?;
+    let wider = disambiguation_layout(layout, largest)?;
     let extra_bits = wider.bits(layout.levels());
     let mut disambiguated = 0;
     let mut previous = None;

@@ -56,10 +56,10 @@ use crate::error::{Gr2Error, Result};
 
 const MAGIC: [u8; 8] = *b"GR2SIDX\0";
 pub const FORMAT_VERSION: u32 = 2; // 2: 4-byte keys where the SIDs fit 32 bits
-const SECTIONS: usize = 6;
-const HEADER_LEN: usize = 48 + SECTIONS * 16;
-const CHECKSUMMED_FROM: usize = 24;
-const ALIGN: usize = 64;
+pub(super) const SECTIONS: usize = 6;
+pub(super) const HEADER_LEN: usize = 48 + SECTIONS * 16;
+pub(super) const CHECKSUMMED_FROM: usize = 24;
+pub(super) const ALIGN: usize = 64;
 const SECTION_NAMES: [&str; SECTIONS] = ["level_sizes", "report", "sorted_ids", "sid_pos", "sorted_keys", "item_pos"];
 const REPORT_FIXED_WORDS: usize = 9;
 
@@ -67,14 +67,14 @@ fn align_up(x: usize) -> usize {
     x.div_ceil(ALIGN) * ALIGN
 }
 
-fn check_little_endian() -> Result<()> {
+pub(super) fn check_little_endian() -> Result<()> {
     if cfg!(target_endian = "big") {
         return Err(Gr2Error::invalid("SID index files are little-endian; this machine is big-endian"));
     }
     Ok(())
 }
 
-fn encode_report(report: &RepairReport) -> Vec<u64> {
+pub(super) fn encode_report(report: &RepairReport) -> Vec<u64> {
     let mut words = vec![
         report.levels_in as u64,
         report.unique_items_before,
@@ -121,6 +121,32 @@ impl Plan<'_> {
     }
 }
 
+/// The header of a file with `n` items, `levels` levels and sections of `lens` bytes (checksum
+/// still zero), each section's offset, and the file's length.
+pub(super) fn file_header(n: usize, levels: usize, generation: u32, lens: [usize; SECTIONS]) -> (Vec<u8>, [usize; SECTIONS], usize) {
+    let mut offsets = [0usize; SECTIONS];
+    let mut end = HEADER_LEN;
+    for (offset, len) in offsets.iter_mut().zip(lens) {
+        *offset = align_up(end);
+        end = *offset + len;
+    }
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    header.extend_from_slice(&MAGIC);
+    header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header.extend_from_slice(&(HEADER_LEN as u32).to_le_bytes());
+    header.extend_from_slice(&0u64.to_le_bytes()); // checksum, patched once known
+    header.extend_from_slice(&(end as u64).to_le_bytes());
+    header.extend_from_slice(&(n as u64).to_le_bytes());
+    header.extend_from_slice(&(levels as u32).to_le_bytes());
+    header.extend_from_slice(&generation.to_le_bytes());
+    for (offset, len) in offsets.iter().zip(lens) {
+        header.extend_from_slice(&(*offset as u64).to_le_bytes());
+        header.extend_from_slice(&(len as u64).to_le_bytes());
+    }
+    debug_assert_eq!(header.len(), HEADER_LEN);
+    (header, offsets, end)
+}
+
 impl SidIndex {
     fn plan<'a>(&'a self, report: &'a [u64]) -> Plan<'a> {
         let sections: [&[u8]; SECTIONS] = [
@@ -131,26 +157,8 @@ impl SidIndex {
             with_keys!(self.sorted_keys, |keys| bytemuck::cast_slice(keys)),
             bytemuck::cast_slice(self.item_pos.as_slice()),
         ];
-        let mut offsets = [0usize; SECTIONS];
-        let mut end = HEADER_LEN;
-        for (offset, section) in offsets.iter_mut().zip(&sections) {
-            *offset = align_up(end);
-            end = *offset + section.len();
-        }
-        let mut header = Vec::with_capacity(HEADER_LEN);
-        header.extend_from_slice(&MAGIC);
-        header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        header.extend_from_slice(&(HEADER_LEN as u32).to_le_bytes());
-        header.extend_from_slice(&0u64.to_le_bytes()); // checksum, patched once known
-        header.extend_from_slice(&(end as u64).to_le_bytes());
-        header.extend_from_slice(&(self.len() as u64).to_le_bytes());
-        header.extend_from_slice(&(self.levels() as u32).to_le_bytes());
-        header.extend_from_slice(&self.generation.to_le_bytes());
-        for (offset, section) in offsets.iter().zip(&sections) {
-            header.extend_from_slice(&(*offset as u64).to_le_bytes());
-            header.extend_from_slice(&(section.len() as u64).to_le_bytes());
-        }
-        debug_assert_eq!(header.len(), HEADER_LEN);
+        let lens = sections.map(<[u8]>::len);
+        let (header, offsets, end) = file_header(self.len(), self.levels(), self.generation, lens);
         Plan { header, offsets, sections, len: end }
     }
 
@@ -504,7 +512,7 @@ fn temp_prefix(file_name: &std::ffi::OsStr) -> String {
 }
 
 /// Whether process `pid` may still be running (true when it cannot be told).
-fn pid_may_be_alive(pid: u32) -> bool {
+pub(super) fn pid_may_be_alive(pid: u32) -> bool {
     #[cfg(target_os = "linux")]
     {
         let Ok(pid) = libc::pid_t::try_from(pid) else { return true };

@@ -32,6 +32,7 @@ macro_rules! with_keys {
 }
 
 mod build;
+mod external;
 mod file;
 pub mod layout;
 mod search;
@@ -44,6 +45,7 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 
 pub use build::DEFAULT_LEVEL_SIZE;
+pub use external::{SidIndexWriter, DEFAULT_CHUNK_ITEMS};
 pub use file::FORMAT_VERSION;
 pub use layout::{KeyLayout, MAX_LEVELS};
 use search::{wide, Key, SortedLookup, NOT_FOUND};

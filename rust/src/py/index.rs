@@ -16,7 +16,7 @@ use pyo3::types::{PyBytes, PyDict, PyTuple};
 use super::constraint::PySidTrie;
 use super::errors::{extract_arg, int_arg, short_repr};
 use crate::error::{catch_panics, Gr2Error};
-use crate::index::{LoadMode, SidIndex};
+use crate::index::{LoadMode, SidIndex, SidIndexWriter, DEFAULT_CHUNK_ITEMS};
 
 /// A numpy array's data as a row-major slice: borrowed when C-contiguous, copied in logical
 /// order otherwise (`as_slice` alone also accepts Fortran order, whose memory order would be
@@ -450,6 +450,167 @@ impl PySidIndex {
     }
 }
 
+/// Builds an index file larger than memory from chunks of items (Rust: `SidIndexWriter`, the
+/// `external` module): `add` sorts chunks into runs on disk, `finish` merges them into the file.
+#[pyclass(frozen, module = "gr2._gr2", name = "SidIndexWriter")]
+pub struct PySidIndexWriter {
+    /// None once finished or closed. A Mutex (not `&mut self`): the GIL is released while a
+    /// call works, and a second thread must get a gr2 error, not PyO3's borrow error.
+    inner: std::sync::Mutex<Option<SidIndexWriter>>,
+}
+
+impl PySidIndexWriter {
+    /// Runs `body` on the open writer; `take` removes it from the object first (finish, close).
+    fn with_writer<T>(
+        &self,
+        take: bool,
+        body: impl FnOnce(Option<&mut SidIndexWriter>, Option<SidIndexWriter>) -> PyResult<T>,
+    ) -> PyResult<T> {
+        let mut guard = match self.inner.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(Gr2Error::invalid("this SidIndexWriter is in use by another thread").into())
+            }
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+                let mut guard = poisoned.into_inner();
+                *guard = None; // a panic mid-call: drop the writer (and its temporary files)
+                self.inner.clear_poison();
+                drop(guard);
+                return Err(Gr2Error::invalid("this SidIndexWriter failed earlier and was discarded; start a new one").into());
+            }
+        };
+        if take {
+            body(None, guard.take())
+        } else {
+            body(guard.as_mut(), None)
+        }
+    }
+}
+
+fn closed() -> PyErr {
+    Gr2Error::invalid("this SidIndexWriter is finished or closed; start a new one").into()
+}
+
+#[pymethods]
+impl PySidIndexWriter {
+    /// `level_sizes`: one int per level (codes of level l are < level_sizes[l]).
+    #[new]
+    #[pyo3(signature = (path, level_sizes, *, chunk_items=None, temp_dir=None))]
+    fn new(
+        py: Python<'_>,
+        path: &Bound<'_, PyAny>,
+        level_sizes: &Bound<'_, PyAny>,
+        chunk_items: Option<&Bound<'_, PyAny>>,
+        temp_dir: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        catch_panics(|| {
+            let path = path_arg(path)?;
+            let values: Vec<Bound<'_, PyAny>> =
+                extract_arg(level_sizes, "level_sizes", "a sequence of ints (one codebook size per level)")?;
+            let limit = i64::from(crate::index::layout::MAX_LEVEL_SIZE);
+            let sizes: Vec<u32> = values
+                .iter()
+                .enumerate()
+                .map(|(l, k)| Ok(int_arg(k, &format!("level_sizes[{l}]"), 1, limit)? as u32))
+                .collect::<PyResult<_>>()?;
+            let chunk = match chunk_items {
+                Some(obj) if !obj.is_none() => int_arg(obj, "chunk_items", 1, i64::from(u32::MAX))? as usize,
+                _ => DEFAULT_CHUNK_ITEMS,
+            };
+            let temp_parent: Option<PathBuf> = match temp_dir {
+                Some(obj) if !obj.is_none() => Some(extract_arg(obj, "temp_dir", "a str or os.PathLike")?),
+                _ => None,
+            };
+            let writer = py.detach(|| SidIndexWriter::new(&path, &sizes, chunk, temp_parent.as_deref()))?;
+            Ok(PySidIndexWriter { inner: std::sync::Mutex::new(Some(writer)) })
+        })
+    }
+
+    /// Adds items: uint64 (m,) ids and uint16 (m, levels) codes. An invalid chunk (wrong dtype or
+    /// shape, a code out of range; the error names the row counted over all items added) adds
+    /// nothing. Duplicated ids are reported by `finish`.
+    fn add(&self, py: Python<'_>, item_ids: &Bound<'_, PyAny>, codes: &Bound<'_, PyAny>) -> PyResult<()> {
+        catch_panics(|| {
+            self.with_writer(false, |writer, _| {
+                let writer = writer.ok_or_else(closed)?;
+                let ids = vector::<u64>(item_ids, "item_ids")?;
+                let codes = matrix::<u16>(codes, "codes", Some(writer.levels()))?;
+                if codes.shape()[0] != ids.len() {
+                    return Err(Gr2Error::invalid(format!(
+                        "item_ids has {} entries but codes has {} rows; they must match",
+                        ids.len(),
+                        codes.shape()[0]
+                    ))
+                    .into());
+                }
+                let (ids, codes) = (row_major(&ids), row_major(&codes));
+                Ok(py.detach(|| writer.add(&ids, &codes))?)
+            })
+        })
+    }
+
+    /// Merges everything added into the index file (atomic: temporary file, fsync, rename) and
+    /// removes the temporary files. The writer is closed afterwards, whether it succeeded or not.
+    fn finish(&self, py: Python<'_>) -> PyResult<()> {
+        catch_panics(|| {
+            self.with_writer(true, |_, writer| {
+                let writer = writer.ok_or_else(closed)?;
+                py.detach(|| writer.finish())?;
+                Ok(())
+            })
+        })
+    }
+
+    /// Discards an unfinished build (removes its temporary files); a no-op once closed.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        catch_panics(|| {
+            self.with_writer(true, |_, writer| {
+                py.detach(|| drop(writer));
+                Ok(())
+            })
+        })
+    }
+
+    /// Items added so far (0 once finished or closed).
+    fn __len__(&self) -> PyResult<usize> {
+        catch_panics(|| self.with_writer(false, |writer, _| Ok(writer.map_or(0, |w| w.len()))))
+    }
+
+    /// Whether `finish` or `close` was called.
+    #[getter]
+    fn closed(&self) -> PyResult<bool> {
+        catch_panics(|| self.with_writer(false, |writer, _| Ok(writer.is_none())))
+    }
+
+    /// The folder holding this build's temporary files (None once closed).
+    #[getter]
+    fn temp_dir(&self) -> PyResult<Option<PathBuf>> {
+        catch_panics(|| self.with_writer(false, |writer, _| Ok(writer.map(|w| w.temp_dir().to_path_buf()))))
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    /// Leaving a `with` block closes the writer: an unfinished build is discarded.
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
+    }
+
+    fn __repr__(&self) -> String {
+        match self.inner.try_lock() {
+            Ok(guard) => match guard.as_ref() {
+                Some(w) => format!("SidIndexWriter(items={}, levels={}, open)", w.len(), w.levels()),
+                None => "SidIndexWriter(closed)".to_string(),
+            },
+            Err(_) => "SidIndexWriter(busy)".to_string(),
+        }
+    }
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PySidIndex>()
+    m.add_class::<PySidIndex>()?;
+    m.add_class::<PySidIndexWriter>()
 }
