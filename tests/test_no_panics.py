@@ -277,11 +277,13 @@ def test_sid_index_writer_raises_only_gr2_errors(data):
     """SidIndexWriter (the out-of-core build) driven with hostile constructor arguments and a random
     walk of well-formed and hostile calls: only gr2 errors, the file equals SidIndex.build over the
     chunks that were accepted, and no temporary file survives the writer."""
+    import contextlib
     import tempfile
     from pathlib import Path
 
     sizes = data.draw(level_sizes)
-    with tempfile.TemporaryDirectory() as tmp:
+    # a hostile path such as "x" is a valid relative path: work in a scratch folder, not the checkout
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as cwd, contextlib.chdir(cwd):
         target = Path(tmp) / "x.gr2sid"
         path = data.draw(either(st.sampled_from([target, str(target)])), label="path")
         sizes_arg = data.draw(either(st.just(sizes)), label="level_sizes")
