@@ -77,19 +77,9 @@ pub(super) fn build(
     by_sid.par_sort_unstable();
 
     let tally = repair(&mut by_sid, &layout);
-    let mut report = RepairReport {
-        levels_in: levels,
-        items: n as u64,
-        unique_items_before: tally.unique,
-        distinct_sids_before: tally.distinct,
-        collision_group_sizes: tally.groups.into_iter().collect(),
-        items_moved: tally.moved,
-        max_move_distance: tally.max_move_distance,
-        full_prefixes: tally.full_prefixes,
-        level_appended: false,
-        items_disambiguated: 0,
-    };
-    let layout = if tally.full_prefixes > 0 {
+    let full_prefixes = tally.full_prefixes;
+    let mut report = tally.into_report(levels, n as u64);
+    let layout = if full_prefixes > 0 {
         let (wider, disambiguated) = append_disambiguation_level(&mut by_sid, &layout)?;
         report.level_appended = true;
         report.items_disambiguated = disambiguated;
@@ -185,6 +175,23 @@ impl Tally {
         self.max_move_distance = self.max_move_distance.max(other.max_move_distance);
         self.full_prefixes += other.full_prefixes;
         self
+    }
+
+    /// The report of a repair over `items` items of `levels_in` levels; whether a level was
+    /// appended (and for how many items) is the caller's to fill in.
+    pub(super) fn into_report(self, levels_in: usize, items: u64) -> RepairReport {
+        RepairReport {
+            levels_in,
+            items,
+            unique_items_before: self.unique,
+            distinct_sids_before: self.distinct,
+            collision_group_sizes: self.groups.into_iter().collect(),
+            items_moved: self.moved,
+            max_move_distance: self.max_move_distance,
+            full_prefixes: self.full_prefixes,
+            level_appended: false,
+            items_disambiguated: 0,
+        }
     }
 }
 

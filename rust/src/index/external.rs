@@ -593,18 +593,9 @@ impl SidIndexWriter {
         let level_appended = tally.full_prefixes > 0;
         let levels_in = layout.levels();
         let final_layout = if level_appended { disambiguation_layout(&layout, largest)? } else { layout.clone() };
-        let report = RepairReport {
-            levels_in,
-            items: n as u64,
-            unique_items_before: tally.unique,
-            distinct_sids_before: tally.distinct,
-            collision_group_sizes: tally.groups.into_iter().collect(),
-            items_moved: tally.moved,
-            max_move_distance: tally.max_move_distance,
-            full_prefixes: tally.full_prefixes,
-            level_appended,
-            items_disambiguated: if level_appended { repeated } else { 0 },
-        };
+        let mut report = tally.into_report(levels_in, n as u64);
+        report.level_appended = level_appended;
+        report.items_disambiguated = if level_appended { repeated } else { 0 };
         let extra_bits = if level_appended { final_layout.bits(levels_in) } else { 0 };
         let key_width_out = Keys::width(final_layout.total_bits());
         let report_words = encode_report(&report);
@@ -801,7 +792,6 @@ fn copy_file<W: Write>(path: &Path, out: &mut Hashing<W>) -> std::io::Result<()>
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
 
     use proptest::prelude::*;
 
@@ -855,15 +845,7 @@ mod tests {
     }
 
     fn random_ids(n: usize, seed: u64, range: u64) -> Vec<u64> {
-        let mut set = BTreeSet::new();
-        let mut x = seed | 1;
-        while set.len() < n {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            set.insert(x % range);
-        }
-        let mut v: Vec<u64> = set.into_iter().collect();
+        let mut v = crate::index::tests::xorshift_ids(n, seed, range);
         v.rotate_left(n / 3);
         v
     }

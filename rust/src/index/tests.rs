@@ -49,6 +49,19 @@ fn reference_repair(ids: &[u64], codes: &[u16], levels: usize, sizes: &[u32]) ->
     (out, stuck)
 }
 
+/// `n` distinct ids below `range` from a xorshift stream seeded with `seed`, ascending.
+pub(super) fn xorshift_ids(n: usize, seed: u64, range: u64) -> Vec<u64> {
+    let mut set = BTreeSet::new();
+    let mut x = seed | 1;
+    while set.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        set.insert(x % range);
+    }
+    set.into_iter().collect()
+}
+
 /// Random unique ids (sparse or dense) and codes with small level sizes, so collisions and full
 /// prefixes are common.
 fn dataset() -> impl Strategy<Value = (Vec<u64>, Vec<u16>, usize, Vec<u32>)> {
@@ -61,15 +74,7 @@ fn dataset() -> impl Strategy<Value = (Vec<u64>, Vec<u16>, usize, Vec<u32>)> {
             let ids: Vec<u64> = if dense {
                 (0..n as u64).map(|i| i + seed % 1000).collect()
             } else {
-                let mut set = BTreeSet::new();
-                let mut x = seed | 1;
-                while set.len() < n {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    set.insert(x % 5000);
-                }
-                let mut v: Vec<u64> = set.into_iter().collect();
+                let mut v = xorshift_ids(n, seed, 5000);
                 v.reverse();
                 v
             };
