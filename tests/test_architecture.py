@@ -14,8 +14,6 @@
   decoder loop per decoding mode; they share the scorer and the result type``). A docstring does
   not count: the reason is for the reader deciding whether to split the module, not for the API
   docs.
-* ``gr2.train.common`` is only the compatibility re-export of the DAPO trainer: nothing else
-  imports it (the plumbing lives in one module per concern under ``gr2.train``).
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "python" / "gr2"
 MAX_LINES = 500
 REASON_WITHIN = 3
-LEGACY_COMMON_USERS = {"gr2.train.dapo.trainer"}
 
 
 def modules(root: Path = PACKAGE) -> dict[str, Path]:
@@ -131,13 +128,6 @@ def test_every_module_over_the_size_limit_states_why():
             unexplained.append(f"{path.relative_to(PACKAGE.parent)} ({len(lines)} lines)")
     assert not unexplained, (f"modules over {MAX_LINES} lines without a '# size: <reason>' line among their first "
                              f"{REASON_WITHIN}: split them by concern or say why not: " + ", ".join(unexplained))
-
-
-def test_only_the_dapo_trainer_still_imports_train_common():
-    graph = import_graph(modules())
-    users = {name for name, edges in graph.items() if "gr2.train.common" in edges}
-    assert users <= LEGACY_COMMON_USERS, ("import the gr2.train modules instead of gr2.train.common: "
-                                          f"{sorted(users - LEGACY_COMMON_USERS)}")
 
 
 @pytest.mark.parametrize("source, expect", [

@@ -15,7 +15,7 @@
    with ``grad_accum`` micro-batches, on :func:`~gr2.train.dapo.loss.dapo_loss`.
 
 :func:`train` is the loop around it (resume, metrics, periodic greedy :func:`evaluate`,
-checkpoints through :class:`gr2.train.common.Checkpointer`).
+checkpoints through :class:`gr2.train.Checkpointer`).
 """
 
 from __future__ import annotations
@@ -34,13 +34,19 @@ from tqdm.auto import tqdm
 from gr2.errors import ConfigError, DataError, InvalidInputError
 from gr2.rewards import RewardBatch, verify_rewards
 from gr2.rundir import atomic_write_bytes, atomic_write_json, stage_key
-from gr2.train import common, memory
+from gr2.train import memory
+from gr2.train.batches import end_of_turn_ids, epoch_order, to_device
+from gr2.train.checkpointing import Checkpointer, training_key
+from gr2.train.devices import autocast, choose_dtype, local_device, param_dtype
+from gr2.train.losses import check_loss
+from gr2.train.metric_log import MetricLogger
+from gr2.train.optim import make_optimizer, make_scheduler, wrap_lora
 from gr2.train.dapo.config import DapoConfig
 from gr2.train.dapo.data import RlData
 from gr2.train.dapo.loss import (dapo_loss, group_advantages, informative_groups, outcome_of, overlong_penalty, pack,
                                  token_logprobs)
 from gr2.train.dapo.rollouts import Completion, Rollout, RolloutFn, constrained_rollouts, hash_seed, sampled_rollouts
-from gr2.train.common import World
+from gr2.train.distributed import World
 
 EVAL_BATCH = 16  # prompts per decoding call during evaluation
 
@@ -71,7 +77,7 @@ def dapo_update(
     rollouts (with advantages); every rank must call this the same number of times. With
     ``rl.share_prompt`` (default) each micro-batch encodes each of its prompts once for all its
     completions (:func:`~gr2.train.dapo.loss.pack_groups`), else once per rollout. Forward passes
-    run under ``common.autocast(device, precision)`` (parameters stay float32).
+    run under ``autocast(device, precision)`` (parameters stay float32).
 
     Dropout is switched off (``model.eval()``) for the old and the new log-probabilities alike:
     with dropout the ratio would differ from 1 by noise alone and the clip would act on it."""
@@ -88,12 +94,12 @@ def dapo_update(
     # need a pass now.
     old: list[list[torch.Tensor | None]] = [[None] * config.grad_accum]
     refs: list[list[torch.Tensor | None]] = []
-    with torch.no_grad(), common.autocast(device, precision):
+    with torch.no_grad(), autocast(device, precision):
         for u, mb_chunks in enumerate(chunks):
             if u > 0:
-                old.append([token_logprobs(model, common.to_device(pack(c, pad_id, share), device), temp) if c else None
+                old.append([token_logprobs(model, to_device(pack(c, pad_id, share), device), temp) if c else None
                             for c in mb_chunks])
-            refs.append([token_logprobs(ref_model, common.to_device(pack(c, pad_id, share), device), temp)
+            refs.append([token_logprobs(ref_model, to_device(pack(c, pad_id, share), device), temp)
                          if c and ref_model is not None and config.kl_coef > 0 else None for c in mb_chunks])
     clock["logprobs"] += time.perf_counter() - t0
     stats = {"loss": 0.0, "clipped_tokens": 0.0, "tokens": 0.0, "grad_norm": 0.0}
@@ -107,8 +113,8 @@ def dapo_update(
         for j, chunk in enumerate(mb_chunks):
             if not chunk:
                 continue
-            batch = common.to_device(pack(chunk, pad_id, share), device)
-            with common.autocast(device, precision):
+            batch = to_device(pack(chunk, pad_id, share), device)
+            with autocast(device, precision):
                 logp = token_logprobs(model, batch, temp)
                 old_logp = old[u][j] if old[u][j] is not None else logp.detach()
                 loss, s = dapo_loss(logp, old_logp, batch["advantages"], batch["completion_mask"], total_tokens,
@@ -152,23 +158,23 @@ class DapoTrainer:
         self.config, self.data, self.world = config, data, world
         if config.k and data.candidates.shape[1] != config.k:
             raise ConfigError(f"rl.k = {config.k} but the data has K = {data.candidates.shape[1]}")
-        self.device = device or common.local_device(config.device)
+        self.device = device or local_device(config.device)
         if world.distributed and world.device.type == "cuda" and self.device != world.device:
             raise ConfigError(f"the process group reduces on {world.device} but this rank trains on {self.device}; "
                               "keep rl.device = auto (cuda:LOCAL_RANK) under torchrun with nccl")
-        self.precision = common.choose_dtype(self.device, config.dtype)  # compute dtype (autocast)
+        self.precision = choose_dtype(self.device, config.dtype)  # compute dtype (autocast)
         self.tokenizer = tokenizer
         # float32 master weights whatever the compute dtype (bf16 parameters round small steps away)
         memory.check_stage(model, "rl", config, self.device, self.precision, world.size)  # refuse what cannot fit
-        self.model = common.wrap_lora(model, config.lora).to(self.device, dtype=common.param_dtype(self.precision))
+        self.model = wrap_lora(model, config.lora).to(self.device, dtype=param_dtype(self.precision))
         memory.freeze_in_compute_dtype(self.model, self.precision)
         if config.kl_coef > 0 and ref_model is None:  # the KL term would silently vanish
             raise ConfigError(f"rl.kl_coef = {config.kl_coef} penalises the distance to a reference policy, but no "
                               "reference model was given (ref_model=); pass the frozen start model or set rl.kl_coef = 0")
         self.ref_model = ref_model
-        self.optimizer = common.make_optimizer(self.model, config.lr, config.weight_decay)
+        self.optimizer = make_optimizer(self.model, config.lr, config.weight_decay)
         updates = config.steps * config.updates_per_batch
-        self.scheduler = common.make_scheduler(self.optimizer, updates, config.warmup_steps, kind="constant")
+        self.scheduler = make_scheduler(self.optimizer, updates, config.warmup_steps, kind="constant")
         self.rollout_fn = rollout_fn or (constrained_rollouts if config.constrained else sampled_rollouts)
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -176,7 +182,7 @@ class DapoTrainer:
             raise ConfigError("the DAPO trainer needs a SidIndex (index=) or the candidates' SIDs (candidate_sids=)")
         # a sampled turn ends at eos or at the chat template's end-of-turn token (<|im_end|>, which SFT
         # taught): generation stops at either, and the verifier treats either as a trailer
-        stop_ids = sorted({int(eos), *common.end_of_turn_ids(tokenizer)})
+        stop_ids = sorted({int(eos), *end_of_turn_ids(tokenizer)})
         self.ctx = {"index": index, "sid_tokens": sid_tokens, "eos_id": int(eos), "pad_id": int(pad), "device": self.device,
                     "candidate_sids": candidate_sids, "stop_ids": stop_ids}
         self.index, self.sid_tokens = index, sid_tokens
@@ -212,7 +218,7 @@ class DapoTrainer:
     def _prompt_at(self, position: int) -> int:
         n = len(self.data.targets)
         epoch, offset = divmod(position, n)
-        return int(common.epoch_order(n, self.config.seed, epoch)[offset])
+        return int(epoch_order(n, self.config.seed, epoch)[offset])
 
     def _rewards(self, completions: list[list[int]], rows: list[int]) -> RewardBatch:
         kwargs = dict(sid_tokens=self.sid_tokens, alpha=self.config.alpha, conditional=self.config.conditional,
@@ -268,7 +274,7 @@ class DapoTrainer:
                 chunk = mine[at:at + per_call]
                 rows = [self._prompt_at(pos) for pos in chunk]
                 seeds = [hash_seed(cfg.seed, self.step_count, pos) for pos in chunk]
-                with common.autocast(self.device, self.precision):
+                with autocast(self.device, self.precision):
                     outputs = self.rollout_fn(self.model, self.tokenizer, [self.data.prompt_texts[r] for r in rows],
                                               self.data.candidates[rows], g, seeds, cfg, self.ctx)
                 if len(outputs) != len(rows):
@@ -298,7 +304,7 @@ class DapoTrainer:
             # ranks may hold zero kept rollouts; dapo_update still joins the collective calls
             stats.update(dapo_update(self.model, self.optimizer, self.scheduler, batch.rollouts, self.config,
                                      self.ctx["pad_id"], self.world, self.ref_model, self.device, self.precision))
-            common.check_loss(stats["loss"], self.step_count + 1, "rl", self.config.lr)
+            check_loss(stats["loss"], self.step_count + 1, "rl", self.config.lr)
         else:
             stats["skipped_update"] = 1.0
         self.step_count += 1
@@ -307,7 +313,7 @@ class DapoTrainer:
         return stats
 
     # -- checkpoints: weights + optimizer + scheduler + RNG + step + data cursor
-    def save(self, checkpoints: common.Checkpointer) -> Path:
+    def save(self, checkpoints: Checkpointer) -> Path:
         """Checkpoint the current step (rank 0 writes and prunes; every rank waits for it)."""
         path = checkpoints.save(self.step_count, self.model, self.optimizer, self.scheduler,
                                 extra={"cursor": self.cursor})
@@ -315,7 +321,7 @@ class DapoTrainer:
             torch.distributed.barrier()
         return path
 
-    def resume(self, checkpoints: common.Checkpointer) -> bool:
+    def resume(self, checkpoints: Checkpointer) -> bool:
         """Load the newest checkpoint of ``checkpoints``' key, if any; whether one was loaded."""
         meta = checkpoints.resume(self.model, self.optimizer, self.scheduler, self.world)
         if meta is None:
@@ -405,7 +411,7 @@ class BestPolicy:
 
 def train(trainer: DapoTrainer, out_dir: Path, eval_data: RlData | None = None, resume: bool = True,
           inputs: Sequence[str] = ()) -> dict[str, Any]:
-    """The loop: resume from the newest checkpoint of this run (key: :func:`gr2.train.common.training_key`
+    """The loop: resume from the newest checkpoint of this run (key: :func:`gr2.train.training_key`
     of the trainer's config and the stage's ``inputs`` keys), step, log, evaluate, checkpoint. A
     checkpoint of another key is never resumed (removed, one log line); the current config's lr
     applies on resume, and so do changed evaluation / logging settings. With ``rl.select`` other
@@ -414,11 +420,11 @@ def train(trainer: DapoTrainer, out_dir: Path, eval_data: RlData | None = None, 
     by the whole config (another validation setting starts a new one)."""
     cfg = trainer.config
     key = stage_key(cfg, *inputs)
-    checkpoints = common.Checkpointer(out_dir / "checkpoints", common.training_key(cfg, *inputs), keep=cfg.keep_checkpoints,
+    checkpoints = Checkpointer(out_dir / "checkpoints", training_key(cfg, *inputs), keep=cfg.keep_checkpoints,
                                       writer=trainer.world.rank == 0, name=out_dir.name)
     resumed = trainer.resume(checkpoints) if resume else False
     rank0 = trainer.world.rank == 0
-    logger = common.MetricLogger(out_dir, resume_step=trainer.step_count if resumed else None,
+    logger = MetricLogger(out_dir, resume_step=trainer.step_count if resumed else None,
                                  tensorboard=cfg.tensorboard) if rank0 else None
     best = BestPolicy(out_dir, key, cfg.select) if cfg.select != "last" and eval_data is not None else None
     if cfg.select != "last" and eval_data is None:
@@ -426,7 +432,7 @@ def train(trainer: DapoTrainer, out_dir: Path, eval_data: RlData | None = None, 
     last: dict[str, float] = {}
 
     def validate(step: int) -> dict[str, float]:
-        with common.autocast(trainer.device, trainer.precision):
+        with autocast(trainer.device, trainer.precision):
             metrics = evaluate(trainer, eval_data)
         if best is not None:
             best.offer(step, metrics, trainer.model)
