@@ -270,7 +270,8 @@ def split_report(lists: Lists) -> dict[str, Any]:
     }
     if lists.fit_slice is not None and len(lists.fit_slice) and lists.fit_slice.max() > 0:
         slices = lists.fit_slice
-        out["coverage_by_slice"] = [float(hits[slices == r].mean()) if (slices == r).any() else 0.0
+        # None for a slice without a list in this split (not a coverage of 0)
+        out["coverage_by_slice"] = [float(hits[slices == r].mean()) if (slices == r).any() else None
                                     for r in range(int(slices.max()) + 1)]
     return out
 
