@@ -184,12 +184,17 @@ class Lists:
         return float(self.hits.sum() / self.requests) if self.requests else 0.0
 
 
+def slice_groups(fit_slices: np.ndarray):
+    """(slice, row indices) of every fit slice present in ``fit_slices``, in ascending slice order."""
+    for r in np.unique(fit_slices):
+        yield int(r), np.nonzero(fit_slices == r)[0]
+
+
 def rank_split(rankers: dict[int, Any], req: Requests, fit_slice: np.ndarray, config: CandidatesConfig) -> Lists:
     """The lists of one split: each request ranked by the ranker of its fit slice (``rankers[slice]``)."""
     parts = []
-    for r in np.unique(fit_slice):
-        rows = np.nonzero(fit_slice == r)[0]
-        part = rank_lists(rankers[int(r)], req.user_idx[rows], [req.histories[i] for i in rows], req.targets[rows], config)
+    for r, rows in slice_groups(fit_slice):
+        part = rank_lists(rankers[r], req.user_idx[rows], [req.histories[i] for i in rows], req.targets[rows], config)
         part.fit_slice = np.full(len(part.targets), r, np.int64)
         parts.append(part)
     if not parts:
@@ -348,9 +353,8 @@ def fit_rankers(split: ProtocolSplit, n_items: int, config: CandidatesConfig) ->
 def full_ranking_metrics(rankers: dict[int, Any], req: Requests, fit_slice: np.ndarray, config: CandidatesConfig
                          ) -> dict[str, float]:
     """Full-ranking Recall@10 / NDCG@10 of a split's requests, each ranked by its slice's ranker."""
-    ranks = [target_ranks(rankers[int(r)], [req.histories[i] for i in rows], req.targets[rows],
-                          mask_history=config.mask_history)
-             for r in np.unique(fit_slice) for rows in [np.nonzero(fit_slice == r)[0]]]
+    ranks = [target_ranks(rankers[r], [req.histories[i] for i in rows], req.targets[rows], mask_history=config.mask_history)
+             for r, rows in slice_groups(fit_slice)]
     return ranking_metrics(np.concatenate(ranks), 10)
 
 
@@ -379,8 +383,8 @@ def run_candidates(run_dir: str | Path, config: CandidatesConfig, *, force: bool
         by_name = {config.upstream: rankers[split_name]}
         for name in ("popularity", "itemknn"):
             if name not in by_name:
-                by_name[name] = {int(r): fit_ranker(name, split.fit_of_slice(split_name, int(r)), n_items, config)
-                                 for r in np.unique(slices)}
+                by_name[name] = {r: fit_ranker(name, split.fit_of_slice(split_name, r), n_items, config)
+                                 for r, _ in slice_groups(slices)}
         for name, by_slice in by_name.items():
             full_ranking[split_name][name] = full_ranking_metrics(by_slice, req, slices, config)
 

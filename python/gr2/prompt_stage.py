@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from gr2 import rundir
-from gr2.candidates import list_fit_slices, load_fit_sequences
+from gr2.candidates import list_fit_slices, load_fit_sequences, slice_groups
 from gr2.config import from_dict
 from gr2.errors import ConfigError, DataError
 from gr2.prompts import PromptConfig, candidate_evidence, evidence_ranks
@@ -86,10 +86,9 @@ def run_prompts(run_dir: str | Path, config: PromptConfig = PromptConfig(), *, f
         if config.evidence == "cooccur" and len(table):
             # evidence weighs the history the prompt shows, nothing more, over the list's own fit data
             evidence = np.zeros(candidates.shape, dtype=np.float32)
-            for r in np.unique(fit_slices):
-                rows = np.nonzero(fit_slices == r)[0]
+            for r, rows in slice_groups(fit_slices):
                 evidence[rows] = candidate_evidence([histories[i] for i in rows], candidates[rows],
-                                                    load_fit_sequences(run_dir, split, int(r)), n_items, config)
+                                                    load_fit_sequences(run_dir, split, r), n_items, config)
             if not evidence.any():
                 raise ConfigError(f"prompts.evidence = {config.evidence!r}, but the {split} split's fit data gives no "
                                   "candidate any co-engagement with its history (too little interaction data); "

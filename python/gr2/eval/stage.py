@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from gr2.candidates import ItemKNNConfig, list_fit_slices, load_data, load_fit_sequences
+from gr2.candidates import ItemKNNConfig, list_fit_slices, load_data, load_fit_sequences, slice_groups
 from gr2.errors import ConfigError, CorruptFileError, DataError, InvalidInputError
 from gr2.eval.baselines import popularity_order, random_order, score_order, upstream_order
 from gr2.eval.metrics import check_lists, evaluate_rankings, min_detectable_effect, paired_mde
@@ -125,9 +125,8 @@ def statistic_orders(run_dir: Path, config: Any, n_items: int, fit_slices: np.nd
     ranker saw (its split's fit data; its slice's under rolling cutoffs)."""
     popularity = np.empty_like(candidates)
     itemknn = np.empty_like(candidates)
-    for r in np.unique(fit_slices):
-        rows = np.nonzero(fit_slices == r)[0]
-        fit = load_fit_sequences(run_dir, config.split, int(r))
+    for r, rows in slice_groups(fit_slices):
+        fit = load_fit_sequences(run_dir, config.split, r)
         knn = ItemKNNRanker.fit(fit, n_items, neighbors=config.itemknn.neighbors, shrink=config.itemknn.shrink,
                                 recency_decay=config.itemknn.recency_decay)
         popularity[rows] = popularity_order(candidates[rows], PopularityRanker.fit(fit, n_items).counts)
