@@ -115,10 +115,10 @@ def _gr2_rl_curve(args, task, tokenizer, sid_tokens, state, heldout, train_rows,
 
     model = fresh(tokenizer, state, args)
     config = DapoConfig(group_size=args.group, prompts_per_step=args.prompts, steps=args.steps, lr=args.lr,
-                        reasoning=False, max_reasoning_tokens=0, device="cpu", tensorboard=False, rollout_batch=args.prompts,
+                        reasoning=False, max_reasoning_tokens=0, device=args.device, tensorboard=False, rollout_batch=args.prompts,
                         max_generation_rounds=1, seed=args.seed, reward=args.reward, kl_coef=args.kl)
     trainer = DapoTrainer(model, tokenizer, S.rl_data(task, tokenizer, train_rows), config, index=task.index,
-                          sid_tokens=sid_tokens, device=torch.device("cpu"))
+                          sid_tokens=sid_tokens, device=torch.device(args.device))
     clock, curve = Clock(), []
     r1 = lambda: S.greedy_recall_at_1(model, tokenizer, task, heldout)  # noqa: E731
     curve.append({"step": 0, "seconds": 0.0, "recall@1": clock.evaluate(r1)})
@@ -142,7 +142,7 @@ def run_ablation(args, task, tokenizer, sid_tokens, state, heldout, train_rows):
     from gr2.train.dapo.ablation import ablation
 
     config = DapoConfig(group_size=args.group, prompts_per_step=args.prompts, steps=args.steps, lr=args.lr,
-                        reasoning=False, max_reasoning_tokens=0, device="cpu", tensorboard=False,
+                        reasoning=False, max_reasoning_tokens=0, device=args.device, tensorboard=False,
                         rollout_batch=args.prompts, max_generation_rounds=1, seed=args.seed, reward=args.reward,
                         kl_coef=args.kl, constrained=False, max_new_tokens=args.max_completion,
                         eval_every=args.eval_every, save_every=args.steps)
@@ -150,7 +150,7 @@ def run_ablation(args, task, tokenizer, sid_tokens, state, heldout, train_rows):
     def make(cfg, out_dir):
         model = fresh(tokenizer, state, args)
         trainer = DapoTrainer(model, tokenizer, S.rl_data(task, tokenizer, train_rows), cfg, index=task.index,
-                              sid_tokens=sid_tokens, device=torch.device("cpu"))
+                              sid_tokens=sid_tokens, device=torch.device(args.device))
         return trainer, S.rl_data(task, tokenizer, heldout)
 
     result = ablation(make, config, Path(args.out) / "ablation")
@@ -203,7 +203,7 @@ def run_trl(args, task, tokenizer, state, heldout, train_rows):
         gradient_accumulation_steps=1, num_iterations=1, learning_rate=args.lr, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
         max_completion_length=args.max_completion, temperature=1.0, top_k=0, top_p=1.0, max_steps=args.steps,
-        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=args.seed, shuffle_dataset=False,
+        logging_steps=1, report_to=[], save_strategy="no", use_cpu=args.device == "cpu", seed=args.seed, shuffle_dataset=False,
         disable_tqdm=True,
     )
     trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
@@ -241,8 +241,23 @@ def constrain_generate(model, tokenizer, task):
     model.generate = generate
 
 
+def new_student(args, task):
+    """(model, tokenizer, sid_tokens): the from-scratch tiny Llama (``--base demo``) or a pretrained
+    base extended with the SID vocabulary (``--base smollm2`` or an HF folder), on ``--device``."""
+    if args.base == "demo":
+        tokenizer, sid_tokens = S.make_tokenizer(task)
+        model = S.make_model(tokenizer, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                             seed=args.seed)
+    else:
+        model, tokenizer, sid_tokens = S.pretrained_student(task, args.base)
+    return model.to(args.device), tokenizer, sid_tokens
+
+
 def fresh(tokenizer, state, args):
-    model = S.make_model(tokenizer, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads, seed=args.seed)
+    """A student in the weak start's state (a copy of the start model, so every arm starts equal)."""
+    import copy
+
+    model = copy.deepcopy(args.template)
     model.load_state_dict(state)
     return model
 
@@ -289,6 +304,11 @@ def main() -> int:
     p.add_argument("--matching", type=int, default=1, help="last_item: recent history items sharing the code")
     p.add_argument("--lists", type=int, default=600)
     p.add_argument("--heldout", type=int, default=100)
+    p.add_argument("--base", default="demo",
+                   help="the student: demo (a tiny Llama from scratch, sized by --hidden/--layers/--heads), smollm2 "
+                        "(SmolLM2-135M-Instruct from the offline GGUF, gr2.synthetic.pretrained_student) or an HF "
+                        "model folder; a pretrained base wants a GPU (--device cuda) and a smaller --lr/--start-lr")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
@@ -335,11 +355,11 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     task = S.make_planted_task(args.lists, rule=args.rule, matching=args.matching, seed=args.seed)
-    tokenizer, sid_tokens = S.make_tokenizer(task)
     train_rows, heldout = range(args.lists - args.heldout), range(args.lists - args.heldout, args.lists)
-    model = S.make_model(tokenizer, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads, seed=args.seed)
+    model, tokenizer, sid_tokens = new_student(args, task)
+    args.template = model
     if args.start:
-        model.load_state_dict(torch.load(args.start))
+        model.load_state_dict(torch.load(args.start, map_location=args.device))
     else:
         if args.copy_steps:  # the copy curriculum (gr2.synthetic.copy_examples) before the weak start
             copies = S.copy_examples(task, sid_tokens, args.copy_steps * args.copy_batch, n_sids=args.copy_sids,
@@ -401,8 +421,9 @@ def main() -> int:
     print("\n" + json.dumps(summary, indent=2))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "curves.json").write_text(json.dumps({"args": vars(args), "summary": summary, "curves": curves}, indent=1))
-    plot(curves, out / "curves.png", f"planted signal ({args.rule}), K=10, tiny Llama {args.layers}x{args.hidden}, "
+    (out / "curves.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "template"}, "summary": summary, "curves": curves}, indent=1))
+    plot(curves, out / "curves.png", f"planted signal ({args.rule}), K=10, "
+         f"{f'tiny Llama {args.layers}x{args.hidden}' if args.base == 'demo' else args.base}, "
          f"G={args.group}, {args.prompts} prompts/step")
     print(f"wrote {out / 'curves.png'}")
     return 0

@@ -357,6 +357,24 @@ def test_device_dtype_and_config_errors():
     assert np.array_equal(epoch_order(10, 1, 2), epoch_order(10, 1, 2))
 
 
+@pytest.mark.parametrize("n,batch_size", [(1, 1), (7, 3), (40, 16), (32, 8), (5, 9)])
+def test_batch_rows_cover_each_epoch_once_in_its_order(n, batch_size):
+    """SFT's one batch order: every epoch's steps take epoch_order(n, seed, epoch) in consecutive
+    slices (the last one short), so each example is seen exactly once per epoch."""
+    from gr2.train.batches import batch_rows
+
+    per_epoch = -(-n // batch_size)
+    for epoch in range(3):
+        parts = [batch_rows(epoch * per_epoch + i, n, batch_size, seed=4) for i in range(per_epoch)]
+        assert {e for e, _ in parts} == {epoch}
+        assert np.array_equal(np.concatenate([rows for _, rows in parts]), epoch_order(n, 4, epoch))
+        assert all(len(rows) == batch_size for _, rows in parts[:-1])
+    with pytest.raises(InvalidInputError):
+        batch_rows(0, 0, 4, seed=0)
+    with pytest.raises(InvalidInputError):
+        batch_rows(0, 4, 0, seed=0)
+
+
 def test_metric_logger_truncates_on_resume(tmp_path):
     import json
 

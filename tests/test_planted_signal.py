@@ -208,18 +208,19 @@ def test_copy_examples_in_the_prompts_line_layout_answer_the_lines_in_order():
         S.copy_examples(task, sid_tokens, 1, layout="rows", tokenizer=tokenizer)
 
 
-def _old_sft_train(model, examples, pad_id, *, steps, batch_size, lr, seed=0):
-    """What synthetic.sft_train computed before it called gr2.train.sft.sft_step (the reference):
-    plain AdamW steps on weighted_nll, batch ``s`` = examples ``s*b .. s*b+b-1`` (mod n) of the
-    order of epoch ``s*b // n``."""
+def _plain_sft_train(model, examples, pad_id, *, steps, batch_size, lr, seed=0):
+    """The plain computation synthetic.sft_train must equal: AdamW steps on weighted_nll (grad clip
+    1) over the SFT stage's batches -- epochs of ceil(n / b) steps over the order of
+    ``epoch_order(n, seed, epoch)``, the last batch of an epoch short."""
     from gr2.train.batches import collate, epoch_order
     from gr2.train.losses import weighted_nll
     from gr2.train.optim import make_optimizer
 
     n, optimizer, out = len(examples), make_optimizer(model, lr), []
+    batches = [(epoch, epoch_order(n, seed, epoch)[first:first + batch_size])
+               for epoch in range(steps) for first in range(0, n, batch_size)][:steps]
     model.train()
-    for first in range(0, steps * batch_size, batch_size):
-        rows = epoch_order(n, seed, first // n)[np.arange(first, first + batch_size) % n]
+    for _, rows in batches:
         loss, _ = weighted_nll(model, collate([examples[i] for i in rows], pad_id))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -230,9 +231,10 @@ def _old_sft_train(model, examples, pad_id, *, steps, batch_size, lr, seed=0):
     return out
 
 
-def test_sft_train_is_the_sft_stage_step_and_unchanged():
-    """synthetic.sft_train trains with the stage's step (gr2.train.sft.sft_step) and gives the
-    weights of its old loop bit for bit; a diverged loss stops it like the stage."""
+def test_sft_train_is_the_sft_stage_loop():
+    """synthetic.sft_train trains with the stage's step (gr2.train.sft.sft_step) and batch order
+    (gr2.train.batches.batch_rows: 40 examples in batches of 16 are 16, 16, 8 per epoch) and gives
+    the plain loop's weights bit for bit; a diverged loss stops it like the stage."""
     from gr2.errors import TrainingError
 
     task = S.make_planted_task(40, rule="prior", favoured=2, seed=1)
@@ -240,7 +242,7 @@ def test_sft_train_is_the_sft_stage_step_and_unchanged():
     examples = S.sft_examples(task, tokenizer, range(40), teacher="format")
     new, old = S.make_model(tokenizer, seed=0), S.make_model(tokenizer, seed=0)
     got = S.sft_train(new, examples, tokenizer.pad_token_id, steps=7, batch_size=16, lr=3e-3, seed=2)
-    want = _old_sft_train(old, examples, tokenizer.pad_token_id, steps=7, batch_size=16, lr=3e-3, seed=2)
+    want = _plain_sft_train(old, examples, tokenizer.pad_token_id, steps=7, batch_size=16, lr=3e-3, seed=2)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     for (name, a), b in zip(new.state_dict().items(), old.state_dict().values()):
         assert torch.equal(a, b), name
@@ -248,3 +250,21 @@ def test_sft_train_is_the_sft_stage_step_and_unchanged():
         next(new.parameters()).fill_(float("nan"))
     with pytest.raises(TrainingError, match="sft diverged"):
         S.sft_train(new, examples, tokenizer.pad_token_id, steps=1, batch_size=4, lr=3e-3)
+
+
+def test_pretrained_student_extends_any_hf_folder_with_the_task_sids(tmp_path):
+    """synthetic.pretrained_student (the GPU script's student) loads an HF folder, adds the task's SID
+    vocabulary and decodes valid rankings; "demo" is refused (it names the from-scratch path)."""
+    from gr2.models import save_pretrained_atomic, train_demo_tokenizer
+
+    task = S.make_planted_task(40, rule="evidence", seed=2)
+    base_tokenizer = train_demo_tokenizer(["item", "user history candidates rank"], vocab_size=300)
+    save_pretrained_atomic(S.make_model(base_tokenizer), base_tokenizer, tmp_path / "base")
+    model, tokenizer, sid_tokens = S.pretrained_student(task, str(tmp_path / "base"))
+    assert len(tokenizer) == len(base_tokenizer) + int(sum(task.level_sizes)) + 6  # codes + the six tags
+    assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
+    rankings = S.greedy_rankings(model, tokenizer, task, range(4))
+    for row, ranking in enumerate(rankings):
+        assert sorted(ranking.tolist()) == sorted(task.candidates[row].tolist())
+    with pytest.raises(InvalidInputError, match="pretrained"):
+        S.pretrained_student(task, "demo")

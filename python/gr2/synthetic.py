@@ -224,6 +224,23 @@ def make_model(tokenizer: Any, hidden_size: int = 64, num_layers: int = 2, num_h
                                                        max_position_embeddings=1024, seed=seed))
 
 
+def pretrained_student(task: PlantedTask, base: str = "smollm2") -> tuple[Any, Any, Any]:
+    """A pretrained causal LM as the task's student: (model, tokenizer, SidTokens). ``base`` as
+    :func:`gr2.models.load_base_model` (``"smollm2"`` or an HF folder); the SID vocabulary is added
+    with :func:`gr2.models.extend_with_sids` (rows initialised from the items' text). Unlike the
+    from-scratch :func:`make_model`, such a student can already copy text from its prompt -- the
+    skill the contextual rules and unconstrained output need. SmolLM2-135M is slow on a CPU (about
+    10 s per 8-example SFT step on 2 cores): a GPU run (``scripts/gpu_order_copy.sh``)."""
+    from gr2.models import extend_with_sids, load_base_model
+
+    if base == "demo":
+        raise InvalidInputError("pretrained_student needs a pretrained base (smollm2 or an HF folder); "
+                                "the from-scratch student is make_model(make_tokenizer(task)[0])")
+    model, tokenizer = load_base_model(base)
+    sid_tokens = extend_with_sids(model, tokenizer, task.codes, task.level_sizes, list(task.catalog.texts))
+    return model, tokenizer, sid_tokens
+
+
 def sft_examples(task: PlantedTask, tokenizer: Any, rows: Sequence[int], *, reasoning: bool = False,
                  teacher: str = "target", accuracy: float = 1.0, lambda_reasoning: float = 0.5,
                  loss_tokens: str = "all", seed: int = 0) -> list[Any]:
@@ -262,11 +279,11 @@ def sft_train(model: Any, examples: Sequence[Any], pad_id: int, *, steps: int, b
               lr: float = 3e-3, seed: int = 0, on_step: Any = None) -> list[float]:
     """``steps`` updates of :func:`gr2.train.sft.sft_step` (the SFT stage's step: weighted NLL,
     grad clip 1) with AdamW at a constant lr, in float32 on the model's device; batch ``s`` takes
-    the next ``batch_size`` examples of the seeded epoch order (wrapping round to its start).
+    :func:`gr2.train.batches.batch_rows` of the seeded epoch order, as the SFT stage does.
     ``on_step(step, loss)`` after each step. Returns the losses."""
     import torch
 
-    from gr2.train.batches import epoch_order
+    from gr2.train.batches import batch_rows
     from gr2.train.distributed import World
     from gr2.train.losses import DataParallel
     from gr2.train.optim import make_optimizer
@@ -277,9 +294,7 @@ def sft_train(model: Any, examples: Sequence[Any], pad_id: int, *, steps: int, b
     losses = []
     model.train()
     for step in range(steps):
-        epoch, offset = divmod(step * batch_size, len(examples))
-        order = epoch_order(len(examples), seed, epoch)
-        chosen = [order[(offset + j) % len(examples)] for j in range(batch_size)]
+        _, chosen = batch_rows(step, len(examples), batch_size, seed)
         loss, _ = sft_step(parallel, optimizer, None, [examples[i] for i in chosen], step=step + 1, lr=lr)
         losses.append(loss)
         if on_step is not None:

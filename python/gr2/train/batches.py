@@ -22,6 +22,16 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def batch_rows(step: int, n: int, batch_size: int, seed: int) -> tuple[int, np.ndarray]:
+    """(epoch, example rows) of the batch at 0-based ``step``: an epoch is ``ceil(n / batch_size)``
+    steps over ``epoch_order(n, seed, epoch)``, its last batch short when ``batch_size`` does not
+    divide ``n``. The one batch order of SFT (the stage and :func:`gr2.synthetic.sft_train`)."""
+    if n < 1 or batch_size < 1:
+        raise InvalidInputError(f"need n >= 1 examples and batch_size >= 1, got n={n}, batch_size={batch_size}")
+    epoch, offset = divmod(step, -(-n // batch_size))
+    return epoch, epoch_order(n, seed, epoch)[offset * batch_size:(offset + 1) * batch_size]
+
+
 @dataclass
 class WeightedExample:
     """Token ids and one loss weight per token: ``weights[t]`` scales the NLL of predicting
