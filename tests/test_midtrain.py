@@ -17,7 +17,7 @@ from gr2.models import load_pretrained, sid_tokens_of
 from gr2.train.batches import WeightedExample, collate, pack_rows
 from gr2.train.checkpointing import latest_checkpoint
 from gr2.train.losses import weighted_nll, weighted_nll_selected
-from gr2.train.run_inputs import load_sequences
+from gr2.pipeline.inputs import load_sequences
 from gr2.pipeline.midtrain import run_midtrain
 from gr2.train.midtrain import (
     MixtureWeights,
@@ -280,7 +280,7 @@ def test_midtrain_never_trains_on_a_later_stage_training_target(run_dir):
     """train_on="fit" (default): no (user, target) of prompts/train is a mid-training item of that
     user; "all" (the older behaviour) does overlap, which is why it is reported, not the default."""
     from gr2.prompts import load_requests
-    from gr2.train.run_inputs import load_sequences
+    from gr2.pipeline.inputs import load_sequences
     from gr2.pipeline.midtrain import training_sequences
 
     seqs = load_sequences(run_dir)

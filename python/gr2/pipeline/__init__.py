@@ -3,8 +3,9 @@
 Two layers, the way torchtune keeps its recipes over its library:
 
 * **the pipeline** (this package): the stage registry (:mod:`~gr2.pipeline.registry`), the runner
-  (:mod:`~gr2.pipeline.run`) and one module per stage (``data``, ``sid``, ``candidates``,
-  ``prompts``, ``midtrain``, ``traces``, ``sft``, ``rl``, ``rerank``, ``eval``, ``report``). A stage
+  (:mod:`~gr2.pipeline.run`), the run directory's shared inputs (:mod:`~gr2.pipeline.inputs`) and
+  one module per stage (``data``, ``sid``, ``candidates``, ``prompts``, ``midtrain``, ``traces``,
+  ``sft``, ``rl``, ``rerank``, ``eval``, ``report``). A stage
   module reads its inputs from the run directory, calls the library, writes its outputs and its
   ``stage.json``; it reads top to bottom.
 * **the library** (everything else in :mod:`gr2`): semantic IDs, data formats, upstream rankers,

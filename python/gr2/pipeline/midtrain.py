@@ -45,7 +45,7 @@ from gr2.train.losses import DataParallel, check_finite_weights, check_loss
 from gr2.train.metric_log import metric_logger
 from gr2.train.midtrain import STAGE, MidtrainConfig, TaskSampler, demo_corpus, evaluate
 from gr2.train.optim import make_optimizer, make_scheduler, unwrap_model, wrap_lora
-from gr2.train.run_inputs import input_key, load_sequences
+from gr2.pipeline.inputs import input_key, load_sequences
 
 
 def upstream_figures(run_dir: Path) -> dict[str, Any] | None:

@@ -35,7 +35,7 @@ from gr2.train.distributed import begin_stage_on_rank0, init_world
 from gr2.train.losses import DataParallel, check_finite_weights
 from gr2.train.metric_log import metric_logger
 from gr2.train.optim import make_optimizer, make_scheduler, unwrap_model, wrap_lora
-from gr2.train.run_inputs import input_key
+from gr2.pipeline.inputs import input_key
 from gr2.train.sft import STAGE, SftConfig, heldout_nll, keep_decisions, sft_step, split_heldout, trace_example
 
 

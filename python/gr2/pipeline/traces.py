@@ -24,7 +24,7 @@ from gr2.errors import DataError
 from gr2.rundir import atomic_write_json, atomic_write_text, begin_stage, mark_done, stage_key
 from gr2.teacher import (HEURISTIC_LABEL, STAGE, Example, HeuristicTeacher, LocalModelTeacher, OpenAIChatClient,
                          TeacherConfig, check_acceptance, parse_completions, rerank_messages, trace_all, trace_one)
-from gr2.train.run_inputs import input_key
+from gr2.pipeline.inputs import input_key
 
 
 def load_examples(run_dir: Path, split: str, max_examples: int, seed: int) -> list[Example]:
