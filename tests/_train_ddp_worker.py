@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 import test_train_ddp as cfg
-from gr2.teacher import TeacherConfig, run_traces
+from gr2.pipeline.traces import TeacherConfig, run_traces
 from gr2.train.distributed import init_world
-from gr2.train.midtrain import run_midtrain
-from gr2.train.sft import run_sft
+from gr2.pipeline.midtrain import run_midtrain
+from gr2.pipeline.sft import run_sft
 
 torch.set_num_threads(1)
 run_dir, writes_path = Path(sys.argv[1]).resolve(), Path(sys.argv[2])

@@ -14,6 +14,10 @@
   decoder loop per decoding mode; they share the scorer and the result type``). A docstring does
   not count: the reason is for the reader deciding whether to split the module, not for the API
   docs.
+* **Two layers**: the pipeline (:data:`PIPELINE`: the registry, the runner and one module per stage)
+  sits over the library (every other module), which never imports it -- not at module level, not in
+  a function, not under ``TYPE_CHECKING``, not by name through ``importlib.import_module``. Only the
+  entry point (:data:`ENTRY_POINTS`, the ``gr2`` command) imports both.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "python" / "gr2"
 MAX_LINES = 500
 REASON_WITHIN = 3
+PIPELINE = "gr2.pipeline"
+ENTRY_POINTS = frozenset({"gr2.cli"})
 
 
 def modules(root: Path = PACKAGE) -> dict[str, Path]:
@@ -69,6 +75,37 @@ def import_graph(known: dict[str, Path]) -> dict[str, set[str]]:
                     edges.add(owner)
         graph[name] = edges
     return graph
+
+
+def in_pipeline(name: str) -> bool:
+    return name == PIPELINE or name.startswith(PIPELINE + ".")
+
+
+def dynamic_imports(path: Path) -> set[str]:
+    """The module names a file imports by string: ``importlib.import_module("...")`` and
+    ``__import__("...")`` with a literal name."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+            if name in ("import_module", "__import__"):
+                found.add(node.args[0].value)
+    return found
+
+
+def layering_violations(known: dict[str, Path]) -> list[str]:
+    """``library module -> pipeline module`` for every import of the pipeline from outside it (the
+    entry points excepted), static (:func:`import_graph`) or by name (:func:`dynamic_imports`)."""
+    graph = import_graph(known)
+    found = []
+    for name, path in known.items():
+        if in_pipeline(name) or name in ENTRY_POINTS:
+            continue
+        targets = graph[name] | {t for t in dynamic_imports(path) if t.split(".")[0] == "gr2"}
+        found.extend(f"{name} -> {target}" for target in sorted(targets) if in_pipeline(target))
+    return found
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -119,6 +156,26 @@ def test_no_import_cycle_among_gr2_modules():
         " <-> ".join(c) for c in found)
 
 
+def test_the_library_never_imports_the_pipeline():
+    known = modules()
+    assert PIPELINE in known, "gr2.pipeline is a package (the registry, the runner, one module per stage)"
+    found = layering_violations(known)
+    assert not found, ("library modules that import the pipeline (module-level, function-level, TYPE_CHECKING "
+                       "or importlib): " + "; ".join(found) + ". Move the run-directory code into the stage's "
+                       "gr2.pipeline module, or the pure part down into the library.")
+
+
+def test_every_stage_runner_lives_in_the_pipeline():
+    """The registry names one gr2.pipeline module per stage, and the runner of ``gr2 run`` is there too."""
+    registry = (PACKAGE / "pipeline" / "registry.py").read_text()
+    stage_modules = [node.args[1].value for node in ast.walk(ast.parse(registry))
+                     if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Stage"
+                     and len(node.args) > 1 and isinstance(node.args[1], ast.Constant)]
+    assert len(stage_modules) == 10 and all(in_pipeline(m) for m in stage_modules), stage_modules
+    known = modules()
+    assert all(m in known for m in stage_modules) and "gr2.pipeline.run" in known and "gr2.pipeline.report" in known
+
+
 def test_every_module_over_the_size_limit_states_why():
     unexplained = []
     for name, path in modules().items():
@@ -147,3 +204,27 @@ def test_the_cycle_check_sees_function_level_and_relative_imports(tmp_path, sour
     for name, text in source.items():
         (root / f"{name}.py").write_text(text)
     assert cycles(import_graph(modules(root))) == expect
+
+
+
+@pytest.mark.parametrize("source, expect", [
+    ({"lib": "def f():\n    from gr2.pipeline import run\n"}, ["gr2.lib -> gr2.pipeline.run"]),
+    ({"lib": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import gr2.pipeline\n"}, ["gr2.lib -> gr2.pipeline"]),
+    ({"lib": "from gr2 import pipeline\n"}, ["gr2.lib -> gr2.pipeline"]),
+    ({"lib": "import importlib\nimportlib.import_module('gr2.pipeline.run')\n"}, ["gr2.lib -> gr2.pipeline.run"]),
+    ({"lib": "from .pipeline.run import x\n"}, ["gr2.lib -> gr2.pipeline.run"]),
+    ({"cli": "from gr2.pipeline import run\n", "lib": "import os\n"}, []),
+])
+def test_the_layer_check_sees_every_kind_of_import(tmp_path, source, expect):
+    """The checker itself, on a small package: a library module that imports the pipeline in a
+    function, under TYPE_CHECKING, through ``from gr2 import``, by name or relatively is found; the
+    entry point may import it; the pipeline may import the library."""
+    root = tmp_path / "gr2"
+    (root / "pipeline").mkdir(parents=True)
+    (root / "__init__.py").write_text("")
+    (root / "pipeline" / "__init__.py").write_text("")
+    (root / "pipeline" / "run.py").write_text("from gr2 import lib\nx = 1\n")
+    (root / "lib.py").write_text("")
+    for name, text in source.items():
+        (root / f"{name}.py").write_text(text)
+    assert layering_violations(modules(root)) == expect

@@ -1,11 +1,12 @@
-"""One stage registry (gr2.stages) builds every stage subcommand and the pipeline: the same
+"""One stage registry (gr2.pipeline.registry) builds every stage subcommand and the pipeline: the same
 --run-dir/--config/--set/--force on each, --arm on the per-arm stages, one --set parser."""
 
 from __future__ import annotations
 
 import pytest
 
-from gr2 import cli, pipeline, stages
+from gr2 import cli, pipeline
+from gr2.pipeline import registry as stages
 from gr2.arms import ARM_STAGES
 from gr2.errors import ConfigError
 from gr2.train.sft import SftConfig

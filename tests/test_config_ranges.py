@@ -12,7 +12,7 @@ import pytest
 
 from gr2.config import POSITIVE, SIGNED, from_dict
 from gr2.errors import ConfigError
-from gr2.stages import STAGES
+from gr2.pipeline.registry import STAGES
 
 
 def _default(field: dataclasses.Field):

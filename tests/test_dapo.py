@@ -415,7 +415,7 @@ def test_rl_stage_end_to_end_from_the_cli(setup, tmp_path, monkeypatch):
         Dataset.from_dict(table).save_to_disk(str(run / "candidates" / split))
         Dataset.from_dict({"user_idx": list(range(n)), "items": [[int(data.candidates[(i + 1) % n, 0])] for i in range(n)]}
                           ).save_to_disk(str(run / "candidates" / f"fit_{split}"))
-    from gr2.prompt_stage import run_prompts
+    from gr2.pipeline.prompts import run_prompts
     from gr2.prompts import PromptConfig
     from gr2.rundir import mark_done
 

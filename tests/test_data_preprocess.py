@@ -12,7 +12,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gr2.data import (
-    DataConfig,
     ItemCatalog,
     kcore,
     load_items,
@@ -20,10 +19,10 @@ from gr2.data import (
     load_sequences,
     load_stats,
     preprocess,
-    run_data,
 )
 from gr2.data.formats import RawData
 from gr2.errors import ConfigError, DataError, UnknownItemError
+from gr2.pipeline.data import DataConfig, run_data
 from gr2.splits import leave_one_out, train_sequences
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"

@@ -13,8 +13,10 @@ import torch
 from datasets import load_from_disk
 
 import _dapo_fixtures as fx
-from gr2.candidates import CandidatesConfig, run_candidates
-from gr2.eval.stage import EvalConfig, run_eval, save_rankings
+from gr2.candidates import CandidatesConfig
+from gr2.pipeline.candidates import run_candidates
+from gr2.eval.rankings import save_rankings
+from gr2.pipeline.eval import EvalConfig, run_eval
 from gr2.train.dapo import DapoTrainer, RlData, train
 from gr2.upstream.sasrec import SASRecConfig
 

@@ -393,7 +393,7 @@ def _tiny_run(run: Path, n: int = 30):
     import torch
 
     from gr2.sid.rqvae import RQVAE, RQVAEConfig
-    from gr2.sid.stage import _save_codebooks
+    from gr2.sid.assign import save_rqvae_file as _save_codebooks
 
     config = RQVAEConfig(levels=2, codebook_size=8, latent_dim=4, hidden_dims=[16], random_last_level=False)
     torch.manual_seed(0)

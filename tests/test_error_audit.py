@@ -21,7 +21,7 @@ import torch
 
 import gr2
 from gr2 import cli
-from gr2.stages import STAGES
+from gr2.pipeline.registry import STAGES
 from test_decode import LEVEL_SIZES, ArrayIndex, make_model, make_tokenizer
 
 HOSTILE = {

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from datasets import load_from_disk
 
-from gr2.candidates import CandidatesConfig, run_candidates
+from gr2.candidates import CandidatesConfig
+from gr2.pipeline.candidates import run_candidates
 from gr2.cli import main as cli_main
 from gr2.errors import CorruptFileError, DataError, InvalidInputError
 from gr2.eval import evaluate_rankings, min_detectable_effect, write_report
-from gr2.eval.stage import EvalConfig, load_rankings, run_eval, save_rankings
+from gr2.eval.rankings import load_rankings, save_rankings
+from gr2.pipeline.eval import EvalConfig, run_eval
 
 from _fixtures_upstream import synthetic_tables, write_data_stage
 
@@ -111,7 +113,7 @@ def test_evidence_line_baseline_and_top1_agreement(tmp_path):
     the upstream order, and a method that copies the line's first item then stops counts only its
     valid lists."""
     from gr2.prompts import PromptConfig
-    from gr2.prompt_stage import run_prompts
+    from gr2.pipeline.prompts import run_prompts
 
     root = tmp_path / "run"
     write_data_stage(root, *synthetic_tables(n_users=80, n_items=40, seed=5))

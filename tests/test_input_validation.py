@@ -203,7 +203,7 @@ def test_a_few_bad_rows_are_dropped_and_counted_past_the_threshold_the_load_fail
 def test_the_data_stage_counts_dropped_bad_rows_in_stats(tmp_path):
     import json
 
-    from gr2.data.stage import DataConfig, run_data
+    from gr2.pipeline.data import DataConfig, run_data
 
     rows = [f"u{u},i{(u + k) % 4},{100 * u + k},4" for u in range(40) for k in range(3)] + [",i1,5,3", "u1,i2,6,x"]
     inter, items = _table(tmp_path, rows)
@@ -219,7 +219,7 @@ def test_the_data_stage_counts_dropped_bad_rows_in_stats(tmp_path):
 def test_too_many_rqvae_levels_fail_when_the_config_is_loaded():
     """issue 32: sid.rqvae.levels = 40 used to fail only after the RQ-VAE had trained (the SID
     tokens name levels a..z); now the config is refused up front."""
-    from gr2.sid.stage import SidConfig
+    from gr2.pipeline.sid import SidConfig
     from gr2.config import from_dict
 
     with pytest.raises(ConfigError, match=r"sid.rqvae.levels must be in 1..25, got 40"):

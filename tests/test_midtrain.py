@@ -17,13 +17,13 @@ from gr2.models import load_pretrained, sid_tokens_of
 from gr2.train.batches import WeightedExample, collate, pack_rows
 from gr2.train.checkpointing import latest_checkpoint
 from gr2.train.losses import weighted_nll, weighted_nll_selected
-from gr2.train.run_inputs import load_sequences
+from gr2.pipeline.inputs import load_sequences
+from gr2.pipeline.midtrain import run_midtrain
 from gr2.train.midtrain import (
     MixtureWeights,
     next_item_rankings,
     popularity_rankings,
     per_user_metrics,
-    run_midtrain,
 )
 
 
@@ -244,7 +244,7 @@ def test_init_model_of_another_base_model_or_sid_index_is_not_reused(run_dir, tm
     import logging
     import shutil
 
-    from gr2.train.midtrain import init_key
+    from gr2.pipeline.midtrain import init_key
 
     def kill_at(step):
         if step == 1:
@@ -279,9 +279,9 @@ def test_init_model_of_another_base_model_or_sid_index_is_not_reused(run_dir, tm
 def test_midtrain_never_trains_on_a_later_stage_training_target(run_dir):
     """train_on="fit" (default): no (user, target) of prompts/train is a mid-training item of that
     user; "all" (the older behaviour) does overlap, which is why it is reported, not the default."""
-    from gr2.prompt_stage import load_requests
-    from gr2.train.run_inputs import load_sequences
-    from gr2.train.midtrain import training_sequences
+    from gr2.prompts import load_requests
+    from gr2.pipeline.inputs import load_sequences
+    from gr2.pipeline.midtrain import training_sequences
 
     seqs = load_sequences(run_dir)
     requests = load_requests(run_dir, "train")

@@ -102,7 +102,7 @@ def make_run_dir(run_dir: Path, n_users: int | None = 60, k: int = 10, prompt=No
         datasets.Dataset.from_dict({"user_idx": list(range(len(seqs))), "items": [q[:-fit_cut] for q in seqs]}).save_to_disk(
             str(run_dir / "candidates" / f"fit_{split}"))
     mark_done(run_dir / "candidates", f"cand-{n_users}", {"k": k})
-    from gr2.prompt_stage import run_prompts
+    from gr2.pipeline.prompts import run_prompts
     from gr2.prompts import PromptConfig
 
     run_prompts(run_dir, prompt or PromptConfig(max_history=8))
@@ -126,7 +126,7 @@ def built_run(tmp_path_factory, monkeypatch_module=None, *, n_users=30, midtrain
     """A fixture run directory (data, sid, candidates, and optionally a tiny midtrain)."""
     run_dir = make_run_dir(tmp_path_factory.mktemp("run"), n_users)
     if midtrain:
-        from gr2.train.midtrain import run_midtrain
+        from gr2.pipeline.midtrain import run_midtrain
 
         run_midtrain(run_dir, tiny_midtrain_config())
     return run_dir

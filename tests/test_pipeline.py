@@ -17,7 +17,7 @@ import torch
 from _tiny_models import save_tiny_encoder
 from gr2 import cli
 from gr2.config import load_toml
-from gr2.stages import STAGES
+from gr2.pipeline.registry import STAGES
 from gr2.data.formats import default_ml100k_dir
 from gr2.errors import ConfigError
 from gr2.pipeline import STAGE_ORDER, apply_overrides, build_run_config, parse_override, preset_path
@@ -224,7 +224,7 @@ def test_under_torchrun_rank_1_trains_but_leaves_single_process_stages_to_rank_0
     every rank, the others (data ... prompts, traces, rerank, eval) on rank 0 alone -- one teacher
     request per list, one eval -- and every rank waits at a barrier after each stage. Rank 1 logs
     nothing. A stage subcommand that is not a training stage exits at once on rank != 0."""
-    from gr2 import pipeline
+    from gr2.pipeline import run as pipeline
     from gr2.train.distributed import World
 
     barriers: list[int] = []

@@ -1,4 +1,4 @@
-"""The run report (gr2.report): provenance (package versions, CPU, commit), the paired difference to
+"""The run report (gr2.pipeline.report): provenance (package versions, CPU, commit), the paired difference to
 the upstream order with its CI per method, the minimum detectable effect, and the RL curves PNG
 drawn from rl/metrics.jsonl. On a small synthetic run directory, no model training."""
 
@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from datasets import load_from_disk
 
-from gr2.candidates import CandidatesConfig, run_candidates
+from gr2.candidates import CandidatesConfig
+from gr2.pipeline.candidates import run_candidates
 from gr2.errors import CorruptFileError
-from gr2.eval.stage import EvalConfig, run_eval, save_rankings
+from gr2.eval.rankings import save_rankings
+from gr2.pipeline.eval import EvalConfig, run_eval
 from gr2.pipeline import RunConfig
-from gr2.report import environment, plot_rl_curves, read_metrics_log, write_run_report
+from gr2.pipeline.report import environment, plot_rl_curves, read_metrics_log, write_run_report
 
 from _fixtures_upstream import synthetic_tables, write_data_stage
 

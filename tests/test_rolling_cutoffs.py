@@ -11,7 +11,8 @@ import pytest
 from datasets import load_from_disk
 
 from gr2.candidates import (CandidatesConfig, ItemKNNConfig, TimeSplitConfig, fit_ranker, list_fit_slices,
-                            load_fit_sequences, rank_lists, run_candidates)
+                            load_fit_sequences, rank_lists)
+from gr2.pipeline.candidates import run_candidates
 from gr2.errors import ConfigError
 from gr2.splits import time_protocol
 
@@ -119,9 +120,10 @@ def test_candidates_rank_each_slice_with_its_own_ranker(rolled_run):
 
 def test_prompts_evidence_and_teacher_use_the_lists_slice(rolled_run):
     from gr2.data.catalog import ItemCatalog
-    from gr2.prompt_stage import load_requests, run_prompts
+    from gr2.pipeline.prompts import run_prompts
+    from gr2.prompts import load_requests
     from gr2.prompts import PromptConfig, candidate_evidence
-    from gr2.teacher import TeacherConfig, heuristic_teachers, load_examples
+    from gr2.pipeline.traces import TeacherConfig, heuristic_teachers, load_examples
 
     run_dir, _ = rolled_run
     prompt = PromptConfig(max_history=8, evidence="cooccur")

@@ -12,11 +12,12 @@ from test_midtrain_fixtures import make_run_dir, tiny_midtrain_config
 
 from gr2.errors import ConfigError, DataError
 from gr2.models import load_pretrained
-from gr2.teacher import TeacherConfig, run_traces
+from gr2.pipeline.traces import TeacherConfig, run_traces
 from gr2.train.checkpointing import latest_checkpoint
 from gr2.train.optim import LoraSettings
-from gr2.train.midtrain import run_midtrain
-from gr2.train.sft import SftConfig, run_sft, split_completion, trace_example
+from gr2.pipeline.midtrain import run_midtrain
+from gr2.pipeline.sft import run_sft
+from gr2.train.sft import SftConfig, split_completion, trace_example
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +194,8 @@ def _choices_reference(candidate_codes: list[tuple[int, ...]], answer_codes: lis
 def test_decision_weights_keep_exactly_the_tokens_with_a_choice(run_dir):
     from gr2 import SidIndex
     from gr2.models import sid_tokens_of
-    from gr2.train.sft import keep_decisions, load_kept_traces
+    from gr2.pipeline.sft import load_kept_traces
+    from gr2.train.sft import keep_decisions
 
     records = load_kept_traces(run_dir)[:12]
     _, tokenizer = load_pretrained(run_dir / "midtrain" / "model")

@@ -295,7 +295,7 @@ def test_errors():
 @pytest.mark.parametrize("key,value", [("diagnostics_sample", -1), ("diagnostics_k", 0), ("diagnostics_seed", -2),
                                        ("diagnostics_k", 2.5)])
 def test_config_validation(key, value):
-    from gr2.sid import SidConfig
+    from gr2.pipeline.sid import SidConfig
 
     with pytest.raises(ConfigError, match=key):
         SidConfig(**{key: value})
@@ -317,9 +317,11 @@ def test_plot_writes_png(tmp_path):
 
 def test_sid_stage_writes_diagnostics(tmp_path_factory):
     from _tiny_models import save_tiny_encoder
-    from gr2.data import DataConfig, load_items, run_data
+    from gr2.data import load_items
+    from gr2.pipeline.data import DataConfig, run_data
     from gr2.data.formats import default_ml100k_dir
-    from gr2.sid import RQVAEConfig, SidConfig, run_sid
+    from gr2.pipeline.sid import SidConfig, run_sid
+    from gr2.sid import RQVAEConfig
 
     import torch
 

@@ -12,10 +12,12 @@ from safetensors.numpy import load_file
 
 from _tiny_models import save_tiny_encoder
 import gr2
-from gr2.data import DataConfig, load_items, run_data
+from gr2.data import load_items
+from gr2.pipeline.data import DataConfig, run_data
 from gr2.data.formats import default_ml100k_dir
 from gr2.errors import ConfigError, DataError
-from gr2.sid import RQVAEConfig, SidConfig, load_index, run_ablation, run_sid
+from gr2.pipeline.sid import SidConfig, load_index, run_ablation, run_sid
+from gr2.sid import RQVAEConfig
 from gr2.sid.rqvae import RQVAE, encode_latent
 
 SLICE_USERS = 60
@@ -83,7 +85,7 @@ def test_sid_stage_outputs(ml100k_slice, tiny_encoder):
     assert tensors["codebooks"].shape == (3, 16, 8)
     model = RQVAE(32, RQVAEConfig(levels=3, codebook_size=16, latent_dim=8, hidden_dims=[32]))
     model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items() if k != "codebooks"}, strict=False)
-    from gr2.sid.stage import item_embeddings
+    from gr2.pipeline.sid import item_embeddings
 
     embeddings, _ = item_embeddings(run_dir, small_config(tiny_encoder), progress=False)
     codes = gr2.RQCodebooks(tensors["codebooks"]).encode(encode_latent(model, embeddings))
@@ -139,7 +141,7 @@ def test_sid_needs_the_data_stage(tmp_path, tiny_encoder):
 
 
 def test_sid_config_errors(tmp_path):
-    from gr2.sid.stage import config_from_file
+    from gr2.pipeline.sid import config_from_file
 
     path = tmp_path / "bad.toml"
     path.write_text("[sid.rqvae]\ncodebook_size = 100000\n")
@@ -151,8 +153,8 @@ def test_sid_config_errors(tmp_path):
 
 
 def test_example_config_file_is_valid_and_matches_defaults():
-    from gr2.data.stage import config_from_file as data_config
-    from gr2.sid.stage import config_from_file as sid_config
+    from gr2.pipeline.data import config_from_file as data_config
+    from gr2.pipeline.sid import config_from_file as sid_config
 
     path = str(Path(__file__).parents[1] / "configs" / "ml100k_sid.toml")
     assert sid_config(path) == SidConfig()

@@ -1,5 +1,5 @@
 """Stable SIDs for new items: ``SidIndex.extend``/``remove`` against a plain numpy reference, and
-``gr2 sid --update`` / ``gr2.sid.update_index`` on a tiny run (see tests/test_sid_stage.py)."""
+``gr2 sid --update`` / ``gr2.pipeline.sid.update_index`` on a tiny run (see tests/test_sid_stage.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 import gr2
 from gr2.errors import InvalidInputError, UnknownItemError
-from gr2.sid import update_index
+from gr2.pipeline.sid import update_index
 
 # ----------------------------------------------------------------------------------------------
 # the index operations, against numpy
@@ -119,7 +119,7 @@ def test_generation_is_saved_and_old_files_read_as_zero(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# the stage: gr2.sid.update_index and `gr2 sid --update`
+# the stage: gr2.pipeline.sid.update_index and `gr2 sid --update`
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +127,10 @@ def sid_run(tmp_path_factory):
     """A finished data + sid stage on a slice of ml-100k, and the TOML that configured it."""
     from _tiny_models import save_tiny_encoder
 
-    from gr2.data import DataConfig, run_data
+    from gr2.pipeline.data import DataConfig, run_data
     from gr2.data.formats import default_ml100k_dir
-    from gr2.sid import run_sid
-    from gr2.sid.stage import config_from_file
+    from gr2.pipeline.sid import run_sid
+    from gr2.pipeline.sid import config_from_file
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -155,7 +155,7 @@ def sid_run(tmp_path_factory):
 def test_update_adds_missing_items_keeping_old_sids(sid_run, capsys):
     from gr2.cli import main
     from gr2.data import load_items
-    from gr2.sid import load_index, run_sid
+    from gr2.pipeline.sid import load_index, run_sid
 
     run_dir, toml, config = sid_run
     n_items = len(load_items(run_dir))
@@ -191,7 +191,7 @@ def test_update_adds_missing_items_keeping_old_sids(sid_run, capsys):
 
 
 def test_failed_update_leaves_the_index_untouched(sid_run):
-    from gr2.sid.stage import item_embeddings
+    from gr2.pipeline.sid import item_embeddings
 
     run_dir, _, config = sid_run
     path = run_dir / "sid" / "index.gr2sid"
@@ -235,9 +235,9 @@ def test_a_killed_update_is_finished_not_rebuilt(sid_run, monkeypatch, killed_af
     """Issue 31: a kill between the new index and its record made the next run retrain the RQ-VAE
     and move 605 of 606 SIDs. Now the next run keeps whichever index is on disk (the old one, or
     the update's, each saved atomically) and only rewrites the records."""
-    from gr2.sid import load_index, run_sid
-    from gr2.sid import stage as sid_stage
-    from gr2.sid.stage import item_embeddings
+    from gr2.pipeline.sid import load_index, run_sid
+    from gr2.pipeline import sid as sid_stage
+    from gr2.pipeline.sid import item_embeddings
 
     run_dir, _, config = sid_run
     before = load_index(run_dir)
@@ -264,7 +264,7 @@ def test_a_killed_update_is_finished_not_rebuilt(sid_run, monkeypatch, killed_af
         raise AssertionError("the sid stage was rebuilt")
 
     monkeypatch.setattr(sid_stage, "_run_sid", no_rebuild)
-    with caplog.at_level("WARNING", logger="gr2.sid.stage"):
+    with caplog.at_level("WARNING", logger="gr2.pipeline.sid"):
         summary = run_sid(run_dir, config, progress=False)
     assert "completed an interrupted update" in caplog.text
     after = load_index(run_dir)
@@ -285,7 +285,7 @@ def test_update_refuses_data_that_moved_indexed_items(sid_run, tmp_path):
 
     import gr2.rundir
     from gr2.errors import DataError
-    from gr2.sid import load_index
+    from gr2.pipeline.sid import load_index
 
     run_dir, _, config = sid_run
     assert (run_dir / "sid" / "catalog_ids.parquet").exists()

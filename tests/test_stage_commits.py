@@ -21,12 +21,14 @@ import torch
 
 from _tiny_models import save_tiny_encoder
 from gr2 import rundir
-from gr2.candidates import CandidatesConfig, run_candidates
-from gr2.data import DataConfig, run_data
+from gr2.candidates import CandidatesConfig
+from gr2.pipeline.candidates import run_candidates
+from gr2.pipeline.data import DataConfig, run_data
 from gr2.data.formats import default_ml100k_dir
-from gr2.prompt_stage import run_prompts
+from gr2.pipeline.prompts import run_prompts
 from gr2.prompts import PromptConfig
-from gr2.sid import RQVAEConfig, SidConfig, load_index, run_sid
+from gr2.pipeline.sid import SidConfig, load_index, run_sid
+from gr2.sid import RQVAEConfig
 
 SLICE_USERS = 30
 

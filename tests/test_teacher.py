@@ -15,14 +15,13 @@ from test_midtrain_fixtures import make_run_dir, tiny_midtrain_config
 
 from gr2.data.catalog import ItemCatalog
 from gr2.errors import ConfigError, DataError
+from gr2.pipeline.traces import load_examples, run_traces
 from gr2.teacher import (
     HEURISTIC_LABEL,
     OpenAIChatClient,
     TeacherConfig,
     TeacherEndpointError,
-    load_examples,
     parse_completions,
-    run_traces,
 )
 from gr2.tokens import answer_text
 
@@ -259,7 +258,7 @@ def test_parse_completions_rejects_malformed(run_dir):
 
 
 def test_local_backend_with_tiny_model(tmp_path_factory):
-    from gr2.train.midtrain import run_midtrain
+    from gr2.pipeline.midtrain import run_midtrain
 
     run_dir = make_run_dir(tmp_path_factory.mktemp("lo"), n_users=30)
     run_midtrain(run_dir, tiny_midtrain_config(steps=2))

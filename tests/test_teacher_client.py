@@ -20,7 +20,8 @@ from test_midtrain_fixtures import make_run_dir
 
 from gr2.errors import ConfigError, Gr2Error
 from gr2.rundir import read_stage
-from gr2.teacher import TeacherAcceptanceError, TeacherConfig, run_traces
+from gr2.pipeline.traces import run_traces
+from gr2.teacher import TeacherAcceptanceError, TeacherConfig
 from gr2.teacher_client import (
     OpenAIChatClient,
     TeacherCancelled,

@@ -49,9 +49,9 @@ def test_two_processes_train_midtrain_and_sft_like_one(tmp_path):
     if not torchrun.exists():
         pytest.skip("torchrun not installed next to this python")
     from gr2.models import load_pretrained
-    from gr2.teacher import TeacherConfig, run_traces
-    from gr2.train.midtrain import run_midtrain
-    from gr2.train.sft import run_sft
+    from gr2.pipeline.traces import TeacherConfig, run_traces
+    from gr2.pipeline.midtrain import run_midtrain
+    from gr2.pipeline.sft import run_sft
 
     one = make_run_dir(tmp_path / "one", n_users=30)
     two = shutil.copytree(one, tmp_path / "two")

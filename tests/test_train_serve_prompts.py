@@ -17,16 +17,16 @@ from test_midtrain_fixtures import make_run_dir, tiny_midtrain_config
 import gr2
 from gr2.data.catalog import ItemCatalog
 from gr2.prompts import PromptConfig
-from gr2.rerank import RerankConfig, run_rerank
+from gr2.pipeline.rerank import RerankConfig, run_rerank
 from gr2.rundir import mark_done
-from gr2.teacher import TeacherConfig, run_traces
+from gr2.pipeline.traces import TeacherConfig, run_traces
 from gr2.train.dapo import DapoConfig, load_rl_data
 from gr2.train.sft import trace_example
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from gr2.train.midtrain import run_midtrain
+    from gr2.pipeline.midtrain import run_midtrain
 
     run = make_run_dir(tmp_path_factory.mktemp("serve"), n_users=12,
                        prompt=PromptConfig(max_history=6, evidence="cooccur", max_tokens=4096))
@@ -91,7 +91,7 @@ def test_prompt_config_rejects_what_cannot_work():
 def test_evidence_comes_from_the_split_fit_data(run_dir):
     """Evidence scores change when the fit data changes and are zero for items nobody co-engaged."""
     from gr2.candidates import load_fit_sequences
-    from gr2.prompt_stage import load_requests
+    from gr2.prompts import load_requests
     from gr2.prompts import candidate_evidence
 
     table = load_requests(run_dir, "test")
@@ -108,7 +108,7 @@ def test_evidence_comes_from_the_split_fit_data(run_dir):
 
 def test_configs_that_cannot_learn_are_rejected(tmp_path):
     from gr2.errors import ConfigError
-    from gr2.prompt_stage import run_prompts
+    from gr2.pipeline.prompts import run_prompts
 
     with pytest.raises(ConfigError, match="rl.max_reasoning_tokens"):
         DapoConfig(reasoning=False, max_reasoning_tokens=16)

@@ -9,7 +9,8 @@ import pytest
 from datasets import load_from_disk
 
 from gr2.splits import leave_one_out_protocol, time_protocol
-from gr2.candidates import CandidatesConfig, ItemKNNConfig, run_candidates
+from gr2.candidates import CandidatesConfig, ItemKNNConfig
+from gr2.pipeline.candidates import run_candidates
 from gr2.cli import main as cli_main
 from gr2.config import from_dict
 from gr2.errors import ConfigError, DataError, UnknownItemError

@@ -10,8 +10,10 @@ import json
 import numpy as np
 import pytest
 
-from gr2.candidates import CandidatesConfig, run_candidates
-from gr2.data import DataConfig, load_sequences, run_data
+from gr2.candidates import CandidatesConfig
+from gr2.pipeline.candidates import run_candidates
+from gr2.data import load_sequences
+from gr2.pipeline.data import DataConfig, run_data
 from gr2.upstream.sasrec import SASRecConfig
 
 from _fixtures_upstream import ml100k_tables

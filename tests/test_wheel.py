@@ -20,8 +20,9 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from _readme import serving_example, tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -84,40 +85,11 @@ def test_installed_wheel_runs_outside_the_tree(venv, tmp_path):
     assert "demo.toml" in presets and "paper.toml" in presets
 
 
-def _serving_example() -> str:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Serving: constrained reranking"):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
-def _tiny_run(run_dir: Path) -> None:
-    """A run folder shaped like runs/demo: bundled MovieLens-100k items, a SID index, and a small
-    untrained model with the SID vocabulary at rl/model (the example only needs a valid model)."""
-    import gr2
-    from gr2.data import run_data
-    from gr2.data.catalog import ItemCatalog
-    from gr2.models import DemoModelConfig, extend_with_sids, load_base_model, save_pretrained_atomic
-
-    run_data(run_dir)
-    catalog = ItemCatalog.from_run_dir(run_dir)
-    levels = (16, 16, 8)
-    rng = np.random.default_rng(0)
-    flat = rng.permutation(int(np.prod(levels)))[: len(catalog)]
-    codes = np.array(np.unravel_index(flat, levels)).T.astype(np.uint16)
-    index = gr2.SidIndex.build(np.arange(len(catalog), dtype=np.uint64), codes, list(levels))
-    (run_dir / "sid").mkdir()
-    index.save(str(run_dir / "sid" / "index.gr2sid"))
-    demo = DemoModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
-    model, tokenizer = load_base_model("demo", corpus=catalog.texts, demo=demo)
-    extend_with_sids(model, tokenizer, codes, levels, [catalog.item_text(i) for i in range(len(catalog))])
-    save_pretrained_atomic(model, tokenizer, run_dir / "rl" / "model")
-
-
 def test_readme_serving_example_from_the_wheel(venv, tmp_path):
     run_dir = tmp_path / "runs" / "demo"
-    _tiny_run(run_dir)
+    tiny_run(run_dir)
     script = tmp_path / "serve.py"
-    script.write_text(_serving_example())
+    script.write_text(serving_example())
     out = _run(venv, str(venv / "bin" / "python"), str(script), cwd=tmp_path).splitlines()
     items = [int(x) for x in re.findall(r"\d+", out[0])]
     assert sorted(items) == [1, 7, 49, 99, 120, 180, 257, 300, 404, 500], out

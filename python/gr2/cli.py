@@ -1,6 +1,6 @@
 """The ``gr2`` command line: one subcommand per pipeline stage, plus ``run`` for all of them.
 
-The stage subcommands come from the one stage registry (:mod:`gr2.stages`), which gives each the
+The stage subcommands come from the one stage registry (:mod:`gr2.pipeline.registry`), which gives each the
 same ``--run-dir/--config/--set/--force`` flags; ``encode`` (Parquet embeddings -> codes or SIDs,
 :mod:`gr2.encode_command`) is a tool, not a stage. Only the module of the chosen subcommand is imported,
 so ``gr2 --help`` stays fast.
@@ -12,9 +12,9 @@ import argparse
 import logging
 import sys
 
-from gr2 import stages
 from gr2.errors import Gr2Error
-from gr2.stages import STAGES
+from gr2.pipeline import registry
+from gr2.pipeline.registry import STAGES
 
 RUN_HELP = "run every stage (data ... eval) from a preset or config and write the report"
 ENCODE_HELP = "encode a Parquet item table (id + embedding columns) into RQ codes, or look up its SIDs"
@@ -37,7 +37,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, stage in STAGES.items():
         stage_parser = sub.add_parser(name, help=stage.help, description=stage.help)
         if name == command:
-            stages.add_arguments(stage, stage_parser)
+            registry.add_arguments(stage, stage_parser)
     return parser
 
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             from gr2 import encode_command
 
             return encode_command.main(args)
-        return stages.main(STAGES[args.command], args)
+        return registry.main(STAGES[args.command], args)
     except Gr2Error as e:
         print(f"gr2 {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -504,7 +504,7 @@ class RQVAETransform:
     level and the collision repair, which only the run's index holds (``sids_parquet``)."""
 
     def __init__(self, path: str | os.PathLike):
-        from gr2.sid.stage import load_rqvae_file  # torch: only imported for this mode
+        from gr2.sid.assign import load_rqvae_file  # torch: only imported for this mode
 
         self.model, _, _, codebooks = load_rqvae_file(path)
         self.codebooks = RQCodebooks(np.ascontiguousarray(codebooks, dtype=np.float32))

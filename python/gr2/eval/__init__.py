@@ -1,8 +1,9 @@
 """Evaluation of rerankings: metrics with bootstrap CIs, baselines, and the report writer.
 
 ``evaluate_rankings(rankings, valid, candidates, targets)`` scores one method;
-``write_report(out_dir, methods, meta)`` writes report.{md,json} and PNG plots; the `gr2 eval`
-stage (:mod:`gr2.eval.stage`) runs both over the run directory's candidate lists.
+``write_report(out_dir, methods, meta)`` writes report.{md,json} and PNG plots;
+``save_rankings`` / ``load_rankings`` (:mod:`gr2.eval.rankings`) are a method's rankings file. The
+`gr2 eval` stage (:mod:`gr2.pipeline.eval`) runs them over the run directory's candidate lists.
 """
 
 from gr2.eval.baselines import popularity_order, random_order, score_order, upstream_order
@@ -15,16 +16,8 @@ from gr2.eval.metrics import (
     paired_mde,
     per_list_metrics,
 )
+from gr2.eval.rankings import load_rankings, save_rankings
 from gr2.eval.report import write_report
-
-
-def __getattr__(name: str):
-    # the stage pulls in datasets and the upstream rankers; import it only when asked for
-    if name in ("save_rankings", "load_rankings", "run_eval", "EvalConfig"):
-        from gr2.eval import stage
-
-        return getattr(stage, name)
-    raise AttributeError(name)
 
 
 __all__ = [
@@ -42,6 +35,4 @@ __all__ = [
     "write_report",
     "save_rankings",
     "load_rankings",
-    "run_eval",
-    "EvalConfig",
 ]

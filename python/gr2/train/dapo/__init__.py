@@ -1,5 +1,7 @@
 """Stage 3, DAPO reinforcement learning with verifiable rerank rewards (docs/DESIGN.md §1).
 
+The ``rl`` stage that runs it over a run directory, and ``gr2 rl``'s flags, are :mod:`gr2.pipeline.rl`.
+
 One step: sample G rollouts per prompt (constrained decoding by default), score them with
 :func:`gr2.verify_rewards`, keep the groups whose outcome varies (dynamic sampling), normalise
 rewards within each group and take clipped-ratio, token-level-normalised policy-gradient steps on
@@ -14,7 +16,6 @@ log-probabilities taken under the constraint each token was sampled from. One fi
 * :mod:`~gr2.train.dapo.trainer` -- :class:`DapoTrainer` (one step), :func:`dapo_update`,
   :func:`train` (the loop, checkpoints) and :func:`evaluate`;
 * :mod:`~gr2.train.dapo.start` -- what the stage starts from (:func:`build_trainer`);
-* :mod:`~gr2.train.dapo.stage` -- the ``rl`` stage (:func:`run_rl`) and ``gr2 rl``'s flags;
 * :mod:`~gr2.train.dapo.ablation` -- conditional vs unconditional format reward, and its plot.
 
 Names are looked up in the submodule that uses them: to replace one in a test, patch it there
@@ -28,7 +29,6 @@ from gr2.train.dapo.loss import (dapo_loss, group_advantages, informative_groups
                                  group_token_logprobs, pack, pack_groups, pack_rollouts, token_logprobs)
 from gr2.train.dapo.rollouts import (Completion, Rollout, RolloutFn, constrained_rollouts, hash_seed,
                                      sampled_rollouts)
-from gr2.train.dapo.stage import add_arguments, cli_overrides, main, run_rl
 from gr2.train.dapo.start import build_trainer
 from gr2.train.dapo.trainer import EVAL_BATCH, DapoTrainer, RolloutBatch, dapo_update, evaluate, train
 from gr2.train.dapo.world import World, init_world
@@ -38,6 +38,5 @@ __all__ = [
     "informative_groups", "outcome_of", "pack_rollouts", "pack_groups", "pack", "token_logprobs",
     "group_token_logprobs", "dapo_loss", "Completion", "Rollout",
     "RolloutFn", "constrained_rollouts", "sampled_rollouts", "hash_seed", "World", "init_world", "RolloutBatch",
-    "DapoTrainer", "dapo_update", "evaluate", "train", "build_trainer", "run_rl", "run_ablation", "ablation",
-    "add_arguments", "cli_overrides", "main",
+    "DapoTrainer", "dapo_update", "evaluate", "train", "build_trainer", "run_ablation", "ablation",
 ]

@@ -27,7 +27,7 @@ class RlData:
 def load_rl_data(run_dir: Path, split: str, tokenizer: Any, index: Any, config: DapoConfig, limit: int = 0) -> RlData:
     """Prompts of ``prompts/<split>`` (lists that contain their target), rendered with the run's
     :class:`gr2.prompts.PromptConfig` exactly as SFT traces and ``gr2 rerank`` render them."""
-    from gr2.prompt_stage import load_prompt_config, load_requests
+    from gr2.prompts import load_prompt_config, load_requests
     from gr2.prompts import ItemCatalog, request_messages
 
     table = load_requests(run_dir, split)

@@ -1,5 +1,5 @@
 """What the ``rl`` stage starts from: the start model (sft, midtrain or a folder), the SID index,
-the prompts, and the keys of those inputs. Shared by the stage (:mod:`~gr2.train.dapo.stage`) and
+the prompts, and the keys of those inputs. Shared by the stage (:mod:`gr2.pipeline.rl`) and
 the reward ablation (:mod:`~gr2.train.dapo.ablation`), which both import it and not each other.
 """
 

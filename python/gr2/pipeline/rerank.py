@@ -30,6 +30,24 @@ RERANKABLE = MODEL_STAGES + ("sft_answer", "rl_answer")
 OUTPUT_GLOBS = ("rankings_*.npz", "rerank_*.json")
 
 
+def finish_model_stage(world: Any, stage_dir: Path, key: str, model: Any, tokenizer: Any, summary: dict[str, Any],
+                       checkpoints: Any) -> dict[str, Any]:
+    """The end of a training stage (midtrain, sft): rank 0 writes ``model/`` (float32),
+    ``report.json``, drops the checkpoints and records the stage (leaving out what ``gr2 rerank``
+    later writes into the folder, :data:`OUTPUT_GLOBS`); every rank returns once that is done."""
+    import torch
+
+    from gr2.models import save_pretrained_atomic
+
+    if world.writer:
+        save_pretrained_atomic(model.to(torch.float32), tokenizer, stage_dir / "model")
+        rundir.atomic_write_json(stage_dir / "report.json", summary)
+        checkpoints.cleanup()
+        rundir.mark_done(stage_dir, key, summary, exclude=OUTPUT_GLOBS)
+    world.barrier()  # every rank returns once the stage is done (a next stage must not read a half-written folder)
+    return summary
+
+
 @dataclass
 class RerankConfig:
     split: str = "test"  # "test" | "valid"
@@ -54,7 +72,7 @@ def _finished(run_dir: Path, stage: str) -> dict:
 
 
 def load_lists(run_dir: Path, split: str, max_lists: int):
-    from gr2.prompt_stage import load_requests
+    from gr2.prompts import load_requests
 
     table = load_requests(run_dir, split)
     if len(table) == 0:
@@ -69,9 +87,9 @@ def run_rerank(run_dir: str | Path, stage: str, config: RerankConfig = RerankCon
     import torch
 
     from gr2 import SidIndex, add_sid_tokens, constrained_decode
-    from gr2.eval.stage import save_rankings
+    from gr2.eval.rankings import save_rankings
     from gr2.models import load_pretrained
-    from gr2.prompt_stage import load_prompt_config
+    from gr2.prompts import load_prompt_config
     from gr2.prompts import ItemCatalog, request_messages
     from gr2.train.devices import choose_device
 
@@ -138,7 +156,7 @@ def run_rerank(run_dir: str | Path, stage: str, config: RerankConfig = RerankCon
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``gr2 rerank``'s own flags (the common ones come from gr2.stages)."""
+    """``gr2 rerank``'s own flags (the common ones come from gr2.pipeline.registry)."""
     parser.add_argument("--stage", required=True, choices=RERANKABLE, help="whose model/ reranks")
     parser.add_argument("--split", choices=("test", "valid"))
     parser.add_argument("--max-lists", type=int)

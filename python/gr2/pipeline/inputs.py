@@ -1,5 +1,5 @@
-"""Run-directory inputs shared by the recipes and the teacher: the users' item sequences and the
-cache keys of finished upstream stages."""
+"""Run-directory inputs shared by the stage modules: the users' item sequences and the cache keys
+of finished upstream stages."""
 
 from __future__ import annotations
 

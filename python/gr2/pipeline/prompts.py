@@ -28,13 +28,9 @@ import numpy as np
 
 from gr2 import rundir
 from gr2.candidates import list_fit_slices, load_fit_sequences, slice_groups
-from gr2.config import from_dict
 from gr2.errors import ConfigError, DataError
-from gr2.prompts import PromptConfig, candidate_evidence, evidence_ranks
+from gr2.prompts import STAGE, PromptConfig, candidate_evidence, evidence_ranks
 from gr2.splits import SPLITS
-
-STAGE = "prompts"
-
 
 def _features():
     from datasets import Features, Sequence, Value
@@ -44,24 +40,6 @@ def _features():
         "candidates": Sequence(Value("int64")), "target": Value("int64"), "evidence": Sequence(Value("float32")),
         "fit_slice": Value("int64"),
     })
-
-
-def load_prompt_config(run_dir: str | Path) -> PromptConfig:
-    """The run's prompt settings as written by the ``prompts`` stage."""
-    path = Path(run_dir) / STAGE / "config.json"
-    if not path.exists():
-        raise DataError(f"{path} is missing; run the `prompts` stage first")
-    return from_dict(PromptConfig, rundir.load_json(path), where="prompts")
-
-
-def load_requests(run_dir: str | Path, split: str):
-    """``prompts/<split>`` as an HF dataset (see the module docstring)."""
-    from datasets import load_from_disk
-
-    path = Path(run_dir) / STAGE / split
-    if not path.exists():
-        raise DataError(f"{path} is missing; run the `prompts` stage first")
-    return load_from_disk(str(path))
 
 
 def run_prompts(run_dir: str | Path, config: PromptConfig = PromptConfig(), *, force: bool = False) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Reads ``candidates/<split>`` (lists containing the target), ``candidates/report.json`` (coverage)
 and ``data/sequences`` (train split, for the popularity and item-kNN baselines). Methods are
-rankings files (:func:`save_rankings`: ``list_id``, ``rankings`` (B, K), ``valid`` (B,)), named
+rankings files (:func:`gr2.eval.rankings.save_rankings`: ``list_id``, ``rankings`` (B, K), ``valid`` (B,)), named
 in ``EvalConfig.methods`` or found as ``<run_dir>/<stage>/rankings_<split>.npz`` (``discover``).
 When methods cover only some lists (an LLM decoded on a sample), every method and baseline is
 scored on the lists all methods share, so the comparison stays paired; the report says how many.
@@ -19,7 +19,6 @@ coverage x Recall@k over the lists.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +27,13 @@ from typing import Any
 import numpy as np
 
 from gr2.candidates import ItemKNNConfig, list_fit_slices, load_data, load_fit_sequences, slice_groups
-from gr2.errors import ConfigError, CorruptFileError, DataError, InvalidInputError
+from gr2.errors import ConfigError, DataError
 from gr2.eval.baselines import popularity_order, random_order, score_order, upstream_order
 from gr2.eval.metrics import check_lists, evaluate_rankings, min_detectable_effect, paired_mde
+from gr2.eval.rankings import load_rankings
 from gr2.eval.report import write_report
-from gr2.report import environment
-from gr2.rundir import atomic_write_bytes, begin_stage, hash_file, mark_done, read_stage, stage_key
+from gr2.pipeline.report import environment
+from gr2.rundir import begin_stage, hash_file, mark_done, read_stage, stage_key
 from gr2.upstream import check_items
 from gr2.upstream.itemknn import ItemKNNRanker
 from gr2.upstream.popularity import PopularityRanker
@@ -59,40 +59,6 @@ class EvalConfig:
             raise ConfigError(f"eval.invalid must be 'miss' or 'upstream', got {self.invalid!r}")
         if self.n_boot < 1:
             raise ConfigError(f"eval.n_boot must be >= 1, got {self.n_boot}")
-
-
-def save_rankings(path: str | Path, list_id, rankings, valid, candidates=None) -> None:
-    """Write a method's rerankings for `gr2 eval` (atomically). ``list_id`` names each row's list
-    (the ``list_id`` column of ``candidates/<split>``); ``candidates`` (upstream order) lets eval
-    check the method saw the same lists."""
-    list_id = np.asarray(list_id, dtype=np.int64)
-    rankings = np.asarray(rankings)
-    valid = np.asarray(valid, dtype=bool)
-    if rankings.ndim != 2 or len(rankings) != len(list_id) or valid.shape != (len(list_id),):
-        raise InvalidInputError(
-            f"need list_id (B,), rankings (B, K), valid (B,); got {list_id.shape}, {rankings.shape}, {valid.shape}"
-        )
-    arrays = {"list_id": list_id, "rankings": rankings.astype(np.int64), "valid": valid}
-    if candidates is not None:
-        arrays["candidates"] = np.asarray(candidates, dtype=np.int64)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_rankings(path: str | Path) -> dict[str, np.ndarray]:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"rankings file {path} does not exist")
-    try:
-        with np.load(path) as z:
-            data = {k: z[k] for k in z.files}
-    except Exception as e:  # numpy raises several types for a damaged archive
-        raise CorruptFileError(f"cannot read rankings file {path}: {e}") from e
-    for key in ("list_id", "rankings", "valid"):
-        if key not in data:
-            raise CorruptFileError(f"rankings file {path} lacks array {key!r} (files from before list ids: rerun `gr2 rerank`)")
-    return data
 
 
 def find_methods(run_dir: Path, config: EvalConfig) -> dict[str, Path]:
@@ -252,7 +218,7 @@ def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) ->
 def evidence_line(run_dir: Path, split: str, list_ids: np.ndarray, candidates: np.ndarray) -> np.ndarray | None:
     """The candidates of each list in the order the prompt's evidence line showed them (None when
     the run's prompts carry no evidence); rows follow ``list_ids``."""
-    from gr2.prompt_stage import load_requests
+    from gr2.prompts import load_requests
     from gr2.prompts import evidence_order
 
     if read_stage(run_dir / "prompts") is None:
@@ -292,7 +258,7 @@ def mde_meta(results: dict[str, dict], lists: int, alpha: float = 0.05, power: f
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``gr2 eval``'s own flags (the common ones come from gr2.stages)."""
+    """``gr2 eval``'s own flags (the common ones come from gr2.pipeline.registry)."""
     parser.add_argument("--split", choices=("test", "valid"), help="which candidate lists to score")
     parser.add_argument("--method", action="append", default=[], metavar="NAME=PATH",
                         help="a rankings .npz to score (repeatable; path relative to the run dir)")

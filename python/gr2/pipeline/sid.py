@@ -1,4 +1,4 @@
-# size: the sid stage with its --update and --ablation variants; gr2.pipeline (issue 33) will split them off
+# size: the sid stage with its --update and --ablation variants, which share its config, inputs and record
 """The ``sid`` stage: item text -> embeddings -> RQ-VAE -> codes -> a repaired, unique SID index.
 
 Reads ``<run_dir>/data/items`` (and ``data/sequences`` for the optional contrastive loss); writes
@@ -13,7 +13,7 @@ Reads ``<run_dir>/data/items`` (and ``data/sequences`` for the optional contrast
   code usage, aliasing, fan-out, neighbour agreement, popularity by code);
 * ``diagnostics.png``        those diagnostics plotted (docs/sid-diagnostics.md).
 
-Assignment: the latent of every item goes through the Rust encoder (``gr2.RQCodebooks.encode``,
+Assignment (:mod:`gr2.sid.assign`): the latent of every item goes through the Rust encoder (``gr2.RQCodebooks.encode``,
 greedy argmin). With ``random_last_level`` the last level is then overwritten by codes drawn
 uniformly from 0..K-1 by ``numpy.random.default_rng(assign_seed)`` in item_idx order (see
 gr2.sid.rqvae for why training keeps argmin). ``gr2.SidIndex.build`` then repairs what collisions
@@ -43,29 +43,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save as safetensors_save
 
 import gr2
 from gr2 import rundir
 from gr2._rows import id_array
 from gr2.config import from_dict, load_toml
-
 from gr2.data.catalog import load_items, load_sequences
 from gr2.embed import default_model_path, embed_texts
 from gr2.errors import ConfigError, DataError, InvalidInputError
+from gr2.sid.assign import assign_codes, load_rqvae_file, reconstruction_of, save_rqvae_file
 from gr2.sid.diagnostics import plot_diagnostics, sid_diagnostics
+from gr2.sid.rqvae import RQVAEConfig, collision_groups, encode_latent, train_rqvae, uniqueness, utilisation
 from gr2.splits import train_sequences
-from gr2.sid.rqvae import (
-    RQVAEConfig,
-    codebooks_array,
-    collision_groups,
-    encode_latent,
-    random_last_level,
-    reconstruction_error,
-    train_rqvae,
-    uniqueness,
-    utilisation,
-)
 
 log = logging.getLogger(__name__)
 
@@ -138,33 +127,6 @@ def item_popularity(run_dir: str | Path, n_items: int) -> np.ndarray | None:
     if len(flat) and (flat.min() < 0 or flat.max() >= n_items):
         raise DataError(f"data/sequences hold item_idx outside 0..{n_items - 1}; rerun the data stage")
     return np.bincount(flat, minlength=n_items).astype(np.float64)
-
-
-def assign_codes(model, embeddings: np.ndarray, config: RQVAEConfig, assign_seed: int) -> tuple[np.ndarray, np.ndarray, Any]:
-    """(argmin codes, assigned codes, gr2.RQCodebooks): the Rust encoder on the latents, then the
-    random last level when configured."""
-    codebooks = gr2.RQCodebooks(codebooks_array(model))
-    latent = encode_latent(model, embeddings)
-    argmin_codes = codebooks.encode(latent)
-    assigned = random_last_level(argmin_codes, config.codebook_size, assign_seed) if config.random_last_level else argmin_codes
-    return argmin_codes, assigned, codebooks
-
-
-def _recon(model, embeddings: np.ndarray, codebooks, codes: np.ndarray) -> dict[str, float]:
-    return reconstruction_error(model, embeddings, codebooks.decode(np.ascontiguousarray(codes)))
-
-
-def _save_codebooks(path: Path, model, config: RQVAEConfig, assign_seed: int) -> None:
-    tensors = {"codebooks": torch.from_numpy(codebooks_array(model))}
-    for name, value in model.state_dict().items():
-        if not name.startswith("quantizer."):
-            tensors[name] = value.detach().contiguous()
-    metadata = {
-        "format": "gr2-rqvae-1",
-        "rqvae_config": json.dumps(dataclasses.asdict(config), sort_keys=True),
-        "assign_seed": str(assign_seed),
-    }
-    rundir.atomic_write_bytes(path, safetensors_save(tensors, metadata=metadata))
 
 
 def _duplicate_text_items(texts: list[str]) -> int:
@@ -264,7 +226,7 @@ def _run_sid(run_dir: str | Path, config: SidConfig, key: str, progress: bool) -
     stage_dir.mkdir(parents=True, exist_ok=True)
     index.save(str(stage_dir / "index.gr2sid"))  # atomic (temporary file, fsync, rename)
     _save_catalog_ids(stage_dir, _data_item_ids(run_dir))
-    _save_codebooks(stage_dir / "codebooks.safetensors", model, rq, config.assign_seed)
+    save_rqvae_file(stage_dir / "codebooks.safetensors", model, rq, config.assign_seed)
     timings["index_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
 
@@ -294,8 +256,8 @@ def _run_sid(run_dir: str | Path, config: SidConfig, key: str, progress: bool) -
         "items_with_duplicate_text": _duplicate_text_items(texts),
         "utilisation": utilisation(codes, rq.codebook_size),
         "utilisation_argmin": utilisation(argmin_codes, rq.codebook_size),
-        "reconstruction": _recon(model, embeddings, codebooks, argmin_codes),
-        "reconstruction_assigned": _recon(model, embeddings, codebooks, codes),
+        "reconstruction": reconstruction_of(model, embeddings, codebooks, argmin_codes),
+        "reconstruction_assigned": reconstruction_of(model, embeddings, codebooks, codes),
         "collision_groups": collision_groups(codes),
         "repair": index.repair_report(),
         "train": {"final_loss": log["loss"][-1], "final_reconstruction": log["reconstruction"][-1],
@@ -318,29 +280,6 @@ def load_rqvae(run_dir: str | Path) -> tuple[Any, RQVAEConfig, int, np.ndarray]:
     if not path.exists():
         raise DataError(f"{path} does not exist; run the sid stage first (`gr2 sid --run-dir {run_dir}`)")
     return load_rqvae_file(path)
-
-
-def load_rqvae_file(path: str | Path) -> tuple[Any, RQVAEConfig, int, np.ndarray]:
-    """:func:`load_rqvae` from the ``codebooks.safetensors`` file itself (e.g. copied out of a run)."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    from gr2.sid.rqvae import RQVAE
-
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise DataError(f"{path} is not a readable safetensors file: {e}") from e
-    if metadata.get("format") != "gr2-rqvae-1":
-        raise DataError(f"{path} is not a gr2 RQ-VAE file (format {metadata.get('format')!r})")
-    config = from_dict(RQVAEConfig, json.loads(metadata["rqvae_config"]), where="rqvae_config")
-    tensors = load_file(str(path))
-    model = RQVAE(int(tensors["input_mean"].shape[0]), config)
-    model.load_state_dict({k: v for k, v in tensors.items() if k != "codebooks"}, strict=False)
-    model.eval()
-    return model, config, int(metadata.get("assign_seed", 0)), tensors["codebooks"].numpy()
 
 
 def encode_items(run_dir: str | Path, item_ids: np.ndarray, embeddings: np.ndarray, generation: int = 1) -> np.ndarray:
@@ -540,8 +479,8 @@ def _run_ablation(run_dir: str | Path, config: SidConfig, progress: bool) -> dic
                 "uniqueness_before_repair": uniqueness(codes),
                 "uniqueness_argmin": uniqueness(argmin_codes),
                 "uniqueness_prefix": uniqueness(codes[:, :-1]) if rq.levels > 1 else None,
-                "reconstruction_relative": _recon(model, embeddings, codebooks, codes)["relative"],
-                "reconstruction_relative_argmin": _recon(model, embeddings, codebooks, argmin_codes)["relative"],
+                "reconstruction_relative": reconstruction_of(model, embeddings, codebooks, codes)["relative"],
+                "reconstruction_relative_argmin": reconstruction_of(model, embeddings, codebooks, argmin_codes)["relative"],
                 "utilisation": utilisation(codes, rq.codebook_size),
                 "collision_groups": collision_groups(codes),
                 "train_s": round(train_s, 1),
@@ -612,7 +551,7 @@ def config_from_file(path: str | None) -> SidConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``gr2 sid``'s own flags (the common ones come from gr2.stages)."""
+    """``gr2 sid``'s own flags (the common ones come from gr2.pipeline.registry)."""
     parser.add_argument("--levels", type=int, help="RQ levels L (default 4)")
     parser.add_argument("--codebook-size", type=int, help="codes per level K (default 256)")
     parser.add_argument("--epochs", type=int)

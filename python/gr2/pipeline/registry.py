@@ -1,5 +1,5 @@
 """The one stage registry: every pipeline stage's name, config class and runner, used by ``gr2 run``
-(:mod:`gr2.pipeline`) and by each stage's own subcommand (:mod:`gr2.cli`).
+(:mod:`gr2.pipeline.run`) and by each stage's own subcommand (:mod:`gr2.cli`).
 
 Every stage subcommand takes the same flags, built here: ``--run-dir``, ``--config FILE`` (a run
 config TOML; the stage reads its own ``[stage]`` table), ``--set KEY=VALUE`` (repeatable; ``KEY``
@@ -41,26 +41,26 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("data", "gr2.data.stage", "DataConfig", "run_data",
+    Stage("data", "gr2.pipeline.data", "DataConfig", "run_data",
           "load a dataset, k-core it, order it chronologically (RUN_DIR/data)"),
-    Stage("sid", "gr2.sid.stage", "SidConfig", "run_sid",
+    Stage("sid", "gr2.pipeline.sid", "SidConfig", "run_sid",
           "embed item text, train the RQ-VAE, build the unique SID index (RUN_DIR/sid)"),
-    Stage("candidates", "gr2.candidates", "CandidatesConfig", "run_candidates",
+    Stage("candidates", "gr2.pipeline.candidates", "CandidatesConfig", "run_candidates",
           "fit the upstream ranker (SASRec/popularity/item-kNN) and write top-K candidate lists"),
-    Stage("prompts", "gr2.prompt_stage", "PromptConfig", "run_prompts",
+    Stage("prompts", "gr2.pipeline.prompts", "PromptConfig", "run_prompts",
           "materialise every split's rerank requests (history, candidates, evidence) for all later stages"),
-    Stage("midtrain", "gr2.train.midtrain", "MidtrainConfig", "run_midtrain",
+    Stage("midtrain", "gr2.pipeline.midtrain", "MidtrainConfig", "run_midtrain",
           "stage 1: mid-train the LLM on the catalog's semantic IDs", distributed=True),
-    Stage("traces", "gr2.teacher", "TeacherConfig", "run_traces",
+    Stage("traces", "gr2.pipeline.traces", "TeacherConfig", "run_traces",
           "teacher reasoning traces (targeted or rejection sampling)", arms=True),
-    Stage("sft", "gr2.train.sft", "SftConfig", "run_sft", "stage 2: reasoning SFT on the kept teacher traces", arms=True,
+    Stage("sft", "gr2.pipeline.sft", "SftConfig", "run_sft", "stage 2: reasoning SFT on the kept teacher traces", arms=True,
           distributed=True),
-    Stage("rl", "gr2.train.dapo.stage", "DapoConfig", "run_rl",
+    Stage("rl", "gr2.pipeline.rl", "DapoConfig", "run_rl",
           "DAPO reinforcement learning with verifiable rerank rewards (--ablation: conditional vs unconditional)",
           arms=True, distributed=True),
-    Stage("rerank", "gr2.rerank", "RerankConfig", "run_rerank",
+    Stage("rerank", "gr2.pipeline.rerank", "RerankConfig", "run_rerank",
           "rerank the held-out candidate lists with a trained model under the constraint"),
-    Stage("eval", "gr2.eval.stage", "EvalConfig", "run_eval",
+    Stage("eval", "gr2.pipeline.eval", "EvalConfig", "run_eval",
           "score rerankings and baselines with bootstrap CIs; write eval/report.{md,json} and plots"),
 )}
 STAGE_ORDER = tuple(STAGES)

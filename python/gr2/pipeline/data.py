@@ -119,7 +119,7 @@ def config_from_file(path: str | None) -> DataConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``gr2 data``'s own shortcuts (the common flags come from gr2.stages)."""
+    """``gr2 data``'s own shortcuts (the common flags come from gr2.pipeline.registry)."""
     parser.add_argument("--format", choices=["recbole", "movielens", "amazon", "table"])
     parser.add_argument("--path", help="dataset folder or interactions file (default: bundled ml-100k)")
     parser.add_argument("--items-path", help="item metadata file (amazon) or items table (table)")

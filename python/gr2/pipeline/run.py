@@ -27,10 +27,10 @@ from gr2 import rundir
 from gr2.arms import ARM_STAGES, stage_dir
 from gr2.config import apply_overrides, from_dict, load_toml, parse_override  # noqa: F401 (re-exported)
 from gr2.errors import ConfigError
-from gr2.rerank import MODEL_STAGES, RerankConfig  # noqa: F401
-from gr2.stages import STAGE_ORDER, STAGES
+from gr2.pipeline.rerank import MODEL_STAGES, RerankConfig  # noqa: F401
+from gr2.pipeline.registry import STAGE_ORDER, STAGES
 
-PRESET_DIR = Path(__file__).parent / "presets"
+PRESET_DIR = Path(__file__).parents[1] / "presets"
 
 
 def _configs() -> dict[str, type]:
@@ -130,7 +130,7 @@ def _targets(run: RunConfig, stage: str) -> list[tuple[str, str]]:
 def run_pipeline(run: RunConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the configured stages in order; returns the final report (also written to the run dir
     when the eval stage ran)."""
-    from gr2.report import write_run_report
+    from gr2.pipeline.report import write_run_report
 
     run_dir = rundir.check_run_dir(run.path)
     run_dir.mkdir(parents=True, exist_ok=True)

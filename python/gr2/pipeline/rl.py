@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gr2.errors import ConfigError
-from gr2.rerank import OUTPUT_GLOBS as RERANK_OUTPUTS
+from gr2.pipeline.rerank import OUTPUT_GLOBS as RERANK_OUTPUTS
 from gr2.rundir import atomic_write_json, mark_done, stage_key
 from gr2.train.checkpointing import Checkpointer, training_key
 from gr2.train.devices import local_device
@@ -63,7 +63,7 @@ def run_rl(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig(), *, arm
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``gr2 rl``'s own flags (the common ones come from gr2.stages)."""
+    """``gr2 rl``'s own flags (the common ones come from gr2.pipeline.registry)."""
     parser.add_argument("--steps", type=int, help="override rl.steps")
     parser.add_argument("--unconditional", action="store_true", help="unconditional format reward (the hack)")
     parser.add_argument("--ablation", action="store_true",
