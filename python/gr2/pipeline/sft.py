@@ -28,7 +28,7 @@ from gr2.models import load_pretrained
 from gr2.pipeline.rerank import finish_model_stage
 from gr2.rundir import stage_key
 from gr2.train import memory
-from gr2.train.batches import epoch_order, pack_examples
+from gr2.train.batches import batch_rows, pack_examples
 from gr2.train.checkpointing import Checkpointer, training_key
 from gr2.train.devices import autocast, choose_dtype, local_device, param_dtype, seed_everything
 from gr2.train.distributed import begin_stage_on_rank0, init_world
@@ -114,9 +114,7 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
         bar = tqdm(range(start, total_steps), desc=f"sft ({arm})", initial=start, total=total_steps,
                    disable=not world.writer)
         for step in bar:
-            epoch, offset = divmod(step, steps_per_epoch)
-            order = epoch_order(len(examples), config.seed, epoch)
-            chosen = order[offset * config.batch_size:(offset + 1) * config.batch_size]
+            epoch, chosen = batch_rows(step, len(examples), config.batch_size, config.seed)
             loss, tokens = sft_step(parallel, optimizer, scheduler, [examples[i] for i in chosen], step=step + 1,
                                     lr=config.lr)
             if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
