@@ -271,6 +271,22 @@ impl SidIndex {
             || SortedLookup::new(sorted_ids.as_slice()),
             || with_keys!(sorted_keys, |keys| SortedLookup::new(keys)),
         );
+        Self::with_lookups(layout, report, sorted_ids, sid_pos, sorted_keys, item_pos, generation, id_lookup, key_lookup)
+    }
+
+    /// [`from_parts`](Self::from_parts) with the two bucket tables already made for these arrays.
+    #[allow(clippy::too_many_arguments)]
+    fn with_lookups(
+        layout: KeyLayout,
+        report: RepairReport,
+        sorted_ids: Buf<u64>,
+        sid_pos: Buf<u32>,
+        sorted_keys: Keys,
+        item_pos: Buf<u32>,
+        generation: u32,
+        id_lookup: SortedLookup,
+        key_lookup: SortedLookup,
+    ) -> Self {
         SidIndex { layout, report, sorted_ids, sid_pos, sorted_keys, item_pos, id_lookup, key_lookup, generation }
     }
 
