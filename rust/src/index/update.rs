@@ -24,6 +24,7 @@
 
 use std::collections::HashSet;
 use std::mem::MaybeUninit;
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -166,9 +167,10 @@ impl SidIndex {
             .map(|(row, (codes, &id))| (self.layout.pack(codes), id, row as u32))
             .collect();
         new.par_sort_unstable();
-        let tally = with_keys!(self.sorted_keys, |keys| repair_new(keys, &self.key_lookup, &mut new, &Geometry::of(self)))
+        let geo = Geometry::of(self);
+        let (tally, blocks) = with_keys!(self.sorted_keys, |keys| repair_new(keys, &self.key_lookup, &mut new, &geo))
             .map_err(|(_, err)| err)?;
-        Ok(with_keys!(self.sorted_keys, |keys| self.merged(keys, new, by_id, tally, generation)))
+        Ok(with_keys!(self.sorted_keys, |keys| self.merged(keys, new, by_id, (&geo, &blocks), tally, generation)))
     }
 
     /// A new index without `item_ids` (all present, no duplicates); every other item keeps its
@@ -239,7 +241,16 @@ impl SidIndex {
     }
 
     /// The index with the repaired `new` items (sorted by SID) merged in.
-    fn merged<K: OwnedKeys>(&self, keys: &[K], mut new: Vec<NewItem>, by_id: NewIds, tally: Tally, generation: u32) -> SidIndex {
+    /// `blocks`: the geometry and where each prefix block's existing keys sit (from the repair).
+    fn merged<K: OwnedKeys>(
+        &self,
+        keys: &[K],
+        mut new: Vec<NewItem>,
+        by_id: NewIds,
+        (geo, blocks): (&Geometry, &[Range<usize>]),
+        tally: Tally,
+        generation: u32,
+    ) -> SidIndex {
         new.par_sort_unstable();
         debug_assert!(new.windows(2).all(|w| w[0].0 < w[1].0), "repair left a collision");
         let (n, m) = (self.len(), new.len());
@@ -258,7 +269,17 @@ impl SidIndex {
             id_rank[k as usize] = i as u32;
         }
 
-        let key_before = lower_bounds(&self.key_lookup, keys, new.iter().map(|&(key, _, _)| key).collect());
+        // repair moves a new item only inside its block, so the blocks keep their order
+        let new_blocks: Vec<&[NewItem]> = new.chunk_by(|a, b| geo.block(a.0) == geo.block(b.0)).collect();
+        debug_assert_eq!(new_blocks.len(), blocks.len());
+        let key_before: Vec<usize> = new_blocks
+            .par_iter()
+            .zip(blocks.par_iter())
+            .flat_map_iter(|(items, old)| {
+                let old_keys = &keys[old.clone()];
+                items.iter().map(move |&(key, _, _)| old.start + old_keys.partition_point(|&k| wide(k) < key))
+            })
+            .collect();
         let new_id_at: Vec<u32> = id_before.iter().enumerate().map(|(i, &b)| (b + i) as u32).collect();
         let new_key_at: Vec<u32> = key_before.iter().enumerate().map(|(k, &b)| (b + k) as u32).collect();
         // old element j lands at j + #{new elements before it}
@@ -267,19 +288,19 @@ impl SidIndex {
         // id order: (item id, SID position); SID order: (key, id position)
         let (sorted_ids, new_sid_pos) = interleave_pairs(
             &id_before,
-            n,
+            ids,
             |j| {
                 let (p, before) = key_shift.at(sid_pos, j);
-                (ids[j], (p + before) as u32)
+                (p + before) as u32
             },
             |i| (by_id[i].0, new_key_at[by_id[i].1 as usize]),
         );
         let (sorted_keys, new_item_pos) = interleave_pairs(
             &key_before,
-            n,
+            keys,
             |p| {
                 let (j, before) = id_shift.at(item_pos, p);
-                (keys[p], (j + before) as u32)
+                (j + before) as u32
             },
             |k| (K::from_wide(new[k].0), new_id_at[id_rank[k] as usize]),
         );
@@ -380,34 +401,32 @@ fn lower_bounds<K: Key>(lookup: &SortedLookup, sorted: &[K], queries: Vec<u64>) 
 /// Queries per parallel task in [`lower_bounds`].
 const BOUNDS_CHUNK: usize = 4096;
 
-/// Repairs the new items (sorted by SID) against the existing keys, prefix block by block.
+/// Repairs the new items (sorted by SID) against the existing keys, prefix block by block; also
+/// returns where each block's existing keys sit (blocks in ascending order).
 fn repair_new<K: Key>(
     keys: &[K],
     lookup: &SortedLookup,
     new: &mut [NewItem],
     geo: &Geometry,
-) -> std::result::Result<Tally, RowError> {
+) -> std::result::Result<(Tally, Vec<Range<usize>>), RowError> {
     let mut blocks: Vec<&mut [NewItem]> = new.chunk_by_mut(|a, b| geo.block(a.0) == geo.block(b.0)).collect();
-    // the existing keys of block b are keys[bounds[2b]..bounds[2b + 1]]
-    let ends: Vec<u64> = blocks
-        .iter()
-        .flat_map(|block| {
-            let (lo, hi) = geo.block_range(block[0].0);
-            [lo, hi.checked_add(1).unwrap_or(u64::MAX)]
+    // the existing keys of each block: one search for its start, then a scan (a block holds few
+    // keys, and repair_block reads all of them anyway)
+    let starts = lower_bounds(lookup, keys, blocks.iter().map(|block| geo.block_range(block[0].0).0).collect());
+    let ranges: Vec<Range<usize>> = blocks
+        .par_iter()
+        .zip(starts.par_iter())
+        .map(|(block, &start)| {
+            let hi = geo.block_range(block[0].0).1;
+            start..start + keys[start..].iter().take_while(|&&k| wide(k) <= hi).count()
         })
         .collect();
-    let mut bounds = lower_bounds(lookup, keys, ends);
-    for (block, pair) in blocks.iter().zip(bounds.chunks_exact_mut(2)) {
-        if geo.block_range(block[0].0).1 == u64::MAX {
-            pair[1] = keys.len(); // the last block reaches the end of the key space
-        }
-    }
     // (what the blocks did, the error of the smallest row)
     type Outcome = (Tally, Option<RowError>);
     let (tally, first_error) = blocks
         .par_iter_mut()
-        .zip(bounds.par_chunks_exact(2))
-        .map(|(block, range)| match repair_block(&keys[range[0]..range[1]], block, geo) {
+        .zip(ranges.par_iter())
+        .map(|(block, range)| match repair_block(&keys[range.clone()], block, geo) {
             Ok(tally) => (tally, None),
             Err(e) => (Tally::default(), Some(e)),
         })
@@ -423,7 +442,7 @@ fn repair_new<K: Key>(
         );
     match first_error {
         Some(e) => Err(e),
-        None => Ok(tally),
+        None => Ok((tally, ranges)),
     }
 }
 
@@ -551,16 +570,17 @@ fn fill_pairs<A: Send, B: Send>(
     (a, b)
 }
 
-/// The `n + before.len()` elements of two sorted, disjoint sequences merged: `old(j)` for
-/// `j < n` and `new(i)`, where `before[i]` (non-decreasing) is how many old elements precede new
-/// element `i`. Each element is a pair, written to two arrays.
-fn interleave_pairs<A: Send, B: Send>(
+/// The `old_a.len() + before.len()` elements of two sorted, disjoint sequences merged: old
+/// element `j` is `(old_a[j], old_b(j))`, new element `i` is `new(i)`, and `before[i]`
+/// (non-decreasing) is how many old elements precede new element `i`. Each element is a pair,
+/// written to two arrays; the runs of `old_a` between new elements are plain copies.
+fn interleave_pairs<A: Copy + Send + Sync, B: Send>(
     before: &[usize],
-    n: usize,
-    old: impl Fn(usize) -> (A, B) + Sync,
+    old_a: &[A],
+    old_b: impl Fn(usize) -> B + Sync,
     new: impl Fn(usize) -> (A, B) + Sync,
 ) -> (Vec<A>, Vec<B>) {
-    fill_pairs(n + before.len(), |first, a, b| {
+    fill_pairs(old_a.len() + before.len(), |first, a, b| {
         // new element i sits at before[i] + i (strictly increasing)
         let mut i = partition_index(before.len(), |i| before[i] + i < first);
         let mut j = first - i;
@@ -569,12 +589,14 @@ fn interleave_pairs<A: Send, B: Send>(
             // a run of old elements up to the next new one, without a test per element
             let next_new = before.get(i).map_or(usize::MAX, |&bi| bi + i - first);
             let run_end = next_new.min(a.len());
-            for (sa, sb) in a[q..run_end].iter_mut().zip(b[q..run_end].iter_mut()) {
-                let (x, y) = old(j);
-                j += 1;
+            let len = run_end - q;
+            for (sa, &x) in a[q..run_end].iter_mut().zip(&old_a[j..j + len]) {
                 sa.write(x);
-                sb.write(y);
             }
+            for (k, sb) in b[q..run_end].iter_mut().enumerate() {
+                sb.write(old_b(j + k));
+            }
+            j += len;
             q = run_end;
             if q < a.len() {
                 let (x, y) = new(i);
