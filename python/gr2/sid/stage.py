@@ -129,15 +129,52 @@ def item_embeddings(run_dir: str | Path, config: SidConfig, progress: bool = Tru
 def item_popularity(run_dir: str | Path, n_items: int) -> np.ndarray | None:
     """Interactions per item_idx over every user's whole sequence in ``data/sequences``; None when
     the data stage wrote no sequences."""
-    try:
-        sequences = load_sequences(run_dir)
-    except DataError:
+    rows = consumption_sequences(run_dir)
+    if rows is None:
         return None
-    rows = [np.asarray(items, dtype=np.int64) for items in sequences["items"]]
     flat = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
     if len(flat) and (flat.min() < 0 or flat.max() >= n_items):
         raise DataError(f"data/sequences hold item_idx outside 0..{n_items - 1}; rerun the data stage")
     return np.bincount(flat, minlength=n_items).astype(np.float64)
+
+
+def consumption_sequences(run_dir: str | Path) -> list[np.ndarray] | None:
+    """Every user's whole sequence of item_idx from ``data/sequences`` (for the co-occurrence
+    diagnostics); None when the data stage wrote no sequences."""
+    try:
+        sequences = load_sequences(run_dir)
+    except DataError:
+        return None
+    return [np.asarray(items, dtype=np.int64) for items in sequences["items"]]
+
+
+def index_diagnostics(run_dir: str | Path, index: Any, codebook_size: int) -> dict[str, Any] | None:
+    """The diagnostics recomputed on the SIDs an index holds now (after an update): the input
+    codes of the items placed before are not kept, so every figure is computed on the index's
+    first ``levels_in`` levels; neighbour agreement needs every item's embedding and is left out.
+    Popularity and co-occurrence count the items of ``data/sequences`` the index holds (an item it
+    lacks splits a sequence: no pair is made across it)."""
+    if len(index) == 0:
+        return None
+    ids = np.sort(index.item_ids())  # item_idx, plus any explicit ids added above the data's
+    sids = index.sids(ids)
+    levels_in = int(index.repair_report()["levels_in"])
+    sequences = consumption_sequences(run_dir)
+    rows = None
+    if sequences is not None and len(ids):
+        rows = []
+        for seq in sequences:
+            pos = np.searchsorted(ids, seq.astype(np.uint64))
+            present = ids[np.minimum(pos, len(ids) - 1)] == seq.astype(np.uint64)
+            pieces = np.split(pos, np.flatnonzero(~present))
+            rows.extend([pieces[0], *(piece[1:] for piece in pieces[1:])])
+    popularity = None
+    if rows is not None:
+        flat = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        popularity = np.bincount(flat, minlength=len(ids)).astype(np.float64)
+    diag = sid_diagnostics(sids[:, :levels_in], sids, codebook_size, popularity=popularity, sequences=rows)
+    diag["computed_on"] = f"index SIDs, generation {index.generation} (earlier items' input codes are not kept)"
+    return diag
 
 
 def assign_codes(model, embeddings: np.ndarray, config: RQVAEConfig, assign_seed: int) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -231,6 +268,11 @@ def _record_update(stage_dir: Path, key: str, index: Any, step: dict[str, Any] |
         report["updates"] = [*report.get("updates", []), step]
     report.update(items=len(index), index_levels=index.levels, generation=index.generation,
                   repair=index.repair_report())
+    # the diagnostics describe the index as it is now (also when finishing an interrupted update)
+    report["diagnostics"] = index_diagnostics(stage_dir.parent, index, int(report.get("codebook_size") or
+                                                                           max(index.level_sizes)))
+    if report["diagnostics"] is not None:
+        plot_diagnostics(report["diagnostics"], stage_dir / "diagnostics.png")
     rundir.atomic_write_json(report_path, report)
     step = step or {}
     summary = {"items": len(index), "levels": index.levels, "generation": index.generation,
@@ -273,6 +315,7 @@ def _run_sid(run_dir: str | Path, config: SidConfig, key: str, progress: bool) -
     diagnostics = sid_diagnostics(
         codes, final_codes, rq.codebook_size, embeddings=embeddings, popularity=item_popularity(run_dir, len(texts)),
         sample=config.diagnostics_sample, k=config.diagnostics_k, seed=config.diagnostics_seed,
+        sequences=consumption_sequences(run_dir),
     )
     plot_diagnostics(diagnostics, stage_dir / "diagnostics.png")
     timings["diagnostics_s"] = time.perf_counter() - t
