@@ -468,14 +468,41 @@ def update_index(run_dir: str | Path, config: SidConfig | None = None, item_ids:
         return {"items": len(index), "added": 0, "removed": 0, "generation": index.generation}
     # Every check passed: replace the file (atomic), then the records. The marker makes a kill in
     # between finish the records at the next run instead of rebuilding the stage.
-    rundir.atomic_write_json(stage_dir / UPDATE_MARKER, {"key": key, "parent_sha256": parent})
-    (stage_dir / rundir.STAGE_FILE).unlink(missing_ok=True)
-    index.save(str(index_path))
-    _save_catalog_ids(stage_dir, catalog_ids)
+    record_path = stage_dir / rundir.STAGE_FILE
+    record = record_path.read_bytes() if record_path.exists() else None
+    with _typed_write_errors(f"the update marker {stage_dir / UPDATE_MARKER}"):
+        rundir.atomic_write_json(stage_dir / UPDATE_MARKER, {"key": key, "parent_sha256": parent})
+    record_path.unlink(missing_ok=True)
+    try:
+        index.save(str(index_path))
+    except BaseException:
+        # the save is atomic: the old index is still there, so its record is valid again (if this
+        # fails too, the marker makes the next run re-record the old index, as after a kill)
+        if record is not None:
+            with contextlib.suppress(OSError):
+                rundir.atomic_write_bytes(record_path, record)
+                (stage_dir / UPDATE_MARKER).unlink(missing_ok=True)
+        raise
     step = {"generation": index.generation, "parent_sha256": parent, "added": int(len(item_ids)),
             "removed": 0 if remove is None else int(len(remove)), "items": len(index),
             "seconds": round(time.perf_counter() - start, 2)}
-    return _record_update(stage_dir, key, index, step)
+    # The new index is in place; a failure from here on leaves the marker, and the next run of the
+    # stage finishes these records from it.
+    with _typed_write_errors(f"the records in {stage_dir} after the update (the new index is saved; the next "
+                             "`gr2 sid` run finishes them)"):
+        _save_catalog_ids(stage_dir, catalog_ids)
+        return _record_update(stage_dir, key, index, step)
+
+
+@contextlib.contextmanager
+def _typed_write_errors(what: str):
+    """An OSError (a full disk) while writing ``what`` as a Gr2IOError naming the file."""
+    try:
+        yield
+    except gr2.Gr2Error:
+        raise
+    except OSError as e:
+        raise gr2.Gr2IOError(f"cannot write {what}: {e}") from e
 
 
 # The catalog's own item id of every item_idx the index was built or updated for. The index is
