@@ -254,9 +254,12 @@ impl SidIndex {
             built.sorted_keys,
             Buf::Owned(built.item_pos),
             0,
+            None,
         ))
     }
 
+    /// The index over these arrays; `lookups` are the two bucket tables (id side, key side)
+    /// when the caller already has them for these arrays, else they are built here.
     #[allow(clippy::too_many_arguments)]
     fn from_parts(
         layout: KeyLayout,
@@ -266,27 +269,14 @@ impl SidIndex {
         sorted_keys: Keys,
         item_pos: Buf<u32>,
         generation: u32,
+        lookups: Option<(SortedLookup, SortedLookup)>,
     ) -> Self {
-        let (id_lookup, key_lookup) = rayon::join(
-            || SortedLookup::new(sorted_ids.as_slice()),
-            || with_keys!(sorted_keys, |keys| SortedLookup::new(keys)),
-        );
-        Self::with_lookups(layout, report, sorted_ids, sid_pos, sorted_keys, item_pos, generation, id_lookup, key_lookup)
-    }
-
-    /// [`from_parts`](Self::from_parts) with the two bucket tables already made for these arrays.
-    #[allow(clippy::too_many_arguments)]
-    fn with_lookups(
-        layout: KeyLayout,
-        report: RepairReport,
-        sorted_ids: Buf<u64>,
-        sid_pos: Buf<u32>,
-        sorted_keys: Keys,
-        item_pos: Buf<u32>,
-        generation: u32,
-        id_lookup: SortedLookup,
-        key_lookup: SortedLookup,
-    ) -> Self {
+        let (id_lookup, key_lookup) = lookups.unwrap_or_else(|| {
+            rayon::join(
+                || SortedLookup::new(sorted_ids.as_slice()),
+                || with_keys!(sorted_keys, |keys| SortedLookup::new(keys)),
+            )
+        });
         SidIndex { layout, report, sorted_ids, sid_pos, sorted_keys, item_pos, id_lookup, key_lookup, generation }
     }
 

@@ -231,6 +231,7 @@ impl SidIndex {
             sorted_keys,
             Buf::Owned(new_item_pos),
             generation,
+            None,
         ))
     }
 
@@ -324,7 +325,7 @@ impl SidIndex {
             || self.key_lookup.with_inserted(&sorted_keys, new.iter().map(|&(key, _, _)| key)),
         );
         let sorted_keys = K::owned(sorted_keys);
-        SidIndex::with_lookups(
+        SidIndex::from_parts(
             self.layout.clone(),
             report,
             Buf::Owned(sorted_ids),
@@ -332,8 +333,7 @@ impl SidIndex {
             sorted_keys,
             Buf::Owned(new_item_pos),
             generation,
-            id_lookup,
-            key_lookup,
+            Some((id_lookup, key_lookup)),
         )
     }
 }
