@@ -611,77 +611,101 @@ fn interleave_pairs<A: Copy + Send + Sync, B: Send>(
 
 /// `#{i : steps[i] <= x}` for a sorted `steps` with values in `0..=n`. Every old element's new
 /// position needs one such count at a random `x` (the position arrays are permutations), so the
-/// structure must stay in the core's cache while the merged arrays are streamed, and the count
-/// must not branch on how many steps are near `x`: one `u32` count per [`STEP_STRIDE`] values plus
-/// one byte per step (its offset inside its stride), about 310 KB + m bytes at n = 10M, counted
-/// eight at a time with SWAR arithmetic. (The n / 4-byte table this replaced missed the cache on
-/// most old items: ~60 ns per item on the shared 2-core box.)
+/// count must cost one cache line that can be prefetched ahead and no branch on how many steps are
+/// near `x`: one 16-byte [`Stride`] per [`STEP_STRIDE`] values (the steps before it and the offsets
+/// of its first 8 steps), 625 KB at n = 10M, its offsets compared 8 at a time. (The n / 4-byte
+/// table this replaced missed the cache on most old items: ~60 ns per item on the shared 2-core
+/// box.)
 struct StepCount {
-    /// `table[b]` = `#{i : steps[i] < b * STEP_STRIDE}`
-    table: Vec<u32>,
-    /// `steps[i] % STEP_STRIDE`, ascending within each stride, then 8 bytes of padding.
+    strides: Vec<Stride>,
+    /// `steps[i] % STEP_STRIDE`, ascending within each stride: for strides of more than 8 steps.
     low: Vec<u8>,
 }
 
-/// 128, so an offset fits 7 bits and the SWAR compare below cannot borrow across bytes.
-const STEP_STRIDE: usize = 128;
-const BYTES_LOW: u64 = 0x0101_0101_0101_0101;
+#[derive(Clone, Copy)]
+#[repr(C, align(16))]
+struct Stride {
+    /// `#{i : steps[i] < b * STEP_STRIDE}` for stride `b`
+    before: u32,
+    /// steps inside the stride
+    count: u32,
+    /// offsets of its first 8 steps inside the stride, ascending (unused bytes: 0xff)
+    low: [u8; 8],
+}
+
+const STEP_STRIDE: usize = 256;
 
 impl StepCount {
     fn new(steps: &[usize], n: usize) -> Self {
-        let buckets = n / STEP_STRIDE + 2;
-        let mut table = Vec::with_capacity(buckets);
+        let buckets = n / STEP_STRIDE + 1;
+        let mut strides = Vec::with_capacity(buckets);
         let mut i = 0;
         for b in 0..buckets {
-            while i < steps.len() && steps[i] < b * STEP_STRIDE {
+            let before = i;
+            let mut low = [u8::MAX; 8];
+            while i < steps.len() && steps[i] < (b + 1) * STEP_STRIDE {
+                if let Some(slot) = low.get_mut(i - before) {
+                    *slot = (steps[i] % STEP_STRIDE) as u8;
+                }
                 i += 1;
             }
-            table.push(i as u32);
+            strides.push(Stride { before: before as u32, count: (i - before) as u32, low });
         }
-        let mut low: Vec<u8> = steps.iter().map(|&s| (s % STEP_STRIDE) as u8).collect();
-        low.extend([0; 8]);
-        StepCount { table, low }
+        let low = steps.iter().map(|&s| (s % STEP_STRIDE) as u8).collect();
+        StepCount { strides, low }
     }
 
     #[inline(always)]
     fn at_most(&self, x: usize) -> usize {
-        let b = x / STEP_STRIDE;
-        let (lo, hi) = (self.table[b] as usize, self.table[b + 1] as usize);
+        let stride = &self.strides[x / STEP_STRIDE];
         let within = (x % STEP_STRIDE) as u8;
-        let count = hi - lo;
-        if count > 8 {
+        let lo = stride.before as usize;
+        if stride.count > 8 {
+            let hi = lo + stride.count as usize;
             return lo + self.low[lo..hi].partition_point(|&s| s <= within); // clustered steps
         }
-        // byte k of `diff` is 0x80 + within - low[lo + k] (no borrows: every offset is < 0x80),
-        // whose top bit is set exactly when low[lo + k] <= within
-        let eight = u64::from_le_bytes(self.low[lo..lo + 8].try_into().unwrap_or_default());
-        let diff = (u64::from(within) | 0x80) * BYTES_LOW - (eight & (0x7f * BYTES_LOW));
-        let first = if count == 8 { u64::MAX } else { (1u64 << (8 * count)) - 1 };
-        lo + (diff & first & (0x80 * BYTES_LOW)).count_ones() as usize
+        lo + count_at_most(stride.low, within, stride.count)
     }
 
-    /// `(x, self.at_most(x))` for `x = positions[i]`, the element a merge pass streams at `i`.
-    /// It also starts loading what the counts of `positions[i + 32]` (the table entry) and of
-    /// `positions[i + 16]` (its offsets, found through the entry loaded 16 elements ago) will
-    /// read, so the random accesses of successive elements overlap instead of each waiting for
-    /// its cache misses (halved the merge passes' time at n = 10M).
+    /// `(x, self.at_most(x))` for `x = positions[i]`, the element a merge pass streams at `i`; it
+    /// also starts loading the stride `positions[i + SHIFT_AHEAD]` will read, so the random
+    /// accesses of successive elements overlap instead of each waiting for its cache miss
+    /// (halved the merge passes' time at n = 10M).
     #[inline(always)]
     fn at(&self, positions: &[u32], i: usize) -> (usize, usize) {
-        if let Some(&ahead) = positions.get(i + SHIFT_AHEAD[0]) {
-            prefetch(&self.table, ahead as usize / STEP_STRIDE + 1);
-        }
-        if let Some(&ahead) = positions.get(i + SHIFT_AHEAD[1]) {
-            if let Some(&lo) = self.table.get(ahead as usize / STEP_STRIDE) {
-                prefetch(&self.low, lo as usize);
-            }
+        if let Some(&ahead) = positions.get(i + SHIFT_AHEAD) {
+            prefetch(&self.strides, ahead as usize / STEP_STRIDE);
         }
         let x = positions[i] as usize;
         (x, self.at_most(x))
     }
 }
 
-/// How far ahead (in streamed elements) [`StepCount::at`] prefetches the table, then the offsets.
-const SHIFT_AHEAD: [usize; 2] = [32, 16];
+/// How many of the first `count` (<= 8) bytes of `low` are <= `within`.
+#[inline(always)]
+fn count_at_most(low: [u8; 8], within: u8, count: u32) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_cmpgt_epi8, _mm_loadl_epi64, _mm_movemask_epi8, _mm_set1_epi8, _mm_xor_si128};
+        // SAFETY: SSE2 is part of x86_64; the load reads the 8 bytes of `low`.
+        let above = unsafe {
+            // unsigned s > within as a signed compare of both with the top bit flipped
+            let flip = _mm_set1_epi8(i8::MIN);
+            let s = _mm_xor_si128(_mm_loadl_epi64(low.as_ptr().cast()), flip);
+            let w = _mm_xor_si128(_mm_set1_epi8(within as i8), flip);
+            _mm_movemask_epi8(_mm_cmpgt_epi8(s, w)) as u32
+        };
+        (!above & ((1u32 << count) - 1)).count_ones() as usize
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        low[..count as usize].iter().filter(|&&s| s <= within).count()
+    }
+}
+
+/// How far ahead (in streamed elements) [`StepCount::at`] prefetches the stride.
+const SHIFT_AHEAD: usize = 24;
+
 
 /// `old(j)` for every `j < n` not in the sorted, duplicate-free `gone`, in order; each element is
 /// a pair, written to two arrays.
