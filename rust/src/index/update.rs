@@ -741,3 +741,40 @@ fn partition_index(len: usize, pred: impl Fn(usize) -> bool) -> usize {
     }
     lo
 }
+
+#[cfg(test)]
+mod step_count_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(256)))]
+
+        /// Against a plain count, with steps spread out, clustered (many in one stride, or many
+        /// equal), at stride ends (offset 255) and at n.
+        #[test]
+        fn at_most_counts_the_steps(
+            n in 1usize..2000,
+            raw in proptest::collection::vec((0usize..2001, 0u8..4), 0..300),
+        ) {
+            let mut steps: Vec<usize> = raw
+                .iter()
+                .map(|&(s, kind)| match kind {
+                    0 => s.min(n),
+                    1 => (s % 3) * STEP_STRIDE + STEP_STRIDE - 1, // last offset of a stride
+                    2 => n,
+                    _ => (s % 8).min(n),                            // clustered at the start
+                })
+                .filter(|&s| s <= n)
+                .collect();
+            steps.sort_unstable();
+            let counts = StepCount::new(&steps, n);
+            let positions: Vec<u32> = (0..n as u32).rev().collect();
+            for (i, &x) in positions.iter().enumerate() {
+                let want = steps.iter().filter(|&&s| s <= x as usize).count();
+                prop_assert_eq!(counts.at_most(x as usize), want, "x = {}", x);
+                prop_assert_eq!(counts.at(&positions, i), (x as usize, want));
+            }
+        }
+    }
+}
