@@ -475,9 +475,10 @@ def update_index(run_dir: str | Path, config: SidConfig | None = None, item_ids:
     record_path.unlink(missing_ok=True)
     try:
         index.save(str(index_path))
-    except BaseException:
-        # the save is atomic: the old index is still there, so its record is valid again (if this
-        # fails too, the marker makes the next run re-record the old index, as after a kill)
+    except Exception:
+        # the save is atomic and failed (a full disk): the old index is still there, so its record
+        # is valid again (if this fails too, or on a kill, the marker makes the next run re-record
+        # the index on disk)
         if record is not None:
             with contextlib.suppress(OSError):
                 rundir.atomic_write_bytes(record_path, record)
