@@ -90,41 +90,23 @@ impl SortedLookup {
         shift
     }
 
-    /// The table of `merged`, which is `old` (the array this table was built from) with the
-    /// ascending values `inserted` added (none of them already there). Always equal to
-    /// `SortedLookup::new(merged)`; when the first value stays (the usual case for a small
-    /// extension) it is computed from this table, `inserted` and, where the buckets get narrower,
-    /// one search inside each old bucket, without the pass over `merged`.
-    pub fn with_inserted<T: Key>(&self, old: &[T], merged: &[T], inserted: impl IntoIterator<Item = u64>) -> Self {
+    /// The table of `merged`, which is the array this table was built from with the ascending
+    /// values `inserted` added (none of them already there). Always equal to
+    /// `SortedLookup::new(merged)`; when the first value and the bucket width stay (the usual case
+    /// for a small extension) it is computed from this table and `inserted` alone, without the
+    /// pass over `merged`.
+    pub fn with_inserted<T: Key>(&self, merged: &[T], inserted: impl IntoIterator<Item = u64>) -> Self {
         let len = merged.len();
         let (Some(first), Some(last)) = (merged.first().copied().map(wide), merged.last().copied().map(wide)) else {
             return Self::new(merged);
         };
         let span = last - first;
-        if self.dense || first != self.first || span == (len - 1) as u64 {
+        if self.dense || first != self.first || span == (len - 1) as u64 || Self::shift_for(span, len) != self.shift {
             return Self::new(merged);
         }
-        let shift = Self::shift_for(span, len);
+        let shift = self.shift;
         let buckets = (span >> shift) as usize + 1;
         let old_buckets = self.starts.len() - 1;
-        // #{old values whose new bucket is < b}
-        let old_below = |b: usize| -> u32 {
-            if shift >= self.shift {
-                let ob = b.checked_shl(shift - self.shift).filter(|&ob| ob >> (shift - self.shift) == b);
-                return self.starts[ob.map_or(old_buckets, |ob| ob.min(old_buckets))];
-            }
-            let finer = self.shift - shift;
-            let ob = b >> finer;
-            if ob >= old_buckets {
-                return self.starts[old_buckets];
-            }
-            let (lo, hi) = (self.starts[ob], self.starts[ob + 1]);
-            if b & ((1 << finer) - 1) == 0 {
-                return lo;
-            }
-            let window = &old[lo as usize..hi as usize];
-            lo + window.partition_point(|&x| ((wide(x).wrapping_sub(first) >> shift) as usize) < b) as u32
-        };
         let mut inserted = inserted.into_iter().map(|x| ((x - first) >> shift) as usize).peekable();
         let mut added = 0u32;
         let mut starts = Vec::with_capacity(buckets + 1);
@@ -133,7 +115,7 @@ impl SortedLookup {
             while inserted.next_if(|&bucket| bucket < b).is_some() {
                 added += 1;
             }
-            starts.push(old_below(b) + added);
+            starts.push(self.starts[b.min(old_buckets)] + added);
         }
         SortedLookup { first, len, shift, starts, dense: false }
     }
@@ -325,12 +307,12 @@ mod tests {
             let old: Vec<u64> = all.iter().enumerate().filter(|&(i, _)| picks[i] != 0).map(|(_, &x)| x).collect();
             let inserted: Vec<u64> = all.iter().enumerate().filter(|&(i, _)| picks[i] == 0).map(|(_, &x)| x).collect();
             prop_assume!(!old.is_empty());
-            let got = SortedLookup::new(&old).with_inserted(&old, &all, inserted.iter().copied());
+            let got = SortedLookup::new(&old).with_inserted(&all, inserted.iter().copied());
             prop_assert!(same_table(&got, &SortedLookup::new(&all)));
             if all.iter().all(|&x| x <= u64::from(u32::MAX)) {
                 let (old32, all32): (Vec<u32>, Vec<u32>) =
                     (old.iter().map(|&x| x as u32).collect(), all.iter().map(|&x| x as u32).collect());
-                let got = SortedLookup::new(&old32).with_inserted(&old32, &all32, inserted.iter().copied());
+                let got = SortedLookup::new(&old32).with_inserted(&all32, inserted.iter().copied());
                 prop_assert!(same_table(&got, &SortedLookup::new(&all32)));
             }
         }

@@ -321,8 +321,8 @@ impl SidIndex {
         report.items_disambiguated += tally.disambiguated;
         // the bucket tables from the old ones plus the new items (no pass over the merged arrays)
         let (id_lookup, key_lookup) = rayon::join(
-            || self.id_lookup.with_inserted(ids, &sorted_ids, by_id.iter().map(|&(id, _)| id)),
-            || self.key_lookup.with_inserted(keys, &sorted_keys, new.iter().map(|&(key, _, _)| key)),
+            || self.id_lookup.with_inserted(&sorted_ids, by_id.iter().map(|&(id, _)| id)),
+            || self.key_lookup.with_inserted(&sorted_keys, new.iter().map(|&(key, _, _)| key)),
         );
         let sorted_keys = K::owned(sorted_keys);
         SidIndex::from_parts(
