@@ -118,15 +118,52 @@ def item_embeddings(run_dir: str | Path, config: SidConfig, progress: bool = Tru
 def item_popularity(run_dir: str | Path, n_items: int) -> np.ndarray | None:
     """Interactions per item_idx over every user's whole sequence in ``data/sequences``; None when
     the data stage wrote no sequences."""
-    try:
-        sequences = load_sequences(run_dir)
-    except DataError:
+    rows = consumption_sequences(run_dir)
+    if rows is None:
         return None
-    rows = [np.asarray(items, dtype=np.int64) for items in sequences["items"]]
     flat = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
     if len(flat) and (flat.min() < 0 or flat.max() >= n_items):
         raise DataError(f"data/sequences hold item_idx outside 0..{n_items - 1}; rerun the data stage")
     return np.bincount(flat, minlength=n_items).astype(np.float64)
+
+
+def consumption_sequences(run_dir: str | Path) -> list[np.ndarray] | None:
+    """Every user's whole sequence of item_idx from ``data/sequences`` (for the co-occurrence
+    diagnostics); None when the data stage wrote no sequences."""
+    try:
+        sequences = load_sequences(run_dir)
+    except DataError:
+        return None
+    return [np.asarray(items, dtype=np.int64) for items in sequences["items"]]
+
+
+def index_diagnostics(run_dir: str | Path, index: Any, codebook_size: int) -> dict[str, Any] | None:
+    """The diagnostics recomputed on the SIDs an index holds now (after an update): the input
+    codes of the items placed before are not kept, so every figure is computed on the index's
+    first ``levels_in`` levels; neighbour agreement needs every item's embedding and is left out.
+    Popularity and co-occurrence count the items of ``data/sequences`` the index holds (an item it
+    lacks splits a sequence: no pair is made across it)."""
+    if len(index) == 0:
+        return None
+    ids = np.sort(index.item_ids())  # item_idx, plus any explicit ids added above the data's
+    sids = index.sids(ids)
+    levels_in = int(index.repair_report()["levels_in"])
+    sequences = consumption_sequences(run_dir)
+    rows = None
+    if sequences is not None and len(ids):
+        rows = []
+        for seq in sequences:
+            pos = np.searchsorted(ids, seq.astype(np.uint64))
+            present = ids[np.minimum(pos, len(ids) - 1)] == seq.astype(np.uint64)
+            pieces = np.split(pos, np.flatnonzero(~present))
+            rows.extend([pieces[0], *(piece[1:] for piece in pieces[1:])])
+    popularity = None
+    if rows is not None:
+        flat = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        popularity = np.bincount(flat, minlength=len(ids)).astype(np.float64)
+    diag = sid_diagnostics(sids[:, :levels_in], sids, codebook_size, popularity=popularity, sequences=rows)
+    diag["computed_on"] = f"index SIDs, generation {index.generation} (earlier items' input codes are not kept)"
+    return diag
 
 
 def _duplicate_text_items(texts: list[str]) -> int:
@@ -193,6 +230,11 @@ def _record_update(stage_dir: Path, key: str, index: Any, step: dict[str, Any] |
         report["updates"] = [*report.get("updates", []), step]
     report.update(items=len(index), index_levels=index.levels, generation=index.generation,
                   repair=index.repair_report())
+    # the diagnostics describe the index as it is now (also when finishing an interrupted update)
+    report["diagnostics"] = index_diagnostics(stage_dir.parent, index, int(report.get("codebook_size") or
+                                                                           max(index.level_sizes)))
+    if report["diagnostics"] is not None:
+        plot_diagnostics(report["diagnostics"], stage_dir / "diagnostics.png")
     rundir.atomic_write_json(report_path, report)
     step = step or {}
     summary = {"items": len(index), "levels": index.levels, "generation": index.generation,
@@ -235,6 +277,7 @@ def _run_sid(run_dir: str | Path, config: SidConfig, key: str, progress: bool) -
     diagnostics = sid_diagnostics(
         codes, final_codes, rq.codebook_size, embeddings=embeddings, popularity=item_popularity(run_dir, len(texts)),
         sample=config.diagnostics_sample, k=config.diagnostics_k, seed=config.diagnostics_seed,
+        sequences=consumption_sequences(run_dir),
     )
     plot_diagnostics(diagnostics, stage_dir / "diagnostics.png")
     timings["diagnostics_s"] = time.perf_counter() - t
@@ -364,14 +407,42 @@ def update_index(run_dir: str | Path, config: SidConfig | None = None, item_ids:
         return {"items": len(index), "added": 0, "removed": 0, "generation": index.generation}
     # Every check passed: replace the file (atomic), then the records. The marker makes a kill in
     # between finish the records at the next run instead of rebuilding the stage.
-    rundir.atomic_write_json(stage_dir / UPDATE_MARKER, {"key": key, "parent_sha256": parent})
-    (stage_dir / rundir.STAGE_FILE).unlink(missing_ok=True)
-    index.save(str(index_path))
-    _save_catalog_ids(stage_dir, catalog_ids)
+    record_path = stage_dir / rundir.STAGE_FILE
+    record = record_path.read_bytes() if record_path.exists() else None
+    with _typed_write_errors(f"the update marker {stage_dir / UPDATE_MARKER}"):
+        rundir.atomic_write_json(stage_dir / UPDATE_MARKER, {"key": key, "parent_sha256": parent})
+    record_path.unlink(missing_ok=True)
+    try:
+        index.save(str(index_path))
+    except Exception:
+        # the save is atomic and failed (a full disk): the old index is still there, so its record
+        # is valid again (if this fails too, or on a kill, the marker makes the next run re-record
+        # the index on disk)
+        if record is not None:
+            with contextlib.suppress(OSError):
+                rundir.atomic_write_bytes(record_path, record)
+                (stage_dir / UPDATE_MARKER).unlink(missing_ok=True)
+        raise
     step = {"generation": index.generation, "parent_sha256": parent, "added": int(len(item_ids)),
             "removed": 0 if remove is None else int(len(remove)), "items": len(index),
             "seconds": round(time.perf_counter() - start, 2)}
-    return _record_update(stage_dir, key, index, step)
+    # The new index is in place; a failure from here on leaves the marker, and the next run of the
+    # stage finishes these records from it.
+    with _typed_write_errors(f"the records in {stage_dir} after the update (the new index is saved; the next "
+                             "`gr2 sid` run finishes them)"):
+        _save_catalog_ids(stage_dir, catalog_ids)
+        return _record_update(stage_dir, key, index, step)
+
+
+@contextlib.contextmanager
+def _typed_write_errors(what: str):
+    """An OSError (a full disk) while writing ``what`` as a Gr2IOError naming the file."""
+    try:
+        yield
+    except gr2.Gr2Error:
+        raise
+    except OSError as e:
+        raise gr2.Gr2IOError(f"cannot write {what}: {e}") from e
 
 
 # The catalog's own item id of every item_idx the index was built or updated for. The index is

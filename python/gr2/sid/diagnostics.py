@@ -14,6 +14,10 @@
   embedding neighbours (cosine, the item itself excluded) that share its prefix of length l, for
   l = 1..L, next to the same share for a random other item (its exact expectation,
   (bucket size - 1) / (N - 1)) and their ratio (lift);
+* ``cooccurrence_alignment``: for the pairs of different items consumed one after the other in a
+  user's sequence, the share that share their prefix of length l, for l = 1..L, next to the
+  share expected for random pairs drawn with the same item frequencies (and for uniformly random
+  pairs), and their ratio (lift): do items consumed together sit under the same prefixes?
 * ``popularity``: the Gini of item popularity, the Gini of popularity mass over the level-1 codes
   in use, the share of the most popular level-1 code and the sorted shares.
 
@@ -216,6 +220,69 @@ def _neighbour_agreement(codes: np.ndarray, groups: list[np.ndarray], embeddings
     }
 
 
+def consecutive_pairs(sequences: Any, n: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(first, second, repeats)``: the rows of every two items consumed one after the other in
+    one of ``sequences`` (each a 1-D array of row indices into the N items), without the pairs of
+    an item with itself (``repeats`` counts those)."""
+    if isinstance(sequences, np.ndarray) and sequences.dtype != object:
+        raise InvalidInputError("sequences must be a list of 1-D integer arrays (one per user), not one array")
+    rows = []
+    for user, seq in enumerate(sequences):
+        seq = np.asarray(seq)
+        if seq.ndim != 1 or (len(seq) and not np.issubdtype(seq.dtype, np.integer)):
+            raise InvalidInputError(f"sequences[{user}] must be a 1-D integer array, got shape {seq.shape} "
+                                    f"dtype {seq.dtype}")
+        if len(seq) and (int(seq.min()) < 0 or int(seq.max()) >= n):
+            raise InvalidInputError(f"sequences[{user}] holds item rows outside 0..{n - 1}")
+        rows.append(seq.astype(np.int64, copy=False))
+    if not rows:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0
+    flat = np.concatenate(rows)
+    ends = np.cumsum([len(r) for r in rows])
+    follows = np.ones(max(len(flat) - 1, 0), dtype=bool)  # flat[i + 1] follows flat[i] in one sequence
+    follows[ends[ends < len(flat)] - 1] = False
+    first, second = flat[:-1][follows], flat[1:][follows]
+    different = first != second
+    return first[different], second[different], int((~different).sum())
+
+
+def _cooccurrence_alignment(groups: list[np.ndarray], sequences: Any) -> dict[str, Any] | None:
+    n = len(groups[0])
+    first, second, repeats = consecutive_pairs(sequences, n)
+    pairs = len(first)
+    if pairs == 0:
+        return None
+    # Random pairs: the first item drawn as often as it is a pair's first item, the second as often
+    # as it is a second, independently, and kept only when they differ (a co-consumed pair never
+    # pairs an item with itself). Counted in integers so an impossible match is exactly 0.
+    dtype = np.int64 if pairs < 3_000_000_000 else np.float64  # sums of count products < 2**63
+    same_item = int(np.bincount(first, minlength=n).astype(dtype) @ np.bincount(second, minlength=n).astype(dtype))
+    per_prefix = []
+    for length in range(1, len(groups)):
+        g = groups[length]
+        share = float((g[first] == g[second]).mean())
+        width = int(g.max()) + 1
+        both = int(np.bincount(g[first], minlength=width).astype(dtype)
+                   @ np.bincount(g[second], minlength=width).astype(dtype))
+        matched = (both - same_item) / (pairs * pairs - same_item) if pairs * pairs > same_item else None
+        counts = np.bincount(g).astype(np.float64)
+        uniform = float((counts * (counts - 1)).sum() / (n * (n - 1))) if n > 1 else None
+        per_prefix.append({
+            "prefix_length": length,
+            "share": share,
+            "random_baseline": matched,
+            "uniform_baseline": uniform,
+            "lift": share / matched if matched else None,
+        })
+    return {
+        "pairs": int(pairs),
+        "repeats_skipped": repeats,
+        "level1_share": per_prefix[0]["share"],
+        "level1_lift": per_prefix[0]["lift"],
+        "per_prefix": per_prefix,
+    }
+
+
 def _popularity(popularity: np.ndarray, level1: np.ndarray) -> dict[str, Any]:
     mass = np.bincount(level1, weights=popularity)
     used = mass[np.bincount(level1) > 0]
@@ -240,6 +307,7 @@ def sid_diagnostics(
     sample: int = 1000,
     k: int = 10,
     seed: int = 0,
+    sequences: Any = None,
 ) -> dict[str, Any]:
     """Diagnostics of a SID assignment (see the module docstring for every figure).
 
@@ -249,6 +317,8 @@ def sid_diagnostics(
     agreement, as does ``sample=0``); ``popularity``: (N,) non-negative interaction counts (None
     skips the popularity figures). Neighbour agreement uses ``sample`` items drawn without
     replacement by ``numpy.random.default_rng(seed)`` and their ``min(k, N-1)`` nearest neighbours.
+    ``sequences``: one 1-D integer array of row indices (0..N-1) per user, in consumption order
+    (None skips the co-occurrence alignment).
     """
     before = _codes(codes_before_repair, "codes_before_repair")
     after = _codes(codes_after_repair, "codes_after_repair")
@@ -294,6 +364,7 @@ def sid_diagnostics(
         "repair": _repair(before, after),
         "neighbour_agreement": (
             _neighbour_agreement(before, groups, embeddings, sample, k, seed) if embeddings is not None else None),
+        "cooccurrence_alignment": _cooccurrence_alignment(groups, sequences) if sequences is not None else None,
         "popularity": _popularity(popularity, before[:, 0]) if popularity is not None else None,
     }
 
@@ -334,9 +405,17 @@ def plot_diagnostics(diag: dict[str, Any], path: str | os.PathLike) -> None:
         ax.plot(lengths, [row["random_baseline"] for row in agreement["per_prefix"]], "s--", label="random pair")
         ax.set(xticks=lengths, ylim=(0, 1.05))
         ax.legend(fontsize=8)
-    else:
+    cooccurrence = diag.get("cooccurrence_alignment")
+    if cooccurrence:
+        lengths = [row["prefix_length"] for row in cooccurrence["per_prefix"]]
+        ax.plot(lengths, [row["share"] for row in cooccurrence["per_prefix"]], "^-", label="co-consumed pair")
+        ax.plot(lengths, [row["random_baseline"] or 0.0 for row in cooccurrence["per_prefix"]], "v:",
+                label="random pair, same item frequencies")
+        ax.set(xticks=lengths, ylim=(0, 1.05))
+        ax.legend(fontsize=8)
+    if not agreement and not cooccurrence:
         ax.text(0.5, 0.5, "not computed", ha="center", va="center", transform=ax.transAxes)
-    ax.set(title="neighbour agreement (share sharing prefix)", xlabel="prefix length")
+    ax.set(title="neighbour / co-occurrence agreement (share sharing prefix)", xlabel="prefix length")
 
     ax = axes[3]
     popularity = diag.get("popularity")
@@ -353,4 +432,4 @@ def plot_diagnostics(diag: dict[str, Any], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-__all__ = ["sid_diagnostics", "plot_diagnostics", "gini", "nearest_neighbours"]
+__all__ = ["sid_diagnostics", "plot_diagnostics", "gini", "nearest_neighbours", "consecutive_pairs"]

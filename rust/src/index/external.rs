@@ -464,7 +464,14 @@ impl SidIndexWriter {
             done += take;
             if self.runs.buf.len() >= self.chunk_items {
                 if let Err(e) = self.runs.flush() {
-                    let err = Gr2Error::io(format!("cannot write a sorted run in {}", self.temp.path.display()), e);
+                    let err = Gr2Error::io(
+                        format!(
+                            "SID index build of {}: cannot write a sorted run in {}",
+                            self.path.display(),
+                            self.temp.path.display()
+                        ),
+                        e,
+                    );
                     self.broken = Some(err.to_string());
                     return Err(err);
                 }
@@ -481,9 +488,11 @@ impl SidIndexWriter {
         let SidIndexWriter { path, layout, chunk_items, temp, runs, rows: n, .. } = self;
         let dir = temp.path.clone();
         let io = |what: &str| {
-            let dir = dir.clone();
+            let (dir, target) = (dir.clone(), path.clone());
             let what = what.to_string();
-            move |e: std::io::Error| Gr2Error::io(format!("SID index build in {}: cannot {what}", dir.display()), e)
+            move |e: std::io::Error| {
+                Gr2Error::io(format!("SID index build of {} (in {}): cannot {what}", target.display(), dir.display()), e)
+            }
         };
         let by_id_runs = runs.finish().map_err(io("write a sorted run"))?;
 

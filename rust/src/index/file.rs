@@ -341,6 +341,7 @@ fn from_file_bytes(file: FileBytes, corrupt: impl Fn(String) -> Gr2Error, verify
         },
         in_file(&file, section(5)),
         layout.generation,
+        None,
     );
     if verify {
         check_arrays(&index).map_err(corrupt)?;

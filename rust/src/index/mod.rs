@@ -254,9 +254,12 @@ impl SidIndex {
             built.sorted_keys,
             Buf::Owned(built.item_pos),
             0,
+            None,
         ))
     }
 
+    /// The index over these arrays; `lookups` are the two bucket tables (id side, key side)
+    /// when the caller already has them for these arrays, else they are built here.
     #[allow(clippy::too_many_arguments)]
     fn from_parts(
         layout: KeyLayout,
@@ -266,11 +269,14 @@ impl SidIndex {
         sorted_keys: Keys,
         item_pos: Buf<u32>,
         generation: u32,
+        lookups: Option<(SortedLookup, SortedLookup)>,
     ) -> Self {
-        let (id_lookup, key_lookup) = rayon::join(
-            || SortedLookup::new(sorted_ids.as_slice()),
-            || with_keys!(sorted_keys, |keys| SortedLookup::new(keys)),
-        );
+        let (id_lookup, key_lookup) = lookups.unwrap_or_else(|| {
+            rayon::join(
+                || SortedLookup::new(sorted_ids.as_slice()),
+                || with_keys!(sorted_keys, |keys| SortedLookup::new(keys)),
+            )
+        });
         SidIndex { layout, report, sorted_ids, sid_pos, sorted_keys, item_pos, id_lookup, key_lookup, generation }
     }
 

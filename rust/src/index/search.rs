@@ -63,11 +63,7 @@ impl SortedLookup {
         if span == (len - 1) as u64 {
             return SortedLookup { first, len, shift: 0, starts: Vec::new(), dense: true };
         }
-        let target_buckets = (len / BUCKET_LOAD).max(1) as u64;
-        let mut shift = 0;
-        while shift < 63 && (span >> shift) >= target_buckets {
-            shift += 1;
-        }
+        let shift = Self::shift_for(span, len);
         let buckets = (span >> shift) as usize + 1;
         let mut starts = vec![0u32; buckets + 1];
         for &x in sorted {
@@ -80,6 +76,46 @@ impl SortedLookup {
         }
         for b in 0..buckets {
             starts[b + 1] += starts[b];
+        }
+        SortedLookup { first, len, shift, starts, dense: false }
+    }
+
+    /// The bucket width (as a shift) for `len` values spanning `span`.
+    fn shift_for(span: u64, len: usize) -> u32 {
+        let target_buckets = (len / BUCKET_LOAD).max(1) as u64;
+        let mut shift = 0;
+        while shift < 63 && (span >> shift) >= target_buckets {
+            shift += 1;
+        }
+        shift
+    }
+
+    /// The table of `merged`, which is the array this table was built from with the ascending
+    /// values `inserted` added (none of them already there). Always equal to
+    /// `SortedLookup::new(merged)`; when the first value and the bucket width stay (the usual case
+    /// for a small extension) it is computed from this table and `inserted` alone, without the
+    /// pass over `merged`.
+    pub fn with_inserted<T: Key>(&self, merged: &[T], inserted: impl IntoIterator<Item = u64>) -> Self {
+        let len = merged.len();
+        let (Some(first), Some(last)) = (merged.first().copied().map(wide), merged.last().copied().map(wide)) else {
+            return Self::new(merged);
+        };
+        let span = last - first;
+        if self.dense || first != self.first || span == (len - 1) as u64 || Self::shift_for(span, len) != self.shift {
+            return Self::new(merged);
+        }
+        let shift = self.shift;
+        let buckets = (span >> shift) as usize + 1;
+        let old_buckets = self.starts.len() - 1;
+        let mut inserted = inserted.into_iter().map(|x| ((x - first) >> shift) as usize).peekable();
+        let mut added = 0u32;
+        let mut starts = Vec::with_capacity(buckets + 1);
+        for b in 0..=buckets {
+            // starts[b] = #{values whose bucket is < b}
+            while inserted.next_if(|&bucket| bucket < b).is_some() {
+                added += 1;
+            }
+            starts.push(self.starts[b.min(old_buckets)] + added);
         }
         SortedLookup { first, len, shift, starts, dense: false }
     }
@@ -118,6 +154,52 @@ impl SortedLookup {
         // entries of earlier buckets are < x, of later ones > x
         let (start, end) = (self.starts[bucket] as usize, self.starts[bucket + 1] as usize);
         start + sorted[start..end].partition_point(|&k| wide(k) < x)
+    }
+
+    /// [`lower_bound`](Self::lower_bound) of every query, [`LANES`] queries in lockstep so their
+    /// cache misses overlap (for thousands of queries into a large array).
+    pub fn lower_bounds<T: Key>(&self, sorted: &[T], queries: &[u64], out: &mut [usize]) {
+        debug_assert_eq!(queries.len(), out.len());
+        if self.dense || self.len == 0 {
+            for (slot, &x) in out.iter_mut().zip(queries) {
+                *slot = self.lower_bound(sorted, x);
+            }
+            return;
+        }
+        for (qs, os) in queries.chunks(LANES).zip(out.chunks_mut(LANES)) {
+            // os[lane] + size[lane]: the window still searched (entries before it are < x)
+            let mut size = [0usize; LANES];
+            let mut widest = 0;
+            for lane in 0..qs.len() {
+                let (start, end) = match qs[lane].checked_sub(self.first) {
+                    None => (0, 0),
+                    Some(offset) => {
+                        let bucket = (offset >> self.shift) as usize;
+                        if bucket + 1 >= self.starts.len() {
+                            (self.len, self.len)
+                        } else {
+                            (self.starts[bucket] as usize, self.starts[bucket + 1] as usize)
+                        }
+                    }
+                };
+                os[lane] = start;
+                size[lane] = end - start;
+                widest = widest.max(size[lane]);
+            }
+            // invariant: sorted[os - 1] < x (or os = window start) and sorted[os + size..] >= x
+            let mut remaining = widest;
+            while remaining > 0 {
+                for lane in 0..qs.len() {
+                    let half = size[lane] / 2;
+                    let mid = os[lane] + half;
+                    // a lane with size 0 compares nothing useful and keeps its state
+                    let below = size[lane] > 0 && wide(sorted[mid.min(self.len - 1)]) < qs[lane];
+                    os[lane] = if below { mid + 1 } else { os[lane] };
+                    size[lane] = if below { size[lane] - half - 1 } else { half };
+                }
+                remaining /= 2;
+            }
+        }
     }
 
     /// Position of `x` in `sorted` (the array this table was built from).
@@ -184,6 +266,12 @@ mod tests {
         let table = SortedLookup::new(sorted);
         let mut out = vec![0u32; queries.len()];
         table.find_many(sorted, queries, &mut out);
+        let mut bounds = vec![0usize; queries.len()];
+        table.lower_bounds(sorted, queries, &mut bounds);
+        for (&q, &got) in queries.iter().zip(&bounds) {
+            assert_eq!(got, sorted.partition_point(|&k| k < q), "lower bound of {q}");
+            assert_eq!(table.lower_bound(sorted, q), got, "lower bound of {q}");
+        }
         for (&q, &got) in queries.iter().zip(&out) {
             let want = sorted.binary_search(&q).ok();
             assert_eq!(table.find(sorted, q), want, "query {q}");
@@ -201,8 +289,33 @@ mod tests {
         check(&skewed, &[5, 999, 1000, 1 << 40, (1 << 40) + 1, u64::MAX - 1, u64::MAX]);
     }
 
+    fn same_table(a: &SortedLookup, b: &SortedLookup) -> bool {
+        (a.first, a.len, a.shift, &a.starts, a.dense) == (b.first, b.len, b.shift, &b.starts, b.dense)
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(256)))]
+
+        #[test]
+        fn with_inserted_equals_a_fresh_table(
+            set in proptest::collection::btree_set(0u64..5000, 1..400),
+            picks in proptest::collection::vec(0u8..4, 400),
+            scale_bits in 0u32..44,
+        ) {
+            // old values, and new ones inserted among them (picks == 0: about a quarter)
+            let all: Vec<u64> = set.into_iter().map(|x| x << scale_bits).collect();
+            let old: Vec<u64> = all.iter().enumerate().filter(|&(i, _)| picks[i] != 0).map(|(_, &x)| x).collect();
+            let inserted: Vec<u64> = all.iter().enumerate().filter(|&(i, _)| picks[i] == 0).map(|(_, &x)| x).collect();
+            prop_assume!(!old.is_empty());
+            let got = SortedLookup::new(&old).with_inserted(&all, inserted.iter().copied());
+            prop_assert!(same_table(&got, &SortedLookup::new(&all)));
+            if all.iter().all(|&x| x <= u64::from(u32::MAX)) {
+                let (old32, all32): (Vec<u32>, Vec<u32>) =
+                    (old.iter().map(|&x| x as u32).collect(), all.iter().map(|&x| x as u32).collect());
+                let got = SortedLookup::new(&old32).with_inserted(&all32, inserted.iter().copied());
+                prop_assert!(same_table(&got, &SortedLookup::new(&all32)));
+            }
+        }
 
         #[test]
         fn matches_binary_search(
