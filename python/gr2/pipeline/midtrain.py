@@ -160,9 +160,7 @@ def run_midtrain(run_dir: str | Path, config: MidtrainConfig = MidtrainConfig(),
                 log.log(step + 1, loss=loss, lr=scheduler.get_last_lr()[0], tokens=tokens,
                         next_share=tasks.count("next") / len(tasks))
                 progress.set_postfix(loss=f"{loss:.3f}")
-            if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-                checkpoints.save(step + 1, model, optimizer, scheduler)
-                world.barrier()
+            checkpoints.after_step(step + 1, config.steps, config.checkpoint_every, model, optimizer, scheduler, world)
             if on_step is not None:
                 on_step(step + 1)
     train_seconds = time.time() - t0

@@ -119,9 +119,7 @@ def run_sft(run_dir: str | Path, config: SftConfig = SftConfig(), *, arm: str = 
                                     lr=config.lr)
             if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
                 log.log(step + 1, loss=loss, lr=scheduler.get_last_lr()[0], tokens=tokens, epoch=epoch)
-            if (step + 1) % config.checkpoint_every == 0 and step + 1 < total_steps:
-                checkpoints.save(step + 1, model, optimizer, scheduler)
-                world.barrier()
+            checkpoints.after_step(step + 1, total_steps, config.checkpoint_every, model, optimizer, scheduler, world)
             if on_step is not None:
                 on_step(step + 1)
     train_seconds = time.time() - t0

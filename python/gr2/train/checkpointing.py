@@ -211,6 +211,14 @@ class Checkpointer:
             prune_checkpoints(self.directory, self.keep)
         return path
 
+    def after_step(self, done: int, total: int, every: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   scheduler: Any, world: World = World()) -> None:
+        """End of training step ``done`` (1-based) of ``total``: a checkpoint every ``every`` steps
+        but not after the last (the stage saves its finished model itself); every rank waits for it."""
+        if done % every == 0 and done < total:
+            self.save(done, model, optimizer, scheduler)
+            world.barrier()
+
     def artifact(self, name: str, key: str) -> tuple[Path, bool]:
         """(folder of artefact ``name``, whether it exists under ``key``). One saved under another
         key (or none) is removed with the stale line; write it, then call :meth:`mark_artifact`."""
