@@ -229,8 +229,9 @@ def pretrained_student(task: PlantedTask, base: str = "smollm2") -> tuple[Any, A
     :func:`gr2.models.load_base_model` (``"smollm2"`` or an HF folder); the SID vocabulary is added
     with :func:`gr2.models.extend_with_sids` (rows initialised from the items' text). Unlike the
     from-scratch :func:`make_model`, such a student can already copy text from its prompt -- the
-    skill the contextual rules and unconstrained output need. SmolLM2-135M is slow on a CPU (about
-    10 s per 8-example SFT step on 2 cores): a GPU run (``scripts/gpu_order_copy.sh``)."""
+    skill the contextual rules and unconstrained output need. SmolLM2-135M is slow on a CPU (87 s per
+    8-example SFT step on a loaded 2-core box, benches/README.md): a GPU run
+    (``scripts/gpu_pretrained_student.sh``)."""
     from gr2.models import extend_with_sids, load_base_model
 
     if base == "demo":
