@@ -75,8 +75,8 @@ class Clock:
             self.paused += time.perf_counter() - t
 
 
-def run_sft(args, task, tokenizer, state, heldout, train_rows):
-    model = fresh(tokenizer, state, args)
+def run_sft(args, task, tokenizer, start_model, heldout, train_rows):
+    model = fresh(start_model)
     examples = S.sft_examples(task, tokenizer, train_rows, accuracy=args.sft_accuracy, loss_tokens=args.loss_tokens,
                               seed=args.seed)
     clock, curve = Clock(), []
@@ -96,7 +96,7 @@ def run_sft(args, task, tokenizer, state, heldout, train_rows):
     return curve
 
 
-def run_gr2_rl(args, task, tokenizer, sid_tokens, state, heldout, train_rows, zero_advantage=False):
+def run_gr2_rl(args, task, tokenizer, sid_tokens, start_model, heldout, train_rows, zero_advantage=False):
     from gr2.train.dapo import DapoConfig, DapoTrainer
     from gr2.train.dapo import trainer as dapo_trainer
 
@@ -104,16 +104,16 @@ def run_gr2_rl(args, task, tokenizer, sid_tokens, state, heldout, train_rows, ze
     if zero_advantage:  # the control: same rollouts, rewards and loss, no signal in the gradient
         dapo_trainer.group_advantages = lambda rewards, std_eps=1e-6: 0.0 * honest(rewards, std_eps)
     try:
-        return _gr2_rl_curve(args, task, tokenizer, sid_tokens, state, heldout, train_rows,
+        return _gr2_rl_curve(args, task, tokenizer, sid_tokens, start_model, heldout, train_rows,
                              "gr2 rl (advantage 0)" if zero_advantage else "gr2 rl")
     finally:
         dapo_trainer.group_advantages = honest
 
 
-def _gr2_rl_curve(args, task, tokenizer, sid_tokens, state, heldout, train_rows, name):
+def _gr2_rl_curve(args, task, tokenizer, sid_tokens, start_model, heldout, train_rows, name):
     from gr2.train.dapo import DapoConfig, DapoTrainer
 
-    model = fresh(tokenizer, state, args)
+    model = fresh(start_model)
     config = DapoConfig(group_size=args.group, prompts_per_step=args.prompts, steps=args.steps, lr=args.lr,
                         reasoning=False, max_reasoning_tokens=0, device=args.device, tensorboard=False, rollout_batch=args.prompts,
                         max_generation_rounds=1, seed=args.seed, reward=args.reward, kl_coef=args.kl)
@@ -135,7 +135,7 @@ def _gr2_rl_curve(args, task, tokenizer, sid_tokens, state, heldout, train_rows,
     return curve
 
 
-def run_ablation(args, task, tokenizer, sid_tokens, state, heldout, train_rows):
+def run_ablation(args, task, tokenizer, sid_tokens, start_model, heldout, train_rows):
     """`gr2 rl --ablation`'s loop (gr2.train.dapo.ablation) on the planted task, rollouts and
     evaluation unconstrained: the conditional vs the unconditional format reward from the same start."""
     from gr2.train.dapo import DapoConfig, DapoTrainer
@@ -148,7 +148,7 @@ def run_ablation(args, task, tokenizer, sid_tokens, state, heldout, train_rows):
                         eval_every=args.eval_every, save_every=args.steps)
 
     def make(cfg, out_dir):
-        model = fresh(tokenizer, state, args)
+        model = fresh(start_model)
         trainer = DapoTrainer(model, tokenizer, S.rl_data(task, tokenizer, train_rows), cfg, index=task.index,
                               sid_tokens=sid_tokens, device=torch.device(args.device))
         return trainer, S.rl_data(task, tokenizer, heldout)
@@ -157,7 +157,7 @@ def run_ablation(args, task, tokenizer, sid_tokens, state, heldout, train_rows):
     print(json.dumps(result, indent=1, default=str), flush=True)
 
 
-def run_trl(args, task, tokenizer, state, heldout, train_rows):
+def run_trl(args, task, tokenizer, start_model, heldout, train_rows):
     import datasets
     from transformers import TrainerCallback
 
@@ -167,7 +167,7 @@ def run_trl(args, task, tokenizer, state, heldout, train_rows):
         raise SystemExit("this benchmark runs TRL's GRPOTrainer side by side: pip install trl==1.16.0 "
                          "(the version measured in benches/README.md)") from e
 
-    model = fresh(tokenizer, state, args)
+    model = fresh(start_model)
     if args.trl_generation == "constrained":
         constrain_generate(model, tokenizer, task)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -253,13 +253,11 @@ def new_student(args, task):
     return model.to(args.device), tokenizer, sid_tokens
 
 
-def fresh(tokenizer, state, args):
-    """A student in the weak start's state (a copy of the start model, so every arm starts equal)."""
+def fresh(start_model):
+    """A copy of the weak-start model, so every arm starts from the same weights."""
     import copy
 
-    model = copy.deepcopy(args.template)
-    model.load_state_dict(state)
-    return model
+    return copy.deepcopy(start_model)
 
 
 def reach_time(curve, level, n=5):
@@ -357,7 +355,6 @@ def main() -> int:
     task = S.make_planted_task(args.lists, rule=args.rule, matching=args.matching, seed=args.seed)
     train_rows, heldout = range(args.lists - args.heldout), range(args.lists - args.heldout, args.lists)
     model, tokenizer, sid_tokens = new_student(args, task)
-    args.template = model
     if args.start:
         model.load_state_dict(torch.load(args.start, map_location=args.device))
     else:
@@ -372,9 +369,9 @@ def main() -> int:
                                loss_tokens=args.loss_tokens, seed=args.seed)
         S.sft_train(model, start, tokenizer.pad_token_id, steps=args.start_steps, batch_size=args.start_batch,
                     lr=args.start_lr)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    start_model = model  # every arm trains a copy (fresh); this one is never trained further
     if args.save_start:
-        torch.save(state, args.save_start)
+        torch.save(start_model.state_dict(), args.save_start)
     print(f"task: rule={args.rule} K={task.k} lists={args.lists} (held out {args.heldout}); upstream recall@1 "
           f"{S.upstream_recall_at_1(task, heldout):.3f}; model {sum(p.numel() for p in model.parameters())} params; "
           f"prompt {len(tokenizer(task.prompt_text(tokenizer, 0))['input_ids'])} tokens", flush=True)
@@ -382,16 +379,16 @@ def main() -> int:
     curves = {}
     arms = args.arms.split(",")
     if "sft" in arms:
-        curves["gr2 sft"] = run_sft(args, task, tokenizer, state, heldout, train_rows)
+        curves["gr2 sft"] = run_sft(args, task, tokenizer, start_model, heldout, train_rows)
     if "gr2" in arms:
-        curves["gr2 rl (dapo)"] = run_gr2_rl(args, task, tokenizer, sid_tokens, state, heldout, train_rows)
+        curves["gr2 rl (dapo)"] = run_gr2_rl(args, task, tokenizer, sid_tokens, start_model, heldout, train_rows)
     if "gr2-zero" in arms:
-        curves["gr2 rl, advantage zeroed"] = run_gr2_rl(args, task, tokenizer, sid_tokens, state, heldout, train_rows,
+        curves["gr2 rl, advantage zeroed"] = run_gr2_rl(args, task, tokenizer, sid_tokens, start_model, heldout, train_rows,
                                                         zero_advantage=True)
     if "trl" in arms:
-        curves["trl grpo (dapo loss)"] = run_trl(args, task, tokenizer, state, heldout, train_rows)
+        curves["trl grpo (dapo loss)"] = run_trl(args, task, tokenizer, start_model, heldout, train_rows)
     if "ablation" in arms:
-        run_ablation(args, task, tokenizer, sid_tokens, state, heldout, train_rows)
+        run_ablation(args, task, tokenizer, sid_tokens, start_model, heldout, train_rows)
 
     for name, curve in curves.items():
         print(f"\n== {name}")
@@ -421,7 +418,7 @@ def main() -> int:
     print("\n" + json.dumps(summary, indent=2))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "curves.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "template"}, "summary": summary, "curves": curves}, indent=1))
+    (out / "curves.json").write_text(json.dumps({"args": vars(args), "summary": summary, "curves": curves}, indent=1))
     plot(curves, out / "curves.png", f"planted signal ({args.rule}), K=10, "
          f"{f'tiny Llama {args.layers}x{args.hidden}' if args.base == 'demo' else args.base}, "
          f"G={args.group}, {args.prompts} prompts/step")
