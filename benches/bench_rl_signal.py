@@ -103,7 +103,7 @@ def noise_scale(trainer: DapoTrainer, n_groups: int, chunks: int = 8, log_every:
 
 
 def movielens_trainer(args) -> DapoTrainer:
-    from gr2.train.dapo.start import build_trainer
+    from gr2.pipeline.rl import build_trainer
 
     table = load_toml(args.config).get("rl", {})
     table = apply_overrides({**table, "eval_every": 0, "select": "last", "tensorboard": False, "device": "cpu"}, args.set)

@@ -235,7 +235,7 @@ def serve_with_vllm(row: Row, run_dir: Path, lists: int = 16, budget: int = 8) -
     from gr2 import SidIndex, add_sid_tokens, verify_rewards
     from gr2.decoding._setup import completion_length
     from gr2.decoding.vllm import make_rerank_logits_processor
-    from gr2.prompts import load_prompt_config
+    from gr2.pipeline.inputs import load_prompt_config
     from gr2.prompts import ItemCatalog, request_messages
     from gr2.pipeline.rerank import load_lists
 

@@ -18,6 +18,10 @@
   sits over the library (every other module), which never imports it -- not at module level, not in
   a function, not under ``TYPE_CHECKING``, not by name through ``importlib.import_module``. Only the
   entry point (:data:`ENTRY_POINTS`, the ``gr2`` command) imports both.
+* **The library knows no run directory**: no library function takes a ``run_dir`` -- it takes the
+  loaded objects, and the stage modules (:mod:`gr2.pipeline.inputs` for what several share) read
+  them from the run directory -- except the documented public artifact readers of
+  :data:`RUN_DIR_READERS`, each of which reads one artifact a user asks for by its run directory.
 """
 
 from __future__ import annotations
@@ -32,6 +36,13 @@ MAX_LINES = 500
 REASON_WITHIN = 3
 PIPELINE = "gr2.pipeline"
 ENTRY_POINTS = frozenset({"gr2.cli"})
+# public API that reads one artifact of a run by its documented path (README, gr2.data docstring,
+# `gr2 encode --run-dir`): (module, function or Class.method)
+RUN_DIR_READERS = frozenset({
+    ("gr2.data.catalog", "_load"), ("gr2.data.catalog", "load_items"), ("gr2.data.catalog", "load_sequences"),
+    ("gr2.data.catalog", "load_stats"), ("gr2.data.catalog", "ItemCatalog.from_run_dir"),
+    ("gr2.rq_parquet", "RQVAETransform.from_run_dir"), ("gr2.rq_parquet", "catalog_keys"),
+})
 
 
 def modules(root: Path = PACKAGE) -> dict[str, Path]:
@@ -163,6 +174,39 @@ def test_the_library_never_imports_the_pipeline():
     assert not found, ("library modules that import the pipeline (module-level, function-level, TYPE_CHECKING "
                        "or importlib): " + "; ".join(found) + ". Move the run-directory code into the stage's "
                        "gr2.pipeline module, or the pure part down into the library.")
+
+
+def run_dir_functions(known: dict[str, Path]) -> set[tuple[str, str]]:
+    """(module, function or Class.method) of every library function with a ``run_dir`` parameter."""
+    found = set()
+    for name, path in known.items():
+        if in_pipeline(name) or name in ENTRY_POINTS or path.suffix != ".py":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        owners = {id(f): f"{node.name}." for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
+                  for f in node.body}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                params = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                if any(a.arg == "run_dir" for a in params):
+                    found.add((name, owners.get(id(node), "") + node.name))
+    return found
+
+
+def test_the_library_takes_objects_not_run_directories():
+    extra = run_dir_functions(modules()) - RUN_DIR_READERS
+    assert not extra, ("library functions that take a run_dir (the pipeline's business): "
+                       + ", ".join(f"{m}.{f}" for m, f in sorted(extra)) + ". Take the loaded objects and read "
+                       "them in the stage's gr2.pipeline module (gr2.pipeline.inputs for shared readers).")
+
+
+def test_the_run_dir_check_sees_functions_and_methods(tmp_path):
+    root = tmp_path / "gr2"
+    (root / "pipeline").mkdir(parents=True)
+    (root / "__init__.py").write_text("")
+    (root / "pipeline" / "__init__.py").write_text("def run(run_dir): pass\n")
+    (root / "lib.py").write_text("def f(x, *, run_dir=None): pass\nclass C:\n    def load(self, run_dir): pass\n")
+    assert run_dir_functions(modules(root)) == {("gr2.lib", "f"), ("gr2.lib", "C.load")}
 
 
 def test_every_stage_runner_lives_in_the_pipeline():

@@ -279,7 +279,7 @@ def test_init_model_of_another_base_model_or_sid_index_is_not_reused(run_dir, tm
 def test_midtrain_never_trains_on_a_later_stage_training_target(run_dir):
     """train_on="fit" (default): no (user, target) of prompts/train is a mid-training item of that
     user; "all" (the older behaviour) does overlap, which is why it is reported, not the default."""
-    from gr2.prompts import load_requests
+    from gr2.pipeline.inputs import load_requests
     from gr2.pipeline.inputs import load_sequences
     from gr2.pipeline.midtrain import training_sequences
 

@@ -188,6 +188,26 @@ def test_resume_after_a_killed_stage_reruns_only_what_is_missing(finished_run, c
         assert after[stage] > before[stage], f"{stage} did not rerun"
 
 
+def test_the_reward_ablation_runs_over_a_finished_run(finished_run):
+    """`gr2 rl --ablation`: both format-reward arms from the run's start model, evaluated on its
+    valid prompts, with their curves, verdict and plot in rl_ablation/; a second call reuses both."""
+    from gr2.pipeline.rl import run_ablation
+    from gr2.train.dapo import DapoConfig
+
+    config = DapoConfig(steps=2, eval_every=1, group_size=2, prompts_per_step=2, max_reasoning_tokens=4,
+                        max_train_prompts=8, eval_prompts=4, tensorboard=False)
+    result = run_ablation(finished_run, config)
+    assert set(result["curves"]) == {"conditional", "unconditional"} and result["verdict"]
+    for rows in result["curves"].values():
+        assert [r["step"] for r in rows] == [0, 1, 2] and all(0 <= r["eval_recall@1"] <= 1 for r in rows)
+    root = finished_run / "rl_ablation"
+    assert json.loads((root / "ablation.json").read_text())["verdict"] == result["verdict"]
+    assert (root / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    records = {arm: os.path.getmtime(root / arm / "stage.json") for arm in result["curves"]}
+    assert run_ablation(finished_run, config)["final"] == result["final"]
+    assert {arm: os.path.getmtime(root / arm / "stage.json") for arm in records} == records
+
+
 def test_a_config_change_reruns_that_stage_and_what_follows(finished_run, config_path):
     before = stage_records(finished_run)
     assert cli.main(["run", "--config", str(config_path), "--run-dir", str(finished_run),

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from datasets import load_from_disk
 
-from gr2.candidates import (CandidatesConfig, ItemKNNConfig, TimeSplitConfig, fit_ranker, list_fit_slices,
-                            load_fit_sequences, rank_lists)
+from gr2.candidates import CandidatesConfig, ItemKNNConfig, TimeSplitConfig, fit_ranker, list_fit_slices, rank_lists
+from gr2.pipeline.inputs import load_fit_sequences
 from gr2.pipeline.candidates import run_candidates
 from gr2.errors import ConfigError
 from gr2.splits import time_protocol
@@ -121,7 +121,7 @@ def test_candidates_rank_each_slice_with_its_own_ranker(rolled_run):
 def test_prompts_evidence_and_teacher_use_the_lists_slice(rolled_run):
     from gr2.data.catalog import ItemCatalog
     from gr2.pipeline.prompts import run_prompts
-    from gr2.prompts import load_requests
+    from gr2.pipeline.inputs import load_requests
     from gr2.prompts import PromptConfig, candidate_evidence
     from gr2.pipeline.traces import TeacherConfig, heuristic_teachers, load_examples
 

@@ -223,7 +223,7 @@ def test_answer_only_arm(run_dir):
 def test_teacher_statistics_exclude_the_target(run_dir):
     """Co-occurrence and popularity come from the split's fit data: a list's target interaction
     and the user's later items are not in it."""
-    from gr2.candidates import load_fit_sequences
+    from gr2.pipeline.inputs import load_fit_sequences
     from gr2.teacher import HeuristicTeacher
 
     catalog = ItemCatalog.from_run_dir(run_dir, sids=True)

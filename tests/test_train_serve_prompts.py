@@ -20,7 +20,8 @@ from gr2.prompts import PromptConfig
 from gr2.pipeline.rerank import RerankConfig, run_rerank
 from gr2.rundir import mark_done
 from gr2.pipeline.traces import TeacherConfig, run_traces
-from gr2.train.dapo import DapoConfig, load_rl_data
+from gr2.pipeline.rl import load_rl_data
+from gr2.train.dapo import DapoConfig
 from gr2.train.sft import trace_example
 
 
@@ -90,8 +91,7 @@ def test_prompt_config_rejects_what_cannot_work():
 
 def test_evidence_comes_from_the_split_fit_data(run_dir):
     """Evidence scores change when the fit data changes and are zero for items nobody co-engaged."""
-    from gr2.candidates import load_fit_sequences
-    from gr2.prompts import load_requests
+    from gr2.pipeline.inputs import load_fit_sequences, load_requests
     from gr2.prompts import candidate_evidence
 
     table = load_requests(run_dir, "test")

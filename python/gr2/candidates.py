@@ -1,7 +1,8 @@
 """Candidate lists: the upstream ranker's top-K lists that the reranker learns to reorder.
 
 The ``candidates`` stage (:mod:`gr2.pipeline.candidates`) fits the rankers and writes the lists with
-the functions here; :func:`load_fit_sequences` and :func:`list_fit_slices` read them back.
+the functions here (:func:`gr2.pipeline.inputs.load_fit_sequences` reads the fit data back;
+:func:`list_fit_slices` says which fit data ranked each list).
 
 Splits (leave-one-out, see :func:`gr2.upstream.leave_one_out`): the upstream ranker is fitted on
 ``items[:-2]`` of every user (SASRec early-stops on the valid targets). Valid lists rank the catalog
@@ -31,13 +32,11 @@ and full-ranking Recall@10/NDCG@10 of the upstream next to popularity and item-k
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from gr2.errors import ConfigError, DataError
-from gr2.rundir import read_stage
+from gr2.errors import ConfigError
 from gr2.splits import PROTOCOLS, SPLITS, ProtocolSplit, Requests, leave_one_out_protocol, time_protocol
 from gr2.upstream import ranking_metrics, target_ranks, top_k
 from gr2.upstream.itemknn import ItemKNNRanker
@@ -109,29 +108,6 @@ class CandidatesConfig:
             raise ConfigError(f"candidates.train_windows must be >= 0, got {self.train_windows}")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"candidates.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
-
-
-def load_data(run_dir: Path) -> tuple[Any, Any, str]:
-    """(items, sequences, data stage key) from ``run_dir/data``; DataError if the stage is missing."""
-    from datasets import load_from_disk
-
-    data_dir = Path(run_dir) / "data"
-    record = read_stage(data_dir)
-    if record is None:
-        raise DataError(f"{data_dir} has no finished data stage (stage.json); run `gr2 data` first")
-    try:
-        items = load_from_disk(str(data_dir / "items"))
-        sequences = load_from_disk(str(data_dir / "sequences"))
-    except FileNotFoundError as e:
-        raise DataError(f"data stage output incomplete in {data_dir}: {e}") from e
-    for name, ds, cols in (("items", items, {"item_idx"}), ("sequences", sequences, {"user_idx", "items"})):
-        missing = cols - set(ds.column_names)
-        if missing:
-            raise DataError(f"data/{name} lacks column(s) {sorted(missing)}")
-    item_idx = np.asarray(items["item_idx"], dtype=np.int64)
-    if not np.array_equal(item_idx, np.arange(len(item_idx))):
-        raise DataError("data/items.item_idx must be the dense range 0..n-1 in row order")
-    return items, sequences, record["key"]
 
 
 def fit_ranker(
@@ -296,28 +272,11 @@ def fit_dataset(split: ProtocolSplit, name: str, fit_slice: int = 0):
     return Dataset.from_dict({"user_idx": split.users.tolist(), "items": [s.tolist() for s in fit]}, features=features)
 
 
-def fit_dir_name(split: str, fit_slice: int = 0) -> str:
-    """Folder of ``candidates/`` holding the fit data of ``split``'s lists of slice ``fit_slice``
-    (slices >= 1 exist under rolling cutoffs and are shared by the train and valid lists)."""
-    return f"fit_{split}" if fit_slice == 0 else f"fit_slice_{fit_slice}"
-
-
 def list_fit_slices(table: Any) -> np.ndarray:
     """The fit slice of every list of a candidates/prompts dataset (0 for runs before rolling cutoffs)."""
     if "fit_slice" not in table.column_names:
         return np.zeros(len(table), np.int64)
     return np.asarray(table["fit_slice"], dtype=np.int64)
-
-
-def load_fit_sequences(run_dir: str | Path, split: str, fit_slice: int = 0) -> list[np.ndarray]:
-    """The fit data of ``split``'s lists of slice ``fit_slice`` (what their upstream ranker saw):
-    per-user item sequences."""
-    from datasets import load_from_disk
-
-    path = Path(run_dir) / "candidates" / fit_dir_name(split, int(fit_slice))
-    if not path.exists():
-        raise DataError(f"{path} is missing; rerun the `candidates` stage (older runs lack it)")
-    return [np.asarray(s, dtype=np.int64) for s in load_from_disk(str(path))["items"]]
 
 
 def fit_rankers(split: ProtocolSplit, n_items: int, config: CandidatesConfig) -> dict[str, dict[int, Any]]:

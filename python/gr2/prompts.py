@@ -19,7 +19,8 @@ A prompt has a system message (an expert-recommender role) and a user message wi
 
 :class:`PromptConfig` (the ``[prompts]`` table of a run) fixes history length, priming and
 evidence for every stage: the ``prompts`` stage (:mod:`gr2.pipeline.prompts`) materialises each
-split's requests once (read back with :func:`load_requests` and :func:`load_prompt_config`), and traces, SFT, RL, rerank and serving all render them with
+split's requests once (read back with :func:`gr2.pipeline.inputs.load_requests` and
+:func:`~gr2.pipeline.inputs.load_prompt_config`), and traces, SFT, RL, rerank and serving all render them with
 :func:`request_messages`, so a model is trained on exactly the prompts it is served.
 
 Items are cited by SID so the model's answer can be constrained and verified token by token
@@ -31,13 +32,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from gr2.data.catalog import ItemCatalog
-from gr2.errors import ConfigError, DataError, InvalidInputError, UnknownItemError
+from gr2.errors import ConfigError, InvalidInputError, UnknownItemError
 from gr2.tokens import ANSWER_CLOSE, ANSWER_OPEN, SID_BEGIN, SID_END, TAGS, THINK_CLOSE, THINK_OPEN, sid_to_text
 
 SYSTEM_PROMPT = (
@@ -359,26 +359,3 @@ def answer_to_json(
     return json.dumps({"valid": bool(valid), "reasoning": reasoning, "ranking": entries}, ensure_ascii=False)
 
 
-STAGE = "prompts"  # the run-directory folder the prompts stage writes
-
-
-def load_prompt_config(run_dir: str | Path) -> PromptConfig:
-    """The run's prompt settings as written by the ``prompts`` stage."""
-    path = Path(run_dir) / STAGE / "config.json"
-    if not path.exists():
-        raise DataError(f"{path} is missing; run the `prompts` stage first")
-    from gr2.config import from_dict
-    from gr2.rundir import load_json
-
-    return from_dict(PromptConfig, load_json(path), where="prompts")
-
-
-def load_requests(run_dir: str | Path, split: str):
-    """``prompts/<split>`` as an HF dataset: list_id, user_idx, history, candidates (upstream order), target,
-    evidence, fit_slice (written by :mod:`gr2.pipeline.prompts`)."""
-    from datasets import load_from_disk
-
-    path = Path(run_dir) / STAGE / split
-    if not path.exists():
-        raise DataError(f"{path} is missing; run the `prompts` stage first")
-    return load_from_disk(str(path))

@@ -61,7 +61,6 @@ from gr2.teacher_client import (  # noqa: F401  (re-exported: gr2.teacher.OpenAI
 from gr2.tokens import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, sid_to_text
 from gr2.train.devices import choose_device
 
-STAGE = "traces"
 HEURISTIC_LABEL = "heuristic teacher"
 log = logging.getLogger(__name__)
 
@@ -153,7 +152,7 @@ class Example:
 # prompts and answers
 
 
-def rerank_messages(run_dir: Path, catalog: ItemCatalog, example: Example, prompt: Any, *, reasoning: bool,
+def rerank_messages(catalog: ItemCatalog, example: Example, prompt: Any, *, reasoning: bool,
                     reveal_target: bool = False) -> list[dict[str, str]]:
     """The chat prompt of one example: the student's prompt (:func:`gr2.prompts.request_messages`,
     the same the SFT, RL and rerank stages show the model), plus, in targeted mode, a line

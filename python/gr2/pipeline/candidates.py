@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gr2.candidates import (UPSTREAMS, CandidatesConfig, fit_dataset, fit_dir_name, fit_ranker, fit_rankers,
-                            full_ranking_metrics, load_data, make_split, rank_split, slice_groups, split_report,
-                            to_dataset)
+from gr2.candidates import (UPSTREAMS, CandidatesConfig, fit_dataset, fit_ranker, fit_rankers, full_ranking_metrics,
+                            make_split, rank_split, slice_groups, split_report, to_dataset)
+from gr2.pipeline.inputs import fit_dir_name, load_data
 from gr2.errors import ConfigError, DataError
 from gr2.rundir import atomic_dir, atomic_write_json, begin_stage, mark_done, stage_key
 from gr2.splits import SPLITS

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from gr2.candidates import ItemKNNConfig, list_fit_slices, load_data, load_fit_sequences, slice_groups
+from gr2.candidates import ItemKNNConfig, list_fit_slices, slice_groups
+from gr2.pipeline.inputs import load_data, load_fit_sequences, load_requests
 from gr2.errors import ConfigError, DataError
 from gr2.eval.baselines import popularity_order, random_order, score_order, upstream_order
 from gr2.eval.metrics import check_lists, evaluate_rankings, min_detectable_effect, paired_mde
@@ -218,7 +219,6 @@ def run_eval(run_dir: str | Path, config: EvalConfig, *, force: bool = False) ->
 def evidence_line(run_dir: Path, split: str, list_ids: np.ndarray, candidates: np.ndarray) -> np.ndarray | None:
     """The candidates of each list in the order the prompt's evidence line showed them (None when
     the run's prompts carry no evidence); rows follow ``list_ids``."""
-    from gr2.prompts import load_requests
     from gr2.prompts import evidence_order
 
     if read_stage(run_dir / "prompts") is None:

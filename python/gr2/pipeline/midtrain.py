@@ -45,7 +45,7 @@ from gr2.train.losses import DataParallel, check_finite_weights, check_loss
 from gr2.train.metric_log import metric_logger
 from gr2.train.midtrain import STAGE, MidtrainConfig, TaskSampler, demo_corpus, evaluate
 from gr2.train.optim import make_optimizer, make_scheduler, unwrap_model, wrap_lora
-from gr2.pipeline.inputs import input_key, load_sequences
+from gr2.pipeline.inputs import input_key, load_fit_sequences, load_sequences
 
 
 def upstream_figures(run_dir: Path) -> dict[str, Any] | None:
@@ -58,7 +58,6 @@ def upstream_figures(run_dir: Path) -> dict[str, Any] | None:
 def training_sequences(run_dir: Path, config: MidtrainConfig, seqs: list[list[int]]) -> list[list[int]]:
     """Per-user item lists the `next`/caption tasks train on (``config.train_on``)."""
     if config.train_on == "fit":
-        from gr2.candidates import load_fit_sequences
 
         return [s.tolist() for s in load_fit_sequences(run_dir, "train")]
     return splits.leave_one_out_prefixes(seqs)

@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 
 from gr2 import rundir
-from gr2.candidates import list_fit_slices, load_fit_sequences, slice_groups
+from gr2.candidates import list_fit_slices, slice_groups
 from gr2.errors import ConfigError, DataError
-from gr2.prompts import STAGE, PromptConfig, candidate_evidence, evidence_ranks
+from gr2.pipeline.inputs import PROMPTS as STAGE, load_fit_sequences
+from gr2.prompts import PromptConfig, candidate_evidence, evidence_ranks
 from gr2.splits import SPLITS
 
 def _features():

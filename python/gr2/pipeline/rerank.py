@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from gr2 import rundir
 from gr2.errors import ConfigError, DataError
+from gr2.pipeline.inputs import load_prompt_config, load_requests
 
 MODEL_STAGES = ("midtrain", "sft", "rl")
 #: folders a rerank can read a model from: the model stages and their answer-only arms
@@ -72,7 +73,6 @@ def _finished(run_dir: Path, stage: str) -> dict:
 
 
 def load_lists(run_dir: Path, split: str, max_lists: int):
-    from gr2.prompts import load_requests
 
     table = load_requests(run_dir, split)
     if len(table) == 0:
@@ -89,7 +89,6 @@ def run_rerank(run_dir: str | Path, stage: str, config: RerankConfig = RerankCon
     from gr2 import SidIndex, add_sid_tokens, constrained_decode
     from gr2.eval.rankings import save_rankings
     from gr2.models import load_pretrained
-    from gr2.prompts import load_prompt_config
     from gr2.prompts import ItemCatalog, request_messages
     from gr2.train.devices import choose_device
 

@@ -22,15 +22,16 @@ import numpy as np
 from gr2.data.catalog import ItemCatalog
 from gr2.errors import DataError
 from gr2.rundir import atomic_write_json, atomic_write_text, begin_stage, mark_done, stage_key
-from gr2.teacher import (HEURISTIC_LABEL, STAGE, Example, HeuristicTeacher, LocalModelTeacher, OpenAIChatClient,
+from gr2.teacher import (HEURISTIC_LABEL, Example, HeuristicTeacher, LocalModelTeacher, OpenAIChatClient,
                          TeacherConfig, check_acceptance, parse_completions, rerank_messages, trace_all, trace_one)
-from gr2.pipeline.inputs import input_key
+from gr2.pipeline.inputs import input_key, load_fit_sequences, load_prompt_config, load_requests
+
+STAGE = "traces"  # the run-directory folder of the traces stage (traces_answer/ for the answer-only arm)
 
 
 def load_examples(run_dir: Path, split: str, max_examples: int, seed: int) -> list[Example]:
     """The requests of ``prompts/<split>`` (lists that contain their target), optionally a seeded
     sample of ``max_examples``."""
-    from gr2.prompts import load_requests
 
     from gr2.candidates import list_fit_slices
 
@@ -55,7 +56,6 @@ def heuristic_teachers(run_dir: Path, catalog: ItemCatalog, config: TeacherConfi
                        ) -> Callable[[Example], HeuristicTeacher]:
     """example -> the heuristic teacher whose statistics come from that example's fit data (one
     per rolling-cutoff slice, built when first needed)."""
-    from gr2.candidates import load_fit_sequences
 
     teachers: dict[int, HeuristicTeacher] = {}
     lock = threading.Lock()  # the OpenAI-style sampler runs examples on a thread pool
@@ -80,7 +80,7 @@ def make_sampler(config: TeacherConfig, run_dir: Path, catalog: ItemCatalog, pro
     if config.backend == "heuristic":
         teacher = heuristic_teachers(run_dir, catalog, config, config.split)
         return HEURISTIC_LABEL, lambda ex, attempt: teacher(ex).complete(ex, attempt, targeted, reasoning), None
-    prompt_of = lambda ex: rerank_messages(run_dir, catalog, ex, prompt, reasoning=reasoning, reveal_target=targeted)  # noqa: E731
+    prompt_of = lambda ex: rerank_messages(catalog, ex, prompt, reasoning=reasoning, reveal_target=targeted)  # noqa: E731
     if config.backend == "openai":
         client = OpenAIChatClient(config.endpoint, config.model, api_key=os.environ.get(config.api_key_env),
                                   timeout_s=config.timeout_s, max_retries=config.max_retries,
@@ -113,7 +113,6 @@ def teacher_rankings(run_dir: Path, config: TeacherConfig, catalog: ItemCatalog,
 def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, arm: str = "think",
                force: bool = False) -> dict[str, Any]:
     from gr2 import arms
-    from gr2.prompts import load_prompt_config
 
     run_dir = Path(run_dir)
     stage_dir = run_dir / arms.stage_dir(STAGE, arm)
@@ -137,7 +136,7 @@ def run_traces(run_dir: str | Path, config: TeacherConfig = TeacherConfig(), *, 
     for ex, r in zip(examples, results):
         record = {"teacher": label, "mode": config.mode, "arm": arm, "reasoning": reasoning, "split": config.split,
                   "list_id": ex.list_id, "user_idx": ex.user_idx, "history": ex.history, "candidates": ex.candidates,
-                  "target": ex.target, "messages": rerank_messages(run_dir, catalog, ex, prompt, reasoning=reasoning),
+                  "target": ex.target, "messages": rerank_messages(catalog, ex, prompt, reasoning=reasoning),
                   **r}
         lines.append(json.dumps(record))
     atomic_write_text(stage_dir / "traces.jsonl", "\n".join(lines) + "\n")

@@ -34,7 +34,6 @@ are in the README.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 

@@ -1,43 +1,22 @@
-"""The reward ablation (``gr2 rl --ablation``): conditional vs unconditional format reward, trained
-from the same start model, with their learning curves plotted (rl_ablation/). The demo run's result
+"""The reward ablation: conditional vs unconditional format reward, trained from the same start
+model, with their learning curves plotted. ``gr2 rl --ablation`` runs it over a run directory
+(:func:`gr2.pipeline.rl.run_ablation`, writing ``rl_ablation/``). The demo run's result
 is in benches/README.md, "RL reward ablation"."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from gr2.errors import DataError
 from gr2.rundir import atomic_write_json, mark_done, save_png, stage_key
 from gr2.train.checkpointing import Checkpointer, training_key
-from gr2.train.devices import local_device
-from gr2.train.distributed import World, begin_stage_on_rank0, init_world
+from gr2.train.distributed import World, begin_stage_on_rank0
 from gr2.train.dapo.config import DapoConfig
 from gr2.train.dapo.data import RlData
-from gr2.train.dapo.start import build_trainer, rl_inputs
 from gr2.train.dapo.trainer import DapoTrainer, train
-
-
-def run_ablation(run_dir: str | os.PathLike, config: DapoConfig = DapoConfig()) -> dict[str, Any]:
-    """Train twice from the same start model (conditional / unconditional format reward) with
-    periodic greedy evaluation on candidates/valid; write rl_ablation/{ablation.json, ablation.png}.
-
-    Note: with constrained rollouts every output is valid, so the unconditional format reward is a
-    constant that the group normalisation cancels (that arm trains on R_rank alone), while the
-    conditional one still pays alpha only for improving (or keeping a first-placed target). The
-    paper's setting, where the format reward can be missed, is ``rl.constrained = false``; the demo
-    run's result in that setting: benches/README.md, "RL reward ablation"."""
-    run_dir = Path(run_dir)
-    world = init_world(local_device(config.device))
-
-    def make(cfg: DapoConfig, out_dir: Path) -> tuple[DapoTrainer, RlData | None]:
-        trainer, eval_data, _ = build_trainer(run_dir, cfg, world)
-        return trainer, eval_data
-
-    return ablation(make, config, run_dir / "rl_ablation", world, inputs=rl_inputs(run_dir, config))
 
 
 def ablation(make: Callable[[DapoConfig, Path], tuple[DapoTrainer, RlData | None]], config: DapoConfig, root: Path,

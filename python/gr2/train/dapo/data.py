@@ -1,9 +1,8 @@
-"""Stage inputs: the prompts of ``prompts/<split>`` as :class:`RlData`."""
+"""The RL prompts as :class:`RlData` (the ``rl`` stage reads them from ``prompts/<split>``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,30 +23,29 @@ class RlData:
     dropped_no_target: int = 0
 
 
-def load_rl_data(run_dir: Path, split: str, tokenizer: Any, index: Any, config: DapoConfig, limit: int = 0) -> RlData:
-    """Prompts of ``prompts/<split>`` (lists that contain their target), rendered with the run's
-    :class:`gr2.prompts.PromptConfig` exactly as SFT traces and ``gr2 rerank`` render them."""
-    from gr2.prompts import load_prompt_config, load_requests
-    from gr2.prompts import ItemCatalog, request_messages
+def rl_data(table: Any, prompt_config: Any, catalog: Any, index: Any, tokenizer: Any, config: DapoConfig, *,
+            limit: int = 0, name: str = "prompts") -> RlData:
+    """The RL prompts of a requests table (``history``, ``candidates`` in upstream order, ``target``,
+    ``evidence``; the ``prompts`` stage's datasets), keeping the lists that contain their target and
+    rendering each with :func:`gr2.prompts.request_messages` under ``prompt_config`` -- exactly as
+    SFT traces and ``gr2 rerank`` render them. ``name`` labels the table in errors."""
+    from gr2.prompts import request_messages
 
-    table = load_requests(run_dir, split)
-    prompt_config = load_prompt_config(run_dir)
-    catalog = ItemCatalog.from_run_dir(run_dir)
     cands = [np.asarray(c, dtype=np.int64) for c in table["candidates"]]
     k = len(cands[0]) if cands else 0
     if any(len(c) != k for c in cands):
-        raise DataError(f"prompts/{split}: rows have different candidate counts")
+        raise DataError(f"{name}: rows have different candidate counts")
     if config.k and k != config.k:
-        raise ConfigError(f"rl.k = {config.k} but prompts/{split} has K = {k} candidates per row")
+        raise ConfigError(f"rl.k = {config.k} but {name} has K = {k} candidates per row")
     targets = np.asarray(table["target"], dtype=np.int64)
     keep = [i for i in range(len(cands)) if targets[i] in cands[i]]
     dropped = len(cands) - len(keep)
     if limit:
         keep = keep[:limit]
     if not keep:
-        raise DataError(f"prompts/{split}: no row has its target among the candidates")
+        raise DataError(f"{name}: no row has its target among the candidates")
     texts, ids = [], []
-    for i in tqdm(keep, desc=f"rl prompts ({split})", leave=False):
+    for i in tqdm(keep, desc=f"rl prompts ({name})", leave=False):
         prompt = request_messages(table[i], prompt_config, catalog, index, reasoning=config.reasoning, tokenizer=tokenizer)
         text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
         texts.append(text)
