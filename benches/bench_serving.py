@@ -12,12 +12,18 @@ and the script prints lists/s, p50/p99 batch latency (every request of a batch f
 batch), the ratio gr2/generate in throughput and the share of valid lists. Models are untrained on
 SIDs (new embedding rows), so this measures cost, not quality.
 
+``--count-forwards`` adds, per row, one extra untimed pass of each decoder with the model's
+forward body wrapped: forward calls per batch, tokens pushed through the model per batch (query
+positions, prompt included) and the share of the wall time spent inside forward -- where the
+time goes when the ratio falls (e.g. a compute-bound batch: same tokens, fewer calls).
+
 Run: python benches/bench_serving.py [--models demo,smollm2] [--batches 1,8,32] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -80,6 +86,41 @@ def time_batches(fn, batches, repeats):
     return np.asarray(times)
 
 
+@contextlib.contextmanager
+def count_forwards(model):
+    """Wrap the transformer body's forward (``model.get_decoder()``: both decoders call it, gr2's
+    with its own sparse head) for the block: yields {calls, tokens, forward_s} (tokens = batch x
+    query positions of every call)."""
+    stats = {"calls": 0, "tokens": 0, "forward_s": 0.0}
+    body = model.get_decoder()
+    inner = body.forward
+
+    def counted(*a, **kw):
+        ids = kw.get("input_ids", a[0] if a else None)
+        shape = (ids if ids is not None else kw["inputs_embeds"]).shape
+        t0 = time.perf_counter()
+        out = inner(*a, **kw)
+        stats["forward_s"] += time.perf_counter() - t0
+        stats["calls"] += 1
+        stats["tokens"] += int(shape[0]) * int(shape[1])
+        return out
+
+    body.forward = counted
+    try:
+        yield stats
+    finally:
+        del body.forward  # the instance attribute; the class's forward shows through again
+
+
+def profile(fn, batch, model) -> dict:
+    """One untimed-by-the-benchmark pass of fn(batch) under :func:`count_forwards`."""
+    with count_forwards(model) as stats:
+        t0 = time.perf_counter()
+        fn(batch)
+        stats["wall_s"] = time.perf_counter() - t0
+    return stats
+
+
 def bench(model, tokenizer, index, items, think: bool, batch_size: int, args) -> dict:
     rng = np.random.default_rng(batch_size)
     n = batch_size * max(1, args.batches_per_size)
@@ -108,10 +149,15 @@ def bench(model, tokenizer, index, items, think: bool, batch_size: int, args) ->
     t_gr2 = time_batches(run_gr2, batches, args.repeats)
     t_gen = time_batches(run_generate, encoded, args.repeats)
     lists = n * args.repeats
-    return {"gr2_lps": lists / t_gr2.sum(), "gen_lps": lists / t_gen.sum(),
-            "gr2_p50": np.percentile(t_gr2, 50), "gr2_p99": np.percentile(t_gr2, 99),
-            "gen_p50": np.percentile(t_gen, 50), "gen_p99": np.percentile(t_gen, 99),
-            "valid": valid[0] / lists, "new_tokens": new_tokens[0]}
+    out = {"gr2_lps": lists / t_gr2.sum(), "gen_lps": lists / t_gen.sum(),
+           "gr2_p50": np.percentile(t_gr2, 50), "gr2_p99": np.percentile(t_gr2, 99),
+           "gen_p50": np.percentile(t_gen, 50), "gen_p99": np.percentile(t_gen, 99),
+           "valid": valid[0] / lists, "new_tokens": new_tokens[0]}
+    if args.count_forwards:
+        valid_before = valid[0]
+        out["profile"] = {"gr2": profile(run_gr2, batches[0], model), "generate": profile(run_generate, encoded[0], model)}
+        valid[0] = valid_before
+    return out
 
 
 def main() -> None:
@@ -124,6 +170,8 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=5)
     parser.add_argument("--reasoning-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--count-forwards", action="store_true",
+                        help="also count forward calls and tokens, and the time inside forward (module docstring)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,6 +189,10 @@ def main() -> None:
                       f"{r['gen_lps']:>11.2f} {r['gr2_lps'] / r['gen_lps']:>6.2f} "
                       f"{r['gr2_p50']:>7.3f}/{r['gr2_p99']:<7.3f} {r['gen_p50']:>7.3f}/{r['gen_p99']:<7.3f} "
                       f"{r['valid']:>6.0%}", flush=True)
+                for who, st in r.get("profile", {}).items():
+                    print(f"    {who:8} forward calls {st['calls']:>4}  tokens {st['tokens']:>7}  "
+                          f"inside forward {st['forward_s']:.3f} of {st['wall_s']:.3f} s "
+                          f"({st['forward_s'] / st['wall_s']:.0%})", flush=True)
 
 
 if __name__ == "__main__":
