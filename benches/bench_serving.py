@@ -14,7 +14,8 @@ SIDs (new embedding rows), so this measures cost, not quality.
 
 ``--count-forwards`` adds, per row, one extra untimed pass of each decoder with the model's
 forward body wrapped: forward calls per batch, tokens pushed through the model per batch (query
-positions, prompt included) and the share of the wall time spent inside forward -- where the
+positions, prompt included), the share of the wall time spent inside forward and the prefill
+(first call) time -- where the
 time goes when the ratio falls (e.g. a compute-bound batch: same tokens, fewer calls).
 
 Run: python benches/bench_serving.py [--models demo,smollm2] [--batches 1,8,32] [--repeats 3]
@@ -89,9 +90,9 @@ def time_batches(fn, batches, repeats):
 @contextlib.contextmanager
 def count_forwards(model):
     """Wrap the transformer body's forward (``model.get_decoder()``: both decoders call it, gr2's
-    with its own sparse head) for the block: yields {calls, tokens, forward_s} (tokens = batch x
-    query positions of every call)."""
-    stats = {"calls": 0, "tokens": 0, "forward_s": 0.0}
+    with its own sparse head) for the block: yields {calls, tokens, forward_s, prefill_s} (tokens =
+    batch x query positions of every call; prefill_s = the first call, over the prompts)."""
+    stats = {"calls": 0, "tokens": 0, "forward_s": 0.0, "prefill_s": 0.0}
     body = model.get_decoder()
     inner = body.forward
 
@@ -100,7 +101,9 @@ def count_forwards(model):
         shape = (ids if ids is not None else kw["inputs_embeds"]).shape
         t0 = time.perf_counter()
         out = inner(*a, **kw)
-        stats["forward_s"] += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        stats["forward_s"] += seconds
+        stats["prefill_s"] = stats["prefill_s"] or seconds  # the first call: the prompts, the same work for both
         stats["calls"] += 1
         stats["tokens"] += int(shape[0]) * int(shape[1])
         return out
@@ -170,6 +173,7 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=5)
     parser.add_argument("--reasoning-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--modes", default="think,answer", help="decoding modes to run")
     parser.add_argument("--count-forwards", action="store_true",
                         help="also count forward calls and tokens, and the time inside forward (module docstring)")
     args = parser.parse_args()
@@ -182,7 +186,7 @@ def main() -> None:
           f"{'ratio':>6} {'gr2 p50/p99 s':>15} {'gen p50/p99 s':>15} {'valid':>6}")
     for name in args.models.split(","):
         model, tokenizer = load_model(name)
-        for think in (True, False):
+        for think in [mode == "think" for mode in args.modes.split(",")]:
             for b in (int(x) for x in args.batches.split(",")):
                 r = bench(model, tokenizer, index, items, think, b, args)
                 print(f"{name:8} {'think' if think else 'answer':6} {b:>5} {r['new_tokens']:>7} {r['gr2_lps']:>11.2f} "
@@ -192,7 +196,7 @@ def main() -> None:
                 for who, st in r.get("profile", {}).items():
                     print(f"    {who:8} forward calls {st['calls']:>4}  tokens {st['tokens']:>7}  "
                           f"inside forward {st['forward_s']:.3f} of {st['wall_s']:.3f} s "
-                          f"({st['forward_s'] / st['wall_s']:.0%})", flush=True)
+                          f"({st['forward_s'] / st['wall_s']:.0%}); prefill {st['prefill_s']:.3f} s", flush=True)
 
 
 if __name__ == "__main__":
